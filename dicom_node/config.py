@@ -1,0 +1,229 @@
+"""One validated configuration model for the whole node.
+
+Every key has a default, so ``dicom-node serve`` runs with no file at all. A YAML file overrides
+the defaults and environment variables override the file, which is what containers need:
+``DICOM_NODE__SCP__PORT=11113`` sets ``scp.port`` (sections and keys joined by ``__``; the value
+is read as a YAML scalar or flow collection, so ``[A, B]`` is a list).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+ENV_PREFIX = "DICOM_NODE__"
+ENV_CONFIG_FILE = "DICOM_NODE_CONFIG"
+
+# PS3.5 6.2: AE is at most 16 characters of the default repertoire, no backslash or control
+# characters; leading and trailing spaces are not significant.
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the offending key."""
+
+
+def _check_ae_title(value: str) -> str:
+    stripped = value.strip()
+    if not stripped or not _AE_TITLE.match(stripped):
+        raise ValueError(
+            f"{value!r} is not a valid AE title (1-16 printable ASCII characters, no backslash;"
+            " PS3.5 6.2)"
+        )
+    return stripped
+
+
+AeTitle = Annotated[str, AfterValidator(_check_ae_title)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AllowedPeer(_Section):
+    """A calling AE title that may associate, optionally only from one host address."""
+
+    ae_title: AeTitle
+    host: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_shorthand(cls, value: Any) -> Any:
+        # "ORTHANC" or "ORTHANC@10.0.0.5" is how administrators write peer lists.
+        if isinstance(value, str):
+            title, _, host = value.partition("@")
+            return {"ae_title": title, "host": host or None}
+        return value
+
+    def admits(self, calling_ae_title: str, peer_host: str) -> bool:
+        return calling_ae_title.strip() == self.ae_title and self.host in (None, peer_host)
+
+
+class TlsConfig(_Section):
+    """TLS for the SCP (PS3.15 B.1, the Basic TLS Secure Transport Connection Profile)."""
+
+    enabled: bool = False
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = Field(
+        default=None, description="CA bundle used to verify client certificates."
+    )
+    require_client_cert: bool = Field(
+        default=True, description="Refuse clients without a certificate signed by ca_file."
+    )
+
+    @model_validator(mode="after")
+    def _files_when_enabled(self) -> TlsConfig:
+        if self.enabled:
+            for key in ("cert_file", "key_file"):
+                if getattr(self, key) is None:
+                    raise ValueError(f"{key} is required when TLS is enabled")
+            if self.require_client_cert and self.ca_file is None:
+                raise ValueError("ca_file is required when require_client_cert is true")
+        return self
+
+
+class ScpConfig(_Section):
+    """The DICOM listener (Storage SCP and Verification SCP)."""
+
+    ae_title: AeTitle = "DICOMNODE"
+    host: str = Field(default="0.0.0.0", description="Address to listen on.")
+    port: int = Field(default=11112, ge=1, le=65535)
+    max_associations: int = Field(default=16, ge=1, le=1000)
+    max_pdu_size: int = Field(
+        default=262144,
+        ge=0,
+        description="Maximum PDU length we receive (PS3.8 D.1); 0 means unlimited.",
+    )
+    acse_timeout_s: float = Field(default=30.0, gt=0)
+    dimse_timeout_s: float = Field(default=60.0, gt=0)
+    network_timeout_s: float = Field(
+        default=60.0, gt=0, description="An association idle this long is aborted."
+    )
+    require_called_aet: bool = Field(
+        default=True, description="Reject associations not addressed to ae_title."
+    )
+    allowed_calling_aets: list[AllowedPeer] | None = Field(
+        default=None,
+        description="Peers that may associate ('AE' or 'AE@host'); null allows every peer.",
+    )
+    tls: TlsConfig = TlsConfig()
+
+    def admits(self, calling_ae_title: str, peer_host: str) -> bool:
+        """Whether the allow-list lets this peer associate (PS3.8 7.1.1.3 calling AE)."""
+        if self.allowed_calling_aets is None:
+            return True
+        return any(p.admits(calling_ae_title, peer_host) for p in self.allowed_calling_aets)
+
+
+class StoreConfig(_Section):
+    """Where received instances, the index and the job store live."""
+
+    data_dir: Path = Path("./dicom-node-data")
+    min_free_bytes: int = Field(
+        default=2 * 1024**3,
+        ge=0,
+        description="Refuse C-STOREs (0xA700 Out of Resources) below this much free disk.",
+    )
+    fsync: bool = Field(
+        default=True,
+        description="fsync each instance before acknowledging it; off only for throwaway tests.",
+    )
+
+
+class AssemblyConfig(_Section):
+    """When a series or study counts as complete."""
+
+    series_quiet_seconds: float = Field(default=5.0, gt=0)
+    study_quiet_seconds: float = Field(default=5.0, gt=0)
+
+
+class LoggingConfig(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class NodeConfig(_Section):
+    """The whole configuration of one dicom-node."""
+
+    scp: ScpConfig = ScpConfig()
+    store: StoreConfig = StoreConfig()
+    assembly: AssemblyConfig = AssemblyConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        try:
+            node[path[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(
+                f"{'.'.join(path)}: environment variable {name} is not valid YAML: {exc}"
+            ) from None
+    return tree
+
+
+def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"{key}: {message}")
+    return "; ".join(lines)
+
+
+def load_config(
+    path: str | Path | None = None, environ: Mapping[str, str] | None = None
+) -> NodeConfig:
+    """Build the effective configuration: defaults, then the YAML file, then the environment.
+
+    Raises :class:`ConfigError` naming the key for anything unusable.
+    """
+    environ = os.environ if environ is None else environ
+    path = path or environ.get(ENV_CONFIG_FILE)
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"config file {path}: {exc.strerror}") from exc
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: the top level must be a mapping of sections")
+        data = loaded or {}
+    data = _merge(data, _env_overrides(environ))
+    try:
+        return NodeConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def config_as_yaml(config: NodeConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

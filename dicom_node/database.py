@@ -1,0 +1,118 @@
+"""The embedded SQLite database shared by the instance index and the job store.
+
+One file, WAL mode, ``synchronous=FULL``: a transaction that returned is on disk, which is the
+promise behind every Success status the SCP sends. Readers (``dicom-node status``, workers) open
+their own connections and never block the writer.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS studies (
+    study_uid       TEXT PRIMARY KEY,
+    study_key       TEXT NOT NULL,
+    first_received  REAL NOT NULL,
+    last_received   REAL NOT NULL,
+    completed_at    REAL,            -- NULL while open (never completed, or reopened)
+    completions     INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS series (
+    series_uid      TEXT PRIMARY KEY,
+    series_key      TEXT NOT NULL,
+    study_uid       TEXT NOT NULL REFERENCES studies(study_uid),
+    modality        TEXT,
+    series_number   INTEGER,
+    description     TEXT,
+    first_received  REAL NOT NULL,
+    last_received   REAL NOT NULL,
+    completed_at    REAL,
+    completions     INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid TEXT PRIMARY KEY,
+    series_uid       TEXT NOT NULL REFERENCES series(series_uid),
+    study_uid        TEXT NOT NULL,
+    sop_class_uid    TEXT NOT NULL,
+    transfer_syntax  TEXT NOT NULL,
+    path             TEXT NOT NULL,   -- relative to the data folder
+    size             INTEGER NOT NULL,
+    calling_aet      TEXT NOT NULL,
+    peer_host        TEXT NOT NULL,
+    received_at      REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_by_series ON instances(series_uid);
+CREATE INDEX IF NOT EXISTS series_by_study ON series(study_uid);
+CREATE TABLE IF NOT EXISTS jobs (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind         TEXT NOT NULL,
+    subject_uid  TEXT NOT NULL,
+    generation   INTEGER NOT NULL,   -- which completion of the subject this job is for
+    payload      TEXT NOT NULL,      -- JSON
+    state        TEXT NOT NULL CHECK (state IN ('queued', 'running', 'succeeded', 'failed')),
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    worker       TEXT,
+    error        TEXT,
+    created_at   REAL NOT NULL,
+    started_at   REAL,
+    finished_at  REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, id);
+"""
+
+
+def database_path(data_dir: Path) -> Path:
+    return data_dir / "index.sqlite3"
+
+
+def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+    """Open the database; a writable open creates the schema if needed."""
+    if readonly:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.executescript(_SCHEMA)
+        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA busy_timeout=10000")
+    return conn
+
+
+class Database:
+    """A writable connection shared by the threads of one process, one transaction at a time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._conn = connect(path)
+        self._lock = threading.RLock()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """Run a block as one IMMEDIATE transaction: all of it is committed, or none."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    @contextmanager
+    def reading(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            yield self._conn
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()

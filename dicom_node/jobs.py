@@ -1,0 +1,174 @@
+"""The durable job queue: completion events become jobs that workers claim and finish.
+
+Workers touch only this store and the instance store, never the SCP's memory, so that a later
+deployment can move them to other processes or machines. :class:`JobStore` is the interface;
+:class:`SqliteJobStore` keeps jobs in the node's embedded database.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any, Protocol
+
+from dicom_node.database import Database
+
+
+class JobState(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class JobKind(str, Enum):
+    SERIES_COMPLETE = "series-complete"
+    STUDY_COMPLETE = "study-complete"
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    kind: str
+    subject_uid: str
+    generation: int
+    payload: dict[str, Any]
+    state: JobState
+    attempts: int
+    worker: str | None
+    error: str | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Job:
+        return cls(
+            id=row["id"],
+            kind=row["kind"],
+            subject_uid=row["subject_uid"],
+            generation=row["generation"],
+            payload=json.loads(row["payload"]),
+            state=JobState(row["state"]),
+            attempts=row["attempts"],
+            worker=row["worker"],
+            error=row["error"],
+            created_at=row["created_at"],
+            started_at=row["started_at"],
+            finished_at=row["finished_at"],
+        )
+
+
+class JobStore(Protocol):
+    """What the node and its workers need from a job queue."""
+
+    def claim(self, worker: str, kinds: tuple[str, ...] | None = None) -> Job | None:
+        """Atomically move the oldest queued job to ``running`` for ``worker``."""
+
+    def succeed(self, job_id: int) -> None: ...
+
+    def fail(self, job_id: int, error: str, *, max_attempts: int) -> JobState:
+        """Record a failed attempt; requeue while attempts remain, else mark failed."""
+
+    def requeue_interrupted(self) -> int:
+        """Return jobs left ``running`` by a crash to ``queued``; the count moved."""
+
+    def counts(self) -> dict[JobState, int]: ...
+
+    def get(self, job_id: int) -> Job | None: ...
+
+
+def enqueue(
+    conn: sqlite3.Connection,
+    kind: JobKind | str,
+    subject_uid: str,
+    generation: int,
+    payload: dict[str, Any],
+) -> int:
+    """Insert a queued job inside the caller's transaction.
+
+    Callers that record an event (a series completing) enqueue in the same transaction, so an
+    event is never recorded without its job, nor a job without its event.
+    """
+    cursor = conn.execute(
+        "INSERT INTO jobs (kind, subject_uid, generation, payload, state, created_at)"
+        " VALUES (?, ?, ?, ?, 'queued', ?)",
+        (
+            str(getattr(kind, "value", kind)),
+            subject_uid,
+            generation,
+            json.dumps(payload),
+            time.time(),
+        ),
+    )
+    return int(cursor.lastrowid or 0)
+
+
+class SqliteJobStore:
+    """:class:`JobStore` on the node's SQLite database (safe across processes)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    @classmethod
+    def open(cls, path: Path) -> SqliteJobStore:
+        return cls(Database(path))
+
+    def claim(self, worker: str, kinds: tuple[str, ...] | None = None) -> Job | None:
+        where = "state = 'queued'"
+        params: list[Any] = []
+        if kinds:
+            where += f" AND kind IN ({','.join('?' * len(kinds))})"
+            params.extend(kinds)
+        with self.db.transaction() as conn:
+            row = conn.execute(
+                "UPDATE jobs SET state = 'running', attempts = attempts + 1, worker = ?,"
+                f" started_at = ? WHERE id = (SELECT id FROM jobs WHERE {where}"
+                " ORDER BY id LIMIT 1) RETURNING *",
+                (worker, time.time(), *params),
+            ).fetchone()
+        return Job.from_row(row) if row is not None else None
+
+    def succeed(self, job_id: int) -> None:
+        with self.db.transaction() as conn:
+            conn.execute(
+                "UPDATE jobs SET state = 'succeeded', error = NULL, finished_at = ? WHERE id = ?",
+                (time.time(), job_id),
+            )
+
+    def fail(self, job_id: int, error: str, *, max_attempts: int) -> JobState:
+        with self.db.transaction() as conn:
+            row = conn.execute(
+                "UPDATE jobs SET state = CASE WHEN attempts >= ? THEN 'failed' ELSE 'queued' END,"
+                " error = ?, finished_at = ? WHERE id = ? RETURNING state",
+                (max_attempts, error, time.time(), job_id),
+            ).fetchone()
+        return JobState(row["state"])
+
+    def requeue_interrupted(self) -> int:
+        with self.db.transaction() as conn:
+            cursor = conn.execute(
+                "UPDATE jobs SET state = 'queued', worker = NULL,"
+                " error = 'interrupted: the node stopped while this job ran'"
+                " WHERE state = 'running'"
+            )
+        return cursor.rowcount
+
+    def counts(self) -> dict[JobState, int]:
+        with self.db.reading() as conn:
+            rows = conn.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state").fetchall()
+        counts = {state: 0 for state in JobState}
+        counts.update({JobState(r["state"]): r["n"] for r in rows})
+        return counts
+
+    def get(self, job_id: int) -> Job | None:
+        with self.db.reading() as conn:
+            row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return Job.from_row(row) if row is not None else None
+
+
+__all__ = ["Job", "JobKind", "JobState", "JobStore", "SqliteJobStore", "enqueue"]

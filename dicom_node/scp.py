@@ -1,0 +1,212 @@
+"""The DICOM listener: Verification and Storage SCP on pynetdicom's event handlers.
+
+Association policy (PS3.8 7.1): the called AE title must be ours and, when an allow-list is
+configured, the calling AE title (optionally bound to a host) must be on it; otherwise the
+association is rejected with the PS3.8 Table 9-21 reason. C-STORE (PS3.4 B.2.3) writes the data
+set exactly as received through :class:`~dicom_node.store.InstanceStore` and answers Success only
+after it is durable.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.association import Association
+from pynetdicom.events import Event
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dicom_node.assembly import Assembler
+from dicom_node.config import ScpConfig, TlsConfig
+from dicom_node.store import (
+    InstanceStore,
+    InvalidInstance,
+    OutOfResources,
+    Sender,
+    SopMismatch,
+    StoreResult,
+)
+
+log = logging.getLogger(__name__)
+
+# C-STORE response statuses, PS3.4 B.2.3 and PS3.7 C.
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC000
+STATUS_PROCESSING_FAILURE = 0x0110
+
+# A-ASSOCIATE-RJ (result, source, reason), PS3.8 Table 9-21.
+REJECT_CALLING_AE_NOT_RECOGNIZED = (0x01, 0x01, 0x03)
+
+# Private storage SOP classes real scanners send that pynetdicom does not list.
+PRIVATE_STORAGE_CLASSES = (
+    "1.3.12.2.1107.5.9.1",  # Siemens CSA Non-Image Storage
+    "1.2.840.113619.4.26",  # GE Private 3D Model Storage
+    "1.2.840.113619.4.30",  # GE eNTEGRA Protocol or NM Genie
+    "1.3.46.670589.11.0.0.12.1",  # Philips Private MR Spectrum Storage
+    "1.3.46.670589.11.0.0.12.2",  # Philips Private MR Series Data Storage
+)
+
+
+def storage_sop_classes() -> list[str]:
+    return [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts] + list(
+        PRIVATE_STORAGE_CLASSES
+    )
+
+
+def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
+    """The TLS context for the listener (PS3.15 B.1 Basic TLS Secure Transport)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    if tls.ca_file is not None:
+        context.load_verify_locations(str(tls.ca_file))
+    context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
+    return context
+
+
+def _peer(assoc: Association) -> Sender:
+    return Sender(
+        calling_aet=assoc.requestor.primitive.calling_ae_title.strip()
+        if assoc.requestor.primitive
+        else assoc.requestor.ae_title.strip(),
+        peer_host=str(assoc.requestor.address),
+    )
+
+
+class StorageSCP:
+    """Owns the pynetdicom AE and routes its events to the store and the assembler."""
+
+    def __init__(self, config: ScpConfig, store: InstanceStore, assembler: Assembler) -> None:
+        self.config = config
+        self.store = store
+        self.assembler = assembler
+        self.ae = self._build_ae()
+        self._server: ThreadedAssociationServer | None = None
+        if config.allowed_calling_aets is None:
+            log.warning(
+                "scp.allowed_calling_aets is not set: any calling AE may store to this node"
+            )
+
+    def _build_ae(self) -> AE:
+        ae = AE(ae_title=self.config.ae_title)
+        ae.maximum_associations = self.config.max_associations
+        ae.maximum_pdu_size = self.config.max_pdu_size
+        ae.acse_timeout = self.config.acse_timeout_s
+        ae.dimse_timeout = self.config.dimse_timeout_s
+        ae.network_timeout = self.config.network_timeout_s
+        ae.require_called_aet = self.config.require_called_aet
+        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        for sop_class in storage_sop_classes():
+            ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
+        return ae
+
+    @property
+    def handlers(self) -> list[tuple]:
+        return [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ESTABLISHED, self._on_established),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_aborted),
+        ]
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> tuple[str, int]:
+        """Start listening in background threads; returns the bound (host, port)."""
+        context = server_ssl_context(self.config.tls) if self.config.tls.enabled else None
+        self._server = self.ae.start_server(
+            (self.config.host, self.config.port),
+            block=False,
+            evt_handlers=self.handlers,
+            ssl_context=context,
+        )
+        host, port = self._server.server_address[:2]
+        log.info(
+            "listening as %s on %s:%d%s",
+            self.config.ae_title,
+            host,
+            port,
+            " (TLS)" if context else "",
+        )
+        return host, port
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        """Stop accepting, let in-flight associations finish for up to ``grace_s``, then abort."""
+        if self._server is None:
+            return
+        active = list(self._server.active_associations)
+        self._server.shutdown()
+        deadline = time.monotonic() + grace_s
+        for assoc in active:
+            assoc.join(max(0.0, deadline - time.monotonic()))
+            if assoc.is_alive():
+                log.warning("aborting an association still open after %.0f s", grace_s)
+                assoc.abort()
+        self._server = None
+
+    @property
+    def active_associations(self) -> list[Association]:
+        return list(self._server.active_associations) if self._server else []
+
+    # -- handlers ------------------------------------------------------------------------------
+
+    def _on_requested(self, event: Event) -> None:
+        sender = _peer(event.assoc)
+        if not self.config.admits(sender.calling_aet, sender.peer_host):
+            log.warning(
+                "rejected association from calling AE %r at %s: not in scp.allowed_calling_aets",
+                sender.calling_aet,
+                sender.peer_host,
+            )
+            event.assoc.acse.send_reject(*REJECT_CALLING_AE_NOT_RECOGNIZED)
+
+    def _on_established(self, event: Event) -> None:
+        sender = _peer(event.assoc)
+        log.info("association from %s at %s accepted", sender.calling_aet, sender.peer_host)
+        self.assembler.association_opened(id(event.assoc))
+
+    def _on_echo(self, event: Event) -> int:
+        return STATUS_SUCCESS
+
+    def _on_store(self, event: Event) -> int:
+        request = event.request
+        context = event.context
+        try:
+            stored = self.store.put(
+                event.encoded_dataset(include_meta=False),
+                context.transfer_syntax[0],
+                _peer(event.assoc),
+                expected_sop_class_uid=str(request.AffectedSOPClassUID),
+                expected_sop_instance_uid=str(request.AffectedSOPInstanceUID),
+            )
+        except OutOfResources as exc:
+            log.error("C-STORE refused, out of resources: %s", exc)
+            return STATUS_OUT_OF_RESOURCES
+        except SopMismatch as exc:
+            log.error("C-STORE refused: %s", exc)
+            return STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS
+        except InvalidInstance as exc:
+            log.error("C-STORE refused, nothing stored: %s", exc)
+            return STATUS_CANNOT_UNDERSTAND
+        except OSError as exc:
+            log.error("C-STORE failed writing to the store, nothing acknowledged: %s", exc)
+            return STATUS_OUT_OF_RESOURCES
+        if stored.result is not StoreResult.STORED:
+            log.info("repeated SOP instance (%s)", stored.result.value)
+        log.debug("stored %s at %s", stored.header.sop_instance_uid, stored.path)
+        self.assembler.instance_stored(id(event.assoc), stored)
+        return STATUS_SUCCESS
+
+    def _on_released(self, event: Event) -> None:
+        self.assembler.association_ended(id(event.assoc), released=True)
+
+    def _on_aborted(self, event: Event) -> None:
+        log.warning("association from %s aborted", _peer(event.assoc).calling_aet)
+        self.assembler.association_ended(id(event.assoc), released=False)

@@ -1,0 +1,416 @@
+"""The durable instance store: Part-10 files on disk, recorded in the SQLite index.
+
+An instance is acknowledged only after :meth:`InstanceStore.put` returned, and ``put`` returns
+only after the file and its index row are on disk:
+
+1. the file (preamble, file meta from the negotiated transfer syntax, the data set exactly as
+   received, never re-encoded) is written under ``tmp/`` and fsync'd;
+2. it is renamed into ``instances/`` (atomic on POSIX) and the folder is fsync'd, so no reader
+   ever sees a partial file under ``instances/``;
+3. the index row is committed (WAL, ``synchronous=FULL``).
+
+A crash before step 3 leaves at most a complete file without an index row; the sender never got
+a Success for it and sends it again, which overwrites the same path. Leftovers under ``tmp/`` are
+removed at start-up.
+
+File and folder names are hashes of validated UIDs, never header text, so a SOP Instance UID such
+as ``../../etc/x`` is rejected and could not escape the store anyway.
+
+Repeated SOP Instance UID (the documented rule): a copy whose data set is byte-identical to the
+stored one is acknowledged and changes nothing; a copy with different content replaces the
+stored file and index row (the latest copy wins, as a PACS does on re-send after a correction)
+and reopens its series.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+import zlib
+from dataclasses import dataclass
+from enum import Enum
+from io import BytesIO
+from pathlib import Path
+
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filereader import read_dataset, read_preamble
+from pydicom.filewriter import write_file_meta_info
+from pydicom.tag import BaseTag, Tag
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+
+from dicom_node import __version__
+from dicom_node.database import Database, database_path
+
+log = logging.getLogger(__name__)
+
+# A constant, valid UID under the 2.25 (UUID) root identifying this implementation (PS3.7 D.3.3.2).
+IMPLEMENTATION_CLASS_UID = UID(
+    "2.25." + str(uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/dicom-node/dicom-node").int)
+)
+IMPLEMENTATION_VERSION_NAME = f"DICOMNODE_{__version__}"[:16]
+
+# PS3.5 9.1: components of digits without leading zeros, separated by dots, at most 64 characters.
+_UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+_LAST_HEADER_TAG = Tag(0x0020, 0x0011)  # SeriesNumber: everything indexed sits at or before it
+
+
+class RejectedInstance(Exception):
+    """The data set cannot be stored; the message says why without quoting patient data."""
+
+
+class InvalidInstance(RejectedInstance):
+    """Missing or invalid identifying attributes, or an unreadable data set."""
+
+
+class SopMismatch(RejectedInstance):
+    """The data set's SOP Class/Instance UID differ from the C-STORE request's (PS3.4 B.2.3)."""
+
+
+class OutOfResources(RejectedInstance):
+    """Free disk space is below the configured watermark."""
+
+
+def validate_uid(value: object, keyword: str) -> str:
+    """Return ``value`` as a UID string, or raise :class:`InvalidInstance` naming ``keyword``."""
+    if value is None or str(value).strip("\0 ") == "":
+        raise InvalidInstance(f"{keyword} is missing")
+    text = str(value).strip("\0 ")
+    if len(text) > 64 or not _UID_PATTERN.match(text):
+        raise InvalidInstance(f"{keyword} is not a valid UID (PS3.5 9.1)")
+    return text
+
+
+def store_key(uid: str) -> str:
+    """A short, stable, non-identifying name for a UID: used for paths and in logs above DEBUG."""
+    return hashlib.sha256(uid.encode("ascii")).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """The attributes the index keeps, read from the data set without decoding pixel data."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    modality: str | None
+    series_number: int | None
+    series_description: str | None
+
+    @classmethod
+    def from_dataset(cls, ds: Dataset) -> InstanceHeader:
+        number = ds.get("SeriesNumber")
+        try:
+            series_number = int(number) if number not in (None, "") else None
+        except (TypeError, ValueError):
+            series_number = None
+        return cls(
+            sop_class_uid=validate_uid(ds.get("SOPClassUID"), "SOPClassUID"),
+            sop_instance_uid=validate_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID"),
+            study_uid=validate_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID"),
+            series_uid=validate_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID"),
+            modality=str(ds.get("Modality") or "") or None,
+            series_number=series_number,
+            series_description=str(ds.get("SeriesDescription") or "") or None,
+        )
+
+
+def _stop_after_header(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return tag > _LAST_HEADER_TAG
+
+
+def read_header(encoded: bytes, transfer_syntax: UID) -> InstanceHeader:
+    """Parse the identifying attributes of an encoded data set (no file meta).
+
+    Only the elements up to (0020,0011) are read, so pixel data is never touched.
+    """
+    try:
+        if transfer_syntax == DeflatedExplicitVRLittleEndian:
+            encoded = zlib.decompressobj(-zlib.MAX_WBITS).decompress(encoded)
+        ds = read_dataset(
+            BytesIO(encoded),
+            is_implicit_VR=transfer_syntax.is_implicit_VR,
+            is_little_endian=transfer_syntax.is_little_endian,
+            stop_when=_stop_after_header,
+        )
+        return InstanceHeader.from_dataset(ds)
+    except RejectedInstance:
+        raise
+    except (Exception, RecursionError) as exc:
+        raise InvalidInstance(f"data set cannot be parsed ({type(exc).__name__})") from exc
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _dataset_offset(path: Path) -> int:
+    """Byte offset where the data set starts in a Part-10 file we wrote."""
+    with path.open("rb") as f:
+        read_preamble(f, force=False)
+        group_length = f.read(12)
+        # (0002,0000) UL, explicit VR little endian, as every Part-10 file meta starts (PS3.10 7.1)
+        return 128 + 4 + 12 + int.from_bytes(group_length[8:12], "little")
+
+
+class StoreResult(Enum):
+    STORED = "stored"
+    DUPLICATE = "duplicate"  # identical copy already held; nothing changed
+    REPLACED = "replaced"  # same SOP Instance UID, different content: the new copy won
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    header: InstanceHeader
+    path: Path
+    result: StoreResult
+    series_reopened: bool
+    study_reopened: bool
+
+
+@dataclass(frozen=True)
+class Sender:
+    """Who sent an instance: kept in the index for status and audit."""
+
+    calling_aet: str
+    peer_host: str
+
+
+class InstanceStore:
+    """Part-10 files under ``data_dir/instances`` and their rows in the index."""
+
+    def __init__(
+        self, data_dir: Path, db: Database, *, min_free_bytes: int = 0, fsync: bool = True
+    ) -> None:
+        self.data_dir = data_dir
+        self.instances_dir = data_dir / "instances"
+        self.tmp_dir = data_dir / "tmp"
+        self.db = db
+        self.min_free_bytes = min_free_bytes
+        self.fsync = fsync
+        self._known_dirs: set[Path] = set()
+        self._dirs_lock = threading.Lock()
+        for directory in (self.instances_dir, self.tmp_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+        self._remove_leftovers()
+
+    @classmethod
+    def open(cls, data_dir: Path, *, min_free_bytes: int = 0, fsync: bool = True) -> InstanceStore:
+        data_dir = data_dir.resolve()
+        return cls(
+            data_dir, Database(database_path(data_dir)), min_free_bytes=min_free_bytes, fsync=fsync
+        )
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _remove_leftovers(self) -> None:
+        # Anything under tmp/ was never acknowledged: the sender will send it again.
+        removed = 0
+        for leftover in self.tmp_dir.iterdir():
+            leftover.unlink(missing_ok=True)
+            removed += 1
+        if removed:
+            log.warning(
+                "removed %d unacknowledged partial file(s) left by an interruption", removed
+            )
+
+    def relative_path(self, header: InstanceHeader) -> Path:
+        study = store_key(header.study_uid)
+        return (
+            Path("instances")
+            / study[:2]
+            / study
+            / store_key(header.series_uid)
+            / f"{store_key(header.sop_instance_uid)}.dcm"
+        )
+
+    def _ensure_dir(self, directory: Path) -> None:
+        with self._dirs_lock:
+            if directory in self._known_dirs:
+                return
+            created = []
+            probe = directory
+            while not probe.exists():
+                created.append(probe)
+                probe = probe.parent
+            directory.mkdir(parents=True, exist_ok=True)
+            if self.fsync:
+                # A new folder is durable only once its parent's entry is.
+                for folder in reversed(created):
+                    _fsync_dir(folder.parent)
+            self._known_dirs.add(directory)
+
+    def _check_space(self, incoming: int) -> None:
+        free = shutil.disk_usage(self.data_dir).free
+        if free - incoming < self.min_free_bytes:
+            raise OutOfResources(
+                f"free disk {free // 2**20} MiB is below the watermark"
+                f" store.min_free_bytes={self.min_free_bytes // 2**20} MiB"
+            )
+
+    def _write_file(self, final: Path, file_meta: bytes, dataset: bytes) -> None:
+        fd, tmp_name = tempfile.mkstemp(dir=self.tmp_dir, suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(file_meta)
+                f.write(dataset)
+                f.flush()
+                if self.fsync:
+                    os.fsync(f.fileno())
+            self._ensure_dir(final.parent)
+            os.replace(tmp_name, final)
+            if self.fsync:
+                _fsync_dir(final.parent)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+
+    def _same_content(self, stored: Path, dataset: bytes) -> bool:
+        try:
+            offset = _dataset_offset(stored)
+            if stored.stat().st_size - offset != len(dataset):
+                return False
+            with stored.open("rb") as f:
+                f.seek(offset)
+                return f.read() == dataset
+        except (OSError, ValueError):
+            # Unreadable stored copy: treat as different so the new copy replaces it.
+            return False
+
+    def put(
+        self,
+        dataset: bytes,
+        transfer_syntax: str,
+        sender: Sender,
+        *,
+        expected_sop_class_uid: str | None = None,
+        expected_sop_instance_uid: str | None = None,
+    ) -> StoredInstance:
+        """Store one encoded data set durably; see the module docstring for the guarantees.
+
+        Raises a :class:`RejectedInstance` subclass, leaving nothing behind, when the instance
+        cannot be stored.
+        """
+        ts = UID(transfer_syntax)
+        header = read_header(dataset, ts)
+        if expected_sop_class_uid and header.sop_class_uid != expected_sop_class_uid:
+            raise SopMismatch("SOPClassUID differs from the C-STORE request's Affected SOP Class")
+        if expected_sop_instance_uid and header.sop_instance_uid != expected_sop_instance_uid:
+            raise SopMismatch(
+                "SOPInstanceUID differs from the C-STORE request's Affected SOP Instance"
+            )
+        self._check_space(len(dataset))
+
+        relative = self.relative_path(header)
+        final = self.data_dir / relative
+        with self.db.reading() as conn:
+            existing = conn.execute(
+                "SELECT path FROM instances WHERE sop_instance_uid = ?", (header.sop_instance_uid,)
+            ).fetchone()
+        if existing is not None:
+            stored_path = self.data_dir / existing["path"]
+            if self._same_content(stored_path, dataset):
+                return StoredInstance(header, stored_path, StoreResult.DUPLICATE, False, False)
+
+        self._write_file(final, self._file_meta(header, ts, sender), dataset)
+        now = time.time()
+        with self.db.transaction() as conn:
+            study_reopened = _upsert_study(conn, header, now)
+            series_reopened = _upsert_series(conn, header, now)
+            conn.execute(
+                "INSERT OR REPLACE INTO instances (sop_instance_uid, series_uid, study_uid,"
+                " sop_class_uid, transfer_syntax, path, size, calling_aet, peer_host, received_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    header.sop_instance_uid,
+                    header.series_uid,
+                    header.study_uid,
+                    header.sop_class_uid,
+                    str(ts),
+                    relative.as_posix(),
+                    len(dataset),
+                    sender.calling_aet,
+                    sender.peer_host,
+                    now,
+                ),
+            )
+        result = StoreResult.STORED
+        if existing is not None:
+            result = StoreResult.REPLACED
+            if existing["path"] != relative.as_posix():
+                # The replacing copy moved to another series: the old file has no row any more.
+                (self.data_dir / existing["path"]).unlink(missing_ok=True)
+        return StoredInstance(header, final, result, series_reopened, study_reopened)
+
+    @staticmethod
+    def _file_meta(header: InstanceHeader, ts: UID, sender: Sender) -> bytes:
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = header.sop_class_uid
+        meta.MediaStorageSOPInstanceUID = header.sop_instance_uid
+        meta.TransferSyntaxUID = ts
+        meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+        meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+        meta.SourceApplicationEntityTitle = sender.calling_aet
+        buffer = BytesIO()
+        buffer.write(b"\0" * 128 + b"DICM")
+        write_file_meta_info(buffer, meta, enforce_standard=True)
+        return buffer.getvalue()
+
+
+def _upsert_study(conn, header: InstanceHeader, now: float) -> bool:
+    """Record an arrival for the study; True when it reopens a completed study."""
+    row = conn.execute(
+        "SELECT completed_at FROM studies WHERE study_uid = ?", (header.study_uid,)
+    ).fetchone()
+    if row is None:
+        conn.execute(
+            "INSERT INTO studies (study_uid, study_key, first_received, last_received)"
+            " VALUES (?, ?, ?, ?)",
+            (header.study_uid, store_key(header.study_uid), now, now),
+        )
+        return False
+    conn.execute(
+        "UPDATE studies SET last_received = ?, completed_at = NULL WHERE study_uid = ?",
+        (now, header.study_uid),
+    )
+    return row["completed_at"] is not None
+
+
+def _upsert_series(conn, header: InstanceHeader, now: float) -> bool:
+    """Record an arrival for the series; True when it reopens a completed series."""
+    row = conn.execute(
+        "SELECT completed_at FROM series WHERE series_uid = ?", (header.series_uid,)
+    ).fetchone()
+    if row is None:
+        conn.execute(
+            "INSERT INTO series (series_uid, series_key, study_uid, modality, series_number,"
+            " description, first_received, last_received) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                header.series_uid,
+                store_key(header.series_uid),
+                header.study_uid,
+                header.modality,
+                header.series_number,
+                header.series_description,
+                now,
+                now,
+            ),
+        )
+        return False
+    conn.execute(
+        "UPDATE series SET last_received = ?, completed_at = NULL WHERE series_uid = ?",
+        (now, header.series_uid),
+    )
+    return row["completed_at"] is not None
