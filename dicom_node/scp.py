@@ -52,6 +52,41 @@ PRIVATE_STORAGE_CLASSES = (
 )
 
 
+# Never-lossy encodings, preferred when a requestor offers several in one context: the sender
+# then keeps its own lossless encoding instead of expanding or re-coding it.
+LOSSLESS_COMPRESSED = (
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless, Process 14
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless, SV1
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless Only
+    "1.2.840.10008.1.2.4.92",  # JPEG 2000 Part 2 Lossless Only
+    "1.2.840.10008.1.2.4.110",  # JPEG XL Lossless
+    "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless Only
+    "1.2.840.10008.1.2.4.202",  # HTJ2K RPCL Lossless Only
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+    "1.2.840.10008.1.2.8.1",  # Deflated Image Frame Compression
+)
+UNCOMPRESSED = (
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian: keeps VRs, so before Implicit
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent by old modalities)
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian, the default every SCU must offer
+)
+
+
+def accepted_transfer_syntaxes() -> list[str]:
+    """Every transfer syntax pynetdicom knows, in the order we prefer them.
+
+    pynetdicom accepts, per presentation context, the first of *our* syntaxes that the
+    requestor proposed. Lossless encodings come first, then the uncompressed ones; lossy
+    syntaxes come last so that a sender offering lossy and lossless for the same data is never
+    asked to compress it lossily. Data already lossy can still be sent as it is.
+    """
+    preferred = [*LOSSLESS_COMPRESSED, *UNCOMPRESSED]
+    rest = [str(ts) for ts in ALL_TRANSFER_SYNTAXES if str(ts) not in preferred]
+    return [ts for ts in preferred if ts in set(map(str, ALL_TRANSFER_SYNTAXES))] + rest
+
+
 def storage_sop_classes() -> list[str]:
     return [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts] + list(
         PRIVATE_STORAGE_CLASSES
@@ -100,9 +135,10 @@ class StorageSCP:
         ae.dimse_timeout = self.config.dimse_timeout_s
         ae.network_timeout = self.config.network_timeout_s
         ae.require_called_aet = self.config.require_called_aet
-        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        syntaxes = accepted_transfer_syntaxes()
+        ae.add_supported_context(Verification, syntaxes)
         for sop_class in storage_sop_classes():
-            ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
+            ae.add_supported_context(sop_class, syntaxes)
         return ae
 
     @property
@@ -181,7 +217,7 @@ class StorageSCP:
         try:
             stored = self.store.put(
                 event.encoded_dataset(include_meta=False),
-                context.transfer_syntax[0],
+                context.transfer_syntax,
                 _peer(event.assoc),
                 expected_sop_class_uid=str(request.AffectedSOPClassUID),
                 expected_sop_instance_uid=str(request.AffectedSOPInstanceUID),

@@ -1,0 +1,157 @@
+"""The ``dicom-node`` command.
+
+Exit codes: 0 success, 1 the operation failed (a peer refused, a send had failures),
+2 unusable configuration or command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from dicom_node import __version__
+from dicom_node.config import ConfigError, NodeConfig, config_as_yaml, load_config
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+log = logging.getLogger("dicom_node")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # pynetdicom logs every PDU at INFO; its warnings and errors are what an operator needs.
+    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+
+
+def _config(args: argparse.Namespace) -> NodeConfig:
+    return load_config(args.config)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from dicom_node.node import Node
+
+    config = _config(args)
+    _setup_logging(config.logging.level)
+    Node(config).serve_forever()
+    return 0
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    from dicom_node.scu import AssociationFailed, echo
+
+    try:
+        status = echo(args.host, args.port, calling_aet=args.aet, called_aet=args.aec)
+    except (AssociationFailed, OSError) as exc:
+        print(f"echo failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"C-ECHO {args.aec}@{args.host}:{args.port}: status 0x{status:04X}")
+    return 0 if status == 0 else EXIT_FAILED
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from dicom_node.scu import AssociationFailed, send
+
+    try:
+        report = send(
+            [Path(p) for p in args.paths],
+            args.host,
+            args.port,
+            calling_aet=args.aet,
+            called_aet=args.aec,
+        )
+    except (AssociationFailed, OSError) as exc:
+        print(f"send failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    for path, why in report.skipped:
+        print(f"skipped {path}: {why}", file=sys.stderr)
+    for path, why in report.failed:
+        print(f"failed {path}: {why}", file=sys.stderr)
+    print(f"sent {len(report.sent)}, failed {len(report.failed)}, skipped {len(report.skipped)}")
+    return 0 if not report.failed else EXIT_FAILED
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from dicom_node.status import build_report, format_report
+
+    config = _config(args)
+    report = build_report(config.store.data_dir.resolve(), recent=args.recent)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        print(format_report(report))
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    config = _config(args)
+    if args.action == "show":
+        print(config_as_yaml(config), end="")
+    else:
+        print("configuration OK")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dicom-node", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"dicom-node {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument(
+            "--config", "-c", help="YAML configuration file (default: $DICOM_NODE_CONFIG, or none)"
+        )
+        return p
+
+    serve = with_config(commands.add_parser("serve", help="run the node until SIGINT/SIGTERM"))
+    serve.set_defaults(func=cmd_serve)
+
+    def scu(p: argparse.ArgumentParser, *, positional_peer: bool) -> None:
+        if positional_peer:
+            p.add_argument("host")
+            p.add_argument("port", type=int)
+        else:
+            p.add_argument("--host", default="127.0.0.1")
+            p.add_argument("--port", type=int, default=11112)
+        p.add_argument("--aet", default="DICOMNODE_SCU", help="our (calling) AE title")
+        p.add_argument("--aec", default="DICOMNODE", help="the peer's (called) AE title")
+
+    echo = commands.add_parser("echo", help="C-ECHO a DICOM peer")
+    scu(echo, positional_peer=True)
+    echo.set_defaults(func=cmd_echo)
+
+    send = commands.add_parser("send", help="C-STORE files or folders (recursive) to a peer")
+    send.add_argument("paths", nargs="+", metavar="PATH")
+    scu(send, positional_peer=False)
+    send.set_defaults(func=cmd_send)
+
+    status = with_config(commands.add_parser("status", help="what the node has received"))
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--recent", type=int, default=20, help="how many series to list")
+    status.set_defaults(func=cmd_status)
+
+    config = with_config(commands.add_parser("config", help="show or check the configuration"))
+    config.add_argument("action", choices=["show", "check"])
+    config.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"dicom-node: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

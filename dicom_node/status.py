@@ -1,0 +1,166 @@
+"""What the node holds, read from its index without disturbing a running node.
+
+The report opens the database read-only (WAL lets it read while the SCP writes), so
+``dicom-node status`` is safe to run at any time, as often as a script likes.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from dicom_node.database import connect, database_path
+from dicom_node.jobs import JobState
+
+
+@dataclass(frozen=True)
+class SenderSummary:
+    calling_aet: str
+    studies: int
+    series: int
+    instances: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class SeriesSummary:
+    series_uid: str
+    study_uid: str
+    modality: str | None
+    series_number: int | None
+    instances: int
+    complete: bool
+    completions: int
+    last_received: str
+    completion_latency_s: float | None  # last instance -> latest completion
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    data_dir: str
+    studies: int
+    studies_complete: int
+    series: int
+    series_complete: int
+    instances: int
+    bytes: int
+    senders: list[SenderSummary]
+    recent_series: list[SeriesSummary]
+    jobs: dict[str, int]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, tz=timezone.utc).isoformat(timespec="seconds")
+
+
+def _empty(data_dir: Path) -> StatusReport:
+    return StatusReport(str(data_dir), 0, 0, 0, 0, 0, 0, [], [], {s.value: 0 for s in JobState})
+
+
+def build_report(data_dir: Path, *, recent: int = 20) -> StatusReport:
+    """Summarise the store under ``data_dir``; an empty report when nothing was received yet."""
+    path = database_path(data_dir)
+    if not path.exists():
+        return _empty(data_dir)
+    conn = connect(path, readonly=True)
+    try:
+        return _report(conn, data_dir, recent)
+    finally:
+        conn.close()
+
+
+def _report(conn: sqlite3.Connection, data_dir: Path, recent: int) -> StatusReport:
+    studies, studies_complete = conn.execute(
+        "SELECT COUNT(*), COUNT(completed_at) FROM studies"
+    ).fetchone()
+    series, series_complete = conn.execute(
+        "SELECT COUNT(*), COUNT(completed_at) FROM series"
+    ).fetchone()
+    instances, size = conn.execute(
+        "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM instances"
+    ).fetchone()
+    senders = [
+        SenderSummary(r[0], r[1], r[2], r[3], r[4])
+        for r in conn.execute(
+            "SELECT calling_aet, COUNT(DISTINCT study_uid), COUNT(DISTINCT series_uid),"
+            " COUNT(*), SUM(size) FROM instances GROUP BY calling_aet ORDER BY calling_aet"
+        )
+    ]
+    rows = conn.execute(
+        "SELECT s.series_uid, s.study_uid, s.modality, s.series_number, s.completed_at,"
+        " s.completions, s.last_received,"
+        " (SELECT COUNT(*) FROM instances i WHERE i.series_uid = s.series_uid) AS n"
+        " FROM series s ORDER BY s.last_received DESC LIMIT ?",
+        (recent,),
+    ).fetchall()
+    recent_series = [
+        SeriesSummary(
+            series_uid=r["series_uid"],
+            study_uid=r["study_uid"],
+            modality=r["modality"],
+            series_number=r["series_number"],
+            instances=r["n"],
+            complete=r["completed_at"] is not None,
+            completions=r["completions"],
+            last_received=_iso(r["last_received"]),
+            completion_latency_s=(
+                round(r["completed_at"] - r["last_received"], 3)
+                if r["completed_at"] is not None
+                else None
+            ),
+        )
+        for r in rows
+    ]
+    jobs = {s.value: 0 for s in JobState}
+    jobs.update(dict(conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()))
+    return StatusReport(
+        str(data_dir),
+        studies,
+        studies_complete,
+        series,
+        series_complete,
+        instances,
+        size,
+        senders,
+        recent_series,
+        jobs,
+    )
+
+
+def format_report(report: StatusReport) -> str:
+    """The report as a person reads it in a terminal."""
+    lines = [
+        f"data: {report.data_dir}",
+        f"received: {report.studies} studies ({report.studies_complete} complete), "
+        f"{report.series} series ({report.series_complete} complete), "
+        f"{report.instances} instances, {report.bytes / 2**20:.1f} MiB",
+        "",
+        "by calling AE:",
+    ]
+    if not report.senders:
+        lines.append("  (nothing received yet)")
+    for s in report.senders:
+        lines.append(
+            f"  {s.calling_aet:<16} {s.studies:>6} studies {s.series:>6} series"
+            f" {s.instances:>8} instances"
+        )
+    lines += ["", f"latest series (up to {len(report.recent_series)}):"]
+    for s in report.recent_series:
+        state = (
+            f"complete x{s.completions}, {s.completion_latency_s:.3f} s after last instance"
+            if s.complete
+            else "open"
+        )
+        number = s.series_number if s.series_number is not None else "-"
+        lines.append(
+            f"  {s.modality or '?':<4} #{number:<5}"
+            f" {s.instances:>6} inst  {state}  last {s.last_received}  {s.series_uid}"
+        )
+    lines += ["", "jobs: " + ", ".join(f"{k} {v}" for k, v in report.jobs.items())]
+    return "\n".join(lines)
