@@ -74,6 +74,11 @@ UNCOMPRESSED = (
 )
 
 
+# Retired JPEG processes (PS3.5 Table A-1, retired in 2006) that pynetdicom no longer lists but
+# archives still hold and send: 1.2.840.10008.1.2.4.52 to .66 except .57 (listed above).
+RETIRED_JPEG = tuple(f"1.2.840.10008.1.2.4.{n}" for n in range(52, 67) if n != 57)
+
+
 def accepted_transfer_syntaxes() -> list[str]:
     """Every transfer syntax pynetdicom knows, in the order we prefer them.
 
@@ -83,8 +88,9 @@ def accepted_transfer_syntaxes() -> list[str]:
     asked to compress it lossily. Data already lossy can still be sent as it is.
     """
     preferred = [*LOSSLESS_COMPRESSED, *UNCOMPRESSED]
-    rest = [str(ts) for ts in ALL_TRANSFER_SYNTAXES if str(ts) not in preferred]
-    return [ts for ts in preferred if ts in set(map(str, ALL_TRANSFER_SYNTAXES))] + rest
+    known = [str(ts) for ts in ALL_TRANSFER_SYNTAXES]
+    rest = [ts for ts in known if ts not in preferred]
+    return [ts for ts in preferred if ts in known] + rest + list(RETIRED_JPEG)
 
 
 def storage_sop_classes() -> list[str]:

@@ -1,0 +1,48 @@
+# The two set-up commands of the README: `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+APT_PACKAGES := dcmtk dicom3tools
+
+.PHONY: run test lint system-deps benchmark clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@ $(VENV)/.installed
+
+## Install and run the node on its embedded defaults (AE DICOMNODE, port 11112).
+run: $(VENV)/.installed
+	$(BIN)/dicom-node serve
+
+## The real DICOM peers the tests talk to; installed when missing and we may.
+system-deps:
+	@if ! command -v storescu >/dev/null || ! command -v dciodvfy >/dev/null; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(APT_PACKAGES); \
+		else \
+			echo "please install: sudo apt-get install $(APT_PACKAGES)"; exit 1; \
+		fi; \
+	fi
+
+## Install dev dependencies and run the whole test suite.
+test: system-deps $(VENV)/.installed-dev
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+benchmark: system-deps $(VENV)/.installed-dev
+	$(BIN)/python benchmarks/ingest.py
+
+clean:
+	rm -rf $(VENV) dicom-node-data .pytest_cache
