@@ -36,6 +36,7 @@ class DicomFile:
     path: Path
     sop_class_uid: str
     transfer_syntax_uid: str
+    meta_matches_dataset: bool = True
 
     @property
     def context(self) -> tuple[str, str]:
@@ -66,13 +67,17 @@ def find_files(paths: Iterable[Path]) -> Iterator[Path]:
 
 def inspect_file(path: Path) -> DicomFile:
     """Read a Part-10 file's SOP class and transfer syntax from its file meta."""
-    ds = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+    ds = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
     meta = ds.file_meta
-    sop_class = meta.get("MediaStorageSOPClassUID") or ds.get("SOPClassUID")
+    sop_class = ds.get("SOPClassUID") or meta.get("MediaStorageSOPClassUID")
     syntax = meta.get("TransferSyntaxUID")
     if not sop_class or not syntax:
         raise InvalidDicomError("no SOP Class UID or Transfer Syntax UID in the file meta")
-    return DicomFile(path, str(sop_class), str(syntax))
+    matches = (meta.get("MediaStorageSOPClassUID"), meta.get("MediaStorageSOPInstanceUID")) == (
+        ds.get("SOPClassUID"),
+        ds.get("SOPInstanceUID"),
+    )
+    return DicomFile(path, str(sop_class), str(syntax), matches)
 
 
 def _batches(files: list[DicomFile]) -> Iterator[list[DicomFile]]:
@@ -152,8 +157,11 @@ def send(
 
 
 def _store_one(assoc, f: DicomFile, report: SendReport) -> None:
+    # The chunked send takes the C-STORE's UIDs from the file meta; where a malformed file's
+    # meta disagrees with its data set, send the decoded data set so the request names it.
+    payload = f.path if f.meta_matches_dataset else dcmread(f.path)
     try:
-        status = assoc.send_c_store(f.path)
+        status = assoc.send_c_store(payload)
     except ValueError as exc:  # no accepted presentation context for this file
         report.failed.append((f.path, str(exc)))
         return

@@ -1,0 +1,190 @@
+"""Shared fixtures: real `dicom-node serve` processes and real dcmtk peers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dicom_node.database import connect, database_path
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT.parent / "shared" / "dicom-corpus"
+
+
+def require_tool(name: str) -> str:
+    """The path of a peer program; in CI a missing one is a failure, elsewhere a skip.
+
+    Debian's binaries come first: Python packages install scripts named like dcmtk's tools
+    (pynetdicom's own ``storescu``) that shadow them on PATH.
+    """
+    debian = Path("/usr/bin") / name
+    path = str(debian) if debian.exists() else shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed (apt-get install dcmtk dicom3tools)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def corpus() -> Path:
+    if not CORPUS.is_dir():
+        pytest.skip(f"the shared DICOM corpus is not at {CORPUS}")
+    return CORPUS
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dcmtk_env() -> dict[str, str]:
+    # Without TCP_NODELAY dcmtk's Nagle/delayed-ACK interplay adds ~40 ms per message.
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+@dataclass
+class NodeProcess:
+    """A `dicom-node serve` subprocess with its own data folder and port."""
+
+    workdir: Path
+    settings: dict = field(default_factory=dict)
+    port: int = 0
+    proc: subprocess.Popen | None = None
+
+    @property
+    def data_dir(self) -> Path:
+        return self.workdir / "data"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "node.log"
+
+    @property
+    def config_path(self) -> Path:
+        return self.workdir / "node.yaml"
+
+    def write_config(self) -> None:
+        config = {
+            "scp": {"host": "127.0.0.1", "port": self.port},
+            "store": {"data_dir": str(self.data_dir), "min_free_bytes": 0},
+        }
+        for section, values in self.settings.items():
+            config.setdefault(section, {}).update(values)
+        self.config_path.write_text(yaml.safe_dump(config))
+
+    def start(self, timeout_s: float = 20.0) -> NodeProcess:
+        if not self.port:
+            self.port = free_port()
+        self.write_config()
+        log = self.log_path.open("a")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dicom_node", "serve", "--config", str(self.config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.workdir,
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"node exited at start:\n{self.log()}")
+            if "listening as" in self.log():
+                return self
+            time.sleep(0.05)
+        raise RuntimeError(f"node did not start:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        """SIGTERM and wait: the clean shutdown path."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout_s)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def query(self, sql: str, params: tuple = ()) -> list:
+        conn = connect(database_path(self.data_dir), readonly=True)
+        try:
+            return conn.execute(sql, params).fetchall()
+        finally:
+            conn.close()
+
+    def wait_for(self, sql: str, expected: object, timeout_s: float = 20.0) -> object:
+        """Poll a scalar query until it equals ``expected``; returns the last value."""
+        deadline = time.monotonic() + timeout_s
+        value = None
+        while time.monotonic() < deadline:
+            value = self.query(sql)[0][0]
+            if value == expected:
+                return value
+            time.sleep(0.05)
+        return value
+
+    def storescu(
+        self,
+        *options: str,
+        files: list,
+        aet: str = "STORESCU",
+        aec: str = "DICOMNODE",
+        timeout_s: float = 300,
+    ) -> subprocess.CompletedProcess:
+        """Run dcmtk storescu against this node (never raises on its exit status)."""
+        return subprocess.run(
+            [
+                require_tool("storescu"),
+                "-aet",
+                aet,
+                "-aec",
+                aec,
+                *options,
+                "127.0.0.1",
+                str(self.port),
+                *map(str, files),
+            ],
+            env=dcmtk_env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
+
+
+@pytest.fixture
+def make_node(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
+    """Start nodes with extra settings: ``make_node(assembly={"series_quiet_seconds": 1})``."""
+    started: list[NodeProcess] = []
+
+    def factory(name: str = "node", **settings: dict) -> NodeProcess:
+        workdir = tmp_path / name
+        workdir.mkdir(exist_ok=True)
+        node = NodeProcess(workdir, settings).start()
+        started.append(node)
+        return node
+
+    yield factory
+    for node in started:
+        if node.proc is not None and node.proc.poll() is None:
+            node.kill()
+
+
+@pytest.fixture
+def node(make_node) -> NodeProcess:
+    return make_node()
