@@ -208,6 +208,9 @@ class StorageSCP:
                 sender.peer_host,
             )
             event.assoc.acse.send_reject(*REJECT_CALLING_AE_NOT_RECOGNIZED)
+            # As pynetdicom's own rejections do: kill() lets the DUL flush the A-ASSOCIATE-RJ
+            # before the socket is closed, so the peer reads a rejection, not an abort.
+            event.assoc.kill()
 
     def _on_established(self, event: Event) -> None:
         sender = _peer(event.assoc)

@@ -90,6 +90,7 @@ class NodeProcess:
         if not self.port:
             self.port = free_port()
         self.write_config()
+        seen = len(self.log())
         log = self.log_path.open("a")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dicom_node", "serve", "--config", str(self.config_path)],
@@ -101,7 +102,7 @@ class NodeProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"node exited at start:\n{self.log()}")
-            if "listening as" in self.log():
+            if "listening as" in self.log()[seen:]:
                 return self
             time.sleep(0.05)
         raise RuntimeError(f"node did not start:\n{self.log()}")
