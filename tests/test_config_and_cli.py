@@ -1,0 +1,106 @@
+"""Configuration: defaults, file, environment, and one clear message with exit 2 when bad."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dicom_node.config import ConfigError, load_config
+from tests.conftest import ROOT
+
+
+def cli(*args: str, env: dict | None = None, cwd: Path | None = None):
+    return subprocess.run(
+        [sys.executable, "-m", "dicom_node", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=60,
+    )
+
+
+def test_embedded_defaults() -> None:
+    config = load_config(None, {})
+    assert config.scp.ae_title == "DICOMNODE"
+    assert config.scp.port == 11112
+    assert config.store.data_dir == Path("dicom-node-data")
+    assert config.scp.allowed_calling_aets is None
+    assert config.assembly.series_quiet_seconds == 5
+
+
+def test_file_then_environment(tmp_path: Path) -> None:
+    path = tmp_path / "node.yaml"
+    path.write_text("scp:\n  port: 104\n  allowed_calling_aets: [PACS, 'CT@10.0.0.7']\n")
+    config = load_config(
+        path, {"DICOM_NODE__SCP__PORT": "11113", "DICOM_NODE__ASSEMBLY__SERIES_QUIET_SECONDS": "2"}
+    )
+    assert config.scp.port == 11113
+    assert config.assembly.series_quiet_seconds == 2
+    assert config.scp.admits("PACS", "192.168.1.1")
+    assert config.scp.admits("CT", "10.0.0.7")
+    assert not config.scp.admits("CT", "10.0.0.8")
+    assert not config.scp.admits("OTHER", "10.0.0.7")
+
+
+def test_repository_default_config_is_valid_and_enables_the_allow_list() -> None:
+    config = load_config(ROOT / "deploy" / "dicom-node.yaml", {})
+    assert config.scp.allowed_calling_aets
+
+
+@pytest.mark.parametrize(
+    ("text", "environ", "message"),
+    [
+        ("scp:\n  prot: 104\n", {}, "scp.prot: unknown key"),
+        ("scp:\n  port: 70000\n", {}, "scp.port:"),
+        ("scp:\n  ae_title: 'WAY TOO LONG AE TITLE'\n", {}, "scp.ae_title:"),
+        ("scp:\n  tls:\n    enabled: true\n", {}, "scp.tls"),
+        ("store: [1, 2]\n", {}, "store:"),
+        ("", {"DICOM_NODE__SCP__MAX_ASSOCIATIONS": "many"}, "scp.max_associations:"),
+        ("scp: {port: [\n", {}, "is not valid YAML"),
+    ],
+)
+def test_bad_configuration_names_the_key(tmp_path: Path, text, environ, message) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        load_config(path, environ)
+
+
+def test_cli_config_check_exit_codes(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("scp:\n  prot: 104\n")
+    result = cli("config", "check", "--config", str(bad))
+    assert result.returncode == 2
+    assert result.stderr.strip() == "dicom-node: configuration error: scp.prot: unknown key"
+    assert cli("config", "check", "--config", str(tmp_path / "missing.yaml")).returncode == 2
+    # serve refuses a bad config the same way, before binding anything.
+    assert cli("serve", "--config", str(bad)).returncode == 2
+    good = cli("config", "check", "--config", str(ROOT / "deploy" / "dicom-node.yaml"))
+    assert good.returncode == 0, good.stderr
+
+
+def test_cli_config_show_round_trips(tmp_path: Path) -> None:
+    result = cli("config", "show", env={"DICOM_NODE__SCP__PORT": "4242", "PATH": ""})
+    assert result.returncode == 0, result.stderr
+    shown = yaml.safe_load(result.stdout)
+    assert shown["scp"]["port"] == 4242
+    path = tmp_path / "shown.yaml"
+    path.write_text(result.stdout)
+    assert load_config(path, {}).scp.port == 4242
+
+
+def test_cli_echo_and_send_report_failures(tmp_path: Path, make_node) -> None:
+    node = make_node()
+    assert cli("echo", "127.0.0.1", str(node.port)).returncode == 0
+    assert cli("echo", "127.0.0.1", str(node.port), "--aec", "NOTUS").returncode == 1
+    folder = tmp_path / "upload"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "notes.txt").write_text("not DICOM")
+    result = cli("send", str(folder), "--port", str(node.port))
+    assert result.returncode == 0 and "skipped" in result.stderr
+    assert "sent 0, failed 0, skipped 1" in result.stdout
