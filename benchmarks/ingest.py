@@ -1,0 +1,193 @@
+"""Ingest benchmark: dcmtk storescu into `dicom-node serve` versus into dcmtk storescp.
+
+Same machine, same sender, same files, same run; the receivers alternate round by round so
+that disk-cache and CPU-frequency drift hit both alike. Prints instances/s for both, their
+ratio, and the node's peak RSS. Nothing is asserted: the figures go to the README.
+
+    python benchmarks/ingest.py [--slices 300] [--rounds 3] [--parallel 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from dicom_node.phantoms import CtPhantomSpec, write_ct_series
+
+PDU = 131072  # 128 KB, as the issue asks
+ENV = {**os.environ, "TCP_NODELAY": "1"}  # dcmtk: Nagle + delayed ACK cost ~40 ms/message
+
+
+def tool(name: str) -> str:
+    debian = Path("/usr/bin") / name  # PyPI packages shadow dcmtk's names on PATH
+    path = str(debian) if debian.exists() else shutil.which(name)
+    if path is None:
+        sys.exit(f"{name} not found: apt-get install dcmtk")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(port: int, proc: subprocess.Popen, timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("receiver exited at start")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError("receiver did not start")
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+@dataclass
+class Receiver:
+    name: str
+    start: Callable[[Path, int], subprocess.Popen]
+
+
+def start_storescp(workdir: Path, port: int) -> subprocess.Popen:
+    out = workdir / "storescp"
+    out.mkdir()
+    return subprocess.Popen(
+        [tool("storescp"), "-aet", "DICOMNODE", "--max-pdu", str(PDU), "-od", str(out), str(port)],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def start_node(workdir: Path, port: int) -> subprocess.Popen:
+    config = workdir / "node.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "scp": {"host": "127.0.0.1", "port": port, "max_pdu_size": PDU},
+                "store": {"data_dir": str(workdir / "node-data"), "min_free_bytes": 0},
+                "logging": {"level": "WARNING"},
+            }
+        )
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "dicom_node", "serve", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+RECEIVERS = [Receiver("dcmtk storescp", start_storescp), Receiver("dicom-node", start_node)]
+
+
+def send(port: int, files: list[Path]) -> None:
+    result = subprocess.run(
+        [tool("storescu"), "-aet", "BENCH", "-aec", "DICOMNODE", "--max-pdu", str(PDU),
+         "127.0.0.1", str(port), *map(str, files)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0 or "Store Failed" in result.stderr:
+        raise RuntimeError(f"storescu failed: {result.stderr[-2000:]}")
+
+
+@contextmanager
+def running(receiver: Receiver, scratch: Path):
+    workdir = Path(tempfile.mkdtemp(dir=scratch))
+    port = free_port()
+    proc = receiver.start(workdir, port)
+    try:
+        wait_listening(port, proc)
+        yield port, proc
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def measure(receiver: Receiver, studies: list[list[Path]], scratch: Path) -> tuple[float, float]:
+    """Seconds to send every study (one storescu per study, all at once); peak RSS in MiB."""
+    with running(receiver, scratch) as (port, proc):
+        started = time.perf_counter()
+        with ThreadPoolExecutor(len(studies)) as pool:
+            list(pool.map(lambda files: send(port, files), studies))
+        elapsed = time.perf_counter() - started
+        return elapsed, peak_rss_mib(proc.pid)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--parallel", type=int, default=4)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+
+    scratch = Path(tempfile.mkdtemp(prefix="dicom-node-bench-"))
+    try:
+        studies = [
+            write_ct_series(scratch / f"study{i}", CtPhantomSpec(slices=args.slices))
+            for i in range(args.parallel)
+        ]
+        results = {}
+        for label, batch in (("1 sender", studies[:1]), (f"{args.parallel} senders", studies)):
+            times: dict[str, list[float]] = {r.name: [] for r in RECEIVERS}
+            rss: list[float] = []
+            for _ in range(args.rounds):
+                for receiver in RECEIVERS:  # alternate receivers every round
+                    elapsed, peak = measure(receiver, batch, scratch)
+                    times[receiver.name].append(elapsed)
+                    if receiver.name == "dicom-node":
+                        rss.append(peak)
+            instances = args.slices * len(batch)
+            rates = {name: instances / statistics.median(t) for name, t in times.items()}
+            results[label] = {
+                "instances": instances,
+                "median_s": {name: round(statistics.median(t), 3) for name, t in times.items()},
+                "instances_per_s": {name: round(r, 1) for name, r in rates.items()},
+                "ratio_node_vs_storescp": round(rates["dicom-node"] / rates["dcmtk storescp"], 3),
+                "node_peak_rss_mib": round(max(rss), 1),
+            }
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    print(f"ingest of {args.slices}-slice 512x512 CT via storescu (PDU {PDU // 1024} KB), "
+          f"median of {args.rounds} alternating rounds, on {platform.node()} "
+          f"({os.cpu_count()} cores); the node fsyncs every instance, storescp does not")
+    print(f"{'senders':<12}{'storescp inst/s':>18}{'node inst/s':>14}{'ratio':>8}{'node RSS':>11}")
+    for label, r in results.items():
+        ips = r["instances_per_s"]
+        print(f"{label:<12}{ips['dcmtk storescp']:>18.1f}{ips['dicom-node']:>14.1f}"
+              f"{r['ratio_node_vs_storescp']:>8.2f}{r['node_peak_rss_mib']:>9.0f} MiB")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
