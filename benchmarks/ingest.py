@@ -107,8 +107,18 @@ RECEIVERS = [Receiver("dcmtk storescp", start_storescp), Receiver("dicom-node", 
 
 def send(port: int, files: list[Path]) -> None:
     result = subprocess.run(
-        [tool("storescu"), "-aet", "BENCH", "-aec", "DICOMNODE", "--max-pdu", str(PDU),
-         "127.0.0.1", str(port), *map(str, files)],
+        [
+            tool("storescu"),
+            "-aet",
+            "BENCH",
+            "-aec",
+            "DICOMNODE",
+            "--max-pdu",
+            str(PDU),
+            "127.0.0.1",
+            str(port),
+            *map(str, files),
+        ],
         env=ENV,
         capture_output=True,
         text=True,
@@ -177,14 +187,18 @@ def main() -> None:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
-    print(f"ingest of {args.slices}-slice 512x512 CT via storescu (PDU {PDU // 1024} KB), "
-          f"median of {args.rounds} alternating rounds, on {platform.node()} "
-          f"({os.cpu_count()} cores); the node fsyncs every instance, storescp does not")
+    print(
+        f"ingest of {args.slices}-slice 512x512 CT via storescu (PDU {PDU // 1024} KB), "
+        f"median of {args.rounds} alternating rounds, on {platform.node()} "
+        f"({os.cpu_count()} cores); the node fsyncs every instance, storescp does not"
+    )
     print(f"{'senders':<12}{'storescp inst/s':>18}{'node inst/s':>14}{'ratio':>8}{'node RSS':>11}")
     for label, r in results.items():
         ips = r["instances_per_s"]
-        print(f"{label:<12}{ips['dcmtk storescp']:>18.1f}{ips['dicom-node']:>14.1f}"
-              f"{r['ratio_node_vs_storescp']:>8.2f}{r['node_peak_rss_mib']:>9.0f} MiB")
+        print(
+            f"{label:<12}{ips['dcmtk storescp']:>18.1f}{ips['dicom-node']:>14.1f}"
+            f"{r['ratio_node_vs_storescp']:>8.2f}{r['node_peak_rss_mib']:>9.0f} MiB"
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
