@@ -29,23 +29,17 @@ from pathlib import Path
 import yaml
 
 from dicom_node.phantoms import CtPhantomSpec, write_ct_series
+from tests.peers import dcmtk_env, dcmtk_tool, free_port
 
 PDU = 131072  # 128 KB, as the issue asks
-ENV = {**os.environ, "TCP_NODELAY": "1"}  # dcmtk: Nagle + delayed ACK cost ~40 ms/message
+ENV = dcmtk_env()
 
 
 def tool(name: str) -> str:
-    debian = Path("/usr/bin") / name  # PyPI packages shadow dcmtk's names on PATH
-    path = str(debian) if debian.exists() else shutil.which(name)
+    path = dcmtk_tool(name)
     if path is None:
         sys.exit(f"{name} not found: apt-get install dcmtk")
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_listening(port: int, proc: subprocess.Popen, timeout_s: float = 20) -> None:

@@ -24,7 +24,7 @@ from dicom_node.config import ScpConfig, TlsConfig
 from dicom_node.store import (
     InstanceStore,
     InvalidInstance,
-    OutOfResources,
+    RejectedInstance,
     Sender,
     SopMismatch,
     StoreResult,
@@ -37,7 +37,6 @@ STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
-STATUS_PROCESSING_FAILURE = 0x0110
 
 # A-ASSOCIATE-RJ (result, source, reason), PS3.8 Table 9-21.
 REJECT_CALLING_AE_NOT_RECOGNIZED = (0x01, 0x01, 0x03)
@@ -91,6 +90,16 @@ def accepted_transfer_syntaxes() -> list[str]:
     known = [str(ts) for ts in ALL_TRANSFER_SYNTAXES]
     rest = [ts for ts in known if ts not in preferred]
     return [ts for ts in preferred if ts in known] + rest + list(RETIRED_JPEG)
+
+
+def refusal_status(exc: Exception) -> int:
+    """The C-STORE failure status (PS3.4 B.2.3) for why an instance was not stored."""
+    if isinstance(exc, SopMismatch):
+        return STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS
+    if isinstance(exc, InvalidInstance):
+        return STATUS_CANNOT_UNDERSTAND
+    # Out of disk, or the store could not write: the sender should retry later.
+    return STATUS_OUT_OF_RESOURCES
 
 
 def storage_sop_classes() -> list[str]:
@@ -231,18 +240,10 @@ class StorageSCP:
                 expected_sop_class_uid=str(request.AffectedSOPClassUID),
                 expected_sop_instance_uid=str(request.AffectedSOPInstanceUID),
             )
-        except OutOfResources as exc:
-            log.error("C-STORE refused, out of resources: %s", exc)
-            return STATUS_OUT_OF_RESOURCES
-        except SopMismatch as exc:
-            log.error("C-STORE refused: %s", exc)
-            return STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS
-        except InvalidInstance as exc:
-            log.error("C-STORE refused, nothing stored: %s", exc)
-            return STATUS_CANNOT_UNDERSTAND
-        except OSError as exc:
-            log.error("C-STORE failed writing to the store, nothing acknowledged: %s", exc)
-            return STATUS_OUT_OF_RESOURCES
+        except (RejectedInstance, OSError) as exc:
+            status = refusal_status(exc)
+            log.error("C-STORE refused with 0x%04X, nothing stored: %s", status, exc)
+            return status
         if stored.result is not StoreResult.STORED:
             log.info("repeated SOP instance (%s)", stored.result.value)
         log.debug("stored %s at %s", stored.header.sop_instance_uid, stored.path)

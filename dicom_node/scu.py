@@ -16,6 +16,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, _config
+from pynetdicom.association import Association
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification
 
@@ -100,6 +101,13 @@ def _ae(calling_aet: str, *, timeout_s: float) -> AE:
     return ae
 
 
+def _associate(ae: AE, host: str, port: int, called_aet: str) -> Association:
+    assoc = ae.associate(host, port, ae_title=called_aet)
+    if not assoc.is_established:
+        raise AssociationFailed(f"association with {called_aet} at {host}:{port} failed")
+    return assoc
+
+
 def echo(
     host: str,
     port: int,
@@ -111,9 +119,7 @@ def echo(
     """C-ECHO (PS3.7 9.1.5); returns the peer's status."""
     ae = _ae(calling_aet, timeout_s=timeout_s)
     ae.add_requested_context(Verification)
-    assoc = ae.associate(host, port, ae_title=called_aet)
-    if not assoc.is_established:
-        raise AssociationFailed(f"association with {called_aet} at {host}:{port} failed")
+    assoc = _associate(ae, host, port, called_aet)
     try:
         status = assoc.send_c_echo()
     finally:
@@ -144,9 +150,7 @@ def send(
     for batch in _batches(files):
         contexts = sorted({f.context for f in batch})
         ae.requested_contexts = [build_context(c, [ts]) for c, ts in contexts]
-        assoc = ae.associate(host, port, ae_title=called_aet)
-        if not assoc.is_established:
-            raise AssociationFailed(f"association with {called_aet} at {host}:{port} failed")
+        assoc = _associate(ae, host, port, called_aet)
         try:
             for f in batch:
                 _store_one(assoc, f, report)
@@ -156,7 +160,7 @@ def send(
     return report
 
 
-def _store_one(assoc, f: DicomFile, report: SendReport) -> None:
+def _store_one(assoc: Association, f: DicomFile, report: SendReport) -> None:
     # The chunked send takes the C-STORE's UIDs from the file meta; where a malformed file's
     # meta disagrees with its data set, send the decoded data set so the request names it.
     payload = f.path if f.meta_matches_dataset else dcmread(f.path)

@@ -327,8 +327,27 @@ class InstanceStore:
         self._write_file(final, self._file_meta(header, ts, sender), dataset)
         now = time.time()
         with self.db.transaction() as conn:
-            study_reopened = _upsert_study(conn, header, now)
-            series_reopened = _upsert_series(conn, header, now)
+            study_reopened = _record_arrival(
+                conn,
+                "studies",
+                "study_uid",
+                {"study_uid": header.study_uid, "study_key": store_key(header.study_uid)},
+                now,
+            )
+            series_reopened = _record_arrival(
+                conn,
+                "series",
+                "series_uid",
+                {
+                    "series_uid": header.series_uid,
+                    "series_key": store_key(header.series_uid),
+                    "study_uid": header.study_uid,
+                    "modality": header.modality,
+                    "series_number": header.series_number,
+                    "description": header.series_description,
+                },
+                now,
+            )
             conn.execute(
                 "INSERT OR REPLACE INTO instances (sop_instance_uid, series_uid, study_uid,"
                 " sop_class_uid, transfer_syntax, path, size, calling_aet, peer_host, received_at)"
@@ -369,48 +388,21 @@ class InstanceStore:
         return buffer.getvalue()
 
 
-def _upsert_study(conn, header: InstanceHeader, now: float) -> bool:
-    """Record an arrival for the study; True when it reopens a completed study."""
-    row = conn.execute(
-        "SELECT completed_at FROM studies WHERE study_uid = ?", (header.study_uid,)
-    ).fetchone()
+def _record_arrival(conn, table: str, key: str, columns: dict[str, object], now: float) -> bool:
+    """Insert a study/series row on its first instance, else refresh it and reopen it.
+
+    Returns True when the arrival reopens a study/series that was complete.
+    """
+    uid = columns[key]
+    row = conn.execute(f"SELECT completed_at FROM {table} WHERE {key} = ?", (uid,)).fetchone()
     if row is None:
+        values = {**columns, "first_received": now, "last_received": now}
         conn.execute(
-            "INSERT INTO studies (study_uid, study_key, first_received, last_received)"
-            " VALUES (?, ?, ?, ?)",
-            (header.study_uid, store_key(header.study_uid), now, now),
+            f"INSERT INTO {table} ({', '.join(values)}) VALUES ({', '.join('?' * len(values))})",
+            tuple(values.values()),
         )
         return False
     conn.execute(
-        "UPDATE studies SET last_received = ?, completed_at = NULL WHERE study_uid = ?",
-        (now, header.study_uid),
-    )
-    return row["completed_at"] is not None
-
-
-def _upsert_series(conn, header: InstanceHeader, now: float) -> bool:
-    """Record an arrival for the series; True when it reopens a completed series."""
-    row = conn.execute(
-        "SELECT completed_at FROM series WHERE series_uid = ?", (header.series_uid,)
-    ).fetchone()
-    if row is None:
-        conn.execute(
-            "INSERT INTO series (series_uid, series_key, study_uid, modality, series_number,"
-            " description, first_received, last_received) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                header.series_uid,
-                store_key(header.series_uid),
-                header.study_uid,
-                header.modality,
-                header.series_number,
-                header.series_description,
-                now,
-                now,
-            ),
-        )
-        return False
-    conn.execute(
-        "UPDATE series SET last_received = ?, completed_at = NULL WHERE series_uid = ?",
-        (now, header.series_uid),
+        f"UPDATE {table} SET last_received = ?, completed_at = NULL WHERE {key} = ?", (now, uid)
     )
     return row["completed_at"] is not None

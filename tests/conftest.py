@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,19 +15,15 @@ import pytest
 import yaml
 
 from dicom_node.database import connect, database_path
+from tests.peers import dcmtk_env, dcmtk_tool, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / "shared" / "dicom-corpus"
 
 
 def require_tool(name: str) -> str:
-    """The path of a peer program; in CI a missing one is a failure, elsewhere a skip.
-
-    Debian's binaries come first: Python packages install scripts named like dcmtk's tools
-    (pynetdicom's own ``storescu``) that shadow them on PATH.
-    """
-    debian = Path("/usr/bin") / name
-    path = str(debian) if debian.exists() else shutil.which(name)
+    """The path of a peer program; in CI a missing one is a failure, elsewhere a skip."""
+    path = dcmtk_tool(name)
     if path is None:
         message = f"{name} is not installed (apt-get install dcmtk dicom3tools)"
         if os.environ.get("CI"):
@@ -43,17 +37,6 @@ def corpus() -> Path:
     if not CORPUS.is_dir():
         pytest.skip(f"the shared DICOM corpus is not at {CORPUS}")
     return CORPUS
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def dcmtk_env() -> dict[str, str]:
-    # Without TCP_NODELAY dcmtk's Nagle/delayed-ACK interplay adds ~40 ms per message.
-    return {**os.environ, "TCP_NODELAY": "1"}
 
 
 @dataclass

@@ -20,25 +20,20 @@ def ct300(tmp_path_factory) -> list[Path]:
     return write_ct_series(folder, CtPhantomSpec(slices=300, rows=256, columns=256))
 
 
-def test_kill_during_transfer_loses_nothing_acknowledged(make_node, ct300) -> None:
-    node: NodeProcess = make_node()
-    sender = subprocess.Popen(
-        [
-            require_tool("storescu"),
-            "-v",
-            "-aet",
-            "STORESCU",
-            "-aec",
-            "DICOMNODE",
-            "127.0.0.1",
-            str(node.port),
-            *map(str, ct300),
-        ],
+def storescu_in_background(node: NodeProcess, files: list[Path]) -> subprocess.Popen:
+    command = [require_tool("storescu"), "-v", "-aet", "STORESCU", "-aec", "DICOMNODE"]
+    return subprocess.Popen(
+        [*command, "127.0.0.1", str(node.port), *map(str, files)],
         env=dcmtk_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
+
+
+def test_kill_during_transfer_loses_nothing_acknowledged(make_node, ct300) -> None:
+    node: NodeProcess = make_node()
+    sender = storescu_in_background(node, ct300)
     # Kill once a good part (but not all) of the series was acknowledged.
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -82,23 +77,7 @@ def test_kill_during_transfer_loses_nothing_acknowledged(make_node, ct300) -> No
 
 def test_sigterm_finishes_in_flight_transfer(make_node, ct300) -> None:
     node: NodeProcess = make_node()
-    sender = subprocess.Popen(
-        [
-            require_tool("storescu"),
-            "-v",
-            "-aet",
-            "STORESCU",
-            "-aec",
-            "DICOMNODE",
-            "127.0.0.1",
-            str(node.port),
-            *map(str, ct300[:150]),
-        ],
-        env=dcmtk_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    sender = storescu_in_background(node, ct300[:150])
     while node.query("SELECT COUNT(*) FROM instances")[0][0] < 20:
         time.sleep(0.01)
     assert node.stop() == 0  # SIGTERM: stop accepting, finish the open association

@@ -1,0 +1,113 @@
+"""DICOM over TLS (PS3.15 B.1) with client certificates, using pynetdicom's ssl support."""
+
+from __future__ import annotations
+
+import shutil
+import ssl
+import subprocess
+from pathlib import Path
+
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
+from tests.conftest import NodeProcess
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Path:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    d = tmp_path_factory.mktemp("pki")
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test CA",
+        cwd=d,
+    )
+    for name in ("node", "client"):
+        openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN={name}",
+            cwd=d,
+        )
+        openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.crt",
+            "-days",
+            "2",
+            cwd=d,
+        )
+    return d
+
+
+def tls_echo(node: NodeProcess, pki: Path, *, client_cert: bool) -> bool:
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki / "ca.crt"))
+    context.check_hostname = False
+    if client_cert:
+        context.load_cert_chain(str(pki / "client.crt"), str(pki / "client.key"))
+    ae = AE(ae_title="TLSCLIENT")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = 10
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE", tls_args=(context, None))
+    if not assoc.is_established:
+        return False
+    try:
+        return int(assoc.send_c_echo().get("Status", -1)) == 0
+    finally:
+        assoc.release()
+
+
+def test_tls_with_client_certificates(make_node, pki: Path) -> None:
+    node = make_node(
+        scp={
+            "tls": {
+                "enabled": True,
+                "cert_file": str(pki / "node.crt"),
+                "key_file": str(pki / "node.key"),
+                "ca_file": str(pki / "ca.crt"),
+                "require_client_cert": True,
+            }
+        }
+    )
+    assert "(TLS)" in node.log()
+    assert tls_echo(node, pki, client_cert=True)
+    assert not tls_echo(node, pki, client_cert=False)
+    plain = AE(ae_title="PLAIN")
+    plain.add_requested_context(Verification)
+    plain.acse_timeout = plain.network_timeout = 5
+    assoc = plain.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
+    assert not assoc.is_established
+    # The node keeps serving after refusing both.
+    assert tls_echo(node, pki, client_cert=True)
