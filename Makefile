@@ -24,7 +24,7 @@ run: $(VENV)/.installed
 
 ## The real DICOM peers the tests talk to; installed when missing and we may.
 system-deps:
-	@if ! command -v storescu >/dev/null || ! command -v dciodvfy >/dev/null; then \
+	@if [ ! -x /usr/bin/storescu ] || [ ! -x /usr/bin/dciodvfy ]; then \
 		if [ "$$(id -u)" = 0 ]; then \
 			apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(APT_PACKAGES); \
 		else \

@@ -86,6 +86,7 @@ def ct_series(spec: CtPhantomSpec = CtPhantomSpec()) -> Iterator[Dataset]:
         ds.StudyID = "1"
         ds.SeriesNumber = 1
         ds.InstanceNumber = index + 1
+        ds.AcquisitionNumber = 1
         ds.FrameOfReferenceUID = frame_of_reference
         ds.PositionReferenceIndicator = ""
         ds.ImagePositionPatient = [

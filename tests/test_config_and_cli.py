@@ -104,3 +104,16 @@ def test_cli_echo_and_send_report_failures(tmp_path: Path, make_node) -> None:
     result = cli("send", str(folder), "--port", str(node.port))
     assert result.returncode == 0 and "skipped" in result.stderr
     assert "sent 0, failed 0, skipped 1" in result.stdout
+
+
+def test_phantom_ct_is_a_valid_ct_image(tmp_path: Path) -> None:
+    """The phantom every test and benchmark sends passes dicom3tools' IOD validator."""
+    from dicom_node.phantoms import CtPhantomSpec, write_ct_series
+    from tests.conftest import require_tool
+
+    (path,) = write_ct_series(tmp_path, CtPhantomSpec(slices=1, rows=32, columns=32))
+    result = subprocess.run(
+        [require_tool("dciodvfy"), str(path)], capture_output=True, text=True, timeout=60
+    )
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error")]
+    assert errors == [], result.stderr
