@@ -42,7 +42,7 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/ruff format --check .
 
 benchmark: system-deps $(VENV)/.installed-dev
-	$(BIN)/python benchmarks/ingest.py
+	$(BIN)/python -m benchmarks.ingest
 
 clean:
 	rm -rf $(VENV) dicom-node-data .pytest_cache

@@ -4,7 +4,7 @@ Same machine, same sender, same files, same run; the receivers alternate round b
 that disk-cache and CPU-frequency drift hit both alike. Prints instances/s for both, their
 ratio, and the node's peak RSS. Nothing is asserted: the figures go to the README.
 
-    python benchmarks/ingest.py [--slices 300] [--rounds 3] [--parallel 4]
+    python -m benchmarks.ingest [--slices 300] [--rounds 3] [--parallel 4]
 """
 
 from __future__ import annotations

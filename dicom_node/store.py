@@ -29,7 +29,7 @@ import logging
 import os
 import re
 import shutil
-import tempfile
+import struct
 import threading
 import time
 import uuid
@@ -39,9 +39,8 @@ from enum import Enum
 from io import BytesIO
 from pathlib import Path
 
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset, read_preamble
-from pydicom.filewriter import write_file_meta_info
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
@@ -145,6 +144,39 @@ def read_header(encoded: bytes, transfer_syntax: UID) -> InstanceHeader:
         raise
     except (Exception, RecursionError) as exc:
         raise InvalidInstance(f"data set cannot be parsed ({type(exc).__name__})") from exc
+
+
+def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
+    """One group-2 element, explicit VR little endian (PS3.5 7.1.2), padded to even length."""
+    if len(value) % 2:
+        value += b"\0" if vr == b"UI" else b" "
+    if vr == b"OB":  # 2 reserved bytes and a 32-bit length
+        return struct.pack("<HH2s2xI", 0x0002, element, vr, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def encode_file_meta(
+    sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, source_aet: str
+) -> bytes:
+    """Preamble, prefix and File Meta Information of a Part-10 file (PS3.10 7.1).
+
+    Byte for byte what pydicom's ``write_file_meta_info`` writes for the same values (a test
+    holds it to that); encoded here because building a pydicom data set for it cost a third of
+    the time of storing an instance.
+    """
+    body = b"".join(
+        (
+            _meta_element(0x0001, b"OB", b"\x00\x01"),
+            _meta_element(0x0002, b"UI", sop_class_uid.encode("ascii")),
+            _meta_element(0x0003, b"UI", sop_instance_uid.encode("ascii")),
+            _meta_element(0x0010, b"UI", transfer_syntax.encode("ascii")),
+            _meta_element(0x0012, b"UI", IMPLEMENTATION_CLASS_UID.encode("ascii")),
+            _meta_element(0x0013, b"SH", IMPLEMENTATION_VERSION_NAME.encode("ascii")),
+            _meta_element(0x0016, b"AE", source_aet.encode("ascii", errors="replace")),
+        )
+    )
+    group_length = struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body))
+    return b"\0" * 128 + b"DICM" + group_length + body
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -261,14 +293,16 @@ class InstanceStore:
             )
 
     def _write_file(self, final: Path, file_meta: bytes, dataset: bytes) -> None:
-        fd, tmp_name = tempfile.mkstemp(dir=self.tmp_dir, suffix=".part")
+        # Unique per instance and thread: two associations may carry the same instance at once.
+        tmp_name = self.tmp_dir / f"{final.stem}.{threading.get_ident()}.part"
+        fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(file_meta)
                 f.write(dataset)
                 f.flush()
                 if self.fsync:
-                    os.fsync(f.fileno())
+                    os.fdatasync(f.fileno())  # data and size; the rename is made durable below
             self._ensure_dir(final.parent)
             os.replace(tmp_name, final)
             if self.fsync:
@@ -324,7 +358,11 @@ class InstanceStore:
             if self._same_content(stored_path, dataset):
                 return StoredInstance(header, stored_path, StoreResult.DUPLICATE, False, False)
 
-        self._write_file(final, self._file_meta(header, ts, sender), dataset)
+        self._write_file(
+            final,
+            encode_file_meta(header.sop_class_uid, header.sop_instance_uid, ts, sender.calling_aet),
+            dataset,
+        )
         now = time.time()
         with self.db.transaction() as conn:
             study_reopened = _record_arrival(
@@ -372,20 +410,6 @@ class InstanceStore:
                 # The replacing copy moved to another series: the old file has no row any more.
                 (self.data_dir / existing["path"]).unlink(missing_ok=True)
         return StoredInstance(header, final, result, series_reopened, study_reopened)
-
-    @staticmethod
-    def _file_meta(header: InstanceHeader, ts: UID, sender: Sender) -> bytes:
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = header.sop_class_uid
-        meta.MediaStorageSOPInstanceUID = header.sop_instance_uid
-        meta.TransferSyntaxUID = ts
-        meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-        meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-        meta.SourceApplicationEntityTitle = sender.calling_aet
-        buffer = BytesIO()
-        buffer.write(b"\0" * 128 + b"DICM")
-        write_file_meta_info(buffer, meta, enforce_standard=True)
-        return buffer.getvalue()
 
 
 def _record_arrival(conn, table: str, key: str, columns: dict[str, object], now: float) -> bool:
