@@ -50,6 +50,9 @@ CREATE TABLE IF NOT EXISTS instances (
 );
 CREATE INDEX IF NOT EXISTS instances_by_series ON instances(series_uid);
 CREATE INDEX IF NOT EXISTS series_by_study ON series(study_uid);
+-- The quiet timer looks for open series/studies twice a second: only the open ones are indexed.
+CREATE INDEX IF NOT EXISTS open_series ON series(last_received) WHERE completed_at IS NULL;
+CREATE INDEX IF NOT EXISTS open_studies ON studies(last_received) WHERE completed_at IS NULL;
 CREATE TABLE IF NOT EXISTS jobs (
     id           INTEGER PRIMARY KEY AUTOINCREMENT,
     kind         TEXT NOT NULL,
