@@ -144,6 +144,118 @@ class AssemblyConfig(_Section):
     study_quiet_seconds: float = Field(default=5.0, gt=0)
 
 
+def _check_regex(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"{value!r} is not a valid regular expression: {exc}") from None
+    return value
+
+
+Regex = Annotated[str, AfterValidator(_check_regex)]
+Orientation = Literal["axial", "sagittal", "coronal", "oblique"]
+
+
+class SeriesMatch(_Section):
+    """What a series must be for a rule to route it: every condition given must hold.
+
+    Lists mean "any of"; text comparisons ignore case; regular expressions are searched
+    (``re.search``) in the attribute. An unset condition is not checked.
+    """
+
+    modality: list[str] | None = Field(default=None, description="Modality (0008,0060) is one of.")
+    sop_class: list[str] | None = Field(default=None, description="SOP Class UID is one of.")
+    body_part: list[str] | None = Field(
+        default=None, description="BodyPartExamined is one of; '' matches a missing value."
+    )
+    description: Regex | None = Field(default=None, description="SeriesDescription matches.")
+    exclude_description: Regex | None = Field(
+        default=None, description="SeriesDescription must not match."
+    )
+    protocol: Regex | None = Field(default=None, description="ProtocolName matches.")
+    image_type: list[str] | None = Field(
+        default=None, description="ImageType contains all of these values."
+    )
+    exclude_image_type: list[str] | None = Field(
+        default=None, description="ImageType contains none of these values."
+    )
+    orientation: list[Orientation] | None = Field(
+        default=None, description="Plane from ImageOrientationPatient is one of."
+    )
+    min_slices: int | None = Field(default=None, ge=1)
+    max_slices: int | None = Field(default=None, ge=1)
+    min_pixel_spacing_mm: float | None = Field(default=None, gt=0)
+    max_pixel_spacing_mm: float | None = Field(default=None, gt=0)
+    calling_aet: list[AeTitle] | None = Field(
+        default=None, description="The series came from one of these calling AE titles."
+    )
+
+
+class RouteRule(_Section):
+    """Route series (``series``) or studies with role-matched series (``roles``) to an algorithm."""
+
+    algorithm: str = Field(description="Name of an installed algorithm (dicom-node algorithms).")
+    series: SeriesMatch | None = None
+    roles: dict[str, SeriesMatch] | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> RouteRule:
+        if (self.series is None) == (self.roles is None):
+            raise ValueError("give exactly one of 'series' or 'roles'")
+        if self.roles is not None and not self.roles:
+            raise ValueError("'roles' needs at least one role")
+        return self
+
+
+# Sequence names as they appear in SeriesDescription/ProtocolName on the major vendors.
+_T1_FAMILY = r"(\bt1|mprage|spgr|tfl|bravo|vibe)"
+_POST_CONTRAST = r"(\+c\b|\bgd\b|gad|contrast|\bpost\b|\bce\b)"
+
+DEFAULT_ROUTES: tuple[dict[str, Any], ...] = (
+    {
+        "algorithm": "lung-nodules-ct",
+        "series": {
+            "modality": ["CT"],
+            "body_part": ["CHEST", "THORAX", "LUNG", "CHEST_ABDOMEN", "CHEST_TO_PELVIS", ""],
+            "orientation": ["axial"],
+            "exclude_image_type": ["LOCALIZER", "SECONDARY"],
+            "exclude_description": r"(?i)(scout|topogram|localizer|dose|mip|lung window only)",
+            "min_slices": 20,
+        },
+    },
+    {
+        "algorithm": "brain-tumour-mr",
+        "roles": {
+            "T1c": {
+                "modality": ["MR"],
+                "description": (
+                    rf"(?i)({_T1_FAMILY}.*{_POST_CONTRAST}|{_POST_CONTRAST}.*{_T1_FAMILY})"
+                ),
+            },
+            "T1": {"modality": ["MR"], "description": rf"(?i){_T1_FAMILY}"},
+            "T2": {"modality": ["MR"], "description": r"(?i)\bt2(?!.*flair)"},
+            "FLAIR": {"modality": ["MR"], "description": r"(?i)flair"},
+        },
+    },
+    {
+        "algorithm": "pneumonia-cxr",
+        "series": {
+            "modality": ["CR", "DX"],
+            "body_part": ["CHEST", "THORAX", "LUNG", ""],
+            "max_slices": 1,
+        },
+    },
+)
+
+
+class RoutingConfig(_Section):
+    """Which algorithms see which series; every completed series gets a recorded decision."""
+
+    rules: list[RouteRule] = Field(
+        default_factory=lambda: [RouteRule.model_validate(r) for r in DEFAULT_ROUTES]
+    )
+
+
 class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -154,6 +266,7 @@ class NodeConfig(_Section):
     scp: ScpConfig = ScpConfig()
     store: StoreConfig = StoreConfig()
     assembly: AssemblyConfig = AssemblyConfig()
+    routing: RoutingConfig = RoutingConfig()
     logging: LoggingConfig = LoggingConfig()
 
 

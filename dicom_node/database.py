@@ -68,6 +68,17 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_at  REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, id);
+CREATE TABLE IF NOT EXISTS routing_decisions (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    level        TEXT NOT NULL CHECK (level IN ('series', 'study')),
+    subject_uid  TEXT NOT NULL,
+    generation   INTEGER NOT NULL,   -- the completion it decides
+    decided_at   REAL NOT NULL,
+    summary      TEXT NOT NULL,      -- one line for a person
+    routed       TEXT NOT NULL,      -- JSON [{algorithm, inputs}]
+    not_routed   TEXT NOT NULL,      -- JSON [{algorithm, reason}]
+    UNIQUE (level, subject_uid, generation)
+);
 """
 
 

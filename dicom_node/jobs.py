@@ -28,6 +28,7 @@ class JobState(str, Enum):
 class JobKind(str, Enum):
     SERIES_COMPLETE = "series-complete"
     STUDY_COMPLETE = "study-complete"
+    INFERENCE = "inference"  # one routed algorithm on its inputs
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,14 @@ def enqueue(
     return int(cursor.lastrowid or 0)
 
 
+def mark_succeeded(conn: sqlite3.Connection, job_id: int) -> None:
+    """Close a job inside the caller's transaction, together with what the job produced."""
+    conn.execute(
+        "UPDATE jobs SET state = 'succeeded', error = NULL, finished_at = ? WHERE id = ?",
+        (time.time(), job_id),
+    )
+
+
 class SqliteJobStore:
     """:class:`JobStore` on the node's SQLite database (safe across processes)."""
 
@@ -135,10 +144,7 @@ class SqliteJobStore:
 
     def succeed(self, job_id: int) -> None:
         with self.db.transaction() as conn:
-            conn.execute(
-                "UPDATE jobs SET state = 'succeeded', error = NULL, finished_at = ? WHERE id = ?",
-                (time.time(), job_id),
-            )
+            mark_succeeded(conn, job_id)
 
     def fail(self, job_id: int, error: str, *, max_attempts: int) -> JobState:
         with self.db.transaction() as conn:
@@ -171,4 +177,4 @@ class SqliteJobStore:
         return Job.from_row(row) if row is not None else None
 
 
-__all__ = ["Job", "JobKind", "JobState", "JobStore", "SqliteJobStore", "enqueue"]
+__all__ = ["Job", "JobKind", "JobState", "JobStore", "SqliteJobStore", "enqueue", "mark_succeeded"]

@@ -16,6 +16,7 @@ from types import FrameType
 from dicom_node.assembly import Assembler
 from dicom_node.config import NodeConfig
 from dicom_node.jobs import SqliteJobStore
+from dicom_node.route import Router
 from dicom_node.scp import StorageSCP
 from dicom_node.store import InstanceStore
 
@@ -33,7 +34,8 @@ class Node:
             fsync=config.store.fsync,
         )
         self.jobs = SqliteJobStore(self.store.db)
-        self.assembler = Assembler(self.store.db, config.assembly)
+        self.router = Router(self.store.data_dir, self.store.db, config.routing)
+        self.assembler = Assembler(self.store.db, config.assembly, on_complete=self.router.wake)
         self.scp = StorageSCP(config.scp, self.store, self.assembler)
         self._stopped = threading.Event()
 
@@ -42,6 +44,7 @@ class Node:
         if requeued:
             log.warning("%d job(s) interrupted by the last stop were queued again", requeued)
         log.info("data under %s", self.store.data_dir)
+        self.router.start()
         self.assembler.start()
         return self.scp.start()
 
@@ -52,6 +55,7 @@ class Node:
         log.info("stopping: finishing in-flight associations (up to %.0f s)", grace_s)
         self.scp.stop(grace_s)
         self.assembler.stop()
+        self.router.stop()
         self.store.close()
         log.info("stopped")
 

@@ -36,6 +36,7 @@ class SeriesSummary:
     completions: int
     last_received: str
     completion_latency_s: float | None  # last instance -> latest completion
+    routing: str | None  # the latest routing decision for the series, in one line
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class StatusReport:
     senders: list[SenderSummary]
     recent_series: list[SeriesSummary]
     jobs: dict[str, int]
+    study_routing: list[dict[str, Any]]  # the latest study-level decisions
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -95,7 +97,9 @@ def _report(conn: sqlite3.Connection, data_dir: Path, recent: int) -> StatusRepo
     rows = conn.execute(
         "SELECT s.series_uid, s.study_uid, s.modality, s.series_number, s.completed_at,"
         " s.completions, s.last_received,"
-        " (SELECT COUNT(*) FROM instances i WHERE i.series_uid = s.series_uid) AS n"
+        " (SELECT COUNT(*) FROM instances i WHERE i.series_uid = s.series_uid) AS n,"
+        " (SELECT summary FROM routing_decisions d WHERE d.level = 'series'"
+        "  AND d.subject_uid = s.series_uid ORDER BY d.generation DESC LIMIT 1) AS routing"
         " FROM series s ORDER BY s.last_received DESC LIMIT ?",
         (recent,),
     ).fetchall()
@@ -114,11 +118,20 @@ def _report(conn: sqlite3.Connection, data_dir: Path, recent: int) -> StatusRepo
                 if r["completed_at"] is not None
                 else None
             ),
+            routing=r["routing"],
         )
         for r in rows
     ]
     jobs = {s.value: 0 for s in JobState}
     jobs.update(dict(conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()))
+    study_routing = [
+        {"study_uid": r["subject_uid"], "generation": r["generation"], "routing": r["summary"]}
+        for r in conn.execute(
+            "SELECT subject_uid, generation, summary FROM routing_decisions"
+            " WHERE level = 'study' ORDER BY id DESC LIMIT ?",
+            (recent,),
+        )
+    ]
     return StatusReport(
         str(data_dir),
         studies,
@@ -130,6 +143,7 @@ def _report(conn: sqlite3.Connection, data_dir: Path, recent: int) -> StatusRepo
         senders,
         recent_series,
         jobs,
+        study_routing,
     )
 
 
@@ -162,5 +176,11 @@ def format_report(report: StatusReport) -> str:
             f"  {s.modality or '?':<4} #{number:<5}"
             f" {s.instances:>6} inst  {state}  last {s.last_received}  {s.series_uid}"
         )
+        if s.routing:
+            lines.append(f"       routing: {s.routing}")
+    if report.study_routing:
+        lines += ["", "latest study decisions:"]
+        for d in report.study_routing:
+            lines.append(f"  {d['study_uid']} (generation {d['generation']}): {d['routing']}")
     lines += ["", "jobs: " + ", ".join(f"{k} {v}" for k, v in report.jobs.items())]
     return "\n".join(lines)

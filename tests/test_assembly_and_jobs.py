@@ -12,7 +12,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
 from dicom_node.database import Database, database_path
-from dicom_node.jobs import JobState, SqliteJobStore
+from dicom_node.jobs import JobKind, JobState, SqliteJobStore, enqueue
 from dicom_node.phantoms import CtPhantomSpec, ct_series
 from tests.conftest import NodeProcess
 
@@ -61,7 +61,10 @@ def test_release_completes_series_and_study_with_a_job(make_node) -> None:
     (job,) = jobs(node)
     payload = json.loads(job["payload"])
     assert job["subject_uid"] == series[0].SeriesInstanceUID
-    assert job["state"] == "queued" and job["generation"] == 1
+    assert job["generation"] == 1
+    # The router takes the completion job and records a decision for it.
+    assert node.wait_for("SELECT COUNT(*) FROM jobs WHERE state = 'succeeded'", 2) == 2
+    assert node.wait_for("SELECT COUNT(*) FROM routing_decisions", 2) == 2
     assert payload["trigger"] == "association released" and payload["instances"] == 4
     assert payload["completion_latency_s"] < 5
     (study_job,) = jobs(node, "study-complete")
@@ -133,13 +136,11 @@ def test_late_instance_reopens_and_completes_again(make_node) -> None:
 
 def test_jobs_left_running_by_a_crash_are_queued_again(make_node) -> None:
     node = make_node(**SLOW)
-    assoc = associate(node)
-    store_all(assoc, small_series(2))
-    assoc.release()
-    assert node.wait_for("SELECT COUNT(*) FROM jobs", 2) == 2
     # A worker (another process, touching only the job store) claims a job, then the node dies.
     worker_db = Database(database_path(node.data_dir))
-    claimed = SqliteJobStore(worker_db).claim("worker-1", ("series-complete",))
+    with worker_db.transaction() as conn:
+        enqueue(conn, JobKind.INFERENCE, "1.2.3", 1, {"algorithm": "example"})
+    claimed = SqliteJobStore(worker_db).claim("worker-1", (JobKind.INFERENCE.value,))
     worker_db.close()
     assert claimed is not None and claimed.state is JobState.RUNNING and claimed.attempts == 1
     node.kill()
@@ -153,8 +154,6 @@ def test_jobs_left_running_by_a_crash_are_queued_again(make_node) -> None:
 def test_job_store_claim_fail_retry_succeed(tmp_path) -> None:
     db = Database(tmp_path / "index.sqlite3")
     store = SqliteJobStore(db)
-    from dicom_node.jobs import enqueue
-
     with db.transaction() as conn:
         first = enqueue(conn, "series-complete", "1.2.3", 1, {"n": 1})
         second = enqueue(conn, "study-complete", "1.2", 1, {})
@@ -181,7 +180,7 @@ def test_status_reports_senders_completion_and_jobs(make_node) -> None:
         assoc = associate(node, aet)
         store_all(assoc, small_series(3))
         assoc.release()
-    assert node.wait_for("SELECT COUNT(*) FROM jobs", 4) == 4
+    assert node.wait_for("SELECT COUNT(*) FROM jobs WHERE state = 'succeeded'", 4) == 4
     command = [sys.executable, "-m", "dicom_node", "status", "--config", str(node.config_path)]
     report = json.loads(
         subprocess.run([*command, "--json"], capture_output=True, text=True, check=True).stdout
@@ -192,6 +191,6 @@ def test_status_reports_senders_completion_and_jobs(make_node) -> None:
         "PACS": 3,
     }
     assert all(s["complete"] and s["completion_latency_s"] < 5 for s in report["recent_series"])
-    assert report["jobs"] == {"queued": 4, "running": 0, "succeeded": 0, "failed": 0}
+    assert report["jobs"] == {"queued": 0, "running": 0, "succeeded": 4, "failed": 0}
     text = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    assert "CT_SCANNER" in text and "complete x1" in text and "queued 4" in text
+    assert "CT_SCANNER" in text and "complete x1" in text and "succeeded 4" in text

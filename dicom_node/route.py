@@ -1,0 +1,384 @@
+"""Routing: which algorithms see a completed series or study — and, when none, why not.
+
+Every completion job (series or study) gets exactly one recorded decision: the algorithms it
+was routed to, with their inputs, and for every rule that did not route it the reason. Routed
+inputs become ``inference`` jobs in the same transaction that records the decision and closes
+the completion job, so a crash never leaves a decision without its jobs or runs one twice.
+
+A hard guard comes before any rule: only image objects a model can take are routable. SEG, SR,
+KOS, presentation states, RT objects, raw data and private non-image objects (a Siemens
+PhoenixZIPReport) are never routed, whatever a rule says.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+
+from dicom_node.config import RouteRule, RoutingConfig, SeriesMatch
+from dicom_node.database import Database
+from dicom_node.facts import SeriesFacts, read_series_facts, study_series
+from dicom_node.jobs import Job, JobKind, SqliteJobStore, enqueue, mark_succeeded
+from dicom_node.store import store_key
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "dicom_node.algorithms"
+SERIES_INPUT = "series"  # the input name of an algorithm that takes one series
+
+# Image storage SOP classes (PS3.4 B.5) whose pixel data a model may be given.
+ROUTABLE_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.1": "CR Image",
+    "1.2.840.10008.5.1.4.1.1.1.1": "Digital X-Ray Image (For Presentation)",
+    "1.2.840.10008.5.1.4.1.1.1.1.1": "Digital X-Ray Image (For Processing)",
+    "1.2.840.10008.5.1.4.1.1.2": "CT Image",
+    "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image",
+    "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT Image",
+    "1.2.840.10008.5.1.4.1.1.4": "MR Image",
+    "1.2.840.10008.5.1.4.1.1.4.1": "Enhanced MR Image",
+    "1.2.840.10008.5.1.4.1.1.4.4": "Legacy Converted Enhanced MR Image",
+    # Radiographs are often archived as Secondary Capture (the RSNA pneumonia set is).
+    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image",
+    "1.2.840.10008.5.1.4.1.1.7.2": "Multi-frame Grayscale Byte Secondary Capture Image",
+    "1.2.840.10008.5.1.4.1.1.7.3": "Multi-frame Grayscale Word Secondary Capture Image",
+}
+# Modalities of derived and non-image objects, whatever SOP class carries them.
+NEVER_ROUTED_MODALITIES = frozenset(
+    {"SEG", "SR", "KO", "PR", "REG", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "DOC"}
+)
+_NEVER_ROUTED_DESCRIPTION = re.compile(r"(?i)phoenixzipreport|dose report|patient protocol")
+
+
+def installed_algorithms() -> frozenset[str]:
+    """Names of the algorithms installed through the ``dicom_node.algorithms`` entry points."""
+    return frozenset(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
+
+
+@dataclass(frozen=True)
+class Routed:
+    algorithm: str
+    inputs: dict[str, str]  # input name (a role, or "series") -> series UID
+
+
+@dataclass(frozen=True)
+class NotRouted:
+    algorithm: str  # "*" when the guard excluded the series from every algorithm
+    reason: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    level: str  # "series" or "study"
+    subject_uid: str
+    generation: int
+    routed: list[Routed] = field(default_factory=list)
+    not_routed: list[NotRouted] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line for a person: what it was routed to, or why not."""
+        parts = [f"routed to {r.algorithm}" for r in self.routed]
+        parts += [f"{n.algorithm}: {n.reason}" for n in self.not_routed]
+        return "; ".join(parts) or "no routing rule applies"
+
+
+def _listed(value: str, allowed: Iterable[str]) -> bool:
+    return value.upper() in {a.upper() for a in allowed}
+
+
+def mismatch(match: SeriesMatch, facts: SeriesFacts) -> str | None:
+    """Why ``facts`` fails ``match`` (the first failing condition), or None when it matches."""
+    checks: list[tuple[bool, Callable[[], str]]] = [
+        (
+            match.modality is not None and not _listed(facts.modality, match.modality),
+            lambda: f"modality {facts.modality or '(none)'} is not {'/'.join(match.modality)}",
+        ),
+        (
+            match.sop_class is not None and not facts.sop_class_uids <= set(match.sop_class),
+            lambda: "SOP class is not one of the rule's",
+        ),
+        (
+            match.body_part is not None and not _listed(facts.body_part, match.body_part),
+            lambda: f"body part {facts.body_part or '(none)'} is not one of the rule's",
+        ),
+        (
+            match.description is not None and not re.search(match.description, facts.description),
+            lambda: "series description does not match the rule",
+        ),
+        (
+            match.exclude_description is not None
+            and re.search(match.exclude_description, facts.description) is not None,
+            lambda: "series description is excluded by the rule",
+        ),
+        (
+            match.protocol is not None and not re.search(match.protocol, facts.protocol),
+            lambda: "protocol name does not match the rule",
+        ),
+        (
+            match.image_type is not None
+            and not {v.upper() for v in match.image_type} <= set(facts.image_type),
+            lambda: f"image type {'/'.join(facts.image_type) or '(none)'} lacks a required value",
+        ),
+        (
+            match.exclude_image_type is not None
+            and bool({v.upper() for v in match.exclude_image_type} & set(facts.image_type)),
+            lambda: f"image type {'/'.join(facts.image_type)} is excluded by the rule",
+        ),
+        (
+            match.orientation is not None and facts.orientation not in match.orientation,
+            lambda: (
+                f"orientation {facts.orientation or '(none)'} is not {'/'.join(match.orientation)}"
+            ),
+        ),
+        (
+            match.min_slices is not None and facts.slices < match.min_slices,
+            lambda: f"{facts.slices} slices, fewer than {match.min_slices}",
+        ),
+        (
+            match.max_slices is not None and facts.slices > match.max_slices,
+            lambda: f"{facts.slices} slices, more than {match.max_slices}",
+        ),
+        (
+            match.min_pixel_spacing_mm is not None
+            and (facts.pixel_spacing_mm or 0) < match.min_pixel_spacing_mm,
+            lambda: f"pixel spacing {facts.pixel_spacing_mm} mm below the rule's minimum",
+        ),
+        (
+            match.max_pixel_spacing_mm is not None
+            and (
+                facts.pixel_spacing_mm is None
+                or facts.pixel_spacing_mm > match.max_pixel_spacing_mm
+            ),
+            lambda: f"pixel spacing {facts.pixel_spacing_mm} mm above the rule's maximum",
+        ),
+        (
+            match.calling_aet is not None
+            and not facts.calling_aets <= {a.upper() for a in match.calling_aet},
+            lambda: f"sent by {'/'.join(sorted(facts.calling_aets))}, not an allowed calling AE",
+        ),
+    ]
+    return next((explain() for failed, explain in checks if failed), None)
+
+
+def never_routed(facts: SeriesFacts) -> str | None:
+    """Why no algorithm may ever see this series, or None when it is an image a model can take."""
+    others = sorted(facts.sop_class_uids - ROUTABLE_SOP_CLASSES.keys())
+    if others:
+        return f"not an image a model takes (SOP class {', '.join(others)})"
+    if facts.modality in NEVER_ROUTED_MODALITIES:
+        return f"modality {facts.modality} is a derived or non-image object"
+    if _NEVER_ROUTED_DESCRIPTION.search(facts.description):
+        return "a scanner report stored as an image, not a patient image"
+    if not facts.has_pixels:
+        return "no pixel data"
+    if facts.unreadable:
+        return f"{facts.unreadable} stored instance(s) have unreadable headers"
+    return None
+
+
+def _series_rule(rule: RouteRule, facts: SeriesFacts, installed: frozenset[str]):
+    assert rule.series is not None
+    why = mismatch(rule.series, facts)
+    if why is not None:
+        return NotRouted(rule.algorithm, why)
+    if rule.algorithm not in installed:
+        return NotRouted(rule.algorithm, "matches, but the algorithm is not installed")
+    return Routed(rule.algorithm, {SERIES_INPUT: facts.series_uid})
+
+
+def decide_series(
+    facts: SeriesFacts, rules: list[RouteRule], installed: frozenset[str], generation: int
+) -> Decision:
+    """The decision for a completed series: series rules now, role rules at study completion."""
+    decision = Decision("series", facts.series_uid, generation)
+    guard = never_routed(facts)
+    if guard is not None:
+        decision.not_routed.append(NotRouted("*", guard))
+        return decision
+    for rule in rules:
+        if rule.series is not None:
+            outcome = _series_rule(rule, facts, installed)
+            (decision.routed if isinstance(outcome, Routed) else decision.not_routed).append(
+                outcome
+            )
+        else:
+            assert rule.roles is not None
+            fits = [role for role, match in rule.roles.items() if mismatch(match, facts) is None]
+            decision.not_routed.append(
+                NotRouted(
+                    rule.algorithm,
+                    f"takes a study with {', '.join(rule.roles)}; this series "
+                    + (f"can be {'/'.join(fits)}" if fits else "fits no role")
+                    + " (decided when the study completes)",
+                )
+            )
+    return decision
+
+
+def assign_roles(
+    roles: dict[str, SeriesMatch], candidates: list[SeriesFacts]
+) -> tuple[dict[str, str], list[str]]:
+    """Give each role one series, no series two roles; returns (role -> series UID, missing).
+
+    A series fitting fewer roles is preferred (a T1 post-contrast series also looks like a T1
+    to a loose pattern), then the latest series number.
+    """
+    fits = {
+        f.series_uid: {role for role, match in roles.items() if mismatch(match, f) is None}
+        for f in candidates
+    }
+    by_uid = {f.series_uid: f for f in candidates}
+    assigned: dict[str, str] = {}
+    missing: list[str] = []
+    for role in roles:
+        options = [uid for uid, ok in fits.items() if role in ok and uid not in assigned.values()]
+        if not options:
+            missing.append(role)
+            continue
+        assigned[role] = min(
+            options, key=lambda uid: (len(fits[uid]), -(by_uid[uid].series_number or 0))
+        )
+    return assigned, missing
+
+
+def decide_study(
+    study_uid: str,
+    series: list[SeriesFacts],
+    rules: list[RouteRule],
+    installed: frozenset[str],
+    generation: int,
+) -> Decision:
+    """The decision for a completed study: the rules with roles."""
+    decision = Decision("study", study_uid, generation)
+    usable = [f for f in series if never_routed(f) is None]
+    for rule in rules:
+        if rule.roles is None:
+            continue
+        assigned, missing = assign_roles(rule.roles, usable)
+        if missing:
+            decision.not_routed.append(
+                NotRouted(rule.algorithm, f"missing role(s) {', '.join(missing)}")
+            )
+        elif rule.algorithm not in installed:
+            decision.not_routed.append(
+                NotRouted(rule.algorithm, "roles matched, but the algorithm is not installed")
+            )
+        else:
+            decision.routed.append(Routed(rule.algorithm, assigned))
+    return decision
+
+
+def record_decision(conn, decision: Decision) -> list[int]:
+    """Store a decision and queue one inference job per routed algorithm (caller's transaction)."""
+    cursor = conn.execute(
+        "INSERT INTO routing_decisions (level, subject_uid, generation, decided_at, summary,"
+        " routed, not_routed) VALUES (?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (level, subject_uid, generation) DO NOTHING",
+        (
+            decision.level,
+            decision.subject_uid,
+            decision.generation,
+            time.time(),
+            decision.summary(),
+            json.dumps([asdict(r) for r in decision.routed]),
+            json.dumps([asdict(n) for n in decision.not_routed]),
+        ),
+    )
+    if cursor.rowcount == 0:
+        return []  # decided before (a replayed job): its inference jobs exist already
+    return [
+        enqueue(
+            conn,
+            JobKind.INFERENCE,
+            decision.subject_uid,
+            decision.generation,
+            {"algorithm": r.algorithm, "inputs": r.inputs, "level": decision.level},
+        )
+        for r in decision.routed
+    ]
+
+
+class Router:
+    """Turns completion jobs into routing decisions and inference jobs, in a background thread."""
+
+    KINDS = (JobKind.SERIES_COMPLETE.value, JobKind.STUDY_COMPLETE.value)
+    MAX_ATTEMPTS = 3
+
+    def __init__(
+        self,
+        data_dir: Path,
+        db: Database,
+        config: RoutingConfig,
+        *,
+        installed: Callable[[], frozenset[str]] = installed_algorithms,
+    ) -> None:
+        self.data_dir = data_dir
+        self.db = db
+        self.jobs = SqliteJobStore(db)
+        self.config = config
+        self.installed = installed
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def decide(self, job: Job) -> Decision:
+        installed = self.installed()
+        if job.kind == JobKind.SERIES_COMPLETE.value:
+            facts = read_series_facts(self.data_dir, self.db, job.subject_uid)
+            return decide_series(facts, self.config.rules, installed, job.generation)
+        series = [
+            read_series_facts(self.data_dir, self.db, uid)
+            for uid in study_series(self.db, job.subject_uid)
+        ]
+        return decide_study(job.subject_uid, series, self.config.rules, installed, job.generation)
+
+    def route_next(self) -> Decision | None:
+        """Route the oldest waiting completion; None when there is none."""
+        job = self.jobs.claim("router", self.KINDS)
+        if job is None:
+            return None
+        try:
+            decision = self.decide(job)
+            with self.db.transaction() as conn:
+                inference_jobs = record_decision(conn, decision)
+                mark_succeeded(conn, job.id)
+        except Exception as exc:
+            state = self.jobs.fail(
+                job.id, f"{type(exc).__name__}: {exc}", max_attempts=self.MAX_ATTEMPTS
+            )
+            log.exception("routing job %d failed (%s)", job.id, state.value)
+            return None
+        log.info(
+            "%s %s generation %d: %s%s",
+            decision.level,
+            store_key(decision.subject_uid)[:12],
+            decision.generation,
+            decision.summary(),
+            f" (jobs {', '.join(map(str, inference_jobs))})" if inference_jobs else "",
+        )
+        return decision
+
+    def wake(self, *_: object) -> None:
+        self._wake.set()
+
+    def start(self) -> None:
+        def loop() -> None:
+            while not self._stop.is_set():
+                if self.route_next() is None:
+                    self._wake.wait(1.0)  # completions wake us at once; this is a safety net
+                    self._wake.clear()
+
+        self._thread = threading.Thread(target=loop, name="router", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
