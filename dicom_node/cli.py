@@ -91,6 +91,41 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_algorithms(args: argparse.Namespace) -> int:
+    from dicom_node.algorithm import discover, resolve_device
+
+    config = _config(args)
+    device = resolve_device(config.worker.device)
+    rows = []
+    for name, registration in sorted(discover().items()):
+        row: dict = {"name": name, "entry_point": registration.target, "device": device}
+        if registration.algorithm is None:
+            row["error"] = registration.error
+        else:
+            cls = registration.algorithm
+            row["version"] = cls.version
+            row["inputs"] = list(cls.inputs.roles)
+            try:
+                row["weights"] = cls(config.algorithms.get(name)).weights().describe()
+            except Exception as exc:  # bad settings for one algorithm: say so, list the rest
+                row["error"] = f"{type(exc).__name__}: {exc}"
+        rows.append(row)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print("no algorithms installed (entry-point group dicom_node.algorithms)")
+    for row in [] if args.json else rows:
+        if "version" in row:
+            print(
+                f"{row['name']} {row['version']}  inputs: {', '.join(row['inputs'])}"
+                f"  device: {row['device']}"
+            )
+        else:
+            print(f"{row['name']} ({row['entry_point']})")
+        print(f"    {'ERROR: ' + row['error'] if 'error' in row else 'weights: ' + row['weights']}")
+    return EXIT_FAILED if any("error" in row for row in rows) else 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     config = _config(args)
     if args.action == "show":
@@ -137,6 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--recent", type=int, default=20, help="how many series to list")
     status.set_defaults(func=cmd_status)
+
+    algorithms = with_config(
+        commands.add_parser("algorithms", help="installed algorithms, their weights and device")
+    )
+    algorithms.add_argument("--json", action="store_true", help="machine-readable output")
+    algorithms.set_defaults(func=cmd_algorithms)
 
     config = with_config(commands.add_parser("config", help="show or check the configuration"))
     config.add_argument("action", choices=["show", "check"])

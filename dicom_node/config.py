@@ -256,6 +256,18 @@ class RoutingConfig(_Section):
     )
 
 
+class WorkerConfig(_Section):
+    """The inference worker."""
+
+    device: str = Field(
+        default="auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="auto = CUDA when available, else CPU; or cpu, cuda, cuda:N.",
+    )
+    cpu_threads: int | None = Field(default=None, ge=1, description="Torch threads on CPU.")
+    max_attempts: int = Field(default=3, ge=1, description="Tries per job before it fails.")
+
+
 class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -267,6 +279,11 @@ class NodeConfig(_Section):
     store: StoreConfig = StoreConfig()
     assembly: AssemblyConfig = AssemblyConfig()
     routing: RoutingConfig = RoutingConfig()
+    algorithms: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Per-algorithm settings by name, e.g. the path of public weights.",
+    )
+    worker: WorkerConfig = WorkerConfig()
     logging: LoggingConfig = LoggingConfig()
 
 

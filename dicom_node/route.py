@@ -19,9 +19,9 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from importlib.metadata import entry_points
 from pathlib import Path
 
+from dicom_node.algorithm import SERIES_INPUT, discover
 from dicom_node.config import RouteRule, RoutingConfig, SeriesMatch
 from dicom_node.database import Database
 from dicom_node.facts import SeriesFacts, read_series_facts, study_series
@@ -29,9 +29,6 @@ from dicom_node.jobs import Job, JobKind, SqliteJobStore, enqueue, mark_succeede
 from dicom_node.store import store_key
 
 log = logging.getLogger(__name__)
-
-ENTRY_POINT_GROUP = "dicom_node.algorithms"
-SERIES_INPUT = "series"  # the input name of an algorithm that takes one series
 
 # Image storage SOP classes (PS3.4 B.5) whose pixel data a model may be given.
 ROUTABLE_SOP_CLASSES = {
@@ -57,8 +54,8 @@ _NEVER_ROUTED_DESCRIPTION = re.compile(r"(?i)phoenixzipreport|dose report|patien
 
 
 def installed_algorithms() -> frozenset[str]:
-    """Names of the algorithms installed through the ``dicom_node.algorithms`` entry points."""
-    return frozenset(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
+    """Names of the algorithms whose entry points load (broken plugins are not routed to)."""
+    return frozenset(name for name, reg in discover().items() if reg.algorithm is not None)
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ class NodeProcess:
 
     workdir: Path
     settings: dict = field(default_factory=dict)
+    env: dict[str, str] | None = None
     port: int = 0
     proc: subprocess.Popen | None = None
 
@@ -80,6 +81,7 @@ class NodeProcess:
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=self.workdir,
+            env=self.env,
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -156,10 +158,10 @@ def make_node(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
     """Start nodes with extra settings: ``make_node(assembly={"series_quiet_seconds": 1})``."""
     started: list[NodeProcess] = []
 
-    def factory(name: str = "node", **settings: dict) -> NodeProcess:
+    def factory(name: str = "node", env: dict | None = None, **settings: dict) -> NodeProcess:
         workdir = tmp_path / name
         workdir.mkdir(exist_ok=True)
-        node = NodeProcess(workdir, settings).start()
+        node = NodeProcess(workdir, settings, env).start()
         started.append(node)
         return node
 

@@ -1,0 +1,299 @@
+"""The algorithm plugin API: what an algorithm declares, what it is given, what it returns.
+
+An algorithm is a subclass of :class:`Algorithm` registered under the Python entry-point group
+``dicom_node.algorithms`` (``[project.entry-points."dicom_node.algorithms"]`` in its
+pyproject), so a third-party package adds one without touching the node, and the node never
+imports an algorithm by name. An algorithm knows nothing of networking or DICOM writing: it
+receives stored series as :class:`SeriesInput` (Part-10 files it may read, or a highdicom
+volume) and returns an :class:`AlgorithmResult` of plain data — masks in the voxel grid of a
+named input, findings in patient coordinates (LPS, mm), classifications, heat maps — which the
+node turns into DICOM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+if TYPE_CHECKING:
+    import highdicom as hd
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "dicom_node.algorithms"
+SERIES_INPUT = "series"  # the input name of an algorithm that takes one series
+DEMO_WARNING = "DEMO MODEL - NOT FOR CLINICAL USE"
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What an algorithm takes: one series, or a study with one series per named role."""
+
+    roles: tuple[str, ...] = (SERIES_INPUT,)
+
+    def __post_init__(self) -> None:
+        if not self.roles or len(set(self.roles)) != len(self.roles):
+            raise ValueError("roles must be distinct and at least one")
+
+    @property
+    def is_study(self) -> bool:
+        return self.roles != (SERIES_INPUT,)
+
+
+@dataclass(frozen=True)
+class SeriesInput:
+    """One stored series handed to an algorithm (read-only files of the node's store)."""
+
+    series_uid: str
+    paths: tuple[Path, ...]
+
+    def datasets(self) -> list[Dataset]:
+        """Every instance, pixel data included, in the order stored (not sorted)."""
+        return [dcmread(p) for p in self.paths]
+
+    def volume(self) -> hd.Volume:
+        """The series as a highdicom Volume (voxels and their affine in patient LPS mm).
+
+        highdicom sorts the frames spatially and refuses irregular spacing or inconsistent
+        geometry with a clear error, which fails the job instead of misplacing a result.
+        """
+        import highdicom as hd
+
+        if len(self.paths) == 1:
+            return hd.imread(str(self.paths[0])).get_volume()
+        return hd.get_volume_from_series(self.datasets())
+
+
+@dataclass(frozen=True)
+class LabelMask:
+    """A binary mask in the voxel grid of one input (frames, rows, columns as highdicom)."""
+
+    name: str
+    array: np.ndarray
+    source: str = SERIES_INPUT  # the input whose grid this is
+
+    def __post_init__(self) -> None:
+        if self.array.ndim != 3:
+            raise ValueError(f"mask {self.name!r} must be 3-D (frames, rows, columns)")
+        object.__setattr__(self, "array", np.asarray(self.array, dtype=bool))
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A located finding: centre and extent in patient coordinates (LPS, mm)."""
+
+    label: str
+    center_lps_mm: tuple[float, float, float]
+    size_mm: tuple[float, float, float]
+    score: float
+    mask: str | None = None  # name of the LabelMask outlining it, if any
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.score <= 1.0:
+            raise ValueError(f"score {self.score} of {self.label!r} is not in [0, 1]")
+        if len(self.center_lps_mm) != 3 or len(self.size_mm) != 3:
+            raise ValueError("center_lps_mm and size_mm take three values (L, P, S)")
+
+
+@dataclass(frozen=True)
+class Classification:
+    """A whole-image (or whole-study) classification against an operating threshold."""
+
+    label: str
+    probability: float
+    threshold: float
+
+    def __post_init__(self) -> None:
+        for key in ("probability", "threshold"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ValueError(f"{key} of {self.label!r} is not in [0, 1]")
+
+    @property
+    def positive(self) -> bool:
+        return self.probability >= self.threshold
+
+
+@dataclass(frozen=True)
+class HeatMap:
+    """Where a classification looked, in the pixel grid of one input, values in [0, 1]."""
+
+    name: str
+    array: np.ndarray
+    source: str = SERIES_INPUT
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Which weights an algorithm runs with: a file and its SHA-256, flagged DEMO or not."""
+
+    path: Path | None
+    sha256: str | None
+    demo: bool
+
+    @classmethod
+    def from_file(cls, path: Path, *, demo: bool) -> Weights:
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        return cls(path, digest.hexdigest(), demo)
+
+    @classmethod
+    def none(cls) -> Weights:
+        """For algorithms that have no trained weights (classical image processing)."""
+        return cls(None, None, False)
+
+    def describe(self) -> str:
+        if self.path is None:
+            return "no weights"
+        prefix = f"DEMO ({DEMO_WARNING}) " if self.demo else ""
+        return f"{prefix}{self.path} sha256:{self.sha256}"
+
+
+@dataclass
+class AlgorithmResult:
+    """Everything an algorithm found, as plain data; the node writes the DICOM."""
+
+    algorithm: str
+    version: str
+    demo: bool
+    masks: list[LabelMask] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    classifications: list[Classification] = field(default_factory=list)
+    heatmaps: list[HeatMap] = field(default_factory=list)
+    measurements: dict[str, float] = field(default_factory=dict)  # key names carry the unit
+
+    def __post_init__(self) -> None:
+        names = [m.name for m in self.masks]
+        if len(set(names)) != len(names):
+            raise ValueError("mask names must be unique")
+        for finding in self.findings:
+            if finding.mask is not None and finding.mask not in names:
+                raise ValueError(f"finding {finding.label!r} names an unknown mask")
+
+    def save(self, folder: Path) -> Path:
+        """Write ``result.json`` and one ``.npy`` per array into ``folder``; returns the JSON."""
+        folder.mkdir(parents=True, exist_ok=True)
+        arrays = {}
+        for kind, items in (("mask", self.masks), ("heatmap", self.heatmaps)):
+            for index, item in enumerate(items):
+                name = f"{kind}-{index}.npy"
+                np.save(folder / name, item.array)
+                arrays[(kind, item.name)] = name
+        document = {
+            "algorithm": self.algorithm,
+            "version": self.version,
+            "demo": self.demo,
+            "masks": [
+                {
+                    "name": m.name,
+                    "source": m.source,
+                    "file": arrays[("mask", m.name)],
+                    "voxels": int(m.array.sum()),
+                }
+                for m in self.masks
+            ],
+            "findings": [
+                {
+                    "label": f.label,
+                    "center_lps_mm": list(f.center_lps_mm),
+                    "size_mm": list(f.size_mm),
+                    "score": f.score,
+                    "mask": f.mask,
+                }
+                for f in self.findings
+            ],
+            "classifications": [
+                {
+                    "label": c.label,
+                    "probability": c.probability,
+                    "threshold": c.threshold,
+                    "positive": c.positive,
+                }
+                for c in self.classifications
+            ],
+            "heatmaps": [
+                {"name": h.name, "source": h.source, "file": arrays[("heatmap", h.name)]}
+                for h in self.heatmaps
+            ],
+            "measurements": self.measurements,
+        }
+        path = folder / "result.json"
+        path.write_text(json.dumps(document, indent=2))
+        return path
+
+
+class Algorithm(ABC):
+    """Subclass this and register the class under the ``dicom_node.algorithms`` entry points.
+
+    ``settings`` are the algorithm's own section of the node configuration (for example the
+    path of public weights); the class decides what it accepts and fails clearly otherwise.
+    """
+
+    name: ClassVar[str]
+    version: ClassVar[str]
+    inputs: ClassVar[InputSpec] = InputSpec()
+
+    def __init__(self, settings: Mapping[str, Any] | None = None) -> None:
+        self.settings = dict(settings or {})
+
+    @abstractmethod
+    def weights(self) -> Weights:
+        """The weights :meth:`load` will use (without loading them)."""
+
+    @abstractmethod
+    def load(self, device: str) -> None:
+        """Load the model once onto ``device`` ("cpu", "cuda", "cuda:1"); kept for many runs."""
+
+    @abstractmethod
+    def run(self, inputs: Mapping[str, SeriesInput]) -> AlgorithmResult:
+        """Run on one case; ``inputs`` has one entry per name in :attr:`inputs`."""
+
+
+def resolve_device(requested: str) -> str:
+    """``auto`` becomes ``cuda`` when PyTorch sees a GPU, else ``cpu``; others pass through."""
+    if requested != "auto":
+        return requested
+    try:
+        import torch
+    except ImportError:
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class Registration:
+    """One entry point of the group: the class it names, or why it could not be loaded."""
+
+    name: str
+    target: str  # "module:Class"
+    algorithm: type[Algorithm] | None
+    error: str | None
+
+
+def discover() -> dict[str, Registration]:
+    """Every algorithm registered through entry points; broken ones say why, never raise."""
+    found: dict[str, Registration] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            cls = ep.load()
+            if not (isinstance(cls, type) and issubclass(cls, Algorithm)):
+                raise TypeError(f"{ep.value} is not a dicom_node.algorithm.Algorithm subclass")
+            if cls.name != ep.name:
+                raise ValueError(f"entry point {ep.name!r} names a class called {cls.name!r}")
+            found[ep.name] = Registration(ep.name, ep.value, cls, None)
+        except Exception as exc:  # a broken plugin must not stop the node; it is listed
+            log.error("algorithm entry point %s = %s is broken: %s", ep.name, ep.value, exc)
+            found[ep.name] = Registration(ep.name, ep.value, None, f"{type(exc).__name__}: {exc}")
+    return found

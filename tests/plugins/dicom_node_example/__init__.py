@@ -1,0 +1,50 @@
+"""An algorithm from outside the node: a threshold segmentation (no weights).
+
+It is what a third-party package looks like: a class, an entry point, nothing else. The tests
+put this folder on the path, where its ``.dist-info`` registers the entry points.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from dicom_node.algorithm import (
+    Algorithm,
+    AlgorithmResult,
+    Finding,
+    InputSpec,
+    LabelMask,
+    SeriesInput,
+    Weights,
+)
+
+
+class ThresholdAlgorithm(Algorithm):
+    """Outlines everything above ``threshold`` (in the volume's values, HU for CT)."""
+
+    name = "example-threshold"
+    version = "1.0"
+    inputs = InputSpec()
+
+    def weights(self) -> Weights:
+        return Weights.none()
+
+    def load(self, device: str) -> None:
+        self.threshold = float(self.settings.get("threshold", 0.0))
+
+    def run(self, inputs: Mapping[str, SeriesInput]) -> AlgorithmResult:
+        volume = inputs["series"].volume()
+        mask = volume.array > self.threshold
+        voxel_ml = float(np.prod(volume.spacing)) / 1000.0
+        result = AlgorithmResult(self.name, self.version, demo=False)
+        result.masks.append(LabelMask("above threshold", mask))
+        result.measurements["above threshold volume_ml"] = float(mask.sum()) * voxel_ml
+        if mask.any():
+            center = np.argwhere(mask).mean(axis=0)
+            lps = volume.affine @ np.append(center, 1.0)
+            result.findings.append(
+                Finding("above threshold", tuple(lps[:3]), (0.0, 0.0, 0.0), 1.0, "above threshold")
+            )
+        return result

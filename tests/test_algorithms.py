@@ -1,0 +1,136 @@
+"""The plugin API: entry-point discovery, inputs as volumes, results as plain data."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dicom_node.algorithm import (
+    AlgorithmResult,
+    Classification,
+    Finding,
+    InputSpec,
+    LabelMask,
+    SeriesInput,
+    Weights,
+    discover,
+)
+from dicom_node.route import installed_algorithms
+
+PLUGINS = Path(__file__).parent / "plugins"
+
+
+@pytest.fixture
+def example_plugins(monkeypatch):
+    """The example third-party package, on the path as if pip had installed it."""
+    monkeypatch.syspath_prepend(str(PLUGINS))
+    importlib.invalidate_caches()
+    yield
+    sys.modules.pop("dicom_node_example", None)
+
+
+def plugin_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(PLUGINS), *sys.path])}
+
+
+def test_entry_points_are_discovered_and_broken_ones_reported(example_plugins) -> None:
+    found = discover()
+    assert found["example-threshold"].algorithm is not None
+    assert found["example-broken"].algorithm is None
+    assert "ModuleNotFoundError" in found["example-broken"].error
+    assert "example-threshold" in installed_algorithms()
+    assert "example-broken" not in installed_algorithms()
+
+
+def test_cli_lists_algorithms_with_weights_and_device(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "dicom_node", "algorithms", "--json"],
+        capture_output=True,
+        text=True,
+        env=plugin_env(),
+        cwd=tmp_path,
+        timeout=60,
+    )
+    rows = {row["name"]: row for row in json.loads(result.stdout)}
+    assert rows["example-threshold"]["version"] == "1.0"
+    assert rows["example-threshold"]["weights"] == "no weights"
+    assert rows["example-threshold"]["device"] == "cpu"
+    assert "error" in rows["example-broken"]
+    assert result.returncode == 1  # a broken plugin is worth a non-zero exit
+
+
+def corpus_ct(corpus: Path) -> list[Path]:
+    folder = next((corpus / "chest-ct-lung-pet-ct-dx").rglob("*B40f*"))
+    return sorted(folder.glob("*.dcm"))
+
+
+def test_series_input_volume_is_sorted_whatever_the_file_order(corpus: Path) -> None:
+    paths = corpus_ct(corpus)
+    forward = SeriesInput("1.2.3", tuple(paths)).volume()
+    backward = SeriesInput("1.2.3", tuple(reversed(paths))).volume()
+    assert forward.array.shape == (30, 512, 512)
+    assert np.array_equal(forward.array, backward.array)
+    assert np.allclose(forward.affine, backward.affine)
+
+
+def test_series_input_volume_of_an_enhanced_multiframe(corpus: Path) -> None:
+    folder = corpus / "reference-seg-sr-dcmqi" / "data" / "segmentations" / "23x38x3" / "multiframe"
+    (path,) = [p for p in folder.iterdir() if p.is_file()]
+    volume = SeriesInput("1.2.3", (path,)).volume()
+    assert volume.array.shape[0] == 3
+
+
+def test_example_algorithm_runs_on_real_ct(example_plugins, corpus: Path, tmp_path: Path) -> None:
+    cls = discover()["example-threshold"].algorithm
+    algorithm = cls({"threshold": 300})  # bone
+    algorithm.load("cpu")
+    result = algorithm.run({"series": SeriesInput("1.2.3", tuple(corpus_ct(corpus)))})
+    assert result.masks[0].array.shape == (30, 512, 512)
+    assert result.measurements["above threshold volume_ml"] > 10
+    saved = json.loads(result.save(tmp_path / "out").read_text())
+    assert saved["masks"][0]["voxels"] == int(result.masks[0].array.sum())
+    assert np.array_equal(
+        np.load(tmp_path / "out" / saved["masks"][0]["file"]), result.masks[0].array
+    )
+    assert len(saved["findings"][0]["center_lps_mm"]) == 3
+
+
+def test_result_types_validate_at_construction(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        Classification("Pneumonia", 1.5, 0.5)
+    with pytest.raises(ValueError):
+        Finding("nodule", (0, 0, 0), (5, 5, 5), score=2.0)
+    with pytest.raises(ValueError):
+        LabelMask("flat", np.zeros((4, 4)))
+    with pytest.raises(ValueError):
+        AlgorithmResult("a", "1", False, findings=[Finding("n", (0, 0, 0), (1, 1, 1), 0.5, "x")])
+    with pytest.raises(ValueError):
+        InputSpec(("T1", "T1"))
+    assert Classification("Pneumonia", 0.7, 0.5).positive
+    weights_file = tmp_path / "w.pt"
+    weights_file.write_bytes(b"weights")
+    described = Weights.from_file(weights_file, demo=True).describe()
+    assert described.startswith("DEMO (DEMO MODEL - NOT FOR CLINICAL USE)")
+    assert "sha256:" in described
+
+
+def test_a_plugin_package_is_routed_to_without_touching_the_node(make_node, corpus: Path) -> None:
+    from dicom_node.scu import send
+
+    rule = {"algorithm": "example-threshold", "series": {"modality": ["CT"], "min_slices": 20}}
+    node = make_node(
+        assembly={"series_quiet_seconds": 1, "study_quiet_seconds": 1},
+        routing={"rules": [rule]},
+        env=plugin_env(),
+    )
+    send(corpus_ct(corpus), "127.0.0.1", node.port)
+    assert node.wait_for("SELECT COUNT(*) FROM jobs WHERE kind = 'inference'", 1) == 1
+    payload = json.loads(node.query("SELECT payload FROM jobs WHERE kind = 'inference'")[0][0])
+    assert payload["algorithm"] == "example-threshold" and list(payload["inputs"]) == ["series"]
