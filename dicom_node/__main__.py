@@ -2,4 +2,7 @@ import sys
 
 from dicom_node.cli import main
 
-sys.exit(main())
+# Guarded: the inference worker is started with multiprocessing's "spawn", which imports
+# this module again in the child.
+if __name__ == "__main__":
+    sys.exit(main())

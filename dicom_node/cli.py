@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,6 +44,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = _config(args)
     _setup_logging(config.logging.level)
     Node(config).serve_forever()
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from dicom_node.infer import worker_main
+
+    config = _config(args)
+    worker_main(config, args.name or f"worker-{socket.gethostname()}-{os.getpid()}")
     return 0
 
 
@@ -148,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = with_config(commands.add_parser("serve", help="run the node until SIGINT/SIGTERM"))
     serve.set_defaults(func=cmd_serve)
+
+    worker = with_config(
+        commands.add_parser("worker", help="run an inference worker on its own (no SCP)")
+    )
+    worker.add_argument("--name", help="worker name in the job store (default host-pid)")
+    worker.set_defaults(func=cmd_worker)
 
     def scu(p: argparse.ArgumentParser, *, positional_peer: bool) -> None:
         if positional_peer:

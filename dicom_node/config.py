@@ -259,6 +259,9 @@ class RoutingConfig(_Section):
 class WorkerConfig(_Section):
     """The inference worker."""
 
+    enabled: bool = Field(
+        default=True, description="Run one inference worker process inside 'serve'."
+    )
     device: str = Field(
         default="auto",
         pattern=r"^(auto|cpu|cuda(:\d+)?)$",

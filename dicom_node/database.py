@@ -68,6 +68,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_at  REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, id);
+CREATE TABLE IF NOT EXISTS results (
+    job_id      INTEGER PRIMARY KEY REFERENCES jobs(id),
+    algorithm   TEXT NOT NULL,
+    path        TEXT NOT NULL,       -- result.json, relative to the data folder
+    created_at  REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS routing_decisions (
     id           INTEGER PRIMARY KEY AUTOINCREMENT,
     level        TEXT NOT NULL CHECK (level IN ('series', 'study')),

@@ -78,6 +78,9 @@ class JobStore(Protocol):
     def requeue_interrupted(self) -> int:
         """Return jobs left ``running`` by a crash to ``queued``; the count moved."""
 
+    def requeue_worker(self, worker: str, error: str, *, max_attempts: int) -> int:
+        """Return the jobs a dead worker held; those out of attempts fail. The count moved."""
+
     def counts(self) -> dict[JobState, int]: ...
 
     def get(self, job_id: int) -> Job | None: ...
@@ -117,6 +120,18 @@ def mark_succeeded(conn: sqlite3.Connection, job_id: int) -> None:
     )
 
 
+def _end_attempts(
+    conn: sqlite3.Connection, where: str, params: tuple, error: str, max_attempts: int
+) -> list[JobState]:
+    """End the current attempt of the selected jobs: queued again, or failed when out of tries."""
+    rows = conn.execute(
+        "UPDATE jobs SET state = CASE WHEN attempts >= ? THEN 'failed' ELSE 'queued' END,"
+        f" worker = NULL, error = ?, finished_at = ? WHERE {where} RETURNING state",
+        (max_attempts, error, time.time(), *params),
+    ).fetchall()
+    return [JobState(r["state"]) for r in rows]
+
+
 class SqliteJobStore:
     """:class:`JobStore` on the node's SQLite database (safe across processes)."""
 
@@ -148,12 +163,8 @@ class SqliteJobStore:
 
     def fail(self, job_id: int, error: str, *, max_attempts: int) -> JobState:
         with self.db.transaction() as conn:
-            row = conn.execute(
-                "UPDATE jobs SET state = CASE WHEN attempts >= ? THEN 'failed' ELSE 'queued' END,"
-                " error = ?, finished_at = ? WHERE id = ? RETURNING state",
-                (max_attempts, error, time.time(), job_id),
-            ).fetchone()
-        return JobState(row["state"])
+            (state,) = _end_attempts(conn, "id = ?", (job_id,), error, max_attempts)
+        return state
 
     def requeue_interrupted(self) -> int:
         with self.db.transaction() as conn:
@@ -163,6 +174,11 @@ class SqliteJobStore:
                 " WHERE state = 'running'"
             )
         return cursor.rowcount
+
+    def requeue_worker(self, worker: str, error: str, *, max_attempts: int) -> int:
+        with self.db.transaction() as conn:
+            where = "state = 'running' AND worker = ?"
+            return len(_end_attempts(conn, where, (worker,), error, max_attempts))
 
     def counts(self) -> dict[JobState, int]:
         with self.db.reading() as conn:

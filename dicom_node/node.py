@@ -15,6 +15,7 @@ from types import FrameType
 
 from dicom_node.assembly import Assembler
 from dicom_node.config import NodeConfig
+from dicom_node.infer import WorkerSupervisor
 from dicom_node.jobs import SqliteJobStore
 from dicom_node.route import Router
 from dicom_node.scp import StorageSCP
@@ -37,6 +38,7 @@ class Node:
         self.router = Router(self.store.data_dir, self.store.db, config.routing)
         self.assembler = Assembler(self.store.db, config.assembly, on_complete=self.router.wake)
         self.scp = StorageSCP(config.scp, self.store, self.assembler)
+        self.workers = WorkerSupervisor(config, self.jobs) if config.worker.enabled else None
         self._stopped = threading.Event()
 
     def start(self) -> tuple[str, int]:
@@ -45,6 +47,8 @@ class Node:
             log.warning("%d job(s) interrupted by the last stop were queued again", requeued)
         log.info("data under %s", self.store.data_dir)
         self.router.start()
+        if self.workers is not None:
+            self.workers.start()
         self.assembler.start()
         return self.scp.start()
 
@@ -56,6 +60,8 @@ class Node:
         self.scp.stop(grace_s)
         self.assembler.stop()
         self.router.stop()
+        if self.workers is not None:
+            self.workers.stop()
         self.store.close()
         log.info("stopped")
 

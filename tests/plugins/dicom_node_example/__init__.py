@@ -6,6 +6,7 @@ put this folder on the path, where its ``.dist-info`` registers the entry points
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 
 import numpy as np
@@ -22,7 +23,11 @@ from dicom_node.algorithm import (
 
 
 class ThresholdAlgorithm(Algorithm):
-    """Outlines everything above ``threshold`` (in the volume's values, HU for CT)."""
+    """Outlines everything above ``threshold`` (in the volume's values, HU for CT).
+
+    ``delay_s`` makes a run take at least that long, as a large model would: the worker tests
+    kill the worker in the middle of one.
+    """
 
     name = "example-threshold"
     version = "1.0"
@@ -35,6 +40,7 @@ class ThresholdAlgorithm(Algorithm):
         self.threshold = float(self.settings.get("threshold", 0.0))
 
     def run(self, inputs: Mapping[str, SeriesInput]) -> AlgorithmResult:
+        time.sleep(float(self.settings.get("delay_s", 0.0)))
         volume = inputs["series"].volume()
         mask = volume.array > self.threshold
         voxel_ml = float(np.prod(volume.spacing)) / 1000.0

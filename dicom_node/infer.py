@@ -1,0 +1,225 @@
+"""The inference worker: runs routed algorithms in a process of its own.
+
+The worker touches only the job store and the instance store (files and index), never the
+SCP's memory, so a model that crashes, segfaults or is killed for memory takes down only the
+worker; ``serve`` supervises it, returns the job it held to the queue (its attempt counted),
+and starts a new one. Algorithms are loaded once, on first use, and kept warm between jobs.
+
+Each result is written as plain data (``result.json`` and ``.npy`` arrays) under
+``<data_dir>/results/<job id>/``; a later stage turns it into DICOM.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+from dicom_node.algorithm import Algorithm, SeriesInput, discover, resolve_device
+from dicom_node.config import NodeConfig
+from dicom_node.database import Database, database_path
+from dicom_node.jobs import Job, JobKind, SqliteJobStore, mark_succeeded
+
+log = logging.getLogger(__name__)
+
+RESULTS_DIR = "results"
+
+
+def series_input(db: Database, data_dir: Path, series_uid: str) -> SeriesInput:
+    with db.reading() as conn:
+        rows = conn.execute(
+            "SELECT path FROM instances WHERE series_uid = ? ORDER BY path", (series_uid,)
+        ).fetchall()
+    if not rows:
+        raise LookupError(f"series {series_uid} has no stored instances")
+    return SeriesInput(series_uid, tuple(data_dir / r["path"] for r in rows))
+
+
+class Worker:
+    """Claims inference jobs and runs them, one at a time, until stopped."""
+
+    def __init__(self, config: NodeConfig, *, name: str | None = None) -> None:
+        self.config = config
+        self.data_dir = config.store.data_dir.resolve()
+        self.db = Database(database_path(self.data_dir))
+        self.jobs = SqliteJobStore(self.db)
+        self.name = name or f"worker-{socket.gethostname()}-{os.getpid()}"
+        self.device = resolve_device(config.worker.device)
+        self._registry = discover()
+        self._loaded: dict[str, Algorithm] = {}
+        self._stop = threading.Event()
+        if config.worker.cpu_threads is not None:
+            _set_torch_threads(config.worker.cpu_threads)
+
+    def algorithm(self, name: str) -> Algorithm:
+        """The algorithm, loaded on first use and kept warm."""
+        if name not in self._loaded:
+            registration = self._registry.get(name)
+            if registration is None or registration.algorithm is None:
+                why = registration.error if registration else "not installed"
+                raise LookupError(f"algorithm {name} cannot be used: {why}")
+            started = time.perf_counter()
+            instance = registration.algorithm(self.config.algorithms.get(name))
+            instance.load(self.device)
+            log.info(
+                "loaded %s %s on %s in %.1f s (weights: %s)",
+                name,
+                instance.version,
+                self.device,
+                time.perf_counter() - started,
+                instance.weights().describe(),
+            )
+            self._loaded[name] = instance
+        return self._loaded[name]
+
+    def run_job(self, job: Job) -> Path:
+        algorithm = self.algorithm(job.payload["algorithm"])
+        inputs = {
+            name: series_input(self.db, self.data_dir, uid)
+            for name, uid in job.payload["inputs"].items()
+        }
+        if set(inputs) != set(algorithm.inputs.roles):
+            raise ValueError(
+                f"job inputs {sorted(inputs)} do not match {algorithm.name}'s "
+                f"{list(algorithm.inputs.roles)}"
+            )
+        started = time.perf_counter()
+        result = algorithm.run(inputs)
+        path = result.save(self.data_dir / RESULTS_DIR / str(job.id))
+        log.info(
+            "job %d: %s ran in %.2f s%s",
+            job.id,
+            algorithm.name,
+            time.perf_counter() - started,
+            " (DEMO weights)" if result.demo else "",
+        )
+        return path
+
+    def work_once(self) -> Job | None:
+        job = self.jobs.claim(self.name, (JobKind.INFERENCE.value,))
+        if job is None:
+            return None
+        try:
+            path = self.run_job(job)
+        except Exception as exc:
+            state = self.jobs.fail(
+                job.id, f"{type(exc).__name__}: {exc}", max_attempts=self.config.worker.max_attempts
+            )
+            log.exception("job %d failed (attempt %d, now %s)", job.id, job.attempts, state.value)
+            return job
+        with self.db.transaction() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO results (job_id, algorithm, path, created_at)"
+                " VALUES (?, ?, ?, ?)",
+                (
+                    job.id,
+                    job.payload["algorithm"],
+                    str(path.relative_to(self.data_dir)),
+                    time.time(),
+                ),
+            )
+            mark_succeeded(conn, job.id)
+        return job
+
+    def serve(self, poll_s: float = 0.2) -> None:
+        log.info("%s ready on %s", self.name, self.device)
+        while not self._stop.is_set():
+            if self.work_once() is None:
+                self._stop.wait(poll_s)
+        self.db.close()
+
+    def stop(self, *_: object) -> None:
+        self._stop.set()
+
+
+def _set_torch_threads(threads: int) -> None:
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.set_num_threads(threads)
+
+
+def worker_main(config: NodeConfig, name: str) -> None:
+    """Entry of the worker process started by :class:`WorkerSupervisor`."""
+    logging.basicConfig(
+        level=config.logging.level,
+        format="%(asctime)s %(levelname)-7s %(name)s[worker]: %(message)s",
+    )
+    worker = Worker(config, name=name)
+    signal.signal(signal.SIGTERM, worker.stop)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the node stops us with SIGTERM, in order
+    worker.serve()
+
+
+class WorkerSupervisor:
+    """Keeps one worker process running beside the SCP and cleans up after it dies."""
+
+    RESTART_DELAY_S = 1.0
+
+    def __init__(self, config: NodeConfig, jobs: SqliteJobStore) -> None:
+        self.config = config
+        self.jobs = jobs
+        self._context = multiprocessing.get_context("spawn")  # no inherited threads or locks
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._name = ""
+        self._generation = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def _spawn(self) -> None:
+        self._generation += 1
+        self._name = f"worker-{socket.gethostname()}-{os.getpid()}-{self._generation}"
+        self._process = self._context.Process(
+            target=worker_main, args=(self.config, self._name), name=self._name, daemon=True
+        )
+        self._process.start()
+        log.info("started inference worker %s (pid %d)", self._name, self._process.pid)
+
+    def _reap(self) -> None:
+        assert self._process is not None
+        code = self._process.exitcode
+        cause = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        moved = self.jobs.requeue_worker(
+            self._name,
+            f"the worker died ({cause}) while running this job",
+            max_attempts=self.config.worker.max_attempts,
+        )
+        log.error(
+            "inference worker %s died (%s); %d job(s) it held returned", self._name, cause, moved
+        )
+
+    def start(self) -> None:
+        self._spawn()
+
+        def watch() -> None:
+            while not self._stop.wait(0.2):
+                if self._process is not None and not self._process.is_alive():
+                    self._reap()
+                    if self._stop.wait(self.RESTART_DELAY_S):
+                        return
+                    self._spawn()
+
+        self._thread = threading.Thread(target=watch, name="worker-supervisor", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self._process is not None and self._process.is_alive():
+            self._process.terminate()  # SIGTERM: the worker finishes its job, then exits
+            self._process.join(timeout_s)
+            if self._process.is_alive():
+                log.warning("inference worker did not stop in %.0f s; killing it", timeout_s)
+                self._process.kill()
+                self._process.join()
