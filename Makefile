@@ -6,9 +6,14 @@ APT_PACKAGES := dcmtk dicom3tools
 
 .PHONY: run test lint system-deps benchmark clean
 
+# torch and torchvision pinned to the builds this project is tested with (on this machine
+# pip takes them from disk; an unpinned torch would download gigabytes).
+TORCH := torch==2.14.1 torchvision==0.29.1
+
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e .

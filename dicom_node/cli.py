@@ -136,6 +136,61 @@ def cmd_algorithms(args: argparse.Namespace) -> int:
     return EXIT_FAILED if any("error" in row for row in rows) else 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from dicom_node.algorithm import SeriesInput, discover, resolve_device
+    from dicom_node.scu import find_files
+
+    config = _config(args)
+    registration = discover().get(args.algorithm)
+    if registration is None or registration.algorithm is None:
+        why = registration.error if registration else "not installed (see dicom-node algorithms)"
+        print(f"algorithm {args.algorithm}: {why}", file=sys.stderr)
+        return EXIT_FAILED
+    algorithm = registration.algorithm(config.algorithms.get(args.algorithm))
+    roles = algorithm.inputs.roles
+    given = dict(item.split("=", 1) for item in args.input) if args.input else {}
+    if set(given) != set(roles) and not (roles == ("series",) and args.paths):
+        print(
+            f"{args.algorithm} takes {', '.join(roles)}: give --input ROLE=FOLDER for each",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    cases: list[dict[str, SeriesInput]] = []
+    if given:
+        cases.append(
+            {role: SeriesInput(role, tuple(find_files([Path(p)]))) for role, p in given.items()}
+        )
+    else:  # one case per series found under the paths
+        by_series: dict[str, list[Path]] = {}
+        for path in find_files([Path(p) for p in args.paths]):
+            try:
+                uid = str(dcmread_uid(path))
+            except Exception:
+                continue
+            by_series.setdefault(uid, []).append(path)
+        cases += [{"series": SeriesInput(uid, tuple(paths))} for uid, paths in by_series.items()]
+    algorithm.load(resolve_device(config.worker.device))
+    failed = 0
+    for number, inputs in enumerate(cases, 1):
+        out = Path(args.out) / f"case-{number:03d}"
+        try:
+            path = algorithm.run(inputs).save(out)
+        except Exception as exc:
+            failed += 1
+            print(f"case {number}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            continue
+        print(f"case {number}: {path}")
+    return EXIT_FAILED if failed or not cases else 0
+
+
+def dcmread_uid(path: Path) -> str:
+    from pydicom import dcmread
+
+    return dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])[
+        "SeriesInstanceUID"
+    ].value
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     config = _config(args)
     if args.action == "show":
@@ -194,6 +249,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     algorithms.add_argument("--json", action="store_true", help="machine-readable output")
     algorithms.set_defaults(func=cmd_algorithms)
+
+    run = with_config(
+        commands.add_parser("run", help="offline inference on files, results as JSON + NumPy")
+    )
+    run.add_argument("paths", nargs="*", metavar="PATH", help="files/folders (one case a series)")
+    run.add_argument("--algorithm", required=True)
+    run.add_argument(
+        "--input",
+        action="append",
+        metavar="ROLE=PATH",
+        help="for study algorithms: the folder of each role",
+    )
+    run.add_argument("--out", required=True, help="folder for case-NNN/result.json")
+    run.set_defaults(func=cmd_run)
 
     config = with_config(commands.add_parser("config", help="show or check the configuration"))
     config.add_argument("action", choices=["show", "check"])

@@ -14,7 +14,12 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    ComputedRadiographyImageStorage,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    generate_uid,
+)
 
 from dicom_node.store import IMPLEMENTATION_CLASS_UID
 
@@ -123,3 +128,101 @@ def write_ct_series(folder: Path, spec: CtPhantomSpec = CtPhantomSpec()) -> list
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+@dataclass(frozen=True)
+class CxrPhantomSpec:
+    """A PA chest radiograph: body, two lungs, a spine shadow, and optionally an opacity.
+
+    ``seed`` varies anatomy, exposure and noise, so a training set can be drawn from it; the
+    opacity (a consolidation-like blob) sits inside a lung at a seed-dependent place.
+    """
+
+    rows: int = 512
+    columns: int = 512
+    opacity: bool = False
+    seed: int = 0
+    photometric: str = "MONOCHROME2"
+    pixel_spacing_mm: float = 0.7
+    patient_id: str = "PHANTOM-CXR"
+    study_uid: str | None = None
+
+
+def cxr_pixels(spec: CxrPhantomSpec) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """12-bit stored values (MONOCHROME2 sense: air dark) and the opacity centre (row, col)."""
+    rng = np.random.default_rng(spec.seed)
+    y, x = np.mgrid[: spec.rows, : spec.columns].astype(float)
+    y /= spec.rows
+    x /= spec.columns
+    image = np.full((spec.rows, spec.columns), 300.0)  # air around the patient
+    body = ((x - 0.5) / 0.44) ** 2 + ((y - 0.55) / 0.5) ** 2 <= 1
+    image[body] = 2600 + rng.normal(0, 80)
+    lungs = []
+    for side in (-1, 1):
+        cx = 0.5 + side * rng.uniform(0.17, 0.21)
+        cy = rng.uniform(0.45, 0.5)
+        rx, ry = rng.uniform(0.12, 0.15), rng.uniform(0.26, 0.31)
+        lung = ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 <= 1
+        image[lung] = 900 + rng.normal(0, 60)
+        lungs.append((cx, cy, rx, ry))
+    spine = body & (np.abs(x - 0.5) < 0.04)
+    image[spine] = 3000
+    center = None
+    if spec.opacity:
+        cx, cy, rx, ry = lungs[rng.integers(2)]
+        oy = cy + rng.uniform(-0.4, 0.5) * ry
+        ox = cx + rng.uniform(-0.4, 0.4) * rx
+        radius = rng.uniform(0.05, 0.09)
+        blob = np.exp(-(((x - ox) ** 2 + (y - oy) ** 2) / (2 * radius**2)))
+        image += blob * rng.uniform(900, 1400) * (image < 1500)
+        center = (oy * spec.rows, ox * spec.columns)
+    image += rng.normal(0, 40, image.shape)
+    stored = np.clip(image, 0, 4095)
+    if spec.photometric == "MONOCHROME1":
+        stored = 4095 - stored
+    return stored.astype(np.uint16), center
+
+
+def cxr_dataset(spec: CxrPhantomSpec = CxrPhantomSpec()) -> Dataset:
+    """The phantom as a CR Image Storage instance (PS3.3 A.2), Explicit VR Little Endian."""
+    pixels, _ = cxr_pixels(spec)
+    now = datetime.now()
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = ComputedRadiographyImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
+    ds.AccessionNumber = ""
+    ds.Modality = "CR"
+    ds.Manufacturer = "dicom-node phantom"
+    ds.ReferringPhysicianName = ""
+    ds.StudyDescription = "PHANTOM CHEST PA"
+    ds.SeriesDescription = "PHANTOM CHEST PA"
+    ds.PatientName = "PHANTOM^CXR"
+    ds.PatientID = spec.patient_id
+    ds.PatientBirthDate = ""
+    ds.PatientSex = "O"
+    ds.BodyPartExamined = "CHEST"
+    ds.ViewPosition = "PA"
+    ds.PatientOrientation = ["L", "F"]
+    ds.StudyInstanceUID = spec.study_uid or generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.StudyID = "1"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.ImagerPixelSpacing = [spec.pixel_spacing_mm, spec.pixel_spacing_mm]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = spec.photometric
+    ds.Rows, ds.Columns = pixels.shape
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    ds.WindowCenter = 2048
+    ds.WindowWidth = 4096
+    ds.PixelData = pixels.tobytes()
+    return ds

@@ -1,0 +1,79 @@
+"""Pneumonia classification with a Grad-CAM heat map on a chest radiograph.
+
+Settings (``algorithms: {pneumonia-cxr: {...}}`` in the node configuration):
+
+- ``weights``: a torchxrayvision DenseNet-121 weights file (state dict, or with
+  ``allow_pickle: true`` the pickled model xrv publishes); without it the demo weights.
+- ``variant``: ``rsna`` (default) or ``all``: whose Pneumonia operating threshold applies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from dicom_node.algorithm import (
+    Algorithm,
+    AlgorithmResult,
+    Classification,
+    HeatMap,
+    InputSpec,
+    SeriesInput,
+    Weights,
+)
+
+DEMO_WEIGHTS = Path(__file__).with_name("demo_weights.pt")
+LABEL = "Pneumonia"
+
+# torch and torchxrayvision are imported in load(), not here: discovering and routing to the
+# algorithm (in the SCP's process) must not pay for them.
+
+
+class PneumoniaCxr(Algorithm):
+    name = "pneumonia-cxr"
+    version = "1.0.0"
+    inputs = InputSpec()
+
+    def weights(self) -> Weights:
+        if "weights" in self.settings:
+            return Weights.from_file(Path(self.settings["weights"]), demo=False)
+        return Weights.from_file(DEMO_WEIGHTS, demo=True)
+
+    def load(self, device: str) -> None:
+        from algorithms.pneumonia_cxr.model import load_demo, load_network
+
+        weights = self.weights()
+        assert weights.path is not None
+        if weights.demo:
+            loaded = load_demo(weights.path)
+        else:
+            loaded = load_network(
+                weights.path,
+                variant=str(self.settings.get("variant", "rsna")),
+                allow_pickle=bool(self.settings.get("allow_pickle", False)),
+            )
+        loaded.network.to(device)
+        self.device = device
+        self.loaded = loaded
+
+    def run(self, inputs: Mapping[str, SeriesInput]) -> AlgorithmResult:
+        import torch
+
+        from algorithms.pneumonia_cxr.model import (
+            displayed_image,
+            network_input,
+            probability_and_cam,
+        )
+
+        series = inputs["series"]
+        if len(series.paths) != 1:
+            raise ValueError(f"expected one radiograph, the series holds {len(series.paths)}")
+        (dataset,) = series.datasets()
+        x, geometry = network_input(displayed_image(dataset))
+        x = x.to(self.device)
+        with torch.autocast(device_type="cuda", enabled=self.device.startswith("cuda")):
+            probability, cam = probability_and_cam(self.loaded, x)
+        result = AlgorithmResult(self.name, self.version, demo=self.loaded.demo)
+        result.classifications.append(Classification(LABEL, probability, self.loaded.threshold))
+        result.heatmaps.append(HeatMap(f"{LABEL} Grad-CAM", geometry.to_source(cam)))
+        return result
