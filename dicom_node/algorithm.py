@@ -77,7 +77,11 @@ class SeriesInput:
 
 @dataclass(frozen=True)
 class LabelMask:
-    """A binary mask in the voxel grid of one input (frames, rows, columns as highdicom)."""
+    """A binary mask in the voxel grid of one input.
+
+    The grid is that of the input's :meth:`SeriesInput.volume`: frames in highdicom's spatial
+    order (not necessarily the order the instances were stored or numbered), rows, columns.
+    """
 
     name: str
     array: np.ndarray
@@ -148,6 +152,13 @@ class Weights:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
         return cls(path, digest.hexdigest(), demo)
+
+    @classmethod
+    def from_bundle(cls, bundle: Path) -> Weights:
+        """The published weights of a MONAI bundle folder (``models/model.pt`` or ``.ts``)."""
+        from dicom_node.weights import bundle_model_file
+
+        return cls.from_file(bundle_model_file(bundle), demo=False)
 
     @classmethod
     def none(cls) -> Weights:

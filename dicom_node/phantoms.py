@@ -18,6 +18,7 @@ from pydicom.uid import (
     ComputedRadiographyImageStorage,
     CTImageStorage,
     ExplicitVRLittleEndian,
+    MRImageStorage,
     generate_uid,
 )
 
@@ -25,20 +26,115 @@ from dicom_node.store import IMPLEMENTATION_CLASS_UID
 
 
 @dataclass(frozen=True)
+class Nodule:
+    """A solid spherical nodule: centre in patient LPS mm, diameter in mm."""
+
+    center_lps_mm: tuple[float, float, float]
+    diameter_mm: float
+    hu: float = 30.0
+
+
+@dataclass(frozen=True)
 class CtPhantomSpec:
+    """An axial chest CT: body, two lungs, optionally nodules and noise.
+
+    ``pixel_spacing_mm`` is (between rows, between columns), so pixels need not be square;
+    ``reversed_order`` writes the slices from head to feet instead. The grid is centred on
+    the patient origin in x and y; slice ``k`` lies at z = k x ``slice_thickness_mm``.
+    """
+
     slices: int = 64
     rows: int = 512
     columns: int = 512
-    pixel_spacing_mm: float = 0.7
+    pixel_spacing_mm: tuple[float, float] = (0.7, 0.7)
     slice_thickness_mm: float = 1.25
+    nodules: tuple[Nodule, ...] = ()
+    noise_hu: float = 0.0
+    seed: int = 0
+    reversed_order: bool = False
     patient_name: str = "PHANTOM^CT"
     patient_id: str = "PHANTOM-CT"
     study_uid: str | None = None
     series_uid: str | None = None
 
+    def origin_lps_mm(self, index: int) -> tuple[float, float, float]:
+        """ImagePositionPatient of slice ``index`` (0 = the most inferior)."""
+        row_mm, column_mm = self.pixel_spacing_mm
+        return (
+            -self.columns * column_mm / 2,
+            -self.rows * row_mm / 2,
+            index * self.slice_thickness_mm,
+        )
+
+    def affine(self) -> np.ndarray:
+        """(slice, row, column) indices, slices inferior to superior, -> patient LPS mm."""
+        row_mm, column_mm = self.pixel_spacing_mm
+        affine = np.eye(4)
+        affine[:3, 0] = (0, 0, self.slice_thickness_mm)
+        affine[:3, 1] = (0, row_mm, 0)
+        affine[:3, 2] = (column_mm, 0, 0)
+        affine[:3, 3] = self.origin_lps_mm(0)
+        return affine
+
+    def nodule_mask(self) -> np.ndarray:
+        """Truth: voxels inside any nodule, (slice, row, column) with slices inferior first."""
+        return np.stack(
+            [
+                np.any([self.nodule_disc(n, k) for n in self.nodules], axis=0)
+                if self.nodules
+                else np.zeros((self.rows, self.columns), dtype=bool)
+                for k in range(self.slices)
+            ]
+        )
+
+    def nodule_disc(self, nodule: Nodule, index: int) -> np.ndarray:
+        """Pixels of slice ``index`` whose centres lie inside ``nodule``."""
+        r, c = np.ogrid[: self.rows, : self.columns]
+        row_mm, column_mm = self.pixel_spacing_mm
+        x0, y0, z = self.origin_lps_mm(index)
+        cx, cy, cz = nodule.center_lps_mm
+        distance = (x0 + c * column_mm - cx) ** 2 + (y0 + r * row_mm - cy) ** 2 + (z - cz) ** 2
+        return distance <= (nodule.diameter_mm / 2) ** 2
+
+
+def _base_dataset(
+    sop_class_uid: str,
+    modality: str,
+    *,
+    patient: tuple[str, str],
+    study: tuple[str, str],
+    series: tuple[str, str],
+    now: datetime,
+) -> Dataset:
+    """File meta and the patient, study, series and SOP common modules every phantom shares.
+
+    ``patient`` is (name, id); ``study`` and ``series`` are (instance UID, description).
+    """
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = sop_class_uid
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
+    ds.AccessionNumber = ""
+    ds.Modality = modality
+    ds.Manufacturer = "dicom-node phantom"
+    ds.ReferringPhysicianName = ""
+    ds.PatientName, ds.PatientID = patient
+    ds.PatientBirthDate = ""
+    ds.PatientSex = "O"
+    ds.StudyInstanceUID, ds.StudyDescription = study
+    ds.SeriesInstanceUID, ds.SeriesDescription = series
+    ds.StudyID = "1"
+    ds.SeriesNumber = 1
+    return ds
+
 
 def _axial_slice(spec: CtPhantomSpec) -> np.ndarray:
-    """One slice in stored values (HU + 1024, rescale intercept -1024)."""
+    """The body and lungs of one slice in HU."""
     y, x = np.ogrid[: spec.rows, : spec.columns]
     cy, cx = spec.rows / 2, spec.columns / 2
     hu = np.full((spec.rows, spec.columns), -1000, dtype=np.int16)
@@ -49,63 +145,64 @@ def _axial_slice(spec: CtPhantomSpec) -> np.ndarray:
             (y - cy) / (0.22 * spec.rows)
         ) ** 2 <= 1
         hu[lung] = -850
-    return (hu + 1024).astype(np.uint16)
+    return hu
+
+
+def _stored_slices(spec: CtPhantomSpec) -> Iterator[bytes]:
+    """Stored values (HU + 1024) of each slice, inferior first."""
+    base = _axial_slice(spec)
+    if not spec.nodules and not spec.noise_hu:
+        stored = (base + 1024).astype(np.uint16).tobytes()
+        yield from (stored for _ in range(spec.slices))
+        return
+    rng = np.random.default_rng(spec.seed)
+    for index in range(spec.slices):
+        hu = base.astype(np.float32)
+        for nodule in spec.nodules:
+            hu[spec.nodule_disc(nodule, index)] = nodule.hu
+        if spec.noise_hu:
+            hu += rng.normal(0.0, spec.noise_hu, hu.shape).astype(np.float32)
+        yield np.clip(hu + 1024, 0, 4095).astype(np.uint16).tobytes()
 
 
 def ct_series(spec: CtPhantomSpec = CtPhantomSpec()) -> Iterator[Dataset]:
-    """The phantom's instances, one axial slice each, head-first supine, inferior to superior."""
+    """The phantom's instances, one axial slice each, head-first supine.
+
+    Slices go from inferior to superior (or the reverse with ``reversed_order``).
+    """
     now = datetime.now()
     study_uid = spec.study_uid or generate_uid()
     series_uid = spec.series_uid or generate_uid()
     frame_of_reference = generate_uid()
-    pixels = _axial_slice(spec).tobytes()
-    for index in range(spec.slices):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.SpecificCharacterSet = "ISO_IR 100"
+    slices = list(enumerate(_stored_slices(spec)))
+    if spec.reversed_order:
+        slices.reverse()
+    for number, (index, pixels) in enumerate(slices, 1):
+        ds = _base_dataset(
+            CTImageStorage,
+            "CT",
+            patient=(spec.patient_name, spec.patient_id),
+            study=(study_uid, "PHANTOM CHEST"),
+            series=(series_uid, "PHANTOM CHEST AXIAL"),
+            now=now,
+        )
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.StudyDate = ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
-        ds.StudyTime = ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
-        ds.AccessionNumber = ""
-        ds.Modality = "CT"
-        ds.Manufacturer = "dicom-node phantom"
-        ds.ReferringPhysicianName = ""
-        ds.StudyDescription = "PHANTOM CHEST"
-        ds.SeriesDescription = "PHANTOM CHEST AXIAL"
-        ds.PatientName = spec.patient_name
-        ds.PatientID = spec.patient_id
-        ds.PatientBirthDate = ""
-        ds.PatientSex = "O"
         ds.BodyPartExamined = "CHEST"
         ds.SliceThickness = spec.slice_thickness_mm
         ds.KVP = 120
         ds.PatientPosition = "HFS"
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series_uid
-        ds.StudyID = "1"
-        ds.SeriesNumber = 1
-        ds.InstanceNumber = index + 1
+        ds.InstanceNumber = number
         ds.AcquisitionNumber = 1
         ds.FrameOfReferenceUID = frame_of_reference
         ds.PositionReferenceIndicator = ""
-        ds.ImagePositionPatient = [
-            -spec.columns * spec.pixel_spacing_mm / 2,
-            -spec.rows * spec.pixel_spacing_mm / 2,
-            index * spec.slice_thickness_mm,
-        ]
+        ds.ImagePositionPatient = list(spec.origin_lps_mm(index))
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
         ds.SliceLocation = index * spec.slice_thickness_mm
         ds.SamplesPerPixel = 1
         ds.PhotometricInterpretation = "MONOCHROME2"
         ds.Rows = spec.rows
         ds.Columns = spec.columns
-        ds.PixelSpacing = [spec.pixel_spacing_mm, spec.pixel_spacing_mm]
+        ds.PixelSpacing = list(spec.pixel_spacing_mm)
         ds.BitsAllocated = 16
         ds.BitsStored = 16
         ds.HighBit = 15
@@ -186,33 +283,17 @@ def cxr_pixels(spec: CxrPhantomSpec) -> tuple[np.ndarray, tuple[float, float] | 
 def cxr_dataset(spec: CxrPhantomSpec = CxrPhantomSpec()) -> Dataset:
     """The phantom as a CR Image Storage instance (PS3.3 A.2), Explicit VR Little Endian."""
     pixels, _ = cxr_pixels(spec)
-    now = datetime.now()
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = ComputedRadiographyImageStorage
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.StudyDate = ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
-    ds.StudyTime = ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
-    ds.AccessionNumber = ""
-    ds.Modality = "CR"
-    ds.Manufacturer = "dicom-node phantom"
-    ds.ReferringPhysicianName = ""
-    ds.StudyDescription = "PHANTOM CHEST PA"
-    ds.SeriesDescription = "PHANTOM CHEST PA"
-    ds.PatientName = "PHANTOM^CXR"
-    ds.PatientID = spec.patient_id
-    ds.PatientBirthDate = ""
-    ds.PatientSex = "O"
+    ds = _base_dataset(
+        ComputedRadiographyImageStorage,
+        "CR",
+        patient=("PHANTOM^CXR", spec.patient_id),
+        study=(spec.study_uid or generate_uid(), "PHANTOM CHEST PA"),
+        series=(generate_uid(), "PHANTOM CHEST PA"),
+        now=datetime.now(),
+    )
     ds.BodyPartExamined = "CHEST"
     ds.ViewPosition = "PA"
     ds.PatientOrientation = ["L", "F"]
-    ds.StudyInstanceUID = spec.study_uid or generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.StudyID = "1"
-    ds.SeriesNumber = 1
     ds.InstanceNumber = 1
     ds.ImagerPixelSpacing = [spec.pixel_spacing_mm, spec.pixel_spacing_mm]
     ds.SamplesPerPixel = 1
@@ -226,3 +307,175 @@ def cxr_dataset(spec: CxrPhantomSpec = CxrPhantomSpec()) -> Dataset:
     ds.WindowWidth = 4096
     ds.PixelData = pixels.tobytes()
     return ds
+
+
+BRAIN_ROLES = ("T1c", "T1", "T2", "FLAIR")
+# Signal of each tissue per sequence (arbitrary units): background, scalp, brain, CSF,
+# necrotic core, enhancing rim, oedema. The contrasts follow what each sequence shows a reader.
+_BRAIN_SIGNAL = {
+    "T1c": (0, 900, 600, 200, 300, 1300, 500),
+    "T1": (0, 900, 600, 200, 300, 520, 480),
+    "T2": (0, 600, 500, 1500, 1400, 900, 1200),
+    "FLAIR": (0, 600, 500, 150, 800, 950, 1350),
+}
+_TIMING_MS = {"T1c": (2000, 3), "T1": (500, 10), "T2": (4000, 100), "FLAIR": (9000, 120)}
+_SERIES_DESCRIPTION = {
+    "T1c": "AX T1 MPRAGE POST GD",
+    "T1": "AX T1 SE",
+    "T2": "AX T2 TSE",
+    "FLAIR": "AX T2 FLAIR",
+}
+
+
+@dataclass(frozen=True)
+class BrainPhantomSpec:
+    """A four-sequence brain MR study (T1c, T1, T2, FLAIR) with a ring-enhancing tumour.
+
+    All sequences share one axial grid of ``frames`` x ``rows`` x ``columns`` voxels;
+    ``spacing_mm`` is (between slices, between rows, between columns), so pixels need not be
+    square. ``reversed_order`` writes the slices from head to feet instead.
+    """
+
+    frames: int = 32
+    rows: int = 64
+    columns: int = 64
+    spacing_mm: tuple[float, float, float] = (3.0, 3.0, 3.0)
+    tumour: bool = True
+    seed: int = 0
+    reversed_order: bool = False
+    patient_id: str = "PHANTOM-MR"
+
+
+@dataclass(frozen=True)
+class BrainPhantom:
+    """The sequences as data sets, and the truth: masks in the (frame, row, column) grid.
+
+    Frames of the truth grid run from feet to head whatever order the instances were written
+    in; ``affine`` maps (frame, row, column) indices of that grid to patient LPS mm.
+    """
+
+    series: dict[str, list[Dataset]]
+    tumour_core: np.ndarray
+    whole_tumour: np.ndarray
+    enhancing_tumour: np.ndarray
+    affine: np.ndarray
+
+
+def _brain_labels(spec: BrainPhantomSpec, rng: np.random.Generator) -> np.ndarray:
+    """Tissue index per voxel (0-6, the order of ``_BRAIN_SIGNAL``), grid (frame, row, col)."""
+    z, y, x = np.mgrid[: spec.frames, : spec.rows, : spec.columns].astype(float)
+    z, y, x = _brain_position(spec, z, y, x)
+    head = (x / 80) ** 2 + (y / 95) ** 2 + (z / 70) ** 2
+    labels = np.zeros(head.shape, dtype=np.uint8)
+    labels[head <= 1] = 1  # scalp and skull
+    labels[head <= 0.8] = 2  # brain
+    ventricles = ((np.abs(x) - 9) / 6) ** 2 + (y / 25) ** 2 + (z / 18) ** 2 <= 1
+    labels[ventricles] = 3
+    if spec.tumour:
+        centre = np.array(
+            [rng.uniform(-25, 25), rng.uniform(-35, 35), rng.uniform(-15, 15)]
+        )  # x, y, z in mm, inside the brain and off the ventricles
+        centre[0] = np.sign(centre[0] or 1) * max(abs(centre[0]), 28)
+        core = rng.uniform(6, 10)
+        rim = core + rng.uniform(5, 7)
+        oedema = rim + rng.uniform(7, 12)
+        distance = np.sqrt((x - centre[0]) ** 2 + (y - centre[1]) ** 2 + (z - centre[2]) ** 2)
+        inside = labels >= 2
+        labels[inside & (distance <= oedema)] = 6
+        labels[inside & (distance <= rim)] = 5
+        labels[inside & (distance <= core)] = 4
+    return labels
+
+
+def _brain_position(
+    spec: BrainPhantomSpec, frame: np.ndarray, row: np.ndarray, column: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Patient (z, y, x) in mm of voxel indices: the head centred on the grid's centre."""
+    dz, dy, dx = spec.spacing_mm
+    return (
+        (frame - spec.frames / 2) * dz,
+        (row - spec.rows / 2) * dy,
+        (column - spec.columns / 2) * dx,
+    )
+
+
+def brain_study(spec: BrainPhantomSpec = BrainPhantomSpec()) -> BrainPhantom:
+    """The study as MR Image Storage series (PS3.3 A.4), one per role, and its truth."""
+    rng = np.random.default_rng(spec.seed)
+    labels = _brain_labels(spec, rng)
+    study_uid, frame_of_reference, now = generate_uid(), generate_uid(), datetime.now()
+    series: dict[str, list[Dataset]] = {}
+    for number, role in enumerate(BRAIN_ROLES, 1):
+        signal = np.asarray(_BRAIN_SIGNAL[role], float) * rng.uniform(0.9, 1.1)
+        volume = signal[labels] + rng.normal(0, 15, labels.shape)
+        stored = np.clip(volume, 0, 4095).astype(np.uint16)
+        series_uid = generate_uid()
+        datasets = []
+        order = range(spec.frames - 1, -1, -1) if spec.reversed_order else range(spec.frames)
+        for instance, index in enumerate(order, 1):
+            ds = _base_dataset(
+                MRImageStorage,
+                "MR",
+                patient=("PHANTOM^MR", spec.patient_id),
+                study=(study_uid, "PHANTOM BRAIN TUMOUR"),
+                series=(series_uid, _SERIES_DESCRIPTION[role]),
+                now=now,
+            )
+            ds.SeriesNumber = number
+            ds.InstanceNumber = instance
+            ds.ImageType = ["ORIGINAL", "PRIMARY", "M"]
+            ds.BodyPartExamined = "BRAIN"
+            ds.ScanningSequence = "SE"
+            ds.SequenceVariant = "NONE"
+            ds.ScanOptions = ""
+            ds.MRAcquisitionType = "2D"
+            ds.EchoTrainLength = 1
+            ds.RepetitionTime, ds.EchoTime = _TIMING_MS[role]
+            ds.SliceThickness = spec.spacing_mm[0]
+            ds.PatientPosition = "HFS"
+            ds.FrameOfReferenceUID = frame_of_reference
+            ds.PositionReferenceIndicator = ""
+            z, y, x = _brain_position(spec, np.float64(index), np.float64(0), np.float64(0))
+            ds.ImagePositionPatient = [float(x), float(y), float(z)]
+            ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+            ds.PixelSpacing = [spec.spacing_mm[1], spec.spacing_mm[2]]  # rows, then columns
+            ds.SamplesPerPixel = 1
+            ds.PhotometricInterpretation = "MONOCHROME2"
+            ds.Rows, ds.Columns = spec.rows, spec.columns
+            ds.BitsAllocated = 16
+            ds.BitsStored = 12
+            ds.HighBit = 11
+            ds.PixelRepresentation = 0
+            ds.PixelData = stored[index].tobytes()
+            datasets.append(ds)
+        series[role] = datasets
+    return BrainPhantom(
+        series,
+        tumour_core=np.isin(labels, (4, 5)),
+        whole_tumour=np.isin(labels, (4, 5, 6)),
+        enhancing_tumour=labels == 5,
+        affine=_brain_affine(spec),
+    )
+
+
+def _brain_affine(spec: BrainPhantomSpec) -> np.ndarray:
+    """(frame, row, column) -> patient (x, y, z) mm; rows run along y, columns along x."""
+    dz, dy, dx = spec.spacing_mm
+    origin = [float(v) for v in _brain_position(spec, *(np.float64(0),) * 3)]
+    affine = np.zeros((4, 4))
+    affine[:3, 0] = (0, 0, dz)
+    affine[:3, 1] = (0, dy, 0)
+    affine[:3, 2] = (dx, 0, 0)
+    affine[:3, 3] = (origin[2], origin[1], origin[0])
+    affine[3, 3] = 1
+    return affine
+
+
+def write_brain_study(folder: Path, spec: BrainPhantomSpec = BrainPhantomSpec()) -> BrainPhantom:
+    """Write the study as ``folder/<role>/MR0001.dcm`` …; returns the phantom."""
+    phantom = brain_study(spec)
+    for role, datasets in phantom.series.items():
+        (folder / role).mkdir(parents=True, exist_ok=True)
+        for ds in datasets:
+            ds.save_as(folder / role / f"MR{ds.InstanceNumber:04d}.dcm", enforce_file_format=True)
+    return phantom

@@ -19,6 +19,7 @@ from tests.peers import dcmtk_env, dcmtk_tool, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / "shared" / "dicom-corpus"
+MODEL_ZOO = ROOT.parent / "shared" / "model-zoo-configs"
 
 
 def require_tool(name: str) -> str:
@@ -37,6 +38,14 @@ def corpus() -> Path:
     if not CORPUS.is_dir():
         pytest.skip(f"the shared DICOM corpus is not at {CORPUS}")
     return CORPUS
+
+
+@pytest.fixture(scope="session")
+def model_zoo() -> Path:
+    """The published MONAI bundle configs (no weights)."""
+    if not MODEL_ZOO.is_dir():
+        pytest.skip(f"the shared model zoo configs are not at {MODEL_ZOO}")
+    return MODEL_ZOO
 
 
 @dataclass

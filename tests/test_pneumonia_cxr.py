@@ -12,7 +12,6 @@ xrv = pytest.importorskip("torchxrayvision")
 
 from algorithms.pneumonia_cxr import PneumoniaCxr  # noqa: E402
 from algorithms.pneumonia_cxr.model import (  # noqa: E402
-    WeightsMismatch,
     displayed_image,
     load_network,
     logits,
@@ -21,6 +20,7 @@ from algorithms.pneumonia_cxr.model import (  # noqa: E402
 )
 from dicom_node.algorithm import SeriesInput  # noqa: E402
 from dicom_node.phantoms import CxrPhantomSpec, cxr_dataset, cxr_pixels  # noqa: E402
+from dicom_node.weights import WeightsMismatch  # noqa: E402
 
 UNSEEN = 500_000  # seeds far from the training (0-599) and validation (100000-100199) sets
 

@@ -23,14 +23,11 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from algorithms.pneumonia_cxr import LABEL
+from dicom_node.weights import WeightsMismatch, load_demo_checkpoint, load_state_strictly
 
 RESOLUTION = 224
 DEMO_FORMAT = "dicom-node-demo-cxr-v1"
 PUBLIC_VARIANTS = ("rsna", "all")
-
-
-class WeightsMismatch(ValueError):
-    """A weights file that does not fit the network it was given for."""
 
 
 @dataclass(frozen=True)
@@ -115,7 +112,7 @@ def _state_dict(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     if isinstance(saved, dict) and "state_dict" in saved:
         saved = saved["state_dict"]
     if not isinstance(saved, dict):
-        raise WeightsMismatch(f"{path} holds no state dict")
+        return saved  # load_state_strictly says what is wrong with it
     # xrv keeps its operating points in a buffer; ours come from its model table.
     return {k: v for k, v in saved.items() if k != "op_threshs"}
 
@@ -124,10 +121,7 @@ def load_network(path: Path, *, variant: str, allow_pickle: bool) -> LoadedNetwo
     """Public weights into xrv's DenseNet-121, strictly: any mismatch is an error."""
     network, index, threshold = public_network(variant)
     state = _state_dict(path, allow_pickle)
-    try:
-        network.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise WeightsMismatch(f"{path} does not fit torchxrayvision's DenseNet-121: {exc}") from exc
+    load_state_strictly(network, state, path, "torchxrayvision's DenseNet-121")
     return LoadedNetwork(network.eval(), index, threshold, demo=False)
 
 
@@ -136,11 +130,9 @@ def demo_network(architecture: dict[str, Any]) -> xrv.models.DenseNet:
 
 
 def load_demo(path: Path) -> LoadedNetwork:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if checkpoint.get("format") != DEMO_FORMAT:
-        raise WeightsMismatch(f"{path} is not a dicom-node demo checkpoint")
+    checkpoint = load_demo_checkpoint(path, DEMO_FORMAT)
     network = demo_network(checkpoint["architecture"])
-    network.load_state_dict(checkpoint["state_dict"], strict=True)
+    load_state_strictly(network, checkpoint["state_dict"], path, "the demo DenseNet")
     return LoadedNetwork(network.eval(), 0, float(checkpoint["threshold"]), demo=True)
 
 

@@ -1,0 +1,125 @@
+"""The MR brain tumour algorithm: demo accuracy on phantoms, bundle compatibility, geometry."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("monai")
+
+import highdicom as hd  # noqa: E402
+
+from algorithms.brain_tumour_mr import BrainTumourMr  # noqa: E402
+from algorithms.brain_tumour_mr.model import REGIONS, load_bundle  # noqa: E402
+from dicom_node.algorithm import SeriesInput  # noqa: E402
+from dicom_node.phantoms import BrainPhantomSpec, write_brain_study  # noqa: E402
+from dicom_node.weights import WeightsMismatch, bundle_network  # noqa: E402
+
+UNSEEN = 900_000  # far from the training (0-31) and held-out (50000-50005) seeds
+
+
+@pytest.fixture(scope="module")
+def algorithm() -> BrainTumourMr:
+    a = BrainTumourMr()
+    a.load("cpu")
+    return a
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * float((a & b).sum()) / max(1.0, float(a.sum() + b.sum()))
+
+
+def study_inputs(folder: Path) -> dict[str, SeriesInput]:
+    """The roles as the node hands them over: files in no particular order."""
+    inputs = {}
+    for role in ("T1c", "T1", "T2", "FLAIR"):
+        paths = sorted((folder / role).glob("*.dcm"))
+        random.Random(role).shuffle(paths)
+        inputs[role] = SeriesInput(role, tuple(paths))
+    return inputs
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        BrainPhantomSpec(seed=UNSEEN),
+        BrainPhantomSpec(seed=UNSEEN + 1, reversed_order=True),
+        BrainPhantomSpec(seed=UNSEEN + 2, spacing_mm=(3.0, 2.7, 3.3)),
+        BrainPhantomSpec(seed=UNSEEN + 3, spacing_mm=(3.0, 3.3, 2.8), reversed_order=True),
+    ],
+    ids=["axial", "reversed", "non-square", "non-square-reversed"],
+)
+def test_demo_weights_segment_the_phantom_tumour(algorithm, tmp_path, spec) -> None:
+    phantom = write_brain_study(tmp_path, spec)
+    inputs = study_inputs(tmp_path)
+    result = algorithm.run(inputs)
+    assert result.demo
+    t1c = inputs["T1c"].volume()
+    truths = (phantom.tumour_core, phantom.whole_tumour, phantom.enhancing_tumour)
+    for region, mask, truth in zip(REGIONS, result.masks, truths, strict=True):
+        assert mask.name == region and mask.source == "T1c"
+        assert mask.array.shape == t1c.spatial_shape
+        # The truth placed by the phantom's own geometry, onto the T1c series' volume grid.
+        expected = hd.Volume(
+            truth.astype(np.uint8), phantom.affine, "PATIENT", t1c.frame_of_reference_uid
+        ).match_geometry(t1c)
+        score = dice(mask.array, expected.array.astype(bool))
+        assert score >= 0.8, f"{region}: Dice {score:.3f}"
+        volume_ml = result.measurements[f"{region} volume_ml"]
+        assert volume_ml == pytest.approx(mask.array.sum() * np.prod(spec.spacing_mm) / 1000, 1e-3)
+
+
+def test_no_tumour_no_mask(algorithm, tmp_path) -> None:
+    write_brain_study(tmp_path, BrainPhantomSpec(seed=UNSEEN + 5, tumour=False))
+    result = algorithm.run(study_inputs(tmp_path))
+    assert result.measurements["whole tumour volume_ml"] < 1.0
+
+
+def test_series_from_another_frame_of_reference_are_refused(algorithm, tmp_path) -> None:
+    write_brain_study(tmp_path / "a", BrainPhantomSpec(seed=UNSEEN + 6))
+    write_brain_study(tmp_path / "b", BrainPhantomSpec(seed=UNSEEN + 6))
+    inputs = study_inputs(tmp_path / "a")
+    inputs["FLAIR"] = study_inputs(tmp_path / "b")["FLAIR"]
+    with pytest.raises(ValueError, match="frames of reference"):
+        algorithm.run(inputs)
+
+
+@pytest.fixture
+def bundle(tmp_path, model_zoo: Path) -> Path:
+    """A bundle folder shaped as the Model Zoo publishes it, with random weights."""
+    folder = tmp_path / "brats_mri_segmentation"
+    shutil.copytree(model_zoo / "brats_mri_segmentation" / "configs", folder / "configs")
+    (folder / "models").mkdir()
+    return folder
+
+
+def test_public_bundle_loads_strictly_and_matches_the_reference(bundle) -> None:
+    torch.manual_seed(2)
+    reference = bundle_network(bundle).eval()  # built by MONAI's ConfigParser from the config
+    torch.save(reference.state_dict(), bundle / "models" / "model.pt")
+    algorithm = BrainTumourMr({"bundle": str(bundle)})
+    assert not algorithm.weights().demo
+    algorithm.load("cpu")
+    config = json.loads((bundle / "configs" / "inference.json").read_text())
+    assert algorithm.loaded.roi_size == tuple(config["inferer"]["roi_size"]) == (240, 240, 160)
+    assert algorithm.loaded.overlap == config["inferer"]["overlap"]
+    x = torch.randn(1, 4, 32, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(algorithm.loaded.network(x), reference(x))
+
+
+def test_bundle_weights_that_do_not_fit_are_refused_clearly(bundle) -> None:
+    state = bundle_network(bundle).state_dict()
+    state.pop(next(iter(state)))
+    torch.save(state, bundle / "models" / "model.pt")
+    with pytest.raises(WeightsMismatch, match="does not fit the bundle's network_def"):
+        load_bundle(bundle)
+    (bundle / "models" / "model.pt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"neither model\.pt nor model\.ts"):
+        BrainTumourMr({"bundle": str(bundle)}).weights()
