@@ -19,12 +19,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
+from io import BytesIO
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-from pydicom import dcmread
+from pydicom import dcmread, dcmwrite
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian
 
 if TYPE_CHECKING:
     import highdicom as hd
@@ -59,20 +61,55 @@ class SeriesInput:
     paths: tuple[Path, ...]
 
     def datasets(self) -> list[Dataset]:
-        """Every instance, pixel data included, in the order stored (not sorted)."""
-        return [dcmread(p) for p in self.paths]
+        """Every instance, pixel data included, in the order stored (not sorted).
+
+        Big-endian instances (a retired transfer syntax we still accept) come back re-encoded
+        as Explicit VR Little Endian, the only byte order highdicom reads.
+        """
+        return [_little_endian(dcmread(p)) for p in self.paths]
 
     def volume(self) -> hd.Volume:
         """The series as a highdicom Volume (voxels and their affine in patient LPS mm).
 
-        highdicom sorts the frames spatially and refuses irregular spacing or inconsistent
-        geometry with a clear error, which fails the job instead of misplacing a result.
+        highdicom sorts the frames spatially. A series that is not one regularly spaced
+        volume (missing slices, gantry tilt, several stacks) or whose pixels cannot be decoded
+        raises :class:`InputError`, which fails the job with that reason instead of
+        misplacing a result.
         """
         import highdicom as hd
 
-        if len(self.paths) == 1:
-            return hd.imread(str(self.paths[0])).get_volume()
-        return hd.get_volume_from_series(self.datasets())
+        try:
+            datasets = self.datasets()
+            if len(datasets) == 1:
+                return hd.Image.from_dataset(datasets[0], copy=False).get_volume()
+            return hd.get_volume_from_series(datasets)
+        except NotImplementedError as exc:  # pydicom: no decoder for the transfer syntax
+            raise InputError(f"series {self.series_uid}: pixel data not decodable: {exc}") from exc
+        except ValueError as exc:
+            if "regularly-spaced" not in str(exc):
+                raise
+            raise InputError(
+                f"series {self.series_uid} is not a regularly spaced volume (missing or "
+                "irregularly spaced slices, gantry tilt, or several stacks): not processed, "
+                "so that no result is misplaced"
+            ) from exc
+
+
+class InputError(ValueError):
+    """A series an algorithm cannot use as it is; the message says why, for the job's error."""
+
+
+def _little_endian(ds: Dataset) -> Dataset:
+    """``ds`` itself, or for Explicit VR Big Endian a little-endian copy with the same pixels."""
+    if ds.file_meta.TransferSyntaxUID != ExplicitVRBigEndian:
+        return ds
+    pixels = ds.pixel_array
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.PixelData = pixels.astype(pixels.dtype.newbyteorder("<")).tobytes()
+    buffer = BytesIO()
+    dcmwrite(buffer, ds, little_endian=True, implicit_vr=False, force_encoding=True)
+    buffer.seek(0)
+    return dcmread(buffer)
 
 
 @dataclass(frozen=True)

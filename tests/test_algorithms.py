@@ -16,6 +16,7 @@ from dicom_node.algorithm import (
     AlgorithmResult,
     Classification,
     Finding,
+    InputError,
     InputSpec,
     LabelMask,
     SeriesInput,
@@ -85,6 +86,57 @@ def test_series_input_volume_of_an_enhanced_multiframe(corpus: Path) -> None:
     (path,) = [p for p in folder.iterdir() if p.is_file()]
     volume = SeriesInput("1.2.3", (path,)).volume()
     assert volume.array.shape[0] == 3
+
+
+TS_IMAGES = "transfer-syntaxes-cornerstone/testImages"
+# Transfer syntaxes by their UID after 1.2.840.10008.; lossy ones with the HU error allowed.
+LOSSY = {"1.2.4.50": 100, "1.2.4.51": 100, "1.2.4.81": 2, "1.2.4.91": 10}
+LOSSLESS = ["1.2", "1.2.1", "1.2.2", "1.2.1.99", "1.2.5", "1.2.4.57", "1.2.4.70", "1.2.4.80"]
+LOSSLESS += ["1.2.4.90"]
+UNDECODABLE = {"1.2.4.53", "1.2.4.55"}  # JPEG spectral selection / full progression
+
+
+@pytest.mark.parametrize(
+    "syntax",
+    [*LOSSLESS, *LOSSY],
+)
+def test_volume_of_every_decodable_transfer_syntax(corpus: Path, syntax: str) -> None:
+    folder = corpus / TS_IMAGES
+    reference = SeriesInput(
+        "1", (folder / "CTImage.dcm_LittleEndianExplicitTransferSyntax_1.2.840.10008.1.2.1.dcm",)
+    ).volume()
+    (path,) = folder.glob(f"CTImage.dcm_*_1.2.840.10008.{syntax}.dcm")
+    volume = SeriesInput("1", (path,)).volume()
+    assert np.allclose(volume.affine, reference.affine)
+    difference = np.abs(volume.array.astype(float) - reference.array).max()
+    assert difference <= LOSSY.get(syntax, 0), f"{path.name}: {difference} HU off"
+
+
+@pytest.mark.parametrize("syntax", sorted(UNDECODABLE))
+def test_undecodable_transfer_syntax_is_a_clear_error(corpus: Path, syntax: str) -> None:
+    (path,) = (corpus / TS_IMAGES).glob(f"CTImage.dcm_*_1.2.840.10008.{syntax}.dcm")
+    with pytest.raises(InputError, match="pixel data not decodable"):
+        SeriesInput("1.2.3", (path,)).volume()
+
+
+@pytest.mark.parametrize("defect", ["missing slice", "gantry tilt"])
+def test_irregular_series_is_a_clear_error_not_a_misplaced_volume(
+    tmp_path: Path, defect: str
+) -> None:
+    from dicom_node.phantoms import CtPhantomSpec, ct_series
+
+    datasets = list(ct_series(CtPhantomSpec(slices=10, rows=16, columns=16)))
+    if defect == "missing slice":
+        del datasets[4]
+    else:  # positions still step along z while the image plane is tilted 15 degrees
+        for ds in datasets:
+            ds.ImageOrientationPatient = [1, 0, 0, 0, 0.9659258, 0.2588190]
+    paths = []
+    for i, ds in enumerate(datasets):
+        paths.append(tmp_path / f"{i}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
+    with pytest.raises(InputError, match="not a regularly spaced volume"):
+        SeriesInput("1.2.3", tuple(paths)).volume()
 
 
 def test_example_algorithm_runs_on_real_ct(example_plugins, corpus: Path, tmp_path: Path) -> None:
