@@ -13,6 +13,7 @@ node turns into DICOM.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 from abc import ABC, abstractmethod
@@ -307,6 +308,35 @@ class Algorithm(ABC):
     @abstractmethod
     def run(self, inputs: Mapping[str, SeriesInput]) -> AlgorithmResult:
         """Run on one case; ``inputs`` has one entry per name in :attr:`inputs`."""
+
+
+class BundleAlgorithm(Algorithm):
+    """An algorithm whose public weights come as a MONAI bundle folder, setting ``bundle``
+    (``configs/inference.json`` + ``models/model.pt`` or ``model.ts``); without that setting
+    it runs on the demo weights in :attr:`demo_weights`.
+
+    :attr:`model_module` names the module that loads either kind: ``load_demo(path)`` and
+    ``load_bundle(bundle)``, each returning an object with a ``network`` attribute, kept as
+    :attr:`loaded`. It is imported by :meth:`load` only, so that discovering and routing to
+    the algorithm does not pay for torch and MONAI.
+    """
+
+    demo_weights: ClassVar[Path]
+    model_module: ClassVar[str]
+
+    def weights(self) -> Weights:
+        if "bundle" in self.settings:
+            return Weights.from_bundle(Path(self.settings["bundle"]))
+        return Weights.from_file(self.demo_weights, demo=True)
+
+    def load(self, device: str) -> None:
+        model = importlib.import_module(self.model_module)
+        weights = self.weights()
+        if weights.demo:
+            self.loaded = model.load_demo(weights.path)
+        else:
+            self.loaded = model.load_bundle(Path(self.settings["bundle"]))
+        self.loaded.network.to(device)
 
 
 def resolve_device(requested: str) -> str:

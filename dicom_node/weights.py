@@ -8,6 +8,8 @@ imported by the functions that need them, so importing this module costs nothing
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -81,3 +83,16 @@ def load_demo_checkpoint(path: Path, fmt: str) -> dict[str, Any]:
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != fmt:
         raise WeightsMismatch(f"{path} is not a dicom-node demo checkpoint ({fmt})")
     return checkpoint
+
+
+def demo_training_cli(
+    doc: str, train: Callable[..., None], *, out: Path, cases: int, epochs: int
+) -> None:
+    """The command line every ``train_demo`` script shares: ``--out``, ``--cases``,
+    ``--epochs``, defaulting to what the committed demo weights were trained with."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=out, help="where to write the weights")
+    parser.add_argument("--cases", type=int, default=cases, help="phantom cases to train on")
+    parser.add_argument("--epochs", type=int, default=epochs)
+    args = parser.parse_args()
+    train(args.out, cases=args.cases, epochs=args.epochs)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -46,6 +48,20 @@ def model_zoo() -> Path:
     if not MODEL_ZOO.is_dir():
         pytest.skip(f"the shared model zoo configs are not at {MODEL_ZOO}")
     return MODEL_ZOO
+
+
+@pytest.fixture
+def bundle_like(tmp_path: Path, model_zoo: Path) -> Callable[[str], Path]:
+    """A MONAI bundle folder shaped as the Model Zoo publishes it: the shared configs, and
+    an empty models/ for the test to put weights in."""
+
+    def make(name: str) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(model_zoo / name / "configs", folder / "configs")
+        (folder / "models").mkdir()
+        return folder
+
+    return make
 
 
 @dataclass
@@ -133,6 +149,16 @@ class NodeProcess:
                 return value
             time.sleep(0.05)
         return value
+
+    def results(self, count: int, timeout_s: float = 180.0) -> list[tuple[dict, Path]]:
+        """Wait for ``count`` succeeded inference jobs; their result.json and folders."""
+        done = "SELECT COUNT(*) FROM jobs WHERE kind = 'inference' AND state = 'succeeded'"
+        assert self.wait_for(done, count, timeout_s) == count, self.log()
+        found = []
+        for row in self.query("SELECT path FROM results ORDER BY job_id"):
+            path = self.data_dir / row["path"]
+            found.append((json.loads(path.read_text()), path.parent))
+        return found
 
     def storescu(
         self,

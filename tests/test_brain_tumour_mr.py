@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -91,12 +90,8 @@ def test_series_from_another_frame_of_reference_are_refused(algorithm, tmp_path)
 
 
 @pytest.fixture
-def bundle(tmp_path, model_zoo: Path) -> Path:
-    """A bundle folder shaped as the Model Zoo publishes it, with random weights."""
-    folder = tmp_path / "brats_mri_segmentation"
-    shutil.copytree(model_zoo / "brats_mri_segmentation" / "configs", folder / "configs")
-    (folder / "models").mkdir()
-    return folder
+def bundle(bundle_like) -> Path:
+    return bundle_like("brats_mri_segmentation")
 
 
 def test_public_bundle_loads_strictly_and_matches_the_reference(bundle) -> None:
@@ -123,3 +118,18 @@ def test_bundle_weights_that_do_not_fit_are_refused_clearly(bundle) -> None:
     (bundle / "models" / "model.pt").unlink()
     with pytest.raises(FileNotFoundError, match=r"neither model\.pt nor model\.ts"):
         BrainTumourMr({"bundle": str(bundle)}).weights()
+
+
+def test_node_routes_a_four_sequence_study_and_segments_it(make_node, tmp_path) -> None:
+    from dicom_node.scu import send
+
+    node = make_node(assembly={"series_quiet_seconds": 1, "study_quiet_seconds": 1})
+    phantom = write_brain_study(tmp_path / "study", BrainPhantomSpec(seed=UNSEEN + 7))
+    assert len(send([tmp_path / "study"], "127.0.0.1", node.port).sent) == 4 * 32
+    ((result, folder),) = node.results(1)
+    assert result["algorithm"] == "brain-tumour-mr" and result["demo"]
+    assert [m["name"] for m in result["masks"]] == list(REGIONS)
+    whole = np.load(folder / result["masks"][1]["file"])
+    assert whole.shape == (32, 64, 64)
+    truth_ml = phantom.whole_tumour.sum() * 27 / 1000
+    assert result["measurements"]["whole tumour volume_ml"] == pytest.approx(truth_ml, rel=0.2)

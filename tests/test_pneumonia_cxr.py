@@ -112,8 +112,6 @@ def test_weights_that_do_not_fit_are_refused_clearly(tmp_path) -> None:
 
 
 def test_node_routes_a_radiograph_and_the_worker_classifies_it(make_node, tmp_path) -> None:
-    import json
-
     from dicom_node.scu import send
 
     node = make_node(assembly={"series_quiet_seconds": 1, "study_quiet_seconds": 1})
@@ -122,12 +120,9 @@ def test_node_routes_a_radiograph_and_the_worker_classifies_it(make_node, tmp_pa
         path, enforce_file_format=True
     )
     assert send([path], "127.0.0.1", node.port).sent == [path]
-    done = "SELECT COUNT(*) FROM jobs WHERE kind = 'inference' AND state = 'succeeded'"
-    assert node.wait_for(done, 1, timeout_s=120) == 1, node.log()
-    (row,) = node.query("SELECT path FROM results")
-    result = json.loads((node.data_dir / row["path"]).read_text())
+    ((result, folder),) = node.results(1)
     assert result["demo"] and result["classifications"][0]["positive"]
-    heat = np.load(node.data_dir / Path(row["path"]).parent / result["heatmaps"][0]["file"])
+    heat = np.load(folder / result["heatmaps"][0]["file"])
     assert heat.shape == (400, 520)
 
 

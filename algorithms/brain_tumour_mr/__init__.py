@@ -12,37 +12,22 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from dicom_node.algorithm import (
-    Algorithm,
     AlgorithmResult,
+    BundleAlgorithm,
     InputSpec,
     LabelMask,
     SeriesInput,
-    Weights,
 )
 
 DEMO_WEIGHTS = Path(__file__).with_name("demo_weights.pt")
 
 
-class BrainTumourMr(Algorithm):
+class BrainTumourMr(BundleAlgorithm):
     name = "brain-tumour-mr"
     version = "1.0.0"
+    demo_weights = DEMO_WEIGHTS
+    model_module = "algorithms.brain_tumour_mr.model"
     inputs = InputSpec(("T1c", "T1", "T2", "FLAIR"))
-
-    def weights(self) -> Weights:
-        if "bundle" in self.settings:
-            return Weights.from_bundle(Path(self.settings["bundle"]))
-        return Weights.from_file(DEMO_WEIGHTS, demo=True)
-
-    def load(self, device: str) -> None:
-        # torch and MONAI load here, not at import: routing must not pay for them.
-        from algorithms.brain_tumour_mr.model import load_bundle, load_demo
-
-        weights = self.weights()
-        assert weights.path is not None
-        self.loaded = (
-            load_demo(weights.path) if weights.demo else load_bundle(Path(self.settings["bundle"]))
-        )
-        self.loaded.network.to(device)
 
     def run(self, inputs: Mapping[str, SeriesInput]) -> AlgorithmResult:
         from algorithms.brain_tumour_mr.model import (

@@ -10,7 +10,6 @@ sets, orientation, per-channel z-score), so what is learnt is what runs.
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 from pathlib import Path
@@ -30,6 +29,7 @@ from algorithms.brain_tumour_mr.model import (
 )
 from dicom_node.algorithm import SeriesInput
 from dicom_node.phantoms import BrainPhantom, BrainPhantomSpec, write_brain_study
+from dicom_node.weights import demo_training_cli
 
 ARCHITECTURE = {"init_filters": 8, "blocks_down": (1, 1, 1), "blocks_up": (1, 1)}
 ROI = (64, 64, 32)
@@ -123,12 +123,7 @@ def train(out: Path, *, cases: int, epochs: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DEMO_WEIGHTS)
-    parser.add_argument("--cases", type=int, default=32)
-    parser.add_argument("--epochs", type=int, default=8)
-    args = parser.parse_args()
-    train(args.out, cases=args.cases, epochs=args.epochs)
+    demo_training_cli(__doc__, train, out=DEMO_WEIGHTS, cases=32, epochs=8)
 
 
 if __name__ == "__main__":

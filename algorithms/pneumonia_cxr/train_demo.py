@@ -11,7 +11,6 @@ what runs. The threshold is the one that maximises balanced accuracy on a held-o
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ from algorithms.pneumonia_cxr.model import (
     network_input,
 )
 from dicom_node.phantoms import CxrPhantomSpec, cxr_dataset
+from dicom_node.weights import demo_training_cli
 
 ARCHITECTURE = {"growth_rate": 8, "block_config": (2, 2, 2, 2), "num_init_features": 16}
 SIZES = ((512, 512), (448, 560), (600, 480), (384, 384))
@@ -69,10 +69,10 @@ def best_threshold(probabilities: np.ndarray, labels: np.ndarray) -> tuple[float
     return float(candidates[best]), float(scored[best])
 
 
-def train(out: Path, *, train_size: int, epochs: int) -> None:
+def train(out: Path, *, cases: int, epochs: int) -> None:
     torch.manual_seed(0)
     torch.use_deterministic_algorithms(True)
-    x_train, y_train = phantom_set(range(train_size))
+    x_train, y_train = phantom_set(range(cases))
     x_val, y_val = phantom_set(range(100_000, 100_200))
     network = demo_network(ARCHITECTURE)
     optimiser = torch.optim.Adam(network.parameters(), lr=2e-3)
@@ -103,7 +103,7 @@ def train(out: Path, *, train_size: int, epochs: int) -> None:
             "labels": ["Pneumonia"],
             "threshold": threshold,
             "held_out_balanced_accuracy": accuracy,
-            "trained_on": f"{train_size} dicom-node CXR phantoms (seeds 0-{train_size - 1})",
+            "trained_on": f"{cases} dicom-node CXR phantoms (seeds 0-{cases - 1})",
             "state_dict": network.state_dict(),
         },
         out,
@@ -112,12 +112,7 @@ def train(out: Path, *, train_size: int, epochs: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DEMO_WEIGHTS)
-    parser.add_argument("--train-size", type=int, default=600)
-    parser.add_argument("--epochs", type=int, default=6)
-    args = parser.parse_args()
-    train(args.out, train_size=args.train_size, epochs=args.epochs)
+    demo_training_cli(__doc__, train, out=DEMO_WEIGHTS, cases=600, epochs=6)
 
 
 if __name__ == "__main__":
