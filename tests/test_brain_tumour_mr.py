@@ -133,3 +133,23 @@ def test_node_routes_a_four_sequence_study_and_segments_it(make_node, tmp_path) 
     assert whole.shape == (32, 64, 64)
     truth_ml = phantom.whole_tumour.sum() * 27 / 1000
     assert result["measurements"]["whole tumour volume_ml"] == pytest.approx(truth_ml, rel=0.2)
+
+
+def test_series_on_other_grids_are_resampled_through_patient_space() -> None:
+    """A linear ramp in patient x survives trilinear resampling exactly, so the resampled
+    values say where each target voxel was looked up; the same grid reordered is exact."""
+    from algorithms.brain_tumour_mr.model import resample_onto
+
+    target = hd.Volume(np.zeros((6, 8, 8), np.float32), np.diag([3.0, 2.0, 2.0, 1.0]), "PATIENT")
+    affine = np.diag([2.5, 1.5, 1.0, 1.0])
+    affine[:3, 3] = (1.0, 0.75, 0.5)  # a different grid, offset by fractions of a voxel
+    i = np.arange(12)[:, None, None] * np.ones((12, 16, 20))
+    x = affine[0, 0] * i + affine[0, 3]  # patient x of each source voxel
+    source = hd.Volume(x.astype(np.float32), affine, "PATIENT")
+    resampled = resample_onto(source, target)
+    expected = 3.0 * np.arange(6)[:, None, None] * np.ones((6, 8, 8))
+    # Target voxels at x, y or z = 0 lie before the source's first voxel centre: outside.
+    assert np.allclose(resampled[1:, 1:, 1:], expected[1:, 1:, 1:], atol=1e-4)
+    assert np.all(resampled[0] == 0)
+    flipped = target.with_array(np.random.default_rng(0).random((6, 8, 8)).astype(np.float32))
+    assert np.array_equal(resample_onto(flipped.flip_spatial((0, 2)), flipped), flipped.array)

@@ -70,9 +70,17 @@ def load_demo(path: Path) -> LoadedNetwork:
 
 
 def resample_onto(source: hd.Volume, target: hd.Volume) -> np.ndarray:
-    """``source`` resampled onto ``target``'s voxel grid through patient space (trilinear)."""
+    """``source`` resampled onto ``target``'s voxel grid through patient space (trilinear).
+
+    Series acquired on one grid (the usual case within a study, and what BraTS provides)
+    need no interpolation: their voxels are only reordered, exactly.
+    """
     if source.frame_of_reference_uid != target.frame_of_reference_uid:
         raise ValueError("the series are in different frames of reference: not co-registered")
+    try:
+        return source.match_geometry(target).array.astype(np.float32)
+    except RuntimeError:  # not a permutation, flip or crop of the target grid
+        pass
     # target voxel -> patient -> source voxel
     mapping = source.inverse_affine @ target.affine
     return ndimage.affine_transform(

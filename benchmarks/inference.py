@@ -1,0 +1,178 @@
+"""Inference overhead benchmark: the node's job versus the bare network, per algorithm.
+
+For each built-in algorithm (demo weights unless configured otherwise) a phantom case is put
+into a node store the way the SCP stores it, and the node's inference worker runs the job:
+claim, read the DICOM files, build the volume, pre-process, run, post-process back to the
+source grid, save the result and commit it. That "job started" to "result ready" time is set
+against a bare script in the same run: the same loaded network on the same pre-processed
+tensor (for the CXR the forward pass and its Grad-CAM, which the result needs). Both are
+measured warm (the worker keeps models loaded), alternating, best of ``--repeats``.
+
+    python -m benchmarks.inference [--repeats 3] [--algorithm NAME ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+
+from dicom_node.algorithm import Algorithm, SeriesInput
+from dicom_node.config import NodeConfig
+from dicom_node.infer import Worker, series_input
+from dicom_node.jobs import JobKind, enqueue
+from dicom_node.phantoms import (
+    BrainPhantomSpec,
+    CtPhantomSpec,
+    CxrPhantomSpec,
+    Nodule,
+    brain_study,
+    ct_series,
+    cxr_dataset,
+)
+from dicom_node.store import InstanceStore, Sender
+
+SENDER = Sender("BENCHMARK", "127.0.0.1")
+
+
+def lung_case() -> dict[str, list[Dataset]]:
+    """A 512 x 512 x 160 chest CT (0.7 mm, 1.25 mm slices) with one nodule."""
+    spec = CtPhantomSpec(slices=160, noise_hu=20, nodules=(Nodule((-60.0, 10.0, 100.0), 9.0),))
+    return {"series": list(ct_series(spec))}
+
+
+def brain_case() -> dict[str, list[Dataset]]:
+    """Four 240 x 240 x 155 sequences at 1 mm: the size of a BraTS case."""
+    spec = BrainPhantomSpec(frames=155, rows=240, columns=240, spacing_mm=(1.0, 1.0, 1.0))
+    return brain_study(spec).series
+
+
+def cxr_case() -> dict[str, list[Dataset]]:
+    """A 2048 x 2048 radiograph with an opacity."""
+    return {"series": [cxr_dataset(CxrPhantomSpec(rows=2048, columns=2048, opacity=True))]}
+
+
+def lung_bare(algorithm: Algorithm, inputs: Mapping[str, SeriesInput]) -> Callable[[], object]:
+    from algorithms.lung_nodules_ct.model import detect, preprocess
+
+    loaded = algorithm.loaded  # type: ignore[attr-defined]
+    image = preprocess(inputs["series"].volume(), loaded.parameters)
+    return lambda: detect(loaded, image)
+
+
+def brain_bare(algorithm: Algorithm, inputs: Mapping[str, SeriesInput]) -> Callable[[], object]:
+    from algorithms.brain_tumour_mr.model import network_input, segment
+
+    loaded = algorithm.loaded  # type: ignore[attr-defined]
+    image, _ = network_input({role: series.volume() for role, series in inputs.items()})
+    return lambda: segment(loaded, image)
+
+
+def cxr_bare(algorithm: Algorithm, inputs: Mapping[str, SeriesInput]) -> Callable[[], object]:
+    from algorithms.pneumonia_cxr.model import displayed_image, network_input, probability_and_cam
+
+    loaded = algorithm.loaded  # type: ignore[attr-defined]
+    (dataset,) = inputs["series"].datasets()
+    x, _ = network_input(displayed_image(dataset))
+    x = x.to(algorithm.device)  # type: ignore[attr-defined]
+    return lambda: probability_and_cam(loaded, x)
+
+
+@dataclass(frozen=True)
+class Case:
+    make: Callable[[], dict[str, list[Dataset]]]
+    bare: Callable[[Algorithm, Mapping[str, SeriesInput]], Callable[[], object]]
+    target: str
+
+
+CASES = {
+    "lung-nodules-ct": Case(lung_case, lung_bare, "<= 5 %"),
+    "brain-tumour-mr": Case(brain_case, brain_bare, "<= 5 %"),
+    "pneumonia-cxr": Case(cxr_case, cxr_bare, "<= 1 s"),
+}
+
+
+def encoded(ds: Dataset) -> bytes:
+    """The data set as the SCP receives it: Explicit VR Little Endian, no file meta."""
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_dataset(buffer, ds)
+    return buffer.getvalue()
+
+
+def timed(run: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    run()
+    return time.perf_counter() - started
+
+
+def measure(name: str, case: Case, repeats: int, scratch: Path, device: str) -> dict[str, float]:
+    config = NodeConfig.model_validate(
+        {"store": {"data_dir": str(scratch / name)}, "worker": {"device": device}}
+    )
+    store = InstanceStore.open(config.store.data_dir)
+    inputs = {}
+    for role, datasets in case.make().items():
+        for ds in datasets:
+            store.put(encoded(ds), ds.file_meta.TransferSyntaxUID, SENDER)
+        inputs[role] = datasets[0].SeriesInstanceUID
+    worker = Worker(config, name="benchmark")
+    algorithm = worker.algorithm(name)  # loaded once, kept warm, as in the node
+    bare = case.bare(
+        algorithm, {role: series_input(store.db, store.data_dir, u) for role, u in inputs.items()}
+    )
+
+    def node_job() -> None:
+        with store.db.transaction() as conn:
+            enqueue(conn, JobKind.INFERENCE, "benchmark", 1, {"algorithm": name, "inputs": inputs})
+        job = worker.work_once()
+        assert job is not None and worker.jobs.get(job.id).state.value == "succeeded", job
+
+    node_job()  # warm-up: first-call allocations and kernel selection
+    bare()
+    node_s, bare_s = [], []
+    for _ in range(repeats):
+        node_s.append(timed(node_job))
+        bare_s.append(timed(bare))
+    store.close()
+    return {"node_s": min(node_s), "bare_s": min(bare_s)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--algorithm", action="append", choices=sorted(CASES))
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    print(
+        f"# {platform.node()}: {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"CUDA {'yes' if torch.cuda.is_available() else 'no'}; best of {args.repeats}"
+    )
+    print(
+        f"{'algorithm':<17} {'node job s':>10} {'bare net s':>10} {'overhead s':>10} "
+        f"{'overhead':>9}  target"
+    )
+    with tempfile.TemporaryDirectory() as scratch:
+        for name in args.algorithm or list(CASES):
+            case = CASES[name]
+            figures = measure(name, case, args.repeats, Path(scratch), args.device)
+            overhead = figures["node_s"] - figures["bare_s"]
+            print(
+                f"{name:<17} {figures['node_s']:>10.2f} {figures['bare_s']:>10.2f} "
+                f"{overhead:>10.2f} {100 * overhead / figures['bare_s']:>8.1f}%  {case.target}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
