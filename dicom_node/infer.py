@@ -11,11 +11,13 @@ Each result is written as plain data (``result.json`` and ``.npy`` arrays) under
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -52,7 +54,9 @@ class Worker:
         self.device = resolve_device(config.worker.device)
         self._registry = discover()
         self._loaded: dict[str, Algorithm] = {}
-        self._stop = threading.Event()
+        # A plain flag, not a threading.Event: stop() runs as a signal handler, and an Event
+        # takes a lock that the interrupted main thread may hold inside Event.wait.
+        self._stopping = False
         if config.worker.cpu_threads is not None:
             _set_torch_threads(config.worker.cpu_threads)
 
@@ -126,15 +130,21 @@ class Worker:
             mark_succeeded(conn, job.id)
         return job
 
-    def serve(self, poll_s: float = 0.2) -> None:
+    def serve(self, poll_s: float = 0.2, *, parent_pid: int | None = None) -> None:
+        """Work until stopped, or until the process ``parent_pid`` (the node) is gone."""
         log.info("%s ready on %s", self.name, self.device)
-        while not self._stop.is_set():
+        while not self._stopping:
+            if parent_pid is not None and os.getppid() != parent_pid:
+                # An orphan would go on claiming jobs beside the worker of a restarted node.
+                log.warning("%s: the node process is gone; stopping", self.name)
+                break
             if self.work_once() is None:
-                self._stop.wait(poll_s)
+                time.sleep(poll_s)
         self.db.close()
 
     def stop(self, *_: object) -> None:
-        self._stop.set()
+        """Stop after the job in hand; safe to call from a signal handler."""
+        self._stopping = True
 
 
 def _set_torch_threads(threads: int) -> None:
@@ -145,16 +155,32 @@ def _set_torch_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def worker_main(config: NodeConfig, name: str) -> None:
-    """Entry of the worker process started by :class:`WorkerSupervisor`."""
+def worker_main(config: NodeConfig, name: str, parent_pid: int | None = None) -> None:
+    """Entry of a worker process: started by :class:`WorkerSupervisor` with the node's pid
+    as ``parent_pid``, or on its own by ``dicom-node worker``."""
     logging.basicConfig(
         level=config.logging.level,
         format="%(asctime)s %(levelname)-7s %(name)s[worker]: %(message)s",
     )
+    if parent_pid is not None:
+        _terminate_with_parent()
     worker = Worker(config, name=name)
     signal.signal(signal.SIGTERM, worker.stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the node stops us with SIGTERM, in order
-    worker.serve()
+    worker.serve(parent_pid=parent_pid)
+
+
+def _terminate_with_parent() -> None:
+    """Ask Linux for SIGTERM when the parent dies (prctl PR_SET_PDEATHSIG), so that a node
+    killed with SIGKILL does not leave its worker behind; the poll in
+    :meth:`Worker.serve` covers other systems."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        log.debug("prctl(PR_SET_PDEATHSIG) unavailable; relying on the parent poll")
 
 
 class WorkerSupervisor:
@@ -180,7 +206,10 @@ class WorkerSupervisor:
         self._generation += 1
         self._name = f"worker-{socket.gethostname()}-{os.getpid()}-{self._generation}"
         self._process = self._context.Process(
-            target=worker_main, args=(self.config, self._name), name=self._name, daemon=True
+            target=worker_main,
+            args=(self.config, self._name, os.getpid()),
+            name=self._name,
+            daemon=True,
         )
         self._process.start()
         log.info("started inference worker %s (pid %d)", self._name, self._process.pid)

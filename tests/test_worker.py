@@ -83,3 +83,23 @@ def test_a_failing_algorithm_fails_its_job_with_the_reason(make_node, corpus: Pa
     job = wait_state(node, "failed")
     assert job["attempts"] == 2
     assert "ValueError" in job["error"] and "not a number" in job["error"]
+
+
+def test_worker_does_not_outlive_a_killed_node(make_node) -> None:
+    """SIGKILL gives the node no chance to stop its worker: the worker must notice, or an
+    orphan would go on claiming jobs beside the worker of the restarted node."""
+    node = make_node(assembly=FAST)
+    deadline = time.monotonic() + 30
+    while "started inference worker" not in node.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    pid = worker_pid(node)
+    node.kill()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+    raise AssertionError(f"worker {pid} outlived its node")
