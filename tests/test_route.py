@@ -255,16 +255,20 @@ def test_bad_routing_rules_name_the_key(tmp_path: Path, routing, message) -> Non
 def test_node_records_decisions_and_status_shows_them(make_node, corpus: Path) -> None:
     from dicom_node.scu import send
 
-    node = make_node(assembly={"series_quiet_seconds": 1, "study_quiet_seconds": 1})
+    node = make_node(
+        assembly={"series_quiet_seconds": 1, "study_quiet_seconds": 1},
+        worker={"enabled": False},  # decisions only: the jobs stay queued
+    )
     folder = corpus / "chest-ct-lung-pet-ct-dx"
     report = send([folder], "127.0.0.1", node.port)
     assert len(report.sent) == 60
     assert node.wait_for("SELECT COUNT(*) FROM routing_decisions WHERE level = 'series'", 2) == 2
     summaries = [r[0] for r in node.query("SELECT summary FROM routing_decisions")]
-    # No algorithm is installed in this test environment: the decision says so.
-    assert any(
-        "lung-nodules-ct: matches, but the algorithm is not installed" in s for s in summaries
-    )
+    series = [s for s in summaries if s.startswith("routed to lung-nodules-ct;")]
+    assert len(series) == 2, summaries
+    assert "pneumonia-cxr: modality CT is not CR/DX" in series[0]
+    queued = "SELECT COUNT(*) FROM jobs WHERE kind = 'inference' AND state = 'queued'"
+    assert node.query(queued)[0][0] == 2
     import subprocess
     import sys
 
