@@ -85,6 +85,15 @@ def load_demo_checkpoint(path: Path, fmt: str) -> dict[str, Any]:
     return checkpoint
 
 
+def save_demo_checkpoint(path: Path, fmt: str, network: torch.nn.Module, **metadata: Any) -> None:
+    """Write demo weights as :func:`load_demo_checkpoint` reads them, with what a reader
+    of the file needs to know (architecture, what it was trained on, held-out scores)."""
+    import torch
+
+    torch.save({"format": fmt, **metadata, "state_dict": network.state_dict()}, path)
+    print(f"wrote {path} ({path.stat().st_size // 1024} KiB)")
+
+
 def demo_training_cli(
     doc: str, train: Callable[..., None], *, out: Path, cases: int, epochs: int
 ) -> None:

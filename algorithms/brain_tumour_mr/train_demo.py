@@ -29,7 +29,7 @@ from algorithms.brain_tumour_mr.model import (
 )
 from dicom_node.algorithm import SeriesInput
 from dicom_node.phantoms import BrainPhantom, BrainPhantomSpec, write_brain_study
-from dicom_node.weights import demo_training_cli
+from dicom_node.weights import demo_training_cli, save_demo_checkpoint
 
 ARCHITECTURE = {"init_filters": 8, "blocks_down": (1, 1, 1), "blocks_up": (1, 1)}
 ROI = (64, 64, 32)
@@ -108,18 +108,15 @@ def train(out: Path, *, cases: int, epochs: int) -> None:
             f"epoch {epoch + 1}: loss {total / len(data):.4f}, held-out Dice "
             f"TC {scores[0]:.3f} WT {scores[1]:.3f} ET {scores[2]:.3f}"
         )
-    torch.save(
-        {
-            "format": DEMO_FORMAT,
-            "architecture": json.dumps(ARCHITECTURE),
-            "roi_size": list(ROI),
-            "held_out_dice": [float(s) for s in scores],
-            "trained_on": f"{cases} dicom-node brain MR phantoms (seeds 0-{cases - 1})",
-            "state_dict": network.state_dict(),
-        },
+    save_demo_checkpoint(
         out,
+        DEMO_FORMAT,
+        network,
+        architecture=json.dumps(ARCHITECTURE),
+        roi_size=list(ROI),
+        held_out_dice=[float(s) for s in scores],
+        trained_on=f"{cases} dicom-node brain MR phantoms (seeds 0-{cases - 1})",
     )
-    print(f"wrote {out} ({out.stat().st_size // 1024} KiB)")
 
 
 def main() -> None:

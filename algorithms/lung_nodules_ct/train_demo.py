@@ -31,7 +31,7 @@ from algorithms.lung_nodules_ct.model import (
     preprocess,
 )
 from dicom_node.phantoms import CtPhantomSpec, Nodule, ct_series
-from dicom_node.weights import demo_training_cli
+from dicom_node.weights import demo_training_cli, save_demo_checkpoint
 
 ARCHITECTURE = {"block_inplanes": [16, 32, 64, 128], "fpn_channels": 32}
 
@@ -128,17 +128,14 @@ def train(out: Path, *, cases: int, epochs: int) -> None:
             f"max {max(errors):.2f} source voxels, false positives {false_positives}",
             flush=True,
         )
-    torch.save(
-        {
-            "format": DEMO_FORMAT,
-            "architecture": json.dumps(ARCHITECTURE),
-            "held_out_max_centre_error_voxels": float(max(errors)),
-            "trained_on": f"{cases} dicom-node chest CT phantoms (seeds 0-{cases - 1})",
-            "state_dict": network.state_dict(),
-        },
+    save_demo_checkpoint(
         out,
+        DEMO_FORMAT,
+        network,
+        architecture=json.dumps(ARCHITECTURE),
+        held_out_max_centre_error_voxels=float(max(errors)),
+        trained_on=f"{cases} dicom-node chest CT phantoms (seeds 0-{cases - 1})",
     )
-    print(f"wrote {out} ({out.stat().st_size // 1024} KiB)")
 
 
 def evaluate(

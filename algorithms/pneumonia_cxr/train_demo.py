@@ -26,7 +26,7 @@ from algorithms.pneumonia_cxr.model import (
     network_input,
 )
 from dicom_node.phantoms import CxrPhantomSpec, cxr_dataset
-from dicom_node.weights import demo_training_cli
+from dicom_node.weights import demo_training_cli, save_demo_checkpoint
 
 ARCHITECTURE = {"growth_rate": 8, "block_config": (2, 2, 2, 2), "num_init_features": 16}
 SIZES = ((512, 512), (448, 560), (600, 480), (384, 384))
@@ -96,19 +96,16 @@ def train(out: Path, *, cases: int, epochs: int) -> None:
             f"epoch {epoch + 1}: loss {loss.item():.4f}, held-out balanced accuracy "
             f"{accuracy:.3f} at threshold {threshold:.3f}"
         )
-    torch.save(
-        {
-            "format": DEMO_FORMAT,
-            "architecture": ARCHITECTURE,
-            "labels": ["Pneumonia"],
-            "threshold": threshold,
-            "held_out_balanced_accuracy": accuracy,
-            "trained_on": f"{cases} dicom-node CXR phantoms (seeds 0-{cases - 1})",
-            "state_dict": network.state_dict(),
-        },
+    save_demo_checkpoint(
         out,
+        DEMO_FORMAT,
+        network,
+        architecture=ARCHITECTURE,
+        labels=["Pneumonia"],
+        threshold=threshold,
+        held_out_balanced_accuracy=accuracy,
+        trained_on=f"{cases} dicom-node CXR phantoms (seeds 0-{cases - 1})",
     )
-    print(f"wrote {out} ({out.stat().st_size // 1024} KiB)")
 
 
 def main() -> None:
