@@ -114,16 +114,42 @@ def _little_endian(ds: Dataset) -> Dataset:
 
 
 @dataclass(frozen=True)
+class Concept:
+    """A coded concept as plain data: coding scheme designator, code value, code meaning
+    (for example ``Concept("SCT", "27925004", "Nodule")``). The node's writers turn these
+    into DICOM codes; algorithms only name what they found."""
+
+    scheme: str
+    value: str
+    meaning: str
+
+    def __post_init__(self) -> None:
+        if not (self.scheme and self.value and self.meaning):
+            raise ValueError("a concept needs a scheme, a value and a meaning")
+
+
+MORPHOLOGICALLY_ABNORMAL_STRUCTURE = Concept(
+    "SCT", "49755003", "Morphologically abnormal structure"
+)
+ANATOMICAL_STRUCTURE = Concept("SCT", "91723000", "Anatomical structure")
+
+
+@dataclass(frozen=True)
 class LabelMask:
     """A binary mask in the voxel grid of one input.
 
     The grid is that of the input's :meth:`SeriesInput.volume`: frames in highdicom's spatial
     order (not necessarily the order the instances were stored or numbered), rows, columns.
+    ``property_type`` says what the mask is (a DICOM SEG's Segmented Property Type),
+    ``category`` its kind and ``anatomy`` where it is.
     """
 
     name: str
     array: np.ndarray
     source: str = SERIES_INPUT  # the input whose grid this is
+    property_type: Concept | None = None
+    category: Concept = MORPHOLOGICALLY_ABNORMAL_STRUCTURE
+    anatomy: Concept | None = None
 
     def __post_init__(self) -> None:
         if self.array.ndim != 3:

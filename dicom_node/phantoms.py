@@ -34,13 +34,19 @@ class Nodule:
     hu: float = 30.0
 
 
+AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+
+
 @dataclass(frozen=True)
 class CtPhantomSpec:
-    """An axial chest CT: body, two lungs, optionally nodules and noise.
+    """A chest CT: body, two lungs, optionally nodules and noise.
 
     ``pixel_spacing_mm`` is (between rows, between columns), so pixels need not be square;
-    ``reversed_order`` writes the slices from head to feet instead. The grid is centred on
-    the patient origin in x and y; slice ``k`` lies at z = k x ``slice_thickness_mm``.
+    ``orientation`` is the ImageOrientationPatient of every slice (axial by default; any
+    other plane, oblique included, for geometry tests: the slice picture stays the same, the
+    nodules are spheres in patient space). Slice ``k`` lies ``k`` x ``slice_thickness_mm``
+    along the normal (row direction x column direction) from the plane through the origin,
+    centred on it; ``reversed_order`` writes the slices last to first.
     """
 
     slices: int = 64
@@ -52,32 +58,30 @@ class CtPhantomSpec:
     noise_hu: float = 0.0
     seed: int = 0
     reversed_order: bool = False
+    orientation: tuple[float, float, float, float, float, float] = AXIAL
     patient_name: str = "PHANTOM^CT"
     patient_id: str = "PHANTOM-CT"
     study_uid: str | None = None
     series_uid: str | None = None
 
-    def origin_lps_mm(self, index: int) -> tuple[float, float, float]:
-        """ImagePositionPatient of slice ``index`` (0 = the most inferior)."""
-        row_mm, column_mm = self.pixel_spacing_mm
-        return (
-            -self.columns * column_mm / 2,
-            -self.rows * row_mm / 2,
-            index * self.slice_thickness_mm,
-        )
-
     def affine(self) -> np.ndarray:
-        """(slice, row, column) indices, slices inferior to superior, -> patient LPS mm."""
+        """(slice, row, column) indices, slices in acquisition order, -> patient LPS mm."""
+        along_row = np.asarray(self.orientation[:3], dtype=float)  # column index grows
+        along_column = np.asarray(self.orientation[3:], dtype=float)  # row index grows
         row_mm, column_mm = self.pixel_spacing_mm
         affine = np.eye(4)
-        affine[:3, 0] = (0, 0, self.slice_thickness_mm)
-        affine[:3, 1] = (0, row_mm, 0)
-        affine[:3, 2] = (column_mm, 0, 0)
-        affine[:3, 3] = self.origin_lps_mm(0)
+        affine[:3, 0] = np.cross(along_row, along_column) * self.slice_thickness_mm
+        affine[:3, 1] = along_column * row_mm
+        affine[:3, 2] = along_row * column_mm
+        affine[:3, 3] = -(affine[:3, 1] * self.rows + affine[:3, 2] * self.columns) / 2
         return affine
 
+    def origin_lps_mm(self, index: int) -> tuple[float, float, float]:
+        """ImagePositionPatient of slice ``index``."""
+        return tuple(float(v) for v in (self.affine() @ [index, 0, 0, 1])[:3])
+
     def nodule_mask(self) -> np.ndarray:
-        """Truth: voxels inside any nodule, (slice, row, column) with slices inferior first."""
+        """Truth: voxels inside any nodule, (slice, row, column) in acquisition order."""
         return np.stack(
             [
                 np.any([self.nodule_disc(n, k) for n in self.nodules], axis=0)
@@ -90,10 +94,11 @@ class CtPhantomSpec:
     def nodule_disc(self, nodule: Nodule, index: int) -> np.ndarray:
         """Pixels of slice ``index`` whose centres lie inside ``nodule``."""
         r, c = np.ogrid[: self.rows, : self.columns]
-        row_mm, column_mm = self.pixel_spacing_mm
-        x0, y0, z = self.origin_lps_mm(index)
-        cx, cy, cz = nodule.center_lps_mm
-        distance = (x0 + c * column_mm - cx) ** 2 + (y0 + r * row_mm - cy) ** 2 + (z - cz) ** 2
+        affine = self.affine()
+        offset = affine[:3, 3] + affine[:3, 0] * index - np.asarray(nodule.center_lps_mm)
+        distance = sum(
+            (offset[axis] + affine[axis, 1] * r + affine[axis, 2] * c) ** 2 for axis in range(3)
+        )
         return distance <= (nodule.diameter_mm / 2) ** 2
 
 
@@ -196,7 +201,7 @@ def ct_series(spec: CtPhantomSpec = CtPhantomSpec()) -> Iterator[Dataset]:
         ds.FrameOfReferenceUID = frame_of_reference
         ds.PositionReferenceIndicator = ""
         ds.ImagePositionPatient = list(spec.origin_lps_mm(index))
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImageOrientationPatient = list(spec.orientation)
         ds.SliceLocation = index * spec.slice_thickness_mm
         ds.SamplesPerPixel = 1
         ds.PhotometricInterpretation = "MONOCHROME2"

@@ -1,0 +1,172 @@
+"""Write algorithm results as DICOM: Segmentation (PS3.3 A.51) from label masks.
+
+Algorithms return plain data; this stage turns it into standard objects in the source's study.
+Geometry is where AI nodes go wrong (shifted or flipped overlays), so it is checked rather than
+assumed: masks are in the grid of the source's highdicom volume, and each source instance is
+placed in that grid by its own ImagePositionPatient before highdicom pairs frames with source
+images (highdicom never sorts, and an unsorted list silently misplaces frames).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+from dicom_node import __version__
+from dicom_node.algorithm import DEMO_WARNING, AlgorithmResult, Concept, SeriesInput, Weights
+
+MANUFACTURER = "dicom-node"
+MODEL_NAME = "dicom-node"
+# Distinct hues for up to eight segments, as CIELab (L*, a*, b*): red, green, blue, yellow,
+# magenta, cyan, orange, violet. Viewers that honour RecommendedDisplayCIELabValue show these.
+PALETTE = (
+    (53.2, 80.1, 67.2),
+    (87.7, -86.2, 83.2),
+    (32.3, 79.2, -107.9),
+    (97.1, -21.6, 94.5),
+    (60.3, 98.3, -60.8),
+    (91.1, -48.1, -14.1),
+    (74.9, 23.9, 78.9),
+    (45.4, 78.0, -78.0),
+)
+
+
+class WriteError(ValueError):
+    """A result that cannot be written as asked; the message says why."""
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Who made a result: the algorithm, its version and its weights."""
+
+    algorithm: str
+    version: str
+    weights: Weights
+
+    def identification(self) -> hd.AlgorithmIdentificationSequence:
+        """Algorithm Identification (PS3.3 C.8.20.2) with the weights' SHA-256 as a parameter."""
+        parameters = {"weights": "DEMO" if self.weights.demo else "public"}
+        if self.weights.sha256:
+            parameters["weights_sha256"] = self.weights.sha256
+        return hd.AlgorithmIdentificationSequence(
+            name=self.algorithm,
+            family=codes.DCM.ArtificialIntelligence,
+            version=self.version,
+            source=MANUFACTURER,
+            parameters=parameters,
+        )
+
+    def series_description(self, kind: str) -> str:
+        """E.g. "AI lung-nodules-ct SEG", prefixed by the DEMO warning with demo weights;
+        at most 64 characters (LO)."""
+        text = f"AI {self.algorithm} {kind}"
+        return (f"{DEMO_WARNING} {text}" if self.weights.demo else text)[:64]
+
+
+def code(concept: Concept) -> Code:
+    return Code(concept.value, concept.scheme, concept.meaning)
+
+
+def spatially_ordered(series: SeriesInput) -> tuple[hd.Volume, list[Dataset]]:
+    """The series' volume and its instances in the volume's frame order.
+
+    Each instance is located by mapping its ImagePositionPatient into the volume's indices:
+    it must land on frame ``k``'s first voxel, (k, 0, 0), or the volume and the instances
+    disagree (rows or columns flipped, frames missing) and nothing is written.
+    """
+    volume = series.volume()
+    datasets = series.datasets()
+    if len(datasets) == 1:
+        return volume, datasets  # one instance: a multi-frame image or a single slice
+    positions = np.array([ds.ImagePositionPatient for ds in datasets], dtype=float)
+    indices = volume.map_reference_to_indices(positions)
+    frames = np.rint(indices[:, 0]).astype(int)
+    if not np.allclose(indices, np.stack([frames, 0 * frames, 0 * frames], axis=1), atol=1e-3):
+        raise WriteError(f"series {series.series_uid}: instances do not tile its volume")
+    if sorted(frames.tolist()) != list(range(volume.spatial_shape[0])):
+        raise WriteError(f"series {series.series_uid}: instances and volume frames differ")
+    return volume, [datasets[i] for i in np.argsort(frames)]
+
+
+def segmentation(
+    result: AlgorithmResult,
+    inputs: dict[str, SeriesInput],
+    provenance: Provenance,
+    *,
+    series_number: int,
+    instance_number: int = 1,
+    further_sources: Sequence[str] = (),
+) -> hd.seg.Segmentation:
+    """One BINARY Segmentation holding every mask of ``result``, one segment each.
+
+    All masks must be in the grid of one input (the source images); the inputs named in
+    ``further_sources`` are referenced as Further Source Images (e.g. the other sequences of
+    an MR study). Every source frame has a SEG frame, empty ones included: viewers that
+    match SEG frames to the images they are shown with then never miss one.
+    """
+    if not result.masks:
+        raise WriteError("the result has no masks to write as a segmentation")
+    sources = {m.source for m in result.masks}
+    if len(sources) != 1:
+        raise WriteError(f"masks are on several inputs' grids ({sorted(sources)}): one SEG each")
+    (source,) = sources
+    volume, datasets = spatially_ordered(inputs[source])
+    masks = np.stack([m.array for m in result.masks], axis=-1)
+    if masks.shape[:3] != volume.spatial_shape:
+        raise WriteError(
+            f"masks {masks.shape[:3]} are not on {source}'s grid {volume.spatial_shape}"
+        )
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=mask.name[:64],
+            segmented_property_category=code(mask.category),
+            segmented_property_type=code(_required(mask.property_type, mask.name)),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=provenance.identification(),
+            tracking_uid=hd.UID(),
+            tracking_id=f"{provenance.algorithm} {mask.name}"[:64],
+            anatomic_regions=[code(mask.anatomy)] if mask.anatomy else None,
+            display_color=hd.color.CIELabColor(*PALETTE[(number - 1) % len(PALETTE)]),
+        )
+        for number, mask in enumerate(result.masks, 1)
+    ]
+    for ds in datasets:
+        # highdicom copies the sources' SpacingBetweenSlices into the SEG, and scanners fill
+        # it with other things (the gap, the reconstruction interval). Without it highdicom
+        # computes the spacing from the real positions. (In-memory copies: the store keeps
+        # what was received.)
+        if "SpacingBetweenSlices" in ds:
+            del ds.SpacingBetweenSlices
+    further = [ds for name in further_sources for ds in inputs[name].datasets()]
+    return hd.seg.Segmentation(
+        source_images=datasets,
+        pixel_array=masks.astype(np.uint8),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(),
+        series_number=series_number,
+        sop_instance_uid=hd.UID(),
+        instance_number=instance_number,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=MODEL_NAME,
+        software_versions=__version__,
+        device_serial_number="0",
+        omit_empty_frames=False,
+        series_description=provenance.series_description("SEG"),
+        content_description=(DEMO_WARNING if result.demo else None),
+        content_label="AI_SEG",
+        further_source_images=further or None,
+    )
+
+
+def _required(concept: Concept | None, name: str) -> Concept:
+    if concept is None:
+        raise WriteError(f"mask {name!r} does not say what it is (property_type)")
+    return concept

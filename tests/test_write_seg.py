@@ -1,0 +1,187 @@
+"""SEG written from masks lands on the right voxel, whatever the acquisition plane or order.
+
+Masks come from the phantoms' own geometry (no model), so these tests are about the writer:
+the SEG read back with highdicom must equal the masks voxel for voxel in the source grid, and
+the reference validators (dicom3tools) must find no error.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import subprocess
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pytest
+from pydicom import config as pydicom_config
+from pydicom import dcmread
+
+from dicom_node.algorithm import AlgorithmResult, Concept, LabelMask, SeriesInput, Weights
+from dicom_node.phantoms import AXIAL, CtPhantomSpec, Nodule, write_ct_series
+from dicom_node.write import Provenance, WriteError, segmentation
+from tests.conftest import require_tool
+
+NODULE = Concept("SCT", "27925004", "Nodule")
+LUNG = Concept("SCT", "39607008", "Lung")
+BODY = Concept("SCT", "38266002", "Entire body")
+ANATOMY = Concept("SCT", "91723000", "Anatomical structure")
+
+
+def oblique(a: float, b: float) -> tuple[float, ...]:
+    """Axial rotated by ``a`` about z, then tilted by ``b`` about the new row direction."""
+    row = np.array([math.cos(a), math.sin(a), 0.0])
+    column = np.array([-math.sin(a), math.cos(a), 0.0])
+    column = column * math.cos(b) + np.cross(row, column) * math.sin(b)
+    return tuple(round(float(v), 6) for v in (*row, *column))
+
+
+PLANES = {
+    "axial": AXIAL,
+    "sagittal": (0.0, 1.0, 0.0, 0.0, 0.0, -1.0),
+    "coronal": (1.0, 0.0, 0.0, 0.0, 0.0, -1.0),
+    "oblique": oblique(math.radians(20), math.radians(25)),
+}
+
+
+def phantom(plane: str, reversed_order: bool) -> CtPhantomSpec:
+    """A small non-square-pixel CT in ``plane`` with a nodule in the middle of its grid."""
+    spec = CtPhantomSpec(
+        slices=24,
+        rows=48,
+        columns=40,
+        pixel_spacing_mm=(0.9, 0.6),
+        slice_thickness_mm=1.5,
+        orientation=PLANES[plane],
+        reversed_order=reversed_order,
+    )
+    center = spec.affine() @ [spec.slices / 2 + 0.3, spec.rows / 2 - 3.2, spec.columns / 2 + 2.6, 1]
+    return CtPhantomSpec(**{**spec.__dict__, "nodules": (Nodule(tuple(center[:3]), 9.0),)})
+
+
+def masks_for(spec: CtPhantomSpec, volume: hd.Volume) -> list[LabelMask]:
+    """Two overlapping segments on the volume's grid: the nodule (truth) and the body."""
+    nodule = hd.Volume(
+        spec.nodule_mask().astype(np.uint8), spec.affine(), "PATIENT", volume.frame_of_reference_uid
+    ).match_geometry(volume)
+    return [
+        LabelMask("Nodule 1", nodule.array.astype(bool), property_type=NODULE, anatomy=LUNG),
+        LabelMask(
+            "Body",
+            volume.array > -500,
+            property_type=BODY,
+            category=Concept("SCT", "91723000", "Anatomical structure"),
+        ),
+    ]
+
+
+PROVENANCE = Provenance("test-geometry", "1.0", Weights(None, "ab" * 32, demo=True))
+
+
+def written(
+    tmp_path: Path, spec: CtPhantomSpec
+) -> tuple[list[Path], SeriesInput, list[LabelMask], Path]:
+    paths = write_ct_series(tmp_path / "ct", spec)
+    shuffled = list(paths)
+    random.Random(1).shuffle(shuffled)  # the order the node hands over means nothing
+    series = SeriesInput("1", tuple(shuffled))
+    masks = masks_for(spec, series.volume())
+    assert masks[0].array.sum() > 50
+    result = AlgorithmResult("test-geometry", "1.0", demo=True, masks=masks)
+    seg = segmentation(result, {"series": series}, PROVENANCE, series_number=901)
+    path = tmp_path / "seg.dcm"
+    seg.save_as(path)
+    return paths, series, masks, path
+
+
+@pytest.mark.parametrize("reversed_order", [False, True], ids=["ordered", "reversed"])
+@pytest.mark.parametrize("plane", PLANES)
+def test_seg_round_trip_is_voxel_exact(tmp_path, plane, reversed_order) -> None:
+    spec = phantom(plane, reversed_order)
+    paths, series, masks, path = written(tmp_path, spec)
+    volume = series.volume()
+    seg = hd.seg.segread(path)
+    for number, mask in enumerate(masks, 1):
+        back = seg.get_volume(segment_numbers=[number], combine_segments=True)
+        assert np.array_equal(back.match_geometry(volume).array.astype(bool), mask.array), (
+            f"{plane}: segment {number} differs"
+        )
+    # Frame by frame too, through the source instances, in the order they were stored.
+    uids = [dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in paths]
+    by_instance = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=uids, segment_numbers=[1], combine_segments=True
+    )
+    truth = spec.nodule_mask()  # acquisition order, as ``paths``
+    if spec.reversed_order:
+        truth = truth[::-1]
+    assert np.array_equal(by_instance.astype(bool), truth)
+    # Every reference is a source instance.
+    referenced = {
+        item.ReferencedSOPInstanceUID
+        for frame in seg.PerFrameFunctionalGroupsSequence
+        for derivation in frame.DerivationImageSequence
+        for item in derivation.SourceImageSequence
+    }
+    assert referenced == set(uids)
+
+
+@pytest.mark.parametrize("plane", PLANES)
+def test_seg_passes_the_reference_validators(tmp_path, plane) -> None:
+    paths, _, _, path = written(tmp_path, phantom(plane, reversed_order=True))
+    report = subprocess.run(
+        [require_tool("dciodvfy"), str(path)], capture_output=True, text=True, timeout=60
+    )
+    output = report.stdout + report.stderr
+    assert "Error" not in output, output
+    assert "Warning" not in output, output
+    consistency = subprocess.run(
+        [require_tool("dcentvfy"), *map(str, paths), str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "Error" not in consistency.stdout + consistency.stderr, consistency.stdout
+    previous = pydicom_config.settings.reading_validation_mode
+    pydicom_config.settings.reading_validation_mode = pydicom_config.RAISE
+    try:
+        seg = dcmread(path)
+        seg.PixelData  # noqa: B018 - every element parsed under RAISE
+        for element in seg.iterall():
+            element.value  # noqa: B018
+    finally:
+        pydicom_config.settings.reading_validation_mode = previous
+    assert seg.SeriesDescription.startswith("DEMO MODEL - NOT FOR CLINICAL USE")
+    assert seg.StudyInstanceUID == dcmread(paths[0]).StudyInstanceUID
+    (segment, _) = seg.SegmentSequence
+    assert segment.SegmentedPropertyTypeCodeSequence[0].CodeValue == "27925004"
+    parameters = segment.SegmentationAlgorithmIdentificationSequence[0]
+    assert "ab" * 32 in str(parameters.AlgorithmParameters)
+
+
+def test_spacing_between_slices_of_the_source_does_not_leak(tmp_path) -> None:
+    spec = phantom("axial", reversed_order=False)
+    paths = write_ct_series(tmp_path / "ct", spec)
+    for path in paths:  # a scanner that fills the attribute with something else
+        ds = dcmread(path)
+        ds.SpacingBetweenSlices = 5.0
+        ds.save_as(path)
+    series = SeriesInput("1", tuple(paths))
+    result = AlgorithmResult("t", "1", demo=False, masks=masks_for(spec, series.volume()))
+    seg = segmentation(result, {"series": series}, PROVENANCE, series_number=1)
+    measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert float(measures.SpacingBetweenSlices) == pytest.approx(spec.slice_thickness_mm)
+
+
+def test_masks_that_say_nothing_or_do_not_fit_are_refused(tmp_path) -> None:
+    spec = phantom("axial", reversed_order=False)
+    series = SeriesInput("1", tuple(write_ct_series(tmp_path / "ct", spec)))
+    shape = series.volume().spatial_shape
+    unnamed = AlgorithmResult("t", "1", demo=False, masks=[LabelMask("x", np.ones(shape))])
+    with pytest.raises(WriteError, match="does not say what it is"):
+        segmentation(unnamed, {"series": series}, PROVENANCE, series_number=1)
+    wrong = AlgorithmResult(
+        "t", "1", demo=False, masks=[LabelMask("x", np.ones((2, 2, 2)), property_type=NODULE)]
+    )
+    with pytest.raises(WriteError, match="not on series's grid"):
+        segmentation(wrong, {"series": series}, PROVENANCE, series_number=1)
