@@ -166,6 +166,8 @@ class Finding:
     size_mm: tuple[float, float, float]
     score: float
     mask: str | None = None  # name of the LabelMask outlining it, if any
+    finding_type: Concept | None = None  # e.g. SCT 27925004 Nodule
+    site: Concept | None = None  # e.g. SCT 39607008 Lung
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.score <= 1.0:
@@ -181,6 +183,7 @@ class Classification:
     label: str
     probability: float
     threshold: float
+    finding: Concept | None = None  # e.g. SCT 233604007 Pneumonia
 
     def __post_init__(self) -> None:
         for key in ("probability", "threshold"):
@@ -248,6 +251,9 @@ class AlgorithmResult:
     classifications: list[Classification] = field(default_factory=list)
     heatmaps: list[HeatMap] = field(default_factory=list)
     measurements: dict[str, float] = field(default_factory=dict)  # key names carry the unit
+    # What the algorithm looks for: a type with no finding is reported as absent, because a
+    # silent nothing cannot be told from a failure.
+    looked_for: list[Concept] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         names = [m.name for m in self.masks]

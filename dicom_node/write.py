@@ -170,3 +170,228 @@ def _required(concept: Concept | None, name: str) -> Concept:
     if concept is None:
         raise WriteError(f"mask {name!r} does not say what it is (property_type)")
     return concept
+
+
+FINDING = Concept("SCT", "404684003", "Clinical finding")  # when an algorithm names none
+MILLILITER = Code("mL", "UCUM", "milliliter")
+IMAGING_PROCEDURE = Code("363679005", "SCT", "Imaging procedure")
+
+
+def _tracking(identifier: str, uid: str | None = None) -> hd.sr.TrackingIdentifier:
+    return hd.sr.TrackingIdentifier(uid=uid or hd.UID(), identifier=identifier[:64])
+
+
+def _circle_on_slice(
+    center_lps_mm: Sequence[float], diameter_mm: float, volume: hd.Volume, datasets: list[Dataset]
+) -> hd.sr.ImageRegion:
+    """A closed polyline circle on the source slice through ``center_lps_mm`` (TID 1410).
+
+    2D SCOORD in pixel coordinates of that image: (column, row), the top-left corner of the
+    top-left pixel at (0, 0), so a voxel centre (r, c) is at (c + 0.5, r + 0.5) (PS3.3
+    C.18.6.1.1). Viewers (OHIF included) draw 2D regions; they do not draw SCOORD3D points.
+    """
+    frame, row, column = volume.map_reference_to_indices(np.array([center_lps_mm], float))[0]
+    frame = int(np.clip(np.rint(frame), 0, len(datasets) - 1))
+    row_mm, column_mm = (float(v) for v in volume.pixel_spacing)
+    angles = np.linspace(0.0, 2.0 * np.pi, 33)  # 32 sides, closed: last point = first
+    radius = max(diameter_mm, 1.0) / 2.0
+    points = np.stack(
+        [
+            column + 0.5 + radius / column_mm * np.cos(angles),
+            row + 0.5 + radius / row_mm * np.sin(angles),
+        ],
+        axis=1,
+    )
+    points[-1] = points[0]
+    source = datasets[frame]
+    return hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=points.astype(np.float32),
+        source_image=hd.sr.SourceImageForRegion(source.SOPClassUID, source.SOPInstanceUID),
+    )
+
+
+def measurement_report(
+    result: AlgorithmResult,
+    inputs: dict[str, SeriesInput],
+    provenance: Provenance,
+    *,
+    series_number: int,
+    segmentation: hd.seg.Segmentation | None = None,
+    source: str = "series",
+) -> hd.sr.Comprehensive3DSR:
+    """A TID 1500 Measurement Report of ``result``, observed by the algorithm as a device.
+
+    - each finding: a planar group (TID 1410) with a circle on the source slice through its
+      centre, its long-axis diameter and score, and when it is outlined in ``segmentation`` a
+      volumetric group (TID 1411) on that segment with its volume;
+    - each mask no finding outlines: a volumetric group with its volume in mL;
+    - each classification: a TID 1501 group, Present or Absent against its threshold, with
+      its probability and the image it was made on;
+    - each type in ``result.looked_for`` that nothing was found of: a TID 1501 group saying
+      Absent, so that "nothing found" is a statement rather than a silence.
+    """
+    if result.findings or segmentation is not None:
+        volume, datasets = spatially_ordered(inputs[source])
+    else:  # classifications only: a radiograph may have no position to build a volume from
+        volume, datasets = None, inputs[source].datasets()
+    device = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=hd.UID(),
+            name=provenance.algorithm,
+            manufacturer_name=MANUFACTURER,
+            model_name=f"{provenance.algorithm} {provenance.version}",
+        ),
+    )
+    algorithm_id = hd.sr.AlgorithmIdentification(
+        name=provenance.algorithm,
+        version=provenance.version,
+        parameters=[f"weights {'DEMO' if provenance.weights.demo else provenance.weights.sha256}"],
+    )
+    segment_numbers = {m.name: n for n, m in enumerate(result.masks, 1)}
+    outlined = {f.mask for f in result.findings if f.mask}
+    groups: list = []
+    for number, finding in enumerate(result.findings, 1):
+        finding_type = code(finding.finding_type or FINDING)
+        sites = [hd.sr.FindingSite(code(finding.site))] if finding.site else None
+        identifier = f"{finding.label} {number}"
+        groups.append(
+            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=_tracking(identifier),
+                referenced_region=_circle_on_slice(
+                    finding.center_lps_mm, max(finding.size_mm), volume, datasets
+                ),
+                finding_type=finding_type,
+                finding_sites=sites,
+                algorithm_id=algorithm_id,
+                measurements=[
+                    hd.sr.Measurement(
+                        codes.SCT.Diameter, max(finding.size_mm), codes.UCUM.Millimeter
+                    ),
+                    hd.sr.Measurement(codes.DCM.Probability, finding.score, codes.UCUM.NoUnits),
+                ],
+            )
+        )
+        if finding.mask and segmentation is not None:
+            groups.append(
+                _volumetric(
+                    result,
+                    segmentation,
+                    segment_numbers[finding.mask],
+                    volume,
+                    identifier,
+                    finding_type,
+                    sites,
+                    algorithm_id,
+                    codes.UCUM.CubicMillimeter,
+                )
+            )
+    if segmentation is not None:
+        for mask in result.masks:
+            if mask.name not in outlined:
+                groups.append(
+                    _volumetric(
+                        result,
+                        segmentation,
+                        segment_numbers[mask.name],
+                        volume,
+                        mask.name,
+                        code(mask.property_type or FINDING),
+                        [hd.sr.FindingSite(code(mask.anatomy))] if mask.anatomy else None,
+                        algorithm_id,
+                        MILLILITER,
+                    )
+                )
+    image = [
+        hd.sr.SourceImageForMeasurementGroup(ds.SOPClassUID, ds.SOPInstanceUID)
+        for ds in datasets[:1]
+    ]
+    for classification in result.classifications:
+        concept = code(
+            classification.finding
+            or Concept("99DCMNODE", classification.label, classification.label)
+        )
+        groups.append(
+            hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=_tracking(classification.label),
+                finding_type=concept,
+                algorithm_id=algorithm_id,
+                source_images=image if len(datasets) == 1 else None,
+                measurements=[
+                    hd.sr.Measurement(
+                        codes.DCM.Probability, classification.probability, codes.UCUM.NoUnits
+                    )
+                ],
+                qualitative_evaluations=[
+                    hd.sr.QualitativeEvaluation(
+                        concept, codes.SCT.Present if classification.positive else codes.SCT.Absent
+                    )
+                ],
+            )
+        )
+    found = {f.finding_type for f in result.findings}
+    for concept in result.looked_for:
+        if concept not in found:
+            groups.append(
+                hd.sr.MeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=_tracking(f"no {concept.meaning}"),
+                    finding_type=code(concept),
+                    algorithm_id=algorithm_id,
+                    qualitative_evaluations=[
+                        hd.sr.QualitativeEvaluation(code(concept), codes.SCT.Absent)
+                    ],
+                )
+            )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=device),
+        procedure_reported=IMAGING_PROCEDURE,
+        imaging_measurements=groups,
+        title=codes.DCM.ImagingMeasurementReport,
+    )
+    evidence = [*datasets, *([segmentation] if segmentation is not None else [])]
+    return hd.sr.Comprehensive3DSR(
+        evidence=evidence,
+        content=report,
+        series_instance_uid=hd.UID(),
+        series_number=series_number,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        series_description=provenance.series_description("SR"),
+    )
+
+
+def _volumetric(
+    result: AlgorithmResult,
+    segmentation: hd.seg.Segmentation,
+    number: int,
+    volume: hd.Volume,
+    identifier: str,
+    finding_type: Code,
+    sites: list | None,
+    algorithm_id: hd.sr.AlgorithmIdentification,
+    unit: Code,
+) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    """TID 1411 on segment ``number``, tracked by the segment's own UID, with its volume."""
+    segment = segmentation.SegmentSequence[number - 1]
+    cubic_mm = float(result.masks[number - 1].array.sum()) * float(volume.voxel_volume)
+    value = cubic_mm / 1000.0 if unit == MILLILITER else cubic_mm
+    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(identifier, segment.TrackingUID),
+        # Not ReferencedSegment.from_segmentation: with one segment highdicom keeps the segment
+        # identification in the shared functional groups, where that method does not look.
+        referenced_segment=hd.sr.ReferencedSegment(
+            sop_class_uid=segmentation.SOPClassUID,
+            sop_instance_uid=segmentation.SOPInstanceUID,
+            segment_number=number,
+            source_series=hd.sr.SourceSeriesForSegmentation(
+                segmentation.ReferencedSeriesSequence[0].SeriesInstanceUID
+            ),
+        ),
+        finding_type=finding_type,
+        finding_sites=sites,
+        algorithm_id=algorithm_id,
+        measurements=[hd.sr.Measurement(codes.SCT.Volume, round(value, 4), unit)],
+    )
