@@ -79,7 +79,8 @@ def brain_bare(algorithm: Algorithm, inputs: Mapping[str, SeriesInput]) -> Calla
 
 
 def cxr_bare(algorithm: Algorithm, inputs: Mapping[str, SeriesInput]) -> Callable[[], object]:
-    from algorithms.pneumonia_cxr.model import displayed_image, network_input, probability_and_cam
+    from algorithms.pneumonia_cxr.model import network_input, probability_and_cam
+    from dicom_node.display import displayed_image
 
     loaded = algorithm.loaded  # type: ignore[attr-defined]
     (dataset,) = inputs["series"].datasets()

@@ -20,6 +20,7 @@ from pydicom.sr.coding import Code
 
 from dicom_node import __version__
 from dicom_node.algorithm import DEMO_WARNING, AlgorithmResult, Concept, SeriesInput, Weights
+from dicom_node.display import displayed_image
 
 MANUFACTURER = "dicom-node"
 MODEL_NAME = "dicom-node"
@@ -395,3 +396,74 @@ def _volumetric(
         algorithm_id=algorithm_id,
         measurements=[hd.sr.Measurement(codes.SCT.Volume, round(value, 4), unit)],
     )
+
+
+def heat_map_capture(
+    result: AlgorithmResult,
+    inputs: dict[str, SeriesInput],
+    provenance: Provenance,
+    *,
+    series_number: int,
+) -> hd.sc.SCImage:
+    """An RGB Secondary Capture of the radiograph with the heat map laid over it and the
+    finding, probability and (with demo weights) the DEMO warning burned in.
+
+    The burned-in text is why BurnedInAnnotation is YES: a PACS must not strip or hide it.
+    """
+    import cv2
+
+    if len(result.heatmaps) != 1:
+        raise WriteError(f"expected one heat map, the result has {len(result.heatmaps)}")
+    (heat,) = result.heatmaps
+    (reference,) = inputs[heat.source].datasets()
+    image = displayed_image(reference)
+    if heat.array.shape != image.shape:
+        raise WriteError(f"heat map {heat.array.shape} is not on the image grid {image.shape}")
+    low, high = float(image.min()), float(image.max())
+    grey = ((image - low) / max(high - low, 1e-6) * 255.0).astype(np.uint8)
+    rgb = np.repeat(grey[..., None], 3, axis=-1).astype(np.float32)
+    weight = np.clip(heat.array, 0.0, 1.0)
+    colour = cv2.applyColorMap((weight * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]
+    alpha = (0.5 * weight * (weight >= 0.2))[..., None]  # faint warmth stays unpainted
+    picture = (rgb * (1.0 - alpha) + colour.astype(np.float32) * alpha).astype(np.uint8)
+    lines = [f"AI {provenance.algorithm} {provenance.version}: {heat.name}"]
+    for c in result.classifications:
+        verdict = "POSITIVE" if c.positive else "negative"
+        lines.append(f"{c.label}: {verdict}  p={c.probability:.2f} (threshold {c.threshold:.2f})")
+    if provenance.weights.demo:
+        lines.append(DEMO_WARNING)
+    _burn_in(picture, lines)
+    capture = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=reference,
+        pixel_array=np.ascontiguousarray(picture),
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        series_instance_uid=hd.UID(),
+        series_number=series_number,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        patient_orientation=tuple(reference.get("PatientOrientation") or ("L", "F")),
+        series_description=provenance.series_description("heat map"),
+    )
+    capture.BurnedInAnnotation = "YES"
+    if "BodyPartExamined" in reference:
+        # Without it validators must assume a paired organ, whose Laterality is required.
+        capture.BodyPartExamined = reference.BodyPartExamined
+    return capture
+
+
+def _burn_in(picture: np.ndarray, lines: list[str]) -> None:
+    """White text with a black outline, top left, sized to the image."""
+    import cv2
+
+    scale = max(picture.shape[1] / 1400.0, 0.35)
+    thickness = max(round(scale * 2), 1)
+    y = int(40 * scale) + 4
+    for line in lines:
+        for color, width in (((0, 0, 0), thickness + 2), ((255, 255, 255), thickness)):
+            origin = (int(12 * scale) + 2, y)
+            font = cv2.FONT_HERSHEY_SIMPLEX
+            cv2.putText(picture, line, origin, font, scale, color, width, cv2.LINE_AA)
+        y += int(42 * scale) + 4

@@ -12,13 +12,13 @@ xrv = pytest.importorskip("torchxrayvision")
 
 from algorithms.pneumonia_cxr import PneumoniaCxr  # noqa: E402
 from algorithms.pneumonia_cxr.model import (  # noqa: E402
-    displayed_image,
     load_network,
     logits,
     network_input,
     public_network,
 )
 from dicom_node.algorithm import SeriesInput  # noqa: E402
+from dicom_node.display import displayed_image  # noqa: E402
 from dicom_node.phantoms import CxrPhantomSpec, cxr_dataset, cxr_pixels  # noqa: E402
 from dicom_node.weights import WeightsMismatch  # noqa: E402
 

@@ -59,11 +59,8 @@ class PneumoniaCxr(Algorithm):
     def run(self, inputs: Mapping[str, SeriesInput]) -> AlgorithmResult:
         import torch
 
-        from algorithms.pneumonia_cxr.model import (
-            displayed_image,
-            network_input,
-            probability_and_cam,
-        )
+        from algorithms.pneumonia_cxr.model import network_input, probability_and_cam
+        from dicom_node.display import displayed_image
 
         series = inputs["series"]
         if len(series.paths) != 1:

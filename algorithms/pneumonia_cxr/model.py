@@ -19,8 +19,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchxrayvision as xrv
-from pydicom.dataset import Dataset
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from algorithms.pneumonia_cxr import LABEL
 from dicom_node.weights import WeightsMismatch, load_demo_checkpoint, load_state_strictly
@@ -47,22 +45,6 @@ class CropGeometry:
         full = np.zeros((self.rows, self.columns), dtype=np.float32)
         full[self.top : self.top + self.side, self.left : self.left + self.side] = square.numpy()
         return full
-
-
-def displayed_image(ds: Dataset) -> np.ndarray:
-    """The radiograph as a reader sees it: air dark, whatever the photometric interpretation."""
-    pixels = ds.pixel_array
-    if pixels.ndim == 3 and int(ds.get("SamplesPerPixel", 1)) == 3:
-        pixels = pixels.mean(axis=-1)  # an RGB capture of a radiograph
-    elif pixels.ndim != 2:
-        raise ValueError(f"expected one 2-D radiograph, got pixel data of shape {pixels.shape}")
-    image = apply_modality_lut(pixels.astype(np.float32), ds)
-    if "WindowCenter" in ds or "VOILUTSequence" in ds:
-        image = apply_voi_lut(image, ds)
-    image = np.asarray(image, dtype=np.float32)
-    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
-        image = image.max() - image
-    return image
 
 
 def network_input(image: np.ndarray) -> tuple[torch.Tensor, CropGeometry]:

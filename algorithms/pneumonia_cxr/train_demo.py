@@ -21,10 +21,10 @@ from algorithms.pneumonia_cxr import DEMO_WEIGHTS
 from algorithms.pneumonia_cxr.model import (
     DEMO_FORMAT,
     demo_network,
-    displayed_image,
     logits,
     network_input,
 )
+from dicom_node.display import displayed_image
 from dicom_node.phantoms import CxrPhantomSpec, cxr_dataset
 from dicom_node.weights import demo_training_cli, save_demo_checkpoint
 

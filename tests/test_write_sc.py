@@ -1,0 +1,85 @@
+"""The heat-map Secondary Capture: the overlay where the heat is, the verdict burned in."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import config as pydicom_config
+from pydicom import dcmread
+
+from dicom_node.algorithm import AlgorithmResult, Classification, HeatMap, SeriesInput, Weights
+from dicom_node.phantoms import CxrPhantomSpec, cxr_dataset
+from dicom_node.write import Provenance, WriteError, heat_map_capture
+from tests.test_write_sr import validate
+
+CORPUS_CXR = (
+    "cxr-rsna-torchxrayvision/tests/1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
+)
+# dciodvfy warnings that come from the source radiograph, copied as the standard asks: it has
+# no StudyID, and its anonymiser put a UUID in PatientName (a single-component name).
+SOURCE_WARNINGS = ("Study ID", "Patient's Name")
+
+
+def capture_of(path: Path, probability: float, demo: bool = True):
+    ds = dcmread(path)
+    rows, columns = ds.Rows, ds.Columns
+    yy, xx = np.mgrid[:rows, :columns]
+    peak = (int(rows * 0.6), int(columns * 0.3))
+    heat = np.exp(-(((yy - peak[0]) ** 2 + (xx - peak[1]) ** 2) / (2 * (rows * 0.08) ** 2)))
+    result = AlgorithmResult(
+        "pneumonia-cxr",
+        "1.0.0",
+        demo=demo,
+        classifications=[Classification("Pneumonia", probability, 0.57)],
+        heatmaps=[HeatMap("Pneumonia Grad-CAM", heat)],
+    )
+    provenance = Provenance("pneumonia-cxr", "1.0.0", Weights(None, None, demo))
+    inputs = {"series": SeriesInput("1", (path,))}
+    return heat_map_capture(result, inputs, provenance, series_number=903), peak
+
+
+@pytest.mark.parametrize("source", ["phantom", "corpus"])
+def test_heat_map_capture_is_valid_and_shows_the_heat(tmp_path, corpus, source) -> None:
+    if source == "corpus":
+        path = corpus / CORPUS_CXR
+    else:
+        path = tmp_path / "cxr.dcm"
+        cxr_dataset(CxrPhantomSpec(rows=1000, columns=820)).save_as(path, enforce_file_format=True)
+    capture, (row, column) = capture_of(path, 0.81)
+    out = tmp_path / "sc.dcm"
+    capture.save_as(out)
+    report = validate(out)
+    warnings = [line for line in report.splitlines() if line.startswith("Warning")]
+    assert all(any(w in line for w in SOURCE_WARNINGS) for line in warnings), warnings
+    if source == "phantom":
+        assert warnings == []
+    previous = pydicom_config.settings.reading_validation_mode
+    pydicom_config.settings.reading_validation_mode = pydicom_config.RAISE
+    try:
+        back = dcmread(out)
+    finally:
+        pydicom_config.settings.reading_validation_mode = previous
+    source_ds = dcmread(path)
+    assert back.BurnedInAnnotation == "YES"
+    assert back.StudyInstanceUID == source_ds.StudyInstanceUID
+    assert back.PatientID == source_ds.PatientID
+    assert back.SeriesDescription.startswith("DEMO MODEL - NOT FOR CLINICAL USE")
+    pixels = back.pixel_array
+    assert pixels.shape == (source_ds.Rows, source_ds.Columns, 3)
+    red, _, blue = (int(v) for v in pixels[row, column])
+    assert red > blue + 60, pixels[row, column]  # the peak is painted hot
+    r, g, b = (int(v) for v in pixels[-5, -5])
+    assert r == g == b  # far from the heat the radiograph stays grey
+    text = pixels[: pixels.shape[0] // 8, : pixels.shape[1] // 2]
+    assert (text >= 250).all(axis=-1).sum() > 200  # burned-in white text
+
+
+def test_a_heat_map_off_the_image_grid_is_refused(tmp_path) -> None:
+    path = tmp_path / "cxr.dcm"
+    cxr_dataset(CxrPhantomSpec(rows=64, columns=64)).save_as(path, enforce_file_format=True)
+    result = AlgorithmResult("x", "1", demo=False, heatmaps=[HeatMap("h", np.zeros((8, 8)))])
+    provenance = Provenance("x", "1", Weights(None, None, False))
+    with pytest.raises(WriteError, match="not on the image grid"):
+        heat_map_capture(result, {"series": SeriesInput("1", (path,))}, provenance, series_number=1)
