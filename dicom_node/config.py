@@ -256,6 +256,16 @@ class RoutingConfig(_Section):
     )
 
 
+class ResultsConfig(_Section):
+    """The DICOM objects results are written as, in the source's study, a new series each."""
+
+    seg_series_number: int = Field(default=9901, ge=1, description="Series Number of SEGs.")
+    sr_series_number: int = Field(default=9902, ge=1, description="Series Number of SRs.")
+    sc_series_number: int = Field(
+        default=9903, ge=1, description="Series Number of heat-map Secondary Captures."
+    )
+
+
 class WorkerConfig(_Section):
     """The inference worker."""
 
@@ -287,6 +297,7 @@ class NodeConfig(_Section):
         description="Per-algorithm settings by name, e.g. the path of public weights.",
     )
     worker: WorkerConfig = WorkerConfig()
+    results: ResultsConfig = ResultsConfig()
     logging: LoggingConfig = LoggingConfig()
 
 

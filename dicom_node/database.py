@@ -74,6 +74,16 @@ CREATE TABLE IF NOT EXISTS results (
     path        TEXT NOT NULL,       -- result.json, relative to the data folder
     created_at  REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS outputs (
+    sop_instance_uid TEXT PRIMARY KEY,  -- what a re-delivery sends again, unchanged
+    job_id           INTEGER NOT NULL REFERENCES jobs(id),
+    kind             TEXT NOT NULL,     -- SEG, SR, SC
+    sop_class_uid    TEXT NOT NULL,
+    series_uid       TEXT NOT NULL,
+    study_uid        TEXT NOT NULL,
+    path             TEXT NOT NULL      -- relative to the data folder
+);
+CREATE INDEX IF NOT EXISTS outputs_by_job ON outputs(job_id);
 CREATE TABLE IF NOT EXISTS routing_decisions (
     id           INTEGER PRIMARY KEY AUTOINCREMENT,
     level        TEXT NOT NULL CHECK (level IN ('series', 'study')),

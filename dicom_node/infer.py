@@ -26,6 +26,7 @@ from dicom_node.algorithm import Algorithm, SeriesInput, discover, resolve_devic
 from dicom_node.config import NodeConfig
 from dicom_node.database import Database, database_path
 from dicom_node.jobs import Job, JobKind, SqliteJobStore, mark_succeeded
+from dicom_node.write import Provenance, Written, write_all
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ class Worker:
             self._loaded[name] = instance
         return self._loaded[name]
 
-    def run_job(self, job: Job) -> Path:
+    def run_job(self, job: Job) -> tuple[Path, list[Written]]:
         algorithm = self.algorithm(job.payload["algorithm"])
         inputs = {
             name: series_input(self.db, self.data_dir, uid)
@@ -94,22 +95,28 @@ class Worker:
             )
         started = time.perf_counter()
         result = algorithm.run(inputs)
-        path = result.save(self.data_dir / RESULTS_DIR / str(job.id))
+        folder = self.data_dir / RESULTS_DIR / str(job.id)
+        path = result.save(folder)
+        ran = time.perf_counter() - started
+        provenance = Provenance(algorithm.name, algorithm.version, algorithm.weights())
+        written = write_all(result, inputs, provenance, folder / "dicom", self.config.results)
         log.info(
-            "job %d: %s ran in %.2f s%s",
+            "job %d: %s ran in %.2f s, wrote %s in %.2f s%s",
             job.id,
             algorithm.name,
-            time.perf_counter() - started,
+            ran,
+            ", ".join(w.kind for w in written) or "nothing",
+            time.perf_counter() - started - ran,
             " (DEMO weights)" if result.demo else "",
         )
-        return path
+        return path, written
 
     def work_once(self) -> Job | None:
         job = self.jobs.claim(self.name, (JobKind.INFERENCE.value,))
         if job is None:
             return None
         try:
-            path = self.run_job(job)
+            path, written = self.run_job(job)
         except Exception as exc:
             state = self.jobs.fail(
                 job.id, f"{type(exc).__name__}: {exc}", max_attempts=self.config.worker.max_attempts
@@ -126,6 +133,24 @@ class Worker:
                     str(path.relative_to(self.data_dir)),
                     time.time(),
                 ),
+            )
+            # Written once per job: a retry after a crash rewrites the files and only the
+            # committed attempt's objects (their SOP Instance UIDs) are ever delivered.
+            conn.executemany(
+                "INSERT OR REPLACE INTO outputs (sop_instance_uid, job_id, kind, sop_class_uid,"
+                " series_uid, study_uid, path) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        w.sop_instance_uid,
+                        job.id,
+                        w.kind,
+                        w.sop_class_uid,
+                        w.series_uid,
+                        w.study_uid,
+                        str(w.path.relative_to(self.data_dir)),
+                    )
+                    for w in written
+                ],
             )
             mark_succeeded(conn, job.id)
         return job

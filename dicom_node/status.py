@@ -7,7 +7,7 @@ The report opens the database read-only (WAL lets it read while the SCP writes),
 from __future__ import annotations
 
 import sqlite3
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,8 @@ class StatusReport:
     recent_series: list[SeriesSummary]
     jobs: dict[str, int]
     study_routing: list[dict[str, Any]]  # the latest study-level decisions
+    outputs: dict[str, int] = field(default_factory=dict)  # DICOM results written, by kind
+    recent_outputs: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -132,6 +134,14 @@ def _report(conn: sqlite3.Connection, data_dir: Path, recent: int) -> StatusRepo
             (recent,),
         )
     ]
+    outputs = dict(conn.execute("SELECT kind, COUNT(*) FROM outputs GROUP BY kind").fetchall())
+    recent_outputs = [
+        {"job": r["job_id"], "kind": r["kind"], "path": str(data_dir / r["path"])}
+        for r in conn.execute(
+            "SELECT job_id, kind, path FROM outputs ORDER BY job_id DESC, kind LIMIT ?",
+            (recent,),
+        )
+    ]
     return StatusReport(
         str(data_dir),
         studies,
@@ -144,6 +154,8 @@ def _report(conn: sqlite3.Connection, data_dir: Path, recent: int) -> StatusRepo
         recent_series,
         jobs,
         study_routing,
+        outputs,
+        recent_outputs,
     )
 
 
@@ -183,4 +195,8 @@ def format_report(report: StatusReport) -> str:
         for d in report.study_routing:
             lines.append(f"  {d['study_uid']} (generation {d['generation']}): {d['routing']}")
     lines += ["", "jobs: " + ", ".join(f"{k} {v}" for k, v in report.jobs.items())]
+    if report.outputs:
+        written = ", ".join(f"{n} {kind}" for kind, n in sorted(report.outputs.items()))
+        lines += ["", f"results written as DICOM: {written} (no destination: kept here)"]
+        lines += [f"  job {o['job']:<5} {o['kind']:<3} {o['path']}" for o in report.recent_outputs]
     return "\n".join(lines)

@@ -9,8 +9,11 @@ images (highdicom never sorts, and an unsorted list silently misplaces frames).
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import highdicom as hd
 import numpy as np
@@ -20,7 +23,10 @@ from pydicom.sr.coding import Code
 
 from dicom_node import __version__
 from dicom_node.algorithm import DEMO_WARNING, AlgorithmResult, Concept, SeriesInput, Weights
+from dicom_node.config import ResultsConfig
 from dicom_node.display import displayed_image
+
+log = logging.getLogger(__name__)
 
 MANUFACTURER = "dicom-node"
 MODEL_NAME = "dicom-node"
@@ -467,3 +473,87 @@ def _burn_in(picture: np.ndarray, lines: list[str]) -> None:
             font = cv2.FONT_HERSHEY_SIMPLEX
             cv2.putText(picture, line, origin, font, scale, color, width, cv2.LINE_AA)
         y += int(42 * scale) + 4
+
+
+@dataclass(frozen=True)
+class Written:
+    """One DICOM object written for a result."""
+
+    kind: str  # SEG, SR or SC
+    path: Path
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_uid: str
+    study_uid: str
+
+
+def write_all(
+    result: AlgorithmResult,
+    inputs: dict[str, SeriesInput],
+    provenance: Provenance,
+    folder: Path,
+    numbers: ResultsConfig,
+) -> list[Written]:
+    """Every object ``result`` calls for, written into ``folder``: a SEG when there are
+    masks, an SR when there is anything to report (a statement of absence included), a
+    heat-map SC per heat map. The SEG's source is the input the masks are on; the other
+    inputs (an MR study's other sequences) are its further sources."""
+    primary = result.masks[0].source if result.masks else next(iter(inputs))
+    objects: list[tuple[str, Dataset]] = []
+    seg = None
+    if result.masks:
+        further = [name for name in inputs if name != primary]
+        seg = segmentation(
+            result,
+            inputs,
+            provenance,
+            series_number=numbers.seg_series_number,
+            further_sources=further,
+        )
+        objects.append(("SEG", seg))
+    if result.findings or result.masks or result.classifications or result.looked_for:
+        sr = measurement_report(
+            result,
+            inputs,
+            provenance,
+            series_number=numbers.sr_series_number,
+            segmentation=seg,
+            source=primary,
+        )
+        objects.append(("SR", sr))
+    if result.heatmaps:
+        sc = heat_map_capture(result, inputs, provenance, series_number=numbers.sc_series_number)
+        objects.append(("SC", sc))
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for kind, dataset in objects:
+        _drop_invalid_copied_values(dataset)
+        path = folder / f"{kind.lower()}.dcm"
+        dataset.save_as(path, enforce_file_format=True)
+        written.append(
+            Written(
+                kind,
+                path,
+                str(dataset.SOPClassUID),
+                str(dataset.SOPInstanceUID),
+                str(dataset.SeriesInstanceUID),
+                str(dataset.StudyInstanceUID),
+            )
+        )
+    return written
+
+
+AGE = re.compile(r"^\d{3}[DWMY]$")  # PS3.5 6.2: AS is nnnD, nnnW, nnnM or nnnY
+
+
+def _drop_invalid_copied_values(dataset: Dataset) -> None:
+    """Remove optional values copied from the source that are invalid for their VR, so that
+    one malformed source attribute does not make every derived object invalid.
+
+    Patient's Age (Type 3 in the Patient Study module) written as "62" rather than "062Y" is
+    common in the wild; which unit was meant is a guess we do not make.
+    """
+    age = dataset.get("PatientAge")
+    if age is not None and age != "" and not AGE.match(str(age)):
+        log.info("dropped an invalid Patient's Age from a derived %s", dataset.SOPClassUID.name)
+        del dataset.PatientAge

@@ -160,6 +160,11 @@ class NodeProcess:
             found.append((json.loads(path.read_text()), path.parent))
         return found
 
+    def outputs(self) -> dict[str, Path]:
+        """The DICOM objects written for results, by kind (SEG, SR, SC)."""
+        rows = self.query("SELECT kind, path FROM outputs ORDER BY job_id, kind")
+        return {row["kind"]: self.data_dir / row["path"] for row in rows}
+
     def storescu(
         self,
         *options: str,

@@ -19,6 +19,7 @@ from algorithms.brain_tumour_mr.model import REGIONS, load_bundle  # noqa: E402
 from dicom_node.algorithm import SeriesInput  # noqa: E402
 from dicom_node.phantoms import BrainPhantomSpec, write_brain_study  # noqa: E402
 from dicom_node.weights import WeightsMismatch, bundle_network  # noqa: E402
+from tests.dicomfiles import dciodvfy  # noqa: E402
 
 UNSEEN = 900_000  # far from the training (0-31) and held-out (50000-50005) seeds
 
@@ -133,6 +134,15 @@ def test_node_routes_a_four_sequence_study_and_segments_it(make_node, tmp_path) 
     assert whole.shape == (32, 64, 64)
     truth_ml = phantom.whole_tumour.sum() * 27 / 1000
     assert result["measurements"]["whole tumour volume_ml"] == pytest.approx(truth_ml, rel=0.2)
+    outputs = node.outputs()
+    assert set(outputs) == {"SEG", "SR"}
+    for path in outputs.values():
+        assert dciodvfy(path) == [], path.name
+    seg = hd.seg.segread(outputs["SEG"])
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == list(REGIONS)
+    # The T1c series is the source; the other three sequences are further sources.
+    referenced = {item.SeriesInstanceUID for item in seg.ReferencedSeriesSequence}
+    assert len(referenced) == 4
 
 
 def test_series_on_other_grids_are_resampled_through_patient_space() -> None:

@@ -31,6 +31,7 @@ from algorithms.lung_nodules_ct.train_demo import ARCHITECTURE  # noqa: E402
 from dicom_node.algorithm import SeriesInput  # noqa: E402
 from dicom_node.phantoms import CtPhantomSpec, Nodule, write_ct_series  # noqa: E402
 from dicom_node.weights import WeightsMismatch, bundle_network  # noqa: E402
+from tests.dicomfiles import CORPUS_SOURCE_WARNINGS, dciodvfy  # noqa: E402
 from tests.test_algorithms import corpus_ct  # noqa: E402
 
 
@@ -98,13 +99,22 @@ def test_clean_chest_has_no_nodule(algorithm, tmp_path) -> None:
     assert result.measurements["nodule count"] == 0
 
 
-def test_real_chest_ct_runs_end_to_end(algorithm, corpus: Path) -> None:
-    """The corpus CT is 30 slices of ~5 mm: smaller than the training patch, still valid."""
+def test_real_chest_ct_runs_end_to_end(algorithm, corpus: Path, tmp_path: Path) -> None:
+    """The corpus CT is 30 slices of ~5 mm: smaller than the training patch, still valid,
+    and its result is valid DICOM (an SR saying "Nodule: absent" when nothing is found)."""
+    from dicom_node.config import ResultsConfig
+    from dicom_node.write import Provenance, write_all
+
     series = SeriesInput("1.2.3", tuple(corpus_ct(corpus)))
     result = algorithm.run({"series": series})
     for finding, mask in zip(result.findings, result.masks, strict=True):
         assert mask.array.shape == (30, 512, 512) and mask.array.any()
         assert finding.mask == mask.name
+    provenance = Provenance(algorithm.name, algorithm.version, algorithm.weights())
+    written = write_all(result, {"series": series}, provenance, tmp_path, ResultsConfig())
+    assert "SR" in {w.kind for w in written}
+    for w in written:
+        assert dciodvfy(w.path, from_source=CORPUS_SOURCE_WARNINGS) == [], w.path.name
 
 
 def test_node_routes_a_chest_ct_and_finds_its_nodule(make_node, tmp_path) -> None:
@@ -119,6 +129,13 @@ def test_node_routes_a_chest_ct_and_finds_its_nodule(make_node, tmp_path) -> Non
     assert np.allclose(finding["center_lps_mm"], spec.nodules[0].center_lps_mm, atol=1.0)
     mask = np.load(folder / result["masks"][0]["file"])
     assert mask.shape == (40, 128, 128) and mask.any()
+    outputs = node.outputs()
+    assert set(outputs) == {"SEG", "SR"}
+    for path in outputs.values():
+        assert dciodvfy(path) == [], path.name
+    seg = hd.seg.segread(outputs["SEG"])
+    assert seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeValue == "27925004"
+    assert seg.SeriesDescription.startswith("DEMO MODEL - NOT FOR CLINICAL USE")
 
 
 def test_anchor_grid_is_the_one_the_weights_were_trained_on() -> None:

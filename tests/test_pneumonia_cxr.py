@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+import highdicom as hd  # noqa: E402
+
 xrv = pytest.importorskip("torchxrayvision")
 
 from algorithms.pneumonia_cxr import PneumoniaCxr  # noqa: E402
@@ -21,6 +23,7 @@ from dicom_node.algorithm import SeriesInput  # noqa: E402
 from dicom_node.display import displayed_image  # noqa: E402
 from dicom_node.phantoms import CxrPhantomSpec, cxr_dataset, cxr_pixels  # noqa: E402
 from dicom_node.weights import WeightsMismatch  # noqa: E402
+from tests.dicomfiles import CORPUS_SOURCE_WARNINGS, dciodvfy  # noqa: E402
 
 UNSEEN = 500_000  # seeds far from the training (0-599) and validation (100000-100199) sets
 
@@ -62,7 +65,7 @@ def test_demo_weights_separate_opacity_from_clean(
         assert np.hypot(peak[0] - row, peak[1] - column) < 0.25 * max(rows, columns)
 
 
-def test_real_radiograph_and_its_monochrome1_copy(algorithm, corpus: Path) -> None:
+def test_real_radiograph_and_its_monochrome1_copy(algorithm, corpus: Path, tmp_path) -> None:
     from pydicom import dcmread
 
     folder = corpus / "cxr-rsna-torchxrayvision" / "tests"
@@ -75,6 +78,16 @@ def test_real_radiograph_and_its_monochrome1_copy(algorithm, corpus: Path) -> No
     a, b = displayed_image(dcmread(normal)), displayed_image(dcmread(relabelled))
     assert np.allclose(a + b, a.max() + a.min())
     assert algorithm.run({"series": SeriesInput("1", (relabelled,))}).classifications
+    # Its result as DICOM: an SR and the heat-map capture, valid.
+    from dicom_node.config import ResultsConfig
+    from dicom_node.write import Provenance, write_all
+
+    provenance = Provenance(algorithm.name, algorithm.version, algorithm.weights())
+    inputs = {"series": SeriesInput("1", (normal,))}
+    written = write_all(result, inputs, provenance, tmp_path, ResultsConfig())
+    assert {w.kind for w in written} == {"SR", "SC"}
+    for w in written:
+        assert dciodvfy(w.path, from_source=CORPUS_SOURCE_WARNINGS) == [], w.path.name
 
 
 @pytest.mark.parametrize("variant", ["rsna", "all"])
@@ -124,6 +137,11 @@ def test_node_routes_a_radiograph_and_the_worker_classifies_it(make_node, tmp_pa
     assert result["demo"] and result["classifications"][0]["positive"]
     heat = np.load(folder / result["heatmaps"][0]["file"])
     assert heat.shape == (400, 520)
+    outputs = node.outputs()
+    assert set(outputs) == {"SR", "SC"}
+    for output in outputs.values():
+        assert dciodvfy(output) == [], output.name
+    assert "Present" in str(hd.sr.srread(outputs["SR"]))
 
 
 def test_offline_run_writes_results(tmp_path) -> None:

@@ -6,12 +6,17 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
+
+from pydicom import dcmread
 
 from dicom_node.phantoms import CtPhantomSpec, write_ct_series
 from dicom_node.scu import send
 from tests.conftest import NodeProcess
+from tests.dicomfiles import CORPUS_SOURCE_WARNINGS, dciodvfy
 from tests.test_algorithms import corpus_ct, plugin_env
 
 RULE = {"algorithm": "example-threshold", "series": {"modality": ["CT"], "min_slices": 20}}
@@ -59,6 +64,22 @@ def test_worker_runs_a_routed_job_and_keeps_the_result(make_node, corpus: Path) 
     assert result["algorithm"] == "example-threshold"
     assert result["measurements"]["above threshold volume_ml"] > 10
     assert "loaded example-threshold 1.0 on cpu" in node.log()
+    # The real CT's result as DICOM, in its study, valid.
+    outputs = node.outputs()
+    assert set(outputs) == {"SEG", "SR"}
+    for path in outputs.values():
+        assert dciodvfy(path, from_source=CORPUS_SOURCE_WARNINGS) == [], path.name
+    seg = dcmread(outputs["SEG"])
+    assert seg.StudyInstanceUID == dcmread(corpus_ct(corpus)[0]).StudyInstanceUID
+    # With no destination, status says where they are.
+    status = subprocess.run(
+        [sys.executable, "-m", "dicom_node", "status", "--config", str(node.config_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "results written as DICOM: 1 SEG, 1 SR" in status
+    assert str(outputs["SEG"]) in status
 
 
 def test_killed_worker_does_not_stop_reception_and_the_job_is_retried(

@@ -14,12 +14,20 @@ from pathlib import Path
 from dicom_node.algorithm import (
     AlgorithmResult,
     BundleAlgorithm,
+    Concept,
     InputSpec,
     LabelMask,
     SeriesInput,
 )
 
 DEMO_WEIGHTS = Path(__file__).with_name("demo_weights.pt")
+BRAIN = Concept("SCT", "12738006", "Brain")
+# What each output channel is (DICOM CID 7151 / 7169 concepts).
+REGION_TYPES = {
+    "tumour core": Concept("SCT", "108369006", "Neoplasm"),
+    "whole tumour": Concept("SCT", "301766008", "Lesion of brain"),
+    "enhancing tumour": Concept("NCIt", "C113842", "Enhancing Lesion"),
+}
 
 
 class BrainTumourMr(BundleAlgorithm):
@@ -44,6 +52,14 @@ class BrainTumourMr(BundleAlgorithm):
         voxel_ml = float(volumes["T1c"].voxel_volume) / 1000.0
         for region, mask in zip(REGIONS, masks, strict=True):
             source = to_source_grid(mask, reference, volumes["T1c"])
-            result.masks.append(LabelMask(region, source, source="T1c"))
+            result.masks.append(
+                LabelMask(
+                    region,
+                    source,
+                    source="T1c",
+                    property_type=REGION_TYPES[region],
+                    anatomy=BRAIN,
+                )
+            )
             result.measurements[f"{region} volume_ml"] = round(float(source.sum()) * voxel_ml, 3)
         return result

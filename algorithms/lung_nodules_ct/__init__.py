@@ -18,6 +18,7 @@ from pathlib import Path
 from dicom_node.algorithm import (
     AlgorithmResult,
     BundleAlgorithm,
+    Concept,
     Finding,
     InputSpec,
     LabelMask,
@@ -26,6 +27,8 @@ from dicom_node.algorithm import (
 
 DEMO_WEIGHTS = Path(__file__).with_name("demo_weights.pt")
 LABEL = "Nodule"
+NODULE = Concept("SCT", "27925004", "Nodule")
+LUNG = Concept("SCT", "39607008", "Lung")
 
 
 class LungNodulesCt(BundleAlgorithm):
@@ -53,10 +56,12 @@ class LungNodulesCt(BundleAlgorithm):
             volume,
             threshold=self.report_threshold,
         )
-        result = AlgorithmResult(self.name, self.version, demo=self.loaded.demo)
+        result = AlgorithmResult(
+            self.name, self.version, demo=self.loaded.demo, looked_for=[NODULE]
+        )
         for number, nodule in enumerate(found, 1):
             name = f"{LABEL} {number}"
-            result.masks.append(LabelMask(name, nodule.mask))
+            result.masks.append(LabelMask(name, nodule.mask, property_type=NODULE, anatomy=LUNG))
             result.findings.append(
                 Finding(
                     LABEL,
@@ -64,6 +69,8 @@ class LungNodulesCt(BundleAlgorithm):
                     tuple(round(float(v), 2) for v in nodule.size_mm),
                     round(nodule.score, 4),
                     mask=name,
+                    finding_type=NODULE,
+                    site=LUNG,
                 )
             )
         result.measurements["nodule count"] = float(len(found))

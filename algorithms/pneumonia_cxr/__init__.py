@@ -16,6 +16,7 @@ from dicom_node.algorithm import (
     Algorithm,
     AlgorithmResult,
     Classification,
+    Concept,
     HeatMap,
     InputSpec,
     SeriesInput,
@@ -24,6 +25,7 @@ from dicom_node.algorithm import (
 
 DEMO_WEIGHTS = Path(__file__).with_name("demo_weights.pt")
 LABEL = "Pneumonia"
+PNEUMONIA = Concept("SCT", "233604007", "Pneumonia")
 
 # torch and torchxrayvision are imported in load(), not here: discovering and routing to the
 # algorithm (in the SCP's process) must not pay for them.
@@ -71,6 +73,8 @@ class PneumoniaCxr(Algorithm):
         with torch.autocast(device_type="cuda", enabled=self.device.startswith("cuda")):
             probability, cam = probability_and_cam(self.loaded, x)
         result = AlgorithmResult(self.name, self.version, demo=self.loaded.demo)
-        result.classifications.append(Classification(LABEL, probability, self.loaded.threshold))
+        result.classifications.append(
+            Classification(LABEL, probability, self.loaded.threshold, finding=PNEUMONIA)
+        )
         result.heatmaps.append(HeatMap(f"{LABEL} Grad-CAM", geometry.to_source(cam)))
         return result

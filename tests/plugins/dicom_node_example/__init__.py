@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from dicom_node.algorithm import (
+    ANATOMICAL_STRUCTURE,
     Algorithm,
     AlgorithmResult,
     Finding,
@@ -45,7 +46,14 @@ class ThresholdAlgorithm(Algorithm):
         mask = volume.array > self.threshold
         voxel_ml = float(np.prod(volume.spacing)) / 1000.0
         result = AlgorithmResult(self.name, self.version, demo=False)
-        result.masks.append(LabelMask("above threshold", mask))
+        result.masks.append(
+            LabelMask(
+                "above threshold",
+                mask,
+                property_type=ANATOMICAL_STRUCTURE,
+                category=ANATOMICAL_STRUCTURE,
+            )
+        )
         result.measurements["above threshold volume_ml"] = float(mask.sum()) * voxel_ml
         if mask.any():
             center = np.argwhere(mask).mean(axis=0)
