@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 ENV_PREFIX = "DICOM_NODE__"
 ENV_CONFIG_FILE = "DICOM_NODE_CONFIG"
@@ -264,6 +272,20 @@ class ResultsConfig(_Section):
     sc_series_number: int = Field(
         default=9903, ge=1, description="Series Number of heat-map Secondary Captures."
     )
+    series_description: str = Field(
+        default="AI {algorithm} {kind}",
+        description="Series Description; {algorithm} and {kind} (SEG, SR, heat map) are "
+        "filled in. With demo weights the DEMO warning always comes first.",
+    )
+
+    @field_validator("series_description")
+    @classmethod
+    def _known_fields(cls, value: str) -> str:
+        try:
+            value.format(algorithm="a", kind="k")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"only {{algorithm}} and {{kind}} may be filled in: {exc}") from exc
+        return value
 
 
 class WorkerConfig(_Section):

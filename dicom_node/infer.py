@@ -98,7 +98,12 @@ class Worker:
         folder = self.data_dir / RESULTS_DIR / str(job.id)
         path = result.save(folder)
         ran = time.perf_counter() - started
-        provenance = Provenance(algorithm.name, algorithm.version, algorithm.weights())
+        provenance = Provenance(
+            algorithm.name,
+            algorithm.version,
+            algorithm.weights(),
+            self.config.results.series_description,
+        )
         written = write_all(result, inputs, provenance, folder / "dicom", self.config.results)
         log.info(
             "job %d: %s ran in %.2f s, wrote %s in %.2f s%s",

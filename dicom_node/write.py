@@ -55,6 +55,7 @@ class Provenance:
     algorithm: str
     version: str
     weights: Weights
+    description: str = "AI {algorithm} {kind}"  # results.series_description
 
     def identification(self) -> hd.AlgorithmIdentificationSequence:
         """Algorithm Identification (PS3.3 C.8.20.2) with the weights' SHA-256 as a parameter."""
@@ -70,9 +71,9 @@ class Provenance:
         )
 
     def series_description(self, kind: str) -> str:
-        """E.g. "AI lung-nodules-ct SEG", prefixed by the DEMO warning with demo weights;
-        at most 64 characters (LO)."""
-        text = f"AI {self.algorithm} {kind}"
+        """E.g. "AI lung-nodules-ct SEG", prefixed by the DEMO warning with demo weights
+        (whatever the configured text); at most 64 characters (LO)."""
+        text = self.description.format(algorithm=self.algorithm, kind=kind)
         return (f"{DEMO_WARNING} {text}" if self.weights.demo else text)[:64]
 
 

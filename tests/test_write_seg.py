@@ -185,3 +185,16 @@ def test_masks_that_say_nothing_or_do_not_fit_are_refused(tmp_path) -> None:
     )
     with pytest.raises(WriteError, match="not on series's grid"):
         segmentation(wrong, {"series": series}, PROVENANCE, series_number=1)
+
+
+def test_series_description_is_configurable_but_demo_always_says_so() -> None:
+    from dicom_node.config import ConfigError, load_config
+
+    public = Provenance(
+        "lung", "1", Weights(None, "cd" * 32, demo=False), "CAD {kind} ({algorithm})"
+    )
+    assert public.series_description("SEG") == "CAD SEG (lung)"
+    demo = Provenance("lung", "1", Weights(None, None, demo=True), "CAD {kind}")
+    assert demo.series_description("SR") == "DEMO MODEL - NOT FOR CLINICAL USE CAD SR"
+    with pytest.raises(ConfigError, match=r"results\.series_description"):
+        load_config(None, environ={"DICOM_NODE__RESULTS__SERIES_DESCRIPTION": "AI {model}"})
