@@ -2,9 +2,13 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := dcmtk dicom3tools
+APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb chromium
+# The real viewer the tests drive: OHIF's prebuilt app from its npm tarball (its own npm
+# dependencies are not needed for the built dist) and playwright-core for Debian's Chromium.
+OHIF_VERSION := 3.13.2
+VIEWER := tests/viewer
 
-.PHONY: run test lint system-deps benchmark clean
+.PHONY: run test lint system-deps viewer-tools benchmark clean
 
 # torch and torchvision pinned to the builds this project is tested with (on this machine
 # pip takes them from disk; an unpinned torch would download gigabytes).
@@ -29,7 +33,8 @@ run: $(VENV)/.installed
 
 ## The real DICOM peers the tests talk to; installed when missing and we may.
 system-deps:
-	@if [ ! -x /usr/bin/storescu ] || [ ! -x /usr/bin/dciodvfy ]; then \
+	@if [ ! -x /usr/bin/storescu ] || [ ! -x /usr/bin/dciodvfy ] || [ ! -x /usr/sbin/Orthanc ] \
+		|| [ ! -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || [ ! -x /usr/bin/chromium ]; then \
 		if [ "$$(id -u)" = 0 ]; then \
 			apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(APT_PACKAGES); \
 		else \
@@ -37,8 +42,20 @@ system-deps:
 		fi; \
 	fi
 
+$(VIEWER)/node_modules/playwright-core/package.json: $(VIEWER)/package.json
+	npm install --prefix $(VIEWER) --no-audit --no-fund --loglevel=error
+	touch $@
+
+$(VIEWER)/ohif/package/dist/index.html:
+	mkdir -p $(VIEWER)/ohif
+	cd $(VIEWER)/ohif && npm pack --loglevel=error @ohif/app@$(OHIF_VERSION) >/dev/null \
+		&& tar xzf ohif-app-$(OHIF_VERSION).tgz && rm ohif-app-$(OHIF_VERSION).tgz
+	touch $@
+
+viewer-tools: $(VIEWER)/node_modules/playwright-core/package.json $(VIEWER)/ohif/package/dist/index.html
+
 ## Install dev dependencies and run the whole test suite.
-test: system-deps $(VENV)/.installed-dev
+test: system-deps viewer-tools $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
@@ -50,4 +67,4 @@ benchmark: system-deps $(VENV)/.installed-dev
 	$(BIN)/python -m benchmarks.ingest
 
 clean:
-	rm -rf $(VENV) dicom-node-data .pytest_cache
+	rm -rf $(VENV) dicom-node-data .pytest_cache $(VIEWER)/node_modules $(VIEWER)/ohif test-artefacts
