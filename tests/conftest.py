@@ -160,6 +160,15 @@ class NodeProcess:
             found.append((json.loads(path.read_text()), path.parent))
         return found
 
+    def status(self) -> str:
+        """What `dicom-node status` prints for this node."""
+        return subprocess.run(
+            [sys.executable, "-m", "dicom_node", "status", "--config", str(self.config_path)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+
     def outputs(self) -> dict[str, Path]:
         """The DICOM objects written for results, by kind (SEG, SR, SC)."""
         rows = self.query("SELECT kind, path FROM outputs ORDER BY job_id, kind")

@@ -269,13 +269,5 @@ def test_node_records_decisions_and_status_shows_them(make_node, corpus: Path) -
     assert "pneumonia-cxr: modality CT is not CR/DX" in series[0]
     queued = "SELECT COUNT(*) FROM jobs WHERE kind = 'inference' AND state = 'queued'"
     assert node.query(queued)[0][0] == 2
-    import subprocess
-    import sys
-
-    status = subprocess.run(
-        [sys.executable, "-m", "dicom_node", "status", "--config", str(node.config_path)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    status = node.status()
     assert "routing: " in status and "lung-nodules-ct" in status

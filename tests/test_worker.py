@@ -6,8 +6,6 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -72,12 +70,7 @@ def test_worker_runs_a_routed_job_and_keeps_the_result(make_node, corpus: Path) 
     seg = dcmread(outputs["SEG"])
     assert seg.StudyInstanceUID == dcmread(corpus_ct(corpus)[0]).StudyInstanceUID
     # With no destination, status says where they are.
-    status = subprocess.run(
-        [sys.executable, "-m", "dicom_node", "status", "--config", str(node.config_path)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    status = node.status()
     assert "results written as DICOM: 1 SEG, 1 SR" in status
     assert str(outputs["SEG"]) in status
 

@@ -51,15 +51,21 @@ def ct_case(tmp_path: Path, plane: str, *, with_nodule: bool = True):
     return spec, paths, series, result
 
 
-@pytest.mark.parametrize("plane", PLANES)
-def test_sr_region_lies_on_the_finding_and_segments_are_referenced(tmp_path, plane) -> None:
-    spec, paths, series, result = ct_case(tmp_path, plane)
+def seg_and_sr(tmp_path: Path, series: SeriesInput, result: AlgorithmResult):
+    """The SEG and the SR of ``result``, the SR saved (and valid) as ``sr.dcm``."""
     inputs = {"series": series}
     seg = segmentation(result, inputs, PROVENANCE, series_number=901)
     sr = measurement_report(result, inputs, PROVENANCE, series_number=902, segmentation=seg)
     path = tmp_path / "sr.dcm"
     sr.save_as(path)
     assert dciodvfy(path) == []
+    return seg, path
+
+
+@pytest.mark.parametrize("plane", PLANES)
+def test_sr_region_lies_on_the_finding_and_segments_are_referenced(tmp_path, plane) -> None:
+    spec, paths, series, result = ct_case(tmp_path, plane)
+    seg, path = seg_and_sr(tmp_path, series, result)
     seg.save_as(tmp_path / "seg.dcm")
     consistency = subprocess.run(
         [require_tool("dcentvfy"), *map(str, paths), str(tmp_path / "seg.dcm"), str(path)],
@@ -103,12 +109,7 @@ def test_sr_region_lies_on_the_finding_and_segments_are_referenced(tmp_path, pla
 
 def test_nothing_found_is_said(tmp_path) -> None:
     _, _, series, result = ct_case(tmp_path, "axial", with_nodule=False)
-    inputs = {"series": series}
-    seg = segmentation(result, inputs, PROVENANCE, series_number=901)
-    sr = measurement_report(result, inputs, PROVENANCE, series_number=902, segmentation=seg)
-    path = tmp_path / "sr.dcm"
-    sr.save_as(path)
-    assert dciodvfy(path) == []
+    _, path = seg_and_sr(tmp_path, series, result)
     back = hd.sr.srread(path)
     assert back.content.get_planar_roi_measurement_groups() == []
     text = str(back)
