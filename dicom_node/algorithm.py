@@ -19,6 +19,7 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from importlib.metadata import entry_points
 from io import BytesIO
 from pathlib import Path
@@ -65,9 +66,10 @@ class SeriesInput:
         """Every instance, pixel data included, in the order stored (not sorted).
 
         Big-endian instances (a retired transfer syntax we still accept) come back re-encoded
-        as Explicit VR Little Endian, the only byte order highdicom reads.
+        as Explicit VR Little Endian, the only byte order highdicom reads. Read once: the
+        algorithm and then the writers use the same data sets, so treat them as read-only.
         """
-        return [_little_endian(dcmread(p)) for p in self.paths]
+        return self._datasets
 
     def volume(self) -> hd.Volume:
         """The series as a highdicom Volume (voxels and their affine in patient LPS mm).
@@ -75,14 +77,23 @@ class SeriesInput:
         highdicom sorts the frames spatially. A series that is not one regularly spaced
         volume (missing slices, gantry tilt, several stacks) or whose pixels cannot be decoded
         raises :class:`InputError`, which fails the job with that reason instead of
-        misplacing a result.
+        misplacing a result. Built once, like :meth:`datasets`.
         """
+        return self._volume
+
+    @cached_property
+    def _datasets(self) -> list[Dataset]:
+        return [_little_endian(dcmread(p)) for p in self.paths]
+
+    @cached_property
+    def _volume(self) -> hd.Volume:
         import highdicom as hd
 
         try:
             datasets = self.datasets()
             if len(datasets) == 1:
-                return hd.Image.from_dataset(datasets[0], copy=False).get_volume()
+                # A copy: from_dataset(copy=False) turns the shared data set into an hd.Image.
+                return hd.Image.from_dataset(datasets[0], copy=True).get_volume()
             return hd.get_volume_from_series(datasets)
         except NotImplementedError as exc:  # pydicom: no decoder for the transfer syntax
             raise InputError(f"series {self.series_uid}: pixel data not decodable: {exc}") from exc

@@ -55,6 +55,9 @@ class Worker:
         self.device = resolve_device(config.worker.device)
         self._registry = discover()
         self._loaded: dict[str, Algorithm] = {}
+        # Who made each result, fixed at load: hashing the weights file per job would cost
+        # seconds for public weights and could name a file replaced since it was loaded.
+        self._provenance: dict[str, Provenance] = {}
         # A plain flag, not a threading.Event: stop() runs as a signal handler, and an Event
         # takes a lock that the interrupted main thread may hold inside Event.wait.
         self._stopping = False
@@ -71,15 +74,19 @@ class Worker:
             started = time.perf_counter()
             instance = registration.algorithm(self.config.algorithms.get(name))
             instance.load(self.device)
+            weights = instance.weights()
             log.info(
                 "loaded %s %s on %s in %.1f s (weights: %s)",
                 name,
                 instance.version,
                 self.device,
                 time.perf_counter() - started,
-                instance.weights().describe(),
+                weights.describe(),
             )
             self._loaded[name] = instance
+            self._provenance[name] = Provenance(
+                name, instance.version, weights, self.config.results.series_description
+            )
         return self._loaded[name]
 
     def run_job(self, job: Job) -> tuple[Path, list[Written]]:
@@ -98,12 +105,7 @@ class Worker:
         folder = self.data_dir / RESULTS_DIR / str(job.id)
         path = result.save(folder)
         ran = time.perf_counter() - started
-        provenance = Provenance(
-            algorithm.name,
-            algorithm.version,
-            algorithm.weights(),
-            self.config.results.series_description,
-        )
+        provenance = self._provenance[algorithm.name]
         written = write_all(result, inputs, provenance, folder / "dicom", self.config.results)
         log.info(
             "job %d: %s ran in %.2f s, wrote %s in %.2f s%s",

@@ -20,6 +20,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
+from pydicom.valuerep import format_number_as_ds
 
 from dicom_node import __version__
 from dicom_node.algorithm import DEMO_WARNING, AlgorithmResult, Concept, SeriesInput, Weights
@@ -145,15 +146,8 @@ def segmentation(
         )
         for number, mask in enumerate(result.masks, 1)
     ]
-    for ds in datasets:
-        # highdicom copies the sources' SpacingBetweenSlices into the SEG, and scanners fill
-        # it with other things (the gap, the reconstruction interval). Without it highdicom
-        # computes the spacing from the real positions. (In-memory copies: the store keeps
-        # what was received.)
-        if "SpacingBetweenSlices" in ds:
-            del ds.SpacingBetweenSlices
     further = [ds for name in further_sources for ds in inputs[name].datasets()]
-    return hd.seg.Segmentation(
+    seg = hd.seg.Segmentation(
         source_images=datasets,
         pixel_array=masks.astype(np.uint8),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -172,6 +166,12 @@ def segmentation(
         content_label="AI_SEG",
         further_source_images=further or None,
     )
+    # highdicom copies the sources' SpacingBetweenSlices into the SEG, and scanners fill it
+    # with other things (the gap, the reconstruction interval): the real spacing replaces it.
+    measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    if "SpacingBetweenSlices" in measures:
+        measures.SpacingBetweenSlices = format_number_as_ds(float(volume.spacing_between_slices))
+    return seg
 
 
 def _required(concept: Concept | None, name: str) -> Concept:
@@ -311,10 +311,12 @@ def measurement_report(
                         MILLILITER,
                     )
                 )
-    image = [
-        hd.sr.SourceImageForMeasurementGroup(ds.SOPClassUID, ds.SOPInstanceUID)
-        for ds in datasets[:1]
-    ]
+    # A classification is made on one image (a radiograph); referenced when there is one.
+    image = (
+        [hd.sr.SourceImageForMeasurementGroup(datasets[0].SOPClassUID, datasets[0].SOPInstanceUID)]
+        if len(datasets) == 1
+        else None
+    )
     for classification in result.classifications:
         concept = code(
             classification.finding
@@ -325,7 +327,7 @@ def measurement_report(
                 tracking_identifier=_tracking(classification.label),
                 finding_type=concept,
                 algorithm_id=algorithm_id,
-                source_images=image if len(datasets) == 1 else None,
+                source_images=image,
                 measurements=[
                     hd.sr.Measurement(
                         codes.DCM.Probability, classification.probability, codes.UCUM.NoUnits
