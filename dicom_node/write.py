@@ -189,19 +189,27 @@ def _tracking(identifier: str, uid: str | None = None) -> hd.sr.TrackingIdentifi
     return hd.sr.TrackingIdentifier(uid=uid or hd.UID(), identifier=identifier[:64])
 
 
+def _region(points: np.ndarray, source: Dataset) -> hd.sr.ImageRegion:
+    """A closed POLYLINE on ``source``; points are (column, row) with the top-left corner of
+    the top-left pixel at (0, 0), so a pixel centre (r, c) is at (c + 0.5, r + 0.5) (PS3.3
+    C.18.6.1.1). Viewers (OHIF included) draw 2D regions; they do not draw SCOORD3D points.
+    """
+    closed = np.concatenate([points, points[:1]]).astype(np.float32)
+    return hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=closed,
+        source_image=hd.sr.SourceImageForRegion(source.SOPClassUID, source.SOPInstanceUID),
+    )
+
+
 def _circle_on_slice(
     center_lps_mm: Sequence[float], diameter_mm: float, volume: hd.Volume, datasets: list[Dataset]
 ) -> hd.sr.ImageRegion:
-    """A closed polyline circle on the source slice through ``center_lps_mm`` (TID 1410).
-
-    2D SCOORD in pixel coordinates of that image: (column, row), the top-left corner of the
-    top-left pixel at (0, 0), so a voxel centre (r, c) is at (c + 0.5, r + 0.5) (PS3.3
-    C.18.6.1.1). Viewers (OHIF included) draw 2D regions; they do not draw SCOORD3D points.
-    """
+    """A circle (32-sided polygon) on the source slice through ``center_lps_mm`` (TID 1410)."""
     frame, row, column = volume.map_reference_to_indices(np.array([center_lps_mm], float))[0]
     frame = int(np.clip(np.rint(frame), 0, len(datasets) - 1))
     row_mm, column_mm = (float(v) for v in volume.pixel_spacing)
-    angles = np.linspace(0.0, 2.0 * np.pi, 33)  # 32 sides, closed: last point = first
+    angles = np.linspace(0.0, 2.0 * np.pi, 32, endpoint=False)
     radius = max(diameter_mm, 1.0) / 2.0
     points = np.stack(
         [
@@ -210,13 +218,34 @@ def _circle_on_slice(
         ],
         axis=1,
     )
-    points[-1] = points[0]
-    source = datasets[frame]
-    return hd.sr.ImageRegion(
-        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-        graphic_data=points.astype(np.float32),
-        source_image=hd.sr.SourceImageForRegion(source.SOPClassUID, source.SOPInstanceUID),
+    return _region(points, datasets[frame])
+
+
+def _outline_of_largest_section(
+    mask: np.ndarray, volume: hd.Volume, datasets: list[Dataset]
+) -> tuple[hd.sr.ImageRegion, float]:
+    """The outline of ``mask``'s largest connected cross-section on the source slice where the
+    mask is largest, and that section's area in mm2: the representative slice a reader looks
+    at first (as in bidimensional tumour measurement), and what 2D viewers can draw.
+    """
+    import cv2
+
+    frame = int(np.argmax(mask.reshape(mask.shape[0], -1).sum(axis=1)))
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(
+        mask[frame].astype(np.uint8), connectivity=8
     )
+    if count < 2:
+        raise WriteError("an empty mask has no section to outline")
+    largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    section = (labels == largest).astype(np.uint8)
+    contours, _ = cv2.findContours(section, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    points = max(contours, key=len).reshape(-1, 2).astype(float) + 0.5  # pixel centres
+    if len(points) < 3:  # a section one pixel wide: its pixels' edges instead
+        (x0, y0), (x1, y1) = points.min(axis=0) - 0.5, points.max(axis=0) + 0.5
+        points = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]])
+    row_mm, column_mm = (float(v) for v in volume.pixel_spacing)
+    area = float(stats[largest, cv2.CC_STAT_AREA]) * row_mm * column_mm
+    return _region(points, datasets[frame]), area
 
 
 def measurement_report(
@@ -233,7 +262,9 @@ def measurement_report(
     - each finding: a planar group (TID 1410) with a circle on the source slice through its
       centre, its long-axis diameter and score, and when it is outlined in ``segmentation`` a
       volumetric group (TID 1411) on that segment with its volume;
-    - each mask no finding outlines: a volumetric group with its volume in mL;
+    - each mask no finding outlines: a planar group outlining its largest section on the slice
+      where it is largest, with that section's area (none for an empty mask), and a volumetric
+      group on its segment with its volume in mL;
     - each classification: a TID 1501 group, Present or Absent against its threshold, with
       its probability and the image it was made on;
     - each type in ``result.looked_for`` that nothing was found of: a TID 1501 group saying
@@ -260,57 +291,79 @@ def measurement_report(
     segment_numbers = {m.name: n for n, m in enumerate(result.masks, 1)}
     outlined = {f.mask for f in result.findings if f.mask}
     groups: list = []
-    for number, finding in enumerate(result.findings, 1):
-        finding_type = code(finding.finding_type or FINDING)
-        sites = [hd.sr.FindingSite(code(finding.site))] if finding.site else None
-        identifier = f"{finding.label} {number}"
-        groups.append(
-            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=_tracking(identifier),
-                referenced_region=_circle_on_slice(
-                    finding.center_lps_mm, max(finding.size_mm), volume, datasets
-                ),
-                finding_type=finding_type,
-                finding_sites=sites,
-                algorithm_id=algorithm_id,
-                measurements=[
-                    hd.sr.Measurement(
-                        codes.SCT.Diameter, max(finding.size_mm), codes.UCUM.Millimeter
-                    ),
-                    hd.sr.Measurement(codes.DCM.Probability, finding.score, codes.UCUM.NoUnits),
-                ],
+
+    def lesion(
+        identifier: str,
+        mask: str | None,
+        finding_type: Code,
+        sites: list | None,
+        region: hd.sr.ImageRegion | None,
+        measurements: list[hd.sr.Measurement],
+        volume_unit: Code,
+    ) -> None:
+        # One lesion, one tracking UID: its SEG segment's, shared by its planar and volumetric
+        # groups (PS3.16 TID 1410/1411); OHIF merges groups by that UID into one measurement
+        # and cannot show a volumetric group that has no 2D region beside it.
+        number = segment_numbers.get(mask) if mask and segmentation is not None else None
+        uid = segmentation.SegmentSequence[number - 1].TrackingUID if number else None
+        if region is not None:
+            groups.append(
+                hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=_tracking(identifier, uid),
+                    referenced_region=region,
+                    finding_type=finding_type,
+                    finding_sites=sites,
+                    algorithm_id=algorithm_id,
+                    measurements=measurements,
+                )
             )
-        )
-        if finding.mask and segmentation is not None:
+        if number:
             groups.append(
                 _volumetric(
                     result,
                     segmentation,
-                    segment_numbers[finding.mask],
+                    number,
                     volume,
                     identifier,
                     finding_type,
                     sites,
                     algorithm_id,
-                    codes.UCUM.CubicMillimeter,
+                    volume_unit,
                 )
             )
-    if segmentation is not None:
-        for mask in result.masks:
-            if mask.name not in outlined:
-                groups.append(
-                    _volumetric(
-                        result,
-                        segmentation,
-                        segment_numbers[mask.name],
-                        volume,
-                        mask.name,
-                        code(mask.property_type or FINDING),
-                        [hd.sr.FindingSite(code(mask.anatomy))] if mask.anatomy else None,
-                        algorithm_id,
-                        MILLILITER,
-                    )
-                )
+
+    for number, finding in enumerate(result.findings, 1):
+        diameter = max(finding.size_mm)
+        lesion(
+            f"{finding.label} {number}",
+            finding.mask,
+            code(finding.finding_type or FINDING),
+            [hd.sr.FindingSite(code(finding.site))] if finding.site else None,
+            _circle_on_slice(finding.center_lps_mm, diameter, volume, datasets),
+            [
+                hd.sr.Measurement(codes.SCT.Diameter, diameter, codes.UCUM.Millimeter),
+                hd.sr.Measurement(codes.DCM.Probability, finding.score, codes.UCUM.NoUnits),
+            ],
+            codes.UCUM.CubicMillimeter,
+        )
+    for mask in result.masks if segmentation is not None else []:
+        if mask.name in outlined:
+            continue
+        # An empty mask is still stated (a volume of 0 mL) but has no section to draw.
+        outline, area = (
+            _outline_of_largest_section(mask.array, volume, datasets)
+            if mask.array.any()
+            else (None, 0.0)
+        )
+        lesion(
+            mask.name,
+            mask.name,
+            code(mask.property_type or FINDING),
+            [hd.sr.FindingSite(code(mask.anatomy))] if mask.anatomy else None,
+            outline,
+            [hd.sr.Measurement(codes.SCT.Area, round(area, 2), codes.UCUM.SquareMillimeter)],
+            MILLILITER,
+        )
     # A classification is made on one image (a radiograph); referenced when there is one.
     image = (
         [hd.sr.SourceImageForMeasurementGroup(datasets[0].SOPClassUID, datasets[0].SOPInstanceUID)]

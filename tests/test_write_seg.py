@@ -45,13 +45,15 @@ PLANES = {
 }
 
 
-def phantom(plane: str, reversed_order: bool) -> CtPhantomSpec:
-    """A small non-square-pixel CT in ``plane`` with a nodule in the middle of its grid."""
+def phantom(
+    plane: str, reversed_order: bool, pixel_spacing_mm: tuple[float, float] = (0.9, 0.6)
+) -> CtPhantomSpec:
+    """A small CT (non-square pixels unless told) in ``plane`` with a nodule in the middle."""
     spec = CtPhantomSpec(
         slices=24,
         rows=48,
         columns=40,
-        pixel_spacing_mm=(0.9, 0.6),
+        pixel_spacing_mm=pixel_spacing_mm,
         slice_thickness_mm=1.5,
         orientation=PLANES[plane],
         reversed_order=reversed_order,

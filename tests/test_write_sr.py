@@ -10,6 +10,8 @@ import highdicom as hd
 import numpy as np
 import pytest
 from pydicom import dcmread
+from pydicom.sr.codedict import codes
+from scipy import ndimage
 
 from dicom_node.algorithm import AlgorithmResult, Classification, Concept, Finding, SeriesInput
 from dicom_node.phantoms import CxrPhantomSpec, cxr_dataset, write_ct_series
@@ -21,8 +23,14 @@ from tests.test_write_seg import LUNG, NODULE, PLANES, PROVENANCE, masks_for, ph
 PNEUMONIA = Concept("SCT", "233604007", "Pneumonia")
 
 
-def ct_case(tmp_path: Path, plane: str, *, with_nodule: bool = True):
-    spec = phantom(plane, reversed_order=True)
+def ct_case(
+    tmp_path: Path,
+    plane: str,
+    *,
+    with_nodule: bool = True,
+    pixel_spacing_mm: tuple[float, float] = (0.9, 0.6),
+):
+    spec = phantom(plane, reversed_order=True, pixel_spacing_mm=pixel_spacing_mm)
     paths = write_ct_series(tmp_path / "ct", spec)
     shuffled = list(paths)
     random.Random(2).shuffle(shuffled)
@@ -75,28 +83,48 @@ def test_sr_region_lies_on_the_finding_and_segments_are_referenced(tmp_path, pla
     )
     assert "Error" not in consistency.stdout + consistency.stderr, consistency.stdout
     back = hd.sr.srread(path)
-    (planar,) = back.content.get_planar_roi_measurement_groups()
-    region = planar.roi
-    uid = region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
-    (image,) = [
-        dcmread(p) for p in paths if dcmread(p, stop_before_pixels=True).SOPInstanceUID == uid
-    ]
-    points = np.asarray(region.value, dtype=float)[:-1]  # closed polyline: last = first
-    column, row = points.mean(axis=0) - 0.5  # back to voxel-centre indices
-    position = np.asarray(image.ImagePositionPatient, float)
-    orientation = np.asarray(image.ImageOrientationPatient, float)
-    row_mm, column_mm = (float(v) for v in image.PixelSpacing)
-    point = position + orientation[:3] * column * column_mm + orientation[3:] * row * row_mm
-    center = np.asarray(spec.nodules[0].center_lps_mm)
-    normal = np.cross(orientation[:3], orientation[3:])
-    in_plane = (point - center) - np.dot(point - center, normal) * normal
-    assert np.linalg.norm(in_plane) <= max(row_mm, column_mm), (plane, in_plane)
-    assert abs(np.dot(point - center, normal)) <= spec.slice_thickness_mm / 2 + 1e-6
-    # One volumetric group per segment, each on its segment, tracked by its UID.
+    segments = {s.SegmentLabel: s.TrackingUID for s in seg.SegmentSequence}
+    planar = {g.tracking_uid: g for g in back.content.get_planar_roi_measurement_groups()}
+    # One lesion, one tracking UID: each segment's planar and volumetric groups carry its UID.
+    assert set(planar) == set(segments.values())
     volumetric = back.content.get_volumetric_roi_measurement_groups()
-    segments = {s.SegmentNumber: s.TrackingUID for s in seg.SegmentSequence}
-    assert len(volumetric) == len(segments)
-    assert {group.tracking_uid for group in volumetric} == set(segments.values())
+    assert sorted(g.tracking_uid for g in volumetric) == sorted(segments.values())
+    images = {dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in paths}
+
+    def region_in_patient(group) -> tuple[np.ndarray, np.ndarray]:
+        """The region's vertices (closing one dropped) in LPS mm, and its image's normal."""
+        region = group.roi
+        uid = region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        image = dcmread(images[uid], stop_before_pixels=True)
+        column, row = (np.asarray(region.value, dtype=float)[:-1] - 0.5).T  # voxel centres
+        position = np.asarray(image.ImagePositionPatient, float)
+        orientation = np.asarray(image.ImageOrientationPatient, float)
+        row_mm, column_mm = (float(v) for v in image.PixelSpacing)
+        points = (
+            position
+            + np.outer(column * column_mm, orientation[:3])
+            + np.outer(row * row_mm, orientation[3:])
+        )
+        return points, np.cross(orientation[:3], orientation[3:])
+
+    # The nodule's circle is centred on the finding, on the slice through it.
+    points, normal = region_in_patient(planar[segments["Nodule 1"]])
+    row_mm, column_mm = spec.pixel_spacing_mm
+    offset = points.mean(axis=0) - np.asarray(spec.nodules[0].center_lps_mm)
+    in_plane = offset - np.dot(offset, normal) * normal
+    assert np.linalg.norm(in_plane) <= max(row_mm, column_mm), (plane, in_plane)
+    assert abs(np.dot(offset, normal)) <= spec.slice_thickness_mm / 2 + 1e-6
+    # The body's outline runs along the mask's edge on the slice where the mask is largest.
+    volume = series.volume()
+    body = result.masks[1].array
+    points, _ = region_in_patient(planar[segments["Body"]])
+    voxels = np.rint(volume.map_reference_to_indices(points)).astype(int)
+    (frame,) = set(voxels[:, 0])
+    areas = body.reshape(len(body), -1).sum(axis=1)
+    assert areas[frame] == areas.max()
+    assert body[tuple(voxels.T)].all(), "an outline vertex lies outside the mask"
+    inner = ndimage.binary_erosion(body[frame])
+    assert not inner[voxels[:, 1], voxels[:, 2]].any(), "an outline vertex is inside the mask"
     evidence = {
         item.ReferencedSOPInstanceUID
         for study in back.CurrentRequestedProcedureEvidenceSequence
@@ -111,9 +139,21 @@ def test_nothing_found_is_said(tmp_path) -> None:
     _, _, series, result = ct_case(tmp_path, "axial", with_nodule=False)
     _, path = seg_and_sr(tmp_path, series, result)
     back = hd.sr.srread(path)
-    assert back.content.get_planar_roi_measurement_groups() == []
+    groups = back.content.get_planar_roi_measurement_groups()
+    assert [g.finding_type.meaning for g in groups] == ["Entire body"]  # no nodule
     text = str(back)
     assert "Nodule" in text and "Absent" in text
+
+
+def test_an_empty_mask_is_stated_with_no_region(tmp_path) -> None:
+    _, _, series, result = ct_case(tmp_path, "axial", with_nodule=False)
+    result.masks[0].array[:] = False
+    _, path = seg_and_sr(tmp_path, series, result)
+    back = hd.sr.srread(path)
+    assert back.content.get_planar_roi_measurement_groups() == []
+    (group,) = back.content.get_volumetric_roi_measurement_groups()
+    (volume,) = group.get_measurements(name=codes.SCT.Volume)
+    assert volume.value == 0 and volume.unit.value == "mL"
 
 
 @pytest.mark.parametrize("positive", [True, False])

@@ -1,7 +1,9 @@
 // Open a study in OHIF (served with Orthanc's DICOMweb on one origin), load the node's SEG and
-// SR the way a reader does (double-click in the study browser), and report what the viewer
-// holds: segments, SR measurements, page errors, where the nodule centre is on screen, and a
-// screenshot. Usage: node check_ohif.mjs URL STUDY_UID OUT_DIR CHROMIUM '[x, y, z]'
+// then its SR the way a reader does (double-click in the study browser, the viewport's arrows
+// to step through the SR's measurements), and report what the viewer holds and draws:
+// segments, the SR measurements with their labels and outlines on screen, page errors, where
+// the lesion centre is on screen, and screenshots.
+// Usage: node check_ohif.mjs URL STUDY_UID OUT_DIR CHROMIUM '[x, y, z]'
 import { chromium } from 'playwright-core';
 
 const [url, studyUid, outDir, chromiumPath, centerJson] = process.argv.slice(2);
@@ -12,23 +14,24 @@ const browser = await chromium.launch({
   args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
     '--disable-background-networking', '--disable-component-update', '--disable-sync'],
 });
-const page = await (await browser.newContext({ viewport: { width: 1400, height: 900 } })).newPage();
+const context = await browser.newContext({ viewport: { width: 1400, height: 900 } });
 const errors = [];
-page.on('pageerror', (e) => errors.push(String(e)));
-try {
+
+async function openStudy() {
+  const page = await context.newPage();
+  page.on('pageerror', (e) => errors.push(String(e)));
   await page.goto(`${url}/viewer?StudyInstanceUIDs=${studyUid}`);
   await page.waitForFunction(
     () => window.services?.displaySetService?.getActiveDisplaySets().length >= 3, null,
     { timeout: 120000 });
   // The first-visit tour covers the page; a reader would skip it.
   await page.getByText('Skip all', { exact: true }).first().click({ timeout: 20000 }).catch(() => {});
-  await page.getByText('SEG', { exact: true }).first().dblclick();
-  await page.waitForFunction(
-    () => window.services.segmentationService.getSegmentations().length > 0, null,
-    { timeout: 60000 });
-  await page.getByText('Yes', { exact: true }).first().click({ timeout: 10000 }).catch(() => {});
-  await page.waitForTimeout(3000);
-  const view = await page.evaluate((c) => {
+  return page;
+}
+
+// Where the lesion centre, projected onto the active viewport's plane, is on the page.
+function projectCenter(page) {
+  return page.evaluate((c) => {
     const s = window.services;
     const id = s.viewportGridService.getActiveViewportId();
     const viewport = s.cornerstoneViewportService.getCornerstoneViewport(id);
@@ -40,19 +43,77 @@ try {
     const scale = viewport.canvas.width / box.width; // canvas pixels per CSS pixel
     return { x: box.left + x / scale, y: box.top + y / scale, distanceToPlane: Math.abs(d) };
   }, center);
+}
+
+// What the SR display tool has drawn: per measurement, its label lines and its outline in
+// page coordinates (OHIF draws an outline as a polyline followed by the label's group).
+function drawnMeasurements(page) {
+  return page.evaluate(() => {
+    const layer = document.querySelector('svg.svg-layer');
+    if (!layer) return [];
+    const box = layer.getBoundingClientRect();
+    return Array.from(layer.querySelectorAll('g[data-annotation-uid]')).map((g) => {
+      const outline = g.previousElementSibling;
+      const points = outline?.tagName === 'polyline'
+        ? outline.getAttribute('points').trim().split(/\s+(?=[-\d.]+,)/)
+          .map((p) => p.split(',').map(Number)).map(([x, y]) => [box.left + x, box.top + y])
+        : [];
+      return {
+        trackingUid: g.getAttribute('data-annotation-uid'),
+        lines: Array.from(g.querySelectorAll('tspan')).map((t) => t.textContent),
+        points,
+      };
+    });
+  });
+}
+
+try {
+  let page = await openStudy();
+  await page.getByText('SEG', { exact: true }).first().dblclick();
+  await page.waitForFunction(
+    () => window.services.segmentationService.getSegmentations().length > 0, null,
+    { timeout: 60000 });
+  await page.getByText('Yes', { exact: true }).first().click({ timeout: 10000 }).catch(() => {});
+  await page.waitForTimeout(3000);
+  const view = await projectCenter(page);
   await page.screenshot({ path: `${outDir}/ohif-seg.png` });
   const segmentations = await page.evaluate(() => window.services.segmentationService
     .getSegmentations().map((s) => ({
       label: s.label,
       segments: Object.values(s.segments || {}).filter(Boolean).map((x) => x.label),
     })));
+  await page.close();
+
+  // The SR in a fresh viewer, as a reader opening the report would see it.
+  page = await openStudy();
   await page.getByText('SR', { exact: true }).first().dblclick();
-  await page.waitForTimeout(8000);
+  await page.waitForFunction(() => window.services.displaySetService.getActiveDisplaySets()
+    .some((d) => d.Modality === 'SR' && d.isLoaded && d.measurements?.length), null,
+  { timeout: 60000 });
   const sr = await page.evaluate(() => window.services.displaySetService.getActiveDisplaySets()
     .filter((d) => d.Modality === 'SR')
-    .map((d) => ({ loaded: !!d.isLoaded, graphicTypes: (d.measurements || []).map((m) => m.graphicType || null) })));
+    .map((d) => ({
+      loaded: !!d.isLoaded,
+      measurements: d.measurements.map((m) => ({
+        trackingUid: m.TrackingUniqueIdentifier,
+        graphicType: m.graphicType || null,
+        onImage: !!m.loaded,
+        labels: m.labels.map((l) => `${l.label}: ${l.value}`),
+      })),
+    })));
+  // Step through every measurement with the viewport's arrows, back to the first one.
+  const drawn = {};
+  const count = sr[0]?.measurements.length || 0;
+  for (let i = 0; i < count; i++) {
+    await page.locator('[data-cy="viewport-action-arrows-right"] svg').first().click();
+    await page.waitForFunction(() => document.querySelector('svg.svg-layer g[data-annotation-uid]'),
+      null, { timeout: 20000 }).catch(() => {});
+    await page.waitForTimeout(1500);
+    for (const m of await drawnMeasurements(page)) drawn[m.trackingUid] = m;
+  }
+  const srView = await projectCenter(page);
   await page.screenshot({ path: `${outDir}/ohif-sr.png` });
-  console.log(JSON.stringify({ segmentations, sr, view, errors }));
+  console.log(JSON.stringify({ segmentations, sr, drawn: Object.values(drawn), view, srView, errors }));
 } finally {
   await browser.close();
 }
