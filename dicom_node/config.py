@@ -272,6 +272,12 @@ class ResultsConfig(_Section):
     sc_series_number: int = Field(
         default=9903, ge=1, description="Series Number of heat-map Secondary Captures."
     )
+    seg_omit_empty_frames: bool = Field(
+        default=True,
+        description="Leave out SEG frames with no segment pixels. Smaller, faster SEGs that "
+        "OHIF places correctly (tested) and that stay under Weasis 4.6's 400-frame limit; "
+        "set false for a viewer that needs one SEG frame per source image.",
+    )
     series_description: str = Field(
         default="AI {algorithm} {kind}",
         description="Series Description; {algorithm} and {kind} (SEG, SR, heat map) are "

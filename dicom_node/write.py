@@ -111,13 +111,14 @@ def segmentation(
     series_number: int,
     instance_number: int = 1,
     further_sources: Sequence[str] = (),
+    omit_empty_frames: bool = True,
 ) -> hd.seg.Segmentation:
     """One BINARY Segmentation holding every mask of ``result``, one segment each.
 
     All masks must be in the grid of one input (the source images); the inputs named in
     ``further_sources`` are referenced as Further Source Images (e.g. the other sequences of
-    an MR study). Every source frame has a SEG frame, empty ones included: viewers that
-    match SEG frames to the images they are shown with then never miss one.
+    an MR study). With ``omit_empty_frames`` a segment has frames only where it has pixels
+    (all frames are kept when every mask is empty); each frame names its source image.
     """
     if not result.masks:
         raise WriteError("the result has no masks to write as a segmentation")
@@ -160,7 +161,7 @@ def segmentation(
         manufacturer_model_name=MODEL_NAME,
         software_versions=__version__,
         device_serial_number="0",
-        omit_empty_frames=False,
+        omit_empty_frames=omit_empty_frames,
         series_description=provenance.series_description("SEG"),
         content_description=(DEMO_WARNING if result.demo else None),
         content_label="AI_SEG",
@@ -565,6 +566,7 @@ def write_all(
             provenance,
             series_number=numbers.seg_series_number,
             further_sources=further,
+            omit_empty_frames=numbers.seg_omit_empty_frames,
         )
         objects.append(("SEG", seg))
     if result.findings or result.masks or result.classifications or result.looked_for:

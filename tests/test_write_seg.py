@@ -82,7 +82,7 @@ PROVENANCE = Provenance("test-geometry", "1.0", Weights(None, "ab" * 32, demo=Tr
 
 
 def written(
-    tmp_path: Path, spec: CtPhantomSpec
+    tmp_path: Path, spec: CtPhantomSpec, omit_empty_frames: bool = True
 ) -> tuple[list[Path], SeriesInput, list[LabelMask], Path]:
     paths = write_ct_series(tmp_path / "ct", spec)
     shuffled = list(paths)
@@ -91,17 +91,24 @@ def written(
     masks = masks_for(spec, series.volume())
     assert masks[0].array.sum() > 50
     result = AlgorithmResult("test-geometry", "1.0", demo=True, masks=masks)
-    seg = segmentation(result, {"series": series}, PROVENANCE, series_number=901)
+    seg = segmentation(
+        result,
+        {"series": series},
+        PROVENANCE,
+        series_number=901,
+        omit_empty_frames=omit_empty_frames,
+    )
     path = tmp_path / "seg.dcm"
     seg.save_as(path)
     return paths, series, masks, path
 
 
+@pytest.mark.parametrize("omit_empty_frames", [True, False], ids=["sparse", "dense"])
 @pytest.mark.parametrize("reversed_order", [False, True], ids=["ordered", "reversed"])
 @pytest.mark.parametrize("plane", PLANES)
-def test_seg_round_trip_is_voxel_exact(tmp_path, plane, reversed_order) -> None:
+def test_seg_round_trip_is_voxel_exact(tmp_path, plane, reversed_order, omit_empty_frames) -> None:
     spec = phantom(plane, reversed_order)
-    paths, series, masks, path = written(tmp_path, spec)
+    paths, series, masks, path = written(tmp_path, spec, omit_empty_frames)
     volume = series.volume()
     seg = hd.seg.segread(path)
     for number, mask in enumerate(masks, 1):
@@ -118,14 +125,17 @@ def test_seg_round_trip_is_voxel_exact(tmp_path, plane, reversed_order) -> None:
     if spec.reversed_order:
         truth = truth[::-1]
     assert np.array_equal(by_instance.astype(bool), truth)
-    # Every reference is a source instance.
-    referenced = {
+    # Each frame references its source instance; sparse: a frame only where a segment is.
+    referenced = [
         item.ReferencedSOPInstanceUID
         for frame in seg.PerFrameFunctionalGroupsSequence
         for derivation in frame.DerivationImageSequence
         for item in derivation.SourceImageSequence
-    }
-    assert referenced == set(uids)
+    ]
+    assert set(referenced) <= set(uids)
+    slices_with = [int(m.array.any(axis=(1, 2)).sum()) for m in masks]
+    expected = sum(slices_with) if omit_empty_frames else len(masks) * len(uids)
+    assert seg.NumberOfFrames == len(referenced) == expected
 
 
 @pytest.mark.parametrize("plane", PLANES)
