@@ -165,6 +165,8 @@ def segmentation(
         series_description=provenance.series_description("SEG"),
         content_description=(DEMO_WARNING if result.demo else None),
         content_label="AI_SEG",
+        # The algorithm made it (PS3.3 C.10.9): as a name, since PN has no device form.
+        content_creator_name=f"{provenance.algorithm}^",
         further_source_images=further or None,
     )
     # highdicom copies the sources' SpacingBetweenSlices into the SEG, and scanners fill it

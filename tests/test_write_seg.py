@@ -164,6 +164,7 @@ def test_seg_passes_the_reference_validators(tmp_path, plane) -> None:
     finally:
         pydicom_config.settings.reading_validation_mode = previous
     assert seg.SeriesDescription.startswith("DEMO MODEL - NOT FOR CLINICAL USE")
+    assert str(seg.ContentCreatorName) == "test-geometry^"
     assert seg.StudyInstanceUID == dcmread(paths[0]).StudyInstanceUID
     (segment, _) = seg.SegmentSequence
     assert segment.SegmentedPropertyTypeCodeSequence[0].CodeValue == "27925004"
