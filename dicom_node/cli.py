@@ -101,6 +101,64 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from dicom_node.database import Database, database_path
+    from dicom_node.deliver import deliveries_of, replay
+
+    data_dir = _config(args).store.data_dir.resolve()
+    path = database_path(data_dir)
+    if not path.exists():
+        print(f"no data under {data_dir}")
+        return 0
+    db = Database(path)
+    try:
+        if args.action == "retry":
+            if (args.job is None) == (not args.all_dead):
+                print("dicom-node: give a job ID or --all-dead", file=sys.stderr)
+                return EXIT_USAGE
+            count = replay(db, job_id=args.job, all_dead=args.all_dead)
+            print(f"{count} deliver{'y' if count == 1 else 'ies'} queued again")
+            return 0 if count else EXIT_FAILED
+        with db.reading() as conn:
+            jobs = conn.execute(
+                "SELECT id, kind, payload, state, attempts, error FROM jobs"
+                " WHERE kind = 'inference' ORDER BY id DESC LIMIT ?",
+                (args.recent,),
+            ).fetchall()
+            deliveries = deliveries_of(conn, [j["id"] for j in jobs])
+    finally:
+        db.close()
+    listing = [
+        {
+            "job": j["id"],
+            "algorithm": json.loads(j["payload"]).get("algorithm"),
+            "state": j["state"],
+            "attempts": j["attempts"],
+            "error": j["error"],
+            "deliveries": [
+                {
+                    "destination": d.label,
+                    "state": d.state,
+                    "attempts": d.attempts,
+                    "last_error": d.last_error,
+                }
+                for d in deliveries.get(j["id"], [])
+            ],
+        }
+        for j in jobs
+    ]
+    if args.json:
+        print(json.dumps(listing, indent=2))
+        return 0
+    for job in listing:
+        error = f"  {job['error']}" if job["state"] == "failed" else ""
+        print(f"job {job['job']:>5}  {job['algorithm']:<20} {job['state']:<9}{error}")
+        for d in job["deliveries"]:
+            why = f"  {d['last_error']}" if d["state"] != "sent" and d["last_error"] else ""
+            print(f"    -> {d['destination']:<24} {d['state']:<8} {d['attempts']} attempt(s){why}")
+    return 0
+
+
 def cmd_algorithms(args: argparse.Namespace) -> int:
     from dicom_node.algorithm import discover, resolve_device
 
@@ -243,6 +301,16 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--recent", type=int, default=20, help="how many series to list")
     status.set_defaults(func=cmd_status)
+
+    jobs = with_config(
+        commands.add_parser("jobs", help="inference jobs and their deliveries; replay dead ones")
+    )
+    jobs.add_argument("action", nargs="?", choices=["list", "retry"], default="list")
+    jobs.add_argument("job", nargs="?", type=int, help="retry: the job whose deliveries to redo")
+    jobs.add_argument("--all-dead", action="store_true", help="retry: every dead delivery")
+    jobs.add_argument("--json", action="store_true", help="machine-readable output")
+    jobs.add_argument("--recent", type=int, default=50, help="how many jobs to list")
+    jobs.set_defaults(func=cmd_jobs)
 
     algorithms = with_config(
         commands.add_parser("algorithms", help="installed algorithms, their weights and device")

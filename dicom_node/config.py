@@ -205,6 +205,11 @@ class RouteRule(_Section):
     algorithm: str = Field(description="Name of an installed algorithm (dicom-node algorithms).")
     series: SeriesMatch | None = None
     roles: dict[str, SeriesMatch] | None = None
+    destinations: list[str] | None = Field(
+        default=None,
+        description="Where results go: names under 'destinations', or 'sender' (back to the "
+        "calling AE, looked up in 'peers'); null means routing.destinations.",
+    )
 
     @model_validator(mode="after")
     def _one_kind(self) -> RouteRule:
@@ -262,6 +267,111 @@ class RoutingConfig(_Section):
     rules: list[RouteRule] = Field(
         default_factory=lambda: [RouteRule.model_validate(r) for r in DEFAULT_ROUTES]
     )
+    destinations: list[str] = Field(
+        default_factory=list,
+        description="Destinations of rules that name none; empty keeps results in the data "
+        "folder only.",
+    )
+
+    def destinations_of(self, rule: RouteRule) -> list[str]:
+        return list(self.destinations if rule.destinations is None else rule.destinations)
+
+
+SENDER = "sender"  # the destination that means "back to the calling AE"
+
+
+class ClientTlsConfig(_Section):
+    """TLS towards a destination (PS3.15 B.1): verify it with ca_file, present cert_file."""
+
+    ca_file: Path | None = Field(default=None, description="CA bundle; null: system CAs.")
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    server_hostname: str | None = Field(
+        default=None, description="Name to verify the certificate against; default host."
+    )
+
+
+class DicomDestination(_Section):
+    """A C-STORE SCP: a PACS, a viewer, a router."""
+
+    type: Literal["dicom"] = "dicom"
+    ae_title: AeTitle
+    host: str
+    port: int = Field(ge=1, le=65535)
+    tls: ClientTlsConfig | None = None
+
+
+class DicomwebDestination(_Section):
+    """A STOW-RS service (PS3.18 10.5): the base URL of its studies resource."""
+
+    type: Literal["dicomweb"] = "dicomweb"
+    url: str = Field(pattern=r"^https?://", description="e.g. http://pacs:8042/dicom-web")
+    username: str | None = None
+    password: str | None = None
+    token: str | None = Field(default=None, description="Bearer token; instead of a password.")
+    verify: bool | Path = Field(default=True, description="TLS verification, or a CA bundle.")
+
+    @model_validator(mode="after")
+    def _one_auth(self) -> DicomwebDestination:
+        if self.token and (self.username or self.password):
+            raise ValueError("give a token or a username and password, not both")
+        if (self.username is None) != (self.password is None):
+            raise ValueError("username and password go together")
+        return self
+
+
+class FolderDestination(_Section):
+    """A folder (a share another system picks files up from): study/series/instance.dcm."""
+
+    type: Literal["folder"] = "folder"
+    path: Path
+
+
+Destination = Annotated[
+    DicomDestination | DicomwebDestination | FolderDestination, Field(discriminator="type")
+]
+
+
+class Peer(_Section):
+    """A known DICOM peer (like a PACS's modality list): where its SCP listens."""
+
+    host: str
+    port: int = Field(ge=1, le=65535)
+    tls: ClientTlsConfig | None = None
+
+
+class DeliveryConfig(_Section):
+    """How results are sent: retries with exponential backoff and jitter, then a dead letter."""
+
+    calling_ae_title: AeTitle | None = Field(
+        default=None, description="Our AE title when sending; default scp.ae_title."
+    )
+    max_attempts: int = Field(default=8, ge=1, description="Tries before a dead letter.")
+    backoff_initial_s: float = Field(default=5.0, gt=0, description="Wait after a 1st failure.")
+    backoff_max_s: float = Field(default=600.0, gt=0, description="Longest wait between tries.")
+    backoff_jitter: float = Field(
+        default=0.2, ge=0, le=1, description="Each wait is spread by +- this fraction."
+    )
+    timeout_s: float = Field(default=60.0, gt=0, description="Network timeout per request.")
+    poll_s: float = Field(default=0.2, gt=0, description="How often due deliveries are looked for.")
+
+
+class RetentionConfig(_Section):
+    """How long patient data stays on disk once it has done its work."""
+
+    instances_hours: float = Field(
+        default=24.0,
+        ge=0,
+        description="Received instances: hours after every route of their "
+        "study delivered (or the study routed nowhere). The index keeps the record.",
+    )
+    results_hours: float = Field(
+        default=168.0,
+        ge=0,
+        description="Result files: hours after they were delivered; "
+        "afterwards they cannot be replayed.",
+    )
+    check_every_s: float = Field(default=60.0, gt=0)
 
 
 class ResultsConfig(_Section):
@@ -326,7 +436,31 @@ class NodeConfig(_Section):
     )
     worker: WorkerConfig = WorkerConfig()
     results: ResultsConfig = ResultsConfig()
+    destinations: dict[str, Destination] = Field(
+        default_factory=dict, description="Named places results are sent to."
+    )
+    peers: dict[AeTitle, Peer] = Field(
+        default_factory=dict, description="Known AEs by title, for the 'sender' destination."
+    )
+    delivery: DeliveryConfig = DeliveryConfig()
+    retention: RetentionConfig = RetentionConfig()
     logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _destinations_exist(self) -> NodeConfig:
+        known = {*self.destinations, SENDER}
+        for key in self.destinations:
+            if key == SENDER:
+                raise ValueError(f"destinations.{SENDER}: the name is reserved for the caller")
+        named = [("routing.destinations", d) for d in self.routing.destinations] + [
+            (f"routing.rules.{i}.destinations", d)
+            for i, rule in enumerate(self.routing.rules)
+            for d in rule.destinations or []
+        ]
+        for where, name in named:
+            if name not in known:
+                raise ValueError(f"{where}: no destination named {name!r}")
+        return self
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:

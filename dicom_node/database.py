@@ -84,6 +84,27 @@ CREATE TABLE IF NOT EXISTS outputs (
     path             TEXT NOT NULL      -- relative to the data folder
 );
 CREATE INDEX IF NOT EXISTS outputs_by_job ON outputs(job_id);
+CREATE TABLE IF NOT EXISTS deliveries (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id          INTEGER NOT NULL REFERENCES jobs(id),
+    destination     TEXT NOT NULL,          -- a name under 'destinations', or 'sender'
+    peer_aet        TEXT NOT NULL DEFAULT '', -- for 'sender': the calling AE it goes back to
+    state           TEXT NOT NULL CHECK (state IN ('pending', 'sent', 'dead')),
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_error      TEXT,
+    created_at      REAL NOT NULL,
+    sent_at         REAL,
+    UNIQUE (job_id, destination, peer_aet)
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(next_attempt_at) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS deliveries_by_job ON deliveries(job_id);
+CREATE TABLE IF NOT EXISTS purges (
+    subject     TEXT PRIMARY KEY,  -- 'study:<uid>' (received instances) or 'job:<id>' (results)
+    purged_at   REAL NOT NULL,
+    files       INTEGER NOT NULL,
+    bytes       INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS routing_decisions (
     id           INTEGER PRIMARY KEY AUTOINCREMENT,
     level        TEXT NOT NULL CHECK (level IN ('series', 'study')),

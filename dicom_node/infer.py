@@ -25,6 +25,7 @@ from pathlib import Path
 from dicom_node.algorithm import Algorithm, SeriesInput, discover, resolve_device
 from dicom_node.config import NodeConfig
 from dicom_node.database import Database, database_path
+from dicom_node.deliver import schedule
 from dicom_node.jobs import Job, JobKind, SqliteJobStore, mark_succeeded
 from dicom_node.write import Provenance, Written, write_all
 
@@ -159,6 +160,8 @@ class Worker:
                     for w in written
                 ],
             )
+            if written:  # with the results, in the same transaction: none is ever lost
+                schedule(conn, job.id, job.payload)
             mark_succeeded(conn, job.id)
         return job
 

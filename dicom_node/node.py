@@ -15,6 +15,7 @@ from types import FrameType
 
 from dicom_node.assembly import Assembler
 from dicom_node.config import NodeConfig
+from dicom_node.deliver import Deliverer
 from dicom_node.infer import WorkerSupervisor
 from dicom_node.jobs import SqliteJobStore
 from dicom_node.route import Router
@@ -39,6 +40,7 @@ class Node:
         self.assembler = Assembler(self.store.db, config.assembly, on_complete=self.router.wake)
         self.scp = StorageSCP(config.scp, self.store, self.assembler)
         self.workers = WorkerSupervisor(config, self.jobs) if config.worker.enabled else None
+        self.deliverer = Deliverer(config, self.store.db, self.store.data_dir)
         self._stopped = threading.Event()
 
     def start(self) -> tuple[str, int]:
@@ -49,6 +51,7 @@ class Node:
         self.router.start()
         if self.workers is not None:
             self.workers.start()
+        self.deliverer.start()
         self.assembler.start()
         return self.scp.start()
 
@@ -62,6 +65,7 @@ class Node:
         self.router.stop()
         if self.workers is not None:
             self.workers.stop()
+        self.deliverer.stop()
         self.store.close()
         log.info("stopped")
 

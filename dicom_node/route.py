@@ -17,7 +17,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -62,6 +62,8 @@ def installed_algorithms() -> frozenset[str]:
 class Routed:
     algorithm: str
     inputs: dict[str, str]  # input name (a role, or "series") -> series UID
+    destinations: tuple[str, ...] = ()  # where the results go (names, or "sender")
+    senders: tuple[str, ...] = ()  # calling AEs the inputs came from, for "sender"
 
 
 @dataclass(frozen=True)
@@ -179,18 +181,33 @@ def never_routed(facts: SeriesFacts) -> str | None:
     return None
 
 
-def _series_rule(rule: RouteRule, facts: SeriesFacts, installed: frozenset[str]):
+def _series_rule(
+    rule: RouteRule, facts: SeriesFacts, installed: frozenset[str], defaults: Sequence[str]
+):
     assert rule.series is not None
     why = mismatch(rule.series, facts)
     if why is not None:
         return NotRouted(rule.algorithm, why)
     if rule.algorithm not in installed:
         return NotRouted(rule.algorithm, "matches, but the algorithm is not installed")
-    return Routed(rule.algorithm, {SERIES_INPUT: facts.series_uid})
+    return Routed(
+        rule.algorithm,
+        {SERIES_INPUT: facts.series_uid},
+        _destinations(rule, defaults),
+        tuple(sorted(facts.calling_aets)),
+    )
+
+
+def _destinations(rule: RouteRule, defaults: Sequence[str]) -> tuple[str, ...]:
+    return tuple(defaults if rule.destinations is None else rule.destinations)
 
 
 def decide_series(
-    facts: SeriesFacts, rules: list[RouteRule], installed: frozenset[str], generation: int
+    facts: SeriesFacts,
+    rules: list[RouteRule],
+    installed: frozenset[str],
+    generation: int,
+    default_destinations: Sequence[str] = (),
 ) -> Decision:
     """The decision for a completed series: series rules now, role rules at study completion."""
     decision = Decision("series", facts.series_uid, generation)
@@ -200,7 +217,7 @@ def decide_series(
         return decision
     for rule in rules:
         if rule.series is not None:
-            outcome = _series_rule(rule, facts, installed)
+            outcome = _series_rule(rule, facts, installed, default_destinations)
             (decision.routed if isinstance(outcome, Routed) else decision.not_routed).append(
                 outcome
             )
@@ -250,6 +267,7 @@ def decide_study(
     rules: list[RouteRule],
     installed: frozenset[str],
     generation: int,
+    default_destinations: Sequence[str] = (),
 ) -> Decision:
     """The decision for a completed study: the rules with roles."""
     decision = Decision("study", study_uid, generation)
@@ -267,7 +285,17 @@ def decide_study(
                 NotRouted(rule.algorithm, "roles matched, but the algorithm is not installed")
             )
         else:
-            decision.routed.append(Routed(rule.algorithm, assigned))
+            senders = {
+                aet for f in usable if f.series_uid in assigned.values() for aet in f.calling_aets
+            }
+            decision.routed.append(
+                Routed(
+                    rule.algorithm,
+                    assigned,
+                    _destinations(rule, default_destinations),
+                    tuple(sorted(senders)),
+                )
+            )
     return decision
 
 
@@ -295,7 +323,13 @@ def record_decision(conn, decision: Decision) -> list[int]:
             JobKind.INFERENCE,
             decision.subject_uid,
             decision.generation,
-            {"algorithm": r.algorithm, "inputs": r.inputs, "level": decision.level},
+            {
+                "algorithm": r.algorithm,
+                "inputs": r.inputs,
+                "level": decision.level,
+                "destinations": list(r.destinations),
+                "senders": list(r.senders),
+            },
         )
         for r in decision.routed
     ]
@@ -328,12 +362,21 @@ class Router:
         installed = self.installed()
         if job.kind == JobKind.SERIES_COMPLETE.value:
             facts = read_series_facts(self.data_dir, self.db, job.subject_uid)
-            return decide_series(facts, self.config.rules, installed, job.generation)
+            return decide_series(
+                facts, self.config.rules, installed, job.generation, self.config.destinations
+            )
         series = [
             read_series_facts(self.data_dir, self.db, uid)
             for uid in study_series(self.db, job.subject_uid)
         ]
-        return decide_study(job.subject_uid, series, self.config.rules, installed, job.generation)
+        return decide_study(
+            job.subject_uid,
+            series,
+            self.config.rules,
+            installed,
+            job.generation,
+            self.config.destinations,
+        )
 
     def route_next(self) -> Decision | None:
         """Route the oldest waiting completion; None when there is none."""

@@ -9,6 +9,7 @@ one association; files needing more are sent over further associations.
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,15 @@ _config.STORE_SEND_CHUNKED_DATASET = True
 
 class AssociationFailed(ConnectionError):
     """The peer rejected, aborted or never answered the association request."""
+
+
+class AssociationRejected(AssociationFailed):
+    """The peer answered A-ASSOCIATE-RJ (PS3.8 7.1.1.9); ``permanent`` when its result says
+    that trying again will not help (e.g. our AE title is not known to it)."""
+
+    def __init__(self, message: str, *, permanent: bool) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 @dataclass(frozen=True)
@@ -101,10 +111,20 @@ def _ae(calling_aet: str, *, timeout_s: float) -> AE:
     return ae
 
 
-def _associate(ae: AE, host: str, port: int, called_aet: str) -> Association:
-    assoc = ae.associate(host, port, ae_title=called_aet)
+def _associate(
+    ae: AE, host: str, port: int, called_aet: str, tls: tuple[ssl.SSLContext, str] | None = None
+) -> Association:
+    assoc = ae.associate(host, port, ae_title=called_aet, tls_args=tls)
+    peer = f"{called_aet} at {host}:{port}"
+    if assoc.is_rejected and assoc.acceptor.primitive is not None:
+        answer = assoc.acceptor.primitive
+        raise AssociationRejected(
+            f"{peer} rejected the association ({answer.result_str}, {answer.source_str}:"
+            f" {answer.reason_str})",
+            permanent=answer.result == 0x01,
+        )
     if not assoc.is_established:
-        raise AssociationFailed(f"association with {called_aet} at {host}:{port} failed")
+        raise AssociationFailed(f"association with {peer} failed (refused, aborted or no answer)")
     return assoc
 
 
@@ -137,8 +157,13 @@ def send(
     calling_aet: str = "DICOMNODE_SCU",
     called_aet: str = "DICOMNODE",
     timeout_s: float = 60.0,
+    tls: tuple[ssl.SSLContext, str] | None = None,
 ) -> SendReport:
-    """C-STORE every DICOM file under ``paths``; non-DICOM files are reported as skipped."""
+    """C-STORE every DICOM file under ``paths``; non-DICOM files are reported as skipped.
+
+    One association per batch of at most 128 presentation contexts, each context exactly a
+    sent file's SOP class and transfer syntax; ``tls`` is (client context, server name).
+    """
     report = SendReport()
     files: list[DicomFile] = []
     for path in find_files(paths):
@@ -150,7 +175,7 @@ def send(
     for batch in _batches(files):
         contexts = sorted({f.context for f in batch})
         ae.requested_contexts = [build_context(c, [ts]) for c, ts in contexts]
-        assoc = _associate(ae, host, port, called_aet)
+        assoc = _associate(ae, host, port, called_aet, tls)
         try:
             for f in batch:
                 _store_one(assoc, f, report)
@@ -172,7 +197,10 @@ def _store_one(assoc: Association, f: DicomFile, report: SendReport) -> None:
     code = int(status.Status) if "Status" in status else None
     if code is None:
         report.failed.append((f.path, "no response (timeout or abort)"))
-    elif code == 0x0000 or code & 0xF000 == 0xB000:  # Success or Warning, PS3.4 B.2.3
+    elif code == 0x0000:
+        report.sent.append(f.path)
+    elif code & 0xF000 == 0xB000:  # Warning, PS3.4 B.2.3: stored, perhaps coerced
+        log.warning("%s stored with warning status 0x%04X", f.path.name, code)
         report.sent.append(f.path)
     else:
         report.failed.append((f.path, f"status 0x{code:04X}"))

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 from tests.peers import free_port
 
@@ -81,15 +82,22 @@ class Orthanc:
     workdir: Path
     http_port: int = 0
     proc: subprocess.Popen | None = None
+    dicom_port: int = 0  # 0: no DICOM server
+    aet: str = "ORTHANC"
+    modalities: dict[str, list] = field(default_factory=dict)  # name -> [AET, host, port]
+    extra: dict = field(default_factory=dict)  # more Orthanc settings
 
     def start(self, timeout_s: float = 30.0) -> Orthanc:
-        self.http_port = free_port()
+        self.http_port = self.http_port or free_port()
         config = {
             "Name": "DICOMNODE-TEST",
             "StorageDirectory": str(self.workdir / "storage"),
             "IndexDirectory": str(self.workdir / "storage"),
             "HttpPort": self.http_port,
-            "DicomServerEnabled": False,
+            "DicomServerEnabled": bool(self.dicom_port),
+            "DicomPort": self.dicom_port or 4242,
+            "DicomAet": self.aet,
+            "DicomModalities": self.modalities,
             "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False,
             "Plugins": [str(DICOMWEB_PLUGIN)],
@@ -100,6 +108,8 @@ class Orthanc:
                 "SeriesMetadata": "Full",
             },
         }
+        config.update(self.extra)
+        self.workdir.mkdir(parents=True, exist_ok=True)
         path = self.workdir / "orthanc.json"
         path.write_text(json.dumps(config))
         log = (self.workdir / "orthanc.log").open("w")
@@ -129,6 +139,16 @@ class Orthanc:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(20)
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(f"{self.url}{path}", timeout=30) as response:
+            return json.loads(response.read())
+
+    def post(self, path: str, body: Any, timeout_s: float = 120) -> Any:
+        data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+        request = urllib.request.Request(f"{self.url}{path}", data=data, method="POST")
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return json.loads(response.read() or b"null")
 
 
 class _Handler(SimpleHTTPRequestHandler):

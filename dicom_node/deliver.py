@@ -1,0 +1,504 @@
+"""Delivery: each job's results reach every destination its route names, exactly once.
+
+A delivery is durable state per job and destination (the ``deliveries`` table), created in
+the transaction that records the job's results: ``pending`` until the destination confirmed
+every object, then ``sent``; a failed attempt waits with exponential backoff and jitter, and
+after ``delivery.max_attempts`` the delivery is ``dead`` with its last error, until a person
+replays it (``dicom-node jobs retry``). A permanent association rejection (PS3.8 7.1.1.9, e.g.
+our AE title unknown to the PACS) and a missing peer are dead at once: trying again in a loop
+would only fill the PACS's log. A restarted node resumes what is pending.
+
+Every attempt sends the stored files, the same SOP Instance UIDs, never regenerated ones, so a
+PACS that got an object twice (it acknowledged, then the link dropped before we recorded it)
+holds it once.
+
+Retention runs in the same loop: received instances are deleted ``retention.instances_hours``
+after every route of their study delivered (the index keeps their record), result files
+``retention.results_hours`` after they were delivered.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+import sqlite3
+import ssl
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dicom_node.config import (
+    SENDER,
+    ClientTlsConfig,
+    DeliveryConfig,
+    DicomDestination,
+    DicomwebDestination,
+    FolderDestination,
+    NodeConfig,
+    RetentionConfig,
+)
+from dicom_node.database import Database
+from dicom_node.scu import AssociationFailed, AssociationRejected, send
+
+log = logging.getLogger(__name__)
+
+Target = DicomDestination | DicomwebDestination | FolderDestination
+
+
+class DeliveryError(Exception):
+    """An attempt failed; ``permanent`` when trying again cannot help."""
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+
+
+@dataclass(frozen=True)
+class Delivery:
+    id: int
+    job_id: int
+    destination: str
+    peer_aet: str
+    state: str
+    attempts: int
+    next_attempt_at: float
+    last_error: str | None
+    created_at: float
+    sent_at: float | None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Delivery:
+        return cls(**dict(row))
+
+    @property
+    def label(self) -> str:
+        return f"{self.destination} ({self.peer_aet})" if self.peer_aet else self.destination
+
+
+def schedule(conn: sqlite3.Connection, job_id: int, payload: dict[str, Any]) -> int:
+    """Queue one delivery per destination of a job's route (caller's transaction); 'sender'
+    becomes one delivery per calling AE the inputs came from. Returns how many."""
+    rows = []
+    for name in payload.get("destinations") or []:
+        peers = payload.get("senders") or [] if name == SENDER else [""]
+        rows.extend((job_id, name, peer) for peer in peers)
+    now = time.time()
+    conn.executemany(
+        "INSERT OR IGNORE INTO deliveries (job_id, destination, peer_aet, state,"
+        " next_attempt_at, created_at) VALUES (?, ?, ?, 'pending', ?, ?)",
+        [(*row, now, now) for row in rows],
+    )
+    return len(rows)
+
+
+def backoff_s(attempts: int, config: DeliveryConfig, rng: random.Random) -> float:
+    """Wait before the next try after ``attempts`` failures: doubling from the initial wait up
+    to the maximum, spread by the jitter so that many deliveries do not retry in step."""
+    base = min(config.backoff_max_s, config.backoff_initial_s * 2 ** max(attempts - 1, 0))
+    return base * (1.0 + config.backoff_jitter * rng.uniform(-1.0, 1.0))
+
+
+def resolve(config: NodeConfig, delivery: Delivery) -> Target:
+    """The destination as configured now, so that a fixed config applies to a replay."""
+    if delivery.destination == SENDER:
+        peer = config.peers.get(delivery.peer_aet)
+        if peer is None:
+            raise DeliveryError(
+                f"the calling AE {delivery.peer_aet!r} is not under 'peers': add its host and"
+                " port, then run 'dicom-node jobs retry'",
+                permanent=True,
+            )
+        return DicomDestination(
+            ae_title=delivery.peer_aet, host=peer.host, port=peer.port, tls=peer.tls
+        )
+    target = config.destinations.get(delivery.destination)
+    if target is None:
+        raise DeliveryError(
+            f"no destination named {delivery.destination!r} in the configuration", permanent=True
+        )
+    return target
+
+
+def _client_tls(tls: ClientTlsConfig | None, host: str) -> tuple[ssl.SSLContext, str] | None:
+    if tls is None:
+        return None
+    context = ssl.create_default_context(
+        cafile=str(tls.ca_file) if tls.ca_file is not None else None
+    )
+    if tls.cert_file is not None:
+        context.load_cert_chain(
+            str(tls.cert_file), str(tls.key_file) if tls.key_file is not None else None
+        )
+    return context, tls.server_hostname or host
+
+
+def send_dicom(
+    target: DicomDestination, files: Sequence[Path], calling_aet: str, timeout_s: float
+) -> dict[Path, str | None]:
+    """C-STORE ``files`` in one association per 128 contexts; per file: None (stored, or
+    stored with a warning) or why it failed. Association problems raise DeliveryError."""
+    try:
+        report = send(
+            files,
+            target.host,
+            target.port,
+            calling_aet=calling_aet,
+            called_aet=target.ae_title,
+            timeout_s=timeout_s,
+            tls=_client_tls(target.tls, target.host),
+        )
+    except AssociationRejected as exc:
+        raise DeliveryError(str(exc), permanent=exc.permanent) from exc
+    except (AssociationFailed, OSError) as exc:
+        raise DeliveryError(str(exc) or type(exc).__name__) from exc
+    outcome: dict[Path, str | None] = {path: None for path in report.sent}
+    outcome.update({path: why for path, why in [*report.failed, *report.skipped]})
+    return outcome
+
+
+def send_dicomweb(target: DicomwebDestination, files: Sequence[Path], timeout_s: float) -> None:
+    """STOW-RS (PS3.18 10.5) of ``files`` in one request; any instance not stored fails it."""
+    import requests
+    from dicomweb_client import DICOMwebClient
+    from pydicom import dcmread
+
+    session = requests.Session()
+    if target.username is not None:
+        session.auth = (target.username, target.password or "")
+    if target.token:
+        session.headers["Authorization"] = f"Bearer {target.token}"
+    session.verify = str(target.verify) if isinstance(target.verify, Path) else target.verify
+    client = DICOMwebClient(target.url, session=session, timeout=timeout_s)
+    try:
+        response = client.store_instances([dcmread(path) for path in files])
+    except requests.HTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else 0
+        # Client errors other than a timeout, a conflict or a rate limit repeat on a retry.
+        permanent = 400 <= status < 500 and status not in (408, 409, 429)
+        raise DeliveryError(f"STOW-RS to {target.url}: HTTP {status}", permanent=permanent) from exc
+    except requests.RequestException as exc:
+        raise DeliveryError(f"STOW-RS to {target.url}: {type(exc).__name__}: {exc}") from exc
+    failed = response.get("FailedSOPSequence") if response is not None else None
+    if failed:
+        reasons = sorted({f"0x{int(item.get('FailureReason', 0)):04X}" for item in failed})
+        raise DeliveryError(
+            f"STOW-RS to {target.url}: {len(failed)} instance(s) not stored ({', '.join(reasons)})"
+        )
+
+
+def send_to_folder(target: FolderDestination, files: Sequence[Path]) -> None:
+    """Copy ``files`` to <folder>/<study>/<series>/<instance>.dcm, each complete or absent:
+    written beside, synced, then renamed, so a system picking files up never sees half."""
+    from pydicom import dcmread
+
+    try:
+        for path in files:
+            ds = dcmread(path, stop_before_pixels=True)
+            folder = target.path / ds.StudyInstanceUID / ds.SeriesInstanceUID
+            folder.mkdir(parents=True, exist_ok=True)
+            final = folder / f"{ds.SOPInstanceUID}.dcm"
+            partial = folder / f".{ds.SOPInstanceUID}.partial"
+            with path.open("rb") as source, partial.open("wb") as copy:
+                shutil.copyfileobj(source, copy)
+                copy.flush()
+                os.fsync(copy.fileno())
+            os.replace(partial, final)
+    except OSError as exc:
+        raise DeliveryError(f"folder {target.path}: {exc}") from exc
+
+
+class Deliverer:
+    """Sends due deliveries and applies retention, in a background thread of ``serve``."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        db: Database,
+        data_dir: Path,
+        *,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.db = db
+        self.data_dir = data_dir
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.calling_aet = config.delivery.calling_ae_title or config.scp.ae_title
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._next_retention = 0.0
+
+    def due(self) -> list[Delivery]:
+        with self.db.reading() as conn:
+            rows = conn.execute(
+                "SELECT * FROM deliveries WHERE state = 'pending' AND next_attempt_at <= ?"
+                " ORDER BY next_attempt_at, id",
+                (self.clock(),),
+            ).fetchall()
+        return [Delivery.from_row(r) for r in rows]
+
+    def files(self, job_id: int) -> list[Path]:
+        with self.db.reading() as conn:
+            rows = conn.execute(
+                "SELECT path FROM outputs WHERE job_id = ? ORDER BY kind, sop_instance_uid",
+                (job_id,),
+            ).fetchall()
+        return [self.data_dir / r["path"] for r in rows]
+
+    def deliver_due(self) -> int:
+        """Make one attempt at every due delivery; the number attempted.
+
+        Deliveries due to the same DICOM destination share one association."""
+        due = self.due()
+        by_target: dict[str, list[tuple[Delivery, Target]]] = {}
+        for delivery in due:
+            try:
+                target = resolve(self.config, delivery)
+            except DeliveryError as exc:
+                self._failed(delivery, exc)
+                continue
+            key = target.model_dump_json() if isinstance(target, DicomDestination) else ""
+            by_target.setdefault(key or f"#{delivery.id}", []).append((delivery, target))
+        for group in by_target.values():
+            self._attempt(group)
+        return len(due)
+
+    def _attempt(self, group: list[tuple[Delivery, Target]]) -> None:
+        files: dict[int, list[Path]] = {}
+        for delivery, _ in group:
+            files[delivery.id] = self.files(delivery.job_id)
+            missing = [p for p in files[delivery.id] if not p.is_file()]
+            if missing or not files[delivery.id]:
+                self._failed(
+                    delivery,
+                    DeliveryError(
+                        f"job {delivery.job_id}'s result files are gone (purged by retention?)",
+                        permanent=True,
+                    ),
+                )
+                files.pop(delivery.id)
+        group = [(d, t) for d, t in group if d.id in files]
+        if not group:
+            return
+        target = group[0][1]
+        timeout_s = self.config.delivery.timeout_s
+        try:
+            if isinstance(target, DicomDestination):
+                everything = [p for d, _ in group for p in files[d.id]]
+                outcome = send_dicom(target, everything, self.calling_aet, timeout_s)
+                for delivery, _ in group:
+                    problems = [
+                        f"{p.name}: {outcome.get(p, 'not sent')}"
+                        for p in files[delivery.id]
+                        if p not in outcome or outcome[p] is not None
+                    ]
+                    if problems:
+                        self._failed(delivery, DeliveryError("; ".join(problems)))
+                    else:
+                        self._sent(delivery, len(files[delivery.id]))
+                return
+            ((delivery, _),) = group
+            if isinstance(target, DicomwebDestination):
+                send_dicomweb(target, files[delivery.id], timeout_s)
+            else:
+                send_to_folder(target, files[delivery.id])
+            self._sent(delivery, len(files[delivery.id]))
+        except DeliveryError as exc:
+            for delivery, _ in group:
+                self._failed(delivery, exc)
+
+    def _sent(self, delivery: Delivery, count: int) -> None:
+        with self.db.transaction() as conn:
+            conn.execute(
+                "UPDATE deliveries SET state = 'sent', attempts = attempts + 1, sent_at = ?,"
+                " last_error = NULL WHERE id = ?",
+                (self.clock(), delivery.id),
+            )
+        log.info("job %d: %d object(s) delivered to %s", delivery.job_id, count, delivery.label)
+
+    def _failed(self, delivery: Delivery, error: DeliveryError) -> None:
+        attempts = delivery.attempts + 1
+        dead = error.permanent or attempts >= self.config.delivery.max_attempts
+        wait = 0.0 if dead else backoff_s(attempts, self.config.delivery, self.rng)
+        with self.db.transaction() as conn:
+            conn.execute(
+                "UPDATE deliveries SET state = ?, attempts = ?, last_error = ?,"
+                " next_attempt_at = ? WHERE id = ?",
+                (
+                    "dead" if dead else "pending",
+                    attempts,
+                    str(error),
+                    self.clock() + wait,
+                    delivery.id,
+                ),
+            )
+        if dead:
+            log.error(
+                "job %d: delivery to %s is a dead letter after %d attempt(s): %s"
+                " (replay: dicom-node jobs retry %d)",
+                delivery.job_id,
+                delivery.label,
+                attempts,
+                error,
+                delivery.job_id,
+            )
+        else:
+            log.warning(
+                "job %d: delivery to %s failed (attempt %d, next in %.0f s): %s",
+                delivery.job_id,
+                delivery.label,
+                attempts,
+                wait,
+                error,
+            )
+
+    def run_once(self) -> int:
+        attempted = self.deliver_due()
+        if self.clock() >= self._next_retention:
+            self._next_retention = self.clock() + self.config.retention.check_every_s
+            purge_expired(self.db, self.data_dir, self.config.retention, self.clock())
+        return attempted
+
+    def start(self) -> None:
+        def loop() -> None:
+            while not self._stop.is_set():
+                try:
+                    self.run_once()
+                except Exception:  # a bug here must not stop later deliveries
+                    log.exception("delivery loop error")
+                self._stop.wait(self.config.delivery.poll_s)
+
+        self._thread = threading.Thread(target=loop, name="deliverer", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+def replay(db: Database, *, job_id: int | None = None, all_dead: bool = False) -> int:
+    """Make dead (or, for one job, also pending) deliveries due now with fresh attempts."""
+    if job_id is None and not all_dead:
+        raise ValueError("name a job, or all dead deliveries")
+    where, params = (
+        ("state = 'dead'", ())
+        if job_id is None
+        else (
+            "job_id = ? AND state != 'sent'",
+            (job_id,),
+        )
+    )
+    with db.transaction() as conn:
+        cursor = conn.execute(
+            "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?,"
+            f" last_error = 'replayed: ' || COALESCE(last_error, '') WHERE {where}",
+            (time.time(), *params),
+        )
+    return cursor.rowcount
+
+
+def _delete(paths: Sequence[Path]) -> tuple[int, int]:
+    files = size = 0
+    for path in paths:
+        try:
+            size += path.stat().st_size
+            path.unlink()
+            files += 1
+        except FileNotFoundError:
+            pass
+    return files, size
+
+
+def purge_expired(db: Database, data_dir: Path, retention: RetentionConfig, now: float) -> int:
+    """Delete received instances and result files whose retention ran out; how many sets."""
+    purged = 0
+    with db.reading() as conn:
+        studies = conn.execute(
+            "SELECT study_uid, completed_at FROM studies WHERE completed_at IS NOT NULL"
+            " AND 'study:' || study_uid NOT IN (SELECT subject FROM purges)"
+        ).fetchall()
+    for study in studies:
+        done_at = _study_done_at(db, study["study_uid"], study["completed_at"])
+        if done_at is None or now - done_at < retention.instances_hours * 3600:
+            continue
+        with db.reading() as conn:
+            paths = [
+                data_dir / r["path"]
+                for r in conn.execute(
+                    "SELECT path FROM instances WHERE study_uid = ?", (study["study_uid"],)
+                )
+            ]
+        files, size = _delete(paths)
+        _record_purge(db, f"study:{study['study_uid']}", now, files, size)
+        log.info("retention: deleted %d received file(s), %d bytes, of a study", files, size)
+        purged += 1
+    with db.reading() as conn:
+        jobs = conn.execute(
+            "SELECT r.job_id, r.created_at, (SELECT MAX(sent_at) FROM deliveries d"
+            " WHERE d.job_id = r.job_id) AS sent_at, (SELECT COUNT(*) FROM deliveries d"
+            " WHERE d.job_id = r.job_id AND d.state != 'sent') AS open FROM results r"
+            " WHERE 'job:' || r.job_id NOT IN (SELECT subject FROM purges)"
+        ).fetchall()
+    for job in jobs:
+        done_at = job["sent_at"] or job["created_at"]
+        if job["open"] or now - done_at < retention.results_hours * 3600:
+            continue
+        folder = data_dir / "results" / str(job["job_id"])
+        paths = [p for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else []
+        files, size = _delete(paths)
+        shutil.rmtree(folder, ignore_errors=True)
+        _record_purge(db, f"job:{job['job_id']}", now, files, size)
+        log.info("retention: deleted job %d's %d result file(s)", job["job_id"], files)
+        purged += 1
+    return purged
+
+
+def _study_done_at(db: Database, study_uid: str, completed_at: float) -> float | None:
+    """When the last route of a study delivered; None while any job or delivery is open."""
+    with db.reading() as conn:
+        subjects = [study_uid] + [
+            r["series_uid"]
+            for r in conn.execute("SELECT series_uid FROM series WHERE study_uid = ?", (study_uid,))
+        ]
+        marks = ",".join("?" * len(subjects))
+        row = conn.execute(
+            f"SELECT (SELECT COUNT(*) FROM jobs WHERE subject_uid IN ({marks})"
+            "   AND state IN ('queued', 'running')) AS busy,"
+            " (SELECT COUNT(*) FROM deliveries d JOIN jobs j ON j.id = d.job_id"
+            f"   WHERE j.subject_uid IN ({marks}) AND d.state != 'sent') AS undelivered,"
+            " (SELECT MAX(d.sent_at) FROM deliveries d JOIN jobs j ON j.id = d.job_id"
+            f"   WHERE j.subject_uid IN ({marks})) AS sent_at,"
+            f" (SELECT MAX(finished_at) FROM jobs WHERE subject_uid IN ({marks})) AS finished",
+            (*subjects, *subjects, *subjects, *subjects),
+        ).fetchone()
+    if row["busy"] or row["undelivered"]:
+        return None
+    return max(completed_at, row["sent_at"] or 0.0, row["finished"] or 0.0)
+
+
+def _record_purge(db: Database, subject: str, now: float, files: int, size: int) -> None:
+    with db.transaction() as conn:
+        conn.execute(
+            "INSERT OR REPLACE INTO purges (subject, purged_at, files, bytes) VALUES (?, ?, ?, ?)",
+            (subject, now, files, size),
+        )
+
+
+def deliveries_of(conn: sqlite3.Connection, job_ids: Sequence[int]) -> dict[int, list[Delivery]]:
+    if not job_ids:
+        return {}
+    rows = conn.execute(
+        f"SELECT * FROM deliveries WHERE job_id IN ({','.join('?' * len(job_ids))}) ORDER BY id",
+        tuple(job_ids),
+    ).fetchall()
+    out: dict[int, list[Delivery]] = {}
+    for row in rows:
+        out.setdefault(row["job_id"], []).append(Delivery.from_row(row))
+    return out
