@@ -234,6 +234,8 @@ def test_a_pacs_that_refuses_us_gives_one_dead_letter(make_node, tmp_path) -> No
             },
             routing={"rules": [EXAMPLE], "destinations": ["pacs"]},
             delivery=QUICK_RETRIES,
+            # Nothing undelivered is ever deleted, however short the retention.
+            retention={"instances_hours": 0, "results_hours": 0, "check_every_s": 0.2},
             env=plugin_env(),
         )
         from dicom_node.scu import send
@@ -246,6 +248,7 @@ def test_a_pacs_that_refuses_us_gives_one_dead_letter(make_node, tmp_path) -> No
         assert row["attempts"] == 1
         assert "rejected the association" in row["last_error"]
         assert node.log().count("dead letter") == 1
+        assert node.query("SELECT COUNT(*) FROM purges")[0][0] == 0
         jobs = subprocess.run(
             [sys.executable, "-m", "dicom_node", "jobs", "--config", str(node.config_path)],
             capture_output=True,
@@ -298,3 +301,33 @@ def test_routes_name_only_configured_destinations() -> None:
         load_config(None, environ={"DICOM_NODE__ROUTING__DESTINATIONS": "[pacs]"})
     config = load_config(None, environ={"DICOM_NODE__ROUTING__DESTINATIONS": "[sender]"})
     assert config.routing.destinations == ["sender"]
+
+
+def test_folder_destination_and_retention(make_node, tmp_path) -> None:
+    """Results land complete in a folder; then the received instances and the result files
+    are deleted once delivered and their time is up, while the index keeps the record."""
+    from dicom_node.scu import send
+
+    outbox = tmp_path / "outbox"
+    node = make_node(
+        assembly=FAST,
+        destinations={"share": {"type": "folder", "path": str(outbox)}},
+        routing={"rules": [EXAMPLE], "destinations": ["share"]},
+        retention={"instances_hours": 0, "results_hours": 0, "check_every_s": 0.2},
+        env=plugin_env(),
+    )
+    ct = small_ct(tmp_path / "ct")
+    assert len(send(ct, "127.0.0.1", node.port).sent) == len(ct)
+    assert node.wait_for("SELECT COUNT(*) FROM purges", 2, timeout_s=120) == 2, node.log()
+    delivered = sorted(outbox.rglob("*.dcm"))
+    assert len(delivered) == 2 and not list(outbox.rglob("*.partial"))
+    study_uid = dcmread(ct[0], stop_before_pixels=True).StudyInstanceUID
+    assert {dcmread(p).StudyInstanceUID for p in delivered} == {study_uid}
+    stored = node.query("SELECT path FROM instances")
+    assert len(stored) == len(ct)  # the record stays
+    assert not any((node.data_dir / r["path"]).exists() for r in stored)  # the data goes
+    assert not (node.data_dir / "results").exists() or not any(
+        (node.data_dir / "results").rglob("*.dcm")
+    )
+    purges = {r["subject"].split(":")[0]: r["files"] for r in node.query("SELECT * FROM purges")}
+    assert purges == {"study": len(ct), "job": purges["job"]} and purges["job"] >= 2
