@@ -54,6 +54,7 @@ class StatusReport:
     study_routing: list[dict[str, Any]]  # the latest study-level decisions
     outputs: dict[str, int] = field(default_factory=dict)  # DICOM results written, by kind
     recent_outputs: list[dict[str, Any]] = field(default_factory=list)
+    deliveries: dict[str, int] = field(default_factory=dict)  # by state: pending, sent, dead
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -142,6 +143,9 @@ def _report(conn: sqlite3.Connection, data_dir: Path, recent: int) -> StatusRepo
             (recent,),
         )
     ]
+    deliveries = dict(
+        conn.execute("SELECT state, COUNT(*) FROM deliveries GROUP BY state").fetchall()
+    )
     return StatusReport(
         str(data_dir),
         studies,
@@ -156,6 +160,7 @@ def _report(conn: sqlite3.Connection, data_dir: Path, recent: int) -> StatusRepo
         study_routing,
         outputs,
         recent_outputs,
+        deliveries,
     )
 
 
@@ -197,6 +202,15 @@ def format_report(report: StatusReport) -> str:
     lines += ["", "jobs: " + ", ".join(f"{k} {v}" for k, v in report.jobs.items())]
     if report.outputs:
         written = ", ".join(f"{n} {kind}" for kind, n in sorted(report.outputs.items()))
-        lines += ["", f"results written as DICOM: {written} (no destination: kept here)"]
+        kept = "" if report.deliveries else " (no destination: kept here)"
+        lines += ["", f"results written as DICOM: {written}{kept}"]
         lines += [f"  job {o['job']:<5} {o['kind']:<3} {o['path']}" for o in report.recent_outputs]
+    if report.deliveries:
+        states = ", ".join(f"{k} {v}" for k, v in sorted(report.deliveries.items()))
+        dead = (
+            " (dicom-node jobs lists why; jobs retry replays)"
+            if "dead" in report.deliveries
+            else ""
+        )
+        lines += ["", f"deliveries: {states}{dead}"]
     return "\n".join(lines)

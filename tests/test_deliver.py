@@ -104,64 +104,67 @@ def wait_results(orthanc: Orthanc, study_id: str, classes: set[str], timeout_s=2
     raise AssertionError(f"results {classes} did not arrive in the study")
 
 
+def three_studies(folder: Path) -> dict[str, tuple[list[Path], set[str]]]:
+    """A phantom chest CT, four-sequence brain MR and chest radiograph, and the SOP classes
+    of the results each should bring back."""
+    ct = small_ct(folder / "ct")
+    write_brain_study(folder / "mr", BrainPhantomSpec(seed=7))
+    mr = sorted(p for p in (folder / "mr").rglob("*") if p.is_file())
+    cxr = folder / "cxr.dcm"
+    cxr_dataset(CxrPhantomSpec(rows=400, columns=520, opacity=True)).save_as(
+        cxr, enforce_file_format=True
+    )
+    return {"CT": (ct, {SEG, SR}), "MR": (mr, {SEG, SR}), "CXR": ([cxr], {SR, SC})}
+
+
+def check_results(orthanc: Orthanc, name: str, study_id: str, sources, classes) -> None:
+    """Each result once, in the source's study, in a series of its own; a SEG references
+    the series it was made from."""
+    results = wait_results(orthanc, study_id, classes)
+    study_uid = dcmread(sources[0], stop_before_pixels=True).StudyInstanceUID
+    assert {r["StudyInstanceUID"] for r in results} == {study_uid}, name
+    assert len(results) == len(classes), f"{name}: a result arrived twice"
+    source_series = {dcmread(p, stop_before_pixels=True).SeriesInstanceUID for p in sources}
+    for tags in results:
+        assert tags["SeriesInstanceUID"] not in source_series, name
+    for seg in (r for r in results if r["SOPClassUID"] == SEG):
+        referenced = {s["SeriesInstanceUID"] for s in seg["ReferencedSeriesSequence"]}
+        assert referenced and referenced <= source_series, name
+
+
 def test_results_arrive_back_in_the_pacs_study(make_node, tmp_path) -> None:
-    orthanc_port = free_port()
-    orthanc = Orthanc(tmp_path / "orthanc", dicom_port=orthanc_port)
+    orthanc = Orthanc(tmp_path / "orthanc", dicom_port=free_port())
     node = node_for(make_node, orthanc)
     orthanc.modalities = {"node": ["DICOMNODE", "127.0.0.1", node.port]}
     orthanc.start()
     try:
-        ct = small_ct(tmp_path / "ct")
-        write_brain_study(tmp_path / "mr", BrainPhantomSpec(seed=7))
-        mr = sorted(p for p in (tmp_path / "mr").rglob("*") if p.is_file())
-        cxr = tmp_path / "cxr.dcm"
-        cxr_dataset(CxrPhantomSpec(rows=400, columns=520, opacity=True)).save_as(
-            cxr, enforce_file_format=True
-        )
-        studies = {
-            "CT": (push(orthanc, ct), {SEG, SR}, ct),
-            "MR": (push(orthanc, mr), {SEG, SR}, mr),
-            "CXR": (push(orthanc, [cxr]), {SR, SC}, [cxr]),
-        }
-        for name, (study_id, classes, sources) in studies.items():
-            results = wait_results(orthanc, study_id, classes)
-            study_uid = dcmread(sources[0], stop_before_pixels=True).StudyInstanceUID
-            assert {r["StudyInstanceUID"] for r in results} == {study_uid}, name
-            assert len(results) == len(classes), f"{name}: a result arrived twice"
-            source_series = {dcmread(p, stop_before_pixels=True).SeriesInstanceUID for p in sources}
-            for tags in results:
-                assert tags["SeriesInstanceUID"] not in source_series, name
-            seg = [r for r in results if r["SOPClassUID"] == SEG]
-            if seg:  # the SEG in the PACS references the source series it was made from
-                referenced = {s["SeriesInstanceUID"] for s in seg[0]["ReferencedSeriesSequence"]}
-                assert referenced <= source_series and referenced, name
+        for name, (sources, classes) in three_studies(tmp_path).items():
+            check_results(orthanc, name, push(orthanc, sources), sources, classes)
         sent = node.query("SELECT state, attempts, peer_aet FROM deliveries")
         assert [(r["state"], r["attempts"], r["peer_aet"]) for r in sent] == [
             ("sent", 1, "ORTHANC")
         ] * 3
+        assert "deliveries: sent 3" in node.status()
     finally:
         orthanc.stop()
 
 
 def test_stow_rs_to_the_pacs_dicomweb(make_node, tmp_path) -> None:
+    from dicom_node.scu import send
+
     orthanc = Orthanc(tmp_path / "orthanc").start()
     try:
         node = make_node(
             assembly=FAST,
             destinations={"web": {"type": "dicomweb", "url": f"{orthanc.url}/dicom-web"}},
-            routing={"rules": [EXAMPLE], "destinations": ["web"]},
-            env=plugin_env(),
+            routing={"destinations": ["web"]},
         )
-        from dicom_node.scu import send
-
-        ct = small_ct(tmp_path / "ct")
-        assert len(send(ct, "127.0.0.1", node.port).sent) == len(ct)
-        study_uid = dcmread(ct[0], stop_before_pixels=True).StudyInstanceUID
-        results = wait_results(orthanc, wait_study(orthanc, study_uid), {SEG, SR})
-        assert {r["StudyInstanceUID"] for r in results} == {study_uid}
-        assert len(results) == 2
-        (row,) = node.query("SELECT destination, state, attempts FROM deliveries")
-        assert tuple(row) == ("web", "sent", 1)
+        for name, (sources, classes) in three_studies(tmp_path).items():
+            assert len(send(sources, "127.0.0.1", node.port).sent) == len(sources)
+            study_uid = dcmread(sources[0], stop_before_pixels=True).StudyInstanceUID
+            check_results(orthanc, name, wait_study(orthanc, study_uid), sources, classes)
+        sent = node.query("SELECT destination, state, attempts FROM deliveries")
+        assert [tuple(r) for r in sent] == [("web", "sent", 1)] * 3
     finally:
         orthanc.stop()
 

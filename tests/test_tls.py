@@ -111,3 +111,56 @@ def test_tls_with_client_certificates(make_node, pki: Path) -> None:
     assert not assoc.is_established
     # The node keeps serving after refusing both.
     assert tls_echo(node, pki, client_cert=True)
+
+
+def test_results_are_delivered_over_tls(make_node, pki: Path, tmp_path: Path) -> None:
+    """A destination that speaks TLS: verified by our CA, shown our client certificate."""
+    from dicom_node.phantoms import write_ct_series
+    from dicom_node.scu import send
+    from tests.test_algorithms import plugin_env
+    from tests.test_lung_nodules_ct import PHANTOMS
+
+    receiver = make_node(
+        "receiver",
+        scp={
+            "tls": {
+                "enabled": True,
+                "cert_file": str(pki / "node.crt"),
+                "key_file": str(pki / "node.key"),
+                "ca_file": str(pki / "ca.crt"),
+            }
+        },
+    )
+    tls = {
+        "ca_file": str(pki / "ca.crt"),
+        "cert_file": str(pki / "client.crt"),
+        "key_file": str(pki / "client.key"),
+        "server_hostname": "node",  # the name in the receiver's certificate
+    }
+    sender = make_node(
+        "sender",
+        assembly={"series_quiet_seconds": 1, "study_quiet_seconds": 1},
+        destinations={
+            "secure": {
+                "type": "dicom",
+                "ae_title": "DICOMNODE",
+                "host": "127.0.0.1",
+                "port": receiver.port,
+                "tls": tls,
+            }
+        },
+        routing={
+            "rules": [{"algorithm": "example-threshold", "series": {"modality": ["CT"]}}],
+            "destinations": ["secure"],
+        },
+        env=plugin_env(),
+    )
+    ct = write_ct_series(tmp_path / "ct", PHANTOMS["axial"])
+    assert len(send(ct, "127.0.0.1", sender.port).sent) == len(ct)
+    sent = "SELECT COUNT(*) FROM deliveries WHERE state = 'sent'"
+    assert sender.wait_for(sent, 1, timeout_s=120) == 1, sender.log()
+    arrived = receiver.query("SELECT sop_class_uid FROM instances WHERE calling_aet = 'DICOMNODE'")
+    assert sorted(r[0] for r in arrived) == [
+        "1.2.840.10008.5.1.4.1.1.66.4",
+        "1.2.840.10008.5.1.4.1.1.88.34",
+    ]
