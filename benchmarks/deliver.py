@@ -132,16 +132,20 @@ def main() -> None:
                         )
                     ]
                 rows.append((name, *best, storescu_s(orthanc, outputs)))
+                print(name, *(f"{v:.3f}" for v in rows[-1][1:]), flush=True)  # as it comes
         finally:
             node.stop()
             orthanc.stop()
     print(f"quiet window {args.quiet:.1f} s; best of {args.repeat}; demo weights, CPU")
     print(
-        f"{'algorithm':<18} {'total s':>8} {'model s':>8} {'writing s':>9} "
-        f"{'overhead s':>10} {'storescu s':>10}"
+        f"{'algorithm':<18} {'total s':>8} {'complete s':>10} {'model s':>8} {'writing s':>9}"
+        f" {'overhead s':>10} {'storescu s':>10}"
     )
-    for name, total, ran, wrote, overhead, peer in rows:
-        print(f"{name:<18} {total:8.2f} {ran:8.2f} {wrote:9.2f} {overhead:10.2f} {peer:10.2f}")
+    for name, total, complete, ran, wrote, overhead, peer in rows:
+        print(
+            f"{name:<18} {total:8.2f} {complete:10.2f} {ran:8.2f} {wrote:9.2f}"
+            f" {overhead:10.2f} {peer:10.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -29,6 +29,37 @@ from dicom_node.display import displayed_image
 
 log = logging.getLogger(__name__)
 
+
+def _memoise_iod_lookups() -> None:
+    """highdicom 0.28 rescans the standard's module tables for every referenced image (about
+    3 ms each: 1.6 s of the 2 s a four-sequence MR SEG took, for its 620 references). The
+    answer depends on the attribute and the SOP class only, so it is memoised where
+    highdicom's own helpers look it up."""
+    from highdicom import _standard_utils
+
+    lookup = _standard_utils.is_attribute_in_iod
+    if getattr(lookup, "memoised", False):
+        return
+    answers: dict[tuple, bool] = {}
+
+    def memoised(
+        attribute: str, sop_class_uid: str, exclude_path_elements: Sequence[str] | None = None
+    ) -> bool:
+        key = (
+            attribute,
+            sop_class_uid,
+            None if exclude_path_elements is None else tuple(exclude_path_elements),
+        )
+        if key not in answers:
+            answers[key] = lookup(attribute, sop_class_uid, exclude_path_elements)
+        return answers[key]
+
+    memoised.memoised = True  # type: ignore[attr-defined]
+    _standard_utils.is_attribute_in_iod = memoised
+
+
+_memoise_iod_lookups()
+
 MANUFACTURER = "dicom-node"
 MODEL_NAME = "dicom-node"
 # Distinct hues for up to eight segments, as CIELab (L*, a*, b*): red, green, blue, yellow,
