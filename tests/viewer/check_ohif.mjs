@@ -67,25 +67,8 @@ function drawnMeasurements(page) {
   });
 }
 
-try {
-  let page = await openStudy();
-  await page.getByText('SEG', { exact: true }).first().dblclick();
-  await page.waitForFunction(
-    () => window.services.segmentationService.getSegmentations().length > 0, null,
-    { timeout: 60000 });
-  await page.getByText('Yes', { exact: true }).first().click({ timeout: 10000 }).catch(() => {});
-  await page.waitForTimeout(3000);
-  const view = await projectCenter(page);
-  await page.screenshot({ path: `${outDir}/ohif-seg.png` });
-  const segmentations = await page.evaluate(() => window.services.segmentationService
-    .getSegmentations().map((s) => ({
-      label: s.label,
-      segments: Object.values(s.segments || {}).filter(Boolean).map((x) => x.label),
-    })));
-  await page.close();
-
-  // The SR in a fresh viewer, as a reader opening the report would see it.
-  page = await openStudy();
+async function openSr() {
+  const page = await openStudy();
   await page.getByText('SR', { exact: true }).first().dblclick();
   await page.waitForFunction(() => window.services.displaySetService.getActiveDisplaySets()
     .some((d) => d.Modality === 'SR' && d.isLoaded && d.measurements?.length), null,
@@ -107,13 +90,42 @@ try {
   for (let i = 0; i < count; i++) {
     await page.locator('[data-cy="viewport-action-arrows-right"] svg').first().click();
     await page.waitForFunction(() => document.querySelector('svg.svg-layer g[data-annotation-uid]'),
-      null, { timeout: 20000 }).catch(() => {});
+      null, { timeout: 10000 }).catch(() => {});
     await page.waitForTimeout(1500);
     for (const m of await drawnMeasurements(page)) drawn[m.trackingUid] = m;
   }
   const srView = await projectCenter(page);
   await page.screenshot({ path: `${outDir}/ohif-sr.png` });
-  console.log(JSON.stringify({ segmentations, sr, drawn: Object.values(drawn), view, srView, errors }));
+  await page.close();
+  return { sr, drawn: Object.values(drawn), srView };
+}
+
+try {
+  const page = await openStudy();
+  await page.getByText('SEG', { exact: true }).first().dblclick();
+  await page.waitForFunction(
+    () => window.services.segmentationService.getSegmentations().length > 0, null,
+    { timeout: 60000 });
+  await page.getByText('Yes', { exact: true }).first().click({ timeout: 10000 }).catch(() => {});
+  await page.waitForTimeout(3000);
+  const view = await projectCenter(page);
+  await page.screenshot({ path: `${outDir}/ohif-seg.png` });
+  const segmentations = await page.evaluate(() => window.services.segmentationService
+    .getSegmentations().map((s) => ({
+      label: s.label,
+      segments: Object.values(s.segments || {}).filter(Boolean).map((x) => x.label),
+    })));
+  await page.close();
+
+  // The SR in a fresh viewer, as a reader opening the report would see it. OHIF 3.13's SR
+  // viewport sometimes never draws (a race between its hydration and its element); a reader
+  // would reopen the study, and so does this, up to three times, saying how often it did.
+  let sr; let drawn; let srView; let opened = 0;
+  do {
+    opened += 1;
+    ({ sr, drawn, srView } = await openSr());
+  } while (drawn.length < (sr[0]?.measurements.length || 0) && opened < 3);
+  console.log(JSON.stringify({ segmentations, sr, drawn, view, srView, srOpened: opened, errors }));
 } finally {
   await browser.close();
 }
