@@ -250,6 +250,11 @@ def dcmread_uid(path: Path) -> str:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    if args.action == "reference":
+        from dicom_node.config import configuration_reference
+
+        print(configuration_reference(), end="")
+        return 0
     config = _config(args)
     if args.action == "show":
         print(config_as_yaml(config), end="")
@@ -333,7 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     config = with_config(commands.add_parser("config", help="show or check the configuration"))
-    config.add_argument("action", choices=["show", "check"])
+    config.add_argument(
+        "action",
+        choices=["show", "check", "reference"],
+        help="show: effective configuration; check: validate; reference: every key (Markdown)",
+    )
     config.set_defaults(func=cmd_config)
     return parser
 

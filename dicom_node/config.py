@@ -12,7 +12,8 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -76,9 +77,9 @@ class AllowedPeer(_Section):
 class TlsConfig(_Section):
     """TLS for the SCP (PS3.15 B.1, the Basic TLS Secure Transport Connection Profile)."""
 
-    enabled: bool = False
-    cert_file: Path | None = None
-    key_file: Path | None = None
+    enabled: bool = Field(default=False, description="Listen with TLS instead of plain TCP.")
+    cert_file: Path | None = Field(default=None, description="Our certificate (PEM).")
+    key_file: Path | None = Field(default=None, description="Its private key (PEM).")
     ca_file: Path | None = Field(
         default=None, description="CA bundle used to verify client certificates."
     )
@@ -100,17 +101,19 @@ class TlsConfig(_Section):
 class ScpConfig(_Section):
     """The DICOM listener (Storage SCP and Verification SCP)."""
 
-    ae_title: AeTitle = "DICOMNODE"
+    ae_title: AeTitle = Field(default="DICOMNODE", description="Our AE title (PS3.5 AE).")
     host: str = Field(default="0.0.0.0", description="Address to listen on.")
-    port: int = Field(default=11112, ge=1, le=65535)
-    max_associations: int = Field(default=16, ge=1, le=1000)
+    port: int = Field(default=11112, ge=1, le=65535, description="TCP port to listen on.")
+    max_associations: int = Field(
+        default=16, ge=1, le=1000, description="More at once are rejected (transient)."
+    )
     max_pdu_size: int = Field(
         default=262144,
         ge=0,
         description="Maximum PDU length we receive (PS3.8 D.1); 0 means unlimited.",
     )
-    acse_timeout_s: float = Field(default=30.0, gt=0)
-    dimse_timeout_s: float = Field(default=60.0, gt=0)
+    acse_timeout_s: float = Field(default=30.0, gt=0, description="Association set-up timeout.")
+    dimse_timeout_s: float = Field(default=60.0, gt=0, description="Wait for a DIMSE message.")
     network_timeout_s: float = Field(
         default=60.0, gt=0, description="An association idle this long is aborted."
     )
@@ -133,7 +136,9 @@ class ScpConfig(_Section):
 class StoreConfig(_Section):
     """Where received instances, the index and the job store live."""
 
-    data_dir: Path = Path("./dicom-node-data")
+    data_dir: Path = Field(
+        default=Path("./dicom-node-data"), description="Instances, index, jobs and results."
+    )
     min_free_bytes: int = Field(
         default=2 * 1024**3,
         ge=0,
@@ -148,8 +153,12 @@ class StoreConfig(_Section):
 class AssemblyConfig(_Section):
     """When a series or study counts as complete."""
 
-    series_quiet_seconds: float = Field(default=5.0, gt=0)
-    study_quiet_seconds: float = Field(default=5.0, gt=0)
+    series_quiet_seconds: float = Field(
+        default=5.0, gt=0, description="A series with no new instance this long is complete."
+    )
+    study_quiet_seconds: float = Field(
+        default=5.0, gt=0, description="A study with no new instance this long is complete."
+    )
 
 
 def _check_regex(value: str) -> str:
@@ -265,7 +274,9 @@ class RoutingConfig(_Section):
     """Which algorithms see which series; every completed series gets a recorded decision."""
 
     rules: list[RouteRule] = Field(
-        default_factory=lambda: [RouteRule.model_validate(r) for r in DEFAULT_ROUTES]
+        default_factory=lambda: [RouteRule.model_validate(r) for r in DEFAULT_ROUTES],
+        description="Each: algorithm, then series (match) or roles (role -> match), and "
+        "optionally destinations; see the README's routing section.",
     )
     destinations: list[str] = Field(
         default_factory=list,
@@ -284,8 +295,8 @@ class ClientTlsConfig(_Section):
     """TLS towards a destination (PS3.15 B.1): verify it with ca_file, present cert_file."""
 
     ca_file: Path | None = Field(default=None, description="CA bundle; null: system CAs.")
-    cert_file: Path | None = None
-    key_file: Path | None = None
+    cert_file: Path | None = Field(default=None, description="Our client certificate (PEM).")
+    key_file: Path | None = Field(default=None, description="Its private key (PEM).")
     server_hostname: str | None = Field(
         default=None, description="Name to verify the certificate against; default host."
     )
@@ -294,20 +305,20 @@ class ClientTlsConfig(_Section):
 class DicomDestination(_Section):
     """A C-STORE SCP: a PACS, a viewer, a router."""
 
-    type: Literal["dicom"] = "dicom"
-    ae_title: AeTitle
-    host: str
-    port: int = Field(ge=1, le=65535)
+    type: Literal["dicom"] = Field(default="dicom", description="A C-STORE SCP.")
+    ae_title: AeTitle = Field(description="Its AE title (the called AE).")
+    host: str = Field(description="Its address.")
+    port: int = Field(ge=1, le=65535, description="Its port.")
     tls: ClientTlsConfig | None = None
 
 
 class DicomwebDestination(_Section):
     """A STOW-RS service (PS3.18 10.5): the base URL of its studies resource."""
 
-    type: Literal["dicomweb"] = "dicomweb"
+    type: Literal["dicomweb"] = Field(default="dicomweb", description="A STOW-RS service.")
     url: str = Field(pattern=r"^https?://", description="e.g. http://pacs:8042/dicom-web")
-    username: str | None = None
-    password: str | None = None
+    username: str | None = Field(default=None, description="Basic authentication user.")
+    password: str | None = Field(default=None, description="Basic authentication password.")
     token: str | None = Field(default=None, description="Bearer token; instead of a password.")
     verify: bool | Path = Field(default=True, description="TLS verification, or a CA bundle.")
 
@@ -323,8 +334,8 @@ class DicomwebDestination(_Section):
 class FolderDestination(_Section):
     """A folder (a share another system picks files up from): study/series/instance.dcm."""
 
-    type: Literal["folder"] = "folder"
-    path: Path
+    type: Literal["folder"] = Field(default="folder", description="A folder.")
+    path: Path = Field(description="Results go to <path>/<study>/<series>/<sop>.dcm.")
 
 
 Destination = Annotated[
@@ -335,8 +346,8 @@ Destination = Annotated[
 class Peer(_Section):
     """A known DICOM peer (like a PACS's modality list): where its SCP listens."""
 
-    host: str
-    port: int = Field(ge=1, le=65535)
+    host: str = Field(description="Address of the AE's SCP.")
+    port: int = Field(ge=1, le=65535, description="Port of the AE's SCP.")
     tls: ClientTlsConfig | None = None
 
 
@@ -371,7 +382,9 @@ class RetentionConfig(_Section):
         description="Result files: hours after they were delivered; "
         "afterwards they cannot be replayed.",
     )
-    check_every_s: float = Field(default=60.0, gt=0)
+    check_every_s: float = Field(
+        default=60.0, gt=0, description="How often expired data is looked for."
+    )
 
 
 class ResultsConfig(_Section):
@@ -420,7 +433,11 @@ class WorkerConfig(_Section):
 
 
 class LoggingConfig(_Section):
-    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """What the node logs (patient data never above DEBUG)."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="DEBUG adds per-instance lines with UIDs."
+    )
 
 
 class NodeConfig(_Section):
@@ -533,3 +550,96 @@ def load_config(
 
 def config_as_yaml(config: NodeConfig) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def _type_name(annotation: Any) -> str:
+    """A type as a person reads it in the reference: ``list of str``, ``one of a, b``."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(str(a) for a in args)
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin in (Union, UnionType):
+        names = [_type_name(a) for a in args if a is not type(None)]
+        return " or ".join(names) + (" or null" if type(None) in args else "")
+    if origin in (list, tuple):
+        return f"list of {_type_name(args[0])}" if args else "list"
+    if origin is dict:
+        return f"mapping of {_type_name(args[0])} to {_type_name(args[1])}"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _default_text(field: Any) -> str:
+    if field.is_required():
+        return "required"
+    value = field.get_default(call_default_factory=True)
+    if isinstance(value, BaseModel):
+        return "(section)"
+    if isinstance(value, list) and value and isinstance(value[0], BaseModel):
+        return f"{len(value)} built-in entries (see `dicom-node config show`)"
+    if isinstance(value, Path):
+        value = str(value)
+    return (
+        "`"
+        + yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+        + "`"
+    )
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The section models an annotation holds (a section, or a mapping/union of them)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return _models_in(args[0])
+    if origin in (Union, UnionType):
+        return [m for a in args for m in _models_in(a)]
+    return []
+
+
+def _reference_rows(model: type[BaseModel], prefix: str) -> list[tuple[str, str, str, str]]:
+    rows = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        annotation = field.annotation
+        nested = _models_in(annotation)
+        if nested and get_origin(annotation) is not list:
+            rows.append((key, "section", "", (field.description or nested[0].__doc__ or "")))
+            for section in nested:
+                rows += _reference_rows(section, f"{key}.")
+            continue
+        if get_origin(annotation) is dict and _models_in(get_args(annotation)[1]):
+            rows.append(
+                (
+                    f"{key}.<name>",
+                    _type_name(get_args(annotation)[1]),
+                    "none",
+                    field.description or "",
+                )
+            )
+            for section in _models_in(get_args(annotation)[1]):
+                rows += _reference_rows(section, f"{key}.<name>.")
+            continue
+        rows.append((key, _type_name(annotation), _default_text(field), field.description or ""))
+    return rows
+
+
+def configuration_reference() -> str:
+    """Every configuration key with its type, default and meaning, as Markdown, generated from
+    the model itself so that the documentation cannot drift from what the node accepts."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from `dicom_node/config.py` by `dicom-node config reference`; a test fails",
+        "when this file and the model differ. Keys are YAML paths; environment variables",
+        "override them as `DICOM_NODE__<SECTION>__<KEY>`.",
+        "",
+        "| key | type | default | meaning |",
+        "|---|---|---|---|",
+    ]
+    for key, kind, default, meaning in _reference_rows(NodeConfig, ""):
+        meaning = " ".join(meaning.split()).replace("|", "\\|")
+        kind = kind.replace("|", "\\|")
+        lines.append(f"| `{key}` | {kind} | {default} | {meaning} |")
+    return "\n".join(lines) + "\n"
