@@ -119,6 +119,9 @@ CREATE TABLE IF NOT EXISTS routing_decisions (
 """
 
 
+RESULTS_DIR = "results"  # under the data folder: one folder per job, named by its ID
+
+
 def database_path(data_dir: Path) -> Path:
     return data_dir / "index.sqlite3"
 

@@ -12,9 +12,8 @@ Every attempt sends the stored files, the same SOP Instance UIDs, never regenera
 PACS that got an object twice (it acknowledged, then the link dropped before we recorded it)
 holds it once.
 
-Retention runs in the same loop: received instances are deleted ``retention.instances_hours``
-after every route of their study delivered (the index keeps their record), result files
-``retention.results_hours`` after they were delivered.
+The same background loop applies retention (:mod:`dicom_node.retention`), which waits for the
+deliveries this module records.
 """
 
 from __future__ import annotations
@@ -40,9 +39,9 @@ from dicom_node.config import (
     DicomwebDestination,
     FolderDestination,
     NodeConfig,
-    RetentionConfig,
 )
 from dicom_node.database import Database
+from dicom_node.retention import purge_expired
 from dicom_node.scu import AssociationFailed, AssociationRejected, send
 
 log = logging.getLogger(__name__)
@@ -263,8 +262,13 @@ class Deliverer:
             except DeliveryError as exc:
                 self._failed(delivery, exc)
                 continue
-            key = target.model_dump_json() if isinstance(target, DicomDestination) else ""
-            by_target.setdefault(key or f"#{delivery.id}", []).append((delivery, target))
+            # DICOM destinations share an association; the others go one delivery at a time.
+            key = (
+                target.model_dump_json()
+                if isinstance(target, DicomDestination)
+                else f"#{delivery.id}"
+            )
+            by_target.setdefault(key, []).append((delivery, target))
         for group in by_target.values():
             self._attempt(group)
         return len(due)
@@ -294,9 +298,9 @@ class Deliverer:
                 outcome = send_dicom(target, everything, self.calling_aet, timeout_s)
                 for delivery, _ in group:
                     problems = [
-                        f"{p.name}: {outcome.get(p, 'not sent')}"
+                        f"{p.name}: {why}"
                         for p in files[delivery.id]
-                        if p not in outcome or outcome[p] is not None
+                        if (why := outcome.get(p, "not sent")) is not None
                     ]
                     if problems:
                         self._failed(delivery, DeliveryError("; ".join(problems)))
@@ -387,14 +391,10 @@ def replay(db: Database, *, job_id: int | None = None, all_dead: bool = False) -
     """Make dead (or, for one job, also pending) deliveries due now with fresh attempts."""
     if job_id is None and not all_dead:
         raise ValueError("name a job, or all dead deliveries")
-    where, params = (
-        ("state = 'dead'", ())
-        if job_id is None
-        else (
-            "job_id = ? AND state != 'sent'",
-            (job_id,),
-        )
-    )
+    if job_id is None:
+        where, params = "state = 'dead'", ()
+    else:
+        where, params = "job_id = ? AND state != 'sent'", (job_id,)
     with db.transaction() as conn:
         cursor = conn.execute(
             "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?,"
@@ -402,93 +402,6 @@ def replay(db: Database, *, job_id: int | None = None, all_dead: bool = False) -
             (time.time(), *params),
         )
     return cursor.rowcount
-
-
-def _delete(paths: Sequence[Path]) -> tuple[int, int]:
-    files = size = 0
-    for path in paths:
-        try:
-            size += path.stat().st_size
-            path.unlink()
-            files += 1
-        except FileNotFoundError:
-            pass
-    return files, size
-
-
-def purge_expired(db: Database, data_dir: Path, retention: RetentionConfig, now: float) -> int:
-    """Delete received instances and result files whose retention ran out; how many sets."""
-    purged = 0
-    with db.reading() as conn:
-        studies = conn.execute(
-            "SELECT study_uid, completed_at FROM studies WHERE completed_at IS NOT NULL"
-            " AND 'study:' || study_uid NOT IN (SELECT subject FROM purges)"
-        ).fetchall()
-    for study in studies:
-        done_at = _study_done_at(db, study["study_uid"], study["completed_at"])
-        if done_at is None or now - done_at < retention.instances_hours * 3600:
-            continue
-        with db.reading() as conn:
-            paths = [
-                data_dir / r["path"]
-                for r in conn.execute(
-                    "SELECT path FROM instances WHERE study_uid = ?", (study["study_uid"],)
-                )
-            ]
-        files, size = _delete(paths)
-        _record_purge(db, f"study:{study['study_uid']}", now, files, size)
-        log.info("retention: deleted %d received file(s), %d bytes, of a study", files, size)
-        purged += 1
-    with db.reading() as conn:
-        jobs = conn.execute(
-            "SELECT r.job_id, r.created_at, (SELECT MAX(sent_at) FROM deliveries d"
-            " WHERE d.job_id = r.job_id) AS sent_at, (SELECT COUNT(*) FROM deliveries d"
-            " WHERE d.job_id = r.job_id AND d.state != 'sent') AS open FROM results r"
-            " WHERE 'job:' || r.job_id NOT IN (SELECT subject FROM purges)"
-        ).fetchall()
-    for job in jobs:
-        done_at = job["sent_at"] or job["created_at"]
-        if job["open"] or now - done_at < retention.results_hours * 3600:
-            continue
-        folder = data_dir / "results" / str(job["job_id"])
-        paths = [p for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else []
-        files, size = _delete(paths)
-        shutil.rmtree(folder, ignore_errors=True)
-        _record_purge(db, f"job:{job['job_id']}", now, files, size)
-        log.info("retention: deleted job %d's %d result file(s)", job["job_id"], files)
-        purged += 1
-    return purged
-
-
-def _study_done_at(db: Database, study_uid: str, completed_at: float) -> float | None:
-    """When the last route of a study delivered; None while any job or delivery is open."""
-    with db.reading() as conn:
-        subjects = [study_uid] + [
-            r["series_uid"]
-            for r in conn.execute("SELECT series_uid FROM series WHERE study_uid = ?", (study_uid,))
-        ]
-        marks = ",".join("?" * len(subjects))
-        row = conn.execute(
-            f"SELECT (SELECT COUNT(*) FROM jobs WHERE subject_uid IN ({marks})"
-            "   AND state IN ('queued', 'running')) AS busy,"
-            " (SELECT COUNT(*) FROM deliveries d JOIN jobs j ON j.id = d.job_id"
-            f"   WHERE j.subject_uid IN ({marks}) AND d.state != 'sent') AS undelivered,"
-            " (SELECT MAX(d.sent_at) FROM deliveries d JOIN jobs j ON j.id = d.job_id"
-            f"   WHERE j.subject_uid IN ({marks})) AS sent_at,"
-            f" (SELECT MAX(finished_at) FROM jobs WHERE subject_uid IN ({marks})) AS finished",
-            (*subjects, *subjects, *subjects, *subjects),
-        ).fetchone()
-    if row["busy"] or row["undelivered"]:
-        return None
-    return max(completed_at, row["sent_at"] or 0.0, row["finished"] or 0.0)
-
-
-def _record_purge(db: Database, subject: str, now: float, files: int, size: int) -> None:
-    with db.transaction() as conn:
-        conn.execute(
-            "INSERT OR REPLACE INTO purges (subject, purged_at, files, bytes) VALUES (?, ?, ?, ?)",
-            (subject, now, files, size),
-        )
 
 
 def deliveries_of(conn: sqlite3.Connection, job_ids: Sequence[int]) -> dict[int, list[Delivery]]:

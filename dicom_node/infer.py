@@ -24,14 +24,12 @@ from pathlib import Path
 
 from dicom_node.algorithm import Algorithm, SeriesInput, discover, resolve_device
 from dicom_node.config import NodeConfig
-from dicom_node.database import Database, database_path
+from dicom_node.database import RESULTS_DIR, Database, database_path
 from dicom_node.deliver import schedule
 from dicom_node.jobs import Job, JobKind, SqliteJobStore, mark_succeeded
 from dicom_node.write import Provenance, Written, write_all
 
 log = logging.getLogger(__name__)
-
-RESULTS_DIR = "results"
 
 
 def series_input(db: Database, data_dir: Path, series_uid: str) -> SeriesInput:

@@ -1,0 +1,108 @@
+"""Retention: patient data leaves the disk once it has done its work, and not before.
+
+Received instances are deleted ``retention.instances_hours`` after every route of their study
+delivered (or the study was routed nowhere); result files ``retention.results_hours`` after
+they were delivered. Nothing with a queued or running job or an undelivered (pending or dead)
+delivery is touched. The index keeps the records; the ``purges`` table says what went when.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from dicom_node.config import RetentionConfig
+from dicom_node.database import RESULTS_DIR, Database
+
+log = logging.getLogger(__name__)
+
+
+def _delete(paths: Sequence[Path]) -> tuple[int, int]:
+    files = size = 0
+    for path in paths:
+        try:
+            size += path.stat().st_size
+            path.unlink()
+            files += 1
+        except FileNotFoundError:
+            pass
+    return files, size
+
+
+def purge_expired(db: Database, data_dir: Path, retention: RetentionConfig, now: float) -> int:
+    """Delete received instances and result files whose retention ran out; how many sets."""
+    purged = 0
+    with db.reading() as conn:
+        # A study is done no earlier than it completed: younger ones need no closer look.
+        studies = conn.execute(
+            "SELECT study_uid, completed_at FROM studies WHERE completed_at <= ?"
+            " AND 'study:' || study_uid NOT IN (SELECT subject FROM purges)",
+            (now - retention.instances_hours * 3600,),
+        ).fetchall()
+    for study in studies:
+        done_at = _study_done_at(db, study["study_uid"], study["completed_at"])
+        if done_at is None or now - done_at < retention.instances_hours * 3600:
+            continue
+        with db.reading() as conn:
+            paths = [
+                data_dir / r["path"]
+                for r in conn.execute(
+                    "SELECT path FROM instances WHERE study_uid = ?", (study["study_uid"],)
+                )
+            ]
+        files, size = _delete(paths)
+        _record_purge(db, f"study:{study['study_uid']}", now, files, size)
+        log.info("retention: deleted %d received file(s), %d bytes, of a study", files, size)
+        purged += 1
+    with db.reading() as conn:
+        jobs = conn.execute(
+            "SELECT r.job_id, r.created_at, (SELECT MAX(sent_at) FROM deliveries d"
+            " WHERE d.job_id = r.job_id) AS sent_at, (SELECT COUNT(*) FROM deliveries d"
+            " WHERE d.job_id = r.job_id AND d.state != 'sent') AS open FROM results r"
+            " WHERE 'job:' || r.job_id NOT IN (SELECT subject FROM purges)"
+        ).fetchall()
+    for job in jobs:
+        done_at = job["sent_at"] or job["created_at"]
+        if job["open"] or now - done_at < retention.results_hours * 3600:
+            continue
+        folder = data_dir / RESULTS_DIR / str(job["job_id"])
+        paths = [p for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else []
+        files, size = _delete(paths)
+        shutil.rmtree(folder, ignore_errors=True)
+        _record_purge(db, f"job:{job['job_id']}", now, files, size)
+        log.info("retention: deleted job %d's %d result file(s)", job["job_id"], files)
+        purged += 1
+    return purged
+
+
+def _study_done_at(db: Database, study_uid: str, completed_at: float) -> float | None:
+    """When the last route of a study delivered; None while any job or delivery is open."""
+    with db.reading() as conn:
+        subjects = [study_uid] + [
+            r["series_uid"]
+            for r in conn.execute("SELECT series_uid FROM series WHERE study_uid = ?", (study_uid,))
+        ]
+        marks = ",".join("?" * len(subjects))
+        row = conn.execute(
+            f"SELECT (SELECT COUNT(*) FROM jobs WHERE subject_uid IN ({marks})"
+            "   AND state IN ('queued', 'running')) AS busy,"
+            " (SELECT COUNT(*) FROM deliveries d JOIN jobs j ON j.id = d.job_id"
+            f"   WHERE j.subject_uid IN ({marks}) AND d.state != 'sent') AS undelivered,"
+            " (SELECT MAX(d.sent_at) FROM deliveries d JOIN jobs j ON j.id = d.job_id"
+            f"   WHERE j.subject_uid IN ({marks})) AS sent_at,"
+            f" (SELECT MAX(finished_at) FROM jobs WHERE subject_uid IN ({marks})) AS finished",
+            (*subjects, *subjects, *subjects, *subjects),
+        ).fetchone()
+    if row["busy"] or row["undelivered"]:
+        return None
+    return max(completed_at, row["sent_at"] or 0.0, row["finished"] or 0.0)
+
+
+def _record_purge(db: Database, subject: str, now: float, files: int, size: int) -> None:
+    with db.transaction() as conn:
+        conn.execute(
+            "INSERT OR REPLACE INTO purges (subject, purged_at, files, bytes) VALUES (?, ?, ?, ?)",
+            (subject, now, files, size),
+        )
