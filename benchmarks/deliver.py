@@ -32,8 +32,7 @@ from dicom_node.phantoms import (
 )
 from dicom_node.scu import send
 from tests.conftest import NodeProcess
-from tests.peers import dcmtk_env, dcmtk_tool, free_port
-from tests.viewer import Orthanc
+from tests.peers import Orthanc, dcmtk_env, dcmtk_tool, free_port
 
 RAN = re.compile(r"job (\d+): (\S+) ran in ([\d.]+) s, wrote .* in ([\d.]+) s")
 

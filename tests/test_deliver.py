@@ -23,10 +23,9 @@ from dicom_node.phantoms import (
     write_ct_series,
 )
 from tests.conftest import NodeProcess
-from tests.peers import free_port
+from tests.peers import Orthanc, free_port, missing_orthanc
 from tests.test_algorithms import plugin_env
 from tests.test_lung_nodules_ct import PHANTOMS
-from tests.viewer import Orthanc, missing
 
 FAST = {"series_quiet_seconds": 1, "study_quiet_seconds": 1}
 SEG, SR, SC = (
@@ -40,7 +39,7 @@ EXAMPLE = {"algorithm": "example-threshold", "series": {"modality": ["CT"]}}
 
 @pytest.fixture(scope="module", autouse=True)
 def orthanc_ready() -> None:
-    lacking = [m for m in missing() if m.startswith("orthanc")]
+    lacking = missing_orthanc()
     if lacking:
         pytest.fail(f"the delivery tests need: {', '.join(lacking)}")
 

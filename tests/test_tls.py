@@ -72,6 +72,17 @@ def pki(tmp_path_factory) -> Path:
     return d
 
 
+def tls_scp(pki: Path) -> dict:
+    """The node's TLS settings: its certificate, client certificates required from our CA."""
+    return {
+        "enabled": True,
+        "cert_file": str(pki / "node.crt"),
+        "key_file": str(pki / "node.key"),
+        "ca_file": str(pki / "ca.crt"),
+        "require_client_cert": True,
+    }
+
+
 def tls_echo(node: NodeProcess, pki: Path, *, client_cert: bool) -> bool:
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki / "ca.crt"))
     context.check_hostname = False
@@ -90,17 +101,7 @@ def tls_echo(node: NodeProcess, pki: Path, *, client_cert: bool) -> bool:
 
 
 def test_tls_with_client_certificates(make_node, pki: Path) -> None:
-    node = make_node(
-        scp={
-            "tls": {
-                "enabled": True,
-                "cert_file": str(pki / "node.crt"),
-                "key_file": str(pki / "node.key"),
-                "ca_file": str(pki / "ca.crt"),
-                "require_client_cert": True,
-            }
-        }
-    )
+    node = make_node(scp={"tls": tls_scp(pki)})
     assert "(TLS)" in node.log()
     assert tls_echo(node, pki, client_cert=True)
     assert not tls_echo(node, pki, client_cert=False)
@@ -120,17 +121,7 @@ def test_results_are_delivered_over_tls(make_node, pki: Path, tmp_path: Path) ->
     from tests.test_algorithms import plugin_env
     from tests.test_lung_nodules_ct import PHANTOMS
 
-    receiver = make_node(
-        "receiver",
-        scp={
-            "tls": {
-                "enabled": True,
-                "cert_file": str(pki / "node.crt"),
-                "key_file": str(pki / "node.key"),
-                "ca_file": str(pki / "ca.crt"),
-            }
-        },
-    )
+    receiver = make_node("receiver", scp={"tls": tls_scp(pki)})
     tls = {
         "ca_file": str(pki / "ca.crt"),
         "cert_file": str(pki / "client.crt"),

@@ -1,5 +1,6 @@
-"""A real viewer for tests: Orthanc (with its DICOMweb plugin) behind a small static + proxy
-server that serves OHIF's prebuilt app, driven by playwright-core in Debian's Chromium.
+"""A real viewer for tests: Orthanc (from tests.peers, with its DICOMweb plugin) behind a
+small static + proxy server that serves OHIF's prebuilt app, driven by playwright-core in
+Debian's Chromium.
 
 OHIF's index needs a fallback route and its BulkDataURIs must resolve to the page's own origin,
 so the app and Orthanc's DICOMweb are served from one origin here: /dicom-web/ is passed to
@@ -13,22 +14,18 @@ import json
 import shutil
 import subprocess
 import threading
-import time
 import urllib.request
 from dataclasses import dataclass, field
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
-from tests.peers import free_port
+from tests.peers import Orthanc, free_port, missing_orthanc
 
 ROOT = Path(__file__).resolve().parents[1]
 VIEWER_TOOLS = ROOT / "tests" / "viewer"  # package.json: the pinned OHIF and playwright-core
 OHIF_DIST = VIEWER_TOOLS / "ohif" / "package" / "dist"
 CHROMIUM = Path("/usr/bin/chromium")
-ORTHANC = Path("/usr/sbin/Orthanc")
-DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
 APP_CONFIG = """window.config = {
   routerBasename: null,
@@ -66,89 +63,11 @@ APP_CONFIG = """window.config = {
 def missing() -> list[str]:
     """What the viewer test needs and this machine lacks."""
     needed = {
-        "orthanc": ORTHANC,
-        "orthanc-dicomweb": DICOMWEB_PLUGIN,
         "chromium": CHROMIUM,
         "OHIF build (make viewer-tools)": OHIF_DIST / "index.html",
         "playwright-core (make viewer-tools)": VIEWER_TOOLS / "node_modules" / "playwright-core",
     }
-    return [name for name, path in needed.items() if not path.exists()]
-
-
-@dataclass
-class Orthanc:
-    """Orthanc on 127.0.0.1 with a throwaway storage folder and the DICOMweb plugin."""
-
-    workdir: Path
-    http_port: int = 0
-    proc: subprocess.Popen | None = None
-    dicom_port: int = 0  # 0: no DICOM server
-    aet: str = "ORTHANC"
-    modalities: dict[str, list] = field(default_factory=dict)  # name -> [AET, host, port]
-    extra: dict = field(default_factory=dict)  # more Orthanc settings
-
-    def start(self, timeout_s: float = 30.0) -> Orthanc:
-        self.http_port = self.http_port or free_port()
-        config = {
-            "Name": "DICOMNODE-TEST",
-            "StorageDirectory": str(self.workdir / "storage"),
-            "IndexDirectory": str(self.workdir / "storage"),
-            "HttpPort": self.http_port,
-            "DicomServerEnabled": bool(self.dicom_port),
-            "DicomPort": self.dicom_port or 4242,
-            "DicomAet": self.aet,
-            "DicomModalities": self.modalities,
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "Plugins": [str(DICOMWEB_PLUGIN)],
-            "DicomWeb": {
-                "Enable": True,
-                "Root": "/dicom-web/",
-                "StudiesMetadata": "Full",
-                "SeriesMetadata": "Full",
-            },
-        }
-        config.update(self.extra)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        path = self.workdir / "orthanc.json"
-        path.write_text(json.dumps(config))
-        log = (self.workdir / "orthanc.log").open("w")
-        self.proc = subprocess.Popen([str(ORTHANC), str(path)], stdout=log, stderr=log)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"{self.url}/system", timeout=2) as response:
-                    if response.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError(f"Orthanc did not start: {(self.workdir / 'orthanc.log').read_text()}")
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    def upload(self, path: Path) -> None:
-        request = urllib.request.Request(
-            f"{self.url}/instances", data=path.read_bytes(), method="POST"
-        )
-        with urllib.request.urlopen(request, timeout=30) as response:
-            assert response.status == 200, path
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(20)
-
-    def get(self, path: str) -> Any:
-        with urllib.request.urlopen(f"{self.url}{path}", timeout=30) as response:
-            return json.loads(response.read())
-
-    def post(self, path: str, body: Any, timeout_s: float = 120) -> Any:
-        data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
-        request = urllib.request.Request(f"{self.url}{path}", data=data, method="POST")
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            return json.loads(response.read() or b"null")
+    return missing_orthanc() + [name for name, path in needed.items() if not path.exists()]
 
 
 class _Handler(SimpleHTTPRequestHandler):
