@@ -43,6 +43,7 @@ from dicom_node.config import (
 from dicom_node.database import Database
 from dicom_node.retention import purge_expired
 from dicom_node.scu import AssociationFailed, AssociationRejected, send
+from dicom_node.store import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +208,7 @@ def send_to_folder(target: FolderDestination, files: Sequence[Path]) -> None:
                 copy.flush()
                 os.fsync(copy.fileno())
             os.replace(partial, final)
+            fsync_dir(folder)
     except OSError as exc:
         raise DeliveryError(f"folder {target.path}: {exc}") from exc
 

@@ -179,7 +179,8 @@ def encode_file_meta(
     return b"\0" * 128 + b"DICM" + group_length + body
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make the entries of ``directory`` (a rename into it) durable."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -281,7 +282,7 @@ class InstanceStore:
             if self.fsync:
                 # A new folder is durable only once its parent's entry is.
                 for folder in reversed(created):
-                    _fsync_dir(folder.parent)
+                    fsync_dir(folder.parent)
             self._known_dirs.add(directory)
 
     def _check_space(self, incoming: int) -> None:
@@ -306,7 +307,7 @@ class InstanceStore:
             self._ensure_dir(final.parent)
             os.replace(tmp_name, final)
             if self.fsync:
-                _fsync_dir(final.parent)
+                fsync_dir(final.parent)
         except BaseException:
             Path(tmp_name).unlink(missing_ok=True)
             raise
