@@ -85,6 +85,7 @@ def start_node(workdir: Path, port: int) -> subprocess.Popen:
             {
                 "scp": {"host": "127.0.0.1", "port": port, "max_pdu_size": PDU},
                 "store": {"data_dir": str(workdir / "node-data"), "min_free_bytes": 0},
+                "http": {"port": 0},
                 "logging": {"level": "WARNING"},
             }
         )

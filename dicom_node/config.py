@@ -440,6 +440,52 @@ class LoggingConfig(_Section):
     )
 
 
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+class HttpConfig(_Section):
+    """The HTTP service in 'serve': health, readiness, Prometheus metrics, JSON API, dashboard."""
+
+    enabled: bool = Field(default=True, description="Serve HTTP beside the DICOM SCP.")
+    host: str = Field(
+        default="127.0.0.1",
+        description="Address to listen on; beyond loopback a token is required.",
+    )
+    port: int = Field(default=8080, ge=0, le=65535, description="TCP port (0: any free port).")
+    token: str | None = Field(
+        default=None,
+        min_length=16,
+        description="Bearer token for /metrics, /api and the dashboard's data (16+ characters);"
+        " /healthz and /readyz stay open for probes.",
+    )
+
+    @model_validator(mode="after")
+    def _token_beyond_loopback(self) -> HttpConfig:
+        if self.enabled and self.host not in _LOOPBACK and self.token is None:
+            raise ValueError(
+                f"http.token: required when http.host is {self.host!r} (beyond loopback);"
+                " set DICOM_NODE__HTTP__TOKEN"
+            )
+        return self
+
+
+class AuditConfig(_Section):
+    """The audit trail: security-relevant events as JSON lines (DICOM PS3.15 Annex A fields)."""
+
+    enabled: bool = Field(default=True, description="Write the audit trail.")
+    path: Path | None = Field(
+        default=None, description="The audit file; null: <store.data_dir>/audit/audit.jsonl."
+    )
+    max_bytes: int = Field(
+        default=10 * 1024 * 1024, ge=4096, description="Size at which the file is rotated."
+    )
+    backup_count: int = Field(default=10, ge=1, description="Rotated files kept (.1 newest).")
+    source_id: str | None = Field(
+        default=None,
+        description="AuditSourceID in every event (PS3.15 A.5.1); null: the host name.",
+    )
+
+
 class NodeConfig(_Section):
     """The whole configuration of one dicom-node."""
 
@@ -461,6 +507,8 @@ class NodeConfig(_Section):
     )
     delivery: DeliveryConfig = DeliveryConfig()
     retention: RetentionConfig = RetentionConfig()
+    http: HttpConfig = HttpConfig()
+    audit: AuditConfig = AuditConfig()
     logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="after")

@@ -72,6 +72,7 @@ class NodeProcess:
     settings: dict = field(default_factory=dict)
     env: dict[str, str] | None = None
     port: int = 0
+    http_port: int = 0
     proc: subprocess.Popen | None = None
 
     @property
@@ -90,6 +91,7 @@ class NodeProcess:
         config = {
             "scp": {"host": "127.0.0.1", "port": self.port},
             "store": {"data_dir": str(self.data_dir), "min_free_bytes": 0},
+            "http": {"host": "127.0.0.1", "port": self.http_port},
         }
         for section, values in self.settings.items():
             config.setdefault(section, {}).update(values)
@@ -98,6 +100,8 @@ class NodeProcess:
     def start(self, timeout_s: float = 20.0) -> NodeProcess:
         if not self.port:
             self.port = free_port()
+        if not self.http_port:
+            self.http_port = free_port()
         self.write_config()
         seen = len(self.log())
         log = self.log_path.open("a")
@@ -116,6 +120,10 @@ class NodeProcess:
                 return self
             time.sleep(0.05)
         raise RuntimeError(f"node did not start:\n{self.log()}")
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
 
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
