@@ -418,3 +418,27 @@ def discover() -> dict[str, Registration]:
             log.error("algorithm entry point %s = %s is broken: %s", ep.name, ep.value, exc)
             found[ep.name] = Registration(ep.name, ep.value, None, f"{type(exc).__name__}: {exc}")
     return found
+
+
+def catalogue(
+    registry: Mapping[str, Registration], settings: Mapping[str, Mapping[str, Any]], device: str
+) -> list[dict[str, Any]]:
+    """What each installed algorithm is, as plain data: for ``dicom-node algorithms`` and for
+    the worker's record that the dashboard shows. A broken one says why; the rest are listed."""
+    rows = []
+    for name, registration in sorted(registry.items()):
+        row: dict[str, Any] = {"name": name, "entry_point": registration.target, "device": device}
+        if registration.algorithm is None:
+            row["error"] = registration.error
+        else:
+            cls = registration.algorithm
+            row["version"] = cls.version
+            row["inputs"] = list(cls.inputs.roles)
+            try:
+                weights = cls(settings.get(name)).weights()
+                row["weights"] = weights.describe()
+                row["demo"] = weights.demo
+            except Exception as exc:  # bad settings for one algorithm: say so, list the rest
+                row["error"] = f"{type(exc).__name__}: {exc}"
+        rows.append(row)
+    return rows

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
@@ -72,7 +72,20 @@ CREATE TABLE IF NOT EXISTS results (
     job_id      INTEGER PRIMARY KEY REFERENCES jobs(id),
     algorithm   TEXT NOT NULL,
     path        TEXT NOT NULL,       -- result.json, relative to the data folder
-    created_at  REAL NOT NULL
+    created_at  REAL NOT NULL,
+    device      TEXT,                -- where the algorithm ran (cpu, cuda:0)
+    run_s       REAL                 -- the algorithm's own run, reading its inputs included
+);
+CREATE TABLE IF NOT EXISTS workers (
+    name          TEXT PRIMARY KEY,
+    pid           INTEGER NOT NULL,
+    host          TEXT NOT NULL,
+    device        TEXT NOT NULL,
+    started_at    REAL NOT NULL,
+    heartbeat_at  REAL NOT NULL,
+    stopped_at    REAL,
+    algorithms    TEXT NOT NULL,     -- JSON: what the worker can run, its weights, DEMO or not
+    gpu_memory    TEXT               -- JSON {allocated, reserved, total} bytes, on CUDA
 );
 CREATE TABLE IF NOT EXISTS outputs (
     sop_instance_uid TEXT PRIMARY KEY,  -- what a re-delivery sends again, unchanged
@@ -119,6 +132,13 @@ CREATE TABLE IF NOT EXISTS routing_decisions (
 """
 
 
+# Columns added after a schema's first release: (table, column, declaration). A database made
+# by an older version gets them at open; CREATE TABLE IF NOT EXISTS would not add them.
+_ADDED_COLUMNS = (
+    ("results", "device", "TEXT"),
+    ("results", "run_s", "REAL"),
+)
+
 RESULTS_DIR = "results"  # under the data folder: one folder per job, named by its ID
 
 
@@ -136,10 +156,22 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.executescript(_SCHEMA)
+        _add_columns(conn)
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA busy_timeout=10000")
     return conn
+
+
+def _add_columns(conn: sqlite3.Connection) -> None:
+    for table, column, declaration in _ADDED_COLUMNS:
+        present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if column not in present:
+            try:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+            except sqlite3.OperationalError as exc:  # another process added it first
+                if "duplicate column" not in str(exc):
+                    raise
 
 
 class Database:

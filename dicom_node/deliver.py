@@ -41,6 +41,7 @@ from dicom_node.config import (
     NodeConfig,
 )
 from dicom_node.database import Database
+from dicom_node.events import DeliveryAttempted, Events, study_refs
 from dicom_node.retention import purge_expired
 from dicom_node.scu import AssociationFailed, AssociationRejected, send
 from dicom_node.store import fsync_dir
@@ -101,6 +102,15 @@ def backoff_s(attempts: int, config: DeliveryConfig, rng: random.Random) -> floa
     to the maximum, spread by the jitter so that many deliveries do not retry in step."""
     base = min(config.backoff_max_s, config.backoff_initial_s * 2 ** max(attempts - 1, 0))
     return base * (1.0 + config.backoff_jitter * rng.uniform(-1.0, 1.0))
+
+
+def target_label(target: Target) -> str:
+    """Where a target is, for a person and the audit trail: AE@host:port, a URL, a folder."""
+    if isinstance(target, DicomDestination):
+        return f"{target.ae_title}@{target.host}:{target.port}"
+    if isinstance(target, DicomwebDestination):
+        return target.url
+    return str(target.path)
 
 
 def resolve(config: NodeConfig, delivery: Delivery) -> Target:
@@ -224,8 +234,10 @@ class Deliverer:
         *,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        events: Events | None = None,
     ) -> None:
         self.config = config
+        self.events = events or Events()
         self.db = db
         self.data_dir = data_dir
         self.clock = clock
@@ -262,7 +274,7 @@ class Deliverer:
             try:
                 target = resolve(self.config, delivery)
             except DeliveryError as exc:
-                self._failed(delivery, exc)
+                self._failed(delivery, exc, delivery.label)
                 continue
             # DICOM destinations share an association; the others go one delivery at a time.
             key = (
@@ -277,6 +289,8 @@ class Deliverer:
 
     def _attempt(self, group: list[tuple[Delivery, Target]]) -> None:
         files: dict[int, list[Path]] = {}
+        target = group[0][1]
+        where = target_label(target)
         for delivery, _ in group:
             files[delivery.id] = self.files(delivery.job_id)
             missing = [p for p in files[delivery.id] if not p.is_file()]
@@ -287,12 +301,12 @@ class Deliverer:
                         f"job {delivery.job_id}'s result files are gone (purged by retention?)",
                         permanent=True,
                     ),
+                    where,
                 )
                 files.pop(delivery.id)
         group = [(d, t) for d, t in group if d.id in files]
         if not group:
             return
-        target = group[0][1]
         timeout_s = self.config.delivery.timeout_s
         try:
             if isinstance(target, DicomDestination):
@@ -305,21 +319,22 @@ class Deliverer:
                         if (why := outcome.get(p, "not sent")) is not None
                     ]
                     if problems:
-                        self._failed(delivery, DeliveryError("; ".join(problems)))
+                        self._failed(delivery, DeliveryError("; ".join(problems)), where)
                     else:
-                        self._sent(delivery, len(files[delivery.id]))
+                        self._sent(delivery, files[delivery.id], where)
                 return
             ((delivery, _),) = group
             if isinstance(target, DicomwebDestination):
                 send_dicomweb(target, files[delivery.id], timeout_s)
             else:
                 send_to_folder(target, files[delivery.id])
-            self._sent(delivery, len(files[delivery.id]))
+            self._sent(delivery, files[delivery.id], where)
         except DeliveryError as exc:
             for delivery, _ in group:
-                self._failed(delivery, exc)
+                self._failed(delivery, exc, where)
 
-    def _sent(self, delivery: Delivery, count: int) -> None:
+    def _sent(self, delivery: Delivery, files: list[Path], where: str) -> None:
+        count = len(files)
         with self.db.transaction() as conn:
             conn.execute(
                 "UPDATE deliveries SET state = 'sent', attempts = attempts + 1, sent_at = ?,"
@@ -327,8 +342,9 @@ class Deliverer:
                 (self.clock(), delivery.id),
             )
         log.info("job %d: %d object(s) delivered to %s", delivery.job_id, count, delivery.label)
+        self.events.emit(DeliveryAttempted(delivery.destination, where, study_refs(files), ok=True))
 
-    def _failed(self, delivery: Delivery, error: DeliveryError) -> None:
+    def _failed(self, delivery: Delivery, error: DeliveryError, where: str) -> None:
         attempts = delivery.attempts + 1
         dead = error.permanent or attempts >= self.config.delivery.max_attempts
         wait = 0.0 if dead else backoff_s(attempts, self.config.delivery, self.rng)
@@ -363,12 +379,22 @@ class Deliverer:
                 wait,
                 error,
             )
+        self.events.emit(
+            DeliveryAttempted(
+                delivery.destination,
+                where,
+                study_refs(self.files(delivery.job_id)),
+                ok=False,
+                dead=dead,
+                error=str(error),
+            )
+        )
 
     def run_once(self) -> int:
         attempted = self.deliver_due()
         if self.clock() >= self._next_retention:
             self._next_retention = self.clock() + self.config.retention.check_every_s
-            purge_expired(self.db, self.data_dir, self.config.retention, self.clock())
+            purge_expired(self.db, self.data_dir, self.config.retention, self.clock(), self.events)
         return attempted
 
     def start(self) -> None:

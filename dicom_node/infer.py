@@ -12,6 +12,7 @@ Each result is written as plain data (``result.json`` and ``.npy`` arrays) under
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import multiprocessing
 import os
@@ -22,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from dicom_node.algorithm import Algorithm, SeriesInput, discover, resolve_device
+from dicom_node.algorithm import Algorithm, SeriesInput, catalogue, discover, resolve_device
 from dicom_node.config import NodeConfig
 from dicom_node.database import RESULTS_DIR, Database, database_path
 from dicom_node.deliver import schedule
@@ -42,6 +43,22 @@ def series_input(db: Database, data_dir: Path, series_uid: str) -> SeriesInput:
     return SeriesInput(series_uid, tuple(data_dir / r["path"] for r in rows))
 
 
+HEARTBEAT_S = 5.0  # how often a worker says it is alive (workers.heartbeat_at)
+
+
+def gpu_memory(device: str) -> dict[str, int] | None:
+    """Allocated, reserved and total memory of a CUDA device, in bytes; None off CUDA."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    return {
+        "allocated": torch.cuda.memory_allocated(device),
+        "reserved": torch.cuda.memory_reserved(device),
+        "total": torch.cuda.get_device_properties(device).total_memory,
+    }
+
+
 class Worker:
     """Claims inference jobs and runs them, one at a time, until stopped."""
 
@@ -53,6 +70,7 @@ class Worker:
         self.name = name or f"worker-{socket.gethostname()}-{os.getpid()}"
         self.device = resolve_device(config.worker.device)
         self._registry = discover()
+        self._catalogue = catalogue(self._registry, config.algorithms, self.device)
         self._loaded: dict[str, Algorithm] = {}
         # Who made each result, fixed at load: hashing the weights file per job would cost
         # seconds for public weights and could name a file replaced since it was loaded.
@@ -88,7 +106,7 @@ class Worker:
             )
         return self._loaded[name]
 
-    def run_job(self, job: Job) -> tuple[Path, list[Written]]:
+    def run_job(self, job: Job) -> tuple[Path, list[Written], float]:
         algorithm = self.algorithm(job.payload["algorithm"])
         inputs = {
             name: series_input(self.db, self.data_dir, uid)
@@ -115,14 +133,14 @@ class Worker:
             time.perf_counter() - started - ran,
             " (DEMO weights)" if result.demo else "",
         )
-        return path, written
+        return path, written, ran
 
     def work_once(self) -> Job | None:
         job = self.jobs.claim(self.name, (JobKind.INFERENCE.value,))
         if job is None:
             return None
         try:
-            path, written = self.run_job(job)
+            path, written, ran = self.run_job(job)
         except Exception as exc:
             state = self.jobs.fail(
                 job.id, f"{type(exc).__name__}: {exc}", max_attempts=self.config.worker.max_attempts
@@ -131,13 +149,15 @@ class Worker:
             return job
         with self.db.transaction() as conn:
             conn.execute(
-                "INSERT OR REPLACE INTO results (job_id, algorithm, path, created_at)"
-                " VALUES (?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO results (job_id, algorithm, path, created_at, device,"
+                " run_s) VALUES (?, ?, ?, ?, ?, ?)",
                 (
                     job.id,
                     job.payload["algorithm"],
                     str(path.relative_to(self.data_dir)),
                     time.time(),
+                    self.device,
+                    ran,
                 ),
             )
             # Written once per job: a retry after a crash rewrites the files and only the
@@ -166,6 +186,9 @@ class Worker:
     def serve(self, poll_s: float = 0.2, *, parent_pid: int | None = None) -> None:
         """Work until stopped, or until the process ``parent_pid`` (the node) is gone."""
         log.info("%s ready on %s", self.name, self.device)
+        self._register()
+        beating = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
+        beating.start()
         while not self._stopping:
             if parent_pid is not None and os.getppid() != parent_pid:
                 # An orphan would go on claiming jobs beside the worker of a restarted node.
@@ -173,7 +196,47 @@ class Worker:
                 break
             if self.work_once() is None:
                 time.sleep(poll_s)
+        self._stopping = True
+        beating.join()
+        with self.db.transaction() as conn:
+            conn.execute(
+                "UPDATE workers SET stopped_at = ? WHERE name = ?", (time.time(), self.name)
+            )
         self.db.close()
+
+    def _register(self) -> None:
+        now = time.time()
+        with self.db.transaction() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO workers (name, pid, host, device, started_at,"
+                " heartbeat_at, algorithms, gpu_memory) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    self.name,
+                    os.getpid(),
+                    socket.gethostname(),
+                    self.device,
+                    now,
+                    now,
+                    json.dumps(self._catalogue),
+                    json.dumps(gpu_memory(self.device)),
+                ),
+            )
+
+    def _beat(self) -> None:
+        """Say we are alive every few seconds, also in the middle of a long job: the node's
+        readiness and the dashboard tell a busy worker from a dead one by it."""
+        while not self._stopping:
+            deadline = time.monotonic() + HEARTBEAT_S
+            while not self._stopping and time.monotonic() < deadline:
+                time.sleep(0.2)
+            try:
+                with self.db.transaction() as conn:
+                    conn.execute(
+                        "UPDATE workers SET heartbeat_at = ?, gpu_memory = ? WHERE name = ?",
+                        (time.time(), json.dumps(gpu_memory(self.device)), self.name),
+                    )
+            except Exception:  # a busy or failing database must not kill the worker
+                log.exception("heartbeat of %s not recorded", self.name)
 
     def stop(self, *_: object) -> None:
         """Stop after the job in hand; safe to call from a signal handler."""
@@ -234,6 +297,14 @@ class WorkerSupervisor:
     @property
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def alive(self) -> bool:
+        return self._process is not None and self._process.is_alive()
 
     def _spawn(self) -> None:
         self._generation += 1

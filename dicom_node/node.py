@@ -8,19 +8,26 @@ then close the database.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import signal
 import threading
 from types import FrameType
 
+from dicom_node import __version__, api
 from dicom_node.assembly import Assembler
-from dicom_node.config import NodeConfig
+from dicom_node.audit import AuditTrail
+from dicom_node.config import NodeConfig, config_as_yaml
+from dicom_node.database import connect, database_path
 from dicom_node.deliver import Deliverer
+from dicom_node.events import Events, NodeStarted, NodeStopped
 from dicom_node.infer import WorkerSupervisor
 from dicom_node.jobs import SqliteJobStore
+from dicom_node.metrics import node_registry
 from dicom_node.route import Router
 from dicom_node.scp import StorageSCP
 from dicom_node.store import InstanceStore
+from dicom_node.web import Check, HttpService, store_check
 
 log = logging.getLogger(__name__)
 
@@ -28,32 +35,101 @@ log = logging.getLogger(__name__)
 class Node:
     """One dicom-node process."""
 
-    def __init__(self, config: NodeConfig) -> None:
+    def __init__(self, config: NodeConfig, *, config_source: str = "embedded defaults") -> None:
         self.config = config
+        self.config_source = config_source
         self.store = InstanceStore.open(
             config.store.data_dir,
             min_free_bytes=config.store.min_free_bytes,
             fsync=config.store.fsync,
         )
+        self.registry, counters = node_registry(self.store.data_dir)
+        self.events = Events([counters])
+        self.audit = (
+            AuditTrail(config.audit, self.store.data_dir, config.scp.ae_title)
+            if config.audit.enabled
+            else None
+        )
+        if self.audit is not None:
+            self.events.sinks.append(self.audit)
         self.jobs = SqliteJobStore(self.store.db)
         self.router = Router(self.store.data_dir, self.store.db, config.routing)
         self.assembler = Assembler(self.store.db, config.assembly, on_complete=self.router.wake)
-        self.scp = StorageSCP(config.scp, self.store, self.assembler)
+        self.scp = StorageSCP(config.scp, self.store, self.assembler, self.events)
         self.workers = WorkerSupervisor(config, self.jobs) if config.worker.enabled else None
-        self.deliverer = Deliverer(config, self.store.db, self.store.data_dir)
+        self.deliverer = Deliverer(config, self.store.db, self.store.data_dir, events=self.events)
+        self.http = (
+            HttpService(config, self.store.db, self.registry, self.readiness_checks())
+            if config.http.enabled
+            else None
+        )
         self._stopped = threading.Event()
+
+    def readiness_checks(self) -> dict[str, Check]:
+        """What must hold for the node to take studies and turn them into results."""
+
+        def index() -> str | None:
+            conn = connect(database_path(self.store.data_dir), readonly=True)
+            try:
+                conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'queued'").fetchone()
+            finally:
+                conn.close()
+            return None
+
+        def scp() -> str | None:
+            return None if self.scp.listening else "the DICOM listener is not running"
+
+        def worker() -> str | None:
+            conn = connect(database_path(self.store.data_dir), readonly=True)
+            try:
+                alive = {w["name"] for w in api.workers(conn) if w["alive"]}
+            finally:
+                conn.close()
+            if self.workers is None:
+                return None if alive else "no external inference worker has beaten recently"
+            if not self.workers.alive:
+                return "the inference worker process is not alive"
+            # Alive but not yet beating: it is still discovering its algorithms.
+            return None if self.workers.name in alive else "the inference worker is starting"
+
+        return {
+            "store": store_check(self.store.data_dir, self.config.store.min_free_bytes),
+            "index": index,
+            "scp": scp,
+            "worker": worker,
+        }
 
     def start(self) -> tuple[str, int]:
         requeued = self.jobs.requeue_interrupted()
         if requeued:
             log.warning("%d job(s) interrupted by the last stop were queued again", requeued)
         log.info("data under %s", self.store.data_dir)
+        self.events.emit(
+            NodeStarted(
+                __version__,
+                self.config.scp.ae_title,
+                self.config_source,
+                hashlib.sha256(config_as_yaml(self.config).encode()).hexdigest(),
+            )
+        )
+        if self.http is not None:
+            try:
+                self.http.start()
+            except OSError as exc:
+                raise OSError(
+                    f"http.port {self.config.http.host}:{self.config.http.port}: {exc.strerror}"
+                ) from exc
         self.router.start()
         if self.workers is not None:
             self.workers.start()
         self.deliverer.start()
         self.assembler.start()
-        return self.scp.start()
+        try:
+            return self.scp.start()
+        except OSError as exc:
+            raise OSError(
+                f"scp.port {self.config.scp.host}:{self.config.scp.port}: {exc.strerror}"
+            ) from exc
 
     def stop(self, grace_s: float = 30.0) -> None:
         if self._stopped.is_set():
@@ -66,6 +142,11 @@ class Node:
         if self.workers is not None:
             self.workers.stop()
         self.deliverer.stop()
+        if self.http is not None:
+            self.http.stop()
+        self.events.emit(NodeStopped(__version__, self.config.scp.ae_title))
+        if self.audit is not None:
+            self.audit.close()
         self.store.close()
         log.info("stopped")
 

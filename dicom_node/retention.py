@@ -15,6 +15,7 @@ from pathlib import Path
 
 from dicom_node.config import RetentionConfig
 from dicom_node.database import RESULTS_DIR, Database
+from dicom_node.events import DataDeleted, Events, StudyRef, study_refs
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,15 @@ def _delete(paths: Sequence[Path]) -> tuple[int, int]:
     return files, size
 
 
-def purge_expired(db: Database, data_dir: Path, retention: RetentionConfig, now: float) -> int:
+def purge_expired(
+    db: Database,
+    data_dir: Path,
+    retention: RetentionConfig,
+    now: float,
+    events: Events | None = None,
+) -> int:
     """Delete received instances and result files whose retention ran out; how many sets."""
+    events = events or Events()
     purged = 0
     with db.reading() as conn:
         # A study is done no earlier than it completed: younger ones need no closer look.
@@ -52,9 +60,19 @@ def purge_expired(db: Database, data_dir: Path, retention: RetentionConfig, now:
                     "SELECT path FROM instances WHERE study_uid = ?", (study["study_uid"],)
                 )
             ]
+        # The patient is named in the audit record, read before the files go.
+        (ref,) = study_refs(paths[:1]) or (StudyRef(study["study_uid"], None, 0),)
         files, size = _delete(paths)
         _record_purge(db, f"study:{study['study_uid']}", now, files, size)
         log.info("retention: deleted %d received file(s), %d bytes, of a study", files, size)
+        events.emit(
+            DataDeleted(
+                "received instances",
+                (StudyRef(study["study_uid"], ref.patient_id, files),),
+                files,
+                size,
+            )
+        )
         purged += 1
     with db.reading() as conn:
         jobs = conn.execute(
@@ -69,10 +87,12 @@ def purge_expired(db: Database, data_dir: Path, retention: RetentionConfig, now:
             continue
         folder = data_dir / RESULTS_DIR / str(job["job_id"])
         paths = [p for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else []
+        studies = study_refs(p for p in paths if p.suffix == ".dcm")
         files, size = _delete(paths)
         shutil.rmtree(folder, ignore_errors=True)
         _record_purge(db, f"job:{job['job_id']}", now, files, size)
         log.info("retention: deleted job %d's %d result file(s)", job["job_id"], files)
+        events.emit(DataDeleted(f"results of job {job['job_id']}", studies, files, size))
         purged += 1
     return purged
 

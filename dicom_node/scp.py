@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import threading
 import time
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
@@ -21,6 +22,14 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.assembly import Assembler
 from dicom_node.config import ScpConfig, TlsConfig
+from dicom_node.events import (
+    AssociationAccepted,
+    AssociationRejected,
+    Events,
+    InstanceReceived,
+    StudiesReceived,
+    StudyRef,
+)
 from dicom_node.store import (
     InstanceStore,
     InvalidInstance,
@@ -128,13 +137,28 @@ def _peer(assoc: Association) -> Sender:
     )
 
 
+def _called(assoc: Association) -> str:
+    primitive = assoc.requestor.primitive
+    return primitive.called_ae_title.strip() if primitive else assoc.acceptor.ae_title.strip()
+
+
 class StorageSCP:
     """Owns the pynetdicom AE and routes its events to the store and the assembler."""
 
-    def __init__(self, config: ScpConfig, store: InstanceStore, assembler: Assembler) -> None:
+    def __init__(
+        self,
+        config: ScpConfig,
+        store: InstanceStore,
+        assembler: Assembler,
+        events: Events | None = None,
+    ) -> None:
         self.config = config
         self.store = store
         self.assembler = assembler
+        self.events = events or Events()
+        # Per association: study UID -> [patient ID, instances], reported when it ends.
+        self._received: dict[int, dict[str, list]] = {}
+        self._received_lock = threading.Lock()
         self.ae = self._build_ae()
         self._server: ThreadedAssociationServer | None = None
         if config.allowed_calling_aets is None:
@@ -160,6 +184,7 @@ class StorageSCP:
     def handlers(self) -> list[tuple]:
         return [
             (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ESTABLISHED, self._on_established),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
@@ -203,6 +228,10 @@ class StorageSCP:
         self._server = None
 
     @property
+    def listening(self) -> bool:
+        return self._server is not None
+
+    @property
     def active_associations(self) -> list[Association]:
         return list(self._server.active_associations) if self._server else []
 
@@ -216,14 +245,38 @@ class StorageSCP:
                 sender.calling_aet,
                 sender.peer_host,
             )
+            self.events.emit(
+                AssociationRejected(
+                    sender.calling_aet,
+                    sender.peer_host,
+                    _called(event.assoc),
+                    "calling AE title not recognised (scp.allowed_calling_aets)",
+                )
+            )
             event.assoc.acse.send_reject(*REJECT_CALLING_AE_NOT_RECOGNIZED)
             # As pynetdicom's own rejections do: kill() lets the DUL flush the A-ASSOCIATE-RJ
             # before the socket is closed, so the peer reads a rejection, not an abort.
             event.assoc.kill()
 
+    def _on_rejected(self, event: Event) -> None:
+        """pynetdicom's own rejections (PS3.8 9.3.4): called AE title, association limit."""
+        sender = _peer(event.assoc)
+        called = _called(event.assoc)
+        if self.config.require_called_aet and called != self.config.ae_title:
+            reason = f"called AE title {called!r} is not ours"
+        else:
+            reason = f"more than scp.max_associations ({self.config.max_associations}) open"
+        log.warning(
+            "rejected association from %s at %s: %s", sender.calling_aet, sender.peer_host, reason
+        )
+        self.events.emit(AssociationRejected(sender.calling_aet, sender.peer_host, called, reason))
+
     def _on_established(self, event: Event) -> None:
         sender = _peer(event.assoc)
         log.info("association from %s at %s accepted", sender.calling_aet, sender.peer_host)
+        self.events.emit(
+            AssociationAccepted(sender.calling_aet, sender.peer_host, _called(event.assoc))
+        )
         self.assembler.association_opened(id(event.assoc))
 
     def _on_echo(self, event: Event) -> int:
@@ -232,9 +285,10 @@ class StorageSCP:
     def _on_store(self, event: Event) -> int:
         request = event.request
         context = event.context
+        encoded = event.encoded_dataset(include_meta=False)
         try:
             stored = self.store.put(
-                event.encoded_dataset(include_meta=False),
+                encoded,
                 context.transfer_syntax,
                 _peer(event.assoc),
                 expected_sop_class_uid=str(request.AffectedSOPClassUID),
@@ -243,16 +297,40 @@ class StorageSCP:
         except (RejectedInstance, OSError) as exc:
             status = refusal_status(exc)
             log.error("C-STORE refused with 0x%04X, nothing stored: %s", status, exc)
+            self.events.emit(InstanceReceived(stored=False, size=len(encoded)))
             return status
         if stored.result is not StoreResult.STORED:
             log.info("repeated SOP instance (%s)", stored.result.value)
         log.debug("stored %s at %s", stored.header.sop_instance_uid, stored.path)
         self.assembler.instance_stored(id(event.assoc), stored)
+        self.events.emit(InstanceReceived(stored=True, size=len(encoded)))
+        with self._received_lock:
+            study = self._received.setdefault(id(event.assoc), {}).setdefault(
+                stored.header.study_uid, [stored.header.patient_id, 0]
+            )
+            study[1] += 1
         return STATUS_SUCCESS
 
     def _on_released(self, event: Event) -> None:
         self.assembler.association_ended(id(event.assoc), released=True)
+        self._report_received(event.assoc, released=True)
 
     def _on_aborted(self, event: Event) -> None:
         log.warning("association from %s aborted", _peer(event.assoc).calling_aet)
         self.assembler.association_ended(id(event.assoc), released=False)
+        self._report_received(event.assoc, released=False)
+
+    def _report_received(self, assoc: Association, *, released: bool) -> None:
+        with self._received_lock:
+            studies = self._received.pop(id(assoc), {})
+        if studies:
+            sender = _peer(assoc)
+            self.events.emit(
+                StudiesReceived(
+                    sender.calling_aet,
+                    sender.peer_host,
+                    _called(assoc),
+                    tuple(StudyRef(uid, p, n) for uid, (p, n) in studies.items()),
+                    released,
+                )
+            )

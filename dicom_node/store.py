@@ -102,6 +102,7 @@ class InstanceHeader:
     modality: str | None
     series_number: int | None
     series_description: str | None
+    patient_id: str | None = None  # for the audit trail only; never logged above DEBUG
 
     @classmethod
     def from_dataset(cls, ds: Dataset) -> InstanceHeader:
@@ -118,6 +119,7 @@ class InstanceHeader:
             modality=str(ds.get("Modality") or "") or None,
             series_number=series_number,
             series_description=str(ds.get("SeriesDescription") or "") or None,
+            patient_id=str(ds.get("PatientID") or "") or None,
         )
 
 

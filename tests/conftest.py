@@ -95,6 +95,7 @@ class NodeProcess:
         }
         for section, values in self.settings.items():
             config.setdefault(section, {}).update(values)
+        self.http_port = config["http"]["port"]
         self.config_path.write_text(yaml.safe_dump(config))
 
     def start(self, timeout_s: float = 20.0) -> NodeProcess:

@@ -1,0 +1,342 @@
+"""The audit trail: security-relevant events as append-only JSON lines.
+
+Each line is one audit message with the structure and element names of the DICOM Audit
+Message schema (PS3.15 A.5.1): ``EventIdentification``, ``ActiveParticipant``,
+``AuditSourceIdentification`` and ``ParticipantObjectIdentification``, coded with the DICOM
+event IDs of PS3.15 A.5.3 and PS3.16 CID 400-405 — the same events IHE ATNA records:
+
+======================================  ==========================================
+node started / stopped                   Application Activity (110100), Start/Stop
+configuration loaded                     Security Alert (110113), Software Configuration
+association accepted / rejected          Security Alert (110113), Node Authentication
+studies received (per association)       DICOM Instances Transferred (110104), C
+results sent (per attempt)               DICOM Instances Transferred (110104), R
+data deleted by retention                DICOM Study Deleted (110105), D
+======================================  ==========================================
+
+Audit messages name patients and studies (PS3.15 A.5.2.6), as they must; the file is created
+readable by the node's user only. It is rotated by size; nothing is ever rewritten in place.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import socket
+import threading
+from datetime import datetime, timezone
+from logging.handlers import RotatingFileHandler
+from pathlib import Path
+from typing import Any
+
+from dicom_node.config import AuditConfig
+from dicom_node.events import (
+    AssociationAccepted,
+    AssociationRejected,
+    DataDeleted,
+    DeliveryAttempted,
+    Event,
+    NodeStarted,
+    NodeStopped,
+    StudiesReceived,
+    StudyRef,
+)
+
+AUDIT_DIR = "audit"
+
+# PS3.15 A.5.1 EventOutcomeIndicator.
+SUCCESS = 0
+MINOR_FAILURE = 4
+SERIOUS_FAILURE = 8
+
+# Coded values (csd-code, codeSystemName, originalText), PS3.16 CID 400-405.
+APPLICATION_ACTIVITY = ("110100", "DCM", "Application Activity")
+INSTANCES_TRANSFERRED = ("110104", "DCM", "DICOM Instances Transferred")
+STUDY_DELETED = ("110105", "DCM", "DICOM Study Deleted")
+SECURITY_ALERT = ("110113", "DCM", "Security Alert")
+APPLICATION_START = ("110120", "DCM", "Application Start")
+APPLICATION_STOP = ("110121", "DCM", "Application Stop")
+NODE_AUTHENTICATION = ("110126", "DCM", "Node Authentication")
+SOFTWARE_CONFIGURATION = ("110131", "DCM", "Software Configuration")
+APPLICATION = ("110150", "DCM", "Application")
+DESTINATION_ROLE = ("110152", "DCM", "Destination Role ID")
+SOURCE_ROLE = ("110153", "DCM", "Source Role ID")
+STUDY_UID_TYPE = ("110180", "DCM", "Study Instance UID")
+PATIENT_NUMBER = ("2", "RFC-3881", "Patient Number")
+
+# PS3.15 A.5.1: NetworkAccessPointTypeCode 1 = machine name, 2 = IP address;
+# AuditSourceTypeCode 4 = application server process tier.
+_MACHINE_NAME, _IP_ADDRESS = "1", "2"
+_APPLICATION_SERVER = "4"
+
+
+def _code(value: tuple[str, str, str]) -> dict[str, str]:
+    code, system, text = value
+    return {"csd-code": code, "codeSystemName": system, "originalText": text}
+
+
+def _access_point(host: str) -> dict[str, str]:
+    try:
+        ipaddress.ip_address(host)
+        kind = _IP_ADDRESS
+    except ValueError:
+        kind = _MACHINE_NAME
+    return {"NetworkAccessPointID": host, "NetworkAccessPointTypeCode": kind}
+
+
+def participant(
+    user_id: str,
+    *,
+    requestor: bool,
+    role: tuple[str, str, str] | None = None,
+    host: str | None = None,
+    ae_title: str | None = None,
+) -> dict[str, Any]:
+    """An ActiveParticipant (PS3.15 A.5.1); AE titles as ``AETITLES=`` (A.5.2.1)."""
+    entry: dict[str, Any] = {"UserID": user_id, "UserIsRequestor": requestor}
+    if ae_title is not None:
+        entry["AlternativeUserID"] = f"AETITLES={ae_title}"
+    if role is not None:
+        entry["RoleIDCode"] = _code(role)
+    if host is not None:
+        entry.update(_access_point(host))
+    return entry
+
+
+def study_objects(studies: tuple[StudyRef, ...]) -> list[dict[str, Any]]:
+    """ParticipantObjectIdentification for each study and its patient (PS3.15 A.5.2.6/7)."""
+    objects: list[dict[str, Any]] = []
+    patients: set[str] = set()
+    for study in studies:
+        objects.append(
+            {
+                "ParticipantObjectID": study.study_uid,
+                "ParticipantObjectTypeCode": 2,  # system object
+                "ParticipantObjectTypeCodeRole": 3,  # report
+                "ParticipantObjectIDTypeCode": _code(STUDY_UID_TYPE),
+                "ParticipantObjectDescription": {"NumberOfInstances": study.instances},
+            }
+        )
+        if study.patient_id and study.patient_id not in patients:
+            patients.add(study.patient_id)
+            objects.append(
+                {
+                    "ParticipantObjectID": study.patient_id,
+                    "ParticipantObjectTypeCode": 1,  # person
+                    "ParticipantObjectTypeCodeRole": 1,  # patient
+                    "ParticipantObjectIDTypeCode": _code(PATIENT_NUMBER),
+                }
+            )
+    return objects
+
+
+class _PrivateRotatingFile(RotatingFileHandler):
+    """A rotating file created with mode 0600: audit messages identify patients."""
+
+    def _open(self):  # type: ignore[override]
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        return os.fdopen(fd, self.mode, encoding=self.encoding)
+
+
+class AuditTrail:
+    """Writes audit messages for node events; an :class:`~dicom_node.events.Events` sink."""
+
+    def __init__(self, config: AuditConfig, data_dir: Path, ae_title: str) -> None:
+        self.path = config.path or data_dir / AUDIT_DIR / "audit.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.ae_title = ae_title
+        self.host = socket.gethostname()
+        self.source_id = config.source_id or self.host
+        self._handler = _PrivateRotatingFile(
+            self.path,
+            maxBytes=config.max_bytes,
+            backupCount=config.backup_count,
+            encoding="utf-8",
+        )
+        self._handler.setFormatter(logging.Formatter("%(message)s"))
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._handler.close()
+
+    # -- messages ------------------------------------------------------------------------------
+
+    def _us(self, *, requestor: bool, role: tuple[str, str, str] | None = None) -> dict:
+        return participant(
+            f"dicom-node[{os.getpid()}]",
+            requestor=requestor,
+            role=role,
+            host=self.host,
+            ae_title=self.ae_title,
+        )
+
+    def message(
+        self,
+        event_id: tuple[str, str, str],
+        action: str,
+        outcome: int,
+        participants: list[dict[str, Any]],
+        objects: list[dict[str, Any]] | None = None,
+        *,
+        event_type: tuple[str, str, str] | None = None,
+        description: str | None = None,
+    ) -> dict[str, Any]:
+        """One audit message (PS3.15 A.5.1)."""
+        identification: dict[str, Any] = {
+            "EventID": _code(event_id),
+            "EventActionCode": action,
+            "EventDateTime": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            "EventOutcomeIndicator": outcome,
+        }
+        if event_type is not None:
+            identification["EventTypeCode"] = [_code(event_type)]
+        if description:
+            identification["EventOutcomeDescription"] = description
+        message: dict[str, Any] = {
+            "EventIdentification": identification,
+            "ActiveParticipant": participants,
+            "AuditSourceIdentification": {
+                "AuditSourceID": self.source_id,
+                "AuditSourceTypeCode": _APPLICATION_SERVER,
+            },
+        }
+        if objects:
+            message["ParticipantObjectIdentification"] = objects
+        return message
+
+    def write(self, message: dict[str, Any]) -> None:
+        line = json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+        with self._lock:
+            self._handler.handle(logging.makeLogRecord({"msg": line, "levelno": logging.INFO}))
+            self._handler.flush()
+
+    def emit(self, event: Event) -> None:
+        for message in self.messages(event):
+            self.write(message)
+
+    def messages(self, event: Event) -> list[dict[str, Any]]:
+        """The audit messages an event is recorded as (none for events that are only counted)."""
+        match event:
+            case NodeStarted():
+                return [
+                    self.message(
+                        APPLICATION_ACTIVITY,
+                        "E",
+                        SUCCESS,
+                        [self._us(requestor=False, role=APPLICATION)],
+                        event_type=APPLICATION_START,
+                        description=f"dicom-node {event.version}",
+                    ),
+                    self.message(
+                        SECURITY_ALERT,
+                        "E",
+                        SUCCESS,
+                        [self._us(requestor=True)],
+                        [
+                            {
+                                "ParticipantObjectID": event.config_source,
+                                "ParticipantObjectTypeCode": 2,
+                                "ParticipantObjectTypeCodeRole": 13,  # security resource
+                                "ParticipantObjectIDTypeCode": _code(("12", "RFC-3881", "URI")),
+                                "ParticipantObjectDetail": [
+                                    {"type": "sha256", "value": event.config_sha256}
+                                ],
+                            }
+                        ],
+                        event_type=SOFTWARE_CONFIGURATION,
+                        description="configuration loaded",
+                    ),
+                ]
+            case NodeStopped():
+                return [
+                    self.message(
+                        APPLICATION_ACTIVITY,
+                        "E",
+                        SUCCESS,
+                        [self._us(requestor=False, role=APPLICATION)],
+                        event_type=APPLICATION_STOP,
+                        description=f"dicom-node {event.version}",
+                    )
+                ]
+            case AssociationAccepted() | AssociationRejected():
+                rejected = isinstance(event, AssociationRejected)
+                return [
+                    self.message(
+                        SECURITY_ALERT,
+                        "E",
+                        MINOR_FAILURE if rejected else SUCCESS,
+                        [
+                            participant(
+                                event.calling_aet,
+                                requestor=True,
+                                host=event.peer_host,
+                                ae_title=event.calling_aet,
+                            ),
+                            self._us(requestor=False),
+                        ],
+                        event_type=NODE_AUTHENTICATION,
+                        description=(
+                            f"association rejected: {event.reason}"
+                            if rejected
+                            else f"association accepted (called AE {event.called_aet})"
+                        ),
+                    )
+                ]
+            case StudiesReceived():
+                if not event.studies:
+                    return []
+                return [
+                    self.message(
+                        INSTANCES_TRANSFERRED,
+                        "C",
+                        SUCCESS if event.released else MINOR_FAILURE,
+                        [
+                            participant(
+                                event.calling_aet,
+                                requestor=True,
+                                role=SOURCE_ROLE,
+                                host=event.peer_host,
+                                ae_title=event.calling_aet,
+                            ),
+                            self._us(requestor=False, role=DESTINATION_ROLE),
+                        ],
+                        study_objects(event.studies),
+                        description=None if event.released else "association aborted",
+                    )
+                ]
+            case DeliveryAttempted():
+                outcome = SUCCESS if event.ok else SERIOUS_FAILURE if event.dead else MINOR_FAILURE
+                return [
+                    self.message(
+                        INSTANCES_TRANSFERRED,
+                        "R",
+                        outcome,
+                        [
+                            self._us(requestor=True, role=SOURCE_ROLE),
+                            participant(event.target, requestor=False, role=DESTINATION_ROLE),
+                        ],
+                        study_objects(event.studies),
+                        description=(
+                            f"results to {event.destination}"
+                            + ("" if event.ok else f": {event.error}")
+                            + (" (dead letter)" if event.dead else "")
+                        ),
+                    )
+                ]
+            case DataDeleted():
+                return [
+                    self.message(
+                        STUDY_DELETED,
+                        "D",
+                        SUCCESS,
+                        [self._us(requestor=True)],
+                        study_objects(event.studies),
+                        description=(
+                            f"retention deleted {event.what}: {event.files} file(s),"
+                            f" {event.bytes} bytes"
+                        ),
+                    )
+                ]
+        return []

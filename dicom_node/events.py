@@ -1,0 +1,149 @@
+"""What happened in the node, as typed events, for the audit trail and the metrics.
+
+The stages that see a security-relevant or countable moment (the SCP, the deliverer, retention,
+start-up) emit one event; the :class:`Events` fan-out hands it to every sink. A sink that fails
+is logged and skipped: an audit or metrics problem must never fail a C-STORE or a delivery.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StudyRef:
+    """A study an event concerns, as PS3.15 A.5.2 participant objects name it."""
+
+    study_uid: str
+    patient_id: str | None
+    instances: int
+
+
+@dataclass(frozen=True)
+class AssociationAccepted:
+    calling_aet: str
+    peer_host: str
+    called_aet: str
+
+
+@dataclass(frozen=True)
+class AssociationRejected:
+    calling_aet: str
+    peer_host: str
+    called_aet: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class InstanceReceived:
+    """One C-STORE answered: stored (or a repeat of a stored instance), or refused."""
+
+    stored: bool
+    size: int
+
+
+@dataclass(frozen=True)
+class StudiesReceived:
+    """What one association stored, per study; reported when it ends."""
+
+    calling_aet: str
+    peer_host: str
+    called_aet: str
+    studies: tuple[StudyRef, ...]
+    released: bool  # False: the association was aborted
+
+
+@dataclass(frozen=True)
+class DeliveryAttempted:
+    """One attempt at sending a job's results to a destination."""
+
+    destination: str  # the configured name, or 'sender'
+    target: str  # AE@host:port, a URL or a folder
+    studies: tuple[StudyRef, ...]
+    ok: bool
+    dead: bool = False  # the attempt made it a dead letter
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class DataDeleted:
+    """Retention deleted received instances or results of a study."""
+
+    what: str  # 'received instances' or 'results of job N'
+    studies: tuple[StudyRef, ...]
+    files: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class NodeStarted:
+    version: str
+    ae_title: str
+    config_source: str  # the file, or 'embedded defaults'
+    config_sha256: str  # of the effective configuration
+
+
+@dataclass(frozen=True)
+class NodeStopped:
+    version: str
+    ae_title: str
+
+
+Event = (
+    AssociationAccepted
+    | AssociationRejected
+    | InstanceReceived
+    | StudiesReceived
+    | DeliveryAttempted
+    | DataDeleted
+    | NodeStarted
+    | NodeStopped
+)
+
+
+class Sink(Protocol):
+    def emit(self, event: Event) -> None: ...
+
+
+@dataclass
+class Events:
+    """Hands every event to each sink in turn."""
+
+    sinks: list[Sink] = field(default_factory=list)
+
+    def emit(self, event: Event) -> None:
+        for sink in self.sinks:
+            try:
+                sink.emit(event)
+            except Exception:
+                log.exception("%s could not record %s", type(sink).__name__, type(event).__name__)
+
+
+def study_refs(paths: Iterable[Path]) -> tuple[StudyRef, ...]:
+    """The studies (and patients) of Part-10 files, read from their headers only.
+
+    Files that cannot be read are left out: an audit record must not fail the work it records.
+    """
+    found: dict[str, list] = {}
+    for path in paths:
+        try:
+            ds = dcmread(
+                path, stop_before_pixels=True, specific_tags=["StudyInstanceUID", "PatientID"]
+            )
+        except (OSError, ValueError, EOFError, InvalidDicomError):
+            continue
+        entry = found.setdefault(str(ds.get("StudyInstanceUID", "")), [ds.get("PatientID"), 0])
+        entry[1] += 1
+    return tuple(
+        StudyRef(uid, str(patient) if patient else None, count)
+        for uid, (patient, count) in found.items()
+    )

@@ -1,0 +1,290 @@
+"""The HTTP service of ``serve``: health, readiness, Prometheus metrics, JSON API, dashboard.
+
+=============================  ======  =======================================================
+``/healthz``                   open    the process answers (liveness)
+``/readyz``                    open    200 when it can take studies: store writable, index
+                                       readable, SCP listening, an inference worker alive;
+                                       503 with the reason otherwise
+``/metrics``                   token   Prometheus text format
+``/api/...``                   token   JSON: studies, series, decisions, jobs, deliveries,
+                                       destinations, algorithms, workers; POST retries
+``/``                          open    the dashboard (a static page; its data comes from /api)
+=============================  ======  =======================================================
+
+"token": when ``http.token`` is set, the request must carry ``Authorization: Bearer <token>``
+(it is required when the service listens beyond loopback). POSTs must also be sent as
+``application/json``, which a browser does not do cross-origin without a CORS preflight that
+this service never grants — so another web page cannot make a reader's browser retry things.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import re
+import shutil
+import sqlite3
+import threading
+from collections.abc import Callable, Mapping
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from dicom_node import api
+from dicom_node.config import NodeConfig
+from dicom_node.database import Database, connect, database_path
+from dicom_node.deliver import replay
+
+log = logging.getLogger(__name__)
+
+# A readiness check returns None when fine, or why not, in words for the operator.
+Check = Callable[[], str | None]
+
+_UID = r"[0-9.]{1,64}"
+
+
+class HttpService:
+    """The HTTP server thread and what it serves."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        db: Database,
+        registry: CollectorRegistry,
+        checks: Mapping[str, Check],
+    ) -> None:
+        self.config = config
+        self.db = db
+        self.registry = registry
+        self.checks = checks
+        self.data_dir = config.store.data_dir.resolve()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self.dashboard = resources.files("dicom_node").joinpath("dashboard.html").read_bytes()
+
+    def start(self) -> tuple[str, int]:
+        service = self
+
+        class Handler(_Handler):
+            node = service
+
+        self._server = ThreadingHTTPServer((self.config.http.host, self.config.http.port), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="http", daemon=True)
+        self._thread.start()
+        host, port = self._server.server_address[:2]
+        log.info(
+            "HTTP on http://%s:%d/ (dashboard, /metrics, /api)%s",
+            host,
+            port,
+            "" if self.config.http.token is None else " with bearer token",
+        )
+        return str(host), int(port)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    # -- what the routes answer ----------------------------------------------------------------
+
+    def readiness(self) -> tuple[bool, dict[str, str]]:
+        results = {}
+        for name, check in self.checks.items():
+            try:
+                problem = check()
+            except Exception as exc:  # a check that breaks is a failed check, said plainly
+                problem = f"{type(exc).__name__}: {exc}"
+            results[name] = "ok" if problem is None else problem
+        return all(v == "ok" for v in results.values()), results
+
+    def readiness_report(self) -> dict[str, Any]:
+        ready, checks = self.readiness()
+        return {"ready": ready, "checks": checks}
+
+    def read(self, query: Callable[[sqlite3.Connection], Any]) -> Any:
+        path = database_path(self.data_dir)
+        conn = connect(path, readonly=True)
+        try:
+            return query(conn)
+        finally:
+            conn.close()
+
+    def get_api(self, path: str, params: Mapping[str, str]) -> Any:
+        limit = _int(params.get("limit"), 50)
+        state = params.get("state") or None
+        routes: list[tuple[str, Callable[[re.Match], Any]]] = [
+            (r"/api/studies", lambda m: self.read(lambda c: api.studies(c, limit))),
+            (rf"/api/studies/({_UID})", lambda m: self.read(lambda c: api.study(c, m[1]))),
+            (r"/api/series", lambda m: self.read(lambda c: api.series_list(c, limit))),
+            (r"/api/decisions", lambda m: self.read(lambda c: api.decisions(c, limit))),
+            (r"/api/jobs", lambda m: self.read(lambda c: api.jobs(c, state=state, limit=limit))),
+            (r"/api/jobs/(\d+)", lambda m: self.read(lambda c: api.job(c, int(m[1])))),
+            (
+                r"/api/deliveries",
+                lambda m: self.read(lambda c: api.deliveries(c, state=state, limit=limit)),
+            ),
+            (
+                r"/api/destinations",
+                lambda m: self.read(lambda c: api.destinations(c, self.config)),
+            ),
+            (r"/api/algorithms", lambda m: self.read(api.algorithms)),
+            (r"/api/workers", lambda m: self.read(api.workers)),
+            (r"/api/readiness", lambda m: self.readiness_report()),
+        ]
+        for pattern, answer in routes:
+            match = re.fullmatch(pattern, path)
+            if match:
+                return answer(match)
+        raise LookupError(path)
+
+    def post_api(self, path: str) -> dict[str, int]:
+        match = re.fullmatch(r"/api/jobs/(\d+)/retry", path)
+        if match:
+            return {"queued": replay(self.db, job_id=int(match[1]))}
+        if path == "/api/deliveries/retry-dead":
+            return {"queued": replay(self.db, all_dead=True)}
+        raise LookupError(path)
+
+
+def _int(value: str | None, default: int) -> int:
+    if value is None:
+        return default
+    number = int(value)  # ValueError -> 400
+    if not 1 <= number <= 10_000:
+        raise ValueError("limit must be 1-10000")
+    return number
+
+
+class _Handler(BaseHTTPRequestHandler):
+    node: HttpService
+    server_version = "dicom-node"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("http %s - %s", self.address_string(), format % args)
+
+    # -- responses -----------------------------------------------------------------------------
+
+    def _send(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, status: int, data: Any) -> None:
+        self._send(status, json.dumps(data).encode(), "application/json")
+
+    def _authorised(self) -> bool:
+        token = self.node.config.http.token
+        if token is None:
+            return True
+        given = self.headers.get("Authorization", "")
+        if given.startswith("Bearer ") and hmac.compare_digest(
+            given[7:].strip().encode(), token.encode()
+        ):
+            return True
+        self.send_response(HTTPStatus.UNAUTHORIZED)
+        self.send_header("WWW-Authenticate", 'Bearer realm="dicom-node"')
+        self.send_header("Content-Type", "application/json")
+        body = b'{"error": "a bearer token is required"}'
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        return False
+
+    # -- routes --------------------------------------------------------------------------------
+
+    def do_GET(self) -> None:
+        url = urlsplit(self.path)
+        path = unquote(url.path).rstrip("/") or "/"
+        params = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        try:
+            if path == "/healthz":
+                self._json(HTTPStatus.OK, {"status": "ok"})
+            elif path == "/readyz":
+                report = self.node.readiness_report()
+                ok = report["ready"]
+                self._json(HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE, report)
+            elif path in ("/", "/dashboard"):
+                self._send(HTTPStatus.OK, self.node.dashboard, "text/html; charset=utf-8")
+            elif path == "/metrics":
+                if self._authorised():
+                    self._send(
+                        HTTPStatus.OK, generate_latest(self.node.registry), CONTENT_TYPE_LATEST
+                    )
+            elif path.startswith("/api/"):
+                if self._authorised():
+                    data = self.node.get_api(path, params)
+                    if data is None:
+                        self._json(HTTPStatus.NOT_FOUND, {"error": f"nothing at {path}"})
+                    else:
+                        self._json(HTTPStatus.OK, data)
+            else:
+                self._json(HTTPStatus.NOT_FOUND, {"error": f"nothing at {path}"})
+        except LookupError:
+            self._json(HTTPStatus.NOT_FOUND, {"error": f"nothing at {path}"})
+        except ValueError as exc:
+            self._json(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
+        except Exception as exc:
+            log.exception("HTTP GET %s failed", path)
+            self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(exc).__name__}"})
+
+    do_HEAD = do_GET
+
+    def do_POST(self) -> None:
+        path = unquote(urlsplit(self.path).path).rstrip("/")
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(min(length, 1 << 16))
+        if not self._authorised():
+            return
+        if self.headers.get_content_type() != "application/json":
+            self._json(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, {"error": "send application/json"})
+            return
+        try:
+            result = self.node.post_api(path)
+        except LookupError:
+            self._json(HTTPStatus.NOT_FOUND, {"error": f"nothing at {path}"})
+            return
+        except Exception as exc:
+            log.exception("HTTP POST %s failed", path)
+            self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(exc).__name__}"})
+            return
+        log.info("HTTP %s from %s: %d queued again", path, self.address_string(), result["queued"])
+        self._json(HTTPStatus.OK, result)
+
+
+def store_check(data_dir: Path, min_free_bytes: int) -> Check:
+    """Readiness: the data folder takes a durable write and has the space the SCP demands."""
+
+    def check() -> str | None:
+        probe = data_dir / ".ready-probe"
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, b"ok")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            probe.unlink()
+        except OSError as exc:
+            return f"the store {data_dir} is not writable: {exc.strerror}"
+        free = shutil.disk_usage(data_dir).free
+        if free < min_free_bytes:
+            return f"{free} bytes free under {data_dir}, below store.min_free_bytes"
+        return None
+
+    return check
