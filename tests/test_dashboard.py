@@ -1,0 +1,111 @@
+"""The dashboard in a real browser (Debian's Chromium driven by playwright-core): an operator
+sees the study just sent with its routing and job timeline, the DEMO weights, a destination in
+trouble with its dead letter, and the Retry button sends the delivery again."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from dicom_node.phantoms import cxr_dataset
+from tests.peers import free_port
+from tests.test_web import metrics
+from tests.viewer import CHROMIUM, VIEWER_TOOLS
+
+ARTEFACTS = Path(__file__).resolve().parents[1] / "test-artefacts"
+
+
+@pytest.fixture(scope="module")
+def browser_ready() -> None:
+    lacking = [
+        name
+        for name, present in {
+            "chromium": CHROMIUM.exists(),
+            "node": shutil.which("node") is not None,
+            "playwright-core (make viewer-tools)": (
+                VIEWER_TOOLS / "node_modules" / "playwright-core"
+            ).exists(),
+        }.items()
+        if not present
+    ]
+    if lacking:
+        message = f"the dashboard test needs: {', '.join(lacking)}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def test_dashboard_shows_the_study_and_retries_a_dead_letter(make_node, tmp_path, browser_ready):
+    cxr = tmp_path / "cxr.dcm"
+    cxr_dataset().save_as(cxr, enforce_file_format=True)
+    study_uid = str(dcmread(cxr, stop_before_pixels=True).StudyInstanceUID)
+    closed = free_port()  # nothing listens there: the PACS is "down"
+    node = make_node(
+        assembly={"series_quiet_seconds": 1, "study_quiet_seconds": 1},
+        destinations={
+            "pacs": {"type": "dicom", "ae_title": "PACS", "host": "127.0.0.1", "port": closed}
+        },
+        routing={"destinations": ["pacs"]},
+        delivery={"max_attempts": 1},
+    )
+    assert node.storescu(files=[cxr], aet="MODALITY").returncode == 0
+    dead = "SELECT COUNT(*) FROM deliveries WHERE state = 'dead'"
+    assert node.wait_for(dead, 1, timeout_s=120) == 1, node.log()
+
+    ARTEFACTS.mkdir(exist_ok=True)
+    done = subprocess.run(
+        [
+            shutil.which("node") or "node",
+            str(VIEWER_TOOLS / "check_dashboard.mjs"),
+            node.http_url,
+            study_uid,
+            str(ARTEFACTS),
+            str(CHROMIUM),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=VIEWER_TOOLS,
+    )
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+
+    assert report["pageErrors"] == [] and report["consoleErrors"] == []
+    assert report["studyListed"]
+    assert "DEMO WEIGHTS" in report["banner"] and "pneumonia-cxr" in report["banner"]
+    cxr_row = next(r for r in report["algorithms"] if r.startswith("pneumonia-cxr"))
+    assert "DEMO" in cxr_row and "cpu" in cxr_row
+    (pacs,) = report["destinations"]
+    assert pacs.startswith("pacs") and f"PACS@127.0.0.1:{closed}" in pacs
+    assert "dead letters" in pacs
+    (letter,) = report["attention"]
+    assert "pacs" in letter and "Retry" in letter
+    assert report["ready"] == "ready"
+    steps = [s.split(" +")[0] for s in report["steps"]]
+    assert steps == [
+        "received",
+        "complete",
+        "routed",
+        "started",
+        "inference",
+        "written",
+        "delivered",
+    ]
+    assert any("pneumonia-cxr" in d for d in report["decisions"])
+    assert report["notice"].endswith("1 delivery(ies) queued again")
+    assert (ARTEFACTS / "dashboard.png").stat().st_size > 10_000
+
+    # The retry really went out: a second attempt at the closed port, a dead letter again.
+    attempts = (("destination", "pacs"),)
+    node.wait_for(
+        "SELECT attempts FROM deliveries WHERE state = 'dead' AND last_error NOT LIKE 'replayed:%'",
+        1,
+    )
+    assert metrics(node.http_url)[("dicom_node_delivery_attempts_total", attempts)] == 2
+    assert metrics(node.http_url)[("dicom_node_dead_letters_total", attempts)] == 2
