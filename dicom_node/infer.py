@@ -28,6 +28,7 @@ from dicom_node.config import NodeConfig
 from dicom_node.database import RESULTS_DIR, Database, database_path
 from dicom_node.deliver import schedule
 from dicom_node.jobs import Job, JobKind, SqliteJobStore, mark_succeeded
+from dicom_node.store import fsync_tree
 from dicom_node.write import Provenance, Written, write_all
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,10 @@ class Worker:
         ran = time.perf_counter() - started
         provenance = self._provenance[algorithm.name]
         written = write_all(result, inputs, provenance, folder / "dicom", self.config.results)
+        if self.config.store.fsync:
+            # On disk before the transaction that records them: a committed job's files are
+            # what will be delivered, so a power cut must not leave them empty.
+            fsync_tree(folder)
         log.info(
             "job %d: %s ran in %.2f s, wrote %s in %.2f s%s",
             job.id,

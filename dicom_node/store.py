@@ -190,6 +190,19 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def fsync_tree(folder: Path) -> None:
+    """Make every file under ``folder``, and the folders' entries, durable."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for directory in [folder, *(p for p in folder.rglob("*") if p.is_dir())]:
+        fsync_dir(directory)
+
+
 def _dataset_offset(path: Path) -> int:
     """Byte offset where the data set starts in a Part-10 file we wrote."""
     with path.open("rb") as f:

@@ -89,9 +89,21 @@ class Provenance:
     weights: Weights
     description: str = "AI {algorithm} {kind}"  # results.series_description
 
+    @property
+    def weights_kind(self) -> str:
+        """DEMO (ours, trained on phantoms), none (image processing), or the user's own."""
+        if self.weights.demo:
+            return "DEMO"
+        return "none" if self.weights.path is None else "public"
+
+    @property
+    def weights_label(self) -> str:
+        """The SR's algorithm parameter: DEMO, none, or the public weights' SHA-256."""
+        return self.weights.sha256 if self.weights_kind == "public" else self.weights_kind
+
     def identification(self) -> hd.AlgorithmIdentificationSequence:
         """Algorithm Identification (PS3.3 C.8.20.2) with the weights' SHA-256 as a parameter."""
-        parameters = {"weights": "DEMO" if self.weights.demo else "public"}
+        parameters = {"weights": self.weights_kind}
         if self.weights.sha256:
             parameters["weights_sha256"] = self.weights.sha256
         return hd.AlgorithmIdentificationSequence(
@@ -320,7 +332,7 @@ def measurement_report(
     algorithm_id = hd.sr.AlgorithmIdentification(
         name=provenance.algorithm,
         version=provenance.version,
-        parameters=[f"weights {'DEMO' if provenance.weights.demo else provenance.weights.sha256}"],
+        parameters=[f"weights {provenance.weights_label}"],
     )
     segment_numbers = {m.name: n for n, m in enumerate(result.masks, 1)}
     outlined = {f.mask for f in result.findings if f.mask}
