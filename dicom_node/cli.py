@@ -16,7 +16,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dicom_node import __version__
-from dicom_node.config import ConfigError, NodeConfig, config_as_yaml, load_config
+from dicom_node.config import (
+    ENV_CONFIG_FILE,
+    ConfigError,
+    NodeConfig,
+    config_as_yaml,
+    load_config,
+)
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -43,7 +49,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = _config(args)
     _setup_logging(config.logging.level)
-    Node(config).serve_forever()
+    source = args.config or os.environ.get(ENV_CONFIG_FILE)
+    node = Node(
+        config, config_source=str(Path(source).resolve()) if source else "embedded defaults"
+    )
+    node.serve_forever()
     return 0
 
 
@@ -160,24 +170,10 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_algorithms(args: argparse.Namespace) -> int:
-    from dicom_node.algorithm import discover, resolve_device
+    from dicom_node.algorithm import catalogue, discover, resolve_device
 
     config = _config(args)
-    device = resolve_device(config.worker.device)
-    rows = []
-    for name, registration in sorted(discover().items()):
-        row: dict = {"name": name, "entry_point": registration.target, "device": device}
-        if registration.algorithm is None:
-            row["error"] = registration.error
-        else:
-            cls = registration.algorithm
-            row["version"] = cls.version
-            row["inputs"] = list(cls.inputs.roles)
-            try:
-                row["weights"] = cls(config.algorithms.get(name)).weights().describe()
-            except Exception as exc:  # bad settings for one algorithm: say so, list the rest
-                row["error"] = f"{type(exc).__name__}: {exc}"
-        rows.append(row)
+    rows = catalogue(discover(), config.algorithms, resolve_device(config.worker.device))
     if args.json:
         print(json.dumps(rows, indent=2))
     elif not rows:
@@ -247,6 +243,27 @@ def dcmread_uid(path: Path) -> str:
     return dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])[
         "SeriesInstanceUID"
     ].value
+
+
+def cmd_qa(args: argparse.Namespace) -> int:
+    from dicom_node.config import ENV_CONFIG_FILE
+    from dicom_node.qa import QaOptions, run_qa
+
+    config = _config(args)
+    _setup_logging("WARNING")  # the report is the output; logs only for what went wrong
+    source = args.config or os.environ.get(ENV_CONFIG_FILE)
+    options = QaOptions(
+        host=args.host,
+        port=args.port,
+        called_aet=args.aec,
+        calling_aet=args.aet,
+        algorithms=tuple(args.algorithms) if args.algorithms else None,
+        timeout_s=args.timeout,
+        as_json=args.json,
+        keep=Path(args.keep) if args.keep else None,
+        config_name=source or "the configuration (no file: the embedded defaults)",
+    )
+    return run_qa(config, options)
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -336,6 +353,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--out", required=True, help="folder for case-NNN/result.json")
     run.set_defaults(func=cmd_run)
+
+    qa = with_config(
+        commands.add_parser(
+            "qa", help="commissioning self-test: phantom studies through the running node"
+        )
+    )
+    qa.add_argument("--host", help="the node's address (default: scp.host; loopback for 0.0.0.0)")
+    qa.add_argument("--port", type=int, help="the node's port (default: scp.port)")
+    qa.add_argument("--aec", help="the node's AE title (default: scp.ae_title)")
+    qa.add_argument(
+        "--aet", default="DICOMNODE_QA", help="our calling AE title; results come back to it"
+    )
+    qa.add_argument(
+        "--algorithms",
+        action="extend",
+        type=lambda text: [name for name in text.split(",") if name],
+        metavar="NAME[,NAME]",
+        help="test only these (default: every installed algorithm the configuration routes)",
+    )
+    qa.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds to wait for results after sending"
+    )
+    qa.add_argument("--json", action="store_true", help="machine-readable output")
+    qa.add_argument("--keep", metavar="DIR", help="keep the phantoms and the results in DIR")
+    qa.set_defaults(func=cmd_qa)
 
     config = with_config(commands.add_parser("config", help="show or check the configuration"))
     config.add_argument(
