@@ -72,11 +72,11 @@ def storescu_s(orthanc: Orthanc, files: list[Path]) -> float:
     return time.perf_counter() - started
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quiet", type=float, default=1.0, help="series/study quiet seconds")
-    parser.add_argument("--repeat", type=int, default=2, help="runs per algorithm; best kept")
-    args = parser.parse_args()
+COLUMNS = ("total_s", "complete_s", "model_s", "writing_s", "overhead_s", "storescu_s")
+
+
+def run(quiet: float = 1.0, repeat: int = 2) -> dict[str, dict[str, float]]:
+    """Per algorithm, best of ``repeat``: the figures named in :data:`COLUMNS`, in seconds."""
     with tempfile.TemporaryDirectory() as scratch_name:
         scratch = Path(scratch_name)
         orthanc = Orthanc(scratch / "orthanc", dicom_port=free_port())
@@ -84,7 +84,7 @@ def main() -> None:
         node = NodeProcess(
             scratch / "node",
             {
-                "assembly": {"series_quiet_seconds": args.quiet, "study_quiet_seconds": args.quiet},
+                "assembly": {"series_quiet_seconds": quiet, "study_quiet_seconds": quiet},
                 "peers": {orthanc.aet: {"host": "127.0.0.1", "port": orthanc.dicom_port}},
                 "routing": {"destinations": ["sender"]},
                 "delivery": {"poll_s": 0.05},
@@ -95,7 +95,7 @@ def main() -> None:
         orthanc.start()
         rows = []
         try:
-            runs = [cases(scratch / f"run{i}") for i in range(args.repeat)]  # new UIDs each
+            runs = [cases(scratch / f"run{i}") for i in range(repeat)]  # new UIDs each
             for name in runs[0]:
                 best = None
                 for run in runs:
@@ -135,12 +135,22 @@ def main() -> None:
         finally:
             node.stop()
             orthanc.stop()
+    return {name: dict(zip(COLUMNS, figures, strict=True)) for name, *figures in rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quiet", type=float, default=1.0, help="series/study quiet seconds")
+    parser.add_argument("--repeat", type=int, default=2, help="runs per algorithm; best kept")
+    args = parser.parse_args()
+    figures = run(args.quiet, args.repeat)
     print(f"quiet window {args.quiet:.1f} s; best of {args.repeat}; demo weights, CPU")
     print(
         f"{'algorithm':<18} {'total s':>8} {'complete s':>10} {'model s':>8} {'writing s':>9}"
         f" {'overhead s':>10} {'storescu s':>10}"
     )
-    for name, total, complete, ran, wrote, overhead, peer in rows:
+    for name, row in figures.items():
+        total, complete, ran, wrote, overhead, peer = row.values()
         print(
             f"{name:<18} {total:8.2f} {complete:10.2f} {ran:8.2f} {wrote:9.2f}"
             f" {overhead:10.2f} {peer:10.2f}"

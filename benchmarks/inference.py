@@ -117,7 +117,9 @@ def timed(run: Callable[[], object]) -> float:
     return time.perf_counter() - started
 
 
-def measure(name: str, case: Case, repeats: int, scratch: Path, device: str) -> dict[str, float]:
+def measure(
+    name: str, case: Case, repeats: int, scratch: Path, device: str
+) -> dict[str, float | str]:
     config = NodeConfig.model_validate(
         {"store": {"data_dir": str(scratch / name)}, "worker": {"device": device}}
     )
@@ -146,7 +148,19 @@ def measure(name: str, case: Case, repeats: int, scratch: Path, device: str) -> 
         node_s.append(timed(node_job))
         bare_s.append(timed(bare))
     store.close()
-    return {"node_s": min(node_s), "bare_s": min(bare_s)}
+    return {"node_s": min(node_s), "bare_s": min(bare_s), "device": worker.device}
+
+
+def run(
+    algorithms: list[str] | None = None, repeats: int = 3, device: str = "auto"
+) -> dict[str, dict[str, float | str]]:
+    """Per algorithm: the node's job and the bare network, best of ``repeats``, in seconds."""
+    figures: dict[str, dict[str, float | str]] = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for name in algorithms or list(CASES):
+            measured = measure(name, CASES[name], repeats, Path(scratch), device)
+            figures[name] = {**measured, "target": CASES[name].target}
+    return figures
 
 
 def main() -> None:
@@ -163,16 +177,14 @@ def main() -> None:
         f"{'algorithm':<17} {'node job s':>10} {'bare net s':>10} {'overhead s':>10} "
         f"{'overhead':>9}  target"
     )
-    with tempfile.TemporaryDirectory() as scratch:
-        for name in args.algorithm or list(CASES):
-            case = CASES[name]
-            figures = measure(name, case, args.repeats, Path(scratch), args.device)
-            overhead = figures["node_s"] - figures["bare_s"]
-            print(
-                f"{name:<17} {figures['node_s']:>10.2f} {figures['bare_s']:>10.2f} "
-                f"{overhead:>10.2f} {100 * overhead / figures['bare_s']:>8.1f}%  {case.target}",
-                flush=True,
-            )
+    for name in args.algorithm or list(CASES):
+        f = run([name], args.repeats, args.device)[name]
+        overhead = f["node_s"] - f["bare_s"]
+        print(
+            f"{name:<17} {f['node_s']:>10.2f} {f['bare_s']:>10.2f} "
+            f"{overhead:>10.2f} {100 * overhead / f['bare_s']:>8.1f}%  {f['target']}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

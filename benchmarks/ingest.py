@@ -86,6 +86,9 @@ def start_node(workdir: Path, port: int) -> subprocess.Popen:
                 "scp": {"host": "127.0.0.1", "port": port, "max_pdu_size": PDU},
                 "store": {"data_dir": str(workdir / "node-data"), "min_free_bytes": 0},
                 "http": {"port": 0},
+                # Ingest alone: the phantom CT would otherwise be routed and its inference
+                # would share the CPU with the later senders (tests/test_load.py does that).
+                "worker": {"enabled": False},
                 "logging": {"level": "WARNING"},
             }
         )
@@ -146,31 +149,28 @@ def measure(receiver: Receiver, studies: list[list[Path]], scratch: Path) -> tup
         return elapsed, peak_rss_mib(proc.pid)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--slices", type=int, default=300)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--parallel", type=int, default=4)
-    parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args()
-
+def run(slices: int = 300, rounds: int = 3, parallel: int = 4) -> dict[str, dict]:
+    """Ingest figures for one sender and for ``parallel`` senders at once, per receiver."""
     scratch = Path(tempfile.mkdtemp(prefix="dicom-node-bench-"))
     try:
         studies = [
-            write_ct_series(scratch / f"study{i}", CtPhantomSpec(slices=args.slices))
-            for i in range(args.parallel)
+            write_ct_series(scratch / f"study{i}", CtPhantomSpec(slices=slices))
+            for i in range(parallel)
         ]
         results = {}
-        for label, batch in (("1 sender", studies[:1]), (f"{args.parallel} senders", studies)):
+        batches = [("1 sender", studies[:1])]
+        if parallel > 1:
+            batches.append((f"{parallel} senders", studies))
+        for label, batch in batches:
             times: dict[str, list[float]] = {r.name: [] for r in RECEIVERS}
             rss: list[float] = []
-            for _ in range(args.rounds):
+            for _ in range(rounds):
                 for receiver in RECEIVERS:  # alternate receivers every round
                     elapsed, peak = measure(receiver, batch, scratch)
                     times[receiver.name].append(elapsed)
                     if receiver.name == "dicom-node":
                         rss.append(peak)
-            instances = args.slices * len(batch)
+            instances = slices * len(batch)
             rates = {name: instances / statistics.median(t) for name, t in times.items()}
             results[label] = {
                 "instances": instances,
@@ -179,9 +179,19 @@ def main() -> None:
                 "ratio_node_vs_storescp": round(rates["dicom-node"] / rates["dcmtk storescp"], 3),
                 "node_peak_rss_mib": round(max(rss), 1),
             }
+        return results
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--parallel", type=int, default=4)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    results = run(args.slices, args.rounds, args.parallel)
     print(
         f"ingest of {args.slices}-slice 512x512 CT via storescu (PDU {PDU // 1024} KB), "
         f"median of {args.rounds} alternating rounds, on {platform.node()} "

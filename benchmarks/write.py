@@ -33,11 +33,9 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--slices", type=int, default=300)
-    args = parser.parse_args()
-    spec = CtPhantomSpec(slices=args.slices, nodules=(Nodule((-60.0, 10.0, 100.0), 12.0),))
+def run(slices: int = 300) -> dict:
+    """Seconds to build the volume; per SEG case its frames, seconds, MiB and RSS growth."""
+    spec = CtPhantomSpec(slices=slices, nodules=(Nodule((-60.0, 10.0, 100.0), 12.0),))
     with tempfile.TemporaryDirectory() as scratch:
         paths = write_ct_series(Path(scratch) / "ct", spec)
         series = SeriesInput("1", tuple(paths))
@@ -82,8 +80,29 @@ def main() -> None:
                     after - before,
                 )
             )
-    print(f"{args.slices} slices 512x512; volume from {args.slices} files: {volume_s:.2f} s")
-    for name, frames, write_s, size_mib, after, grown in rows:
+    return {
+        "volume_s": volume_s,
+        "cases": [
+            dict(
+                zip(
+                    ("case", "frames", "write_s", "size_mib", "rss_mib", "grown_mib"),
+                    r,
+                    strict=True,
+                )
+            )
+            for r in rows
+        ],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slices", type=int, default=300)
+    args = parser.parse_args()
+    figures = run(args.slices)
+    print(f"{args.slices} slices 512x512; volume from the files: {figures['volume_s']:.2f} s")
+    for case in figures["cases"]:
+        name, frames, write_s, size_mib, after, grown = case.values()
         print(
             f"  {name}: {frames} frames, built and saved in {write_s:.2f} s, "
             f"{size_mib:.1f} MiB, peak RSS {after:.0f} MiB (+{grown:.0f} MiB while writing)"

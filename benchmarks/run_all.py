@@ -1,0 +1,196 @@
+"""Every performance figure in one table: ingest against dcmtk storescp, completion latency,
+inference against the bare network, end-to-end latency to Orthanc against storescu, peak RSS
+while ingesting 1000 slices, SEG writing. Each peer is measured in the same run, on the same
+machine; the table names the machine.
+
+    python -m benchmarks.run_all [--quick] [--device auto|cpu|cuda] [--out FILE]
+
+Writes the table as Markdown to ``benchmarks/results/latest.md`` (and the raw figures beside
+it as JSON); the README shows the latest one. ``--quick`` uses smaller cases to check that the
+harness works; its figures are not for the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks import deliver, inference, ingest, write
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> str:
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor() or "unknown CPU",
+    )
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (
+        f"{platform.node()}: {os.cpu_count()} x {model}, {memory_gib:.0f} GiB, {gpu};"
+        f" Python {platform.python_version()}, torch {torch.__version__}"
+    )
+
+
+def timed(label: str, measure: Callable[[], Any]) -> Any:
+    print(f"-- {label} ...", flush=True)
+    started = time.perf_counter()
+    figures = measure()
+    print(f"   done in {time.perf_counter() - started:.0f} s", flush=True)
+    return figures
+
+
+Row = tuple[str, str, str, str, str, str]  # area, measure, node, peer, ratio, target
+
+
+def _ingest_rows(figures: dict, rss: dict, slices: int, rss_slices: int) -> list[Row]:
+    rows: list[Row] = []
+    for label, r in figures.items():
+        ips = r["instances_per_s"]
+        rows.append(
+            (
+                "ingest",
+                f"{label}, {slices}-slice CT 512², instances/s",
+                f"{ips['dicom-node']:.0f}",
+                f"{ips['dcmtk storescp']:.0f} (dcmtk storescp)",
+                f"{r['ratio_node_vs_storescp']:.2f}",
+                "",
+            )
+        )
+    rows.append(
+        (
+            "memory",
+            f"peak RSS of serve while ingesting {rss_slices} slices",
+            f"{rss['node_peak_rss_mib']:.0f} MiB",
+            "",
+            "",
+            "< 300 MB",
+        )
+    )
+    return rows
+
+
+def _inference_rows(figures: dict) -> list[Row]:
+    rows: list[Row] = []
+    for name, f in figures.items():
+        overhead = f["node_s"] - f["bare_s"]
+        rows.append(
+            (
+                "inference",
+                f"{name} job on {f['device']} (s); overhead {overhead:.2f} s",
+                f"{f['node_s']:.2f}",
+                f"{f['bare_s']:.2f} (bare network)",
+                f"{f['node_s'] / f['bare_s']:.2f}",
+                f"overhead {f['target']}",
+            )
+        )
+    return rows
+
+
+def _deliver_rows(figures: dict) -> list[Row]:
+    rows: list[Row] = []
+    for name, f in figures.items():
+        rows.append(
+            (
+                "completion",
+                f"{name}: last instance acknowledged → complete (s)",
+                f"{f['complete_s']:.2f}",
+                "",
+                "",
+                "",
+            )
+        )
+        rows.append(
+            (
+                "end to end",
+                f"{name}: acknowledged → results stored in Orthanc (s); model {f['model_s']:.2f},"
+                f" writing {f['writing_s']:.2f}, node overhead {f['overhead_s']:.2f}",
+                f"{f['total_s']:.2f}",
+                f"{f['storescu_s']:.2f} (storescu of the results)",
+                "",
+                "overhead ≤ 1 s",
+            )
+        )
+    return rows
+
+
+def _write_rows(figures: dict, slices: int) -> list[Row]:
+    rows: list[Row] = [
+        ("writing", f"volume from {slices} CT files (s)", f"{figures['volume_s']:.2f}", "", "", "")
+    ]
+    for case in figures["cases"]:
+        rows.append(
+            (
+                "writing",
+                f"SEG, {case['case']}: {case['frames']} frames, {case['size_mib']:.1f} MiB,"
+                f" +{case['grown_mib']:.0f} MiB RSS (s)",
+                f"{case['write_s']:.2f}",
+                "",
+                "",
+                "",
+            )
+        )
+    return rows
+
+
+def table(rows: list[Row], header: str) -> str:
+    lines = [
+        header,
+        "",
+        "| area | measure | dicom-node | peer, same run | ratio | target |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small cases: a harness check")
+    parser.add_argument("--device", default="auto", help="inference device (auto, cpu, cuda)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "latest.md")
+    args = parser.parse_args()
+    slices, rss_slices, rounds, repeats = (60, 200, 1, 1) if args.quick else (300, 1000, 3, 2)
+    started = time.time()
+    figures = {
+        "ingest": timed("ingest", lambda: ingest.run(slices, rounds, 4)),
+        "ingest_rss": timed(
+            f"ingest of {rss_slices} slices", lambda: ingest.run(rss_slices, 1, 1)["1 sender"]
+        ),
+        "inference": timed("inference", lambda: inference.run(None, repeats, args.device)),
+        "deliver": timed("end to end", lambda: deliver.run(1.0, repeats)),
+        "write": timed("SEG writing", lambda: write.run(slices)),
+    }
+    rows = [
+        *_ingest_rows(figures["ingest"], figures["ingest_rss"], slices, rss_slices),
+        *_deliver_rows(figures["deliver"]),
+        *_inference_rows(figures["inference"]),
+        *_write_rows(figures["write"], slices),
+    ]
+    header = (
+        f"Benchmarks of {time.strftime('%Y-%m-%d', time.gmtime(started))} on {machine()}."
+        f" Demo weights; {'quick harness check' if args.quick else 'full run'};"
+        f" `python -m benchmarks.run_all` ({time.time() - started:.0f} s)."
+    )
+    text = table(rows, header)
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    args.out.with_suffix(".json").write_text(json.dumps(figures, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
