@@ -1,0 +1,1388 @@
+"""The deployment recipes under deploy/, checked without Docker, Kubernetes or systemd as PID 1.
+
+What is checked is what can be from here: every YAML parses; every dicom-node configuration a
+recipe carries validates with the node's own loader, with the environment the recipe sets; every
+dicom-node command line a recipe runs parses with the node's own parser; the recipes agree with
+each other and with the node's defaults (ports, paths, AE titles, the Makefile's torch pins);
+the compose file against the Compose Specification's JSON schema; the systemd unit with
+``systemd-analyze``; the Helm chart rendered by a small Go-template renderer (below) limited to
+the constructs the chart uses, compared with real Helm where one is installed; the rendered
+Kubernetes objects against Kubernetes' schemas where kubernetes-validate is installed; and the
+demo's Orthanc auto-routing Lua script in a real Orthanc.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import importlib
+import inspect
+import json
+import os
+import re
+import secrets
+import shlex
+import shutil
+import signal
+import string
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import yaml
+
+from dicom_node.cli import build_parser
+from dicom_node.config import (
+    ENV_CONFIG_FILE,
+    ConfigError,
+    HttpConfig,
+    NodeConfig,
+    ScpConfig,
+    load_config,
+)
+from tests.conftest import ROOT
+
+DEPLOY = ROOT / "deploy"
+DOCKERFILES = {"cpu": DEPLOY / "Dockerfile", "cuda": DEPLOY / "Dockerfile.cuda"}
+COMPOSE = DEPLOY / "docker-compose.yaml"
+UNIT = DEPLOY / "systemd" / "dicom-node.service"
+CHART = DEPLOY / "helm" / "dicom-node"
+
+
+def require_module(name: str) -> ModuleType:
+    """A validator package from the dev extra: in CI its absence fails, elsewhere it skips."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        message = f"{name} is not installed (pip install -e '.[dev]')"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def parse_command(argv: list[str]) -> argparse.Namespace:
+    """The node's own parser on a recipe's command line; a usage error fails the test."""
+    try:
+        return build_parser().parse_args(argv)
+    except SystemExit as exc:
+        raise AssertionError(f"dicom-node does not accept {argv}") from exc
+
+
+def field_default(model: type, name: str) -> Any:
+    return model.model_fields[name].default
+
+
+def shutdown_budget_s() -> float:
+    """How long `serve` may take to stop after SIGTERM: the SCP's grace for in-flight
+    C-STOREs, then the worker's (each the default of its stop method)."""
+    from dicom_node.infer import WorkerSupervisor
+    from dicom_node.node import Node
+
+    scp = inspect.signature(Node.stop).parameters["grace_s"].default
+    worker = inspect.signature(WorkerSupervisor.stop).parameters["timeout_s"].default
+    return float(scp) + float(worker)
+
+
+def test_command_check_refuses_what_the_node_would() -> None:
+    assert parse_command(["serve", "--config", "/x.yaml"]).command == "serve"
+    for argv in (["serv"], ["serve", "--bogus", "x"], [], ["worker", "extra"]):
+        with pytest.raises(AssertionError):
+            parse_command(argv)
+
+
+# --- Dockerfiles -----------------------------------------------------------------------------
+
+
+@dataclass
+class Dockerfile:
+    path: Path
+    instructions: list[tuple[str, str]]
+
+    @classmethod
+    def read(cls, path: Path) -> Dockerfile:
+        instructions: list[tuple[str, str]] = []
+        pending = ""
+        for line in path.read_text().splitlines():
+            stripped = line.strip()
+            # Comment lines end nothing, also inside a continued instruction (Docker drops them).
+            if not stripped or stripped.startswith("#"):
+                continue
+            if stripped.endswith("\\"):
+                pending += stripped[:-1] + " "
+                continue
+            keyword, _, rest = (pending + stripped).partition(" ")
+            instructions.append((keyword.upper(), rest.strip()))
+            pending = ""
+        assert not pending, f"{path}: the last instruction is continued into nothing"
+        return cls(path, instructions)
+
+    def all(self, keyword: str) -> list[str]:
+        return [rest for kw, rest in self.instructions if kw == keyword]
+
+    def one(self, keyword: str) -> str:
+        found = self.all(keyword)
+        assert len(found) == 1, f"{self.path.name}: {len(found)} {keyword} instructions"
+        return found[0]
+
+    def exec_form(self, keyword: str) -> list[str]:
+        value = json.loads(self.one(keyword))
+        assert isinstance(value, list), f"{keyword} must use the exec (JSON) form"
+        return value
+
+    def args(self) -> dict[str, str]:
+        return dict(shlex.split(rest)[0].split("=", 1) for rest in self.all("ARG"))
+
+    def env(self) -> dict[str, str]:
+        return dict(item.split("=", 1) for rest in self.all("ENV") for item in shlex.split(rest))
+
+    def copies(self) -> list[tuple[list[str], str]]:
+        out = []
+        for rest in self.all("COPY"):
+            parts = [p for p in shlex.split(rest) if not p.startswith("--")]
+            out.append((parts[:-1], parts[-1]))
+        return out
+
+    def run_text(self) -> str:
+        return "\n".join(self.all("RUN"))
+
+
+def makefile_torch_pins() -> str:
+    match = re.search(r"^TORCH\s*:=\s*(.+)$", (ROOT / "Makefile").read_text(), re.MULTILINE)
+    assert match, "the Makefile no longer defines TORCH"
+    return match.group(1).strip()
+
+
+class DockerIgnore:
+    """A .dockerignore as BuildKit reads it: patterns in order, the last one that matches a path
+    or any of its parent folders decides, `!` re-includes, `**` spans folders."""
+
+    def __init__(self, text: str) -> None:
+        self.rules: list[tuple[re.Pattern[str], bool]] = []
+        for raw in text.splitlines():
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            include = line.startswith("!")
+            pattern = os.path.normpath(line.lstrip("!").strip()).lstrip("/")
+            self.rules.append((re.compile(self._regex(pattern)), include))
+
+    @staticmethod
+    def _regex(pattern: str) -> str:
+        out, i = "^", 0
+        while i < len(pattern):
+            if pattern.startswith("**/", i):
+                out, i = out + "(?:.*/)?", i + 3
+            elif pattern.startswith("**", i):
+                out, i = out + ".*", i + 2
+            elif pattern[i] == "*":
+                out, i = out + "[^/]*", i + 1
+            elif pattern[i] == "?":
+                out, i = out + "[^/]", i + 1
+            else:
+                out, i = out + re.escape(pattern[i]), i + 1
+        return out + "$"
+
+    def excludes(self, path: str) -> bool:
+        parts = path.split("/")
+        candidates = ["/".join(parts[: n + 1]) for n in range(len(parts))]
+        excluded = False
+        for regex, include in self.rules:
+            if any(regex.match(c) for c in candidates):
+                excluded = not include
+        return excluded
+
+
+def test_dockerignore_semantics() -> None:
+    ignore = DockerIgnore("*\n!src\n**/__pycache__\n!keep/this\n")
+    assert ignore.excludes(".venv/bin/python")
+    assert not ignore.excludes("src/a.py")
+    assert ignore.excludes("src/__pycache__/a.pyc")
+    assert not ignore.excludes("keep/this/file")
+    assert ignore.excludes("keep/other")
+
+
+@pytest.fixture(params=sorted(DOCKERFILES), ids=str)
+def dockerfile(request: pytest.FixtureRequest) -> Dockerfile:
+    return Dockerfile.read(DOCKERFILES[request.param])
+
+
+def test_dockerfile_bases() -> None:
+    assert Dockerfile.read(DOCKERFILES["cpu"]).one("FROM").startswith("python:3.11-slim")
+    assert Dockerfile.read(DOCKERFILES["cuda"]).one("FROM").startswith("nvidia/cuda:")
+
+
+def test_dockerfile_installs_the_makefiles_torch_from_the_matching_index(
+    dockerfile: Dockerfile,
+) -> None:
+    args = dockerfile.args()
+    assert args["TORCH"] == makefile_torch_pins()
+    run = dockerfile.run_text()
+    assert '--index-url "$TORCH_INDEX" $TORCH' in run
+    assert "pip install . $TORCH" in run, "the project install must keep the pinned torch"
+    index = args["TORCH_INDEX"]
+    assert index.startswith("https://download.pytorch.org/whl/")
+    flavour = index.rsplit("/", 1)[1]
+    base = dockerfile.one("FROM")
+    if base.startswith("nvidia/cuda:"):
+        cuda = re.match(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-base-", base)
+        assert cuda, base
+        assert flavour == f"cu{cuda.group(1)}{cuda.group(2)}", "wheel and base image CUDA differ"
+    else:
+        assert flavour == "cpu"
+    assert re.search(r"apt-get install[^\n]*\bdcmtk\b[^\n]*\bdicom3tools\b", run)
+
+
+def test_dockerfile_copies_what_the_build_needs_and_the_context_keeps_it(
+    dockerfile: Dockerfile,
+) -> None:
+    ignore_file = dockerfile.path.with_name(dockerfile.path.name + ".dockerignore")
+    ignore = DockerIgnore(ignore_file.read_text())
+    copied: set[str] = set()
+    for sources, _ in dockerfile.copies():
+        for source in sources:
+            path = ROOT / source
+            assert path.exists(), f"COPY {source}: not in the repository"
+            files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+            kept = [f for f in files if not ignore.excludes(f.relative_to(ROOT).as_posix())]
+            assert kept, f"COPY {source}: everything is excluded by {ignore_file.name}"
+            copied |= {f.relative_to(ROOT).as_posix() for f in kept}
+    # What `pip install .` reads: pyproject, its readme, every package and its package data.
+    project = _pyproject()
+    needed = {"pyproject.toml", project["project"]["readme"]}
+    for package, patterns in project["tool"]["setuptools"]["package-data"].items():
+        folder = ROOT / package.replace(".", "/")
+        needed |= {p.relative_to(ROOT).as_posix() for pat in patterns for p in folder.glob(pat)}
+    for pattern in project["tool"]["setuptools"]["packages"]["find"]["include"]:
+        for init in ROOT.glob(pattern.rstrip("*") + "*/**/__init__.py"):
+            needed |= {p.relative_to(ROOT).as_posix() for p in init.parent.glob("*.py")}
+    missing = sorted(needed - copied)
+    assert not missing, f"the image would lack {missing}"
+
+
+def _pyproject() -> dict[str, Any]:
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is Python 3.11+")
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_dockerfile_runtime_contract(dockerfile: Dockerfile) -> None:
+    exposed = {int(p.split("/")[0]) for rest in dockerfile.all("EXPOSE") for p in rest.split()}
+    assert exposed == {field_default(ScpConfig, "port"), field_default(HttpConfig, "port")}
+
+    entry = dockerfile.exec_form("ENTRYPOINT")
+    assert entry == ["dicom-node"]
+    args = parse_command(dockerfile.exec_form("CMD"))
+    assert args.command == "serve"
+
+    # The configuration the image carries: where DICOM_NODE_CONFIG says, valid, data on the
+    # volume.
+    config_path = dockerfile.env()[ENV_CONFIG_FILE]
+    sources = [srcs[0] for srcs, dest in dockerfile.copies() if dest == config_path]
+    assert sources, f"nothing is copied to {config_path}"
+    config = load_config(ROOT / sources[0], environ={})
+    assert dockerfile.one("VOLUME") == str(config.store.data_dir)
+
+    user = dockerfile.one("USER").split(":")[0]
+    assert user.isdigit() and int(user) != 0, "the image must run as a numeric non-root UID"
+    assert re.search(rf"useradd [^\n]*--uid {user}\b", dockerfile.run_text())
+
+    # The HEALTHCHECK asks the HTTP service the image's configuration starts, from inside.
+    healthcheck = dockerfile.one("HEALTHCHECK")
+    command = json.loads(healthcheck.split(" CMD ", 1)[1])
+    url = re.search(r"http://([\d.]+):(\d+)(/\S*?)'", " ".join(command))
+    assert url, healthcheck
+    host, port, path = url.group(1), int(url.group(2)), url.group(3)
+    assert (host, path) == ("127.0.0.1", "/healthz")
+    assert port == config.http.port == field_default(HttpConfig, "port")
+    assert config.http.enabled and config.http.host in ("127.0.0.1", "0.0.0.0")
+    assert command[0] == "python", "the slim image has no curl; the venv's python is on PATH"
+
+
+def test_the_two_images_differ_only_in_how_they_get_python_and_torch() -> None:
+    cpu, cuda = (Dockerfile.read(DOCKERFILES[k]) for k in ("cpu", "cuda"))
+    for keyword in ("ENTRYPOINT", "CMD", "EXPOSE", "VOLUME", "USER", "HEALTHCHECK", "STOPSIGNAL"):
+        assert cpu.all(keyword) == cuda.all(keyword), keyword
+    assert cpu.copies() == cuda.copies()
+    assert cpu.env() == cuda.env()
+    assert cpu.args()["TORCH"] == cuda.args()["TORCH"]
+
+
+# --- docker compose --------------------------------------------------------------------------
+
+_INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
+
+
+def interpolate(value: Any, environ: dict[str, str]) -> Any:
+    """Compose's ${VAR}, ${VAR:-default} and ${VAR:?error} in every string, as `docker compose`
+    does before anything else; an unset ${VAR:?…} is an error, as there."""
+    if isinstance(value, dict):
+        return {k: interpolate(v, environ) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, environ) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def replace(match: re.Match[str]) -> str:
+        name, op, arg = match.group(1), match.group(2), match.group(3)
+        current = environ.get(name)
+        unset = current is None or (op is not None and op.startswith(":") and current == "")
+        if op in ("-", ":-") and unset:
+            return arg
+        if op in ("?", ":?") and unset:
+            raise AssertionError(f"compose needs {name}: {arg}")
+        return current or ""
+
+    return _INTERPOLATION.sub(replace, value.replace("$$", "\0")).replace("\0", "$")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return interpolate(yaml.safe_load(COMPOSE.read_text()), environ={})
+
+
+def test_compose_file_follows_the_compose_specification(compose: dict[str, Any]) -> None:
+    jsonschema = require_module("jsonschema")
+    require_module("check_jsonschema")
+    from importlib.resources import files
+
+    schema_file = files("check_jsonschema") / "builtin_schemas/vendor/compose-spec.json"
+    schema = json.loads(schema_file.read_text())
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    errors = sorted(validator.iter_errors(compose), key=lambda e: list(e.path))
+    assert not errors, "\n".join(f"{list(e.path)}: {e.message}" for e in errors)
+    # The schema is strict enough to fail a misspelt key: the check can fail.
+    broken = {**compose, "services": {**compose["services"], "x": {"imgae": "y"}}}
+    assert list(validator.iter_errors(broken))
+
+
+def mounts(service: dict[str, Any]) -> dict[str, Path]:
+    """Bind mounts of a service: container path -> file in the repository."""
+    out = {}
+    for volume in service.get("volumes", []):
+        source, target = volume.split(":")[:2]
+        if source.startswith("."):
+            out[target] = (COMPOSE.parent / source).resolve()
+    return out
+
+
+def published(service: dict[str, Any]) -> dict[int, int]:
+    """Published ports: container port -> host port."""
+    out = {}
+    for spec in service.get("ports", []):
+        *host, container = str(spec).split(":")
+        out[int(container)] = int(host[-1]) if host else int(container)
+    return out
+
+
+def seconds(duration: str) -> float:
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    return sum(float(n) * units[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h)", duration))
+
+
+@dataclass
+class ComposeDemo:
+    services: dict[str, Any]
+    node_config_path: Path
+    node_config: NodeConfig
+    node_environ: dict[str, str]
+    orthanc: dict[str, Any]
+
+
+@pytest.fixture(scope="module")
+def demo(compose: dict[str, Any]) -> ComposeDemo:
+    services = compose["services"]
+    node = services["dicom-node"]
+    args = parse_command(node["command"])
+    assert args.command == "serve"
+    config_path = mounts(node)[args.config]
+    environ = {k: str(v) for k, v in node["environment"].items()}
+    orthanc_files = [p for p in mounts(services["orthanc"]).values() if p.suffix == ".json"]
+    assert len(orthanc_files) == 1
+    return ComposeDemo(
+        services=services,
+        node_config_path=config_path,
+        node_config=load_config(config_path, environ=environ),
+        node_environ=environ,
+        orthanc=json.loads(orthanc_files[0].read_text()),
+    )
+
+
+def test_compose_node_service(demo: ComposeDemo) -> None:
+    node = demo.services["dicom-node"]
+    build = node["build"]
+    assert (COMPOSE.parent / build["context"] / build["dockerfile"]).resolve() == DOCKERFILES["cpu"]
+    config = demo.node_config
+    # HTTP beyond loopback is only valid with the token compose passes.
+    assert config.http.host == "0.0.0.0" and config.http.token
+    with pytest.raises(ConfigError, match=r"http\.token"):
+        load_config(demo.node_config_path, environ={})
+    # The configuration's ports are the ones published, and its data folder is the volume.
+    assert set(published(node)) == {config.scp.port, config.http.port}
+    targets = [v.split(":")[1] for v in node["volumes"] if not v.startswith(".")]
+    assert str(config.store.data_dir) in targets
+    assert seconds(node["stop_grace_period"]) > shutdown_budget_s()
+
+
+def test_compose_orthanc_and_node_point_at_each_other(demo: ComposeDemo) -> None:
+    orthanc, config = demo.orthanc, demo.node_config
+    node_entries = [
+        (name, entry)
+        for name, entry in orthanc["DicomModalities"].items()
+        if entry[0] == config.scp.ae_title
+    ]
+    assert len(node_entries) == 1, "Orthanc's DicomModalities must list the node once"
+    modality, (_, host, port) = node_entries[0]
+    assert (host, port) == ("dicom-node", config.scp.port)
+    assert host in demo.services
+    # Results go back to the calling AE: Orthanc, at its service name and DICOM port.
+    assert config.routing.destinations == ["sender"]
+    peer = config.peers[orthanc["DicomAet"]]
+    assert (peer.host, peer.port) == ("orthanc", orthanc["DicomPort"])
+    assert config.scp.admits(orthanc["DicomAet"], "172.18.0.3")
+    assert orthanc["DicomWeb"]["Enable"] is True
+    assert set(published(demo.services["orthanc"])) == {orthanc["DicomPort"], orthanc["HttpPort"]}
+    # The Lua script is where Orthanc looks, and routes to that modality, skipping the node's AE.
+    lua_mounts = mounts(demo.services["orthanc"])
+    (script,) = orthanc["LuaScripts"]
+    lua = lua_mounts[script].read_text()
+    assert re.search(rf"NODE_MODALITY = '{re.escape(modality)}'", lua)
+    sender_aet = config.delivery.calling_ae_title or config.scp.ae_title
+    assert re.search(rf"NODE_AET = '{re.escape(sender_aet)}'", lua)
+
+
+def evaluate_app_config(source: str) -> dict[str, Any]:
+    """OHIF's app-config.js, executed by Node.js as the browser would, as JSON."""
+    node = shutil.which("node")
+    if node is None:
+        if os.environ.get("CI"):
+            pytest.fail("node is not installed (the viewer tests need it too)")
+        pytest.skip("node is not installed")
+    script = (
+        "var window = {location: {origin: 'http://viewer.test'}};\n"
+        + source
+        + "\nprocess.stdout.write(JSON.stringify(window.config));\n"
+    )
+    result = subprocess.run(
+        [node, "-e", script], capture_output=True, text=True, timeout=30, check=True
+    )
+    return json.loads(result.stdout)
+
+
+def test_compose_ohif_reads_orthancs_dicomweb_on_its_own_origin(demo: ComposeDemo) -> None:
+    ohif = demo.services["ohif"]
+    files = mounts(ohif)
+    template = files["/usr/src/default.conf.template"].read_text()
+    # /dicom-web/ on the viewer's origin is Orthanc's DICOMweb root, Host header kept.
+    location = re.search(r"location /dicom-web/ \{(.*?)\}", template, re.DOTALL)
+    assert location, "the template does not proxy /dicom-web/"
+    root = demo.orthanc["DicomWeb"]["Root"]
+    expected = f"proxy_pass http://orthanc:{demo.orthanc['HttpPort']}{root};"
+    assert expected in location.group(1)
+    assert "proxy_set_header Host $http_host;" in location.group(1)
+    assert "orthanc" in ohif["depends_on"]
+    # Our app-config.js is what the template serves at /app-config.js.
+    alias = re.search(r"location = /app-config\.js \{[^}]*alias (\S+);", template)
+    assert alias and alias.group(1) in files
+    config = evaluate_app_config(files[alias.group(1)].read_text())
+    (source,) = config["dataSources"]
+    for key in ("qidoRoot", "wadoRoot", "wadoUriRoot"):
+        assert source["configuration"][key] == "http://viewer.test/dicom-web", key
+    # The data source is the one test_viewer drives in a real browser against Orthanc.
+    from tests.viewer import APP_CONFIG
+
+    tested = evaluate_app_config(APP_CONFIG)
+
+    def without_friendly_name(cfg: dict[str, Any]) -> dict[str, Any]:
+        cfg = json.loads(json.dumps(cfg))
+        for source in cfg["dataSources"]:
+            source["configuration"].pop("friendlyName")
+        return cfg
+
+    assert without_friendly_name(config) == without_friendly_name(tested)
+    assert published(ohif)
+
+
+class _ResultReceiver:
+    """A Storage SCP posing as the node for Orthanc: records who sent which instance."""
+
+    def __init__(self, ae_title: str) -> None:
+        from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+        from tests.peers import free_port
+
+        self.received: list[str] = []
+        self.port = free_port()
+        ae = AE(ae_title=ae_title)
+        ae.supported_contexts = AllStoragePresentationContexts
+        self.server = ae.start_server(
+            ("127.0.0.1", self.port),
+            block=False,
+            evt_handlers=[(evt.EVT_C_STORE, self._on_store)],
+        )
+
+    def _on_store(self, event: Any) -> int:
+        self.received.append(str(event.dataset.SOPInstanceUID))
+        return 0x0000
+
+
+def _wait_for(condition: Callable[[], bool], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return condition()
+
+
+def test_compose_orthanc_routes_studies_to_the_node_but_not_its_results(
+    demo: ComposeDemo, tmp_path: Path
+) -> None:
+    """The demo's Orthanc configuration and Lua script in a real Orthanc (Debian's), with the
+    addresses changed to this machine's: a study stored from a modality goes to the node once,
+    in one piece; the node's results stored into the same study are not sent back."""
+    from pydicom import dcmread
+
+    from dicom_node.phantoms import CtPhantomSpec, write_ct_series
+    from dicom_node.scu import send
+    from tests.peers import Orthanc, free_port, missing_orthanc
+
+    lacking = missing_orthanc()
+    if lacking:
+        pytest.fail(f"this test needs: {', '.join(lacking)}")
+    orthanc_config = demo.orthanc
+    modality, (node_aet, _, _) = next(
+        (name, entry)
+        for name, entry in orthanc_config["DicomModalities"].items()
+        if entry[0] == demo.node_config.scp.ae_title
+    )
+    receiver = _ResultReceiver(node_aet)
+    lua = mounts(demo.services["orthanc"])[orthanc_config["LuaScripts"][0]]
+    extra = {
+        k: v
+        for k, v in orthanc_config.items()
+        if k not in ("HttpPort", "DicomPort", "RemoteAccessAllowed", "StorageDirectory")
+    }
+    extra |= {
+        "DicomModalities": {modality: [node_aet, "127.0.0.1", receiver.port]},
+        "LuaScripts": [str(lua)],
+        "StableAge": 1,  # the demo's 10 s, shortened for the test
+    }
+    orthanc_aet = orthanc_config["DicomAet"]
+    orthanc = Orthanc(tmp_path / "orthanc", dicom_port=free_port(), aet=orthanc_aet, extra=extra)
+    orthanc.start()
+    try:
+        study = write_ct_series(tmp_path / "ct", CtPhantomSpec(slices=3, rows=32, columns=32))
+        sent = send(
+            study, "127.0.0.1", orthanc.dicom_port, calling_aet="MODALITY", called_aet=orthanc_aet
+        )
+        assert len(sent.sent) == 3
+        assert _wait_for(lambda: len(receiver.received) >= 3, 20), orthanc_log(orthanc)
+        study_uid = dcmread(study[0]).StudyInstanceUID
+        result = write_ct_series(
+            tmp_path / "result",
+            CtPhantomSpec(slices=1, rows=32, columns=32, study_uid=study_uid, series_uid="2.25.1"),
+        )
+        assert send(
+            result, "127.0.0.1", orthanc.dicom_port, calling_aet=node_aet, called_aet=orthanc_aet
+        ).sent
+        (study_id,) = orthanc.get("/studies")
+        # The result made the study unstable; once stable again, the Lua script has run.
+        time.sleep(1.5)
+        assert _wait_for(lambda: orthanc.get(f"/studies/{study_id}")["IsStable"], 20)
+        time.sleep(1.0)
+        assert len(orthanc.get(f"/studies/{study_id}/instances")) == 4
+        assert sorted(receiver.received) == sorted(str(dcmread(p).SOPInstanceUID) for p in study)
+    finally:
+        orthanc.stop()
+        receiver.server.shutdown()
+
+
+def orthanc_log(orthanc: Any) -> str:
+    return (orthanc.workdir / "orthanc.log").read_text()[-3000:]
+
+
+# --- systemd ---------------------------------------------------------------------------------
+
+
+def read_unit(path: Path) -> dict[str, dict[str, list[str]]]:
+    """A unit file as systemd reads it: sections of keys, a key may repeat."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] | None = None
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], {})
+            continue
+        assert current is not None, f"{path}: {line!r} outside a section"
+        key, _, value = line.partition("=")
+        current.setdefault(key.strip(), []).append(value.strip())
+    return sections
+
+
+def test_systemd_unit_runs_the_node_as_the_repository_configures_it() -> None:
+    service = {k: v[-1] for k, v in read_unit(UNIT)["Service"].items()}
+    argv = shlex.split(service["ExecStart"])
+    assert argv[0].startswith("/") and Path(argv[0]).name == "dicom-node"
+    args = parse_command(argv[1:])
+    assert args.command == "serve"
+    # The configuration it names is the repository's deploy/dicom-node.yaml, installed there.
+    assert args.config == "/etc/dicom-node/dicom-node.yaml"
+    config = load_config(DEPLOY / "dicom-node.yaml", environ={})
+    state = Path("/var/lib") / service["StateDirectory"]
+    assert config.store.data_dir == state
+    assert str(state) in service["ReadWritePaths"].split()
+    assert service["Type"] == "simple"
+    assert service["User"] == "dicom-node"
+    assert service["KillSignal"] == "SIGTERM"
+    assert float(service["TimeoutStopSec"]) > shutdown_budget_s()
+    assert service["Restart"] == "on-failure"
+    for key, value in {
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "PrivateTmp": "yes",
+    }.items():
+        assert service[key] == value, key
+
+
+def _systemd_analyze() -> str:
+    path = shutil.which("systemd-analyze")
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("systemd-analyze is not installed (Debian's systemd package)")
+        pytest.skip("systemd-analyze is not installed")
+    return path
+
+
+def test_systemd_unit_verifies(tmp_path: Path) -> None:
+    """`systemd-analyze verify` in a throwaway root holding the unit, systemd's own units and
+    an executable where ExecStart points: it reports unknown keys and bad values on stderr."""
+    analyze = _systemd_analyze()
+    root = tmp_path / "root"
+    shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
+    unit = root / "etc/systemd/system" / UNIT.name
+    unit.parent.mkdir(parents=True)
+    shutil.copy(UNIT, unit)
+    executable = root / shlex.split(read_unit(UNIT)["Service"]["ExecStart"][-1])[0].lstrip("/")
+    executable.parent.mkdir(parents=True)
+    executable.write_text("#!/bin/sh\n")
+    executable.chmod(0o755)
+
+    def verify() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [analyze, "verify", "--man=no", "--generators=no", f"--root={root}", str(unit)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    result = verify()
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+    # The same check on a misspelt key complains: it is not a formality.
+    unit.write_text(UNIT.read_text().replace("ProtectSystem=", "ProtectSytem="))
+    assert "ProtectSytem" in verify().stderr
+
+
+def test_systemd_unit_exposure() -> None:
+    """systemd's own score of the sandboxing (0 safest, 10 none): the unit scores 3.5 with
+    Debian 12's systemd; dropping any one of NoNewPrivileges, ProtectSystem or PrivateTmp makes
+    it 3.7, over the threshold of 3.6."""
+    analyze = _systemd_analyze()
+    result = subprocess.run(
+        [analyze, "security", "--offline=yes", "--threshold=36", str(UNIT)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr
+
+
+# --- the recipes' command lines, run ---------------------------------------------------------
+
+
+def recipe_command(recipe: str, workdir: Path) -> tuple[list[str], dict[str, str]]:
+    """What a recipe runs after `dicom-node`, and the environment it gives, with the container
+    or host paths of configuration files mapped to the repository's files."""
+    if recipe == "image":
+        image = Dockerfile.read(DOCKERFILES["cpu"])
+        config = dict((dest, srcs[0]) for srcs, dest in image.copies())[
+            image.env()[ENV_CONFIG_FILE]
+        ]
+        return image.exec_form("CMD"), {ENV_CONFIG_FILE: str(ROOT / config)}
+    if recipe == "compose":
+        service = interpolate(yaml.safe_load(COMPOSE.read_text()), {})["services"]["dicom-node"]
+        files = mounts(service)
+        argv = [str(files.get(a, a)) for a in service["command"]]
+        return argv, {k: str(v) for k, v in service["environment"].items()}
+    if recipe == "systemd":
+        argv = shlex.split(read_unit(UNIT)["Service"]["ExecStart"][-1])[1:]
+        installed = {"/etc/dicom-node/dicom-node.yaml": str(DEPLOY / "dicom-node.yaml")}
+        return [installed.get(a, a) for a in argv], {}
+    if recipe == "chart":
+        objects = manifests(Renderer(CHART).render())
+        node = next(
+            d
+            for d in by_kind(objects, "Deployment")
+            if d["metadata"]["labels"]["app.kubernetes.io/component"] == "node"
+        )
+        pod = node["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        # The ConfigMap's keys as files where the pod mounts it.
+        (configmap,) = by_kind(objects, "ConfigMap")
+        volume = next(v for v in pod["volumes"] if "configMap" in v)
+        mount = next(m for m in container["volumeMounts"] if m["name"] == volume["name"])
+        files = {}
+        for key, text in configmap["data"].items():
+            path = workdir / "configmap" / key
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(text)
+            files[f"{mount['mountPath']}/{key}"] = path
+        tokens = {
+            (s["metadata"]["name"], key): base64.b64decode(value).decode()
+            for s in by_kind(objects, "Secret")
+            for key, value in s["data"].items()
+        }
+        argv = [str(files.get(a, a)) for a in container["args"]]
+        return argv, container_environ(container, tokens)
+    raise ValueError(recipe)
+
+
+@pytest.mark.parametrize("recipe", ["image", "compose", "systemd", "chart"])
+def test_recipe_command_starts_a_node_that_passes_the_health_check(
+    recipe: str, tmp_path: Path
+) -> None:
+    """The recipe's own command line and environment start a real `dicom-node serve`; the
+    image's HEALTHCHECK command (also compose's) passes against it; SIGTERM stops it cleanly.
+    Only what cannot be on this machine is overridden: ports (free ones), the data folder, and
+    no inference worker (not what is tested here, and seconds of torch start-up)."""
+    from tests.peers import free_port
+
+    argv, recipe_environ = recipe_command(recipe, tmp_path)
+    http_port = free_port()
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_NODE")}
+    environ |= recipe_environ | {
+        "DICOM_NODE__STORE__DATA_DIR": str(tmp_path / "data"),
+        "DICOM_NODE__SCP__PORT": str(free_port()),
+        "DICOM_NODE__HTTP__PORT": str(http_port),
+        "DICOM_NODE__WORKER__ENABLED": "false",
+    }
+    image = Dockerfile.read(DOCKERFILES["cpu"])
+    healthcheck = json.loads(image.one("HEALTHCHECK").split(" CMD ", 1)[1])
+    default_port = str(field_default(HttpConfig, "port"))
+    healthcheck = [sys.executable] + [
+        a.replace(f":{default_port}/", f":{http_port}/") for a in healthcheck[1:]
+    ]
+    log_path = tmp_path / "node.log"
+    with log_path.open("w") as log:
+        node = subprocess.Popen(
+            [sys.executable, "-m", "dicom_node", *argv],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=environ,
+            cwd=tmp_path,
+        )
+
+    def healthy() -> bool:
+        assert node.poll() is None, log_path.read_text()
+        return subprocess.run(healthcheck, capture_output=True, timeout=10).returncode == 0
+
+    try:
+        assert _wait_for(healthy, 30), log_path.read_text()
+    finally:
+        node.send_signal(signal.SIGTERM)
+        code = node.wait(60)
+    assert code == 0, log_path.read_text()
+
+
+# --- Helm ------------------------------------------------------------------------------------
+#
+# Helm is not packaged by Debian or PyPI as a plain binary, so the chart is rendered here by a
+# small Go-template interpreter that knows exactly the constructs and functions the chart uses
+# and refuses anything else (an unknown function or construct is an error, never skipped).
+# Where real Helm is installed (a `helm` binary, or the helm-python-sdk package that embeds
+# Helm's Go library), test_chart_renderer_agrees_with_helm compares the two.
+
+
+class TemplateError(Exception):
+    pass
+
+
+_ACTION = re.compile(r"\{\{(-\s)?(.*?)(\s-)?\}\}", re.DOTALL)
+_TOKEN = re.compile(r'\s*(:=|=|\||\(|\)|"(?:[^"\\]|\\.)*"|`[^`]*`|[^\s|()]+)')
+
+
+@dataclass
+class _Node:
+    kind: str  # text, action, if, with, define
+    value: Any = None
+    branches: list[tuple[Any, list[_Node]]] = field(default_factory=list)
+    otherwise: list[_Node] = field(default_factory=list)
+
+
+def _lex(source: str) -> Iterator[tuple[str, str]]:
+    pos, pieces = 0, []
+    for match in _ACTION.finditer(source):
+        pieces.append(["text", source[pos : match.start()]])
+        if match.group(1) and pieces[-1][0] == "text":
+            pieces[-1][1] = pieces[-1][1].rstrip()
+        pieces.append(["action", match.group(2).strip(), bool(match.group(3))])
+        pos = match.end()
+    pieces.append(["text", source[pos:]])
+    trim_next = False
+    for piece in pieces:
+        if piece[0] == "text":
+            yield "text", piece[1].lstrip() if trim_next else piece[1]
+            trim_next = False
+        else:
+            trim_next = piece[2]
+            if not (piece[1].startswith("/*") and piece[1].endswith("*/")):
+                yield "action", piece[1]
+
+
+def _parse(source: str) -> tuple[list[_Node], dict[str, list[_Node]]]:
+    defines: dict[str, list[_Node]] = {}
+    stack: list[tuple[_Node | None, list[_Node]]] = [(None, [])]
+    for kind, text in _lex(source):
+        body = stack[-1][1]
+        if kind == "text":
+            body.append(_Node("text", text))
+            continue
+        word, _, rest = text.partition(" ")
+        if word in ("if", "with"):
+            node = _Node(word, branches=[(rest, [])])
+            body.append(node)
+            stack.append((node, node.branches[0][1]))
+        elif word == "define":
+            node = _Node("define", json.loads(rest))
+            stack.append((node, []))
+        elif word == "else":
+            node = stack[-1][0]
+            assert node is not None, "else outside a block"
+            stack.pop()
+            if rest.startswith("if "):
+                node.branches.append((rest[3:], []))
+                stack.append((node, node.branches[-1][1]))
+            else:
+                stack.append((node, node.otherwise))
+        elif word == "end":
+            node, inner = stack.pop()
+            if node is not None and node.kind == "define":
+                defines[node.value] = inner
+        elif word in ("range", "template", "block", "break", "continue"):
+            raise TemplateError(f"the test's renderer does not support {word!r}")
+        else:
+            body.append(_Node("action", text))
+    if len(stack) != 1:
+        raise TemplateError("unclosed block")
+    return stack[0][1], defines
+
+
+def _truthy(value: Any) -> bool:
+    return value not in (None, False, 0, "") and not (isinstance(value, dict | list) and not value)
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""  # Helm prints a missing value as nothing
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | str):
+        return str(value)
+    raise TemplateError(f"cannot print {type(value).__name__} {value!r}; use toYaml")
+
+
+def _go_printf(fmt: str, *args: Any) -> str:
+    parts = iter(args)
+    return re.sub(r"%[sdv]", lambda _: _text(next(parts)), fmt)
+
+
+def _to_yaml(value: Any) -> str:
+    return yaml.safe_dump(value, sort_keys=True, default_flow_style=False).rstrip("\n")
+
+
+def _indent(width: int, text: str) -> str:
+    pad = " " * width
+    return pad + text.replace("\n", "\n" + pad)
+
+
+def _index(value: Any, *keys: Any) -> Any:
+    for key in keys:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def _required(message: str, value: Any) -> Any:
+    if value is None or value == "":
+        raise TemplateError(message)
+    return value
+
+
+FUNCTIONS: dict[str, Callable[..., Any]] = {
+    "toYaml": _to_yaml,
+    "nindent": lambda n, s: "\n" + _indent(n, s),
+    "indent": _indent,
+    "quote": lambda *v: " ".join(json.dumps(_text(x)) for x in v if x is not None),
+    "default": lambda d, v=None: v if _truthy(v) else d,
+    "trunc": lambda n, s: s[:n],
+    "trimSuffix": lambda suffix, s: s.removesuffix(suffix),
+    "contains": lambda sub, s: sub in s,
+    "printf": _go_printf,
+    "eq": lambda a, *others: any(a == b for b in others),
+    "ne": lambda a, b: a != b,
+    "not": lambda v: not _truthy(v),
+    "and": lambda *v: next((x for x in v if not _truthy(x)), v[-1]),
+    "or": lambda *v: next((x for x in v if _truthy(x)), v[-1]),
+    "sha256sum": lambda s: hashlib.sha256(s.encode()).hexdigest(),
+    "b64enc": lambda s: base64.b64encode(s.encode()).decode(),
+    "randAlphaNum": lambda n: "".join(
+        secrets.choice(string.ascii_letters + string.digits) for _ in range(n)
+    ),
+    "lookup": lambda *_: {},  # as `helm template`: no cluster to look in
+    "index": _index,
+    "required": _required,
+}
+
+
+class Renderer:
+    """Renders a chart's templates the way `helm template` does, for the constructs it knows."""
+
+    def __init__(self, chart: Path) -> None:
+        self.chart = chart
+        self.files: dict[str, list[_Node]] = {}
+        self.defines: dict[str, list[_Node]] = {}
+        for path in sorted((chart / "templates").iterdir()):
+            body, defines = _parse(path.read_text())
+            self.files[path.name] = body
+            self.defines |= defines
+
+    def render(
+        self, values: dict[str, Any] | None = None, *, release: str = "demo", ns: str = "pacs"
+    ) -> dict[str, str]:
+        meta = yaml.safe_load((self.chart / "Chart.yaml").read_text())
+        merged = _deep_merge(yaml.safe_load((self.chart / "values.yaml").read_text()), values)
+        top = {
+            "Values": merged,
+            "Release": {"Name": release, "Namespace": ns, "Service": "Helm", "IsInstall": True},
+            "Chart": {
+                "Name": meta["name"],
+                "Version": meta["version"],
+                "AppVersion": meta.get("appVersion"),
+            },
+        }
+        return {
+            name: self._run(body, top, top, [{}])
+            for name, body in self.files.items()
+            if not name.startswith("_")
+        }
+
+    def _run(self, body: list[_Node], dot: Any, root: Any, scopes: list[dict[str, Any]]) -> str:
+        out = []
+        for node in body:
+            if node.kind == "text":
+                out.append(node.value)
+            elif node.kind == "action":
+                # An assignment evaluates to None, which prints as nothing, as in Helm.
+                out.append(_text(self._pipeline(node.value, dot, root, scopes)))
+            else:
+                for condition, inner in node.branches:
+                    value = self._pipeline(condition, dot, root, scopes)
+                    if _truthy(value):
+                        inner_dot = value if node.kind == "with" else dot
+                        out.append(self._run(inner, inner_dot, root, [*scopes, {}]))
+                        break
+                else:
+                    out.append(self._run(node.otherwise, dot, root, [*scopes, {}]))
+        return "".join(out)
+
+    def _pipeline(self, text: str, dot: Any, root: Any, scopes: list[dict[str, Any]]) -> Any:
+        tokens = _tokens(text)
+        if tokens[1:2] == [":="]:
+            scopes[-1][tokens[0]] = self._evaluate(tokens[2:], dot, root, scopes)
+            return None
+        return self._evaluate(tokens, dot, root, scopes)
+
+    def _evaluate(self, tokens: list[str], dot: Any, root: Any, scopes: list[dict]) -> Any:
+        commands: list[list[Any]] = [[]]
+        depth, group = 0, []
+        for token in tokens:
+            if depth:
+                if token == "(":
+                    depth += 1
+                elif token == ")":
+                    depth -= 1
+                    if depth == 0:
+                        commands[-1].append(("(", group))
+                        group = []
+                        continue
+                group.append(token)
+            elif token == "(":
+                depth = 1
+            elif token == "|":
+                commands.append([])
+            else:
+                commands[-1].append(token)
+        if depth:
+            raise TemplateError(f"unbalanced parentheses in {' '.join(tokens)}")
+        value: Any = _NOTHING
+        for command in commands:
+            value = self._command(command, value, dot, root, scopes)
+        return value
+
+    def _command(self, command: list[Any], piped: Any, dot: Any, root: Any, scopes: list) -> Any:
+        head, *rest = command
+        args = [self._operand(a, dot, root, scopes) for a in rest]
+        if piped is not _NOTHING:
+            args.append(piped)
+        if isinstance(head, str) and head == "include":
+            name, data = args
+            return self._run(self.defines[name], data, data, [{}])
+        if isinstance(head, str) and head in FUNCTIONS:
+            return FUNCTIONS[head](*args)
+        if isinstance(head, str) and re.fullmatch(r"[A-Za-z]\w*", head):
+            raise TemplateError(f"the test's renderer does not know the function {head!r}")
+        if args:
+            raise TemplateError(f"{head} is not a function but has arguments")
+        return self._operand(head, dot, root, scopes)
+
+    def _operand(self, token: Any, dot: Any, root: Any, scopes: list[dict[str, Any]]) -> Any:
+        if isinstance(token, tuple):
+            return self._evaluate(token[1], dot, root, scopes)
+        if token.startswith('"'):
+            return json.loads(token)
+        if token.startswith("`"):
+            return token[1:-1]
+        if token in ("true", "false"):
+            return token == "true"
+        if re.fullmatch(r"-?\d+", token):
+            return int(token)
+        if token == ".":
+            return dot
+        if token.startswith("."):
+            return _fields(dot, token[1:].split("."))
+        if token.startswith("$"):
+            name, _, path = token.partition(".")
+            if name == "$":
+                base = root
+            else:
+                base = next((s[name] for s in reversed(scopes) if name in s), _NOTHING)
+                if base is _NOTHING:
+                    raise TemplateError(f"undefined variable {name}")
+            return _fields(base, path.split(".")) if path else base
+        raise TemplateError(f"the test's renderer does not understand {token!r}")
+
+
+_NOTHING = object()
+
+
+def _tokens(text: str) -> list[str]:
+    tokens, pos = [], 0
+    while pos < len(text):
+        match = _TOKEN.match(text, pos)
+        if match is None:
+            break
+        tokens.append(match.group(1))
+        pos = match.end()
+    if text[pos:].strip():
+        raise TemplateError(f"cannot read {text!r}")
+    return tokens
+
+
+def _fields(value: Any, names: list[str]) -> Any:
+    for name in names:
+        if not isinstance(value, dict):
+            raise TemplateError(f"nil pointer evaluating .{name}")
+        value = value.get(name)
+    return value
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any] | None) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in (override or {}).items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def test_renderer_semantics() -> None:
+    """The renderer on constructs whose Helm output is known, and its refusals."""
+    chart_like = {"Values": {"a": {"b": 3}, "empty": {}, "name": "x"}}
+    renderer = Renderer.__new__(Renderer)
+    renderer.defines = {}
+
+    def run(source: str) -> str:
+        body, defines = _parse(source)
+        renderer.defines |= defines
+        return renderer._run(body, chart_like, chart_like, [{}])
+
+    assert run("a: {{ .Values.a.b }}\n{{- if .Values.empty }}\nno{{ end }}") == "a: 3"
+    assert run('{{ define "n" }}<{{ . }}>{{ end }}{{ include "n" .Values.name | quote }}') == (
+        '"<x>"'
+    )
+    assert run("{{- with .Values.a }}\nb: {{ .b }}\n{{- else }}none{{ end }}") == "\nb: 3"
+    assert run('{{ $v := .Values.name }}{{ printf "%s-%s" $v "y" | trunc 3 }}') == "x-y"
+    assert run("x:\n  {{- toYaml .Values.a | nindent 2 }}") == "x:\n  b: 3"
+    for bad in ("{{ .Values.missing.key }}", "{{ tpl .Values.name . }}", "{{ range .Values }}"):
+        with pytest.raises(TemplateError):
+            run(bad + "{{ end }}" if "range" in bad else bad)
+
+
+VALUE_SETS = {
+    "defaults": {},
+    "gpu-worker": {
+        "gpuWorker": {"enabled": True, "nodeSelector": {"nvidia.com/gpu.present": "true"}},
+        "service": {"dicom": {"type": "NodePort", "nodePort": 30104}},
+        "httpToken": {"existingSecret": "pacs-token"},
+        "persistence": {"existingClaim": "node-disk"},
+    },
+}
+
+
+def manifests(rendered: dict[str, str]) -> list[dict[str, Any]]:
+    docs = []
+    for name, text in rendered.items():
+        if name.endswith(".yaml"):
+            docs += [d for d in yaml.safe_load_all(text) if d is not None]
+    return docs
+
+
+@pytest.fixture(scope="module")
+def renderer() -> Renderer:
+    return Renderer(CHART)
+
+
+@pytest.fixture(params=sorted(VALUE_SETS), ids=str, scope="module")
+def rendered(request: pytest.FixtureRequest, renderer: Renderer) -> dict[str, Any]:
+    values = VALUE_SETS[request.param]
+    return {"values": values, "objects": manifests(renderer.render(values))}
+
+
+def by_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+def test_chart_metadata_and_notes(renderer: Renderer) -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["apiVersion"] == "v2" and chart["name"] == "dicom-node"
+    assert chart["appVersion"] == _pyproject()["project"]["version"]
+    notes = renderer.render()["NOTES.txt"]
+    assert "DICOMNODE" in notes and "demo-dicom-node-dicom" in notes
+
+
+def container_environ(
+    container: dict[str, Any], secrets_: dict[tuple[str, str], str]
+) -> dict[str, str]:
+    """A container's environment as the pod would see it (secretKeyRef resolved)."""
+    environ = {}
+    for item in container.get("env", []):
+        if "value" in item:
+            environ[item["name"]] = item["value"]
+        else:
+            ref = item["valueFrom"]["secretKeyRef"]
+            environ[item["name"]] = secrets_[ref["name"], ref["key"]]
+    return environ
+
+
+def test_chart_pods_run_valid_configurations_and_commands(
+    rendered: dict[str, Any], tmp_path: Path
+) -> None:
+    objects, values = rendered["objects"], rendered["values"]
+    (configmap,) = by_kind(objects, "ConfigMap")
+    config_file = tmp_path / "dicom-node.yaml"
+    config_file.write_text(configmap["data"]["dicom-node.yaml"])
+    # The token the pods get: the chart's Secret, or (existingSecret) a stand-in for the user's.
+    tokens = {
+        (s["metadata"]["name"], key): base64.b64decode(value).decode()
+        for s in by_kind(objects, "Secret")
+        for key, value in s["data"].items()
+    }
+    existing = _deep_merge(yaml.safe_load((CHART / "values.yaml").read_text()), values)
+    token = existing["httpToken"]
+    if token["existingSecret"]:
+        assert not tokens, "the chart must not create a Secret the user brings"
+        tokens[token["existingSecret"], token["key"]] = "a-token-of-the-users-own-0123"
+    else:
+        assert all(len(t) >= 16 for t in tokens.values())
+    deployments = {
+        d["metadata"]["labels"]["app.kubernetes.io/component"]: d
+        for d in objects
+        if d["kind"] == "Deployment"
+    }
+    gpu = existing["gpuWorker"]["enabled"]
+    assert set(deployments) == ({"node", "gpu-worker"} if gpu else {"node"})
+    for component, deployment in deployments.items():
+        pod = deployment["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        args = parse_command(container["args"])
+        assert args.command == ("serve" if component == "node" else "worker")
+        mount = next(m for m in container["volumeMounts"] if m["name"] == "config")
+        assert Path(args.config).parent == Path(mount["mountPath"])
+        environ = container_environ(container, tokens)
+        config = load_config(config_file, environ=environ)
+        # The node's worker is off exactly when the GPU worker runs inference instead.
+        if component == "node":
+            assert config.worker.enabled is not gpu
+            assert config.http.enabled and config.http.host == "0.0.0.0"
+        else:
+            assert config.worker.device.startswith("cuda")
+            assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+        data = next(m for m in container["volumeMounts"] if m["name"] == "data")
+        assert Path(data["mountPath"]) == config.store.data_dir
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["terminationGracePeriodSeconds"] > (
+            shutdown_budget_s() if component == "node" else 0
+        )
+
+
+def test_chart_node_pod_ports_probes_and_services(rendered: dict[str, Any]) -> None:
+    objects = rendered["objects"]
+    (configmap,) = by_kind(objects, "ConfigMap")
+    config = yaml.safe_load(configmap["data"]["dicom-node.yaml"])
+    node = next(
+        d
+        for d in by_kind(objects, "Deployment")
+        if d["metadata"]["labels"]["app.kubernetes.io/component"] == "node"
+    )
+    assert node["spec"]["replicas"] == 1 and node["spec"]["strategy"]["type"] == "Recreate"
+    (container,) = node["spec"]["template"]["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"dicom": config["scp"]["port"], "http": config["http"]["port"]}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    selector = node["spec"]["selector"]["matchLabels"]
+    assert node["spec"]["template"]["metadata"]["labels"] == selector
+    services = {s["metadata"]["name"].rsplit("-", 1)[1]: s for s in by_kind(objects, "Service")}
+    assert set(services) == {"dicom", "http"}
+    for name, service in services.items():
+        assert service["spec"]["selector"] == selector
+        (port,) = service["spec"]["ports"]
+        assert port["targetPort"] == name and name in ports
+    dicom = services["dicom"]["spec"]
+    if dicom["type"] != "ClusterIP":
+        assert dicom["externalTrafficPolicy"] == "Local"
+
+
+def test_chart_gpu_worker_shares_the_node_pods_machine_and_volume(renderer: Renderer) -> None:
+    objects = manifests(renderer.render(VALUE_SETS["gpu-worker"]))
+    deployments = {
+        d["metadata"]["labels"]["app.kubernetes.io/component"]: d["spec"]
+        for d in by_kind(objects, "Deployment")
+    }
+    node, worker = deployments["node"], deployments["gpu-worker"]
+    (term,) = worker["template"]["spec"]["affinity"]["podAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    assert term["labelSelector"]["matchLabels"] == node["selector"]["matchLabels"]
+
+    def claim(spec: dict[str, Any]) -> str:
+        volumes = {v["name"]: v for v in spec["template"]["spec"]["volumes"]}
+        return volumes["data"]["persistentVolumeClaim"]["claimName"]
+
+    assert claim(node) == claim(worker) == "node-disk"
+    assert not by_kind(objects, "PersistentVolumeClaim"), "the user's claim is used as it is"
+    # The node pod must be able to land where the GPU worker can follow it.
+    node_pod, worker_pod = node["template"]["spec"], worker["template"]["spec"]
+    assert node_pod["nodeSelector"] == worker_pod["nodeSelector"]
+    assert node_pod["tolerations"] == worker_pod["tolerations"]
+    # By default the chart creates a ReadWriteOnce claim that outlives uninstall.
+    (pvc,) = by_kind(manifests(renderer.render()), "PersistentVolumeClaim")
+    assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+
+
+def test_chart_objects_follow_kubernetes_schemas(rendered: dict[str, Any]) -> None:
+    """Strict schemas (unknown fields are errors) of the oldest and newest Kubernetes the
+    validator knows. Optional: kubernetes-validate is 100 MB of schemas."""
+    try:
+        import kubernetes_validate
+    except ImportError:
+        pytest.skip("kubernetes-validate is not installed (optional, large)")
+    versions = sorted(
+        (p.name.split("-")[0][1:] for p in _schema_dirs(kubernetes_validate)),
+        key=lambda v: tuple(int(x) for x in v.split(".")),
+    )
+    for version in (versions[0], versions[-1]):
+        for obj in rendered["objects"]:
+            kubernetes_validate.validate(obj, version, strict=True)
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate({**rendered["objects"][0], "spce": {}}, versions[-1], True)
+
+
+def _schema_dirs(module: ModuleType) -> list[Path]:
+    base = Path(module.__file__).parent / "kubernetes-json-schema"
+    return [p for p in base.iterdir() if p.name.endswith("-local-strict")]
+
+
+def real_helm_render(values: dict[str, Any]) -> dict[str, str] | None:
+    """The chart rendered by real Helm, if this machine has one; None otherwise."""
+    helm = shutil.which("helm")
+    if helm is not None:
+        with tempfile.NamedTemporaryFile("w", suffix=".json") as values_file:
+            json.dump(values, values_file)
+            values_file.flush()
+            out = subprocess.run(
+                [helm, "template", "demo", str(CHART), "-n", "pacs", "-f", values_file.name],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=True,
+            ).stdout
+        return {"all.yaml": out}
+    try:
+        from helm_python.chart import Chart
+    except ImportError:
+        return None
+    with Chart.load(str(CHART)) as chart:
+        return chart.render(values=values, name="demo", namespace="pacs")
+
+
+@pytest.mark.parametrize("values", sorted(VALUE_SETS), ids=str)
+def test_chart_renderer_agrees_with_helm(renderer: Renderer, values: str) -> None:
+    real = real_helm_render(VALUE_SETS[values])
+    if real is None:
+        pytest.skip("no real Helm here (a helm binary, or pip install helm-python-sdk)")
+
+    def comparable(objects: list[dict[str, Any]]) -> list[str]:
+        out = []
+        for obj in objects:
+            if obj["kind"] == "Secret":
+                obj = {**obj, "data": {k: "<random>" for k in obj["data"]}}
+            out.append(json.dumps(obj, sort_keys=True))
+        return sorted(out)
+
+    ours = comparable(manifests(renderer.render(VALUE_SETS[values])))
+    theirs = comparable(manifests({k: v for k, v in real.items() if k.endswith(".yaml")}))
+    assert ours == theirs
+
+
+def test_chart_lints_with_helm() -> None:
+    helm = shutil.which("helm")
+    if helm is not None:
+        for values in VALUE_SETS.values():
+            with tempfile.NamedTemporaryFile("w", suffix=".json") as values_file:
+                json.dump(values, values_file)
+                values_file.flush()
+                subprocess.run(
+                    [helm, "lint", "--strict", str(CHART), "-f", values_file.name],
+                    check=True,
+                    timeout=120,
+                )
+        return
+    try:
+        from helm_python.chart import lint
+    except ImportError:
+        pytest.skip("no real Helm here (a helm binary, or pip install helm-python-sdk)")
+    for values in VALUE_SETS.values():
+        report = lint(str(CHART), values, strict=True)
+        problems = [m for m in report["messages"] if m["severity"] >= 2] + report["errors"]
+        assert not problems, problems
