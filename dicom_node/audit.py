@@ -206,6 +206,17 @@ class AuditTrail:
             message["ParticipantObjectIdentification"] = objects
         return message
 
+    def _application_activity(self, kind: tuple[str, str, str], version: str) -> dict[str, Any]:
+        """Application Activity (PS3.15 A.5.3.1): the node started or stopped."""
+        return self.message(
+            APPLICATION_ACTIVITY,
+            "E",
+            SUCCESS,
+            [self._us(requestor=False, role=APPLICATION)],
+            event_type=kind,
+            description=f"dicom-node {version}",
+        )
+
     def write(self, message: dict[str, Any]) -> None:
         line = json.dumps(message, separators=(",", ":"), ensure_ascii=False)
         with self._lock:
@@ -221,14 +232,7 @@ class AuditTrail:
         match event:
             case NodeStarted():
                 return [
-                    self.message(
-                        APPLICATION_ACTIVITY,
-                        "E",
-                        SUCCESS,
-                        [self._us(requestor=False, role=APPLICATION)],
-                        event_type=APPLICATION_START,
-                        description=f"dicom-node {event.version}",
-                    ),
+                    self._application_activity(APPLICATION_START, event.version),
                     self.message(
                         SECURITY_ALERT,
                         "E",
@@ -250,16 +254,7 @@ class AuditTrail:
                     ),
                 ]
             case NodeStopped():
-                return [
-                    self.message(
-                        APPLICATION_ACTIVITY,
-                        "E",
-                        SUCCESS,
-                        [self._us(requestor=False, role=APPLICATION)],
-                        event_type=APPLICATION_STOP,
-                        description=f"dicom-node {event.version}",
-                    )
-                ]
+                return [self._application_activity(APPLICATION_STOP, event.version)]
             case AssociationAccepted() | AssociationRejected():
                 rejected = isinstance(event, AssociationRejected)
                 return [

@@ -5,7 +5,7 @@ Debian's Chromium.
 OHIF's index needs a fallback route and its BulkDataURIs must resolve to the page's own origin,
 so the app and Orthanc's DICOMweb are served from one origin here: /dicom-web/ is passed to
 Orthanc with the Host header kept (Orthanc builds its BulkDataURIs from it), everything else is
-the OHIF build, with index.html for the app's routes and our own app-config.js.
+the OHIF build, with index.html for the app's routes and the compose demo's app-config.js.
 """
 
 from __future__ import annotations
@@ -27,37 +27,9 @@ VIEWER_TOOLS = ROOT / "tests" / "viewer"  # package.json: the pinned OHIF and pl
 OHIF_DIST = VIEWER_TOOLS / "ohif" / "package" / "dist"
 CHROMIUM = Path("/usr/bin/chromium")
 
-APP_CONFIG = """window.config = {
-  routerBasename: null,
-  extensions: [],
-  modes: [],
-  showStudyList: true,
-  investigationalUseDialog: { option: 'never' },
-  defaultDataSourceName: 'orthanc',
-  dataSources: [{
-    namespace: '@ohif/extension-default.dataSourcesModule.dicomweb',
-    sourceName: 'orthanc',
-    configuration: {
-      friendlyName: 'Orthanc (test)',
-      name: 'orthanc',
-      wadoUriRoot: window.location.origin + '/dicom-web',
-      qidoRoot: window.location.origin + '/dicom-web',
-      wadoRoot: window.location.origin + '/dicom-web',
-      qidoSupportsIncludeField: false,
-      supportsReject: false,
-      imageRendering: 'wadors',
-      thumbnailRendering: 'wadors',
-      enableStudyLazyLoad: true,
-      supportsFuzzyMatching: false,
-      supportsWildcard: true,
-      staticWado: false,
-      singlepart: 'bulkdata,video',
-      bulkDataURI: { enabled: true, relativeResolution: 'studies' },
-      omitQuotationForMultipartRequest: true,
-    },
-  }],
-};
-"""
+# The viewer tests run OHIF with the compose demo's own configuration, so the configuration
+# that ships is the one a real browser is shown to work with.
+APP_CONFIG_FILE = ROOT / "deploy" / "compose" / "ohif" / "app-config.js"
 
 
 def missing() -> list[str]:
@@ -82,7 +54,7 @@ class _Handler(SimpleHTTPRequestHandler):
         if self.path.startswith("/dicom-web/"):
             self._proxy()
         elif self.path.split("?")[0] == "/app-config.js":
-            body = APP_CONFIG.encode()
+            body = APP_CONFIG_FILE.read_bytes()
             self.send_response(200)
             self.send_header("Content-Type", "application/javascript")
             self.send_header("Content-Length", str(len(body)))

@@ -1,7 +1,7 @@
 // OHIF configuration for the compose demo (deploy/docker-compose.yaml): Orthanc's DICOMweb on
 // this page's own origin, proxied by compose/ohif/default.conf.template. The data source is
-// the one tests/test_viewer.py drives in a real browser against Orthanc's DICOMweb (OHIF
-// 3.13.2); tests/test_deploy.py fails when the two differ.
+// what tests/test_viewer.py drives in a real browser against Orthanc's DICOMweb (OHIF
+// 3.13.2) with this very file.
 window.config = {
   routerBasename: null,
   extensions: [],
