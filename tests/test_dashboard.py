@@ -103,9 +103,12 @@ def test_dashboard_shows_the_study_and_retries_a_dead_letter(make_node, tmp_path
 
     # The retry really went out: a second attempt at the closed port, a dead letter again.
     attempts = (("destination", "pacs"),)
-    node.wait_for(
-        "SELECT attempts FROM deliveries WHERE state = 'dead' AND last_error NOT LIKE 'replayed:%'",
-        1,
+    # The POST has answered: the delivery is pending with 'replayed: ...' until the deliverer
+    # tries again and it is dead with a fresh error.
+    again = (
+        "SELECT COUNT(*) FROM deliveries WHERE state = 'dead' AND attempts = 1"
+        " AND last_error NOT LIKE 'replayed:%'"
     )
+    assert node.wait_for(again, 1) == 1, node.log()
     assert metrics(node.http_url)[("dicom_node_delivery_attempts_total", attempts)] == 2
     assert metrics(node.http_url)[("dicom_node_dead_letters_total", attempts)] == 2
