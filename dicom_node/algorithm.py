@@ -17,7 +17,7 @@ import importlib
 import json
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from importlib.metadata import entry_points
@@ -27,8 +27,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from pydicom import dcmread, dcmwrite
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian
 
 if TYPE_CHECKING:
     import highdicom as hd
@@ -83,7 +84,11 @@ class SeriesInput:
 
     @cached_property
     def _datasets(self) -> list[Dataset]:
-        return [_little_endian(dcmread(p)) for p in self.paths]
+        datasets = [dcmread(p) for p in self.paths]
+        # Before anything decodes them: a header that does not describe its pixel data would
+        # give a wrong picture, or a decoder a 65535 x 65535 x 2^31 allocation to attempt.
+        check_pixel_data(datasets)
+        return [_little_endian(ds) for ds in datasets]
 
     @cached_property
     def _volume(self) -> hd.Volume:
@@ -91,17 +96,18 @@ class SeriesInput:
 
         try:
             datasets = self.datasets()
+            check_geometry(datasets)
             if len(datasets) == 1:
                 # A copy: from_dataset(copy=False) turns the shared data set into an hd.Image.
                 return hd.Image.from_dataset(datasets[0], copy=True).get_volume()
             return hd.get_volume_from_series(datasets)
         except NotImplementedError as exc:  # pydicom: no decoder for the transfer syntax
-            raise InputError(f"series {self.series_uid}: pixel data not decodable: {exc}") from exc
+            raise InputError(f"the series: pixel data not decodable: {exc}") from exc
         except ValueError as exc:
             if "regularly-spaced" not in str(exc):
                 raise
             raise InputError(
-                f"series {self.series_uid} is not a regularly spaced volume (missing or "
+                "the series is not a regularly spaced volume (missing or "
                 "irregularly spaced slices, gantry tilt, or several stacks): not processed, "
                 "so that no result is misplaced"
             ) from exc
@@ -109,6 +115,157 @@ class SeriesInput:
 
 class InputError(ValueError):
     """A series an algorithm cannot use as it is; the message says why, for the job's error."""
+
+
+# The most voxels (Rows x Columns x frames x samples, over a series) the node decodes: 2^30,
+# 8 GiB once highdicom makes them float64, above any CT or MR a model takes (512 x 512 x 4096).
+# Compressed pixel data can claim any size in a few bytes, so the claim is checked first.
+MAX_VOXELS = 2**30
+_BITS_ALLOCATED = (1, 8, 16, 32, 64)
+
+
+def _element(ds: Dataset, keyword: str) -> DataElement | None:
+    try:
+        return ds[keyword]
+    except KeyError:
+        return None
+
+
+def _positive_int(ds: Dataset, keyword: str, default: int | None = None) -> int:
+    """An Image Pixel module attribute as a positive integer, or InputError naming it."""
+    element = _element(ds, keyword)
+    value = element.value if element is not None else None
+    if value in (None, "") and default is not None:
+        return default
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    vr = element.VR if element is not None else None
+    shown = "missing" if element is None else f"{str(value)[:32]!r} (VR {vr})"
+    raise InputError(f"{keyword} is {shown}, not a positive integer")
+
+
+def _pixel_problem(ds: Dataset) -> tuple[int, str | None]:
+    """(voxels the header claims, why its pixel data cannot be what the header says or None)."""
+    element = _element(ds, "PixelData")
+    if element is None:
+        return 0, "no Pixel Data"
+    rows = _positive_int(ds, "Rows")
+    columns = _positive_int(ds, "Columns")
+    frames = _positive_int(ds, "NumberOfFrames", default=1)
+    samples = _positive_int(ds, "SamplesPerPixel", default=1)
+    bits = _positive_int(ds, "BitsAllocated")
+    if bits not in _BITS_ALLOCATED:
+        return 0, f"BitsAllocated is {bits}, not one of {_BITS_ALLOCATED}"
+    voxels = rows * columns * frames * samples
+    syntax = UID(ds.file_meta.get("TransferSyntaxUID") or "")
+    compressed = syntax.is_encapsulated if syntax else element.is_undefined_length
+    if compressed != element.is_undefined_length:
+        if compressed:
+            return voxels, (
+                f"transfer syntax {syntax.name} says the pixel data is compressed, but it "
+                "is not encapsulated (uncompressed data sent under a compressed syntax?)"
+            )
+        return voxels, f"pixel data is encapsulated under the uncompressed {syntax.name}"
+    if not compressed:
+        expected = (voxels * bits + 7) // 8
+        if ds.get("PhotometricInterpretation") == "YBR_FULL_422":
+            expected = expected * 2 // 3  # two samples per pixel as stored (PS3.3 C.7.6.3.1.2)
+        length = len(element.value)
+        if length not in (expected, expected + expected % 2):  # one byte pads to even length
+            return voxels, (
+                f"pixel data is {length} bytes where Rows x Columns x frames x samples x bits "
+                f"({rows} x {columns} x {frames} x {samples} x {bits}) make {expected}: the "
+                "header does not describe the pixel data"
+            )
+    return voxels, None
+
+
+def check_pixel_data(datasets: list[Dataset]) -> None:
+    """Raise :class:`InputError` unless every instance's header describes its pixel data and
+    the series claims at most :data:`MAX_VOXELS`; nothing is decoded."""
+    voxels, problems = 0, []
+    for ds in datasets:
+        try:
+            claimed, problem = _pixel_problem(ds)
+        except InputError as exc:
+            claimed, problem = 0, str(exc)
+        voxels += claimed
+        if problem is not None:
+            problems.append(problem)
+    if problems:
+        raise InputError(f"{len(problems)} of {len(datasets)} instance(s): {problems[0]}")
+    if voxels > MAX_VOXELS:
+        raise InputError(
+            f"the series claims {voxels} voxels (Rows x Columns x frames x samples), more than "
+            f"the {MAX_VOXELS} the node decodes: a corrupt header or a decompression bomb"
+        )
+
+
+def _finite(value: object, count: int) -> np.ndarray | None:
+    """``value`` as ``count`` finite numbers, or None (missing, wrong count, not numbers)."""
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        return None  # a text VR holding one value: its characters are not coordinates
+    try:
+        numbers = np.asarray([float(v) for v in value], dtype=float)
+    except (TypeError, ValueError):
+        return None
+    return numbers if numbers.shape == (count,) and np.isfinite(numbers).all() else None
+
+
+def check_geometry(datasets: list[Dataset]) -> None:
+    """Raise :class:`InputError` unless single-frame images can be placed as one volume.
+
+    highdicom's own errors for these cases name an attribute at best or fail with a database
+    error; a person reading a failed job needs the reason. Enhanced multi-frame images keep
+    their geometry in functional groups and are left to highdicom.
+    """
+    classic = [ds for ds in datasets if "PerFrameFunctionalGroupsSequence" not in ds]
+    if not classic:
+        return
+    total = len(datasets)
+
+    def fail(count: int, what: str) -> None:
+        if count:
+            raise InputError(f"{count} of {total} instance(s) {what}")
+
+    positions = [_finite(ds.get("ImagePositionPatient"), 3) for ds in classic]
+    fail(
+        sum(p is None for p in positions),
+        "have no usable ImagePositionPatient: they cannot be placed in patient space",
+    )
+    orientations = [_finite(ds.get("ImageOrientationPatient"), 6) for ds in classic]
+    fail(
+        sum(
+            o is None
+            or not np.allclose(np.linalg.norm(o.reshape(2, 3), axis=1), 1.0, atol=1e-2)
+            or abs(float(np.dot(o[:3], o[3:]))) > 1e-2
+            for o in orientations
+        ),
+        "have no ImageOrientationPatient of two perpendicular unit directions",
+    )
+    spacings = [_finite(ds.get("PixelSpacing"), 2) for ds in classic]
+    fail(
+        sum(s is None or bool((s <= 0).any()) for s in spacings),
+        "have a PixelSpacing that is missing, not a number, or not positive",
+    )
+    fail(
+        sum(not ds.get("FrameOfReferenceUID") for ds in classic),
+        "have no FrameOfReferenceUID: their positions are in no stated frame",
+    )
+    frames_of_reference = {str(ds.get("FrameOfReferenceUID", "")) for ds in datasets}
+    if len(frames_of_reference) > 1:
+        raise InputError(
+            f"the instances are in {len(frames_of_reference)} frames of reference: not one "
+            "volume, so they are not put together"
+        )
+    # Rounded to a micrometre: the same slice sent twice (new UIDs) or a second stack.
+    placed = [p for p in positions if p is not None]  # all of them, checked above
+    unique = np.unique(np.round(np.stack(placed), 3), axis=0)
+    fail(
+        len(classic) - len(unique),
+        "repeat another's ImagePositionPatient (a slice sent twice, or two stacks): not one "
+        "volume, so that no result lands on the wrong slice",
+    )
 
 
 def _little_endian(ds: Dataset) -> Dataset:

@@ -139,8 +139,8 @@ def study_refs(paths: Iterable[Path]) -> tuple[StudyRef, ...]:
             ds = dcmread(
                 path, stop_before_pixels=True, specific_tags=["StudyInstanceUID", "PatientID"]
             )
-        except (OSError, ValueError, EOFError, InvalidDicomError):
-            continue
+        except (OSError, ValueError, EOFError, InvalidDicomError, RecursionError):
+            continue  # RecursionError: sequences nested too deep for pydicom
         entry = found.setdefault(str(ds.get("StudyInstanceUID", "")), [ds.get("PatientID"), 0])
         entry[1] += 1
     return tuple(

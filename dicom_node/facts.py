@@ -111,6 +111,38 @@ def _text(ds: Dataset, keyword: str) -> str:
     return str(value).strip() if value is not None else ""
 
 
+@dataclass(frozen=True)
+class _Header:
+    """What routing reads from one instance's header.
+
+    Read in one go right after the file: pydicom converts values when first touched, so a
+    value that cannot be converted (an unknown VR, a nesting too deep) fails here, where the
+    instance is counted unreadable, and not later where it would fail the whole routing job.
+    """
+
+    frames: int
+    plane: str | None
+    spacing: float | None
+    modality: str
+    body_part: str
+    description: str
+    protocol: str
+    image_type: tuple[str, ...]
+
+    @classmethod
+    def of(cls, ds: Dataset) -> _Header:
+        return cls(
+            frames=_frames(ds),
+            plane=plane_of(_orientation(ds)),
+            spacing=_spacing(ds),
+            modality=_text(ds, "Modality").upper(),
+            body_part=_text(ds, "BodyPartExamined").upper(),
+            description=_text(ds, "SeriesDescription"),
+            protocol=_text(ds, "ProtocolName"),
+            image_type=tuple(str(v).strip().upper() for v in (ds.get("ImageType") or [])),
+        )
+
+
 def read_series_facts(data_dir: Path, db: Database, series_uid: str) -> SeriesFacts:
     """Describe a stored series from the headers of all its instances."""
     with db.reading() as conn:
@@ -122,29 +154,29 @@ def read_series_facts(data_dir: Path, db: Database, series_uid: str) -> SeriesFa
         ).fetchall()
     if not rows:
         raise LookupError(f"no stored instances for series {series_uid}")
-    headers: list[Dataset] = []
+    headers: list[_Header] = []
     unreadable = 0
     for row in rows:
         try:
-            headers.append(dcmread(data_dir / row["path"], stop_before_pixels=True))
+            headers.append(_Header.of(dcmread(data_dir / row["path"], stop_before_pixels=True)))
         except Exception as exc:  # any unreadable header: counted and logged, never fatal
             unreadable += 1
             log.warning("cannot read a stored header (%s): %s", type(exc).__name__, row["path"])
-    first = headers[0] if headers else Dataset()
-    planes = {p for ds in headers if _frames(ds) and (p := plane_of(_orientation(ds)))}
-    spacings = [s for ds in headers if (s := _spacing(ds)) is not None]
+    first = headers[0] if headers else _Header.of(Dataset())
+    planes = {h.plane for h in headers if h.frames and h.plane}
+    spacings = [h.spacing for h in headers if h.spacing is not None]
     return SeriesFacts(
         series_uid=series_uid,
         study_uid=rows[0]["study_uid"],
-        modality=_text(first, "Modality").upper(),
+        modality=first.modality,
         sop_class_uids=frozenset(row["sop_class_uid"] for row in rows),
-        body_part=_text(first, "BodyPartExamined").upper(),
-        description=_text(first, "SeriesDescription"),
-        protocol=_text(first, "ProtocolName"),
-        image_type=tuple(str(v).strip().upper() for v in (first.get("ImageType") or [])),
+        body_part=first.body_part,
+        description=first.description,
+        protocol=first.protocol,
+        image_type=first.image_type,
         # Mixed planes (a localizer left in the series) are reported as oblique: no single plane.
         orientation=planes.pop() if len(planes) == 1 else ("oblique" if planes else None),
-        slices=sum(_frames(ds) for ds in headers),
+        slices=sum(h.frames for h in headers),
         pixel_spacing_mm=min(spacings) if spacings else None,
         calling_aets=frozenset(row["calling_aet"] for row in rows),
         series_number=rows[0]["series_number"],

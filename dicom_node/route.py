@@ -170,14 +170,15 @@ def never_routed(facts: SeriesFacts) -> str | None:
     others = sorted(facts.sop_class_uids - ROUTABLE_SOP_CLASSES.keys())
     if others:
         return f"not an image a model takes (SOP class {', '.join(others)})"
+    if facts.unreadable:
+        # Before the checks below: they read the headers, and these could not be read.
+        return f"{facts.unreadable} stored instance(s) have unreadable headers"
     if facts.modality in NEVER_ROUTED_MODALITIES:
         return f"modality {facts.modality} is a derived or non-image object"
     if _NEVER_ROUTED_DESCRIPTION.search(facts.description):
         return "a scanner report stored as an image, not a patient image"
     if not facts.has_pixels:
         return "no pixel data"
-    if facts.unreadable:
-        return f"{facts.unreadable} stored instance(s) have unreadable headers"
     return None
 
 

@@ -86,6 +86,18 @@ def validate_uid(value: object, keyword: str) -> str:
     return text
 
 
+def _uid(ds: Dataset, keyword: str) -> str:
+    """An identifying UID of ``ds``, validated, and encoded as one (VR UI).
+
+    A UID sent with another VR is a broken encoder, not a UID: a UL holding "abcd" reads as
+    the number 1684234849, a valid UID that would file the instance under a series that
+    does not exist.
+    """
+    if keyword in ds and ds[keyword].VR != "UI":
+        raise InvalidInstance(f"{keyword} is encoded as VR {ds[keyword].VR}, not UI")
+    return validate_uid(ds.get(keyword), keyword)
+
+
 def store_key(uid: str) -> str:
     """A short, stable, non-identifying name for a UID: used for paths and in logs above DEBUG."""
     return hashlib.sha256(uid.encode("ascii")).hexdigest()[:32]
@@ -112,10 +124,10 @@ class InstanceHeader:
         except (TypeError, ValueError):
             series_number = None
         return cls(
-            sop_class_uid=validate_uid(ds.get("SOPClassUID"), "SOPClassUID"),
-            sop_instance_uid=validate_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID"),
-            study_uid=validate_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID"),
-            series_uid=validate_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID"),
+            sop_class_uid=_uid(ds, "SOPClassUID"),
+            sop_instance_uid=_uid(ds, "SOPInstanceUID"),
+            study_uid=_uid(ds, "StudyInstanceUID"),
+            series_uid=_uid(ds, "SeriesInstanceUID"),
             modality=str(ds.get("Modality") or "") or None,
             series_number=series_number,
             series_description=str(ds.get("SeriesDescription") or "") or None,
@@ -127,6 +139,25 @@ def _stop_after_header(tag: BaseTag, vr: str | None, length: int) -> bool:
     return tag > _LAST_HEADER_TAG
 
 
+def _check_vr_encoding(encoded: bytes, transfer_syntax: UID) -> None:
+    """Refuse a data set whose first element is not in the negotiated VR encoding.
+
+    pydicom reads such a data set anyway (it guesses from the same two bytes), but the file we
+    keep would say one encoding and hold the other, which other readers are not bound to
+    guess. Explicit VR puts two upper-case letters after the tag (PS3.5 7.1.2); implicit VR
+    puts the low bytes of a length there, letters only for a first value of over 16 kB.
+    """
+    if len(encoded) < 6:
+        return
+    explicit = all(0x41 <= b <= 0x5A for b in encoded[4:6])
+    if explicit == transfer_syntax.is_implicit_VR:
+        found, said = ("explicit", "implicit") if explicit else ("implicit", "explicit")
+        raise InvalidInstance(
+            f"data set is encoded in {found} VR, but the transfer syntax"
+            f" {transfer_syntax.name} is {said} VR"
+        )
+
+
 def read_header(encoded: bytes, transfer_syntax: UID) -> InstanceHeader:
     """Parse the identifying attributes of an encoded data set (no file meta).
 
@@ -135,6 +166,7 @@ def read_header(encoded: bytes, transfer_syntax: UID) -> InstanceHeader:
     try:
         if transfer_syntax == DeflatedExplicitVRLittleEndian:
             encoded = zlib.decompressobj(-zlib.MAX_WBITS).decompress(encoded)
+        _check_vr_encoding(encoded, transfer_syntax)
         ds = read_dataset(
             BytesIO(encoded),
             is_implicit_VR=transfer_syntax.is_implicit_VR,

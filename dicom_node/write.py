@@ -80,6 +80,40 @@ class WriteError(ValueError):
     """A result that cannot be written as asked; the message says why."""
 
 
+_DEFINED_CHARACTER_SETS = frozenset(v.value for v in hd.SpecificCharacterSetValues)
+
+
+def character_set(source: Dataset) -> str | list[str] | None:
+    """The source's Specific Character Set for an object that copies its patient's names.
+
+    highdicom refuses two valid forms (PS3.3 C.12.1.1.2), so they are given in the form it
+    takes, meaning the same: an empty value 1 with code extensions, as Japanese sites send
+    ``\\ISO 2022 IR 87``, is the default repertoire, ISO 2022 IR 6; a single-byte term with
+    code extensions used alone needs no escape sequence and is its term without them, and
+    ISO_IR 6 (not a defined term, often sent) is the default repertoire. Another term the
+    standard does not define is refused: the names could not be encoded for sure.
+    """
+    value = source.get("SpecificCharacterSet")
+    if value is None or value == "":
+        return None
+    terms = [str(v).strip() for v in ([value] if isinstance(value, str) else value)]
+    if len(terms) > 1 and terms[0] == "":
+        terms[0] = "ISO 2022 IR 6"
+    elif len(terms) == 1:
+        if terms[0] in ("ISO 2022 IR 6", "ISO_IR 6"):  # the default repertoire, said aloud
+            return None
+        plain = terms[0].replace("ISO 2022 IR ", "ISO_IR ")
+        if plain in _DEFINED_CHARACTER_SETS:
+            terms = [plain]
+    undefined = [t for t in terms if t not in _DEFINED_CHARACTER_SETS]
+    if undefined:
+        raise WriteError(
+            f"the source's SpecificCharacterSet {undefined[0]!r} is not a defined term "
+            "(PS3.3 C.12.1.1.2): the patient's names cannot be written for sure"
+        )
+    return terms[0] if len(terms) == 1 else terms
+
+
 @dataclass(frozen=True)
 class Provenance:
     """Who made a result: the algorithm, its version and its weights."""
@@ -211,6 +245,7 @@ def segmentation(
         # The algorithm made it (PS3.3 C.10.9): as a name, since PN has no device form.
         content_creator_name=f"{provenance.algorithm}^",
         further_source_images=further or None,
+        specific_character_set=character_set(datasets[0]),
     )
     # highdicom copies the sources' SpacingBetweenSlices into the SEG, and scanners fill it
     # with other things (the gap, the reconstruction interval): the real spacing replaces it.
@@ -469,6 +504,7 @@ def measurement_report(
         manufacturer=MANUFACTURER,
         is_complete=True,
         series_description=provenance.series_description("SR"),
+        specific_character_set=character_set(evidence[0]),
     )
 
 
@@ -554,6 +590,7 @@ def heat_map_capture(
         manufacturer=MANUFACTURER,
         patient_orientation=tuple(reference.get("PatientOrientation") or ("L", "F")),
         series_description=provenance.series_description("heat map"),
+        specific_character_set=character_set(reference),
     )
     capture.BurnedInAnnotation = "YES"
     if "BodyPartExamined" in reference:
