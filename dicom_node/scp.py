@@ -10,15 +10,18 @@ after it is durable.
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
+from typing import cast
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from dicom_node.assembly import Assembler
 from dicom_node.config import ScpConfig, TlsConfig
@@ -128,6 +131,70 @@ def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
     return context
 
 
+class _RequestHandler(RequestHandler):
+    """pynetdicom's handler, but the connection's thread stays until its association ends,
+    so that the server learns of every end: pynetdicom ends an association without
+    EVT_RELEASED or EVT_ABORTED when a malformed PDU stops its protocol machine."""
+
+    server: AcceptorServer
+
+    def handle(self) -> None:
+        assoc = self._create_association()
+        evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+        assoc.start()
+        assoc.join()
+        if self.server.on_association_end is not None:
+            self.server.on_association_end(assoc)
+
+
+class AcceptorServer(ThreadedAssociationServer):
+    """pynetdicom's association server with two defences it lacks against a peer that stops
+    talking.
+
+    - Accepted sockets get ``scp.network_timeout_s``: pynetdicom reads a PDU with a blocking
+      ``recv`` and checks its own timers only between PDUs, so a peer that stopped in the
+      middle of one held its association slot forever.
+    - The TLS handshake runs in the connection's own thread under ``scp.acse_timeout_s``:
+      pynetdicom does it in the accept loop without a timeout, so one client that connected
+      and sent nothing kept every other client out.
+    """
+
+    # Connection threads live as long as their association; stopping must not wait for them
+    # (StorageSCP.stop gives in-flight associations their grace period itself).
+    daemon_threads = True
+    on_association_end: Callable[[Association], None] | None = None
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client, address = cast(socket.socket, self.socket).accept()
+        client.settimeout(self.ae.network_timeout)
+        if self.ssl_context is not None:
+            client = self.ssl_context.wrap_socket(
+                client, server_side=True, do_handshake_on_connect=False
+            )
+        return client, address
+
+    def process_request_thread(
+        self,
+        request: socket.socket | tuple[bytes, socket.socket],
+        client_address: tuple[str, int] | str,
+    ) -> None:
+        if isinstance(request, ssl.SSLSocket):
+            try:
+                request.settimeout(self.ae.acse_timeout)
+                request.do_handshake()
+                request.settimeout(self.ae.network_timeout)
+            except (OSError, ValueError) as exc:
+                host = client_address[0] if isinstance(client_address, tuple) else client_address
+                if isinstance(exc, TimeoutError):
+                    why = f"no handshake within scp.acse_timeout_s ({self.ae.acse_timeout:g} s)"
+                else:
+                    why = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+                log.warning("TLS handshake with %s failed: %s", host, why)
+                self.shutdown_request(request)
+                return
+        super().process_request_thread(request, client_address)
+
+
 def _peer(assoc: Association) -> Sender:
     return Sender(
         calling_aet=assoc.requestor.primitive.calling_ae_title.strip()
@@ -158,9 +225,11 @@ class StorageSCP:
         self.events = events or Events()
         # Per association: study UID -> [patient ID, instances], reported when it ends.
         self._received: dict[int, dict[str, list]] = {}
+        # Established associations whose end has not been handled yet.
+        self._open: set[int] = set()
         self._received_lock = threading.Lock()
         self.ae = self._build_ae()
-        self._server: ThreadedAssociationServer | None = None
+        self._server: AcceptorServer | None = None
         if config.allowed_calling_aets is None:
             log.warning(
                 "scp.allowed_calling_aets is not set: any calling AE may store to this node"
@@ -197,13 +266,19 @@ class StorageSCP:
     def start(self) -> tuple[str, int]:
         """Start listening in background threads; returns the bound (host, port)."""
         context = server_ssl_context(self.config.tls) if self.config.tls.enabled else None
-        self._server = self.ae.start_server(
+        # What AE.start_server(block=False) does, with our server class.
+        server = self.ae.make_server(
             (self.config.host, self.config.port),
-            block=False,
             evt_handlers=self.handlers,
             ssl_context=context,
+            server_class=AcceptorServer,
+            request_handler=_RequestHandler,
         )
-        host, port = self._server.server_address[:2]
+        server.on_association_end = self._on_finished
+        self.ae._servers.append(server)  # where pynetdicom's shutdown() removes it from
+        threading.Thread(target=server.serve_forever, name="dicom-acceptor", daemon=True).start()
+        self._server = server
+        host, port = server.server_address[:2]
         log.info(
             "listening as %s on %s:%d%s",
             self.config.ae_title,
@@ -277,6 +352,8 @@ class StorageSCP:
         self.events.emit(
             AssociationAccepted(sender.calling_aet, sender.peer_host, _called(event.assoc))
         )
+        with self._received_lock:
+            self._open.add(id(event.assoc))
         self.assembler.association_opened(id(event.assoc))
 
     def _on_echo(self, event: Event) -> int:
@@ -312,17 +389,36 @@ class StorageSCP:
         return STATUS_SUCCESS
 
     def _on_released(self, event: Event) -> None:
-        self.assembler.association_ended(id(event.assoc), released=True)
-        self._report_received(event.assoc, released=True)
+        self._ended(event.assoc, released=True)
 
     def _on_aborted(self, event: Event) -> None:
         log.warning("association from %s aborted", _peer(event.assoc).calling_aet)
-        self.assembler.association_ended(id(event.assoc), released=False)
-        self._report_received(event.assoc, released=False)
+        self._ended(event.assoc, released=False)
 
-    def _report_received(self, assoc: Association, *, released: bool) -> None:
+    def _on_finished(self, assoc: Association) -> None:
+        """Every association's last word, after its thread ended, however it ended."""
+        if not self.listening:
+            return  # stopping: stop() aborted what was open, and the store may be closed
+        if self._ended(assoc, released=False):
+            log.warning(
+                "association from %s ended without a release or an abort (a malformed PDU)",
+                _peer(assoc).calling_aet,
+            )
+
+    def _ended(self, assoc: Association, *, released: bool) -> bool:
+        """Close the books on an established association once; False when already closed."""
         with self._received_lock:
+            if id(assoc) not in self._open:
+                return False
+            self._open.discard(id(assoc))
             studies = self._received.pop(id(assoc), {})
+        self.assembler.association_ended(id(assoc), released=released)
+        self._report_received(assoc, studies, released=released)
+        return True
+
+    def _report_received(
+        self, assoc: Association, studies: dict[str, list], *, released: bool
+    ) -> None:
         if studies:
             sender = _peer(assoc)
             self.events.emit(
