@@ -12,7 +12,8 @@ with the next generation number. Each completion is recorded together with its j
 transaction, so an event is never lost between the two.
 
 Only which open association carried what lives in memory; everything else is in the database,
-so after a restart the quiet timer completes whatever was left open.
+so after a restart the quiet timer completes whatever was left open, once it has been quiet for
+the quiet time since the restart: the node's downtime is not the sender's silence.
 """
 
 from __future__ import annotations
@@ -107,6 +108,10 @@ class Assembler:
         self.on_complete = on_complete
         self._lock = threading.Lock()
         self._carried: dict[int, tuple[set[str], set[str]]] = {}  # assoc -> (series, studies)
+        # Silence counts from here at the earliest: while the node was down no sender could
+        # go on, and a series cut off by a crash would otherwise complete, partial, the moment
+        # the node is back, before its sender can resend the rest.
+        self._started_at = clock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -141,25 +146,26 @@ class Assembler:
     # -- the quiet timer -----------------------------------------------------------------------
 
     def complete_quiet(self) -> list[Completion]:
-        """Complete every open series/study whose last instance is older than its quiet time."""
+        """Complete every open series/study whose last instance is older than its quiet time,
+        and that has been quiet that long since this node started."""
         now = self.clock()
+        due: list[tuple[Level, str]] = []
         with self.db.reading() as conn:
-            due = [
-                (Level.SERIES, r[0])
-                for r in conn.execute(
-                    "SELECT series_uid FROM series WHERE completed_at IS NULL"
-                    " AND last_received <= ? ORDER BY last_received",
-                    (now - self.config.series_quiet_seconds,),
-                )
-            ]
-            due += [
-                (Level.STUDY, r[0])
-                for r in conn.execute(
-                    "SELECT study_uid FROM studies WHERE completed_at IS NULL"
-                    " AND last_received <= ? ORDER BY last_received",
-                    (now - self.config.study_quiet_seconds,),
-                )
-            ]
+            for level, quiet in (
+                (Level.SERIES, self.config.series_quiet_seconds),
+                (Level.STUDY, self.config.study_quiet_seconds),
+            ):
+                if now - quiet < self._started_at:
+                    continue
+                table, uid_column, _, _ = _TABLES[level]
+                due += [
+                    (level, r[0])
+                    for r in conn.execute(
+                        f"SELECT {uid_column} FROM {table} WHERE completed_at IS NULL"
+                        " AND last_received <= ? ORDER BY last_received",
+                        (now - quiet,),
+                    )
+                ]
         return self._record(due, Trigger.QUIET)
 
     def _record(self, due: list[tuple[Level, str]], trigger: Trigger) -> list[Completion]:

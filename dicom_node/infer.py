@@ -18,12 +18,21 @@ import multiprocessing
 import os
 import signal
 import socket
+import sqlite3
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
-from dicom_node.algorithm import Algorithm, SeriesInput, catalogue, discover, resolve_device
+from dicom_node.algorithm import (
+    Algorithm,
+    InputError,
+    SeriesInput,
+    catalogue,
+    discover,
+    resolve_device,
+)
 from dicom_node.config import NodeConfig
 from dicom_node.database import RESULTS_DIR, Database, database_path
 from dicom_node.deliver import schedule
@@ -150,9 +159,25 @@ class Worker:
             state = self.jobs.fail(
                 job.id, f"{type(exc).__name__}: {exc}", max_attempts=self.config.worker.max_attempts
             )
-            log.exception("job %d failed (attempt %d, now %s)", job.id, job.attempts, state.value)
+            # Not the message or the traceback above DEBUG: they may quote the patient's data
+            # (pydicom's "Unable to convert '1923-04-17' to 'DA' object", say).
+            log.error(
+                "job %d failed (attempt %d, now %s): %s; the details are logged at DEBUG",
+                job.id,
+                job.attempts,
+                state.value,
+                _raised_at(exc),
+            )
+            log.debug("job %d failed", job.id, exc_info=exc)
             return job
         with self.db.transaction() as conn:
+            if not _holds(conn, job.id, self.name):
+                # Queued again while we ran it (our node restarted): another attempt owns it
+                # now, and recording ours too would leave one job with two sets of objects.
+                log.warning(
+                    "job %d was taken from %s while it ran; result dropped", job.id, self.name
+                )
+                return job
             conn.execute(
                 "INSERT OR REPLACE INTO results (job_id, algorithm, path, created_at, device,"
                 " run_s) VALUES (?, ?, ?, ?, ?, ?)",
@@ -248,6 +273,24 @@ class Worker:
         self._stopping = True
 
 
+def _holds(conn: sqlite3.Connection, job_id: int, worker: str) -> bool:
+    """Whether ``worker`` still runs the job: a node restart queues running jobs again."""
+    row = conn.execute(
+        "SELECT 1 FROM jobs WHERE id = ? AND state = 'running' AND worker = ?", (job_id, worker)
+    ).fetchone()
+    return row is not None
+
+
+def _raised_at(exc: BaseException) -> str:
+    """What an operator may read of a failure: the node's own input errors in full (they are
+    written without patient data), else the type and the line that raised it."""
+    if isinstance(exc, InputError):
+        return f"{type(exc).__name__}: {exc}"
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+    return f"{type(exc).__name__}{where}"
+
+
 def _set_torch_threads(threads: int) -> None:
     try:
         import torch
@@ -266,7 +309,17 @@ def worker_main(config: NodeConfig, name: str, parent_pid: int | None = None) ->
     if parent_pid is not None:
         _terminate_with_parent()
     worker = Worker(config, name=name)
-    signal.signal(signal.SIGTERM, worker.stop)
+
+    def on_sigterm(*_: object) -> None:
+        if parent_pid is not None and os.getppid() != parent_pid:
+            # The node died (PR_SET_PDEATHSIG); its restart queues our job again for a new
+            # worker, so finishing it here would run it twice, side by side. os.write, not
+            # logging: a handler must not take the lock the interrupted thread may hold.
+            os.write(2, f"{name}: the node is gone; stopping without finishing the job\n".encode())
+            os._exit(1)
+        worker.stop()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the node stops us with SIGTERM, in order
     worker.serve(parent_pid=parent_pid)
 

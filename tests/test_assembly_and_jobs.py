@@ -11,6 +11,8 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
+from dicom_node.assembly import Assembler, Level
+from dicom_node.config import AssemblyConfig
 from dicom_node.database import Database, database_path
 from dicom_node.jobs import JobKind, JobState, SqliteJobStore, enqueue
 from dicom_node.phantoms import CtPhantomSpec, ct_series
@@ -194,3 +196,29 @@ def test_status_reports_senders_completion_and_jobs(make_node) -> None:
     assert report["jobs"] == {"queued": 0, "running": 0, "succeeded": 4, "failed": 0}
     text = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     assert "CT_SCANNER" in text and "complete x1" in text and "succeeded 4" in text
+
+
+def test_quiet_time_counts_from_the_restart_not_across_the_downtime(tmp_path) -> None:
+    """A series cut off by a crash is not complete the moment the node is back: its sender
+    gets the whole quiet time to resend the rest first."""
+    db = Database(tmp_path / "index.sqlite3")
+    with db.transaction() as conn:
+        conn.execute(
+            "INSERT INTO studies (study_uid, study_key, first_received, last_received)"
+            " VALUES ('1.2', 'k1', 1000, 1000)"
+        )
+        conn.execute(
+            "INSERT INTO series (series_uid, series_key, study_uid, first_received,"
+            " last_received) VALUES ('1.2.3', 'k2', '1.2', 1000, 1000)"
+        )
+    now = [1100.0]  # back after 100 s down, far past the quiet time since the last instance
+    config = AssemblyConfig(series_quiet_seconds=5, study_quiet_seconds=8)
+    assembler = Assembler(db, config, clock=lambda: now[0])
+    assert assembler.complete_quiet() == []
+    now[0] = 1104.9
+    assert assembler.complete_quiet() == []
+    now[0] = 1105.0
+    assert [(c.level, c.generation) for c in assembler.complete_quiet()] == [(Level.SERIES, 1)]
+    now[0] = 1108.0
+    assert [(c.level, c.generation) for c in assembler.complete_quiet()] == [(Level.STUDY, 1)]
+    db.close()

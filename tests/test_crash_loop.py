@@ -1,0 +1,435 @@
+"""Crash loop: SIGKILL at random moments across the whole pipeline, restart, and in the end
+every acknowledged study has exactly one result set at its destination.
+
+Each iteration a modality (dcmtk storescu) sends a new small CT study, together with whatever
+of earlier studies was never acknowledged (a C-STORE without a Success response is sent again,
+as a modality does), and the node is killed with SIGKILL at a moment drawn from a seeded RNG:
+
+- ingest: a random delay after the send started, usually mid-association;
+- completion: a random delay after the association was released (completion, routing);
+- inference: while an inference job is ``running`` (the example plugin's run, its writing of
+  SEG and SR, the transaction that records them);
+- delivery: while a delivery is ``pending`` (the copy into the destination folder, the record
+  that it was sent).
+
+Half of the kills take only the node (its worker is told by the kernel that its parent died),
+half take the worker with it, as a power cut or a container kill does. The node is started
+again, mostly at once, sometimes after staying down about the quiet time (a reboot), and the
+next iteration begins. After the last one nothing is killed any more: the modality sends what
+is still unacknowledged and the node drains its queues. Then every acknowledged instance is
+stored as sent, and for every study: one inference job, one delivery, sent, and at the folder
+destination exactly the two objects (SEG and SR, distinct SOP Instance UIDs) that job recorded,
+byte for byte, the SEG made from every slice of the series; nothing else at the destination,
+no partial file left; no worker of a killed node still alive.
+
+The modality comes back within a moment of the node (less than ``series_quiet_seconds``): a
+series whose sender stays away longer than that is complete by the node's rules, and more
+instances later are a new completion, as README "Completion" says. The node's own downtime
+does not count against the sender.
+
+The three tests after the loop reproduce, deterministically, the faults it is there to find.
+
+CI runs 20 iterations (about two minutes on two cores). The slow mode runs more:
+
+    DICOM_NODE_CRASH_ITERATIONS=200 pytest tests/test_crash_loop.py
+
+``DICOM_NODE_CRASH_SEED=<n>`` replays a run; the seed is printed either way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+
+from dicom_node.phantoms import CtPhantomSpec, write_ct_series
+from dicom_node.scu import send
+from tests.conftest import NodeProcess, dcmtk_env, require_tool
+from tests.dicomfiles import assert_same_content, storescu_acknowledged
+from tests.test_algorithms import plugin_env
+
+ITERATIONS = int(os.environ.get("DICOM_NODE_CRASH_ITERATIONS", "20"))
+LONG_RUN_S = 2.5  # a run the restarted node comes back in the middle of
+RUN_S = 0.4  # each example-plugin run: long enough for a kill to land inside it
+QUIET_S = 2.0
+QUIET = {"series_quiet_seconds": QUIET_S, "study_quiet_seconds": QUIET_S}
+DOWN_FOR_A_WHILE = 0.3  # the share of kills after which the node stays down about QUIET_S
+RESEND_WITHIN_S = 0.8  # how long after the restart the modality comes back: within the quiet time
+RETRIES = {"backoff_initial_s": 0.2, "backoff_max_s": 0.5, "poll_s": 0.05, "max_attempts": 1000}
+KILL_POINTS = {"ingest": 3, "completion": 2, "inference": 3, "delivery": 2}  # relative weights
+
+
+@dataclass
+class Study:
+    uid: str
+    files: list[Path]
+    acknowledged: set[Path] = field(default_factory=set)
+
+    @property
+    def outstanding(self) -> list[Path]:
+        return [path for path in self.files if path not in self.acknowledged]
+
+
+@dataclass
+class Modality:
+    """Sends studies with storescu and remembers what was acknowledged with Success."""
+
+    folder: Path
+    studies: list[Study] = field(default_factory=list)
+    proc: subprocess.Popen | None = None
+
+    def new_study(self, rng: random.Random) -> Study:
+        uid = generate_uid()
+        spec = CtPhantomSpec(
+            slices=rng.randint(8, 24),
+            rows=64,
+            columns=64,
+            pixel_spacing_mm=(5.0, 5.0),
+            slice_thickness_mm=5.0,
+            study_uid=uid,
+        )
+        study = Study(uid, write_ct_series(self.folder / f"study{len(self.studies)}", spec))
+        self.studies.append(study)
+        return study
+
+    @property
+    def outstanding(self) -> list[Path]:
+        return [path for study in self.studies for path in study.outstanding]
+
+    def start_sending(self, node: NodeProcess) -> None:
+        files = self.outstanding
+        command = [require_tool("storescu"), "-v", "-aet", "MODALITY", "-aec", "DICOMNODE"]
+        self.proc = subprocess.Popen(
+            [*command, "127.0.0.1", str(node.port), *map(str, files)],
+            env=dcmtk_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    def finish_sending(self, timeout_s: float = 120) -> int:
+        """Wait for storescu to end (done, or cut off by the kill); record what it saw
+        acknowledged. Its exit status."""
+        assert self.proc is not None
+        output, _ = self.proc.communicate(timeout=timeout_s)
+        acknowledged = set(storescu_acknowledged(output))
+        for study in self.studies:
+            study.acknowledged |= acknowledged & set(study.files)
+        return self.proc.returncode
+
+
+def worker_pids(node: NodeProcess) -> list[int]:
+    return [int(p) for p in re.findall(r"started inference worker \S+ \(pid (\d+)\)", node.log())]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (reaped by nobody yet) is dead for our purposes.
+    status = Path(f"/proc/{pid}/status")
+    return status.exists() and "State:\tZ" not in status.read_text()
+
+
+def poll(node: NodeProcess, sql: str, timeout_s: float) -> bool:
+    """Poll until the query returns a row; False on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if node.query(sql):
+            return True
+        time.sleep(0.005)
+    return False
+
+
+def crash_node(make_node, outbox: Path) -> NodeProcess:
+    return make_node(
+        assembly=QUIET,
+        routing={
+            "rules": [{"algorithm": "example-threshold", "series": {"modality": ["CT"]}}],
+            "destinations": ["outbox"],
+        },
+        destinations={"outbox": {"type": "folder", "path": str(outbox)}},
+        algorithms={"example-threshold": {"delay_s": RUN_S}},
+        delivery=RETRIES,
+        env=plugin_env(),
+    )
+
+
+def kill(node: NodeProcess, *, with_worker: bool) -> None:
+    if with_worker:
+        pids = worker_pids(node)
+        if pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pids[-1], signal.SIGKILL)
+    node.kill()
+
+
+def settled(node: NodeProcess, studies: list[Study]) -> bool:
+    open_studies = node.query(
+        "SELECT COUNT(*) FROM studies WHERE completed_at IS NULL"
+        f" AND study_uid IN ({','.join('?' * len(studies))})",
+        tuple(s.uid for s in studies),
+    )[0][0]
+    busy = node.query("SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'running')")[0][0]
+    undelivered = node.query("SELECT COUNT(*) FROM deliveries WHERE state != 'sent'")[0][0]
+    return open_studies == 0 and busy == 0 and undelivered == 0
+
+
+def test_sigkill_loop_delivers_every_acknowledged_study_exactly_once(
+    make_node, tmp_path: Path
+) -> None:
+    seed = int(os.environ.get("DICOM_NODE_CRASH_SEED", random.SystemRandom().randrange(2**32)))
+    print(f"\ncrash loop: {ITERATIONS} iterations, seed {seed}")
+    rng = random.Random(seed)
+    outbox = tmp_path / "outbox"
+    node = crash_node(make_node, outbox)
+    modality = Modality(tmp_path / "studies")
+    landed: Counter[str] = Counter()
+
+    for _ in range(ITERATIONS):
+        modality.new_study(rng)
+        modality.start_sending(node)
+        point = rng.choices(list(KILL_POINTS), weights=list(KILL_POINTS.values()))[0]
+        if point == "ingest":
+            time.sleep(rng.uniform(0.0, 0.3))
+            hit = modality.proc.poll() is None
+        else:
+            modality.finish_sending()
+            if point == "completion":
+                time.sleep(rng.uniform(0.0, 0.3))
+                hit = True
+            elif point == "inference":
+                running = "SELECT id FROM jobs WHERE kind = 'inference' AND state = 'running'"
+                hit = poll(node, running, timeout_s=15)
+                time.sleep(rng.uniform(0.0, RUN_S + 0.2))
+            else:
+                hit = poll(node, "SELECT id FROM deliveries WHERE state = 'pending'", 15)
+                time.sleep(rng.uniform(0.0, 0.03))
+        kill(node, with_worker=rng.random() < 0.5)
+        modality.finish_sending()
+        landed[point if hit else f"{point} (missed)"] += 1
+        if rng.random() < DOWN_FOR_A_WHILE:
+            time.sleep(rng.uniform(QUIET_S / 2, QUIET_S * 1.5))  # a reboot, not a quick restart
+        node.start()
+        if modality.outstanding:
+            time.sleep(rng.uniform(0.0, RESEND_WITHIN_S))  # the modality's own retry interval
+    print(f"kills: {dict(sorted(landed.items()))}")
+
+    # The modality sends what is still unacknowledged, and the node drains its queues.
+    for _ in range(3):
+        if not modality.outstanding:
+            break
+        modality.start_sending(node)
+        modality.finish_sending()
+    assert not modality.outstanding, "the node refused instances after its restarts"
+    deadline = time.monotonic() + 120
+    while not settled(node, modality.studies) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert settled(node, modality.studies), node.log()[-5000:]
+
+    indexed = {r[0]: r[1] for r in node.query("SELECT sop_instance_uid, path FROM instances")}
+    for study in modality.studies:
+        for path in study.files:  # every one acknowledged by now
+            uid = dcmread(path, stop_before_pixels=True).SOPInstanceUID
+            assert uid in indexed, f"{path} was acknowledged but is lost"
+            assert_same_content(path, node.data_dir / indexed[uid], byte_identical=True)
+
+    failed = node.query("SELECT id, error FROM jobs WHERE state = 'failed'")
+    assert not failed, [tuple(r) for r in failed]
+    delivered = list(outbox.rglob("*"))
+    assert not [p for p in delivered if p.name.endswith(".partial")], "a partial file was left"
+    assert {p.name for p in outbox.iterdir()} == {s.uid for s in modality.studies}
+    for study in modality.studies:
+        check_one_result_set(node, outbox, study)
+    print(f"{len(modality.studies)} studies, each delivered exactly once")
+
+    # No worker of a killed node lives on beside the current one.
+    earlier = worker_pids(node)[:-1]
+    assert node.stop() == 0
+    deadline = time.monotonic() + 15
+    while any(alive(pid) for pid in earlier) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in earlier if alive(pid)], "a worker outlived its node"
+
+
+def check_one_result_set(node: NodeProcess, outbox: Path, study: Study) -> None:
+    """The study's one job, its one delivery, and exactly its objects at the destination."""
+    name = f"study {study.uid}"
+    series_uid = dcmread(study.files[0], stop_before_pixels=True).SeriesInstanceUID
+    jobs = node.query(
+        "SELECT id, generation, state FROM jobs WHERE kind = 'inference' AND subject_uid = ?",
+        (series_uid,),
+    )
+    assert [(j["generation"], j["state"]) for j in jobs] == [(1, "succeeded")], (
+        f"{name}: inference jobs {[tuple(j) for j in jobs]} (completed more than once?)"
+    )
+    (job_id,) = (j["id"] for j in jobs)
+    deliveries = node.query("SELECT state FROM deliveries WHERE job_id = ?", (job_id,))
+    assert [d["state"] for d in deliveries] == ["sent"], name
+    outputs = node.query(
+        "SELECT sop_instance_uid, kind, path FROM outputs WHERE job_id = ?", (job_id,)
+    )
+    assert sorted(o["kind"] for o in outputs) == ["SEG", "SR"], (
+        f"{name}: outputs {[tuple(o) for o in outputs]}"
+    )
+
+    files = sorted((outbox / study.uid).rglob("*.dcm"))
+    at_destination = {}
+    for path in files:
+        ds = dcmread(path)  # complete and readable, pixel data included
+        assert path.name == f"{ds.SOPInstanceUID}.dcm", path
+        assert path.parent.name == ds.SeriesInstanceUID and ds.StudyInstanceUID == study.uid
+        at_destination[str(ds.SOPInstanceUID)] = (path, ds)
+    assert len(at_destination) == len(files)
+    assert set(at_destination) == {o["sop_instance_uid"] for o in outputs}, (
+        f"{name}: at the destination {sorted(at_destination)}, the job recorded"
+        f" {sorted(o['sop_instance_uid'] for o in outputs)}"
+    )
+    for output in outputs:
+        path, ds = at_destination[output["sop_instance_uid"]]
+        assert path.read_bytes() == (node.data_dir / output["path"]).read_bytes(), name
+        if output["kind"] == "SEG":
+            # Made from the whole series, not from what had arrived before a kill.
+            assert int(ds.NumberOfFrames) == len(study.files), name
+
+
+def test_a_killed_nodes_worker_does_not_finish_its_job_beside_the_new_one(
+    make_node, tmp_path: Path
+) -> None:
+    """A node killed while its worker runs a long job: the kernel tells the worker (SIGTERM),
+    the restarted node queues the job again and its new worker runs it. The old worker must
+    not finish the job too: two attempts of one job recording their objects left four outputs
+    for one job, two of them naming objects whose files the other attempt had overwritten."""
+    outbox = tmp_path / "outbox"
+    node = make_node(
+        assembly={"series_quiet_seconds": 1, "study_quiet_seconds": 1},
+        routing={
+            "rules": [{"algorithm": "example-threshold", "series": {"modality": ["CT"]}}],
+            "destinations": ["outbox"],
+        },
+        destinations={"outbox": {"type": "folder", "path": str(outbox)}},
+        algorithms={"example-threshold": {"delay_s": LONG_RUN_S}},
+        delivery=RETRIES,
+        env=plugin_env(),
+    )
+    ct = write_ct_series(tmp_path / "ct", CtPhantomSpec(slices=12, rows=64, columns=64))
+    assert len(send(ct, "127.0.0.1", node.port).sent) == len(ct)
+    assert poll(node, "SELECT id FROM jobs WHERE state = 'running' AND kind = 'inference'", 60)
+    (orphan,) = worker_pids(node)
+    node.kill()
+    node.start()
+    done = "SELECT COUNT(*) FROM deliveries WHERE state = 'sent'"
+    assert node.wait_for(done, 1, timeout_s=60) == 1, node.log()
+    deadline = time.monotonic() + 15
+    while alive(orphan) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(orphan), "the old worker outlived its node"
+    time.sleep(LONG_RUN_S + 3)  # the new worker's whole run: time for a second attempt to land
+    # The old worker stopped at once, not after finishing its run beside the new one (which
+    # would double the load on the machine, and on a GPU the memory).
+    assert "the node is gone; stopping without finishing the job" in node.log()
+    assert node.log().count("example-threshold ran in") == 1
+    study = Study(dcmread(ct[0]).StudyInstanceUID, ct, set(ct))
+    check_one_result_set(node, outbox, study)
+    assert node.stop() == 0
+
+
+def test_a_series_cut_off_by_a_crash_waits_for_its_sender_after_the_restart(
+    make_node, tmp_path: Path
+) -> None:
+    """Killed mid-series and down for longer than the quiet time: back up, the node waits the
+    quiet time again before completing what was left open, so the modality, resending what was
+    not acknowledged a moment later, gets one completion of the whole series, not a result on
+    its first part and a second one on all of it."""
+    quiet = 3.0
+    node = make_node(assembly={"series_quiet_seconds": quiet, "study_quiet_seconds": quiet})
+    ct = write_ct_series(tmp_path / "ct", CtPhantomSpec(slices=120, rows=64, columns=64))
+    modality = Modality(tmp_path)
+    modality.studies.append(Study(dcmread(ct[0]).StudyInstanceUID, ct))
+    modality.start_sending(node)
+    assert node.wait_for("SELECT COUNT(*) >= 10 FROM instances", 1, timeout_s=60) == 1
+    node.kill()
+    modality.finish_sending()
+    assert 0 < len(modality.studies[0].acknowledged) < len(ct), "the kill missed the transfer"
+    time.sleep(quiet + 0.5)  # down for longer than the quiet time
+    node.start()
+    time.sleep(quiet * 0.4)  # the modality's retry comes a moment after the node is back
+    modality.start_sending(node)
+    assert modality.finish_sending() == 0 and not modality.outstanding
+    complete = "SELECT COUNT(*) FROM series WHERE completed_at IS NOT NULL"
+    assert node.wait_for(complete, 1, timeout_s=30) == 1
+    completions = [
+        (job["generation"], json.loads(job["payload"])["instances"])
+        for job in node.query(
+            "SELECT generation, payload FROM jobs WHERE kind = 'series-complete' ORDER BY id"
+        )
+    ]
+    assert completions == [(1, len(ct))]
+    assert node.stop() == 0
+
+
+def test_a_worker_whose_job_was_queued_again_does_not_record_it(
+    make_node, tmp_path: Path, monkeypatch
+) -> None:
+    """A worker that goes on running a job after the node queued it again (a worker of its own,
+    or one that did not hear its node die) must not record its result: only the attempt that
+    holds the job does, so a job never has two sets of objects."""
+    import importlib
+    import threading
+
+    from dicom_node.config import load_config
+    from dicom_node.infer import Worker
+    from dicom_node.jobs import SqliteJobStore
+    from tests.test_algorithms import PLUGINS
+
+    monkeypatch.syspath_prepend(str(PLUGINS))
+    importlib.invalidate_caches()
+    outbox = tmp_path / "outbox"
+    node = make_node(
+        assembly={"series_quiet_seconds": 1, "study_quiet_seconds": 1},
+        routing={
+            "rules": [{"algorithm": "example-threshold", "series": {"modality": ["CT"]}}],
+            "destinations": ["outbox"],
+        },
+        destinations={"outbox": {"type": "folder", "path": str(outbox)}},
+        algorithms={"example-threshold": {"delay_s": 1.0}},
+        worker={"enabled": False},  # the workers are this test's
+        delivery=RETRIES,
+        env=plugin_env(),
+    )
+    ct = write_ct_series(tmp_path / "ct", CtPhantomSpec(slices=12, rows=64, columns=64))
+    assert len(send(ct, "127.0.0.1", node.port).sent) == len(ct)
+    assert poll(node, "SELECT id FROM jobs WHERE state = 'queued' AND kind = 'inference'", 30)
+
+    config = load_config(node.config_path, environ={})
+    late, current = Worker(config, name="late"), Worker(config, name="current")
+    running = threading.Thread(target=late.work_once)
+    running.start()
+    assert poll(node, "SELECT id FROM jobs WHERE state = 'running' AND worker = 'late'", 30)
+    # What a node does when it starts: jobs left running by the last one are queued again.
+    jobs = SqliteJobStore(current.db)
+    assert jobs.requeue_interrupted() == 1
+    running.join(60)
+    assert not node.query("SELECT * FROM outputs") and not node.query("SELECT * FROM results")
+    assert node.query("SELECT state FROM jobs WHERE kind = 'inference'")[0][0] == "queued"
+
+    assert current.work_once() is not None
+    done = "SELECT COUNT(*) FROM deliveries WHERE state = 'sent'"
+    assert node.wait_for(done, 1, timeout_s=30) == 1, node.log()
+    study = Study(dcmread(ct[0]).StudyInstanceUID, ct, set(ct))
+    check_one_result_set(node, outbox, study)
+    late.db.close()
+    current.db.close()
+    assert node.stop() == 0
