@@ -64,6 +64,20 @@ def bundle_like(tmp_path: Path, model_zoo: Path) -> Callable[[str], Path]:
     return make
 
 
+def wait_until(
+    check: Callable[[], object], timeout_s: float = 60.0, what: str = "", log: str = ""
+) -> object:
+    """Poll ``check`` until it returns something truthy, and return that; fail naming what
+    was awaited (and the end of a node's log, when given) after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}\n{log[-5000:]}")
+
+
 @dataclass
 class NodeProcess:
     """A `dicom-node serve` subprocess with its own data folder and port."""

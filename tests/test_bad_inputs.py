@@ -14,12 +14,11 @@ from __future__ import annotations
 import copy
 import json
 import struct
-import time
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import pytest
 from pydicom import dcmread
@@ -40,7 +39,7 @@ from pynetdicom import AE, _config
 from dicom_node.algorithm import MAX_VOXELS
 from dicom_node.phantoms import CtPhantomSpec, ct_series
 from dicom_node.store import encode_file_meta
-from tests.conftest import NodeProcess
+from tests.conftest import NodeProcess, wait_until
 from tests.dicomfiles import corpus_instances, dataset_bytes, dciodvfy, storescu_acknowledged
 from tests.test_store import encoded
 
@@ -169,13 +168,7 @@ def c_store(node: NodeProcess, items: list[Sent], folder: Path) -> list[int]:
 
 
 def poll(check: Callable[[], T | None], timeout_s: float, what: str, node: NodeProcess) -> T:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"{what} within {timeout_s:.0f} s\n{node.log()[-5000:]}")
+    return cast(T, wait_until(check, timeout_s, what, node.log()))
 
 
 def decision(node: NodeProcess, series_uid: str) -> dict:

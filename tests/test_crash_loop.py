@@ -153,15 +153,17 @@ def poll(node: NodeProcess, sql: str, timeout_s: float) -> bool:
     return False
 
 
-def crash_node(make_node, outbox: Path) -> NodeProcess:
+def crash_node(
+    make_node, outbox: Path, *, run_s: float = RUN_S, quiet: dict = QUIET
+) -> NodeProcess:
     return make_node(
-        assembly=QUIET,
+        assembly=quiet,
         routing={
             "rules": [{"algorithm": "example-threshold", "series": {"modality": ["CT"]}}],
             "destinations": ["outbox"],
         },
         destinations={"outbox": {"type": "folder", "path": str(outbox)}},
-        algorithms={"example-threshold": {"delay_s": RUN_S}},
+        algorithms={"example-threshold": {"delay_s": run_s}},
         delivery=RETRIES,
         env=plugin_env(),
     )
@@ -313,16 +315,11 @@ def test_a_killed_nodes_worker_does_not_finish_its_job_beside_the_new_one(
     not finish the job too: two attempts of one job recording their objects left four outputs
     for one job, two of them naming objects whose files the other attempt had overwritten."""
     outbox = tmp_path / "outbox"
-    node = make_node(
-        assembly={"series_quiet_seconds": 1, "study_quiet_seconds": 1},
-        routing={
-            "rules": [{"algorithm": "example-threshold", "series": {"modality": ["CT"]}}],
-            "destinations": ["outbox"],
-        },
-        destinations={"outbox": {"type": "folder", "path": str(outbox)}},
-        algorithms={"example-threshold": {"delay_s": LONG_RUN_S}},
-        delivery=RETRIES,
-        env=plugin_env(),
+    node = crash_node(
+        make_node,
+        outbox,
+        run_s=LONG_RUN_S,
+        quiet={"series_quiet_seconds": 1, "study_quiet_seconds": 1},
     )
     ct = write_ct_series(tmp_path / "ct", CtPhantomSpec(slices=12, rows=64, columns=64))
     assert len(send(ct, "127.0.0.1", node.port).sent) == len(ct)

@@ -17,6 +17,7 @@ from pydicom import dcmread
 from dicom_node.config import ConfigError, load_config
 from dicom_node.phantoms import cxr_dataset
 from dicom_node.web import store_check
+from tests.conftest import wait_until
 from tests.peers import free_port
 
 TOKEN = "s3cret-token-for-tests"
@@ -51,16 +52,6 @@ def metrics(url: str, **kwargs) -> dict[tuple[str, tuple], float]:
         for family in text_string_to_metric_families(body.decode())
         for sample in family.samples
     }
-
-
-def wait_until(predicate, timeout_s: float = 60.0, what: str = "") -> object:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture
