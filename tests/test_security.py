@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import ssl
 import subprocess
 import sys
 import time
@@ -34,7 +33,6 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
-from pynetdicom.sop_class import Verification
 
 import dicom_node.scu  # noqa: F401  (files are sent as stored: the request's UIDs come from the meta)
 from dicom_node.phantoms import CtPhantomSpec, ct_series
@@ -42,7 +40,7 @@ from tests.conftest import NodeProcess, require_tool
 from tests.peers import dcmtk_env, free_port
 from tests.test_algorithms import plugin_env
 from tests.test_hostile_network import closed_by_node
-from tests.test_tls import openssl, pki, tls_scp  # noqa: F401  (pki is a fixture)
+from tests.test_tls import openssl, pki, tls_echo, tls_scp  # noqa: F401  (pki is a fixture)
 
 TOKEN = "a-token-long-enough-for-the-node"
 ACSE_TIMEOUT_S = 3.0
@@ -76,25 +74,6 @@ def rogue(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def tls_node(make_node, pki: Path) -> NodeProcess:  # noqa: F811  (the pki fixture)
     return make_node(scp={"tls": tls_scp(pki), "acse_timeout_s": ACSE_TIMEOUT_S})
-
-
-def tls_echo(node: NodeProcess, ca: Path, cert: Path | None, key: Path | None) -> bool:
-    """C-ECHO over TLS, trusting ``ca`` for the node, showing ``cert`` (None: no certificate).
-    Bounded in time: a client that waits forever for a handshake would hang the test."""
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
-    context.check_hostname = False
-    if cert is not None:
-        context.load_cert_chain(str(cert), str(key))
-    ae = AE(ae_title="TLSCLIENT")
-    ae.add_requested_context(Verification)
-    ae.acse_timeout = ae.network_timeout = ae.connection_timeout = 10
-    assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE", tls_args=(context, None))
-    if not assoc.is_established:
-        return False
-    try:
-        return int(assoc.send_c_echo().get("Status", -1)) == 0
-    finally:
-        assoc.release()
 
 
 def test_a_client_certificate_from_another_ca_is_refused(
