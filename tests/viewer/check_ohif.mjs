@@ -84,6 +84,15 @@ async function openSr() {
         labels: m.labels.map((l) => `${l.label}: ${l.value}`),
       })),
     })));
+  // OHIF 3.13 adds the SR's annotations to a viewport that may already have rendered the
+  // referenced image, and nothing redraws it: the outlines appear once the reader scrolls.
+  // A reader browses the stack, so this scrolls one image away and back over the viewport.
+  const box = await page.locator('.cornerstone-viewport-element').first().boundingBox();
+  await page.mouse.move(box.x + box.width / 2, box.y + box.height / 2);
+  for (const delta of [100, -100]) {
+    await page.mouse.wheel(0, delta);
+    await page.waitForTimeout(1000);
+  }
   // Step through every measurement with the viewport's arrows, back to the first one.
   const drawn = {};
   const count = sr[0]?.measurements.length || 0;
