@@ -23,21 +23,12 @@ from dicom_node.config import (
     config_as_yaml,
     load_config,
 )
+from dicom_node.logs import setup_logging
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 log = logging.getLogger("dicom_node")
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # pynetdicom logs every PDU at INFO; its warnings and errors are what an operator needs.
-    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
 def _config(args: argparse.Namespace) -> NodeConfig:
@@ -48,7 +39,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from dicom_node.node import Node
 
     config = _config(args)
-    _setup_logging(config.logging.level)
+    setup_logging(config.logging.level)
     source = args.config or os.environ.get(ENV_CONFIG_FILE)
     node = Node(
         config, config_source=str(Path(source).resolve()) if source else "embedded defaults"
@@ -250,7 +241,7 @@ def cmd_qa(args: argparse.Namespace) -> int:
     from dicom_node.qa import QaOptions, run_qa
 
     config = _config(args)
-    _setup_logging("WARNING")  # the report is the output; logs only for what went wrong
+    setup_logging("WARNING")  # the report is the output; logs only for what went wrong
     source = args.config or os.environ.get(ENV_CONFIG_FILE)
     options = QaOptions(
         host=args.host,

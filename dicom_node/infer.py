@@ -37,8 +37,9 @@ from dicom_node.config import NodeConfig
 from dicom_node.database import RESULTS_DIR, Database, database_path
 from dicom_node.deliver import schedule
 from dicom_node.jobs import Job, JobKind, SqliteJobStore, mark_succeeded
+from dicom_node.logs import setup_logging
 from dicom_node.store import fsync_tree
-from dicom_node.write import Provenance, Written, write_all
+from dicom_node.write import Provenance, WriteError, Written, write_all
 
 log = logging.getLogger(__name__)
 
@@ -302,10 +303,7 @@ def _set_torch_threads(threads: int) -> None:
 def worker_main(config: NodeConfig, name: str, parent_pid: int | None = None) -> None:
     """Entry of a worker process: started by :class:`WorkerSupervisor` with the node's pid
     as ``parent_pid``, or on its own by ``dicom-node worker``."""
-    logging.basicConfig(
-        level=config.logging.level,
-        format="%(asctime)s %(levelname)-7s %(name)s[worker]: %(message)s",
-    )
+    setup_logging(config.logging.level, process="[worker]")
     if parent_pid is not None:
         _terminate_with_parent()
     worker = Worker(config, name=name)

@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import highdicom as hd
 import numpy as np
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.valuerep import format_number_as_ds
+from pydicom.valuerep import DA, TM, format_number_as_ds
 
 from dicom_node import __version__
 from dicom_node.algorithm import DEMO_WARNING, AlgorithmResult, Concept, SeriesInput, Weights
@@ -114,6 +117,71 @@ def character_set(source: Dataset) -> str | list[str] | None:
     return terms[0] if len(terms) == 1 else terms
 
 
+def _valid_da(value: object) -> bool:
+    return DA(str(value)) is not None
+
+
+def _valid_tm(value: object) -> bool:
+    return TM(str(value)) is not None
+
+
+# The source attributes highdicom copies into every result and refuses when they break their
+# VR's rules (PS3.5 6.2: DA is YYYYMMDD, TM is HHMMSS.FFFFFF; PS3.3 C.7.1.1: Patient's Sex is
+# M, F or O). All are Type 2 in the results' modules, so an empty value is conformant.
+_COPIED_AND_CHECKED: dict[str, Callable[[object], bool]] = {
+    "PatientBirthDate": _valid_da,
+    "StudyDate": _valid_da,
+    "StudyTime": _valid_tm,
+    "PatientSex": lambda value: str(value) in ("M", "F", "O"),
+}
+
+
+def copyable(datasets: Sequence[Dataset]) -> list[Dataset]:
+    """The source instances as the writers may copy them: an instance whose copied patient or
+    study attributes break their VR (a birth date sent as "1923-04-17") is replaced by a copy
+    with those values empty, rather than every result of the series failing; the source
+    files and the algorithm's data sets are not touched. Logged by attribute, never by value.
+    """
+    emptied: set[str] = set()
+    out = []
+    for ds in datasets:
+        bad = [k for k, valid in _COPIED_AND_CHECKED.items() if not _valid_or_empty(ds, k, valid)]
+        if bad:
+            ds = _with_emptied(ds, bad)
+            emptied.update(bad)
+        out.append(ds)
+    if emptied:
+        log.warning(
+            "not valid in the source (PS3.5 6.2), left empty in the results: %s",
+            ", ".join(sorted(emptied)),
+        )
+    return out
+
+
+def _valid_or_empty(ds: Dataset, keyword: str, valid: Callable[[object], bool]) -> bool:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom's warning quotes the value
+        try:
+            return valid(value)
+        except (ValueError, TypeError):
+            return False
+
+
+def _with_emptied(ds: Dataset, keywords: list[str]) -> Dataset:
+    """A copy of ``ds`` sharing its elements except ``keywords``, which are empty. (A plain
+    copy.copy would share the element dictionary and change the source too.)"""
+    copy = Dataset(dict(ds.items()))
+    if hasattr(ds, "file_meta"):
+        copy.file_meta = ds.file_meta
+    for keyword in keywords:
+        tag = tag_for_keyword(keyword)
+        copy[tag] = DataElement(tag, dictionary_VR(tag), "")
+    return copy
+
+
 @dataclass(frozen=True)
 class Provenance:
     """Who made a result: the algorithm, its version and its weights."""
@@ -167,7 +235,7 @@ def spatially_ordered(series: SeriesInput) -> tuple[hd.Volume, list[Dataset]]:
     disagree (rows or columns flipped, frames missing) and nothing is written.
     """
     volume = series.volume()
-    datasets = series.datasets()
+    datasets = copyable(series.datasets())
     if len(datasets) == 1:
         return volume, datasets  # one instance: a multi-frame image or a single slice
     positions = np.array([ds.ImagePositionPatient for ds in datasets], dtype=float)
@@ -224,7 +292,7 @@ def segmentation(
         )
         for number, mask in enumerate(result.masks, 1)
     ]
-    further = [ds for name in further_sources for ds in inputs[name].datasets()]
+    further = copyable([ds for name in further_sources for ds in inputs[name].datasets()])
     seg = hd.seg.Segmentation(
         source_images=datasets,
         pixel_array=masks.astype(np.uint8),
@@ -354,7 +422,7 @@ def measurement_report(
     if result.findings or segmentation is not None:
         volume, datasets = spatially_ordered(inputs[source])
     else:  # classifications only: a radiograph may have no position to build a volume from
-        volume, datasets = None, inputs[source].datasets()
+        volume, datasets = None, copyable(inputs[source].datasets())
     device = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -559,7 +627,7 @@ def heat_map_capture(
     if len(result.heatmaps) != 1:
         raise WriteError(f"expected one heat map, the result has {len(result.heatmaps)}")
     (heat,) = result.heatmaps
-    (reference,) = inputs[heat.source].datasets()
+    (reference,) = copyable(inputs[heat.source].datasets())
     image = displayed_image(reference)
     if heat.array.shape != image.shape:
         raise WriteError(f"heat map {heat.array.shape} is not on the image grid {image.shape}")

@@ -30,6 +30,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
@@ -310,7 +311,8 @@ def test_no_patient_data_in_the_log_at_info(make_node, tmp_path: Path) -> None:
         worker={"max_attempts": 1},
     )
     # Two studies of the patient: one as the standard says, one as a sloppy modality writes
-    # it (a birth date with dashes, a sex in words): pydicom quotes invalid values it reads.
+    # it (a birth date with dashes, a sex in words, a name without its carets): pydicom
+    # quotes invalid values it reads, highdicom quotes a name it doubts.
     spec = CtPhantomSpec(slices=8, rows=32, columns=32)
     series = [with_patient(ds) for ds in ct_series(spec)]
     sloppy = [with_patient(ds) for ds in ct_series(spec)]
@@ -322,6 +324,7 @@ def test_no_patient_data_in_the_log_at_info(make_node, tmp_path: Path) -> None:
         warnings.filterwarnings("ignore", "Invalid value for VR", UserWarning)
         for ds in sloppy:
             ds.PatientBirthDate, ds.PatientSex = "1923-04-17", "Female"
+            ds.PatientName = "Zorblaxine Quiventhal"
         refused[0].SOPInstanceUID = "1.2.3.x"
     refused[1].file_meta.MediaStorageSOPInstanceUID = generate_uid()
     assert store_all(node, series) == [0] * len(series)
@@ -334,19 +337,31 @@ def test_no_patient_data_in_the_log_at_info(make_node, tmp_path: Path) -> None:
     assert node.wait_for(ended, 2, timeout_s=120) == 2, node.log()
     pending = "SELECT COUNT(*) FROM deliveries WHERE state = 'pending'"
     assert node.wait_for(pending, 0, timeout_s=60) == 0, node.log()
-    # The standard study went everywhere a result goes (what became of the sloppy one is not
-    # the point here: only that its patient stays out of the log either way).
-    (job,) = [
-        row["id"]
-        for row in node.query("SELECT id, payload FROM jobs WHERE kind = 'inference'")
-        if json.loads(row["payload"])["inputs"]["series"] == series[0].SeriesInstanceUID
-    ]
-    states = node.query("SELECT destination, state FROM deliveries WHERE job_id = ?", (job,))
-    assert dict(states) == {"archive": "sent", "down": "dead", "wrong-ae": "dead", "sender": "dead"}
-    sent = archive.query(
-        "SELECT COUNT(*) FROM instances WHERE study_uid = ?", (series[0].StudyInstanceUID,)
-    )
-    assert sent[0][0] == 2  # a SEG and an SR
+    # Both studies went everywhere a result goes: the sloppy one's results carry its invalid
+    # date and sex empty (Type 2), not a failed job.
+    jobs = {
+        json.loads(row["payload"])["inputs"]["series"]: row
+        for row in node.query("SELECT id, state, payload FROM jobs WHERE kind = 'inference'")
+    }
+    for study in (series, sloppy):
+        job = jobs[study[0].SeriesInstanceUID]
+        assert job["state"] == "succeeded"
+        states = node.query(
+            "SELECT destination, state FROM deliveries WHERE job_id = ?", (job["id"],)
+        )
+        expected = {"archive": "sent", "down": "dead", "wrong-ae": "dead", "sender": "dead"}
+        assert dict(states) == expected
+        outputs = node.query("SELECT sop_instance_uid FROM outputs WHERE job_id = ?", (job["id"],))
+        marks = ",".join("?" * len(outputs))
+        sent = archive.query(
+            f"SELECT path FROM instances WHERE sop_instance_uid IN ({marks})",
+            tuple(row[0] for row in outputs),
+        )
+        assert len(sent) == len(outputs) == 2  # a SEG and an SR
+    for (path,) in sent:  # the sloppy study's
+        result = dcmread(archive.data_dir / path)
+        assert (result.PatientBirthDate, result.PatientSex) == ("", "")
+        assert result.PatientName == "Zorblaxine Quiventhal"
 
     for who in (node, archive):
         log = who.log()

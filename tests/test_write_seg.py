@@ -7,9 +7,11 @@ the reference validators (dicom3tools) must find no error.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import subprocess
+import warnings
 from pathlib import Path
 
 import highdicom as hd
@@ -22,6 +24,7 @@ from dicom_node.algorithm import AlgorithmResult, Concept, LabelMask, SeriesInpu
 from dicom_node.phantoms import AXIAL, CtPhantomSpec, Nodule, write_ct_series
 from dicom_node.write import Provenance, WriteError, segmentation
 from tests.conftest import require_tool
+from tests.dicomfiles import dciodvfy
 
 NODULE = Concept("SCT", "27925004", "Nodule")
 LUNG = Concept("SCT", "39607008", "Lung")
@@ -184,6 +187,43 @@ def test_spacing_between_slices_of_the_source_does_not_leak(tmp_path) -> None:
     seg = segmentation(result, {"series": series}, PROVENANCE, series_number=1)
     measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
     assert float(measures.SpacingBetweenSlices) == pytest.approx(spec.slice_thickness_mm)
+
+
+SLOPPY = {  # as modalities in the wild write them
+    "PatientBirthDate": "1923-04-17",
+    "StudyDate": "2026/11/24",
+    "StudyTime": "12:30:00",
+    "PatientSex": "Female",
+}
+
+
+def test_invalid_copied_patient_and_study_values_are_left_empty_not_fatal(tmp_path, caplog) -> None:
+    """highdicom refuses a source whose copied date, time or sex breaks its VR: the results
+    carry those Type 2 attributes empty instead, the source stays as it was, the objects
+    pass dciodvfy, and the log names the attributes, not their values."""
+    spec = phantom("axial", reversed_order=False)
+    paths = write_ct_series(tmp_path / "ct", spec)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Invalid value for VR", UserWarning)
+        for path in paths:
+            ds = dcmread(path)
+            for keyword, value in SLOPPY.items():
+                setattr(ds, keyword, value)
+            ds.save_as(path)
+    series = SeriesInput("1", tuple(paths))
+    result = AlgorithmResult("t", "1", demo=False, masks=masks_for(spec, series.volume()))
+    with caplog.at_level(logging.INFO, logger="dicom_node"):
+        seg = segmentation(result, {"series": series}, PROVENANCE, series_number=1)
+    assert all(seg[k].value == "" for k in SLOPPY)
+    assert seg.PatientName == series.datasets()[0].PatientName
+    assert all(ds[k].value == v for ds in series.datasets() for k, v in SLOPPY.items())
+    path = tmp_path / "seg.dcm"
+    seg.save_as(path)
+    # Empty as the source made them: only a DICOMDIR would miss the study's date and time.
+    assert dciodvfy(path, from_source=("needed to build DICOMDIR - Study",)) == []
+    # (pydicom's own warnings quote the values: the node logs them at DEBUG, see test_security.)
+    logged = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("dicom_node"))
+    assert all(k in logged for k in SLOPPY) and not any(v in logged for v in SLOPPY.values())
 
 
 def test_masks_that_say_nothing_or_do_not_fit_are_refused(tmp_path) -> None:

@@ -1,0 +1,46 @@
+"""Logging for the node's processes: one format, and no patient data above DEBUG.
+
+The node's own messages name attributes, never their values. The libraries it reads DICOM
+with do not: pydicom's validation warnings quote the value they refuse ("Invalid value for VR
+DA: '1923-04-17'"), highdicom's quote a patient's name it doubts, and both also raise them as
+Python warnings, which would reach stderr unformatted. Their records, and Python warnings,
+are therefore logged at DEBUG; what an operator needs from such a problem the node says in
+its own words (e.g. which attribute of a source was left empty in the results).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+# Top-level logger names whose records may quote data values.
+QUOTING_LOGGERS = frozenset({"pydicom", "highdicom", "py.warnings"})
+
+
+class _QuotedDataAtDebug(logging.Filter):
+    """A handler filter: records of :data:`QUOTING_LOGGERS` (and their children) become DEBUG
+    records, shown only when the node logs at DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not any(record.name == n or record.name.startswith(f"{n}.") for n in QUOTING_LOGGERS):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
+def setup_logging(level: str, *, process: str = "") -> None:
+    """Log to stderr at ``level``; ``process`` tells a worker's lines from the node's."""
+    logging.basicConfig(
+        level=level,
+        format=f"%(asctime)s %(levelname)-7s %(name)s{process}: %(message)s",
+        stream=sys.stderr,
+    )
+    # pynetdicom logs every PDU at INFO; its warnings and errors are what an operator needs.
+    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    logging.captureWarnings(True)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _QuotedDataAtDebug) for f in handler.filters):
+            handler.addFilter(_QuotedDataAtDebug())
+
+
+__all__ = ["QUOTING_LOGGERS", "setup_logging"]
