@@ -157,16 +157,23 @@ class Worker:
         try:
             path, written, ran = self.run_job(job)
         except Exception as exc:
+            # The same series and weights fail the same way again: an input or a result that
+            # cannot be written ends the job at once; anything else may be passing and is tried
+            # again up to worker.max_attempts.
+            final = isinstance(exc, (InputError, WriteError))
             state = self.jobs.fail(
-                job.id, f"{type(exc).__name__}: {exc}", max_attempts=self.config.worker.max_attempts
+                job.id,
+                f"{type(exc).__name__}: {exc}",
+                max_attempts=job.attempts if final else self.config.worker.max_attempts,
             )
             # Not the message or the traceback above DEBUG: they may quote the patient's data
             # (pydicom's "Unable to convert '1923-04-17' to 'DA' object", say).
             log.error(
-                "job %d failed (attempt %d, now %s): %s; the details are logged at DEBUG",
+                "job %d failed (attempt %d, now %s%s): %s; the details are logged at DEBUG",
                 job.id,
                 job.attempts,
                 state.value,
+                ", not retried: the same input fails the same way" if final else "",
                 _raised_at(exc),
             )
             log.debug("job %d failed", job.id, exc_info=exc)

@@ -585,6 +585,7 @@ def test_bad_input(node: NodeProcess, tmp_path: Path, name: str) -> None:
     job = finished_job(node, series_uid)
     assert job["state"] == "failed", job
     assert outcome.reason in job["error"], job["error"]
+    assert job["attempts"] == 1, job  # the same input would fail the same way: not retried
     # Nothing written from it: no SEG on a wrong slice, no volume made of two.
     assert outputs_of(node, job["id"]) == {}
 
@@ -612,6 +613,7 @@ def test_compressed_series_the_decoders_cannot_read(
     assert decision(node, series_uid)["routed"] == [LUNG]
     job = finished_job(node, series_uid)
     assert job["state"] == "failed" and "pixel data not decodable" in job["error"], job
+    assert job["attempts"] == 1, job
     assert outputs_of(node, job["id"]) == {}
 
 
