@@ -21,7 +21,7 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from dicom_node.assembly import Assembler
 from dicom_node.config import ScpConfig, TlsConfig
@@ -131,15 +131,52 @@ def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
     return context
 
 
+# The most an A-ASSOCIATE-RQ (or any PDU but P-DATA-TF) needs: 128 presentation contexts with
+# every transfer syntax, and user identity items of 64 KiB each (PS3.8 9.3.2, PS3.7 D.3.3.7).
+PDU_ALLOWANCE = 1 << 20
+
+
+class _BoundedSocket(AssociationSocket):
+    """pynetdicom reads a PDU into memory whole, at whatever length its header announces (up
+    to 4 GiB, PS3.8 9.3.1): a peer streaming one could exhaust the node's memory. A PDU
+    longer than ``limit`` is not read; to pynetdicom the transport closed."""
+
+    limit: int
+
+    @classmethod
+    def bound(cls, sock: AssociationSocket, limit: int) -> None:
+        """Give the socket pynetdicom made the bound. Made anew, it would announce the
+        connection to the protocol machine a second time."""
+        sock.__class__ = cls
+        cast(_BoundedSocket, sock).limit = limit
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        if nr_bytes > self.limit:
+            log.warning(
+                "%s announced a PDU of %d bytes, more than the %d this node reads"
+                " (scp.max_pdu_size); connection closed",
+                self._assoc.requestor.address,
+                nr_bytes,
+                self.limit,
+            )
+            return bytearray()
+        return super().recv(nr_bytes)
+
+
 class _RequestHandler(RequestHandler):
     """pynetdicom's handler, but the connection's thread stays until its association ends,
     so that the server learns of every end: pynetdicom ends an association without
-    EVT_RELEASED or EVT_ABORTED when a malformed PDU stops its protocol machine."""
+    EVT_RELEASED or EVT_ABORTED when a malformed PDU stops its protocol machine. PDUs are
+    read through :class:`_BoundedSocket` unless scp.max_pdu_size is 0 (unlimited)."""
 
     server: AcceptorServer
 
     def handle(self) -> None:
         assoc = self._create_association()
+        if self.ae.maximum_pdu_size:
+            # The variable field of a P-DATA-TF we receive is at most our maximum (PS3.8 D.1).
+            limit = max(self.ae.maximum_pdu_size, PDU_ALLOWANCE)
+            _BoundedSocket.bound(cast(AssociationSocket, assoc.dul.socket), limit)
         evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
         assoc.start()
         assoc.join()

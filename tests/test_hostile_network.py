@@ -17,6 +17,7 @@ import socket
 import struct
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from pydicom.dataset import Dataset
@@ -416,6 +417,47 @@ ABSURD = {
 @pytest.mark.parametrize("case", ABSURD)
 def test_absurd_lengths_and_out_of_order_pdus(node: NodeProcess, case: str) -> None:
     send_and_hang_up(node, ABSURD[case])
+    assert_healthy(node)
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """The process's peak resident set (VmHWM), which only grows."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmHWM for {pid}")
+
+
+@pytest.mark.parametrize("pdu_type", [ASSOCIATE_RQ, P_DATA_TF], ids=["A-ASSOCIATE-RQ", "P-DATA-TF"])
+def test_a_peer_streaming_a_huge_pdu_cannot_exhaust_memory(
+    node: NodeProcess, pdu_type: int
+) -> None:
+    """A PDU's length field allows 4 GiB (PS3.8 9.3.1), and pynetdicom would read it all
+    into memory: a PDU announced beyond what the node reads is refused after its header, the
+    connection closed while the peer still streams, and the node's peak memory barely moves."""
+    assert node.proc is not None
+    before = peak_rss_bytes(node.proc.pid)
+    announced = 1 << 30
+    streamed = 0
+    sock = associate(node) if pdu_type == P_DATA_TF else connect(node)
+    with sock:
+        sock.settimeout(10)
+        try:
+            sock.sendall(struct.pack(">BBI", pdu_type, 0, announced))
+            chunk = b"\0" * (1 << 20)
+            while streamed < 256 << 20:
+                sock.sendall(chunk)
+                streamed += len(chunk)
+        except TimeoutError:
+            raise AssertionError("the node stopped reading but kept the connection") from None
+        except OSError:  # reset or broken pipe: the node hung up, as it should
+            pass
+        else:
+            raise AssertionError(f"the node read {streamed >> 20} MiB of one PDU")
+    # What got through before the reset sat in the kernel's socket buffers, not in the node.
+    assert streamed < 64 << 20, streamed
+    assert peak_rss_bytes(node.proc.pid) - before < 32 << 20
+    assert "announced a PDU of 1073741824 bytes" in node.log()
     assert_healthy(node)
 
 
