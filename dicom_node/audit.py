@@ -264,10 +264,11 @@ class AuditTrail:
                         MINOR_FAILURE if rejected else SUCCESS,
                         [
                             participant(
-                                event.calling_aet,
+                                # A peer refused before it named itself (TLS) is its address.
+                                event.calling_aet or event.peer_host,
                                 requestor=True,
                                 host=event.peer_host,
-                                ae_title=event.calling_aet,
+                                ae_title=event.calling_aet or None,
                             ),
                             self._us(requestor=False),
                         ],

@@ -200,6 +200,8 @@ class AcceptorServer(ThreadedAssociationServer):
     # (StorageSCP.stop gives in-flight associations their grace period itself).
     daemon_threads = True
     on_association_end: Callable[[Association], None] | None = None
+    # (peer host, why): a client that failed TLS never reaches pynetdicom's events.
+    on_tls_failure: Callable[[str, str], None] | None = None
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         client, address = cast(socket.socket, self.socket).accept()
@@ -227,6 +229,8 @@ class AcceptorServer(ThreadedAssociationServer):
                 else:
                     why = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
                 log.warning("TLS handshake with %s failed: %s", host, why)
+                if self.on_tls_failure is not None:
+                    self.on_tls_failure(str(host), why)
                 self.shutdown_request(request)
                 return
         super().process_request_thread(request, client_address)
@@ -312,6 +316,7 @@ class StorageSCP:
             request_handler=_RequestHandler,
         )
         server.on_association_end = self._on_finished
+        server.on_tls_failure = self._on_tls_failure
         self.ae._servers.append(server)  # where pynetdicom's shutdown() removes it from
         threading.Thread(target=server.serve_forever, name="dicom-acceptor", daemon=True).start()
         self._server = server
@@ -382,6 +387,10 @@ class StorageSCP:
             "rejected association from %s at %s: %s", sender.calling_aet, sender.peer_host, reason
         )
         self.events.emit(AssociationRejected(sender.calling_aet, sender.peer_host, called, reason))
+
+    def _on_tls_failure(self, host: str, why: str) -> None:
+        # No association yet: neither AE title is known (PS3.15 A.5.3.12 names the node).
+        self.events.emit(AssociationRejected("", host, "", f"TLS handshake failed: {why}"))
 
     def _on_established(self, event: Event) -> None:
         sender = _peer(event.assoc)

@@ -40,6 +40,7 @@ from dicom_node.phantoms import CtPhantomSpec, ct_series
 from tests.conftest import NodeProcess, require_tool
 from tests.peers import dcmtk_env, free_port
 from tests.test_algorithms import plugin_env
+from tests.test_audit import event_type, read_trail
 from tests.test_hostile_network import closed_by_node
 from tests.test_tls import openssl, pki, tls_echo, tls_scp  # noqa: F401  (pki is a fixture)
 
@@ -86,6 +87,19 @@ def test_a_client_certificate_from_another_ca_is_refused(
     assert "TLS handshake with 127.0.0.1 failed" in tls_node.log()
     assert "TLSCLIENT" not in tls_node.log()  # no association got as far as its AE title
     assert tls_echo(tls_node, pki / "ca.crt", pki / "client.crt", pki / "client.key")
+    # Audited as a failed node authentication, the peer named by its address (PS3.15 A.5.3.12).
+    trail = read_trail(tls_node.data_dir / "audit" / "audit.jsonl")
+    refused = [
+        m
+        for m in trail
+        if event_type(m) == "Node Authentication"
+        and "TLS handshake failed" in m["EventIdentification"].get("EventOutcomeDescription", "")
+    ]
+    assert refused, [event_type(m) for m in trail]
+    assert refused[0]["EventIdentification"]["EventOutcomeIndicator"] == 4
+    peer = refused[0]["ActiveParticipant"][0]
+    assert (peer["UserID"], peer["NetworkAccessPointID"]) == ("127.0.0.1", "127.0.0.1")
+    assert "AlternativeUserID" not in peer
 
 
 def dcmtk_tls_echo(
