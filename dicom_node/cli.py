@@ -271,6 +271,27 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_conformance(args: argparse.Namespace) -> int:
+    from dicom_node.conformance import TABLES, ConformanceDocError, region, rewrite
+
+    if args.write is None:
+        print("\n\n".join(region(name) for name in TABLES))
+        return 0
+    path = Path(args.write)
+    text = path.read_text()
+    try:
+        new = rewrite(text)
+    except ConformanceDocError as exc:
+        print(f"dicom-node: {path}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if new == text:
+        print(f"{path}: generated tables up to date")
+    else:
+        path.write_text(new)
+        print(f"{path}: generated tables rewritten")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dicom-node", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"dicom-node {__version__}")
@@ -377,6 +398,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="show: effective configuration; check: validate; reference: every key (Markdown)",
     )
     config.set_defaults(func=cmd_config)
+
+    conformance = commands.add_parser(
+        "conformance", help="the conformance statement's tables, generated from the code"
+    )
+    conformance.add_argument(
+        "action", choices=["tables"], help="tables: SOP classes and transfer syntaxes (Markdown)"
+    )
+    conformance.add_argument(
+        "--write",
+        metavar="FILE",
+        help="rewrite the generated regions of FILE (docs/conformance.md) in place",
+    )
+    conformance.set_defaults(func=cmd_conformance)
     return parser
 
 
