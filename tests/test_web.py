@@ -111,6 +111,9 @@ def test_health_readiness_metrics_and_api_follow_a_study(make_node, cxr_file):
     reasons = {n["algorithm"]: n["reason"] for d in study["decisions"] for n in d["not_routed"]}
     assert reasons.get("lung-nodules-ct")
     (job,) = study["jobs"]
+    # The list's one-line counts agree with the study's own page.
+    assert studies[0]["jobs"] == {"queued": 0, "running": 0, "succeeded": 1, "failed": 0}
+    assert studies[0]["series"] == len(study["series"]) == 1 and studies[0]["instances"] == 1
     assert job["state"] == "succeeded" and job["device"] == "cpu"
     assert sorted(o["kind"] for o in job["outputs"]) == ["SC", "SR"]
     steps = [s["step"] for s in job["timeline"]]
