@@ -110,7 +110,10 @@ class ScpConfig(_Section):
     max_pdu_size: int = Field(
         default=262144,
         ge=0,
-        description="Maximum PDU length we receive (PS3.8 D.1); 0 means unlimited.",
+        description=(
+            "Maximum PDU length we receive (PS3.8 D.1); 0 means unlimited. A PDU announced"
+            " longer than this (and than 1 MiB) is not read: the connection is closed."
+        ),
     )
     acse_timeout_s: float = Field(default=30.0, gt=0, description="Association set-up timeout.")
     dimse_timeout_s: float = Field(default=60.0, gt=0, description="Wait for a DIMSE message.")
@@ -429,7 +432,11 @@ class WorkerConfig(_Section):
         description="auto = CUDA when available, else CPU; or cpu, cuda, cuda:N.",
     )
     cpu_threads: int | None = Field(default=None, ge=1, description="Torch threads on CPU.")
-    max_attempts: int = Field(default=3, ge=1, description="Tries per job before it fails.")
+    max_attempts: int = Field(
+        default=3,
+        ge=1,
+        description="Tries per job before it fails; input and writing errors fail at once.",
+    )
 
 
 class LoggingConfig(_Section):

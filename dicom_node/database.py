@@ -49,6 +49,8 @@ CREATE TABLE IF NOT EXISTS instances (
     received_at      REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS instances_by_series ON instances(series_uid);
+-- The API lists studies with their instances and senders, and maps jobs to their study.
+CREATE INDEX IF NOT EXISTS instances_by_study ON instances(study_uid);
 CREATE INDEX IF NOT EXISTS series_by_study ON series(study_uid);
 -- The quiet timer looks for open series/studies twice a second: only the open ones are indexed.
 CREATE INDEX IF NOT EXISTS open_series ON series(last_received) WHERE completed_at IS NULL;
