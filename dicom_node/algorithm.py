@@ -73,7 +73,7 @@ class SeriesInput:
         return self._datasets
 
     def volume(self) -> hd.Volume:
-        """The series as a highdicom Volume (voxels and their affine in patient LPS mm).
+        """The series as a highdicom Volume (float32 voxels, their affine in patient LPS mm).
 
         highdicom sorts the frames spatially. A series that is not one regularly spaced
         volume (missing slices, gantry tilt, several stacks) or whose pixels cannot be decoded
@@ -99,8 +99,9 @@ class SeriesInput:
             check_geometry(datasets)
             if len(datasets) == 1:
                 # A copy: from_dataset(copy=False) turns the shared data set into an hd.Image.
-                return hd.Image.from_dataset(datasets[0], copy=True).get_volume()
-            return hd.get_volume_from_series(datasets)
+                image = hd.Image.from_dataset(datasets[0], copy=True)
+                return image.get_volume(dtype=VOXEL_DTYPE)
+            return hd.get_volume_from_series(datasets, dtype=VOXEL_DTYPE)
         except NotImplementedError as exc:  # pydicom: no decoder for the transfer syntax
             raise InputError(f"the series: pixel data not decodable: {exc}") from exc
         except ValueError as exc:
@@ -117,8 +118,13 @@ class InputError(ValueError):
     """A series an algorithm cannot use as it is; the message says why, for the job's error."""
 
 
+# Voxels as the algorithms get them: float32 holds every stored integer a 16-bit image and its
+# rescale make exactly (below 2^24) and is what the models compute in; highdicom's float64
+# default doubled the largest allocation of a job for nothing.
+VOXEL_DTYPE = np.float32
+
 # The most voxels (Rows x Columns x frames x samples, over a series) the node decodes: 2^30,
-# 8 GiB once highdicom makes them float64, above any CT or MR a model takes (512 x 512 x 4096).
+# 4 GiB as float32, above any CT or MR a model takes (512 x 512 x 4096).
 # Compressed pixel data can claim any size in a few bytes, so the claim is checked first.
 MAX_VOXELS = 2**30
 _BITS_ALLOCATED = (1, 8, 16, 32, 64)
