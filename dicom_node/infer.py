@@ -6,7 +6,8 @@ worker; ``serve`` supervises it, returns the job it held to the queue (its attem
 and starts a new one. Algorithms are loaded once, on first use, and kept warm between jobs.
 
 Each result is written as plain data (``result.json`` and ``.npy`` arrays) under
-``<data_dir>/results/<job id>/``; a later stage turns it into DICOM.
+``<data_dir>/results/<job id>/attempt-<n>/`` (one folder per attempt, so an attempt that lost
+its job cannot overwrite the files of the one that holds it); then written as DICOM.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -130,7 +132,9 @@ class Worker:
             )
         started = time.perf_counter()
         result = algorithm.run(inputs)
-        folder = self.data_dir / RESULTS_DIR / str(job.id)
+        # One folder per attempt: an attempt that lost the job (its node restarted) may still
+        # be writing when the attempt that holds it commits, and must not overwrite its files.
+        folder = self.data_dir / RESULTS_DIR / str(job.id) / f"attempt-{job.attempts}"
         path = result.save(folder)
         ran = time.perf_counter() - started
         provenance = self._provenance[algorithm.name]
@@ -164,6 +168,7 @@ class Worker:
             state = self.jobs.fail(
                 job.id,
                 f"{type(exc).__name__}: {exc}",
+                worker=self.name,
                 max_attempts=job.attempts if final else self.config.worker.max_attempts,
             )
             # Not the message or the traceback above DEBUG: they may quote the patient's data
@@ -172,7 +177,7 @@ class Worker:
                 "job %d failed (attempt %d, now %s%s): %s; the details are logged at DEBUG",
                 job.id,
                 job.attempts,
-                state.value,
+                state.value if state else "another worker's",
                 ", not retried: the same input fails the same way" if final else "",
                 _raised_at(exc),
             )
@@ -219,6 +224,9 @@ class Worker:
             if written:  # with the results, in the same transaction: none is ever lost
                 schedule(conn, job.id, job.payload)
             mark_succeeded(conn, job.id)
+        for other in path.parent.parent.iterdir():  # what earlier attempts left
+            if other != path.parent:
+                shutil.rmtree(other, ignore_errors=True)
         return job
 
     def serve(self, poll_s: float = 0.2, *, parent_pid: int | None = None) -> None:

@@ -72,8 +72,9 @@ class JobStore(Protocol):
 
     def succeed(self, job_id: int) -> None: ...
 
-    def fail(self, job_id: int, error: str, *, max_attempts: int) -> JobState:
-        """Record a failed attempt; requeue while attempts remain, else mark failed."""
+    def fail(self, job_id: int, error: str, *, worker: str, max_attempts: int) -> JobState | None:
+        """Record ``worker``'s failed attempt; requeue while attempts remain, else mark failed.
+        None when the job is no longer ``worker``'s (queued again and taken by another)."""
 
     def requeue_interrupted(self) -> int:
         """Return jobs left ``running`` by a crash to ``queued``; the count moved."""
@@ -161,10 +162,13 @@ class SqliteJobStore:
         with self.db.transaction() as conn:
             mark_succeeded(conn, job_id)
 
-    def fail(self, job_id: int, error: str, *, max_attempts: int) -> JobState:
+    def fail(self, job_id: int, error: str, *, worker: str, max_attempts: int) -> JobState | None:
         with self.db.transaction() as conn:
-            (state,) = _end_attempts(conn, "id = ?", (job_id,), error, max_attempts)
-        return state
+            # Only the attempt that holds the job ends it: a late failure of an attempt that
+            # lost the job (its node restarted) must not requeue another worker's attempt.
+            where = "id = ? AND state = 'running' AND worker = ?"
+            states = _end_attempts(conn, where, (job_id, worker), error, max_attempts)
+        return states[0] if states else None
 
     def requeue_interrupted(self) -> int:
         with self.db.transaction() as conn:

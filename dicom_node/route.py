@@ -391,9 +391,12 @@ class Router:
                 mark_succeeded(conn, job.id)
         except Exception as exc:
             state = self.jobs.fail(
-                job.id, f"{type(exc).__name__}: {exc}", max_attempts=self.MAX_ATTEMPTS
+                job.id,
+                f"{type(exc).__name__}: {exc}",
+                worker="router",
+                max_attempts=self.MAX_ATTEMPTS,
             )
-            log.exception("routing job %d failed (%s)", job.id, state.value)
+            log.exception("routing job %d failed (%s)", job.id, state and state.value)
             return None
         log.info(
             "%s %s generation %d: %s%s",

@@ -162,10 +162,13 @@ def test_job_store_claim_fail_retry_succeed(tmp_path) -> None:
     assert store.claim("w", ("nothing",)) is None
     job = store.claim("w")
     assert job is not None and job.id == first and job.payload == {"n": 1}
-    assert store.fail(job.id, "model crashed", max_attempts=2) is JobState.QUEUED
+    assert store.fail(job.id, "model crashed", worker="w", max_attempts=2) is JobState.QUEUED
     job = store.claim("w", ("series-complete",))
     assert job is not None and job.id == first and job.attempts == 2
-    assert store.fail(job.id, "model crashed again", max_attempts=2) is JobState.FAILED
+    # A failure reported by a worker that no longer holds the job changes nothing.
+    assert store.fail(job.id, "late", worker="other", max_attempts=2) is None
+    assert store.get(first).state is JobState.RUNNING
+    assert store.fail(job.id, "model crashed again", worker="w", max_attempts=2) is JobState.FAILED
     assert store.get(first).error == "model crashed again"
     job = store.claim("w")
     assert job is not None and job.id == second

@@ -50,6 +50,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
@@ -377,12 +378,14 @@ def test_a_series_cut_off_by_a_crash_waits_for_its_sender_after_the_restart(
     assert node.stop() == 0
 
 
+@pytest.mark.parametrize("finishes_first", ["late", "holder"])
 def test_a_worker_whose_job_was_queued_again_does_not_record_it(
-    make_node, tmp_path: Path, monkeypatch
+    make_node, tmp_path: Path, monkeypatch, finishes_first: str
 ) -> None:
     """A worker that goes on running a job after the node queued it again (a worker of its own,
     or one that did not hear its node die) must not record its result: only the attempt that
-    holds the job does, so a job never has two sets of objects."""
+    holds the job does, so a job never has two sets of objects. Finishing after the holder
+    committed, it must not touch the holder's files either (each attempt has its folder)."""
     import importlib
     import threading
 
@@ -411,18 +414,29 @@ def test_a_worker_whose_job_was_queued_again_does_not_record_it(
     assert poll(node, "SELECT id FROM jobs WHERE state = 'queued' AND kind = 'inference'", 30)
 
     config = load_config(node.config_path, environ={})
-    late, current = Worker(config, name="late"), Worker(config, name="current")
+    slow = config.model_copy(deep=True)
+    if finishes_first == "holder":  # the late attempt still runs when the holder commits
+        slow.algorithms["example-threshold"]["delay_s"] = 8.0
+    late, current = Worker(slow, name="late"), Worker(config, name="current")
     running = threading.Thread(target=late.work_once)
     running.start()
     assert poll(node, "SELECT id FROM jobs WHERE state = 'running' AND worker = 'late'", 30)
     # What a node does when it starts: jobs left running by the last one are queued again.
     jobs = SqliteJobStore(current.db)
     assert jobs.requeue_interrupted() == 1
-    running.join(60)
-    assert not node.query("SELECT * FROM outputs") and not node.query("SELECT * FROM results")
-    assert node.query("SELECT state FROM jobs WHERE kind = 'inference'")[0][0] == "queued"
+    if finishes_first == "late":
+        running.join(60)
+        assert not node.query("SELECT * FROM outputs") and not node.query("SELECT * FROM results")
+        assert node.query("SELECT state FROM jobs WHERE kind = 'inference'")[0][0] == "queued"
 
     assert current.work_once() is not None
+    committed = {path: path.read_bytes() for path in node.outputs().values()}
+    running.join(60)
+    assert not running.is_alive()
+    assert {path: path.read_bytes() for path in node.outputs().values()} == committed
+    assert node.query("SELECT state, worker FROM jobs WHERE kind = 'inference'")[0][0] == (
+        "succeeded"
+    )
     done = "SELECT COUNT(*) FROM deliveries WHERE state = 'sent'"
     assert node.wait_for(done, 1, timeout_s=30) == 1, node.log()
     study = Study(dcmread(ct[0]).StudyInstanceUID, ct, set(ct))
