@@ -139,6 +139,9 @@ def test_results_arrive_back_in_the_pacs_study(make_node, tmp_path) -> None:
     try:
         for name, (sources, classes) in three_studies(tmp_path).items():
             check_results(orthanc, name, push(orthanc, sources), sources, classes)
+        # Orthanc holds the last results a moment before the node has recorded its answer.
+        done = "SELECT COUNT(*) FROM deliveries WHERE state = 'sent'"
+        assert node.wait_for(done, 3, timeout_s=30) == 3, node.log()
         sent = node.query("SELECT state, attempts, peer_aet FROM deliveries")
         assert [(r["state"], r["attempts"], r["peer_aet"]) for r in sent] == [
             ("sent", 1, "ORTHANC")
@@ -162,6 +165,8 @@ def test_stow_rs_to_the_pacs_dicomweb(make_node, tmp_path) -> None:
             assert len(send(sources, "127.0.0.1", node.port).sent) == len(sources)
             study_uid = dcmread(sources[0], stop_before_pixels=True).StudyInstanceUID
             check_results(orthanc, name, wait_study(orthanc, study_uid), sources, classes)
+        done = "SELECT COUNT(*) FROM deliveries WHERE state = 'sent'"
+        assert node.wait_for(done, 3, timeout_s=30) == 3, node.log()
         sent = node.query("SELECT destination, state, attempts FROM deliveries")
         assert [tuple(r) for r in sent] == [("web", "sent", 1)] * 3
     finally:
