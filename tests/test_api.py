@@ -150,7 +150,7 @@ def test_studies_answer_as_the_per_study_queries_did(store):
     done = jobs.claim("w", ("inference",))
     jobs.succeed(done.id)
     failed = jobs.claim("w", ("inference",))
-    jobs.fail(failed.id, "broken", max_attempts=1)
+    jobs.fail(failed.id, "broken", worker="w", max_attempts=1)
     jobs.claim("w", ("inference",))  # a study-0 job runs too
     last = jobs.claim("w", ("inference",))
     jobs.succeed(last.id)
