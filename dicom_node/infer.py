@@ -20,7 +20,6 @@ import os
 import shutil
 import signal
 import socket
-import sqlite3
 import sys
 import threading
 import time
@@ -38,7 +37,7 @@ from dicom_node.algorithm import (
 from dicom_node.config import NodeConfig
 from dicom_node.database import RESULTS_DIR, Database, database_path
 from dicom_node.deliver import schedule
-from dicom_node.jobs import Job, JobKind, SqliteJobStore, mark_succeeded
+from dicom_node.jobs import Job, JobKind, SqliteJobStore, holds, mark_succeeded
 from dicom_node.logs import setup_logging
 from dicom_node.store import fsync_tree
 from dicom_node.write import Provenance, WriteError, Written, write_all
@@ -184,7 +183,7 @@ class Worker:
             log.debug("job %d failed", job.id, exc_info=exc)
             return job
         with self.db.transaction() as conn:
-            if not _holds(conn, job.id, self.name):
+            if not holds(conn, job.id, self.name):
                 # Queued again while we ran it (our node restarted): another attempt owns it
                 # now, and recording ours too would leave one job with two sets of objects.
                 log.warning(
@@ -224,8 +223,9 @@ class Worker:
             if written:  # with the results, in the same transaction: none is ever lost
                 schedule(conn, job.id, job.payload)
             mark_succeeded(conn, job.id)
-        for other in path.parent.parent.iterdir():  # what earlier attempts left
-            if other != path.parent:
+        attempt = path.parent
+        for other in attempt.parent.iterdir():  # what earlier attempts of the job left
+            if other != attempt:
                 shutil.rmtree(other, ignore_errors=True)
         return job
 
@@ -287,14 +287,6 @@ class Worker:
     def stop(self, *_: object) -> None:
         """Stop after the job in hand; safe to call from a signal handler."""
         self._stopping = True
-
-
-def _holds(conn: sqlite3.Connection, job_id: int, worker: str) -> bool:
-    """Whether ``worker`` still runs the job: a node restart queues running jobs again."""
-    row = conn.execute(
-        "SELECT 1 FROM jobs WHERE id = ? AND state = 'running' AND worker = ?", (job_id, worker)
-    ).fetchone()
-    return row is not None
 
 
 def _raised_at(exc: BaseException) -> str:

@@ -133,6 +133,18 @@ def _end_attempts(
     return [JobState(r["state"]) for r in rows]
 
 
+# The job is running, in the hands of the given worker: a node restart queues running jobs
+# again, so an attempt may go on after another worker took the job.
+_HELD = "id = ? AND state = 'running' AND worker = ?"
+
+
+def holds(conn: sqlite3.Connection, job_id: int, worker: str) -> bool:
+    """Whether ``worker``'s attempt still holds the job, inside the caller's transaction."""
+    return (
+        conn.execute(f"SELECT 1 FROM jobs WHERE {_HELD}", (job_id, worker)).fetchone() is not None
+    )
+
+
 class SqliteJobStore:
     """:class:`JobStore` on the node's SQLite database (safe across processes)."""
 
@@ -166,8 +178,7 @@ class SqliteJobStore:
         with self.db.transaction() as conn:
             # Only the attempt that holds the job ends it: a late failure of an attempt that
             # lost the job (its node restarted) must not requeue another worker's attempt.
-            where = "id = ? AND state = 'running' AND worker = ?"
-            states = _end_attempts(conn, where, (job_id, worker), error, max_attempts)
+            states = _end_attempts(conn, _HELD, (job_id, worker), error, max_attempts)
         return states[0] if states else None
 
     def requeue_interrupted(self) -> int:
@@ -197,4 +208,13 @@ class SqliteJobStore:
         return Job.from_row(row) if row is not None else None
 
 
-__all__ = ["Job", "JobKind", "JobState", "JobStore", "SqliteJobStore", "enqueue", "mark_succeeded"]
+__all__ = [
+    "Job",
+    "JobKind",
+    "JobState",
+    "JobStore",
+    "SqliteJobStore",
+    "enqueue",
+    "holds",
+    "mark_succeeded",
+]

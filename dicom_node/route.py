@@ -341,6 +341,7 @@ class Router:
 
     KINDS = (JobKind.SERIES_COMPLETE.value, JobKind.STUDY_COMPLETE.value)
     MAX_ATTEMPTS = 3
+    WORKER = "router"  # who holds the routing jobs it claims
 
     def __init__(
         self,
@@ -381,7 +382,7 @@ class Router:
 
     def route_next(self) -> Decision | None:
         """Route the oldest waiting completion; None when there is none."""
-        job = self.jobs.claim("router", self.KINDS)
+        job = self.jobs.claim(self.WORKER, self.KINDS)
         if job is None:
             return None
         try:
@@ -393,7 +394,7 @@ class Router:
             state = self.jobs.fail(
                 job.id,
                 f"{type(exc).__name__}: {exc}",
-                worker="router",
+                worker=self.WORKER,
                 max_attempts=self.MAX_ATTEMPTS,
             )
             log.exception("routing job %d failed (%s)", job.id, state and state.value)
