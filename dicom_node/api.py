@@ -27,8 +27,7 @@ def studies(conn: sqlite3.Connection, limit: int = 50) -> list[dict[str, Any]]:
 
     The dashboard asks every few seconds, so this runs four statements whatever the limit:
     the listed studies, then their instances, jobs and deliveries, each grouped over all of
-    them at once. Only the listed studies are looked into, and the instances (not indexed by
-    study) are scanned once for all of them, not twice for each.
+    them at once. Only the listed studies are looked into.
     """
     rows = conn.execute(
         "SELECT st.study_uid, st.first_received, st.last_received, st.completed_at,"

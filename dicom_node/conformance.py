@@ -49,20 +49,19 @@ class CreatedObject:
     """A kind of object :func:`dicom_node.write.write_all` creates, as DELIVERY sends it.
 
     ``kind`` is :attr:`dicom_node.write.Written.kind`; the SOP class and transfer syntax are
-    those of the highdicom class ``writer`` builds with highdicom's default encoding (files
+    those its writer builds with highdicom's default encoding (files
     are sent in the transfer syntax they are stored in, :func:`dicom_node.scu.send`).
     """
 
     kind: str
-    writer: str
     sop_class_uid: str
     transfer_syntax_uid: str
 
 
 CREATED_OBJECTS = (
-    CreatedObject("SEG", "segmentation", SegmentationStorage, ExplicitVRLittleEndian),
-    CreatedObject("SR", "measurement_report", Comprehensive3DSRStorage, ExplicitVRLittleEndian),
-    CreatedObject("SC", "heat_map_capture", SecondaryCaptureImageStorage, ImplicitVRLittleEndian),
+    CreatedObject("SEG", SegmentationStorage, ExplicitVRLittleEndian),
+    CreatedObject("SR", Comprehensive3DSRStorage, ExplicitVRLittleEndian),
+    CreatedObject("SC", SecondaryCaptureImageStorage, ImplicitVRLittleEndian),
 )
 
 # Names of the private classes of dicom_node.scp.PRIVATE_STORAGE_CLASSES (no registry has them).
@@ -140,10 +139,6 @@ def transfer_syntax_note(uid: str) -> str:
     return ""
 
 
-def _uid_name(uid: str) -> str:
-    return UID(uid).name
-
-
 def overview_table() -> str:
     """PS3.2 A.1 (Overview): the network services, SCU and SCP, by SOP class."""
     accepted = set(storage_sop_classes())
@@ -182,7 +177,7 @@ def transfer_syntaxes_table() -> str:
     accepts, in its order of preference (:func:`dicom_node.scp.accepted_transfer_syntaxes`)."""
     rows = ["| # | transfer syntax | UID | note |", "|---|---|---|---|"]
     for number, uid in enumerate(accepted_transfer_syntaxes(), 1):
-        rows.append(f"| {number} | {_uid_name(uid)} | `{uid}` | {transfer_syntax_note(uid)} |")
+        rows.append(f"| {number} | {UID(uid).name} | `{uid}` | {transfer_syntax_note(uid)} |")
     return "\n".join(rows)
 
 
@@ -226,7 +221,7 @@ def scu_presentation_contexts_table() -> str:
     for created in CREATED_OBJECTS:
         syntax = created.transfer_syntax_uid
         rows.append(
-            f"| {sop_class_name(created.sop_class_uid)} | {_uid_name(syntax)} `{syntax}`"
+            f"| {sop_class_name(created.sop_class_uid)} | {UID(syntax).name} `{syntax}`"
             " | SCU | none |"
         )
     return "\n".join(rows)
