@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -191,6 +191,21 @@ class NodeProcess:
             text=True,
             check=True,
         ).stdout
+
+    def assert_kept(self, acknowledged: Iterable[Path], *, byte_identical: bool) -> None:
+        """Nothing acknowledged is lost: each file sent is indexed, on disk, and holds the
+        data set as sent (byte for byte, or element for element)."""
+        from pydicom import dcmread
+
+        from tests.dicomfiles import assert_same_content
+
+        indexed = dict(self.query("SELECT sop_instance_uid, path FROM instances"))
+        for path in acknowledged:
+            uid = dcmread(path, stop_before_pixels=True).SOPInstanceUID
+            assert uid in indexed, f"{path} was acknowledged but is not in the index"
+            stored = self.data_dir / indexed[uid]
+            assert stored.is_file(), f"{path} was acknowledged but its file is gone"
+            assert_same_content(path, stored, byte_identical=byte_identical)
 
     def outputs(self) -> dict[str, Path]:
         """The DICOM objects written for results, by kind (SEG, SR, SC)."""

@@ -11,7 +11,7 @@ from pydicom import dcmread
 
 from dicom_node.phantoms import CtPhantomSpec, write_ct_series
 from tests.conftest import NodeProcess, dcmtk_env, require_tool
-from tests.dicomfiles import assert_same_content, storescu_acknowledged
+from tests.dicomfiles import storescu_acknowledged
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +51,8 @@ def test_kill_during_transfer_loses_nothing_acknowledged(make_node, ct300) -> No
     tmp_leftovers = list((node.data_dir / "tmp").iterdir())
     assert tmp_leftovers == []
     assert not list((node.data_dir / "instances").rglob("*.part"))
-    indexed = {
-        row["sop_instance_uid"]: row["path"]
-        for row in node.query("SELECT sop_instance_uid, path FROM instances")
-    }
-    for path in acknowledged:
-        uid = dcmread(path, stop_before_pixels=True).SOPInstanceUID
-        assert uid in indexed, f"{path.name} was acknowledged but is lost"
-        assert_same_content(path, node.data_dir / indexed[uid], byte_identical=False)
+    node.assert_kept(acknowledged, byte_identical=False)
+    indexed = dict(node.query("SELECT sop_instance_uid, path FROM instances"))
     # Every file under instances/ is a complete, indexed instance.
     on_disk = {p.relative_to(node.data_dir).as_posix() for p in node.data_dir.rglob("*.dcm")}
     assert set(indexed.values()) <= on_disk

@@ -30,7 +30,7 @@ from pydicom.uid import generate_uid
 from dicom_node.phantoms import CtPhantomSpec, write_ct_series
 from dicom_node.scu import send
 from tests.conftest import NodeProcess, dcmtk_env, require_tool
-from tests.dicomfiles import assert_same_content, storescu_acknowledged
+from tests.dicomfiles import storescu_acknowledged
 from tests.test_algorithms import plugin_env
 
 ARTEFACTS = Path(__file__).resolve().parents[1] / "test-artefacts"
@@ -170,16 +170,7 @@ def test_eight_senders_while_inference_runs_lose_nothing(make_node, tmp_path: Pa
     )
 
     # Nothing acknowledged is lost: indexed, on disk, the data set exactly as sent.
-    indexed = {
-        row["sop_instance_uid"]: row["path"]
-        for row in node.query("SELECT sop_instance_uid, path FROM instances")
-    }
-    for path in acknowledged:
-        uid = dcmread(path, stop_before_pixels=True).SOPInstanceUID
-        assert uid in indexed, f"{path} was acknowledged but is not in the index"
-        stored = node.data_dir / indexed[uid]
-        assert stored.is_file(), f"{path} was acknowledged but its file is gone"
-        assert_same_content(path, stored, byte_identical=True)
+    node.assert_kept(acknowledged, byte_identical=True)
 
     # The primer ran while instances arrived: the load really met inference.
     (window,) = node.query(

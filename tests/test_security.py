@@ -274,7 +274,7 @@ def with_patient(ds: Dataset) -> Dataset:
     return ds
 
 
-def store_all(node: NodeProcess, datasets: list[Dataset]) -> list[int]:
+def store_all(node: NodeProcess, datasets: list[Dataset] | list[Path]) -> list[int]:
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
     ae.acse_timeout = ae.network_timeout = ae.connection_timeout = 30
@@ -394,12 +394,5 @@ def store_file(node: NodeProcess, ds: Dataset, folder: Path) -> int:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Invalid value for VR UI", UserWarning)
         ds.save_as(path)  # without enforce_file_format pydicom keeps the meta as it is
-    ae = AE(ae_title="MODALITY")
-    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-    ae.acse_timeout = ae.network_timeout = ae.connection_timeout = 30
-    assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
-    assert assoc.is_established
-    try:
-        return int(assoc.send_c_store(path).Status)
-    finally:
-        assoc.release()
+    (status,) = store_all(node, [path])
+    return status
