@@ -17,10 +17,17 @@ import time
 from collections.abc import Callable
 from typing import cast
 
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom import (
+    AE,
+    ALL_TRANSFER_SYNTAXES,
+    AllStoragePresentationContexts,
+    evt,
+    register_uid,
+)
 from pynetdicom.association import Association
 from pynetdicom.events import Event
-from pynetdicom.sop_class import Verification
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import Verification, uid_to_service_class
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from dicom_node.assembly import Assembler
@@ -53,14 +60,32 @@ STATUS_CANNOT_UNDERSTAND = 0xC000
 # A-ASSOCIATE-RJ (result, source, reason), PS3.8 Table 9-21.
 REJECT_CALLING_AE_NOT_RECOGNIZED = (0x01, 0x01, 0x03)
 
-# Private storage SOP classes real scanners send that pynetdicom does not list.
-PRIVATE_STORAGE_CLASSES = (
-    "1.3.12.2.1107.5.9.1",  # Siemens CSA Non-Image Storage
-    "1.2.840.113619.4.26",  # GE Private 3D Model Storage
-    "1.2.840.113619.4.30",  # GE eNTEGRA Protocol or NM Genie
-    "1.3.46.670589.11.0.0.12.1",  # Philips Private MR Spectrum Storage
-    "1.3.46.670589.11.0.0.12.2",  # Philips Private MR Series Data Storage
-)
+# Private storage SOP classes real scanners send that pynetdicom does not list, with the
+# keyword each is registered under in pynetdicom (see _register_storage_classes).
+_PRIVATE_STORAGE_KEYWORDS = {
+    "1.3.12.2.1107.5.9.1": "SiemensCSANonImageStorage",
+    "1.2.840.113619.4.26": "GEPrivate3DModelStorage",
+    "1.2.840.113619.4.30": "GEeNTEGRAProtocolOrNMGenieStorage",
+    "1.3.46.670589.11.0.0.12.1": "PhilipsPrivateMRSpectrumStorage",
+    "1.3.46.670589.11.0.0.12.2": "PhilipsPrivateMRSeriesDataStorage",
+}
+PRIVATE_STORAGE_CLASSES = tuple(_PRIVATE_STORAGE_KEYWORDS)
+
+
+def _register_storage_classes() -> None:
+    """Bind every storage SOP class we accept to pynetdicom's Storage service class.
+
+    pynetdicom serves a DIMSE request by the service class of its context's SOP class
+    (``uid_to_service_class``); for a UID it does not know that is the bare ``ServiceClass``,
+    which cannot serve C-STORE, and the association is aborted at the first such request with
+    nothing after it stored. Registering the UID makes the request reach our C-STORE handler.
+    """
+    for uid, keyword in _PRIVATE_STORAGE_KEYWORDS.items():
+        if uid_to_service_class(uid) is not StorageServiceClass:
+            register_uid(uid, keyword, StorageServiceClass)
+
+
+_register_storage_classes()
 
 
 # Never-lossy encodings, preferred when a requestor offers several in one context: the sender
@@ -287,6 +312,9 @@ class StorageSCP:
         syntaxes = accepted_transfer_syntaxes()
         ae.add_supported_context(Verification, syntaxes)
         for sop_class in storage_sop_classes():
+            # The rule: a context we accept is one we can store in (PS3.4 B.2.2).
+            if uid_to_service_class(sop_class) is not StorageServiceClass:
+                raise RuntimeError(f"storage SOP class {sop_class} has no Storage service")
             ae.add_supported_context(sop_class, syntaxes)
         return ae
 
