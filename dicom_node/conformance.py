@@ -114,11 +114,12 @@ _PYNETDICOM_KEYWORDS = {
 
 def sop_class_name(uid: str) -> str:
     """The name of a SOP class: pydicom's registry (PS3.6 Table A-1) without the suffix
-    "SOP Class"; else ours for the private classes; else pynetdicom's keyword in words
-    (classes newer than pydicom's registry); else the UID itself."""
+    "SOP Class", marked when retired; else ours for the private classes; else pynetdicom's
+    keyword in words (classes newer than pydicom's registry); else the UID itself."""
     name = UID(uid).name
     if name != uid:
-        return name.removesuffix(" SOP Class")
+        # pydicom's names of retired classes do not say so (its keywords do).
+        return name.removesuffix(" SOP Class") + (" (retired)" if UID(uid).is_retired else "")
     # Before pynetdicom's keywords: dicom_node.scp registers the private classes with it.
     if uid in PRIVATE_SOP_CLASS_NAMES:
         return f"{PRIVATE_SOP_CLASS_NAMES[uid]} (private)"

@@ -71,6 +71,14 @@ _PRIVATE_STORAGE_KEYWORDS = {
 }
 PRIVATE_STORAGE_CLASSES = tuple(_PRIVATE_STORAGE_KEYWORDS)
 
+# Storage SOP classes retired from PS3.4 that pynetdicom does not list but old archives and
+# ultrasound machines still send (PS3.6 Table A-1 lists them as retired).
+_RETIRED_STORAGE_KEYWORDS = {
+    "1.2.840.10008.5.1.4.1.1.6": "UltrasoundImageStorageRetired",
+    "1.2.840.10008.5.1.4.1.1.3": "UltrasoundMultiFrameImageStorageRetired",
+}
+RETIRED_STORAGE_CLASSES = tuple(_RETIRED_STORAGE_KEYWORDS)
+
 
 def _register_storage_classes() -> None:
     """Bind every storage SOP class we accept to pynetdicom's Storage service class.
@@ -80,7 +88,7 @@ def _register_storage_classes() -> None:
     which cannot serve C-STORE, and the association is aborted at the first such request with
     nothing after it stored. Registering the UID makes the request reach our C-STORE handler.
     """
-    for uid, keyword in _PRIVATE_STORAGE_KEYWORDS.items():
+    for uid, keyword in {**_RETIRED_STORAGE_KEYWORDS, **_PRIVATE_STORAGE_KEYWORDS}.items():
         if uid_to_service_class(uid) is not StorageServiceClass:
             register_uid(uid, keyword, StorageServiceClass)
 
@@ -140,9 +148,13 @@ def refusal_status(exc: Exception) -> int:
 
 
 def storage_sop_classes() -> list[str]:
-    return [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts] + list(
-        PRIVATE_STORAGE_CLASSES
-    )
+    """Every storage SOP class the SCP accepts: pynetdicom's, the retired ones archives
+    still send, then the private ones."""
+    return [
+        *(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts),
+        *RETIRED_STORAGE_CLASSES,
+        *PRIVATE_STORAGE_CLASSES,
+    ]
 
 
 def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:

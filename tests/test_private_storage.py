@@ -107,3 +107,26 @@ def test_private_object_then_images_on_one_association(node: NodeProcess) -> Non
     )
     assert {r[0] for r in rows} == set(uids)
     assert "aborted" not in node.log()
+
+
+RETIRED_ULTRASOUND = (
+    "1.2.840.10008.5.1.4.1.1.6",  # Ultrasound Image Storage (Retired)
+    "1.2.840.10008.5.1.4.1.1.3",  # Ultrasound Multi-frame Image Storage (Retired)
+)
+
+
+def test_retired_ultrasound_is_stored(node: NodeProcess) -> None:
+    """Old archives still send ultrasound under the classes retired in 1996 (PS3.4 Annex B
+    before the 1996 revision): accepted, acknowledged and stored."""
+    ae = _ae()
+    for uid in RETIRED_ULTRASOUND:
+        ae.add_requested_context(uid, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+    objects = [small_object(uid, generate_uid()) for uid in RETIRED_ULTRASOUND]
+    statuses = [_store(assoc, ds) if ds.SOPClassUID in accepted else None for ds in objects]
+    assoc.release()
+    assert accepted == set(RETIRED_ULTRASOUND)
+    assert statuses == [SUCCESS, SUCCESS]
+    assert set(RETIRED_ULTRASOUND) <= set(storage_sop_classes())
