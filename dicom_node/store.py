@@ -57,7 +57,9 @@ IMPLEMENTATION_VERSION_NAME = f"DICOMNODE_{__version__}"[:16]
 
 # PS3.5 9.1: components of digits without leading zeros, separated by dots, at most 64 characters.
 _UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
-_LAST_HEADER_TAG = Tag(0x0020, 0x0011)  # SeriesNumber: everything indexed sits at or before it
+_PIXEL_DATA = Tag(0x7FE0, 0x0010)
+# Values longer than this are skipped, not copied, when the data set's structure is checked.
+_DEFER_BYTES = 1024
 
 
 class RejectedInstance(Exception):
@@ -135,8 +137,37 @@ class InstanceHeader:
         )
 
 
-def _stop_after_header(tag: BaseTag, vr: str | None, length: int) -> bool:
-    return tag > _LAST_HEADER_TAG
+def _stop_at_pixel_data(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return tag >= _PIXEL_DATA
+
+
+def _skip_pixel_data(fp: BytesIO, transfer_syntax: UID) -> None:
+    """Move ``fp`` from the start of Pixel Data to the element after it, reading only the
+    element's header and, when encapsulated (undefined length), its item headers (PS3.5 A.4).
+    """
+    endian = "<" if transfer_syntax.is_little_endian else ">"
+    start = fp.tell()
+    header = fp.read(8)
+    if len(header) < 8:
+        raise InvalidInstance("data set cannot be parsed (Pixel Data cut short)")
+    if Tag(*struct.unpack(f"{endian}HH", header[:4])) != _PIXEL_DATA:
+        fp.seek(start)  # no Pixel Data: what follows is parsed as it is
+        return
+    if transfer_syntax.is_implicit_VR:
+        (length,) = struct.unpack(f"{endian}I", header[4:8])
+    else:  # OB, OW or UN: 2 reserved bytes, then a 32-bit length (PS3.5 7.1.2)
+        (length,) = struct.unpack(f"{endian}I", fp.read(4))
+    if length != 0xFFFFFFFF:
+        fp.seek(length, os.SEEK_CUR)
+        return
+    while True:
+        item = fp.read(8)
+        if len(item) < 8:
+            raise InvalidInstance("data set cannot be parsed (Pixel Data has no end)")
+        group, element, length = struct.unpack(f"{endian}HHI", item)
+        if (group, element) == (0xFFFE, 0xE0DD):  # Sequence Delimitation Item
+            return
+        fp.seek(length, os.SEEK_CUR)
 
 
 def _check_vr_encoding(encoded: bytes, transfer_syntax: UID) -> None:
@@ -161,18 +192,26 @@ def _check_vr_encoding(encoded: bytes, transfer_syntax: UID) -> None:
 def read_header(encoded: bytes, transfer_syntax: UID) -> InstanceHeader:
     """Parse the identifying attributes of an encoded data set (no file meta).
 
-    Only the elements up to (0020,0011) are read, so pixel data is never touched.
+    The whole data set is parsed as pydicom will parse it when the node reads the instance
+    later, sequences and all, but values over 1 KiB are skipped, not copied, and Pixel Data
+    is stepped over by its (item) lengths: a data set pydicom cannot parse (sequences nested
+    too deep for it, an item that does not end) is refused here, as the README promises, not
+    acknowledged and then found unreadable when its series is routed.
     """
     try:
         if transfer_syntax == DeflatedExplicitVRLittleEndian:
             encoded = zlib.decompressobj(-zlib.MAX_WBITS).decompress(encoded)
         _check_vr_encoding(encoded, transfer_syntax)
-        ds = read_dataset(
-            BytesIO(encoded),
-            is_implicit_VR=transfer_syntax.is_implicit_VR,
-            is_little_endian=transfer_syntax.is_little_endian,
-            stop_when=_stop_after_header,
-        )
+        fp = BytesIO(encoded)
+        encoding = {
+            "is_implicit_VR": transfer_syntax.is_implicit_VR,
+            "is_little_endian": transfer_syntax.is_little_endian,
+            "defer_size": _DEFER_BYTES,
+        }
+        ds = read_dataset(fp, stop_when=_stop_at_pixel_data, **encoding)
+        if fp.tell() < len(encoded):  # Pixel Data, and perhaps elements after it
+            _skip_pixel_data(fp, transfer_syntax)
+            read_dataset(fp, **encoding)
         return InstanceHeader.from_dataset(ds)
     except RejectedInstance:
         raise

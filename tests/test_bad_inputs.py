@@ -299,11 +299,29 @@ def deep_nesting_in_header() -> Case:
 
 @case
 def deep_nesting_after_header() -> Case:
-    datasets = ct()
-    data = put(encoded(datasets[7]), 0x00400275, deep_sequence(0x00400275, 5000))
-    items = [sent(ds) for ds in datasets]
-    items[7] = sent(datasets[7], data=data)
-    return Case(items, NotRouted("*", "1 stored instance(s) have unreadable headers"))
+    """Unparsable however far from the identifying attributes: refused, as documented
+    (before, it was acknowledged and stored, and its series never routed)."""
+    (ds,) = ct(1)
+    data = put(encoded(ds), 0x00400275, deep_sequence(0x00400275, 5000))
+    return Case([sent(ds, data=data)], Refused(CANNOT_UNDERSTAND, "(RecursionError)"))
+
+
+@case
+def deep_nesting_after_pixel_data() -> Case:
+    """After encapsulated Pixel Data, where a Digital Signatures Sequence sits (PS3.3 C.12.1)."""
+    (ds,) = ct(1)
+    pixels = encapsulated_pixel_data(b"\xff\xd8" + bytes(30), b"\x00" * 16)
+    data = cut_before(encoded(ds), 0x7FE00010) + pixels + deep_sequence(0xFFFAFFFA, 5000)
+    return Case([sent(ds, JPEGBaseline8Bit, data)], Refused(CANNOT_UNDERSTAND, "(RecursionError)"))
+
+
+@case
+def encapsulated_pixel_data_without_end() -> Case:
+    (ds,) = ct(1)
+    data = cut_before(encoded(ds), 0x7FE00010) + encapsulated_pixel_data(bytes(64))[:-8]
+    return Case(
+        [sent(ds, JPEGBaseline8Bit, data)], Refused(CANNOT_UNDERSTAND, "Pixel Data has no end")
+    )
 
 
 @case
@@ -669,10 +687,20 @@ def test_retention_goes_on_past_an_unreadable_file(make_node, tmp_path: Path) ->
     """A stored file that pydicom cannot read (sequences nested thousands deep after the
     header) must not stop retention: before, reading its patient for the audit record raised
     RecursionError on every pass, and no study after it was ever deleted."""
-    node = make_node(assembly=FAST, retention={"instances_hours": 0, "check_every_s": 0.2})
+    node = make_node(assembly=FAST)
     (unreadable,) = ct(1)
+    assert c_store(node, [sent(unreadable)], tmp_path / "a") == [SUCCESS]
+    node.stop()
+    # Such a data set is refused at C-STORE now: made unreadable on disk after it was stored
+    # (a damaged disk, or a file stored by a node before the refusal), then retention is on.
+    (path,) = [node.data_dir / r[0] for r in node.query("SELECT path FROM instances")]
     data = put(encoded(unreadable), 0x00400275, deep_sequence(0x00400275, 5000))
-    assert c_store(node, [sent(unreadable, data=data)], tmp_path / "a") == [SUCCESS]
+    meta = encode_file_meta(
+        unreadable.SOPClassUID, unreadable.SOPInstanceUID, ExplicitVRLittleEndian, "BADINPUTS"
+    )
+    path.write_bytes(meta + data)
+    node.settings["retention"] = {"instances_hours": 0, "check_every_s": 0.2}
+    node.start()
     (ordinary,) = ct(1)
     assert c_store(node, [sent(ordinary)], tmp_path / "b") == [SUCCESS]
     purged = "SELECT COUNT(*) FROM purges WHERE subject LIKE 'study:%'"
