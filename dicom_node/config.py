@@ -174,6 +174,7 @@ def _check_regex(value: str) -> str:
 
 Regex = Annotated[str, AfterValidator(_check_regex)]
 Orientation = Literal["axial", "sagittal", "coronal", "oblique"]
+MrWeighting = Literal["T1", "T1c", "T2", "FLAIR"]
 
 
 class SeriesMatch(_Section):
@@ -209,6 +210,13 @@ class SeriesMatch(_Section):
     calling_aet: list[AeTitle] | None = Field(
         default=None, description="The series came from one of these calling AE titles."
     )
+    mr_weighting: list[MrWeighting] | None = Field(
+        default=None,
+        description="An MR series of one of these weightings, told from its acquisition "
+        "attributes (ScanningSequence, TR/TE/TI, contrast agent; descriptions only without "
+        "them); localizers, derived images, masks, EPI, diffusion and dynamic series never "
+        "match.",
+    )
 
 
 class RouteRule(_Section):
@@ -232,10 +240,6 @@ class RouteRule(_Section):
         return self
 
 
-# Sequence names as they appear in SeriesDescription/ProtocolName on the major vendors.
-_T1_FAMILY = r"(\bt1|mprage|spgr|tfl|bravo|vibe)"
-_POST_CONTRAST = r"(\+c\b|\bgd\b|gad|contrast|\bpost\b|\bce\b)"
-
 DEFAULT_ROUTES: tuple[dict[str, Any], ...] = (
     {
         "algorithm": "lung-nodules-ct",
@@ -250,16 +254,11 @@ DEFAULT_ROUTES: tuple[dict[str, Any], ...] = (
     },
     {
         "algorithm": "brain-tumour-mr",
+        # The weighting of each series from its acquisition attributes (dicom_node.mr_sequence):
+        # descriptions pick among series of one weighting and name none on their own.
         "roles": {
-            "T1c": {
-                "modality": ["MR"],
-                "description": (
-                    rf"(?i)({_T1_FAMILY}.*{_POST_CONTRAST}|{_POST_CONTRAST}.*{_T1_FAMILY})"
-                ),
-            },
-            "T1": {"modality": ["MR"], "description": rf"(?i){_T1_FAMILY}"},
-            "T2": {"modality": ["MR"], "description": r"(?i)\bt2(?!.*flair)"},
-            "FLAIR": {"modality": ["MR"], "description": r"(?i)flair"},
+            role: {"modality": ["MR"], "mr_weighting": [role]}
+            for role in ("T1c", "T1", "T2", "FLAIR")
         },
     },
     {

@@ -324,6 +324,15 @@ _BRAIN_SIGNAL = {
     "FLAIR": (0, 600, 500, 150, 800, 950, 1350),
 }
 _TIMING_MS = {"T1c": (2000, 3), "T1": (500, 10), "T2": (4000, 100), "FLAIR": (9000, 120)}
+# What the scanner records of each sequence (PS3.3 C.8.3.1), as routing reads it: an MPRAGE
+# after gadolinium, a spin-echo T1, a turbo spin-echo T2 and an inversion-recovery FLAIR.
+# Values: ScanningSequence, SequenceVariant, MRAcquisitionType, InversionTime, EchoTrainLength.
+_ACQUISITION = {
+    "T1c": (["GR", "IR"], ["SK", "SP", "MP"], "3D", 900, 1),
+    "T1": ("SE", "NONE", "2D", None, 1),
+    "T2": ("SE", ["SK", "SP"], "2D", None, 16),
+    "FLAIR": (["SE", "IR"], ["SK", "SP", "MP"], "2D", 2500, 16),
+}
 _SERIES_DESCRIPTION = {
     "T1c": "AX T1 MPRAGE POST GD",
     "T1": "AX T1 SE",
@@ -430,12 +439,16 @@ def brain_study(spec: BrainPhantomSpec = BrainPhantomSpec()) -> BrainPhantom:
             ds.InstanceNumber = instance
             ds.ImageType = ["ORIGINAL", "PRIMARY", "M"]
             ds.BodyPartExamined = "BRAIN"
-            ds.ScanningSequence = "SE"
-            ds.SequenceVariant = "NONE"
-            ds.ScanOptions = ""
-            ds.MRAcquisitionType = "2D"
-            ds.EchoTrainLength = 1
+            scanning, variant, acquisition, inversion, echo_train = _ACQUISITION[role]
+            ds.ScanningSequence, ds.SequenceVariant = scanning, variant
+            ds.ScanOptions = "IR" if inversion else ""
+            ds.MRAcquisitionType = acquisition
+            ds.EchoTrainLength = echo_train
             ds.RepetitionTime, ds.EchoTime = _TIMING_MS[role]
+            if inversion:
+                ds.InversionTime = inversion
+            if role == "T1c":
+                ds.ContrastBolusAgent = "Gadobutrol"
             ds.SliceThickness = spec.spacing_mm[0]
             ds.PatientPosition = "HFS"
             ds.FrameOfReferenceUID = frame_of_reference

@@ -44,7 +44,7 @@ from pydicom.sr.codedict import codes
 from dicom_node.algorithm import DEMO_WARNING
 from dicom_node.config import SENDER, AeTitle, NodeConfig, RouteRule
 from dicom_node.database import connect, database_path
-from dicom_node.facts import SeriesFacts, plane_of
+from dicom_node.facts import SeriesFacts, describe_series
 from dicom_node.phantoms import (
     BrainPhantom,
     BrainPhantomSpec,
@@ -193,37 +193,10 @@ PHANTOMS: dict[str, Callable[[Path], Phantom]] = {
 # -- what the node's configuration does with the phantoms ----------------------------------------
 
 
-def phantom_facts(series_uid: str, headers: Sequence[Dataset], calling_aet: str) -> SeriesFacts:
-    """The routing facts the node will read from a phantom series once it is stored
-    (as :func:`dicom_node.facts.read_series_facts`, from the headers we are about to send)."""
-    first = headers[0]
-    planes = {
-        plane_of([float(v) for v in ds.ImageOrientationPatient])
-        for ds in headers
-        if "ImageOrientationPatient" in ds
-    }
-    spacings = [
-        min(float(v) for v in spacing)
-        for ds in headers
-        if (spacing := ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing"))
-    ]
-    return SeriesFacts(
-        series_uid=series_uid,
-        study_uid=str(first.StudyInstanceUID),
-        modality=str(first.Modality).upper(),
-        sop_class_uids=frozenset(str(ds.SOPClassUID) for ds in headers),
-        body_part=str(first.get("BodyPartExamined", "")).upper(),
-        description=str(first.get("SeriesDescription", "")),
-        protocol=str(first.get("ProtocolName", "")),
-        image_type=tuple(str(v).upper() for v in first.get("ImageType") or []),
-        orientation=planes.pop() if len(planes) == 1 else None,
-        slices=len(headers),
-        pixel_spacing_mm=min(spacings) if spacings else None,
-        calling_aets=frozenset({calling_aet}),
-        series_number=int(first.SeriesNumber) if "SeriesNumber" in first else None,
-        instances=len(headers),
-        unreadable=0,
-    )
+def phantom_facts(paths: Sequence[Path], calling_aet: str) -> SeriesFacts:
+    """The routing facts the node will read from a phantom series once it is stored: the
+    node's own reader (:func:`dicom_node.facts.describe_series`) on the files we send."""
+    return describe_series(paths, calling_aets=frozenset({calling_aet}))
 
 
 @dataclass(frozen=True)
@@ -242,10 +215,7 @@ class Plan:
 def plan(phantom: Phantom, config: NodeConfig, installed: frozenset[str], aet: str) -> Plan:
     """Run the node's own routing decisions on the phantom's facts (series rules, then the
     study's role rules), as the node will when the study completes."""
-    facts = [
-        phantom_facts(uid, phantom.headers(role), aet)
-        for role, uid in phantom.series_uids().items()
-    ]
+    facts = [phantom_facts(phantom.series[role], aet) for role in phantom.series]
     rules, defaults = config.routing.rules, config.routing.destinations
     decisions = [decide_series(f, rules, installed, 1, defaults) for f in facts]
     decisions.append(decide_study(facts[0].study_uid, facts, rules, installed, 1, defaults))

@@ -26,6 +26,7 @@ from dicom_node.config import RouteRule, RoutingConfig, SeriesMatch
 from dicom_node.database import Database
 from dicom_node.facts import SeriesFacts, read_series_facts, study_series
 from dicom_node.jobs import Job, JobKind, SqliteJobStore, enqueue, mark_succeeded
+from dicom_node.mr_sequence import WEIGHTINGS, classify, describes, never_a_role
 from dicom_node.store import store_key
 
 log = logging.getLogger(__name__)
@@ -59,17 +60,30 @@ def installed_algorithms() -> frozenset[str]:
 
 
 @dataclass(frozen=True)
+class Candidate:
+    """One series of a study as a role rule saw it: the role it got, or why it got none."""
+
+    series_uid: str
+    series_number: int | None
+    description: str
+    role: str | None
+    reason: str
+
+
+@dataclass(frozen=True)
 class Routed:
     algorithm: str
     inputs: dict[str, str]  # input name (a role, or "series") -> series UID
     destinations: tuple[str, ...] = ()  # where the results go (names, or "sender")
     senders: tuple[str, ...] = ()  # calling AEs the inputs came from, for "sender"
+    candidates: tuple[Candidate, ...] = ()  # role rules: every series of the study, and why
 
 
 @dataclass(frozen=True)
 class NotRouted:
     algorithm: str  # "*" when the guard excluded the series from every algorithm
     reason: str
+    candidates: tuple[Candidate, ...] = ()  # role rules: every series of the study, and why
 
 
 @dataclass(frozen=True)
@@ -81,10 +95,25 @@ class Decision:
     not_routed: list[NotRouted] = field(default_factory=list)
 
     def summary(self) -> str:
-        """One line for a person: what it was routed to, or why not."""
-        parts = [f"routed to {r.algorithm}" for r in self.routed]
+        """One line for a person: what it was routed to, or why not (series by number only:
+        the line is logged)."""
+        parts = [f"routed to {r.algorithm}{_roles_by_number(r)}" for r in self.routed]
         parts += [f"{n.algorithm}: {n.reason}" for n in self.not_routed]
         return "; ".join(parts) or "no routing rule applies"
+
+
+def _roles_by_number(routed: Routed) -> str:
+    numbers = {c.series_uid: c.series_number for c in routed.candidates}
+    if not numbers:
+        return ""
+    return (
+        " ("
+        + ", ".join(
+            f"{role}: series {numbers.get(uid) if numbers.get(uid) is not None else '?'}"
+            for role, uid in routed.inputs.items()
+        )
+        + ")"
+    )
 
 
 def _listed(value: str, allowed: Iterable[str]) -> bool:
@@ -161,8 +190,19 @@ def mismatch(match: SeriesMatch, facts: SeriesFacts) -> str | None:
             and not facts.calling_aets <= {a.upper() for a in match.calling_aet},
             lambda: f"sent by {'/'.join(sorted(facts.calling_aets))}, not an allowed calling AE",
         ),
+        (
+            match.mr_weighting is not None and classify(facts).weighting not in match.mr_weighting,
+            lambda: _weighting_mismatch(match, facts),
+        ),
     ]
     return next((explain() for failed, explain in checks if failed), None)
+
+
+def _weighting_mismatch(match: SeriesMatch, facts: SeriesFacts) -> str:
+    found = classify(facts)
+    if found.weighting is None:
+        return f"passed over: {found.reason}"
+    return f"{found.weighting} ({found.reason}), not {'/'.join(match.mr_weighting or ())}"
 
 
 def never_routed(facts: SeriesFacts) -> str | None:
@@ -229,26 +269,55 @@ def decide_series(
                 NotRouted(
                     rule.algorithm,
                     f"takes a study with {', '.join(rule.roles)}; this series "
-                    + (f"can be {'/'.join(fits)}" if fits else "fits no role")
+                    + (f"can be {'/'.join(fits)}" if fits else _fits_no_role(rule.roles, facts))
                     + " (decided when the study completes)",
                 )
             )
     return decision
 
 
-def assign_roles(
-    roles: dict[str, SeriesMatch], candidates: list[SeriesFacts]
-) -> tuple[dict[str, str], list[str]]:
-    """Give each role one series, no series two roles; returns (role -> series UID, missing).
+def _fits_no_role(roles: dict[str, SeriesMatch], facts: SeriesFacts) -> str:
+    """'fits no role', with the first role's reason (for MR, its weighting or why none)."""
+    first = next(iter(roles.values()))
+    return f"fits no role: {mismatch(first, facts)}"
 
-    A series fitting fewer roles is preferred (a T1 post-contrast series also looks like a T1
-    to a loose pattern), then the latest series number.
+
+@dataclass(frozen=True)
+class RoleMatch:
+    """Roles given to series: role -> series UID, the roles no series fits, and for every
+    candidate series the role it got or why it got none."""
+
+    assigned: dict[str, str]
+    missing: list[str]
+    candidates: tuple[Candidate, ...]
+
+
+def assign_roles(roles: dict[str, SeriesMatch], candidates: list[SeriesFacts]) -> RoleMatch:
+    """Give each role one series, no series two roles, and record why for every series.
+
+    A mask or derived MR series never takes a role, whatever a rule says. Among the series
+    that fit a role, one fitting fewer roles comes first (a post-contrast T1 also looks like a
+    T1 to a loose description pattern); then one weighted from its acquisition attributes over
+    one weighted from its description only; then one whose description names the role; then
+    the latest series number.
     """
+    by_uid = {f.series_uid: f for f in candidates}
+    unusable = {f.series_uid: why for f in candidates if (why := never_a_role(f)) is not None}
     fits = {
         f.series_uid: {role for role, match in roles.items() if mismatch(match, f) is None}
         for f in candidates
+        if f.series_uid not in unusable
     }
-    by_uid = {f.series_uid: f for f in candidates}
+
+    def rank(role: str, uid: str) -> tuple[int, bool, bool, int]:
+        facts = by_uid[uid]
+        return (
+            len(fits[uid]),
+            classify(facts).basis != "acquisition",
+            not (role in WEIGHTINGS and describes(role, facts)),
+            -(facts.series_number or 0),
+        )
+
     assigned: dict[str, str] = {}
     missing: list[str] = []
     for role in roles:
@@ -256,10 +325,43 @@ def assign_roles(
         if not options:
             missing.append(role)
             continue
-        assigned[role] = min(
-            options, key=lambda uid: (len(fits[uid]), -(by_uid[uid].series_number or 0))
+        assigned[role] = min(options, key=lambda uid, role=role: rank(role, uid))
+    role_of = {uid: role for role, uid in assigned.items()}
+
+    def reason(facts: SeriesFacts) -> str:
+        uid = facts.series_uid
+        if uid in unusable:
+            return f"never a role: {unusable[uid]}"
+        if uid in role_of:
+            found = classify(facts)
+            return found.reason if found.weighting == role_of[uid] else "matches the rule"
+        if not fits[uid]:
+            return _fits_no_role(roles, facts)
+        role = sorted(fits[uid])[0]
+        chosen = by_uid[assigned[role]]
+        mine, theirs = rank(role, uid), rank(role, chosen.series_uid)
+        why = next(
+            text
+            for differs, text in (
+                (mine[0] != theirs[0], "it fits fewer roles"),
+                (mine[1] != theirs[1], "it was weighted from its acquisition attributes"),
+                (mine[2] != theirs[2], f"its description names {role}"),
+                (True, "it is the later series"),
+            )
+            if differs
         )
-    return assigned, missing
+        return f"also {role}, but series {chosen.series_number} was preferred: {why}"
+
+    return RoleMatch(
+        assigned,
+        missing,
+        tuple(
+            Candidate(
+                f.series_uid, f.series_number, f.description, role_of.get(f.series_uid), reason(f)
+            )
+            for f in candidates
+        ),
+    )
 
 
 def decide_study(
@@ -276,25 +378,33 @@ def decide_study(
     for rule in rules:
         if rule.roles is None:
             continue
-        assigned, missing = assign_roles(rule.roles, usable)
-        if missing:
+        matched = assign_roles(rule.roles, usable)
+        if matched.missing:
             decision.not_routed.append(
-                NotRouted(rule.algorithm, f"missing role(s) {', '.join(missing)}")
+                NotRouted(
+                    rule.algorithm,
+                    f"missing role(s) {', '.join(matched.missing)}",
+                    matched.candidates,
+                )
             )
         elif rule.algorithm not in installed:
             decision.not_routed.append(
-                NotRouted(rule.algorithm, "roles matched, but the algorithm is not installed")
+                NotRouted(
+                    rule.algorithm,
+                    "roles matched, but the algorithm is not installed",
+                    matched.candidates,
+                )
             )
         else:
-            senders = {
-                aet for f in usable if f.series_uid in assigned.values() for aet in f.calling_aets
-            }
+            chosen = set(matched.assigned.values())
+            senders = {aet for f in usable if f.series_uid in chosen for aet in f.calling_aets}
             decision.routed.append(
                 Routed(
                     rule.algorithm,
-                    assigned,
+                    matched.assigned,
                     _destinations(rule, default_destinations),
                     tuple(sorted(senders)),
+                    matched.candidates,
                 )
             )
     return decision

@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import json
+from copy import deepcopy
 from pathlib import Path
 
+import numpy as np
 import pytest
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from dicom_node.config import ConfigError, RoutingConfig, load_config
-from dicom_node.facts import plane_of, read_series_facts, study_series
-from dicom_node.phantoms import CtPhantomSpec, ct_series
+from dicom_node.facts import describe_series, plane_of, read_series_facts, study_series
+from dicom_node.phantoms import (
+    BrainPhantomSpec,
+    CtPhantomSpec,
+    CxrPhantomSpec,
+    brain_study,
+    ct_series,
+    cxr_dataset,
+)
 from dicom_node.route import decide_series, decide_study, record_decision
 from dicom_node.store import InstanceStore, Sender
 from tests.dicomfiles import corpus_instances, dataset_bytes
@@ -271,3 +281,135 @@ def test_node_records_decisions_and_status_shows_them(make_node, corpus: Path) -
     assert node.query(queued)[0][0] == 2
     status = node.status()
     assert "routing: " in status and "lung-nodules-ct" in status
+
+
+# -- brain MR roles from acquisition attributes, with the decoys of a real study ----------------
+
+
+def decoy_study(folder: Path, spec: BrainPhantomSpec | None = None) -> dict:
+    """A brain tumour study as a hospital sends it: the four sequences under real names, and
+    series that look like them to a description pattern: a gradient-echo EPI called T2, a
+    FLAIR lesion mask stored as an MR image (ORIGINAL/PRIMARY, binary pixels, a later series
+    number), a DWI and a localizer. Written as folder/<name>/MR*.dcm; returns name -> UID."""
+    spec = spec or BrainPhantomSpec(frames=8)
+    phantom = brain_study(spec)
+    names = {"T1c": "T1W_3D_TFE +C", "T1": "T1W_SE", "T2": "sT2/TSE/T", "FLAIR": "T2W_FLAIR"}
+    series = {names[role]: datasets for role, datasets in phantom.series.items()}
+
+    def decoy(source: str, name: str, number: int, **changes) -> None:
+        uid = generate_uid()
+        copies = []
+        for ds in phantom.series[source]:
+            copy = deepcopy(ds)
+            copy.SeriesInstanceUID, copy.SeriesDescription, copy.SeriesNumber = uid, name, number
+            copy.SOPInstanceUID = copy.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            for keyword, value in changes.items():
+                if value is None:
+                    delattr(copy, keyword)
+                else:
+                    setattr(copy, keyword, value)
+            copies.append(copy)
+        series[name] = copies
+
+    decoy("T2", "T2W/FE-EPI", 7, ScanningSequence=["GR", "EP"], SequenceVariant="SK",
+          RepetitionTime=3000, EchoTime=35)  # fmt: skip
+    mask = np.zeros((spec.rows, spec.columns), np.uint16)
+    mask[20:30, 20:30] = 1
+    decoy("FLAIR", "FLAIR_ROI", 9, PixelData=mask.tobytes())
+    decoy("T2", "Ax DWI 1000b", 5, ScanningSequence=["EP", "SE"], SequenceVariant="NONE",
+          RepetitionTime=6000, EchoTime=72, DiffusionBValue=1000)  # fmt: skip
+    decoy("T1", "3-Plane Loc", 6, ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"],
+          ScanningSequence="GR", RepetitionTime=5.2, EchoTime=1.5)  # fmt: skip
+    for name, datasets in series.items():
+        where = folder / name.replace("/", "_").replace(" ", "_")
+        where.mkdir(parents=True)
+        for ds in datasets:
+            ds.SeriesDescription = name
+            ds.save_as(where / f"MR{ds.InstanceNumber:04d}.dcm", enforce_file_format=True)
+    return {name: str(datasets[0].SeriesInstanceUID) for name, datasets in series.items()}
+
+
+def test_brain_roles_come_from_acquisition_attributes_not_names(tmp_path: Path) -> None:
+    uids = decoy_study(tmp_path / "study")
+    store = store_study(
+        tmp_path,
+        [[dcmread(p) for p in sorted(d.glob("*.dcm"))] for d in (tmp_path / "study").iterdir()],
+    )
+    study_uid = dcmread(next((tmp_path / "study").rglob("*.dcm"))).StudyInstanceUID
+    decision, _ = study_decision(store, study_uid)
+    (routed,) = decision.routed
+    assert routed.inputs == {
+        "T1c": uids["T1W_3D_TFE +C"],
+        "T1": uids["T1W_SE"],
+        "T2": uids["sT2/TSE/T"],
+        "FLAIR": uids["T2W_FLAIR"],
+    }
+    why = {c.description: c for c in routed.candidates}
+    assert len(why) == 8 and all(c.reason for c in why.values())
+    assert why["sT2/TSE/T"].role == "T2" and "TE 100" in why["sT2/TSE/T"].reason
+    assert "echo-planar" in why["T2W/FE-EPI"].reason and why["T2W/FE-EPI"].role is None
+    assert "never a role: a mask" in why["FLAIR_ROI"].reason
+    assert "diffusion" in why["Ax DWI 1000b"].reason
+    assert "localizer" in why["3-Plane Loc"].reason
+    # Series numbers only in the line that is logged and shown.
+    assert "T2: series 3" in decision.summary() and "FLAIR_ROI" not in decision.summary()
+    # The reasons are recorded with the decision, where the API reads them.
+    with store.db.transaction() as conn:
+        record_decision(conn, decision)
+    with store.db.reading() as conn:
+        (recorded,) = json.loads(conn.execute("SELECT routed FROM routing_decisions").fetchone()[0])
+    assert {c["description"]: c["reason"] for c in recorded["candidates"]} == {
+        d: c.reason for d, c in why.items()
+    }
+
+
+def test_description_rules_still_work_in_yaml(tmp_path: Path) -> None:
+    """A user's own rule on descriptions overrides the physics, and still never takes a mask."""
+    path = tmp_path / "node.yaml"
+    roles = {
+        role: {"modality": ["MR"], "description": pattern}
+        for role, pattern in {"T1c": r"\+C", "T1": "T1W_SE", "T2": "T2", "FLAIR": "FLAIR"}.items()
+    }
+    path.write_text(
+        json.dumps({"routing": {"rules": [{"algorithm": "brain-tumour-mr", "roles": roles}]}})
+    )
+    rules = load_config(path, {}).routing.rules
+    uids = decoy_study(tmp_path / "study")
+    store = store_study(
+        tmp_path,
+        [[dcmread(p) for p in sorted(d.glob("*.dcm"))] for d in (tmp_path / "study").iterdir()],
+    )
+    study_uid = dcmread(next((tmp_path / "study").rglob("*.dcm"))).StudyInstanceUID
+    series = [
+        read_series_facts(store.data_dir, store.db, u) for u in study_series(store.db, study_uid)
+    ]
+    (routed,) = decide_study(study_uid, series, rules, ALL, 1).routed
+    assert routed.inputs["FLAIR"] == uids["T2W_FLAIR"]  # FLAIR_ROI matches "FLAIR" but is a mask
+    # "T2" matches sT2/TSE/T, T2W/FE-EPI and T2W_FLAIR; the physics prefers the spin echo.
+    assert routed.inputs["T2"] == uids["sT2/TSE/T"]
+
+
+def test_a_radiograph_without_pixel_data_is_not_routed(tmp_path: Path) -> None:
+    """Rows and Columns without Pixel Data (a CR header a PACS sent alone) is no image."""
+    ds = cxr_dataset(CxrPhantomSpec(rows=16, columns=16))
+    del ds.PixelData
+    store = store_study(tmp_path, [[ds]])
+    facts = read_series_facts(store.data_dir, store.db, ds.SeriesInstanceUID)
+    assert facts.slices == 0
+    decision = decide_series(facts, RULES, ALL, 1)
+    assert not decision.routed
+    assert decision.not_routed[0].reason == "no pixel data"
+
+
+@pytest.mark.parametrize("keyword", ["FloatPixelData", "DoubleFloatPixelData"])
+def test_float_pixel_data_counts_as_pixels(tmp_path: Path, keyword: str) -> None:
+    ds = cxr_dataset(CxrPhantomSpec(rows=4, columns=4))
+    del ds.PixelData
+    setattr(
+        ds,
+        keyword,
+        np.zeros(16, np.float32 if keyword == "FloatPixelData" else np.float64).tobytes(),
+    )
+    path = tmp_path / "x.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    assert describe_series([path]).slices == 1
