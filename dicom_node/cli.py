@@ -183,7 +183,6 @@ def cmd_algorithms(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from dicom_node.algorithm import SeriesInput, discover, resolve_device
-    from dicom_node.scu import find_files
 
     config = _config(args)
     registration = discover().get(args.algorithm)
@@ -194,26 +193,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     algorithm = registration.algorithm(config.algorithms.get(args.algorithm))
     roles = algorithm.inputs.roles
     given = dict(item.split("=", 1) for item in args.input) if args.input else {}
-    if set(given) != set(roles) and not (roles == ("series",) and args.paths):
+    by_role = roles != ("series",)
+    if (given and set(given) != set(roles)) or not (given or args.paths):
         print(
-            f"{args.algorithm} takes {', '.join(roles)}: give --input ROLE=FOLDER for each",
+            f"{args.algorithm} takes {', '.join(roles)}: give a study folder, or"
+            " --input ROLE=FOLDER for each",
             file=sys.stderr,
         )
         return EXIT_USAGE
     cases: list[dict[str, SeriesInput]] = []
     if given:
         cases.append(
-            {role: SeriesInput(role, tuple(find_files([Path(p)]))) for role, p in given.items()}
+            {role: SeriesInput(role, tuple(_files([Path(p)]))) for role, p in given.items()}
         )
+    elif by_role:  # one case: the study's series matched to roles as the node does
+        case = _match_roles(config, args.algorithm, [Path(p) for p in args.paths])
+        if case is None:
+            return EXIT_FAILED
+        cases.append(case)
     else:  # one case per series found under the paths
-        by_series: dict[str, list[Path]] = {}
-        for path in find_files([Path(p) for p in args.paths]):
-            try:
-                uid = str(dcmread_uid(path))
-            except Exception:
-                continue
-            by_series.setdefault(uid, []).append(path)
-        cases += [{"series": SeriesInput(uid, tuple(paths))} for uid, paths in by_series.items()]
+        cases += [
+            {"series": SeriesInput(uid, tuple(paths))}
+            for uid, paths in _series_files([Path(p) for p in args.paths]).items()
+        ]
     algorithm.load(resolve_device(config.worker.device))
     failed = 0
     for number, inputs in enumerate(cases, 1):
@@ -226,6 +228,58 @@ def cmd_run(args: argparse.Namespace) -> int:
             continue
         print(f"case {number}: {path}")
     return EXIT_FAILED if failed or not cases else 0
+
+
+def _files(paths: list[Path]) -> list[Path]:
+    from dicom_node.scu import find_files
+
+    return list(find_files(paths))
+
+
+def _series_files(paths: list[Path]) -> dict[str, list[Path]]:
+    """The DICOM files under ``paths`` by Series Instance UID (files without one are left out)."""
+    by_series: dict[str, list[Path]] = {}
+    for path in _files(paths):
+        try:
+            uid = str(dcmread_uid(path))
+        except Exception:
+            continue
+        by_series.setdefault(uid, []).append(path)
+    return by_series
+
+
+def _match_roles(config: NodeConfig, name: str, paths: list[Path]) -> dict | None:
+    """Give the algorithm's roles to the series under ``paths`` with the node's own facts and
+    role rule (routing.rules), print which series got which role and why every other did not,
+    and return the case; None (after saying why) when a role finds no series."""
+    from dicom_node.algorithm import SeriesInput
+    from dicom_node.facts import describe_series
+    from dicom_node.route import assign_roles, never_routed
+
+    rule = next((r for r in config.routing.rules if r.algorithm == name and r.roles), None)
+    if rule is None or rule.roles is None:
+        print(f"no rule with roles routes to {name} (routing.rules)", file=sys.stderr)
+        return None
+    files = _series_files(paths)
+    facts = [describe_series(series, series_uid=uid) for uid, series in files.items()]
+    facts.sort(key=lambda f: (f.series_number is None, f.series_number or 0))
+    usable = [f for f in facts if never_routed(f) is None]
+    matched = assign_roles(rule.roles, usable)
+    why = {c.series_uid: c for c in matched.candidates}
+    for f in facts:
+        label = f"series {f.series_number if f.series_number is not None else '?'}"
+        label += f" {f.description!r}"
+        candidate = why.get(f.series_uid)
+        if candidate is None:
+            print(f"{label}: not an image for {name}: {never_routed(f)}")
+        elif candidate.role:
+            print(f"{label}: {candidate.role} ({candidate.reason})")
+        else:
+            print(f"{label}: no role ({candidate.reason})")
+    if matched.missing:
+        print(f"{name}: missing role(s) {', '.join(matched.missing)}", file=sys.stderr)
+        return None
+    return {role: SeriesInput(role, tuple(files[uid])) for role, uid in matched.assigned.items()}
 
 
 def dcmread_uid(path: Path) -> str:
@@ -355,13 +409,19 @@ def build_parser() -> argparse.ArgumentParser:
     run = with_config(
         commands.add_parser("run", help="offline inference on files, results as JSON + NumPy")
     )
-    run.add_argument("paths", nargs="*", metavar="PATH", help="files/folders (one case a series)")
+    run.add_argument(
+        "paths",
+        nargs="*",
+        metavar="PATH",
+        help="files/folders: one case a series, or for study algorithms one study whose"
+        " series get their roles as the node gives them",
+    )
     run.add_argument("--algorithm", required=True)
     run.add_argument(
         "--input",
         action="append",
         metavar="ROLE=PATH",
-        help="for study algorithms: the folder of each role",
+        help="for study algorithms: the folder of each role, instead of matching them",
     )
     run.add_argument("--out", required=True, help="folder for case-NNN/result.json")
     run.set_defaults(func=cmd_run)

@@ -163,3 +163,46 @@ def test_series_on_other_grids_are_resampled_through_patient_space() -> None:
     assert np.all(resampled[0] == 0)
     flipped = target.with_array(np.random.default_rng(0).random((6, 8, 8)).astype(np.float32))
     assert np.array_equal(resample_onto(flipped.flip_spatial((0, 2)), flipped), flipped.array)
+
+
+def test_run_matches_roles_in_a_study_folder_like_the_node(tmp_path) -> None:
+    """`dicom-node run STUDY --algorithm brain-tumour-mr` reads the folder's headers, gives
+    the roles as the node does (acquisition attributes, decoys passed over) and says why."""
+    import subprocess
+    import sys
+
+    from tests.test_route import decoy_study
+
+    uids = decoy_study(tmp_path / "study", BrainPhantomSpec(seed=UNSEEN + 8))
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "dicom_node", "run", str(tmp_path / "study")]
+    command += ["--algorithm", "brain-tumour-mr", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = {line.split(":")[0]: line for line in done.stdout.splitlines()}
+    assert len([line for line in lines if line.startswith("series ")]) == len(uids) == 8
+    assert lines["series 3 'sT2/TSE/T'"].startswith("series 3 'sT2/TSE/T': T2 (spin echo")
+    assert "FLAIR (inversion recovery" in lines["series 4 'T2W_FLAIR'"]
+    assert "T1c (" in lines["series 1 'T1W_3D_TFE +C'"]
+    assert "no role (never a role: a mask" in lines["series 9 'FLAIR_ROI'"]
+    assert "no role (fits no role: passed over: echo-planar" in lines["series 7 'T2W/FE-EPI'"]
+    assert "diffusion" in lines["series 5 'Ax DWI 1000b'"]
+    assert "localizer" in lines["series 6 '3-Plane Loc'"]
+    result = json.loads((out / "case-001" / "result.json").read_text())
+    assert result["algorithm"] == "brain-tumour-mr"
+    assert result["measurements"]["whole tumour volume_ml"] > 1.0
+
+
+def test_run_says_which_role_is_missing(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    write_brain_study(tmp_path / "study", BrainPhantomSpec(seed=UNSEEN + 9, frames=4))
+    for path in (tmp_path / "study" / "FLAIR").glob("*.dcm"):
+        path.unlink()
+    command = [sys.executable, "-m", "dicom_node", "run", str(tmp_path / "study")]
+    command += ["--algorithm", "brain-tumour-mr", "--out", str(tmp_path / "out")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 1
+    assert "brain-tumour-mr: missing role(s) FLAIR" in done.stderr
+    assert "series 3 'AX T2 TSE': T2 (" in done.stdout
