@@ -69,8 +69,16 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    from dicom_node.scu import AssociationFailed, send
+    """One line per file not sent (the path as given and why, never a value from the file),
+    as it happens; then the counts. Exit 1 when any file failed or the peer could not be
+    reached; files skipped as not DICOM are no failure."""
+    from dicom_node.scu import SendAbandoned, SendReport, send
 
+    def say(outcome: str, path: Path, why: str) -> None:
+        if outcome != "sent":
+            print(f"{outcome} {path}: {why}", file=sys.stderr, flush=True)
+
+    abandoned = False
     try:
         report = send(
             [Path(p) for p in args.paths],
@@ -78,16 +86,13 @@ def cmd_send(args: argparse.Namespace) -> int:
             args.port,
             calling_aet=args.aet,
             called_aet=args.aec,
+            on_outcome=say,
         )
-    except (AssociationFailed, OSError) as exc:
+    except (SendAbandoned, OSError) as exc:
         print(f"send failed: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    for path, why in report.skipped:
-        print(f"skipped {path}: {why}", file=sys.stderr)
-    for path, why in report.failed:
-        print(f"failed {path}: {why}", file=sys.stderr)
+        report, abandoned = getattr(exc, "report", SendReport()), True
     print(f"sent {len(report.sent)}, failed {len(report.failed)}, skipped {len(report.skipped)}")
-    return 0 if not report.failed else EXIT_FAILED
+    return EXIT_FAILED if report.failed or abandoned else 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:

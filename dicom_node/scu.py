@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,12 +42,23 @@ class AssociationRejected(AssociationFailed):
         self.permanent = permanent
 
 
+class UnsendableFile(ValueError):
+    """A DICOM file that cannot be sent as it is (no SOP UIDs, no transfer syntax)."""
+
+
 @dataclass(frozen=True)
 class DicomFile:
+    """A Part-10 file to send: the SOP class and transfer syntax of its presentation context.
+
+    ``from_meta``: the file meta names the SOP class and instance, and the file is streamed as
+    it is, the C-STORE request naming what its meta names (as dcmtk's storescu does). Otherwise
+    the data set names them and is sent decoded.
+    """
+
     path: Path
     sop_class_uid: str
     transfer_syntax_uid: str
-    meta_matches_dataset: bool = True
+    from_meta: bool = True
 
     @property
     def context(self) -> tuple[str, str]:
@@ -56,15 +67,37 @@ class DicomFile:
 
 @dataclass
 class SendReport:
-    """What a send did, per file: the status the peer returned or why it was skipped."""
+    """What a send did, per file: the status the peer returned or why it was skipped.
+
+    ``on_outcome`` (``"sent"``, ``"failed"`` or ``"skipped"``, the file, why) is called as
+    each file's outcome is known, so that a long send can say what it does as it goes.
+    """
 
     sent: list[Path] = field(default_factory=list)
     failed: list[tuple[Path, str]] = field(default_factory=list)
     skipped: list[tuple[Path, str]] = field(default_factory=list)
+    on_outcome: Callable[[str, Path, str], None] | None = field(default=None, repr=False)
 
     @property
     def ok(self) -> bool:
         return not self.failed and not self.skipped
+
+    def add(self, outcome: str, path: Path, why: str = "") -> None:
+        if outcome == "sent":
+            self.sent.append(path)
+        else:
+            getattr(self, outcome).append((path, why))
+        if self.on_outcome is not None:
+            self.on_outcome(outcome, path, why)
+
+
+class SendAbandoned(AssociationFailed):
+    """No association could be made for files still to send; ``report`` says what was done,
+    those files included (failed, with the reason)."""
+
+    def __init__(self, message: str, report: SendReport) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 def find_files(paths: Iterable[Path]) -> Iterator[Path]:
@@ -77,18 +110,25 @@ def find_files(paths: Iterable[Path]) -> Iterator[Path]:
 
 
 def inspect_file(path: Path) -> DicomFile:
-    """Read a Part-10 file's SOP class and transfer syntax from its file meta."""
+    """The presentation context a Part-10 file is sent in: SOP class and transfer syntax from
+    its file meta (PS3.10 7.1), the SOP class from the data set only where the meta lacks it.
+
+    Raises InvalidDicomError for a file that is not Part-10 and :class:`UnsendableFile` for one
+    that names no SOP class, SOP instance or transfer syntax.
+    """
     ds = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
     meta = ds.file_meta
-    sop_class = ds.get("SOPClassUID") or meta.get("MediaStorageSOPClassUID")
     syntax = meta.get("TransferSyntaxUID")
-    if not sop_class or not syntax:
-        raise InvalidDicomError("no SOP Class UID or Transfer Syntax UID in the file meta")
-    matches = (meta.get("MediaStorageSOPClassUID"), meta.get("MediaStorageSOPInstanceUID")) == (
-        ds.get("SOPClassUID"),
-        ds.get("SOPInstanceUID"),
-    )
-    return DicomFile(path, str(sop_class), str(syntax), matches)
+    if not syntax:
+        raise UnsendableFile("no Transfer Syntax UID in the file meta")
+    from_meta = bool(meta.get("MediaStorageSOPClassUID") and meta.get("MediaStorageSOPInstanceUID"))
+    in_dataset = bool(ds.get("SOPClassUID") and ds.get("SOPInstanceUID"))
+    if not from_meta and not in_dataset:
+        raise UnsendableFile(
+            "no SOP Class UID and SOP Instance UID in the file meta or in the data set"
+        )
+    sop_class = meta.MediaStorageSOPClassUID if from_meta else ds.SOPClassUID
+    return DicomFile(path, str(sop_class), str(syntax), from_meta)
 
 
 def _batches(files: list[DicomFile]) -> Iterator[list[DicomFile]]:
@@ -158,49 +198,71 @@ def send(
     called_aet: str = "DICOMNODE",
     timeout_s: float = 60.0,
     tls: tuple[ssl.SSLContext, str] | None = None,
+    on_outcome: Callable[[str, Path, str], None] | None = None,
 ) -> SendReport:
-    """C-STORE every DICOM file under ``paths``; non-DICOM files are reported as skipped.
+    """C-STORE every DICOM file under ``paths``; non-DICOM files are reported as skipped,
+    files that cannot be sent or were refused as failed, and the send goes on past them.
 
     One association per batch of at most 128 presentation contexts, each context exactly a
-    sent file's SOP class and transfer syntax; ``tls`` is (client context, server name).
+    sent file's SOP class and transfer syntax; ``tls`` is (client context, server name);
+    ``on_outcome`` is :attr:`SendReport.on_outcome`. Raises :class:`SendAbandoned` when no
+    association can be made for files still to send.
     """
-    report = SendReport()
+    report = SendReport(on_outcome=on_outcome)
     files: list[DicomFile] = []
     for path in find_files(paths):
         try:
             files.append(inspect_file(path))
-        except (InvalidDicomError, OSError, ValueError, AttributeError) as exc:
-            report.skipped.append((path, f"not a DICOM Part-10 file: {exc}"))
+        except InvalidDicomError as exc:
+            report.add("skipped", path, f"not a DICOM Part-10 file: {exc}")
+        except UnsendableFile as exc:
+            report.add("failed", path, str(exc))
+        except OSError as exc:
+            report.add("failed", path, f"cannot be read: {exc.strerror or exc}")
+        except Exception as exc:  # a broken file: pydicom's text may quote its values
+            log.debug("%s cannot be read", path, exc_info=True)
+            report.add("failed", path, f"cannot be read as DICOM ({type(exc).__name__})")
     ae = _ae(calling_aet, timeout_s=timeout_s)
     for batch in _batches(files):
         contexts = sorted({f.context for f in batch})
         ae.requested_contexts = [build_context(c, [ts]) for c, ts in contexts]
-        assoc = _associate(ae, host, port, called_aet, tls)
+        assoc: Association | None = None
         try:
-            for f in batch:
+            for number, f in enumerate(batch):
+                if assoc is None or not assoc.is_established:
+                    # First file, or the peer aborted the association: go on in a new one.
+                    try:
+                        assoc = _associate(ae, host, port, called_aet, tls)
+                    except AssociationFailed as exc:
+                        for rest in batch[number:]:
+                            report.add("failed", rest.path, f"not sent: {exc}")
+                        raise SendAbandoned(str(exc), report) from exc
                 _store_one(assoc, f, report)
         finally:
-            if assoc.is_established:
+            if assoc is not None and assoc.is_established:
                 assoc.release()
     return report
 
 
 def _store_one(assoc: Association, f: DicomFile, report: SendReport) -> None:
-    # The chunked send takes the C-STORE's UIDs from the file meta; where a malformed file's
-    # meta disagrees with its data set, send the decoded data set so the request names it.
-    payload = f.path if f.meta_matches_dataset else dcmread(f.path)
     try:
+        # Streamed, the C-STORE request names what the file meta names.
+        payload = f.path if f.from_meta else dcmread(f.path)
         status = assoc.send_c_store(payload)
     except ValueError as exc:  # no accepted presentation context for this file
-        report.failed.append((f.path, str(exc)))
+        report.add("failed", f.path, str(exc))
+        return
+    except Exception as exc:  # pydicom's or pynetdicom's text may quote the file's values
+        log.debug("C-STORE of %s failed", f.path, exc_info=True)
+        report.add("failed", f.path, f"not sent ({type(exc).__name__})")
         return
     code = int(status.Status) if "Status" in status else None
     if code is None:
-        report.failed.append((f.path, "no response (timeout or abort)"))
+        report.add("failed", f.path, "no response (timeout or abort)")
     elif code == 0x0000:
-        report.sent.append(f.path)
+        report.add("sent", f.path)
     elif code & 0xF000 == 0xB000:  # Warning, PS3.4 B.2.3: stored, perhaps coerced
         log.warning("%s stored with warning status 0x%04X", f.path.name, code)
-        report.sent.append(f.path)
+        report.add("sent", f.path)
     else:
-        report.failed.append((f.path, f"status 0x{code:04X}"))
+        report.add("failed", f.path, f"status 0x{code:04X}")

@@ -106,6 +106,57 @@ def test_cli_echo_and_send_report_failures(tmp_path: Path, make_node) -> None:
     assert "sent 0, failed 0, skipped 1" in result.stdout
 
 
+def test_cli_send_goes_on_past_bad_files(tmp_path: Path, make_node) -> None:
+    """`dicom-node send` takes each file's SOP class from its file meta (PS3.10 7.1), as
+    storescu does; a file it cannot send, or the node refuses, is one line with its name and
+    why (never a value from it) and the send goes on; then the counts, exit 1. Before, the
+    file without SOP UIDs in its data set ended the send with a traceback."""
+    from pydicom import dcmwrite
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
+
+    from dicom_node.phantoms import CtPhantomSpec, ct_series
+    from dicom_node.store import encode_file_meta
+    from tests.test_store import encoded
+
+    node = make_node()
+    folder = tmp_path / "upload"
+    folder.mkdir()
+    spec = CtPhantomSpec(slices=5, rows=16, columns=16, patient_id="SEND-4711")
+    a, b, c, d, e = ct_series(spec)
+    del a.SOPClassUID, a.SOPInstanceUID  # its file meta still names them
+    dcmwrite(folder / "1-no-sop-uids-in-data-set.dcm", a, enforce_file_format=True)
+    dcmwrite(folder / "2-ok.dcm", b, enforce_file_format=True)
+    b.SOPClassUID = MRImageStorage  # the data set contradicts the meta, which names CT
+    meta = encode_file_meta(CTImageStorage, b.SOPInstanceUID, ExplicitVRLittleEndian, "X")
+    (folder / "3-meta-says-ct.dcm").write_bytes(meta + encoded(b))
+    del c.SOPClassUID, c.SOPInstanceUID
+    c.preamble = b"\0" * 128
+    c.file_meta = FileMetaDataset()
+    c.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dcmwrite(folder / "4-no-sop-uids-anywhere.dcm", c, enforce_file_format=False)
+    dcmwrite(folder / "5-ok.dcm", d, enforce_file_format=True)
+    (folder / "6-notes.txt").write_text("not DICOM")
+    dcmwrite(folder / "7-ok.dcm", e, enforce_file_format=True)
+
+    result = cli("send", str(folder), "--port", str(node.port))
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = sorted(result.stderr.splitlines())  # files that cannot be sent are said first
+    assert lines == [
+        f"failed {folder / '1-no-sop-uids-in-data-set.dcm'}: status 0xC000",
+        f"failed {folder / '3-meta-says-ct.dcm'}: status 0xA900",
+        f"failed {folder / '4-no-sop-uids-anywhere.dcm'}:"
+        " no SOP Class UID and SOP Instance UID in the file meta or in the data set",
+        f"skipped {folder / '6-notes.txt'}: " + lines[3].split(": ", 1)[1],
+    ], result.stderr
+    assert lines[3].split(": ", 1)[1].startswith("not a DICOM Part-10 file")
+    assert result.stdout.splitlines() == ["sent 3, failed 3, skipped 1"]
+    assert result.returncode == 1
+    assert "SEND-4711" not in result.stdout + result.stderr
+    stored = {r[0] for r in node.query("SELECT sop_instance_uid FROM instances")}
+    assert stored == {b.SOPInstanceUID, d.SOPInstanceUID, e.SOPInstanceUID}
+
+
 def test_phantom_ct_is_a_valid_ct_image(tmp_path: Path) -> None:
     """The phantom every test and benchmark sends passes dicom3tools' IOD validator."""
     from dicom_node.phantoms import CtPhantomSpec, write_ct_series
