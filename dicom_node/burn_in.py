@@ -1,13 +1,13 @@
 """Text burned into the pixels of a Secondary Capture (the heat-map SC's verdict and DEMO warning).
 
 Burned-in text is pixel data, so a viewer shows it whatever it does with the header, which is why
-the SC says Burned In Annotation YES (PS3.3 C.7.6.1.1.3, C.8.6.2). It must therefore be legible on
-every image size the node meets, and never leave the image: the text is drawn with a real font
-(Pillow's packaged FreeType build of Aileron Regular, ``ImageFont.load_default(size)``: no system
-font and no extra dependency, so the Docker image renders the same glyphs as CI), white with a dark
-outline drawn from the same glyph layout, so the fill always lies inside its outline, and scaled to
-the image. A line too wide is wrapped (at spaces, else between characters) and the font shrunk
-until the block fits: nothing is cut off.
+the SC says Burned In Annotation (0028,0301) YES (PS3.3 C.7.6.1, C.8.6.2). It must therefore be
+legible on every image size the node meets, and never leave the image: the text is drawn with a
+real font (Pillow's packaged FreeType build of Aileron Regular, ``ImageFont.load_default(size)``:
+no system font and no extra dependency, so the Docker image renders the same glyphs as CI), white
+with a dark outline placed from the same glyph positions, so the fill always lies inside its
+outline, and scaled to the image. A line too wide is wrapped (at spaces, else between characters)
+and the font shrunk until the block fits: nothing is cut off.
 """
 
 from __future__ import annotations
@@ -24,10 +24,12 @@ from PIL import Image, ImageDraw, ImageFont
 
 logger = logging.getLogger(__name__)
 
-#: Font size (em, pixels) as a fraction of the image's shorter side: 26 px on a 1024 px radiograph,
-#: about the size the OpenCV text had, so the block covers the same share of the image.
+#: Font size (em, pixels) as a fraction of the image's shorter side: 26 px (capitals 19 px high)
+#: on a 1024 px radiograph, a little larger than the OpenCV text was.
 FONT_FRACTION = 1 / 40
-#: Below this em size the packaged font's lowercase letters close up under a 1 px outline.
+#: Capitals 8 px high: the smallest size at which the heat-map lines keep every glyph's fill whole
+#: and apart under a 1 px outline (tests/test_burn_in.py counts them). Smaller only when the image
+#: leaves no room for more.
 MIN_LEGIBLE_PX = 11
 #: The text block stays in the top part of the image (the annotation area), off the lungs, unless
 #: the image is too small for legible text there.
@@ -159,8 +161,8 @@ def _fit(lines: Sequence[str], size: int, width: int, bottom: int) -> TextLayout
     pitch = ascent + descent + 2 * stroke + max(1, round(size * 0.1))
     extents = [_extent(text, size, stroke) or (0, 0, 0, 0) for text in drawn]
     # Outlines start at the margin whatever the glyphs' bearings; lines share one origin column.
-    x0 = margin - min(0, *(left for left, _, _, _ in extents))
-    y0 = margin - min(0, *(top for _, top, _, _ in extents))
+    x0 = margin - min([0, *(left for left, _, _, _ in extents)])
+    y0 = margin - min([0, *(top for _, top, _, _ in extents)])
     origins = tuple((x0, y0 + i * pitch) for i in range(len(extents)))
     ink = [
         (x + ext[0], y + ext[1], x + ext[2], y + ext[3])
@@ -214,7 +216,9 @@ def burn_in(picture: np.ndarray, lines: Sequence[str]) -> TextLayout:
     if picture.dtype != np.uint8 or picture.ndim != 3 or picture.shape[2] != 3:
         raise ValueError(f"expected a uint8 RGB picture, got {picture.dtype} {picture.shape}")
     placed = layout(picture.shape[0], picture.shape[1], lines)
-    image = Image.fromarray(np.ascontiguousarray(picture), mode="RGB")
+    # Only the rows the text covers go through Pillow: a 4096 px image is 48 MB to copy twice.
+    band = picture[: placed.box[3]]
+    image = Image.fromarray(np.ascontiguousarray(band))
     draw = ImageDraw.Draw(image)
     typeface = font(placed.size)
     glyphs = [
@@ -236,5 +240,5 @@ def burn_in(picture: np.ndarray, lines: Sequence[str]) -> TextLayout:
         )
     for origin, char in glyphs:
         draw.text(origin, char, fill=FILL, font=typeface, anchor="la")
-    picture[...] = np.asarray(image)
+    band[...] = np.asarray(image)
     return placed
