@@ -50,9 +50,10 @@ class UnsendableFile(ValueError):
 class DicomFile:
     """A Part-10 file to send: the SOP class and transfer syntax of its presentation context.
 
-    ``from_meta``: the file meta names the SOP class and instance, and the file is streamed as
-    it is, the C-STORE request naming what its meta names (as dcmtk's storescu does). Otherwise
-    the data set names them and is sent decoded.
+    ``from_meta``: the file is streamed as it is and the C-STORE request names what its file
+    meta names (as dcmtk's storescu does). Otherwise the data set, of the same SOP class but
+    naming another instance than the meta (or the meta none), is sent decoded, so that the
+    request names the instance the data set is.
     """
 
     path: Path
@@ -121,14 +122,18 @@ def inspect_file(path: Path) -> DicomFile:
     syntax = meta.get("TransferSyntaxUID")
     if not syntax:
         raise UnsendableFile("no Transfer Syntax UID in the file meta")
-    from_meta = bool(meta.get("MediaStorageSOPClassUID") and meta.get("MediaStorageSOPInstanceUID"))
-    in_dataset = bool(ds.get("SOPClassUID") and ds.get("SOPInstanceUID"))
-    if not from_meta and not in_dataset:
+    meta_class, meta_instance = (meta.get(f"MediaStorageSOP{k}UID") for k in ("Class", "Instance"))
+    data_class, data_instance = ds.get("SOPClassUID"), ds.get("SOPInstanceUID")
+    sop_class = meta_class or data_class
+    if not sop_class:
         raise UnsendableFile(
             "no SOP Class UID and SOP Instance UID in the file meta or in the data set"
         )
-    sop_class = meta.MediaStorageSOPClassUID if from_meta else ds.SOPClassUID
-    return DicomFile(path, str(sop_class), str(syntax), from_meta)
+    if data_class == sop_class and data_instance and data_instance != meta_instance:
+        return DicomFile(path, str(sop_class), str(syntax), from_meta=False)
+    if not meta_instance:
+        raise UnsendableFile("no SOP Instance UID in the file meta or in the data set")
+    return DicomFile(path, str(sop_class), str(syntax))
 
 
 def _batches(files: list[DicomFile]) -> Iterator[list[DicomFile]]:
