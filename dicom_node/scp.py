@@ -47,6 +47,7 @@ from dicom_node.store import (
     Sender,
     SopMismatch,
     StoreResult,
+    store_key,
 )
 
 log = logging.getLogger(__name__)
@@ -303,8 +304,10 @@ class StorageSCP:
         self.events = events or Events()
         # Per association: study UID -> [patient ID, instances], reported when it ends.
         self._received: dict[int, dict[str, list]] = {}
-        # Established associations whose end has not been handled yet.
-        self._open: set[int] = set()
+        # Established associations whose end has not been handled yet, by the number the
+        # log gives them (#1, #2, ... since start) so that its lines about one can be told.
+        self._open: dict[int, int] = {}
+        self._numbered = 0
         self._received_lock = threading.Lock()
         self.ae = self._build_ae()
         self._server: AcceptorServer | None = None
@@ -434,13 +437,27 @@ class StorageSCP:
 
     def _on_established(self, event: Event) -> None:
         sender = _peer(event.assoc)
-        log.info("association from %s at %s accepted", sender.calling_aet, sender.peer_host)
+        with self._received_lock:
+            self._numbered += 1
+            self._open[id(event.assoc)] = self._numbered
+        log.info(
+            "association from %s at %s accepted (#%d)",
+            sender.calling_aet,
+            sender.peer_host,
+            self._numbered,
+        )
         self.events.emit(
             AssociationAccepted(sender.calling_aet, sender.peer_host, _called(event.assoc))
         )
-        with self._received_lock:
-            self._open.add(id(event.assoc))
         self.assembler.association_opened(id(event.assoc))
+
+    def _association(self, assoc: Association) -> str:
+        """An association in the log: its number, calling AE title and peer address."""
+        sender = _peer(assoc)
+        with self._received_lock:
+            number = self._open.get(id(assoc))
+        numbered = f"#{number} " if number is not None else ""
+        return f"association {numbered}from {sender.calling_aet} at {sender.peer_host}"
 
     def _on_echo(self, event: Event) -> int:
         return STATUS_SUCCESS
@@ -459,11 +476,22 @@ class StorageSCP:
             )
         except (RejectedInstance, OSError) as exc:
             status = refusal_status(exc)
-            log.error("C-STORE refused with 0x%04X, nothing stored: %s", status, exc)
+            # Which instance as a hash of the request's UID (as named on disk), never the UID.
+            log.error(
+                "C-STORE refused with 0x%04X, nothing stored: %s (instance %s, %s)",
+                status,
+                exc,
+                store_key(str(request.AffectedSOPInstanceUID))[:12],
+                self._association(event.assoc),
+            )
             self.events.emit(InstanceReceived(stored=False, size=len(encoded)))
             return status
         if stored.result is not StoreResult.STORED:
-            log.info("repeated SOP instance (%s)", stored.result.value)
+            log.info(
+                "repeated SOP instance %s (%s)",
+                store_key(stored.header.sop_instance_uid)[:12],
+                stored.result.value,
+            )
         log.debug("stored %s at %s", stored.header.sop_instance_uid, stored.path)
         self.assembler.instance_stored(id(event.assoc), stored)
         self.events.emit(InstanceReceived(stored=True, size=len(encoded)))
@@ -478,7 +506,8 @@ class StorageSCP:
         self._ended(event.assoc, released=True)
 
     def _on_aborted(self, event: Event) -> None:
-        log.warning("association from %s aborted", _peer(event.assoc).calling_aet)
+        number = self._open.get(id(event.assoc), 0)
+        log.warning("association from %s aborted (#%d)", _peer(event.assoc).calling_aet, number)
         self._ended(event.assoc, released=False)
 
     def _on_finished(self, assoc: Association) -> None:
@@ -494,9 +523,8 @@ class StorageSCP:
     def _ended(self, assoc: Association, *, released: bool) -> bool:
         """Close the books on an established association once; False when already closed."""
         with self._received_lock:
-            if id(assoc) not in self._open:
+            if self._open.pop(id(assoc), None) is None:
                 return False
-            self._open.discard(id(assoc))
             studies = self._received.pop(id(assoc), {})
         self.assembler.association_ended(id(assoc), released=released)
         self._report_received(assoc, studies, released=released)

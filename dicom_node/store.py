@@ -102,7 +102,8 @@ def _uid(ds: Dataset, keyword: str) -> str:
 
 def store_key(uid: str) -> str:
     """A short, stable, non-identifying name for a UID: used for paths and in logs above DEBUG."""
-    return hashlib.sha256(uid.encode("ascii")).hexdigest()[:32]
+    # surrogateescape: a refused request's UID may hold any bytes, and is still logged hashed.
+    return hashlib.sha256(uid.encode("utf-8", "surrogateescape")).hexdigest()[:32]
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import struct
 import zlib
 from collections.abc import Callable, Iterator
@@ -38,7 +39,7 @@ from pynetdicom import AE, _config
 
 from dicom_node.algorithm import MAX_VOXELS
 from dicom_node.phantoms import CtPhantomSpec, ct_series
-from dicom_node.store import encode_file_meta
+from dicom_node.store import encode_file_meta, store_key
 from tests.conftest import NodeProcess, wait_until
 from tests.dicomfiles import corpus_instances, dataset_bytes, dciodvfy, storescu_acknowledged
 from tests.test_store import encoded
@@ -589,6 +590,12 @@ def test_bad_input(node: NodeProcess, tmp_path: Path, name: str) -> None:
         logged = node.log()[seen:]
         assert f"C-STORE refused with 0x{outcome.status:04X}" in logged, logged
         assert outcome.logged in logged, logged
+        # Which instance (hashed, as on disk) and which association; never the UID itself.
+        for item in case.items:
+            key = store_key(item.sop_instance)[:12]
+            which = rf"\(instance {key}, association #\d+ from BADINPUTS at 127\.0\.0\.1\)"
+            assert re.search(which, logged), logged
+            assert item.sop_instance not in logged
         return
     assert set(statuses) == {SUCCESS}, [hex(s) for s in statuses]
     assert stored(node, [i.sop_instance for i in case.items]) == len(case.items)
