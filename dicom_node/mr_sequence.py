@@ -59,7 +59,8 @@ _DYNAMIC = _words(
     "perf", "perfusion", "dsc", "dce", "asl", "pcasl", "pasl", "dynamic", "dyn", "bolus",
     "cbf", "cbv", "rcbv", "mtt", "ttp", "bold", "rest", "rsfmri", "fmri", "resting",
 )  # fmt: skip
-_ANGIO = _words("tof", "angio", "mra", "mrv", "venc", "pc", "phase contrast")
+# Not "pc": sites abbreviate post-contrast so; phase-contrast images say VELOCITY or P.
+_ANGIO = _words("tof", "angio", "mra", "mrv", "venc")
 _SUSCEPTIBILITY = _words(
     "swi", "swip", "swan", "venobold", "susceptibility", "t2\\*", "t2star", "hemo", "mip", "minip",
     "mnip", "pha", "phase", "mag",
@@ -70,7 +71,10 @@ _POST = re.compile(
     r"(?i)(\+\s*c(?![a-z])|(?<![a-z])(gd|gad|gado|post|postcontrast|contrast|ce|kontrast|km|mdc)"
     r"(?![a-z])|(?<![a-z])c\+|_c(?![a-z])|\(c\))"
 )
-_PRE = re.compile(r"(?i)(?<![a-z])(pre|precontrast|nativ|native|sans|w/?o|without|no contrast)")
+_PRE = re.compile(
+    r"(?i)(?<![a-z])(pre|precontrast|pre-contrast|nativ|native|sans|w/?o|without|no contrast)"
+    r"(?![a-z])"
+)
 # Descriptions as a tie-breaker (several series of one weighting) and the last resort.
 _DESCRIBES = {
     "FLAIR": re.compile(r"(?i)(flair|dark[-_ ]?fluid|tirm|(?<![a-z])fl(?![a-z]))"),

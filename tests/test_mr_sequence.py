@@ -368,3 +368,25 @@ def test_enhanced_mr_is_weighted_from_its_functional_groups(corpus: Path, tmp_pa
     ds.save_as(tmp_path / "t1c.dcm")
     found = classify(describe_series([tmp_path / "t1c.dcm"]))
     assert found.weighting == "T1c" and "Administered YES" in found.reason, found
+
+
+MPRAGE = {"ScanningSequence": [GR, IR], "SequenceVariant": ["SK", "SP", "MP"],
+          "MRAcquisitionType": "3D", "RepetitionTime": 2300, "EchoTime": 2.98,
+          "InversionTime": 900}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("description", "agent", "expected"),
+    [
+        ("t1_mprage_sag_pre", "Gadovist", "T1"),  # pre-contrast wording wins over the agent
+        ("t1_mprage_sag_prescan_norm", "Gadovist", "T1c"),  # "prescan" says nothing of contrast
+        ("t1_mprage_sag_PC", None, "T1"),  # no agent, and "PC" is not taken for angiography
+        ("T1 MPRAGE", "NONE", "T1"),  # an agent field saying none
+    ],
+)
+def test_contrast_is_read_from_the_agent_and_words(
+    tmp_path: Path, description: str, agent: str | None, expected: str
+) -> None:
+    attributes = dict(MPRAGE, **({"ContrastBolusAgent": agent} if agent else {}))
+    facts = describe_series([write_row(tmp_path, 1, Row(description, expected, attributes))])
+    assert classify(facts).weighting == expected, classify(facts)
