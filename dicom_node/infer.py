@@ -17,6 +17,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import socket
@@ -39,7 +40,7 @@ from dicom_node.database import RESULTS_DIR, Database, database_path
 from dicom_node.deliver import schedule
 from dicom_node.jobs import Job, JobKind, SqliteJobStore, holds, mark_succeeded
 from dicom_node.logs import setup_logging
-from dicom_node.store import fsync_tree
+from dicom_node.store import fsync_tree, store_key
 from dicom_node.write import Provenance, WriteError, Written, write_all
 
 log = logging.getLogger(__name__)
@@ -289,11 +290,18 @@ class Worker:
         self._stopping = True
 
 
+# A UID in an error's text (PS3.5 9.1: a root 0, 1 or 2 and dotted numbers), logged hashed.
+_UID_IN_TEXT = re.compile(r"(?<![\d.])[0-2](?:\.(?:0|[1-9]\d*)){3,}(?![\d.])")
+
+
 def _raised_at(exc: BaseException) -> str:
-    """What an operator may read of a failure: the node's own input errors in full (they are
-    written without patient data), else the type and the line that raised it."""
-    if isinstance(exc, InputError):
-        return f"{type(exc).__name__}: {exc}"
+    """What an operator may read of a failure: the node's own input and writing errors in
+    full (they are written without patient data; a UID in them is shown hashed, as the store
+    names it on disk), else the type and the line that raised it: a third-party message may
+    quote the data."""
+    if isinstance(exc, (InputError, WriteError)):
+        text = _UID_IN_TEXT.sub(lambda uid: store_key(uid[0])[:12], str(exc))
+        return f"{type(exc).__name__}: {text}"
     frames = traceback.extract_tb(exc.__traceback__)
     where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
     return f"{type(exc).__name__}{where}"

@@ -610,6 +610,9 @@ def test_bad_input(node: NodeProcess, tmp_path: Path, name: str) -> None:
     job = finished_job(node, series_uid)
     assert job["state"] == "failed", job
     assert outcome.reason in job["error"], job["error"]
+    # The reason in words in the log an operator reads (WARNING or above), not only at DEBUG.
+    said = [line for line in node.log().splitlines() if f"job {job['id']} failed" in line]
+    assert any(outcome.reason in line and " ERROR " in line for line in said), said
     assert job["attempts"] == 1, job  # the same input would fail the same way: not retried
     # Nothing written from it: no SEG on a wrong slice, no volume made of two.
     assert outputs_of(node, job["id"]) == {}
