@@ -1,7 +1,7 @@
 """The ``dicom-node`` command.
 
 Exit codes: 0 success, 1 the operation failed (a peer refused, a send had failures),
-2 unusable configuration or command line.
+2 unusable configuration or command line, 141 the reader of the output went away.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from dicom_node.logs import setup_logging
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 128 + 13  # as a shell reports a command killed by SIGPIPE
 
 log = logging.getLogger("dicom_node")
 
@@ -482,10 +483,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # here, where a closed pipe can still be caught
+        return code
     except ConfigError as exc:
         print(f"dicom-node: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:
+        # The reader stopped reading (`dicom-node status | head`): end quietly, as a command
+        # killed by SIGPIPE would. Python's recipe (library/signal, "Note on SIGPIPE"):
+        # stdout points at /dev/null so that the flush at exit does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

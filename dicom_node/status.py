@@ -65,7 +65,7 @@ def _iso(timestamp: float) -> str:
 
 
 def _empty(data_dir: Path) -> StatusReport:
-    return StatusReport(str(data_dir), 0, 0, 0, 0, 0, 0, [], [], {s.value: 0 for s in JobState})
+    return StatusReport(str(data_dir), 0, 0, 0, 0, 0, 0, [], [], {s.value: 0 for s in JobState}, [])
 
 
 def build_report(data_dir: Path, *, recent: int = 20) -> StatusReport:

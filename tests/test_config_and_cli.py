@@ -157,6 +157,28 @@ def test_cli_send_goes_on_past_bad_files(tmp_path: Path, make_node) -> None:
     assert stored == {b.SOPInstanceUID, d.SOPInstanceUID, e.SOPInstanceUID}
 
 
+@pytest.mark.parametrize(
+    "args", [("status",), ("conformance", "tables"), ("config", "reference"), ("jobs",)]
+)
+def test_cli_output_into_a_closed_pipe(tmp_path: Path, args: tuple[str, ...]) -> None:
+    """`dicom-node status | head` and the like: a reader that stops reading ends the command
+    quietly, exit 141 as if by SIGPIPE (as `yes | head` does), without a traceback."""
+    config = tmp_path / "node.yaml"
+    config.write_text(yaml.safe_dump({"store": {"data_dir": str(tmp_path / "data")}}))
+    with_config = ("--config", str(config)) if args[0] in ("status", "jobs") else ()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dicom_node", *args, *with_config],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before the command writes anything
+    stderr = proc.stderr.read()
+    assert proc.wait(60) == 141, stderr
+    assert stderr == ""
+
+
 def test_phantom_ct_is_a_valid_ct_image(tmp_path: Path) -> None:
     """The phantom every test and benchmark sends passes dicom3tools' IOD validator."""
     from dicom_node.phantoms import CtPhantomSpec, write_ct_series
