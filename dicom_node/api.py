@@ -14,6 +14,7 @@ from typing import Any
 
 from dicom_node.config import SENDER, NodeConfig
 from dicom_node.deliver import Delivery, deliveries_of, target_label
+from dicom_node.jobs import JobKind
 from dicom_node.metrics import WORKER_STALE_S
 
 # The study a job belongs to: its subject is a study, or a series of one.
@@ -189,20 +190,42 @@ def job(conn: sqlite3.Connection, job_id: int) -> dict[str, Any] | None:
     return found[0] if found else None
 
 
+def _received(aggregate: str) -> str:
+    """When the instances a job's completion took in arrived (MIN or MAX): those of its own
+    series or study (by its level) received after the completion before it and by its own.
+    The index keeps each instance's latest copy only: a resend moves its copies to the later
+    completion, and an earlier one whose copies were all replaced has none (NULL)."""
+    window = (
+        " AND i.received_at <= COALESCE(c.created_at, j.created_at)"
+        " AND i.received_at > COALESCE(before.created_at, 0)"
+    )
+    return (
+        "CASE json_extract(j.payload, '$.level')"
+        f" WHEN 'study' THEN (SELECT {aggregate}(i.received_at) FROM instances i"
+        f"   WHERE i.study_uid = j.subject_uid{window})"
+        f" ELSE (SELECT {aggregate}(i.received_at) FROM instances i"
+        f"   WHERE i.series_uid = j.subject_uid{window}) END"
+    )
+
+
 def _jobs(
     conn: sqlite3.Connection, where: str, params: tuple, *, limit: int = 1000
 ) -> list[dict[str, Any]]:
+    # The completion a job was routed from is of its level: a series and its study may share
+    # a UID (and so a subject and a generation), and a job joined to both was listed twice.
     rows = conn.execute(
         "SELECT j.*, " + _JOB_STUDY + " AS study_uid,"
         " r.created_at AS written_at, r.run_s, r.device,"
         " c.created_at AS completed_at, c.finished_at AS routed_at,"
-        " (SELECT MIN(i.received_at) FROM instances i WHERE i.study_uid = " + _JOB_STUDY + ")"
-        "   AS first_received,"
-        " (SELECT MAX(i.received_at) FROM instances i WHERE i.study_uid = " + _JOB_STUDY + ")"
-        "   AS last_received"
+        f" {_received('MIN')} AS first_received, {_received('MAX')} AS last_received"
         " FROM jobs j LEFT JOIN results r ON r.job_id = j.id"
         " LEFT JOIN jobs c ON c.subject_uid = j.subject_uid AND c.generation = j.generation"
-        "   AND c.kind != 'inference'"
+        "   AND c.kind = CASE json_extract(j.payload, '$.level')"
+        f"     WHEN 'study' THEN '{JobKind.STUDY_COMPLETE.value}'"
+        f"     ELSE '{JobKind.SERIES_COMPLETE.value}' END"
+        # Completions are counted one by one (assembly): the one before is generation - 1.
+        " LEFT JOIN jobs before ON before.subject_uid = c.subject_uid"
+        "   AND before.kind = c.kind AND before.generation = c.generation - 1"
         f" {where} ORDER BY j.id DESC LIMIT ?",
         (*params, limit),
     ).fetchall()

@@ -48,14 +48,16 @@ def send(store: InstanceStore, datasets: list, sender: str) -> str:
     return stored.header.series_uid
 
 
-def route(store: InstanceStore, level: str, subject: str, algorithms: list[str]) -> list[int]:
+def route(
+    store: InstanceStore, level: str, subject: str, algorithms: list[str], generation: int = 1
+) -> list[int]:
     """Route a completed subject to algorithms; the inference jobs, each with deliveries."""
     routed = [
         Routed(algorithm, {"series": subject}, ("pacs", "sender"), ("MODALITY", "CT2"))
         for algorithm in algorithms
     ]
     with store.db.transaction() as conn:
-        ids = record_decision(conn, Decision(level, subject, 1, routed))
+        ids = record_decision(conn, Decision(level, subject, generation, routed))
         for job_id in ids:
             schedule(conn, job_id, {"destinations": ["pacs", "sender"], "senders": ["MODALITY"]})
     return ids
@@ -213,3 +215,55 @@ def test_studies_runs_as_many_statements_for_one_study_as_for_fifty(store):
             conn.close()
         print(f"{wanted} studies: {counts[wanted]} statements (before: {old})")
     assert counts[1] == counts[50] == 4
+
+
+def test_a_job_is_listed_once_when_its_study_and_series_share_a_uid(store):
+    """Some modalities give a series its study's UID: the series' and the study's completion
+    jobs then share a subject UID, and each inference job was joined to both."""
+    uid = generate_uid()
+    spec = CtPhantomSpec(slices=2, rows=16, columns=16, study_uid=uid, series_uid=uid)
+    send(store, list(ct_series(spec)), "MODALITY")
+    ids = route(store, "series", uid, ["a"]) + route(store, "study", uid, ["b"])
+    conn = reader(store)
+    try:
+        assert sorted(j["id"] for j in api.jobs(conn)) == sorted(ids)
+        assert api.studies(conn)[0]["jobs"]["queued"] == 2
+    finally:
+        conn.close()
+
+
+def test_timelines_are_of_the_job_s_own_subject_and_completion(store):
+    """A job's "received" step is the instances of its own series (or study) that its
+    completion took in: not a series of the study received after it, and not the copies of
+    a resend, which reopen the series for a job of their own. No step takes negative time."""
+    study = generate_uid()
+    spec = CtPhantomSpec(slices=3, rows=16, columns=16, study_uid=study)
+    first = list(ct_series(spec))
+    series = send(store, first, "MODALITY")
+    (before,) = route(store, "series", series, ["a"])
+    receive(store, study, "MODALITY")  # another series of the study, later
+    for ds in first:  # a corrected resend: the latest copy wins and the series reopens
+        ds.SeriesDescription = "CORRECTED"
+    send(store, first, "MODALITY")
+    (after,) = route(store, "series", series, ["a"], generation=2)
+    conn = reader(store)
+    try:
+        completions = dict(
+            conn.execute(
+                "SELECT generation, created_at FROM jobs WHERE kind = 'series-complete'"
+                " AND subject_uid = ?",
+                (series,),
+            ).fetchall()
+        )
+        timelines = {j["id"]: {s["step"]: s for s in j["timeline"]} for j in api.jobs(conn)}
+    finally:
+        conn.close()
+    assert sorted(completions) == [1, 2]
+    for job_id in (before, after):
+        negative = [s for s in timelines[job_id].values() if (s["took_s"] or 0) < 0]
+        assert not negative, negative
+    # The first job's instances were all replaced: when they first came is not known.
+    assert timelines[before]["received"]["at"] is None
+    assert timelines[before]["complete"]["at"] == completions[1]
+    received = timelines[after]["received"]["at"]
+    assert completions[1] < received <= completions[2]
