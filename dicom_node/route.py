@@ -269,17 +269,21 @@ def decide_series(
                 NotRouted(
                     rule.algorithm,
                     f"takes a study with {', '.join(rule.roles)}; this series "
-                    + (f"can be {'/'.join(fits)}" if fits else _fits_no_role(rule.roles, facts))
+                    + (
+                        f"can be {'/'.join(fits)}"
+                        if fits
+                        else f"fits no role ({_no_role(rule.roles, facts)})"
+                    )
                     + " (decided when the study completes)",
                 )
             )
     return decision
 
 
-def _fits_no_role(roles: dict[str, SeriesMatch], facts: SeriesFacts) -> str:
-    """'fits no role', with the first role's reason (for MR, its weighting or why none)."""
-    first = next(iter(roles.values()))
-    return f"fits no role: {mismatch(first, facts)}"
+def _no_role(roles: dict[str, SeriesMatch], facts: SeriesFacts) -> str:
+    """Why a series fits no role: the first role's reason (for MR, its weighting or why it
+    was passed over)."""
+    return mismatch(next(iter(roles.values())), facts) or "it matches no role"
 
 
 @dataclass(frozen=True)
@@ -336,7 +340,8 @@ def assign_roles(roles: dict[str, SeriesMatch], candidates: list[SeriesFacts]) -
             found = classify(facts)
             return found.reason if found.weighting == role_of[uid] else "matches the rule"
         if not fits[uid]:
-            return _fits_no_role(roles, facts)
+            why = _no_role(roles, facts)
+            return why if why.startswith("passed over") else f"fits no role: {why}"
         role = sorted(fits[uid])[0]
         chosen = by_uid[assigned[role]]
         mine, theirs = rank(role, uid), rank(role, chosen.series_uid)

@@ -185,7 +185,7 @@ def test_run_matches_roles_in_a_study_folder_like_the_node(tmp_path) -> None:
     assert "FLAIR (inversion recovery" in lines["series 4 'T2W_FLAIR'"]
     assert "T1c (" in lines["series 1 'T1W_3D_TFE +C'"]
     assert "no role (never a role: a mask" in lines["series 9 'FLAIR_ROI'"]
-    assert "no role (fits no role: passed over: echo-planar" in lines["series 7 'T2W/FE-EPI'"]
+    assert "no role (passed over: echo-planar" in lines["series 7 'T2W/FE-EPI'"]
     assert "diffusion" in lines["series 5 'Ax DWI 1000b'"]
     assert "localizer" in lines["series 6 '3-Plane Loc'"]
     result = json.loads((out / "case-001" / "result.json").read_text())
