@@ -126,7 +126,7 @@ def _ms(value: float | None) -> str:
 
 
 def describes(weighting: str, facts: SeriesFacts) -> bool:
-    """Whether the series' own words (description, else protocol name) name this weighting."""
+    """Whether the series' own words (description and protocol name) name this weighting."""
     text = f"{facts.description} {facts.protocol}"
     if weighting == "T1c":
         return bool(_DESCRIBES["T1"].search(text) and _POST.search(text))
