@@ -29,7 +29,7 @@ import numpy as np
 from pydicom import dcmread, dcmwrite
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian
+from pydicom.uid import RE_VALID_UID, UID, ExplicitVRBigEndian, ExplicitVRLittleEndian
 
 if TYPE_CHECKING:
     import highdicom as hd
@@ -85,6 +85,7 @@ class SeriesInput:
     @cached_property
     def _datasets(self) -> list[Dataset]:
         datasets = [dcmread(p) for p in self.paths]
+        check_identity(datasets)
         # Before anything decodes them: a header that does not describe its pixel data would
         # give a wrong picture, or a decoder a 65535 x 65535 x 2^31 allocation to attempt.
         check_pixel_data(datasets)
@@ -131,10 +132,13 @@ _BITS_ALLOCATED = (1, 8, 16, 32, 64)
 
 
 def _element(ds: Dataset, keyword: str) -> DataElement | None:
+    """``ds``'s element ``keyword``, None when absent, InputError when it cannot be read."""
     try:
         return ds[keyword]
     except KeyError:
         return None
+    except Exception as exc:  # a value whose bytes do not fit its VR (3 bytes for a US)
+        raise InputError(f"{keyword} cannot be read: not a valid value for its VR") from exc
 
 
 def _positive_int(ds: Dataset, keyword: str, default: int | None = None) -> int:
@@ -150,18 +154,56 @@ def _positive_int(ds: Dataset, keyword: str, default: int | None = None) -> int:
     raise InputError(f"{keyword} is {shown}, not a positive integer")
 
 
+# PS3.3 C.7.6.3.1.2, the terms pydicom decodes.
+PHOTOMETRIC_INTERPRETATIONS = frozenset(
+    {
+        "MONOCHROME1",
+        "MONOCHROME2",
+        "PALETTE COLOR",
+        "RGB",
+        "YBR_FULL",
+        "YBR_FULL_422",
+        "YBR_PARTIAL_420",
+        "YBR_ICT",
+        "YBR_RCT",
+    }
+)
+VOI_LUT_FUNCTIONS = frozenset({"LINEAR", "LINEAR_EXACT", "SIGMOID"})  # PS3.3 C.11.2.1.3
+
+
 def _pixel_problem(ds: Dataset) -> tuple[int, str | None]:
-    """(voxels the header claims, why its pixel data cannot be what the header says or None)."""
+    """(voxels the header claims, why its pixel data cannot be what the header says or None).
+
+    Each reason names the attribute (PS3.3 C.7.6.3 Image Pixel, C.11.1 Modality LUT, C.11.2
+    VOI LUT): these describe how stored values become what a model and a reader see, and a
+    guess would change the picture.
+    """
     element = _element(ds, "PixelData")
     if element is None:
-        return 0, "no Pixel Data"
+        return 0, "no Pixel Data (PixelData)"
+    if element.is_empty:
+        return 0, "PixelData is empty"
     rows = _positive_int(ds, "Rows")
     columns = _positive_int(ds, "Columns")
     frames = _positive_int(ds, "NumberOfFrames", default=1)
-    samples = _positive_int(ds, "SamplesPerPixel", default=1)
+    samples = _positive_int(ds, "SamplesPerPixel")
     bits = _positive_int(ds, "BitsAllocated")
     if bits not in _BITS_ALLOCATED:
         return 0, f"BitsAllocated is {bits}, not one of {_BITS_ALLOCATED}"
+    if bits > 1 and not 1 <= _positive_int(ds, "BitsStored") <= bits:
+        return 0, f"BitsStored is more than BitsAllocated ({bits})"
+    representation = _element(ds, "PixelRepresentation")
+    if representation is None or representation.value not in (0, 1):
+        return 0, "PixelRepresentation is missing or neither 0 nor 1"
+    photometric = _element(ds, "PhotometricInterpretation")
+    if photometric is None or str(photometric.value).strip() not in PHOTOMETRIC_INTERPRETATIONS:
+        return 0, "PhotometricInterpretation is missing or not a defined term"
+    planar = _element(ds, "PlanarConfiguration")  # read by the decoder whatever the samples
+    if samples > 1 and (planar is None or planar.value not in (0, 1)):
+        return 0, "PlanarConfiguration is missing or neither 0 nor 1"
+    problem = _lookup_problem(ds)
+    if problem is not None:
+        return 0, problem
     voxels = rows * columns * frames * samples
     syntax = UID(ds.file_meta.get("TransferSyntaxUID") or "")
     compressed = syntax.is_encapsulated if syntax else element.is_undefined_length
@@ -184,6 +226,57 @@ def _pixel_problem(ds: Dataset) -> tuple[int, str | None]:
                 "header does not describe the pixel data"
             )
     return voxels, None
+
+
+def check_identity(datasets: list[Dataset]) -> None:
+    """Raise :class:`InputError` unless every instance holds the UIDs that place it and its
+    results: SOP Class, SOP Instance, Study and Series Instance UIDs (PS3.3 C.12.1, C.7.2.1,
+    C.7.3.1), each a valid UID (PS3.5 9.1). A result cannot be put in a study it cannot name.
+    """
+    from dicom_node.copied import unusable_uids
+
+    for ds in datasets:
+        unusable = unusable_uids(ds)
+        if unusable:
+            raise InputError(f"an instance's {unusable[0]}: its results could not be placed")
+
+
+def _lookup_problem(ds: Dataset) -> str | None:
+    """Why the Modality LUT, VOI LUT or extended offset table cannot be applied, or None."""
+    function = _element(ds, "VOILUTFunction")
+    if function is not None and str(function.value).strip() not in VOI_LUT_FUNCTIONS:
+        return "VOILUTFunction is not a defined term"
+    for keyword in ("ModalityLUTSequence", "VOILUTSequence"):
+        sequence = _element(ds, keyword)
+        if sequence is None:
+            continue
+        for item in sequence.value:
+            if not (item.get("LUTDescriptor") and item.get("LUTData")):
+                return f"{keyword} has an item without LUTDescriptor or LUTData"
+    for keyword in ("RescaleSlope", "RescaleIntercept"):
+        element = _element(ds, keyword)
+        if element is not None and not element.is_empty:
+            value = _finite([element.value], 1)
+            if value is None or (keyword == "RescaleSlope" and value[0] == 0):
+                return f"{keyword} is not a finite number (nor 0, for a slope)"
+    mappings = _element(ds, "RealWorldValueMappingSequence")
+    if mappings is not None and not (
+        mappings.value
+        and all(
+            ("RealWorldValueSlope" in item and "RealWorldValueIntercept" in item)
+            or "RealWorldValueLUTData" in item
+            for item in mappings.value
+        )
+    ):
+        return "RealWorldValueMappingSequence has no item, or one with no mapping"
+    profile = _element(ds, "ICCProfile")
+    if profile is not None and profile.is_empty:
+        return "ICCProfile is empty"
+    table = _element(ds, "ExtendedOffsetTable")
+    lengths = _element(ds, "ExtendedOffsetTableLengths")
+    if (table is None) != (lengths is None) or (table is not None and table.is_empty):
+        return "ExtendedOffsetTable and ExtendedOffsetTableLengths do not come together"
+    return None
 
 
 def check_pixel_data(datasets: list[Dataset]) -> None:
@@ -216,6 +309,11 @@ def _finite(value: object, count: int) -> np.ndarray | None:
     except (TypeError, ValueError):
         return None
     return numbers if numbers.shape == (count,) and np.isfinite(numbers).all() else None
+
+
+def _valid_uid(value: object) -> bool:
+    """A UID as PS3.5 9.1 writes it (the results copy the frame of reference)."""
+    return isinstance(value, str) and len(value) <= 64 and RE_VALID_UID.match(value) is not None
 
 
 def check_geometry(datasets: list[Dataset]) -> None:
@@ -255,8 +353,8 @@ def check_geometry(datasets: list[Dataset]) -> None:
         "have a PixelSpacing that is missing, not a number, or not positive",
     )
     fail(
-        sum(not ds.get("FrameOfReferenceUID") for ds in classic),
-        "have no FrameOfReferenceUID: their positions are in no stated frame",
+        sum(not _valid_uid(ds.get("FrameOfReferenceUID")) for ds in classic),
+        "have no valid FrameOfReferenceUID: their positions are in no stated frame",
     )
     frames_of_reference = {str(ds.get("FrameOfReferenceUID", "")) for ds in datasets}
     if len(frames_of_reference) > 1:

@@ -10,24 +10,22 @@ images (highdicom never sorts, and an unsorted list silently misplaces frames).
 from __future__ import annotations
 
 import logging
-import re
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import highdicom as hd
 import numpy as np
-from pydicom.datadict import dictionary_VR, tag_for_keyword
-from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.valuerep import DA, TM, format_number_as_ds
+from pydicom.valuerep import format_number_as_ds
 
 from dicom_node import __version__
 from dicom_node.algorithm import DEMO_WARNING, AlgorithmResult, Concept, SeriesInput, Weights
 from dicom_node.config import ResultsConfig
+from dicom_node.copied import WriteError, copyable
 from dicom_node.display import displayed_image
 
 log = logging.getLogger(__name__)
@@ -79,10 +77,6 @@ PALETTE = (
 )
 
 
-class WriteError(ValueError):
-    """A result that cannot be written as asked; the message says why."""
-
-
 _DEFINED_CHARACTER_SETS = frozenset(v.value for v in hd.SpecificCharacterSetValues)
 
 
@@ -115,71 +109,6 @@ def character_set(source: Dataset) -> str | list[str] | None:
             "(PS3.3 C.12.1.1.2): the patient's names cannot be written for sure"
         )
     return terms[0] if len(terms) == 1 else terms
-
-
-def _valid_da(value: object) -> bool:
-    return DA(str(value)) is not None
-
-
-def _valid_tm(value: object) -> bool:
-    return TM(str(value)) is not None
-
-
-# The source attributes highdicom copies into every result and refuses when they break their
-# VR's rules (PS3.5 6.2: DA is YYYYMMDD, TM is HHMMSS.FFFFFF; PS3.3 C.7.1.1: Patient's Sex is
-# M, F or O). All are Type 2 in the results' modules, so an empty value is conformant.
-_COPIED_AND_CHECKED: dict[str, Callable[[object], bool]] = {
-    "PatientBirthDate": _valid_da,
-    "StudyDate": _valid_da,
-    "StudyTime": _valid_tm,
-    "PatientSex": lambda value: str(value) in ("M", "F", "O"),
-}
-
-
-def copyable(datasets: Sequence[Dataset]) -> list[Dataset]:
-    """The source instances as the writers may copy them: an instance whose copied patient or
-    study attributes break their VR (a birth date sent as "1923-04-17") is replaced by a copy
-    with those values empty, rather than every result of the series failing; the source
-    files and the algorithm's data sets are not touched. Logged by attribute, never by value.
-    """
-    emptied: set[str] = set()
-    out = []
-    for ds in datasets:
-        bad = [k for k, valid in _COPIED_AND_CHECKED.items() if not _valid_or_empty(ds, k, valid)]
-        if bad:
-            ds = _with_emptied(ds, bad)
-            emptied.update(bad)
-        out.append(ds)
-    if emptied:
-        log.warning(
-            "not valid in the source (PS3.5 6.2), left empty in the results: %s",
-            ", ".join(sorted(emptied)),
-        )
-    return out
-
-
-def _valid_or_empty(ds: Dataset, keyword: str, valid: Callable[[object], bool]) -> bool:
-    value = ds.get(keyword)
-    if value is None or value == "":
-        return True
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # pydicom's warning quotes the value
-        try:
-            return valid(value)
-        except (ValueError, TypeError):
-            return False
-
-
-def _with_emptied(ds: Dataset, keywords: list[str]) -> Dataset:
-    """A copy of ``ds`` sharing its elements except ``keywords``, which are empty. (A plain
-    copy.copy would share the element dictionary and change the source too.)"""
-    copy = Dataset(dict(ds.items()))
-    if hasattr(ds, "file_meta"):
-        copy.file_meta = ds.file_meta
-    for keyword in keywords:
-        tag = tag_for_keyword(keyword)
-        copy[tag] = DataElement(tag, dictionary_VR(tag), "")
-    return copy
 
 
 @dataclass(frozen=True)
@@ -216,11 +145,53 @@ class Provenance:
             parameters=parameters,
         )
 
-    def series_description(self, kind: str) -> str:
-        """E.g. "AI lung-nodules-ct SEG", prefixed by the DEMO warning with demo weights
-        (whatever the configured text); at most 64 characters (LO)."""
-        text = self.description.format(algorithm=self.algorithm, kind=kind)
-        return (f"{DEMO_WARNING} {text}" if self.weights.demo else text)[:64]
+    def series_description(self, kind: str, source: Dataset | None = None) -> str:
+        """E.g. "AI lung-nodules-ct SEG: Thorax 1.0 B70f": the configured text, then the
+        source series' description, so that the results of two reconstructions of one study
+        can be told apart in a PACS list. With demo weights the DEMO warning comes first
+        (whatever the configured text). At most 64 characters (LO, PS3.5 6.2).
+
+        When the source's description would keep fewer than :data:`SOURCE_CHARACTERS` of its
+        characters, the algorithm's name is left out of the text (it is in every result's
+        Algorithm Identification) rather than the source's description cut short.
+        """
+        prefix = f"{DEMO_WARNING} " if self.weights.demo else ""
+        label = self.description.format(algorithm=self.algorithm, kind=kind)
+        of = str(source.get("SeriesDescription") or "").strip() if source is not None else ""
+        if not of:
+            return (prefix + label)[:64]
+        if len(prefix) + len(label) + 2 + min(len(of), SOURCE_CHARACTERS) > 64:
+            label = " ".join(self.description.format(algorithm="", kind=kind).split())
+        return (prefix + (f"{label}: {of}" if label else of))[:64]
+
+
+# How much of the source series' description a result's description keeps at least.
+SOURCE_CHARACTERS = 24
+# The last two digits of a result's Series Number: which kind of result it is.
+RESULT_SUFFIX = {"SEG": 1, "SR": 2, "SC": 3}
+_LARGEST_IS = 2**31 - 1  # PS3.5 6.2: IS is a signed 32-bit integer
+
+
+def result_series_number(source: Dataset, kind: str, configured: int) -> int:
+    """The Series Number of ``kind``'s result of the source series: the source's number
+    followed by two digits, 01 for the SEG, 02 for the SR, 03 for the SC (series 3 gives
+    301, 302, 303; series 12 gives 1201 ...).
+
+    A reader sees which series a result belongs to from its number alone, the results of
+    two reconstructions of one study differ, and each result sorts after the acquisitions of
+    a usual study (numbered below 100); it is how Philips scanners number the series they
+    derive. The configured number is used when the source has no usable Series Number
+    (Type 2, so it may be empty) or one that the suffix would take past the largest IS.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom's warning quotes the value
+        try:
+            number = int(source.get("SeriesNumber"))
+        except (TypeError, ValueError):
+            return configured
+    if number < 1 or number * 100 + 99 > _LARGEST_IS:
+        return configured
+    return number * 100 + RESULT_SUFFIX[kind]
 
 
 def code(concept: Concept) -> Code:
@@ -307,7 +278,7 @@ def segmentation(
         software_versions=__version__,
         device_serial_number="0",
         omit_empty_frames=omit_empty_frames,
-        series_description=provenance.series_description("SEG"),
+        series_description=provenance.series_description("SEG", datasets[0]),
         content_description=(DEMO_WARNING if result.demo else None),
         content_label="AI_SEG",
         # The algorithm made it (PS3.3 C.10.9): as a name, since PN has no device form.
@@ -318,9 +289,22 @@ def segmentation(
     # highdicom copies the sources' SpacingBetweenSlices into the SEG, and scanners fill it
     # with other things (the gap, the reconstruction interval): the real spacing replaces it.
     measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    spacing = format_number_as_ds(float(volume.spacing_between_slices))
     if "SpacingBetweenSlices" in measures:
-        measures.SpacingBetweenSlices = format_number_as_ds(float(volume.spacing_between_slices))
+        measures.SpacingBetweenSlices = spacing
+    if not _positive_number(measures.get("SliceThickness")):
+        # Type 2 in the source's Image Plane module, Type 1 in the SEG's Pixel Measures (PS3.3
+        # C.7.6.16.2.1): without the source's, the SEG's slices are as thick as they are
+        # apart, as highdicom writes it for a SEG made from a volume.
+        measures.SliceThickness = spacing
     return seg
+
+
+def _positive_number(value: object) -> bool:
+    try:
+        return float(value) > 0  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
 
 
 def _required(concept: Concept | None, name: str) -> Concept:
@@ -571,7 +555,7 @@ def measurement_report(
         instance_number=1,
         manufacturer=MANUFACTURER,
         is_complete=True,
-        series_description=provenance.series_description("SR"),
+        series_description=provenance.series_description("SR", datasets[0]),
         specific_character_set=character_set(evidence[0]),
     )
 
@@ -656,14 +640,21 @@ def heat_map_capture(
         sop_instance_uid=hd.UID(),
         instance_number=1,
         manufacturer=MANUFACTURER,
-        patient_orientation=tuple(reference.get("PatientOrientation") or ("L", "F")),
-        series_description=provenance.series_description("heat map"),
+        # highdicom needs two single biped letters here; what the SC says is set below.
+        patient_orientation=("L", "F"),
+        series_description=provenance.series_description("heat map", reference),
         specific_character_set=character_set(reference),
     )
     capture.BurnedInAnnotation = "YES"
-    if "BodyPartExamined" in reference:
-        # Without it validators must assume a paired organ, whose Laterality is required.
+    # Patient Orientation is Type 2C (PS3.3 C.7.6.1: an SC has no Image Plane module), so it
+    # is the source's (already checked by copyable) or empty, never invented.
+    capture.PatientOrientation = reference.get("PatientOrientation") or ""
+    if reference.get("BodyPartExamined"):
         capture.BodyPartExamined = reference.BodyPartExamined
+    if reference.get("Laterality") or not reference.get("BodyPartExamined"):
+        # Type 2C (PS3.3 C.7.3.1): with no body part named, validators must assume a paired
+        # organ, whose side is required; it is the source's or empty, never guessed.
+        capture.Laterality = reference.get("Laterality") or ""
     return capture
 
 
@@ -706,6 +697,7 @@ def write_all(
     heat-map SC per heat map. The SEG's source is the input the masks are on; the other
     inputs (an MR study's other sequences) are its further sources."""
     primary = result.masks[0].source if result.masks else next(iter(inputs))
+    source = inputs[primary].datasets()[0]
     objects: list[tuple[str, Dataset]] = []
     seg = None
     if result.masks:
@@ -714,7 +706,7 @@ def write_all(
             result,
             inputs,
             provenance,
-            series_number=numbers.seg_series_number,
+            series_number=result_series_number(source, "SEG", numbers.seg_series_number),
             further_sources=further,
             omit_empty_frames=numbers.seg_omit_empty_frames,
         )
@@ -724,18 +716,19 @@ def write_all(
             result,
             inputs,
             provenance,
-            series_number=numbers.sr_series_number,
+            series_number=result_series_number(source, "SR", numbers.sr_series_number),
             segmentation=seg,
             source=primary,
         )
         objects.append(("SR", sr))
     if result.heatmaps:
-        sc = heat_map_capture(result, inputs, provenance, series_number=numbers.sc_series_number)
+        reference = inputs[result.heatmaps[0].source].datasets()[0]
+        number = result_series_number(reference, "SC", numbers.sc_series_number)
+        sc = heat_map_capture(result, inputs, provenance, series_number=number)
         objects.append(("SC", sc))
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for kind, dataset in objects:
-        _drop_invalid_copied_values(dataset)
         path = folder / f"{kind.lower()}.dcm"
         dataset.save_as(path, enforce_file_format=True)
         written.append(
@@ -749,19 +742,3 @@ def write_all(
             )
         )
     return written
-
-
-AGE = re.compile(r"^\d{3}[DWMY]$")  # PS3.5 6.2: AS is nnnD, nnnW, nnnM or nnnY
-
-
-def _drop_invalid_copied_values(dataset: Dataset) -> None:
-    """Remove optional values copied from the source that are invalid for their VR, so that
-    one malformed source attribute does not make every derived object invalid.
-
-    Patient's Age (Type 3 in the Patient Study module) written as "62" rather than "062Y" is
-    common in the wild; which unit was meant is a guess we do not make.
-    """
-    age = dataset.get("PatientAge")
-    if age is not None and age != "" and not AGE.match(str(age)):
-        log.info("dropped an invalid Patient's Age from a derived %s", dataset.SOPClassUID.name)
-        del dataset.PatientAge

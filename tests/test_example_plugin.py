@@ -197,7 +197,12 @@ def test_node_routes_ct_to_the_installed_plugin_and_writes_its_seg(
     seg = hd.seg.segread(outputs["SEG"])
     assert seg.StudyInstanceUID == sources[0].StudyInstanceUID
     assert seg.PatientID == sources[0].PatientID
-    assert (seg.SeriesNumber, seg.SeriesDescription) == (9901, f"AI {NAME} SEG")  # no DEMO
+    # The source series' number and description carried over (issue 14, item 6); no DEMO.
+    number, described = int(sources[0].SeriesNumber), sources[0].SeriesDescription
+    assert (seg.SeriesNumber, seg.SeriesDescription) == (
+        number * 100 + 1,
+        f"AI {NAME} SEG: {described}",
+    )
     assert seg.SegmentationType == "BINARY"
     segments = [
         (s.SegmentLabel, s.SegmentedPropertyTypeCodeSequence[0].CodeValue)
@@ -213,7 +218,8 @@ def test_node_routes_ct_to_the_installed_plugin_and_writes_its_seg(
     assert np.array_equal(pixels[..., 1].astype(bool), left)
 
     sr = dcmread(outputs["SR"])
-    assert sr.SeriesNumber == 9902 and sr.StudyInstanceUID == sources[0].StudyInstanceUID
+    assert sr.SeriesNumber == number * 100 + 2
+    assert sr.StudyInstanceUID == sources[0].StudyInstanceUID
     expected = [right.sum() * VOXEL_ML, left.sum() * VOXEL_ML]
     assert volumes_ml(sr) == pytest.approx(expected, abs=1e-3)
     evidence = {

@@ -76,3 +76,29 @@ def test_a_heat_map_off_the_image_grid_is_refused(tmp_path) -> None:
     provenance = Provenance("x", "1", Weights(None, None, False))
     with pytest.raises(WriteError, match="not on the image grid"):
         heat_map_capture(result, {"series": SeriesInput("1", (path,))}, provenance, series_number=1)
+
+
+def test_a_radiograph_without_body_part_or_orientation_gets_a_valid_capture(tmp_path) -> None:
+    """No Body Part Examined: validators must assume a paired organ, so Laterality (Type 2C)
+    is written empty; no Patient Orientation: the capture's is empty, not an invented L\\F;
+    and the Type 2 patient and study attributes real CRs lack are written empty."""
+    ds = cxr_dataset(CxrPhantomSpec(rows=64, columns=64))
+    for keyword in ("BodyPartExamined", "PatientOrientation", "PatientID", "StudyID"):
+        delattr(ds, keyword)
+    path = tmp_path / "cxr.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    capture, _ = capture_of(path, 0.3)
+    out = tmp_path / "sc.dcm"
+    capture.save_as(out)
+    # Empty as the source left them: only a DICOMDIR would miss the Study ID, and an empty
+    # Laterality is what dciodvfy asks for a side that is unknown.
+    known = ("needed to build DICOMDIR", "Study ID", "<Laterality>")
+    assert dciodvfy(out, from_source=known) == []
+    back = dcmread(out)
+    assert back.Laterality == "" and back.PatientOrientation == ""
+    assert "BodyPartExamined" not in back and back.PatientID == ""
+    ds = cxr_dataset(CxrPhantomSpec(rows=64, columns=64))  # with both: kept as they were
+    ds.save_as(path, enforce_file_format=True)
+    capture, _ = capture_of(path, 0.3)
+    assert (capture.BodyPartExamined, list(capture.PatientOrientation)) == ("CHEST", ["L", "F"])
+    assert "Laterality" not in capture

@@ -22,7 +22,7 @@ from pydicom import dcmread
 
 from dicom_node.algorithm import AlgorithmResult, Concept, LabelMask, SeriesInput, Weights
 from dicom_node.phantoms import AXIAL, CtPhantomSpec, Nodule, write_ct_series
-from dicom_node.write import Provenance, WriteError, segmentation
+from dicom_node.write import Provenance, WriteError, result_series_number, segmentation
 from tests.conftest import require_tool
 from tests.dicomfiles import dciodvfy
 
@@ -251,3 +251,52 @@ def test_series_description_is_configurable_but_demo_always_says_so() -> None:
     assert demo.series_description("SR") == "DEMO MODEL - NOT FOR CLINICAL USE CAD SR"
     with pytest.raises(ConfigError, match=r"results\.series_description"):
         load_config(None, environ={"DICOM_NODE__RESULTS__SERIES_DESCRIPTION": "AI {model}"})
+
+
+def test_the_results_of_two_reconstructions_say_which_series_they_come_from(tmp_path) -> None:
+    """Two reconstructions of one study (thin and thick slices): each result's Series Number
+    is its source's followed by 01 (SEG), 02 (SR), and its description names the source's,
+    so a PACS list tells them apart; demo weights keep the warning first and still show the
+    source; a source with no usable Series Number gets the configured one."""
+    from dicom_node.config import ResultsConfig
+    from dicom_node.write import write_all
+
+    study = "1.2.826.0.1.3680043.8.498.1"
+    numbers = ResultsConfig()
+    seen = {}
+    for number, description, thickness in (
+        (3, "Thorax 1.0 B70f", 1.0),
+        (5, "Thorax 5.0 B31f", 5.0),
+    ):
+        spec = CtPhantomSpec(
+            slices=6, rows=24, columns=24, slice_thickness_mm=thickness, study_uid=study
+        )
+        paths = write_ct_series(tmp_path / description, spec)
+        for path in paths:
+            ds = dcmread(path)
+            ds.SeriesNumber, ds.SeriesDescription = number, description
+            ds.save_as(path)
+        series = SeriesInput("1", tuple(paths))
+        result = AlgorithmResult("lung", "1", demo=False, masks=masks_for(spec, series.volume()))
+        public = Provenance("lung", "1", Weights(None, "cd" * 32, demo=False))
+        written = write_all(result, {"series": series}, public, tmp_path / f"out{number}", numbers)
+        for w in written:
+            back = dcmread(w.path, stop_before_pixels=True)
+            seen[(number, w.kind)] = (back.SeriesNumber, back.SeriesDescription)
+            assert dciodvfy(w.path) == []
+    assert seen == {
+        (3, "SEG"): (301, "AI lung SEG: Thorax 1.0 B70f"),
+        (3, "SR"): (302, "AI lung SR: Thorax 1.0 B70f"),
+        (5, "SEG"): (501, "AI lung SEG: Thorax 5.0 B31f"),
+        (5, "SR"): (502, "AI lung SR: Thorax 5.0 B31f"),
+    }
+    source = dcmread(paths[0])
+    demo = Provenance("lung-nodules-ct", "1", Weights(None, None, demo=True))
+    assert demo.series_description("SEG", source) == (
+        "DEMO MODEL - NOT FOR CLINICAL USE AI SEG: Thorax 5.0 B31f"
+    )
+    assert len(demo.series_description("SEG", source)) <= 64
+    source.SeriesNumber = ""  # Type 2: may be empty
+    assert result_series_number(source, "SEG", numbers.seg_series_number) == 9901
+    source.SeriesNumber = 2**31 - 1
+    assert result_series_number(source, "SR", numbers.sr_series_number) == 9902

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import subprocess
 from pathlib import Path
@@ -10,6 +11,7 @@ import highdicom as hd
 import numpy as np
 import pytest
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from scipy import ndimage
 
@@ -178,3 +180,50 @@ def test_classification_of_a_radiograph_is_present_or_absent(tmp_path, positive)
     assert ("Present" if positive else "Absent") in text
     assert f"{probability}" in text
     assert dcmread(path).SOPInstanceUID in text
+
+
+# Type 2 patient and study attributes highdicom reads from the source as attributes; real
+# radiographs and CRs often lack them (issue 14, item 2).
+TYPE_2_READ = (
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
+
+
+def test_a_source_without_type_2_attributes_or_with_a_broken_sequence_gets_valid_results(
+    tmp_path, caplog
+) -> None:
+    """The SEG and SR of a CT that lacks the Type 2 patient and study attributes and has a
+    Referenced Study Sequence item without its Referenced SOP Class UID: both valid, the
+    attributes empty, the sequence left out, and the log names them without their values."""
+    _, paths, _, result = ct_case(tmp_path, "axial")
+    for path in paths:
+        ds = dcmread(path)
+        for keyword in TYPE_2_READ:
+            delattr(ds, keyword)
+        item = Dataset()
+        item.ReferencedSOPInstanceUID = "1.2.3.4.5"
+        ds.ReferencedStudySequence = [item]
+        ds.save_as(path)
+    series = SeriesInput("1", tuple(paths))
+    inputs = {"series": series}
+    with caplog.at_level(logging.WARNING, logger="dicom_node"):
+        seg = segmentation(result, inputs, PROVENANCE, series_number=901)
+        sr = measurement_report(result, inputs, PROVENANCE, series_number=902, segmentation=seg)
+    for name, dataset in (("seg", seg), ("sr", sr)):
+        out = tmp_path / f"{name}.dcm"
+        dataset.save_as(out)
+        # Empty as the source left them: only a DICOMDIR would miss the study's ID and date.
+        assert dciodvfy(out, from_source=("needed to build DICOMDIR", "Study ID")) == []
+        assert all(dataset[k].value in ("", None) for k in TYPE_2_READ)
+        assert "ReferencedStudySequence" not in dataset
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert all(k in logged for k in (*TYPE_2_READ, "ReferencedStudySequence"))
+    assert "1.2.3.4.5" not in logged
+    assert "ReferencedStudySequence" in series.datasets()[0]  # the source is not changed
