@@ -659,18 +659,10 @@ def heat_map_capture(
 
 
 def _burn_in(picture: np.ndarray, lines: list[str]) -> None:
-    """White text with a black outline, top left, sized to the image."""
-    import cv2
+    """White text with a dark outline, top left, sized to the image (see dicom_node.burn_in)."""
+    from dicom_node.burn_in import burn_in
 
-    scale = max(picture.shape[1] / 1400.0, 0.35)
-    thickness = max(round(scale * 2), 1)
-    y = int(40 * scale) + 4
-    for line in lines:
-        for color, width in (((0, 0, 0), thickness + 2), ((255, 255, 255), thickness)):
-            origin = (int(12 * scale) + 2, y)
-            font = cv2.FONT_HERSHEY_SIMPLEX
-            cv2.putText(picture, line, origin, font, scale, color, width, cv2.LINE_AA)
-        y += int(42 * scale) + 4
+    burn_in(picture, lines)
 
 
 @dataclass(frozen=True)

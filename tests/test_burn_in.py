@@ -10,11 +10,19 @@ from PIL import Image, ImageDraw
 from pydicom import dcmread
 from scipy import ndimage
 
-from dicom_node.algorithm import DEMO_WARNING
+from dicom_node.algorithm import (
+    DEMO_WARNING,
+    AlgorithmResult,
+    Classification,
+    HeatMap,
+    SeriesInput,
+    Weights,
+)
 from dicom_node.burn_in import AREA_FRACTION, MIN_LEGIBLE_PX, burn_in, font, layout, printable
 from dicom_node.display import displayed_image
 from dicom_node.phantoms import cxr_dataset
 from dicom_node.qa import CXR_SPEC
+from dicom_node.write import Provenance, heat_map_capture
 from tests.test_write_sc import CORPUS_CXR, capture_of
 
 LINES = [
@@ -206,3 +214,33 @@ def test_the_capture_burns_the_text_into_its_annotation_area(tmp_path, corpus, s
     rows = np.nonzero((a != b).any(axis=-1))[0]
     assert rows.size > 100
     assert rows.max() < a.shape[0] * AREA_FRACTION
+
+
+@pytest.mark.parametrize("source", ["corpus", "qa-phantom"])
+def test_the_capture_draws_each_fill_inside_its_outline(tmp_path, corpus, source) -> None:
+    """The SC as written: with the heat map at 1 everywhere every radiograph pixel is tinted red
+    (red - green = 64), while text is grey (white fill, black outline and their blends). A
+    near-white pixel next to a tinted one is fill outside its outline."""
+    if source == "corpus":
+        path = corpus / CORPUS_CXR
+    else:
+        path = tmp_path / "qa-cxr.dcm"
+        cxr_dataset(CXR_SPEC).save_as(path, enforce_file_format=True)
+    rows, columns = dcmread(path).pixel_array.shape
+    result = AlgorithmResult(
+        "pneumonia-cxr",
+        "1.0.0",
+        demo=True,
+        classifications=[Classification("Pneumonia", 0.81, 0.57)],
+        heatmaps=[HeatMap("Pneumonia Grad-CAM", np.ones((rows, columns)))],
+    )
+    provenance = Provenance("pneumonia-cxr", "1.0.0", Weights(None, None, True))
+    capture = heat_map_capture(
+        result, {"series": SeriesInput("1", (path,))}, provenance, series_number=903
+    )
+    pixels = capture.pixel_array.astype(int)
+    tinted = pixels[..., 0] - pixels[..., 1] >= 60
+    fill = (pixels >= 230).all(axis=-1)
+    leaked = fill & ndimage.binary_dilation(tinted, structure=np.ones((3, 3)))
+    assert tinted.mean() > 0.8 and fill.sum() > 200
+    assert leaked.sum() == 0, f"{leaked.sum()} fill pixels touch the radiograph"
