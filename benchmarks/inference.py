@@ -8,14 +8,21 @@ against a bare script in the same run: the same loaded network on the same pre-p
 tensor (for the CXR the forward pass and its Grad-CAM, which the result needs). Both are
 measured warm (the worker keeps models loaded), alternating, best of ``--repeats``.
 
-    python -m benchmarks.inference [--repeats 3] [--algorithm NAME ...]
+Besides the benchmark's own phantom, the CT detector runs on real chest CT geometries, whose
+resampling to the bundle's 0.703 x 0.703 x 1.25 mm is most of their cost: 64 slices of 5 mm
+(0.78 mm pixels) and 420 slices of 1 mm (0.68 mm pixels). Each case runs in a fresh process,
+so its peak RSS is that of a worker which has loaded the model and run that one job.
+
+    python -m benchmarks.inference [--repeats 3] [--case NAME ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import platform
+import resource
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -48,6 +55,30 @@ SENDER = Sender("BENCHMARK", "127.0.0.1")
 def lung_case() -> dict[str, list[Dataset]]:
     """A 512 x 512 x 160 chest CT (0.7 mm, 1.25 mm slices) with one nodule."""
     spec = CtPhantomSpec(slices=160, noise_hu=20, nodules=(Nodule((-60.0, 10.0, 100.0), 9.0),))
+    return {"series": list(ct_series(spec))}
+
+
+def lung_5mm_case() -> dict[str, list[Dataset]]:
+    """A routine chest CT: 64 slices of 5 mm, 512 x 512 of 0.78 mm, one nodule."""
+    spec = CtPhantomSpec(
+        slices=64,
+        slice_thickness_mm=5.0,
+        pixel_spacing_mm=(0.78, 0.78),
+        noise_hu=20,
+        nodules=(Nodule((-60.0, 10.0, 160.0), 10.0),),
+    )
+    return {"series": list(ct_series(spec))}
+
+
+def lung_1mm_case() -> dict[str, list[Dataset]]:
+    """A thin-slice chest CT: 420 slices of 1 mm, 512 x 512 of 0.68 mm, one nodule."""
+    spec = CtPhantomSpec(
+        slices=420,
+        slice_thickness_mm=1.0,
+        pixel_spacing_mm=(0.68, 0.68),
+        noise_hu=20,
+        nodules=(Nodule((-60.0, 10.0, 200.0), 8.0),),
+    )
     return {"series": list(ct_series(spec))}
 
 
@@ -91,15 +122,18 @@ def cxr_bare(algorithm: Algorithm, inputs: Mapping[str, SeriesInput]) -> Callabl
 
 @dataclass(frozen=True)
 class Case:
+    algorithm: str
     make: Callable[[], dict[str, list[Dataset]]]
     bare: Callable[[Algorithm, Mapping[str, SeriesInput]], Callable[[], object]]
     target: str
 
 
 CASES = {
-    "lung-nodules-ct": Case(lung_case, lung_bare, "<= 5 %"),
-    "brain-tumour-mr": Case(brain_case, brain_bare, "<= 5 %"),
-    "pneumonia-cxr": Case(cxr_case, cxr_bare, "<= 1 s"),
+    "lung-nodules-ct": Case("lung-nodules-ct", lung_case, lung_bare, "<= 5 %"),
+    "lung-nodules-ct 5 mm": Case("lung-nodules-ct", lung_5mm_case, lung_bare, "<= 5 %"),
+    "lung-nodules-ct 1 mm": Case("lung-nodules-ct", lung_1mm_case, lung_bare, "<= 5 %"),
+    "brain-tumour-mr": Case("brain-tumour-mr", brain_case, brain_bare, "<= 5 %"),
+    "pneumonia-cxr": Case("pneumonia-cxr", cxr_case, cxr_bare, "<= 1 s"),
 }
 
 
@@ -117,6 +151,11 @@ def timed(run: Callable[[], object]) -> float:
     return time.perf_counter() - started
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def measure(
     name: str, case: Case, repeats: int, scratch: Path, device: str
 ) -> dict[str, float | str]:
@@ -130,35 +169,49 @@ def measure(
             store.put(encoded(ds), ds.file_meta.TransferSyntaxUID, SENDER)
         inputs[role] = datasets[0].SeriesInstanceUID
     worker = Worker(config, name="benchmark")
-    algorithm = worker.algorithm(name)  # loaded once, kept warm, as in the node
-    bare = case.bare(
-        algorithm, {role: series_input(store.db, store.data_dir, u) for role, u in inputs.items()}
-    )
+    algorithm = worker.algorithm(case.algorithm)  # loaded once, kept warm, as in the node
 
     def node_job() -> None:
         with store.db.transaction() as conn:
-            enqueue(conn, JobKind.INFERENCE, "benchmark", 1, {"algorithm": name, "inputs": inputs})
+            job = {"algorithm": case.algorithm, "inputs": inputs}
+            enqueue(conn, JobKind.INFERENCE, "benchmark", 1, job)
         job = worker.work_once()
         assert job is not None and worker.jobs.get(job.id).state.value == "succeeded", job
 
     node_job()  # warm-up: first-call allocations and kernel selection
+    peak = peak_rss_mib()  # before the bare run builds its own volume and tensor
+    bare = case.bare(
+        algorithm, {role: series_input(store.db, store.data_dir, u) for role, u in inputs.items()}
+    )
     bare()
     node_s, bare_s = [], []
     for _ in range(repeats):
         node_s.append(timed(node_job))
         bare_s.append(timed(bare))
     store.close()
-    return {"node_s": min(node_s), "bare_s": min(bare_s), "device": worker.device}
+    return {
+        "node_s": min(node_s),
+        "bare_s": min(bare_s),
+        "device": worker.device,
+        "peak_rss_mib": peak,
+    }
+
+
+def _measure_in_child(name: str, repeats: int, scratch: str, device: str) -> dict:
+    return measure(name, CASES[name], repeats, Path(scratch), device)
 
 
 def run(
-    algorithms: list[str] | None = None, repeats: int = 3, device: str = "auto"
+    cases: list[str] | None = None, repeats: int = 3, device: str = "auto"
 ) -> dict[str, dict[str, float | str]]:
-    """Per algorithm: the node's job and the bare network, best of ``repeats``, in seconds."""
+    """Per case: the node's job and the bare network, best of ``repeats``, in seconds, and
+    the peak RSS of the process that ran it (MiB)."""
     figures: dict[str, dict[str, float | str]] = {}
+    spawn = multiprocessing.get_context("spawn")  # a fresh process: its own peak RSS
     with tempfile.TemporaryDirectory() as scratch:
-        for name in algorithms or list(CASES):
-            measured = measure(name, CASES[name], repeats, Path(scratch), device)
+        for name in cases or list(CASES):
+            with spawn.Pool(1) as pool:
+                measured = pool.apply(_measure_in_child, (name, repeats, scratch, device))
             figures[name] = {**measured, "target": CASES[name].target}
     return figures
 
@@ -166,7 +219,7 @@ def run(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--algorithm", action="append", choices=sorted(CASES))
+    parser.add_argument("--case", action="append", choices=sorted(CASES))
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     print(
@@ -174,15 +227,16 @@ def main() -> None:
         f"CUDA {'yes' if torch.cuda.is_available() else 'no'}; best of {args.repeats}"
     )
     print(
-        f"{'algorithm':<17} {'node job s':>10} {'bare net s':>10} {'overhead s':>10} "
-        f"{'overhead':>9}  target"
+        f"{'case':<22} {'node job s':>10} {'bare net s':>10} {'overhead s':>10} "
+        f"{'overhead':>9} {'peak RSS':>9}  target"
     )
-    for name in args.algorithm or list(CASES):
+    for name in args.case or list(CASES):
         f = run([name], args.repeats, args.device)[name]
         overhead = f["node_s"] - f["bare_s"]
         print(
-            f"{name:<17} {f['node_s']:>10.2f} {f['bare_s']:>10.2f} "
-            f"{overhead:>10.2f} {100 * overhead / f['bare_s']:>8.1f}%  {f['target']}",
+            f"{name:<22} {f['node_s']:>10.2f} {f['bare_s']:>10.2f} "
+            f"{overhead:>10.2f} {100 * overhead / f['bare_s']:>8.1f}% "
+            f"{f['peak_rss_mib']:>6.0f} MiB  {f['target']}",
             flush=True,
         )
 
