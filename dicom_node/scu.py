@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from pynetdicom.presentation import build_context
@@ -117,13 +118,21 @@ def inspect_file(path: Path) -> DicomFile:
     Raises InvalidDicomError for a file that is not Part-10 and :class:`UnsendableFile` for one
     that names no SOP class, SOP instance or transfer syntax.
     """
-    ds = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
-    meta = ds.file_meta
+    meta = read_file_meta_info(path)
     syntax = meta.get("TransferSyntaxUID")
     if not syntax:
         raise UnsendableFile("no Transfer Syntax UID in the file meta")
     meta_class, meta_instance = (meta.get(f"MediaStorageSOP{k}UID") for k in ("Class", "Instance"))
-    data_class, data_instance = ds.get("SOPClassUID"), ds.get("SOPInstanceUID")
+    try:
+        ds = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
+        data_class, data_instance = ds.get("SOPClassUID"), ds.get("SOPInstanceUID")
+    except Exception:  # RecursionError included; pydicom's text may quote the file's values
+        if not (meta_class and meta_instance):
+            raise
+        # A data set pydicom cannot read is still sent as it is, by its file meta, as storescu
+        # sends it: whether it is acceptable is the receiver's to say (the node refuses it).
+        log.debug("%s: data set not readable, sent by its file meta", path, exc_info=True)
+        data_class = data_instance = None
     sop_class = meta_class or data_class
     if not sop_class:
         raise UnsendableFile(

@@ -113,10 +113,11 @@ def test_cli_send_goes_on_past_bad_files(tmp_path: Path, make_node) -> None:
     file without SOP UIDs in its data set ended the send with a traceback."""
     from pydicom import dcmwrite
     from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
     from dicom_node.phantoms import CtPhantomSpec, ct_series
     from dicom_node.store import encode_file_meta
+    from tests.test_bad_inputs import deep_sequence, put
     from tests.test_store import encoded
 
     node = make_node()
@@ -138,6 +139,10 @@ def test_cli_send_goes_on_past_bad_files(tmp_path: Path, make_node) -> None:
     dcmwrite(folder / "5-ok.dcm", d, enforce_file_format=True)
     (folder / "6-notes.txt").write_text("not DICOM")
     dcmwrite(folder / "7-ok.dcm", e, enforce_file_format=True)
+    # A data set pydicom cannot read is sent as it is, by its meta: the node's to refuse.
+    deep = put(encoded(e), 0x00400275, deep_sequence(0x00400275, 5000))
+    meta = encode_file_meta(CTImageStorage, generate_uid(), ExplicitVRLittleEndian, "X")
+    (folder / "8-nested-too-deep.dcm").write_bytes(meta + deep)
 
     result = cli("send", str(folder), "--port", str(node.port))
     assert "Traceback" not in result.stderr, result.stderr
@@ -147,10 +152,11 @@ def test_cli_send_goes_on_past_bad_files(tmp_path: Path, make_node) -> None:
         f"failed {folder / '3-meta-says-ct.dcm'}: status 0xA900",
         f"failed {folder / '4-no-sop-uids-anywhere.dcm'}:"
         " no SOP Class UID and SOP Instance UID in the file meta or in the data set",
-        f"skipped {folder / '6-notes.txt'}: " + lines[3].split(": ", 1)[1],
+        f"failed {folder / '8-nested-too-deep.dcm'}: status 0xC000",
+        f"skipped {folder / '6-notes.txt'}: " + lines[4].split(": ", 1)[1],
     ], result.stderr
-    assert lines[3].split(": ", 1)[1].startswith("not a DICOM Part-10 file")
-    assert result.stdout.splitlines() == ["sent 3, failed 3, skipped 1"]
+    assert lines[4].split(": ", 1)[1].startswith("not a DICOM Part-10 file")
+    assert result.stdout.splitlines() == ["sent 3, failed 4, skipped 1"]
     assert result.returncode == 1
     assert "SEND-4711" not in result.stdout + result.stderr
     stored = {r[0] for r in node.query("SELECT sop_instance_uid FROM instances")}
