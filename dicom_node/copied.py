@@ -101,6 +101,7 @@ def copyable(datasets: Sequence[Dataset]) -> list[Dataset]:
     when nothing needed changing. Raises :class:`WriteError` naming a UID the results need.
     """
     changes: dict[str, set[str]] = {}
+    memo: dict = {}
     out = []
     for ds in datasets:
         unusable = unusable_uids(ds)
@@ -109,7 +110,7 @@ def copyable(datasets: Sequence[Dataset]) -> list[Dataset]:
                 f"the source's {unusable[0]}: the results could not be placed in its study "
                 "or reference it"
             )
-        edits = _edits(ds)
+        edits = _edits(ds, memo)
         if edits:
             copy = Dataset(dict(ds.items()))  # its own element dictionary, the elements shared
             if hasattr(ds, "file_meta"):
@@ -146,15 +147,17 @@ def unusable_uids(ds: Dataset) -> list[str]:
     return found
 
 
-def _edits(ds: Dataset) -> dict[str, tuple[str, str]]:
+def _edits(ds: Dataset, memo: dict) -> dict[str, tuple[str, str]]:
     """keyword -> (what the copy does: "written empty" or "dropped", why) for ``ds``."""
     sop_class_uid = str(ds.get("SOPClassUID", ""))
-    edits = _attribute_edits(ds, sop_class_uid)
+    edits = _attribute_edits(ds, sop_class_uid, memo)
     # A module the IOD does not require is copied whole or not at all: without its Type 1
     # attributes (a Clinical Trial Subject module holding only a site name), what remains
     # would tell validators that the module is there and incomplete.
+    tags = ds.keys()
+    present = {keyword_for_tag(tag) for tag in tags}
     for keywords, required in optional_modules(sop_class_uid):
-        kept = [k for k in keywords if k in ds and edits.get(k, ("",))[0] != "dropped"]
+        kept = [k for k in keywords if k in present and edits.get(k, ("",))[0] != "dropped"]
         if kept and not all(k in kept for k in required):
             for keyword in kept:
                 edits[keyword] = ("dropped", "its module incomplete")
@@ -190,26 +193,53 @@ def _copied_module(module: dict) -> bool:
     return module["ie"] in COPIED_IES or module["key"] in COPIED_MODULES
 
 
-def _attribute_edits(ds: Dataset, sop_class_uid: str) -> dict[str, tuple[str, str]]:
+def _attribute_edits(ds: Dataset, sop_class_uid: str, memo: dict) -> dict[str, tuple[str, str]]:
+    """The edits of the copied attributes ``ds`` holds, and of those highdicom reads that it
+    lacks. ``memo`` keeps the verdict on each value seen: the instances of a series mostly
+    share their patient, study and series values, so each is checked once per series."""
+    table = copied_by_tag(sop_class_uid)
     edits: dict[str, tuple[str, str]] = {}
-    for keyword, (kind, nested) in copied_attributes(sop_class_uid).items():
-        if keyword in NEEDED_UIDS:
+    present = ds.keys()  # tags, without converting the raw elements
+    for keyword in READ_AS_ATTRIBUTES:
+        if tag_for_keyword(keyword) not in present and tag_for_keyword(keyword) in table:
+            edits[keyword] = ("written empty", "absent")
+    for tag in present:
+        if tag not in table:
             continue
-        element = _get(ds, keyword)
-        if element is None:
-            if keyword in READ_AS_ATTRIBUTES:
-                edits[keyword] = ("written empty", "absent")
-            continue
-        problem = _problem(element, nested)
-        if problem is None and _is_empty(element) and kind != "2":
-            # Empty is valid for Type 3, but an empty sequence breaks its item count and an
-            # empty value may make validators take a condition as met (an empty Strain
-            # Description says the patient is an animal): nothing is lost by leaving it out.
-            problem = "empty"
+        keyword, kind, nested = table[tag]
+        raw = ds.get_item(tag)
+        key = (
+            None
+            if raw.VR == "SQ"
+            else (tag, raw.VR, raw.value if isinstance(raw.value, bytes) else repr(raw.value))
+        )
+        if key is not None and key in memo:
+            problem = memo[key]
+        else:
+            element = _get(ds, keyword)
+            problem = _problem(element, nested)  # type: ignore[arg-type]
+            if problem is None and _is_empty(element) and kind != "2":  # type: ignore[arg-type]
+                # Empty is valid for Type 3, but an empty sequence breaks its item count and
+                # an empty value may make validators take a condition as met (an empty Strain
+                # Description says the patient is an animal): nothing is lost leaving it out.
+                problem = "empty"
+            if key is not None:
+                memo[key] = problem
         if problem is not None:
             action = "written empty" if kind == "2" or keyword in READ_AS_ATTRIBUTES else "dropped"
             edits[keyword] = (action, problem)
     return edits
+
+
+@cache
+def copied_by_tag(sop_class_uid: str) -> dict[int, tuple[str, str, dict]]:
+    """tag -> (keyword, Type, nested rules) of :func:`copied_attributes`, but the UIDs the
+    results need (checked on their own)."""
+    return {
+        tag_for_keyword(keyword): (keyword, kind, nested)
+        for keyword, (kind, nested) in copied_attributes(sop_class_uid).items()
+        if keyword not in NEEDED_UIDS
+    }
 
 
 def _get(ds: Dataset, keyword: str) -> DataElement | None:

@@ -1,18 +1,22 @@
 """Any source the node routes gets valid results, whatever its patient, study, series,
-equipment and image attributes hold: a property over every root attribute of the source IOD's
-modules (from highdicom's tables of PS3.3), each deleted, empty and invalid for its VR.
+equipment and image attributes hold: an exhaustive property over every root attribute of the
+source IOD's modules (highdicom's tables of PS3.3 A and C), each deleted, empty and invalid
+for its VR (issue 14, item 2).
 
 For each case the source is changed on disk as a modality would have sent it, the algorithm's
 part is done as the algorithms do it (the CT's volume, the radiograph's displayed image), and
-the writers make a SEG and an SR from the CT and an SC and an SR from the CR. Then either every
+the writers make a SEG and an SR from the CT and a heat-map SC from the CR. Then either every
 object passes dciodvfy with no error, or the job failed at once with an InputError or
 WriteError that names the attribute, and only for an attribute the algorithm or the results
-need (geometry, pixel description, the UIDs that place the results).
+need (:data:`NEEDED`: geometry, pixel description, the UIDs that place the results).
 
-The run stays short: the sources are tiny, and objects that are the same but for their own
-UIDs and creation times (most cases change nothing the results copy) are validated once; the
-fingerprint keeps every copied value's validity, so an invalid value is never folded into a
-valid one. dciodvfy runs on two processes.
+The attributes of the Patient, General Study, Patient Study, General Series and General
+Equipment modules, and those the algorithms need, are changed one at a time; the other image
+attributes module by module, and a module whose case fails is tried attribute by attribute so
+that the failure names its attribute. The run stays short: the sources are tiny, the cases
+run on two processes, and objects that are the same but for their own UIDs and creation
+times (most cases change nothing the results copy) are validated once; the fingerprint keeps
+every date, time and UID's validity, so an invalid value is never folded into a valid one.
 """
 
 from __future__ import annotations
