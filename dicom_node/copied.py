@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import re
 import warnings
+import weakref
 from collections.abc import Sequence
 from functools import cache
 
@@ -125,13 +126,26 @@ def copyable(datasets: Sequence[Dataset]) -> list[Dataset]:
                 changes.setdefault(f"{why}, {action}", set()).add(keyword)
             ds = copy
         out.append(ds)
-    if changes:
+    if changes and not _reported_before(datasets):
         log.warning(
             "the source's copied attributes (PS3.3 C.7.1.1, C.7.2, C.7.3.1, C.7.5.1) are "
             "corrected in the results: %s",
             "; ".join(f"{what}: {', '.join(sorted(k))}" for what, k in sorted(changes.items())),
         )
     return out
+
+
+# The first instance of each series whose corrections were logged, while it is in use: the
+# SEG, the SR and the SC of one job copy the same instances, and say so once.
+_REPORTED: weakref.WeakValueDictionary[int, Dataset] = weakref.WeakValueDictionary()
+
+
+def _reported_before(datasets: Sequence[Dataset]) -> bool:
+    first = datasets[0]
+    if _REPORTED.get(id(first)) is first:
+        return True
+    _REPORTED[id(first)] = first
+    return False
 
 
 def unusable_uids(ds: Dataset) -> list[str]:
