@@ -48,10 +48,12 @@ class WriteError(ValueError):
 # Study). General Equipment feeds Contributing Equipment; Specimen is copied into SEGs.
 COPIED_MODULES = ("general-series", "general-equipment", "specimen", "frame-of-reference")
 COPIED_IES = ("Patient", "Study")
-# Image-level attributes a result takes from its source: the SC's Patient Orientation (General
-# Image) and the acquisition time of the Contributing Equipment item (General Acquisition).
+# Image-level attributes a result takes from its source: the SC's Patient Orientation and Image
+# Laterality (General Image), the Contributing Equipment item's acquisition time (General
+# Acquisition).
 COPIED_IMAGE_ATTRIBUTES = {
     "PatientOrientation": "2C",
+    "ImageLaterality": "3",
     "AcquisitionDate": "3",
     "AcquisitionTime": "3",
     "AcquisitionDateTime": "3",
@@ -83,6 +85,7 @@ NEEDED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID", "SOPInsta
 ENUMERATED = {
     "PatientSex": frozenset({"M", "F", "O"}),
     "Laterality": frozenset({"R", "L"}),
+    "ImageLaterality": frozenset({"R", "L", "U", "B"}),
     "QualityControlSubject": frozenset({"YES", "NO"}),
     "PatientIdentityRemoved": frozenset({"YES", "NO"}),
     "PatientSexNeutered": frozenset({"ALTERED", "UNALTERED"}),

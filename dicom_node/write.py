@@ -649,20 +649,43 @@ def heat_map_capture(
     # Patient Orientation is Type 2C (PS3.3 C.7.6.1: an SC has no Image Plane module), so it
     # is the source's (already checked by copyable) or empty, never invented.
     capture.PatientOrientation = reference.get("PatientOrientation") or ""
-    if reference.get("BodyPartExamined"):
-        capture.BodyPartExamined = reference.BodyPartExamined
-    if reference.get("Laterality") or not reference.get("BodyPartExamined"):
-        # Type 2C (PS3.3 C.7.3.1): with no body part named, validators must assume a paired
-        # organ, whose side is required; it is the source's or empty, never guessed.
-        capture.Laterality = reference.get("Laterality") or ""
+    part = reference.get("BodyPartExamined")
+    if part:
+        capture.BodyPartExamined = part
+    # Laterality is Type 2C (PS3.3 C.7.3.1): needed for a paired body part (or none named,
+    # which validators must take as paired) unless Image Laterality is there. The side is the
+    # source's or, unknown, empty: never guessed.
+    if reference.get("Laterality"):
+        capture.Laterality = reference.Laterality
+    elif reference.get("ImageLaterality"):
+        capture.ImageLaterality = reference.ImageLaterality
+    elif not part or _paired(str(part)):
+        capture.Laterality = ""
     return capture
 
 
 def _burn_in(picture: np.ndarray, lines: list[str]) -> None:
-    """White text with a dark outline, top left, sized to the image (see dicom_node.burn_in)."""
-    from dicom_node.burn_in import burn_in
+    """White text with a black outline, top left, sized to the image."""
+    import cv2
 
-    burn_in(picture, lines)
+    scale = max(picture.shape[1] / 1400.0, 0.35)
+    thickness = max(round(scale * 2), 1)
+    y = int(40 * scale) + 4
+    for line in lines:
+        for color, width in (((0, 0, 0), thickness + 2), ((255, 255, 255), thickness)):
+            origin = (int(12 * scale) + 2, y)
+            font = cv2.FONT_HERSHEY_SIMPLEX
+            cv2.putText(picture, line, origin, font, scale, color, width, cv2.LINE_AA)
+        y += int(42 * scale) + 4
+
+
+def _paired(body_part: str) -> bool:
+    """Whether a Body Part Examined names a paired structure (PS3.16 Annex L); a term the
+    standard does not define counts as paired, since its side cannot be ruled out."""
+    from highdicom._standard_utils import get_anatomic_region_map
+
+    known = get_anatomic_region_map().get(body_part)
+    return True if known is None else bool(known[1])
 
 
 @dataclass(frozen=True)

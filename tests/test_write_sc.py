@@ -102,3 +102,28 @@ def test_a_radiograph_without_body_part_or_orientation_gets_a_valid_capture(tmp_
     capture, _ = capture_of(path, 0.3)
     assert (capture.BodyPartExamined, list(capture.PatientOrientation)) == ("CHEST", ["L", "F"])
     assert "Laterality" not in capture
+
+
+@pytest.mark.parametrize(
+    ("part", "image_laterality", "expected"),
+    [
+        ("HAND", None, {"Laterality": ""}),  # paired, side unknown: empty, not guessed
+        ("HAND", "R", {"ImageLaterality": "R"}),  # the source's side, as the source said it
+        ("CHEST", None, {}),  # unpaired: no side at all
+    ],
+)
+def test_the_side_of_a_paired_body_part_is_the_sources_or_unknown(
+    tmp_path, part, image_laterality, expected
+) -> None:
+    ds = cxr_dataset(CxrPhantomSpec(rows=64, columns=64))
+    ds.BodyPartExamined = part
+    if image_laterality:
+        ds.ImageLaterality = image_laterality
+    path = tmp_path / "cr.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    capture, _ = capture_of(path, 0.3)
+    out = tmp_path / "sc.dcm"
+    capture.save_as(out)
+    dciodvfy(out, from_source=("<Laterality>",))  # an unknown side is a warning, not an error
+    sides = {k: capture[k].value for k in ("Laterality", "ImageLaterality") if k in capture}
+    assert sides == expected
