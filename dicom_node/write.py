@@ -710,7 +710,10 @@ def write_all(
     """Every object ``result`` calls for, written into ``folder``: a SEG when there are
     masks, an SR when there is anything to report (a statement of absence included), a
     heat-map SC per heat map. The SEG's source is the input the masks are on; the other
-    inputs (an MR study's other sequences) are its further sources."""
+    inputs (an MR study's other sequences) are its further sources. Each result's series is
+    numbered and described after its source series (:func:`result_series_number`,
+    :meth:`Provenance.series_description`), so the results of two series of one study can
+    be told apart."""
     primary = result.masks[0].source if result.masks else next(iter(inputs))
     source = inputs[primary].datasets()[0]
     objects: list[tuple[str, Dataset]] = []
