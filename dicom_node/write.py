@@ -24,6 +24,7 @@ from pydicom.valuerep import format_number_as_ds
 
 from dicom_node import __version__
 from dicom_node.algorithm import DEMO_WARNING, AlgorithmResult, Concept, SeriesInput, Weights
+from dicom_node.burn_in import burn_in
 from dicom_node.config import ResultsConfig
 from dicom_node.copied import WriteError, copyable
 from dicom_node.display import displayed_image
@@ -628,7 +629,7 @@ def heat_map_capture(
         lines.append(f"{c.label}: {verdict}  p={c.probability:.2f} (threshold {c.threshold:.2f})")
     if provenance.weights.demo:
         lines.append(DEMO_WARNING)
-    _burn_in(picture, lines)
+    burn_in(picture, lines)
     capture = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=reference,
         pixel_array=np.ascontiguousarray(picture),
@@ -662,21 +663,6 @@ def heat_map_capture(
     elif not part or _paired(str(part)):
         capture.Laterality = ""
     return capture
-
-
-def _burn_in(picture: np.ndarray, lines: list[str]) -> None:
-    """White text with a black outline, top left, sized to the image."""
-    import cv2
-
-    scale = max(picture.shape[1] / 1400.0, 0.35)
-    thickness = max(round(scale * 2), 1)
-    y = int(40 * scale) + 4
-    for line in lines:
-        for color, width in (((0, 0, 0), thickness + 2), ((255, 255, 255), thickness)):
-            origin = (int(12 * scale) + 2, y)
-            font = cv2.FONT_HERSHEY_SIMPLEX
-            cv2.putText(picture, line, origin, font, scale, color, width, cv2.LINE_AA)
-        y += int(42 * scale) + 4
 
 
 def _paired(body_part: str) -> bool:
