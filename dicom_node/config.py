@@ -392,10 +392,23 @@ class RetentionConfig(_Section):
 class ResultsConfig(_Section):
     """The DICOM objects results are written as, in the source's study, a new series each."""
 
-    seg_series_number: int = Field(default=9901, ge=1, description="Series Number of SEGs.")
-    sr_series_number: int = Field(default=9902, ge=1, description="Series Number of SRs.")
+    seg_series_number: int = Field(
+        default=9901,
+        ge=1,
+        description="Series Number of SEGs whose source series has no usable one (otherwise "
+        "the source's number x 100 + 1).",
+    )
+    sr_series_number: int = Field(
+        default=9902,
+        ge=1,
+        description="Series Number of SRs whose source series has no usable one (otherwise "
+        "the source's number x 100 + 2).",
+    )
     sc_series_number: int = Field(
-        default=9903, ge=1, description="Series Number of heat-map Secondary Captures."
+        default=9903,
+        ge=1,
+        description="Series Number of heat-map Secondary Captures whose source series has no "
+        "usable one (otherwise the source's number x 100 + 3).",
     )
     seg_omit_empty_frames: bool = Field(
         default=True,
@@ -406,7 +419,8 @@ class ResultsConfig(_Section):
     series_description: str = Field(
         default="AI {algorithm} {kind}",
         description="Series Description; {algorithm} and {kind} (SEG, SR, heat map) are "
-        "filled in. With demo weights the DEMO warning always comes first.",
+        "filled in and ': <source series description>' follows (64 characters at most). With "
+        "demo weights the DEMO warning always comes first.",
     )
 
     @field_validator("series_description")
