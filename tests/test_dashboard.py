@@ -98,6 +98,9 @@ def test_dashboard_shows_the_study_and_retries_a_dead_letter(make_node, tmp_path
         "delivered",
     ]
     assert any("pneumonia-cxr" in d for d in report["decisions"])
+    # A role rule lists every series of the study with the role it got or why not.
+    (brain,) = [d for d in report["decisions"] if d.startswith("brain-tumour-mr: missing")]
+    assert "PHANTOM CHEST PA—fits no role: modality CR is not MR" in brain
     assert report["notice"].endswith("1 delivery(ies) queued again")
     assert (ARTEFACTS / "dashboard.png").stat().st_size > 10_000
 
