@@ -65,7 +65,6 @@ class Kept:
     routed: tuple[str, ...] | None = None
     role: str | None = None
     not_routed: str | None = None
-    valid_results: bool = True  # every object written from it passes dciodvfy
 
 
 @dataclass(frozen=True)
