@@ -18,8 +18,9 @@ Each file is a test of its own (``sender:file``), so a failure names the file; a
 outcome is printed at the end. Then the logs: no traceback in the node's or the worker's, and
 none of the files' patient names, IDs or birth dates above DEBUG.
 
-Known failures of issue 14 items being fixed are marked per file (``xfail(strict=True)``):
-the mark goes when the fix lands, as a strict xfail then fails.
+Open bugs are marked per file, and per sender where only one meets them
+(``xfail(strict=True)``, the reason naming the bug): a fixed one then fails as XPASS, and its
+mark goes.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.filereader import read_file_meta_info
 
 from dicom_node.config import DEFAULT_ROUTES
@@ -118,7 +119,7 @@ def sop_instance_uid(path: Path) -> str | None:
     return str(uid) if uid else None
 
 
-def header(path: Path):
+def header(path: Path) -> Dataset:
     return dcmread(path, stop_before_pixels=True, force=True)
 
 
@@ -238,14 +239,15 @@ def settled_jobs(node: NodeProcess) -> list[dict]:
     """Every inference job, once routing has caught up and none is queued or running."""
 
     def settled() -> list[dict] | None:
-        open_routing = node.query("SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'running')")[
-            0
-        ][0]
-        unfinished = (
-            node.query("SELECT COUNT(*) FROM series WHERE completed_at IS NULL")[0][0]
-            + node.query("SELECT COUNT(*) FROM studies WHERE completed_at IS NULL")[0][0]
-        )
-        if open_routing or unfinished:
+        pending = [
+            node.query(sql)[0][0]
+            for sql in (
+                "SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'running')",
+                "SELECT COUNT(*) FROM series WHERE completed_at IS NULL",
+                "SELECT COUNT(*) FROM studies WHERE completed_at IS NULL",
+            )
+        ]
+        if any(pending):
             return None
         rows = node.query("SELECT * FROM jobs WHERE kind = 'inference' ORDER BY id")
         return [{**dict(r), "payload": json.loads(r["payload"])} for r in rows] or [{}]
@@ -259,7 +261,6 @@ def runs(tmp_path_factory) -> Iterator[dict[str, Run]]:
     """Each sender's run, made the first time a test asks for it; the nodes live for the
     module."""
     made: dict[str, Run] = {}
-
     broken: dict[str, BaseException] = {}
 
     class Lazy(dict):
@@ -267,8 +268,9 @@ def runs(tmp_path_factory) -> Iterator[dict[str, Run]]:
             if sender in broken:  # the run failed once: every test of it fails, none re-runs
                 raise broken[sender]
             node = NodeProcess(tmp_path_factory.mktemp(f"node-{sender}"), SETTINGS)
-            made[sender] = run = Run(sender, node.start(), FILES)
+            made[sender] = run = Run(sender, node, FILES)
             try:
+                node.start()
                 (send_storescu if sender == "storescu" else send_pynetdicom)(run)
                 run.jobs = settled_jobs(node)
             except BaseException as exc:
