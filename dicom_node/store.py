@@ -39,6 +39,7 @@ from enum import Enum
 from io import BytesIO
 from pathlib import Path
 
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset, read_preamble
 from pydicom.tag import BaseTag, Tag
@@ -58,8 +59,6 @@ IMPLEMENTATION_VERSION_NAME = f"DICOMNODE_{__version__}"[:16]
 # PS3.5 9.1: components of digits without leading zeros, separated by dots, at most 64 characters.
 _UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _PIXEL_DATA = Tag(0x7FE0, 0x0010)
-# Values longer than this are skipped, not copied, when the data set's structure is checked.
-_DEFER_BYTES = 1024
 
 
 class RejectedInstance(Exception):
@@ -142,6 +141,29 @@ def _stop_at_pixel_data(tag: BaseTag, vr: str | None, length: int) -> bool:
     return tag >= _PIXEL_DATA
 
 
+def _is_sequence(ds: Dataset, tag: BaseTag) -> bool:
+    vr = ds.get_item(tag).VR
+    if vr is None:  # implicit VR, not yet converted: the data dictionary's VR is pydicom's
+        try:
+            vr = dictionary_VR(tag)
+        except KeyError:
+            return False  # an unknown private tag is read as UN, never as items
+    return vr == "SQ"
+
+
+def _parse_sequences(ds: Dataset) -> None:
+    """Parse every sequence of ``ds``, however deep.
+
+    pydicom parses a sequence of undefined length as it reads the data set, but one of defined
+    length (as dcmtk re-encodes them) only when it is first accessed: without this a data set
+    nested too deep for pydicom would pass here and fail when its series is read.
+    """
+    for tag in ds.keys():  # noqa: SIM118 (iterating a Dataset converts every element)
+        if _is_sequence(ds, tag):
+            for item in ds[tag].value:
+                _parse_sequences(item)
+
+
 def _skip_pixel_data(fp: BytesIO, transfer_syntax: UID) -> None:
     """Move ``fp`` from the start of Pixel Data to the element after it, reading only the
     element's header and, when encapsulated (undefined length), its item headers (PS3.5 A.4).
@@ -194,8 +216,8 @@ def read_header(encoded: bytes, transfer_syntax: UID) -> InstanceHeader:
     """Parse the identifying attributes of an encoded data set (no file meta).
 
     The whole data set is parsed as pydicom will parse it when the node reads the instance
-    later, sequences and all, but values over 1 KiB are skipped, not copied, and Pixel Data
-    is stepped over by its (item) lengths: a data set pydicom cannot parse (sequences nested
+    later, every sequence of defined or undefined length included, but Pixel Data is stepped
+    over by its (item) lengths: a data set pydicom cannot parse (sequences nested
     too deep for it, an item that does not end) is refused here, as the README promises, not
     acknowledged and then found unreadable when its series is routed.
     """
@@ -207,12 +229,12 @@ def read_header(encoded: bytes, transfer_syntax: UID) -> InstanceHeader:
         encoding = {
             "is_implicit_VR": transfer_syntax.is_implicit_VR,
             "is_little_endian": transfer_syntax.is_little_endian,
-            "defer_size": _DEFER_BYTES,
         }
         ds = read_dataset(fp, stop_when=_stop_at_pixel_data, **encoding)
+        _parse_sequences(ds)
         if fp.tell() < len(encoded):  # Pixel Data, and perhaps elements after it
             _skip_pixel_data(fp, transfer_syntax)
-            read_dataset(fp, **encoding)
+            _parse_sequences(read_dataset(fp, **encoding))
         return InstanceHeader.from_dataset(ds)
     except RejectedInstance:
         raise
