@@ -2,10 +2,11 @@
 
 The node's own messages name attributes, never their values. The libraries it reads DICOM
 with do not: pydicom's validation warnings quote the value they refuse ("Invalid value for VR
-DA: '1923-04-17'"), highdicom's quote a patient's name it doubts, and both also raise them as
-Python warnings, which would reach stderr unformatted. Their records, and Python warnings,
-are therefore logged at DEBUG; what an operator needs from such a problem the node says in
-its own words (e.g. which attribute of a source was left empty in the results).
+DA: '1923-04-17'"), highdicom's quote a patient's name it doubts, pynetdicom's checks of a
+message's UIDs quote the UID, and pydicom and highdicom also raise theirs as Python warnings,
+which would reach stderr unformatted. Their records, and Python warnings, are therefore
+logged at DEBUG; what an operator needs from such a problem the node says in its own words
+(e.g. which attribute of a source was left empty in the results).
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from __future__ import annotations
 import logging
 import sys
 
-# Top-level logger names whose records may quote data values.
-QUOTING_LOGGERS = frozenset({"pydicom", "highdicom", "py.warnings"})
+# Logger names whose records may quote data values. pynetdicom.utils validates the UIDs and
+# AE titles of every DIMSE message and quotes the value it finds non-conformant; the rest of
+# pynetdicom's warnings (aborts, timeouts) are an operator's and stay as they are.
+QUOTING_LOGGERS = frozenset({"pydicom", "highdicom", "py.warnings", "pynetdicom.utils"})
 
 
 class _QuotedDataAtDebug(logging.Filter):
