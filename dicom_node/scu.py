@@ -138,11 +138,15 @@ def inspect_file(path: Path) -> DicomFile:
         raise UnsendableFile(
             "no SOP Class UID and SOP Instance UID in the file meta or in the data set"
         )
-    if data_class == sop_class and data_instance and data_instance != meta_instance:
+    # pynetdicom streams a file by its meta's class and instance: only a meta naming both and
+    # agreeing with the data set's instance can be streamed; otherwise the data set is sent
+    # decoded, so that the request names what the data set holds.
+    other_instance = data_class == sop_class and data_instance and data_instance != meta_instance
+    if meta_class and meta_instance and not other_instance:
+        return DicomFile(path, str(sop_class), str(syntax))
+    if data_class == sop_class and data_instance:
         return DicomFile(path, str(sop_class), str(syntax), from_meta=False)
-    if not meta_instance:
-        raise UnsendableFile("no SOP Instance UID in the file meta or in the data set")
-    return DicomFile(path, str(sop_class), str(syntax))
+    raise UnsendableFile("no SOP Instance UID of its SOP class in the file meta or the data set")
 
 
 def _batches(files: list[DicomFile]) -> Iterator[list[DicomFile]]:
