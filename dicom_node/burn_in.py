@@ -183,12 +183,16 @@ def _fit(lines: Sequence[str], size: int, width: int, bottom: int) -> TextLayout
     return TextLayout(size, stroke, tuple(drawn), origins, box)
 
 
+class TooSmallForText(ValueError):
+    """The image cannot hold the text at any size; the message gives its size."""
+
+
 def layout(height: int, width: int, lines: Sequence[str]) -> TextLayout:
     """The largest layout up to the image's proportional size that fits: first in the top
     ``AREA_FRACTION`` at a legible size, then (small images only) anywhere in the image at
     whatever size fits, with a warning. An image too small for any of it is refused."""
     if height < 1 or width < 1:
-        raise ValueError(f"cannot burn text into a {height} x {width} image")
+        raise TooSmallForText(f"cannot burn text into a {height} x {width} image")
     text = [printable(line) for line in lines]
     proportional = max(MIN_LEGIBLE_PX, round(min(height, width) * FONT_FRACTION))
     area = max(1, int(height * AREA_FRACTION))
@@ -207,7 +211,9 @@ def layout(height: int, width: int, lines: Sequence[str]) -> TextLayout:
                     MIN_LEGIBLE_PX,
                 )
             return fitted
-    raise ValueError(f"a {height} x {width} image cannot hold {len(text)} lines of burned-in text")
+    raise TooSmallForText(
+        f"a {height} x {width} image cannot hold {len(text)} lines of burned-in text"
+    )
 
 
 def burn_in(picture: np.ndarray, lines: Sequence[str]) -> TextLayout:

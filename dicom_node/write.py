@@ -24,7 +24,7 @@ from pydicom.valuerep import format_number_as_ds
 
 from dicom_node import __version__
 from dicom_node.algorithm import DEMO_WARNING, AlgorithmResult, Concept, SeriesInput, Weights
-from dicom_node.burn_in import burn_in
+from dicom_node.burn_in import TooSmallForText, burn_in
 from dicom_node.config import ResultsConfig
 from dicom_node.copied import WriteError, copyable
 from dicom_node.display import displayed_image
@@ -629,7 +629,11 @@ def heat_map_capture(
         lines.append(f"{c.label}: {verdict}  p={c.probability:.2f} (threshold {c.threshold:.2f})")
     if provenance.weights.demo:
         lines.append(DEMO_WARNING)
-    burn_in(picture, lines)
+    try:
+        burn_in(picture, lines)
+    except TooSmallForText as exc:
+        # Without its text the capture would not say what it shows (nor DEMO, in its pixels).
+        raise WriteError(f"heat-map capture: {exc}") from exc
     capture = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=reference,
         pixel_array=np.ascontiguousarray(picture),

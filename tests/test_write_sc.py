@@ -78,6 +78,23 @@ def test_a_heat_map_off_the_image_grid_is_refused(tmp_path) -> None:
         heat_map_capture(result, {"series": SeriesInput("1", (path,))}, provenance, series_number=1)
 
 
+def test_an_image_too_small_for_its_text_is_a_write_error_naming_its_size(tmp_path) -> None:
+    """pydicom's dicomdirtests hold 16 x 16 CRs: no size of text fits, and a capture without
+    it would not say what it shows; the job fails at once, in words (not a retried ValueError)."""
+    path = tmp_path / "cxr.dcm"
+    cxr_dataset(CxrPhantomSpec(rows=16, columns=16)).save_as(path, enforce_file_format=True)
+    result = AlgorithmResult(
+        "x",
+        "1",
+        demo=True,
+        classifications=[Classification("Pneumonia", 0.2, 0.57)],
+        heatmaps=[HeatMap("h", np.zeros((16, 16)))],
+    )
+    provenance = Provenance("x", "1", Weights(None, None, True))
+    with pytest.raises(WriteError, match="16 x 16 image cannot hold 3 lines"):
+        heat_map_capture(result, {"series": SeriesInput("1", (path,))}, provenance, series_number=1)
+
+
 def test_a_radiograph_without_body_part_or_orientation_gets_a_valid_capture(tmp_path) -> None:
     """No Body Part Examined: validators must assume a paired organ, so Laterality (Type 2C)
     is written empty; no Patient Orientation: the capture's is empty, not an invented L\\F;
