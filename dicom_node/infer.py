@@ -46,14 +46,41 @@ from dicom_node.write import Provenance, WriteError, Written, write_all
 log = logging.getLogger(__name__)
 
 
-def series_input(db: Database, data_dir: Path, series_uid: str) -> SeriesInput:
+def series_input(
+    db: Database, data_dir: Path, series_uid: str, received_by: float | None = None
+) -> SeriesInput:
+    """The stored instances of a series; with ``received_by``, only those received by then.
+
+    A job runs on what its completion saw: instances that arrive later (a sender that sends
+    one series in several associations, a resend) reopen the series, whose next completion
+    is decided, and run, on its own.
+    """
+    window = "" if received_by is None else " AND received_at <= ?"
     with db.reading() as conn:
         rows = conn.execute(
-            "SELECT path FROM instances WHERE series_uid = ? ORDER BY path", (series_uid,)
+            f"SELECT path FROM instances WHERE series_uid = ?{window} ORDER BY path",
+            (series_uid,) if received_by is None else (series_uid, received_by),
         ).fetchall()
     if not rows:
-        raise LookupError(f"series {series_uid} has no stored instances")
+        raise InputError(
+            f"series {store_key(series_uid)} has no stored instances"
+            + ("" if received_by is None else " of this completion (a later send replaced them)")
+        )
     return SeriesInput(series_uid, tuple(data_dir / r["path"] for r in rows))
+
+
+def completed_at(db: Database, job: Job) -> float | None:
+    """When the completion an inference job was routed from was recorded (one transaction
+    with the completion, :mod:`dicom_node.assembly`); None for a job without one."""
+    kind = (
+        JobKind.STUDY_COMPLETE if job.payload.get("level") == "study" else JobKind.SERIES_COMPLETE
+    )
+    with db.reading() as conn:
+        row = conn.execute(
+            "SELECT created_at FROM jobs WHERE subject_uid = ? AND generation = ? AND kind = ?",
+            (job.subject_uid, job.generation, kind.value),
+        ).fetchone()
+    return None if row is None else row["created_at"]
 
 
 HEARTBEAT_S = 5.0  # how often a worker says it is alive (workers.heartbeat_at)
@@ -121,8 +148,9 @@ class Worker:
 
     def run_job(self, job: Job) -> tuple[Path, list[Written], float]:
         algorithm = self.algorithm(job.payload["algorithm"])
+        received_by = completed_at(self.db, job)
         inputs = {
-            name: series_input(self.db, self.data_dir, uid)
+            name: series_input(self.db, self.data_dir, uid, received_by)
             for name, uid in job.payload["inputs"].items()
         }
         if set(inputs) != set(algorithm.inputs.roles):

@@ -225,3 +225,35 @@ def test_quiet_time_counts_from_the_restart_not_across_the_downtime(tmp_path) ->
     now[0] = 1108.0
     assert [(c.level, c.generation) for c in assembler.complete_quiet()] == [(Level.STUDY, 1)]
     db.close()
+
+
+def test_a_job_reads_the_instances_its_completion_saw(make_node) -> None:
+    """storescu sends one series in one association per transfer syntax: the series completes
+    with the first association's instances, is routed on them, and grows before its job runs.
+    The job of each completion reads what that completion saw; the later instances are the
+    next completion's."""
+    from dicom_node.infer import completed_at, series_input
+    from dicom_node.jobs import Job
+
+    node = make_node(**SLOW)
+    series = small_series(slices=7)
+    for part, completions in ((series[:4], 1), (series[4:], 2)):
+        assoc = associate(node)
+        store_all(assoc, part)
+        assoc.release()
+        uid = series[0].SeriesInstanceUID
+        done = f"SELECT completions FROM series WHERE series_uid = '{uid}'"
+        assert node.wait_for(done, completions) == completions
+    db = Database(database_path(node.data_dir))
+    try:
+        seen = {}
+        for generation in (1, 2):
+            job = Job(
+                0, "inference", uid, generation, {"level": "series"}, JobState.QUEUED, 0,
+                None, None, time.time(), None, None,
+            )  # fmt: skip
+            received_by = completed_at(db, job)
+            seen[generation] = len(series_input(db, node.data_dir, uid, received_by).paths)
+    finally:
+        db.close()
+    assert seen == {1: 4, 2: 7}

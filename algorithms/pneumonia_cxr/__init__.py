@@ -18,6 +18,7 @@ from dicom_node.algorithm import (
     Classification,
     Concept,
     HeatMap,
+    InputError,
     InputSpec,
     SeriesInput,
     Weights,
@@ -66,7 +67,7 @@ class PneumoniaCxr(Algorithm):
 
         series = inputs["series"]
         if len(series.paths) != 1:
-            raise ValueError(f"expected one radiograph, the series holds {len(series.paths)}")
+            raise InputError(f"expected one radiograph, the series holds {len(series.paths)}")
         (dataset,) = series.datasets()
         x, geometry = network_input(displayed_image(dataset))
         x = x.to(self.device)
