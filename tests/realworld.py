@@ -145,14 +145,7 @@ def public_files() -> list[CorpusFile]:
 
 
 # Public files that meet a bug outside the items above, to go when it is fixed.
-_TINY_CR = (
-    "issue 14 item 4: burned-in text on a 16 x 16 CR raises ValueError in burn_in.py, the "
-    "job is retried 3 times and fails without a reason in words"
-)
-OPEN_BUGS = {
-    f"pydicom/test_files/dicomdirtests/77654033/{series}": _TINY_CR
-    for series in ("CR1/6154", "CR2/6247", "CR3/6278")
-}
+OPEN_BUGS: dict[str, str] = {}
 
 
 def _known(path: Path) -> dict:

@@ -289,26 +289,7 @@ def runs(tmp_path_factory) -> Iterator[dict[str, Run]]:
 
 
 # Open bugs one sender meets, to go when they are fixed (strict: a fixed one fails here).
-_SERIES_GROWS = (
-    "a CR series routed at its first completion (one instance) holds 3 when its job runs: "
-    "pneumonia-cxr raises ValueError('expected one radiograph'), retried 3 times, no reason "
-    "in words (storescu sends the series in one association per transfer syntax)"
-)
-SENDER_BUGS = {
-    ("storescu", "issue14/nested-too-deep/125.dcm"): (
-        "issue 14 item 6: nesting in defined-length sequences (storescu re-encodes them so) "
-        "is acknowledged: store.read_header defers values over 1 KiB, sequences included"
-    ),
-    ("pynetdicom", "pynetdicom/CTImageStorage_bad_meta.dcm"): (
-        "dicom_node.scu streams a file whose meta names its instance but not its SOP class; "
-        "pynetdicom then reads the class from the meta: 'not sent (AttributeError)'"
-    ),
-    **{
-        ("storescu", f"pydicom-data/{stem}_{kind}.dcm"): _SERIES_GROWS
-        for stem in ("RG1", "RG3")
-        for kind in ("J2KI", "J2KR", "UNCI", "UNCR")
-    },
-}
+SENDER_BUGS: dict[tuple[str, str], str] = {}
 
 
 def _params() -> list:
@@ -470,21 +451,7 @@ def test_no_patient_data_in_the_logs(runs: dict[str, Run], sender: str) -> None:
     assert not leaked, leaked
 
 
-@pytest.mark.parametrize(
-    "sender",
-    [
-        pytest.param(
-            sender,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="pynetdicom.utils logs a non-conformant Affected SOP Instance UID in "
-                "clear at WARNING (pydicom-data/bad_sequence.dcm): dicom_node.logs does not "
-                "hold pynetdicom's value-quoting records at DEBUG",
-            ),
-        )
-        for sender in SENDERS
-    ],
-)
+@pytest.mark.parametrize("sender", SENDERS)
 def test_no_uids_in_the_logs(runs: dict[str, Run], sender: str) -> None:
     """Nor the files' study, series or instance UIDs in clear (hashed keys name them)."""
     run = runs[sender]
