@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -23,6 +24,9 @@ from pydicom.uid import (
 )
 
 from dicom_node.store import IMPLEMENTATION_CLASS_UID
+
+if TYPE_CHECKING:  # imported when drawn: it needs scipy, which the node itself does not
+    from dicom_node.ct_anatomy import ChestAnatomy
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,11 @@ class CtPhantomSpec:
     nodules are spheres in patient space). Slice ``k`` lies ``k`` x ``slice_thickness_mm``
     along the normal (row direction x column direction) from the plane through the origin,
     centred on it; ``reversed_order`` writes the slices last to first.
+
+    With ``anatomy`` (:class:`~dicom_node.ct_anatomy.ChestAnatomy`) the slices show a chest
+    as a scanner does (vessels, airways, ribs, spine, partial volume over the slice thickness,
+    the reconstruction kernel) instead of the two ellipses, which stay the default so that
+    tests and benchmarks built on them keep their pictures.
     """
 
     slices: int = 64
@@ -63,6 +72,11 @@ class CtPhantomSpec:
     patient_id: str = "PHANTOM-CT"
     study_uid: str | None = None
     series_uid: str | None = None
+    anatomy: ChestAnatomy | None = None
+
+    def __post_init__(self) -> None:
+        if self.anatomy is not None and self.orientation != AXIAL:
+            raise ValueError("a phantom with chest anatomy is drawn on axial slices only")
 
     def affine(self) -> np.ndarray:
         """(slice, row, column) indices, slices in acquisition order, -> patient LPS mm."""
@@ -155,6 +169,9 @@ def _axial_slice(spec: CtPhantomSpec) -> np.ndarray:
 
 def _stored_slices(spec: CtPhantomSpec) -> Iterator[bytes]:
     """Stored values (HU + 1024) of each slice, inferior first."""
+    if spec.anatomy is not None:
+        yield from _anatomy_slices(spec, spec.anatomy)
+        return
     base = _axial_slice(spec)
     if not spec.nodules and not spec.noise_hu:
         stored = (base + 1024).astype(np.uint16).tobytes()
@@ -168,6 +185,28 @@ def _stored_slices(spec: CtPhantomSpec) -> Iterator[bytes]:
         if spec.noise_hu:
             hu += rng.normal(0.0, spec.noise_hu, hu.shape).astype(np.float32)
         yield np.clip(hu + 1024, 0, 4095).astype(np.uint16).tobytes()
+
+
+def _anatomy_slices(spec: CtPhantomSpec, anatomy: ChestAnatomy) -> Iterator[bytes]:
+    """Stored values of each slice of a phantom with chest anatomy, nodules drawn in it."""
+    from dicom_node.ct_anatomy import kernel_noise, slab_hu
+
+    affine = spec.affine()
+    row_mm, column_mm = spec.pixel_spacing_mm
+    x = affine[0, 3] + np.arange(spec.columns) * column_mm
+    y = affine[1, 3] + np.arange(spec.rows) * row_mm
+    rng = np.random.default_rng(spec.seed)
+
+    def paint(hu: np.ndarray, z: float) -> None:
+        for nodule in spec.nodules:
+            hu[spec.nodule_disc(nodule, z / spec.slice_thickness_mm)] = nodule.hu
+
+    for index in range(spec.slices):
+        z = float(affine[2, 3] + index * spec.slice_thickness_mm)
+        hu = slab_hu(anatomy, x, y, z, spec.slice_thickness_mm, paint)
+        if spec.noise_hu:
+            hu += kernel_noise(rng, hu.shape, spec.noise_hu, anatomy.kernel)
+        yield np.clip(np.rint(hu) + 1024, 0, 4095).astype(np.uint16).tobytes()
 
 
 def ct_series(spec: CtPhantomSpec = CtPhantomSpec()) -> Iterator[Dataset]:
