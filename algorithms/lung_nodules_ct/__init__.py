@@ -50,11 +50,12 @@ class LungNodulesCt(BundleAlgorithm):
 
         volume = inputs["series"].volume()
         image = preprocess(volume, self.loaded.parameters)
+        threshold = self.report_threshold
         found = nodules(
-            detect(self.loaded, image),
+            detect(self.loaded, image, min_score=threshold),
             lps_affine(image),
             volume,
-            threshold=self.report_threshold,
+            threshold=threshold,
         )
         result = AlgorithmResult(
             self.name, self.version, demo=self.loaded.demo, looked_for=[NODULE]
