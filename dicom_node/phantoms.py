@@ -271,12 +271,25 @@ def write_ct_series(folder: Path, spec: CtPhantomSpec = CtPhantomSpec()) -> list
     return paths
 
 
+CXR_GENERATORS = ("ellipses", "projection")
+CXR_VOI = ("window", "tight-window", "lut", "none")
+
+
 @dataclass(frozen=True)
 class CxrPhantomSpec:
-    """A PA chest radiograph: body, two lungs, a spine shadow, and optionally an opacity.
+    """A PA chest radiograph, clear or with a consolidation-like opacity.
 
-    ``seed`` varies anatomy, exposure and noise, so a training set can be drawn from it; the
-    opacity (a consolidation-like blob) sits inside a lung at a seed-dependent place.
+    ``generator`` picks one of two independently drawn phantoms (see
+    :mod:`dicom_node.cxr_drawing`): ``ellipses`` (what the demo model is trained on) or
+    ``projection`` (built from attenuation along rays; kept out of training, so tests on it
+    are off the training distribution). ``seed`` varies anatomy, field of view, collimation,
+    markers, tone curve, blur and noise; the opacity sits inside a lung at a seed-dependent
+    place.
+
+    How it is stored varies independently: ``bits_stored`` (8-16; 8 is stored in 8-bit
+    words), ``photometric`` (MONOCHROME1 stores the inverse), and ``voi``: ``window`` (one
+    window over the whole stored range), ``tight-window`` (a window clipping the darkest and
+    brightest 1 %), ``lut`` (a sigmoid VOI LUT Sequence, PS3.3 C.11.2) or ``none``.
     """
 
     rows: int = 512
@@ -287,41 +300,63 @@ class CxrPhantomSpec:
     pixel_spacing_mm: float = 0.7
     patient_id: str = "PHANTOM-CXR"
     study_uid: str | None = None
+    bits_stored: int = 12
+    voi: str = "window"
+    generator: str = "ellipses"
+
+    def __post_init__(self) -> None:
+        if self.generator not in CXR_GENERATORS:
+            raise ValueError(f"generator must be one of {CXR_GENERATORS}, not {self.generator!r}")
+        if self.voi not in CXR_VOI:
+            raise ValueError(f"voi must be one of {CXR_VOI}, not {self.voi!r}")
+        if self.photometric not in ("MONOCHROME1", "MONOCHROME2"):
+            raise ValueError(f"photometric must be MONOCHROME1 or 2, not {self.photometric!r}")
+        if not 8 <= self.bits_stored <= 16:
+            raise ValueError(f"bits_stored must be 8-16, not {self.bits_stored}")
 
 
 def cxr_pixels(spec: CxrPhantomSpec) -> tuple[np.ndarray, tuple[float, float] | None]:
-    """12-bit stored values (MONOCHROME2 sense: air dark) and the opacity centre (row, col)."""
-    rng = np.random.default_rng(spec.seed)
-    y, x = np.mgrid[: spec.rows, : spec.columns].astype(float)
-    y /= spec.rows
-    x /= spec.columns
-    image = np.full((spec.rows, spec.columns), 300.0)  # air around the patient
-    body = ((x - 0.5) / 0.44) ** 2 + ((y - 0.55) / 0.5) ** 2 <= 1
-    image[body] = 2600 + rng.normal(0, 80)
-    lungs = []
-    for side in (-1, 1):
-        cx = 0.5 + side * rng.uniform(0.17, 0.21)
-        cy = rng.uniform(0.45, 0.5)
-        rx, ry = rng.uniform(0.12, 0.15), rng.uniform(0.26, 0.31)
-        lung = ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 <= 1
-        image[lung] = 900 + rng.normal(0, 60)
-        lungs.append((cx, cy, rx, ry))
-    spine = body & (np.abs(x - 0.5) < 0.04)
-    image[spine] = 3000
-    center = None
-    if spec.opacity:
-        cx, cy, rx, ry = lungs[rng.integers(2)]
-        oy = cy + rng.uniform(-0.4, 0.5) * ry
-        ox = cx + rng.uniform(-0.4, 0.4) * rx
-        radius = rng.uniform(0.05, 0.09)
-        blob = np.exp(-(((x - ox) ** 2 + (y - oy) ** 2) / (2 * radius**2)))
-        image += blob * rng.uniform(900, 1400) * (image < 1500)
-        center = (oy * spec.rows, ox * spec.columns)
-    image += rng.normal(0, 40, image.shape)
-    stored = np.clip(image, 0, 4095)
+    """Stored values and the opacity centre (row, column), or None for a clear phantom.
+
+    The values use ``spec.bits_stored`` bits (uint8 for 8, else uint16); MONOCHROME1 stores
+    ``2**bits - 1`` minus the MONOCHROME2 value, so both display the same picture.
+    """
+    from dicom_node.cxr_drawing import draw_ellipses, draw_projection
+
+    draw = draw_ellipses if spec.generator == "ellipses" else draw_projection
+    brightness, centre = draw(
+        np.random.default_rng(spec.seed), spec.rows, spec.columns, spec.opacity
+    )
+    top = 2**spec.bits_stored - 1
+    stored = np.round(brightness * top)
     if spec.photometric == "MONOCHROME1":
-        stored = 4095 - stored
-    return stored.astype(np.uint16), center
+        stored = top - stored
+    return stored.astype(np.uint8 if spec.bits_stored == 8 else np.uint16), centre
+
+
+def _cxr_voi(ds: Dataset, pixels: np.ndarray, spec: CxrPhantomSpec) -> None:
+    """The VOI LUT module (PS3.3 C.11.2) the spec asks for."""
+    top = 2**spec.bits_stored
+    if spec.voi == "window":
+        ds.WindowCenter, ds.WindowWidth = top // 2, top
+        return
+    if spec.voi == "none":
+        return
+    low, high = (int(v) for v in np.percentile(pixels, [1, 99]))
+    high = max(high, low + 2)
+    if spec.voi == "tight-window":
+        ds.WindowCenter, ds.WindowWidth = (low + high) / 2, high - low
+        return
+    # A sigmoid LUT over [low, high], 16-bit output; values outside map to its end entries.
+    entries = min(high - low + 1, 65535)
+    curve = 1 / (1 + np.exp(-8 * (np.linspace(0, 1, entries) - 0.5)))
+    curve = (curve - curve[0]) / (curve[-1] - curve[0])
+    item = Dataset()
+    item.LUTDescriptor = [entries, low, 16]  # PS3.3 C.11.2.1.1: 8 or 16 bits an entry
+    item.LUTExplanation = "PHANTOM SIGMOID"
+    # OW, not a list of US: a 16-bit image's LUT has tens of thousands of entries.
+    item.add_new(0x00283006, "OW", np.round(curve * 65535).astype("<u2").tobytes())
+    ds.VOILUTSequence = [item]
 
 
 def cxr_dataset(spec: CxrPhantomSpec = CxrPhantomSpec()) -> Dataset:
@@ -343,12 +378,11 @@ def cxr_dataset(spec: CxrPhantomSpec = CxrPhantomSpec()) -> Dataset:
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = spec.photometric
     ds.Rows, ds.Columns = pixels.shape
-    ds.BitsAllocated = 16
-    ds.BitsStored = 12
-    ds.HighBit = 11
+    ds.BitsAllocated = 8 * pixels.itemsize
+    ds.BitsStored = spec.bits_stored
+    ds.HighBit = spec.bits_stored - 1
     ds.PixelRepresentation = 0
-    ds.WindowCenter = 2048
-    ds.WindowWidth = 4096
+    _cxr_voi(ds, pixels, spec)
     ds.PixelData = pixels.tobytes()
     return ds
 
