@@ -17,6 +17,7 @@ from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorSha
 
 from algorithms.lung_nodules_ct import LungNodulesCt  # noqa: E402
 from algorithms.lung_nodules_ct.model import (  # noqa: E402
+    Detection,
     DetectorParameters,
     LoadedDetector,
     anchor_generator,
@@ -360,3 +361,24 @@ def test_slabs_find_what_the_bundles_windows_find(algorithm, tmp_path) -> None:
     assert len(found[False]) == len(found[True]) == 1
     shift = np.subtract(found[False][0].center_lps_mm, found[True][0].center_lps_mm)
     assert np.all(np.abs(shift) <= [0.6, 0.6, 5.0])
+
+
+def test_only_the_demo_drops_nodules_that_touch_the_chest_wall() -> None:
+    """The demo reports only nodules surrounded by lung (its boxes on the heart, chest wall and
+    vessels of a real CT); a trained bundle's juxtapleural nodule is a finding and is shown."""
+    hu = np.full((40, 40, 40), -850.0, dtype=np.float32)  # lung
+    hu[:, :, 31:] = 40.0  # chest wall
+    index = np.indices(hu.shape)
+    for center in ((20, 20, 27), (20, 20, 12)):  # on the wall, and within the lung
+        hu[((index - np.reshape(center, (3, 1, 1, 1))) ** 2).sum(axis=0) <= 16] = 30.0
+    source = hd.Volume(hu, np.eye(4), coordinate_system="PATIENT")
+    boxes = [Detection((16, 16, 23, 24, 24, 31), 0.9), Detection((16, 16, 8, 24, 24, 16), 0.8)]
+    shown = {
+        enclosed_only: [
+            tuple(np.round(n.center_lps_mm).astype(int))
+            for n in nodules(boxes, np.eye(4), source, threshold=0.5, enclosed_only=enclosed_only)
+        ]
+        for enclosed_only in (True, False)
+    }
+    assert shown[True] == [(20, 20, 12)]
+    assert len(shown[False]) == 2 and shown[False][1] == (20, 20, 12)

@@ -8,6 +8,10 @@ Settings (``algorithms: {lung-nodules-ct: {...}}``):
 - ``report_threshold`` (default 0.5): the score from which a box is reported as a nodule. The
   bundle's own selector keeps boxes down to 0.02, candidates for FROC analysis rather than
   findings for a reader.
+- ``enclosed_only`` (default: true with the demo weights, false with a bundle): report only
+  nodules surrounded by lung. The demo network, trained on phantoms, boxes pieces of the heart,
+  chest wall and vessels on a real CT; the rule removes those, and with them the nodules that
+  touch the pleura or a vessel, which a trained model must be allowed to report.
 """
 
 from __future__ import annotations
@@ -45,6 +49,13 @@ class LungNodulesCt(BundleAlgorithm):
             raise ValueError(f"report_threshold {threshold} is not in [0, 1]")
         return threshold
 
+    @property
+    def enclosed_only(self) -> bool:
+        value = self.settings.get("enclosed_only", self.loaded.demo)
+        if not isinstance(value, bool):
+            raise ValueError(f"enclosed_only must be true or false, not {value!r}")
+        return value
+
     def run(self, inputs: Mapping[str, SeriesInput]) -> AlgorithmResult:
         from algorithms.lung_nodules_ct.model import detect, lps_affine, nodules, preprocess
 
@@ -56,6 +67,7 @@ class LungNodulesCt(BundleAlgorithm):
             lps_affine(image),
             volume,
             threshold=threshold,
+            enclosed_only=self.enclosed_only,
         )
         result = AlgorithmResult(
             self.name, self.version, demo=self.loaded.demo, looked_for=[NODULE]

@@ -433,18 +433,19 @@ def nodules(
     *,
     threshold: float,
     solid_above_hu: float = -600.0,
+    enclosed_only: bool = False,
 ) -> list[FoundNodule]:
     """What a reader is shown: boxes scoring at least ``threshold``, each outlined in the
     source grid, best first, and none that outlines a nodule already shown.
 
     The bundle's NMS (IoU 0.22) keeps nested and neighbouring boxes as separate FROC
-    candidates; a reader would see one nodule twice. A box whose solid part runs on out of
-    its neighbourhood (:func:`nodule_outline`) is on the heart, the chest wall or a vessel,
-    not on a nodule (a rounded opacity within the lung): the demo network, trained on
-    phantoms, boxes pieces of those on a real CT, and a reader is not shown them. The centre
-    is that of the outline,
-    measured on the source voxels, rather than the box's, which the network places only to
-    within its anchor grid.
+    candidates; a reader would see one nodule twice. With ``enclosed_only``, a box whose solid
+    part runs on out of its neighbourhood (:func:`nodule_outline`) is taken to be on the
+    heart, the chest wall or a vessel, not on a nodule: the demo network, trained on
+    phantoms, boxes pieces of those on a real CT. That also drops juxtapleural and
+    juxtavascular nodules, so it is for the demo only; a trained bundle's boxes are shown as
+    they come. The centre is that of the outline, measured on the source voxels, rather than
+    the box's, which the network places only to within its anchor grid.
     """
     found: list[FoundNodule] = []
     shown = np.zeros(source.spatial_shape, dtype=bool)
@@ -455,7 +456,7 @@ def nodules(
             detection.box, affine, source, solid_above_hu=solid_above_hu
         )
         count = int(mask.sum())
-        if not enclosed or count == 0 or (mask & shown).sum() > count / 2:
+        if (enclosed_only and not enclosed) or count == 0 or (mask & shown).sum() > count / 2:
             continue
         shown |= mask
         _, size = box_center_and_size(detection.box, affine)
