@@ -43,7 +43,7 @@ from dicom_node.config import (
 from dicom_node.database import Database
 from dicom_node.events import DeliveryAttempted, Events, study_refs
 from dicom_node.retention import purge_expired
-from dicom_node.scu import AssociationFailed, AssociationRejected, send
+from dicom_node.scu import AssociationFailed, AssociationRejected, SendAbandoned, send
 from dicom_node.store import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ def send_dicom(
             timeout_s=timeout_s,
             tls=_client_tls(target.tls, target.host),
         )
-    except AssociationRejected as exc:
+    except (AssociationRejected, SendAbandoned) as exc:
         raise DeliveryError(str(exc), permanent=exc.permanent) from exc
     except (AssociationFailed, OSError) as exc:
         raise DeliveryError(str(exc) or type(exc).__name__) from exc

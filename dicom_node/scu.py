@@ -101,6 +101,12 @@ class SendAbandoned(AssociationFailed):
         super().__init__(message)
         self.report = report
 
+    @property
+    def permanent(self) -> bool:
+        """Whether the failure behind it is a permanent rejection (trying again cannot help)."""
+        cause = self.__cause__
+        return isinstance(cause, AssociationRejected) and cause.permanent
+
 
 def find_files(paths: Iterable[Path]) -> Iterator[Path]:
     """Files named directly, and every file under named folders (recursive, sorted)."""
