@@ -27,6 +27,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -52,34 +53,31 @@ from dicom_node.store import InstanceStore, Sender
 SENDER = Sender("BENCHMARK", "127.0.0.1")
 
 
-def lung_case() -> dict[str, list[Dataset]]:
-    """A 512 x 512 x 160 chest CT (0.7 mm, 1.25 mm slices) with one nodule."""
-    spec = CtPhantomSpec(slices=160, noise_hu=20, nodules=(Nodule((-60.0, 10.0, 100.0), 9.0),))
-    return {"series": list(ct_series(spec))}
+PHANTOM_NODULE = Nodule((-60.0, 10.0, 100.0), 9.0)
 
 
-def lung_5mm_case() -> dict[str, list[Dataset]]:
-    """A routine chest CT: 64 slices of 5 mm, 512 x 512 of 0.78 mm, one nodule."""
+def lung_case(
+    slices: int = 160,
+    slice_thickness_mm: float = 1.25,
+    pixel_spacing_mm: float = 0.7,
+    nodule: Nodule = PHANTOM_NODULE,
+) -> dict[str, list[Dataset]]:
+    """A 512 x 512 chest CT phantom with one nodule; by default 160 slices of 1.25 mm at
+    0.7 mm, about the bundle's own grid."""
     spec = CtPhantomSpec(
-        slices=64,
-        slice_thickness_mm=5.0,
-        pixel_spacing_mm=(0.78, 0.78),
+        slices=slices,
+        slice_thickness_mm=slice_thickness_mm,
+        pixel_spacing_mm=(pixel_spacing_mm, pixel_spacing_mm),
         noise_hu=20,
-        nodules=(Nodule((-60.0, 10.0, 160.0), 10.0),),
+        nodules=(nodule,),
     )
     return {"series": list(ct_series(spec))}
 
 
-def lung_1mm_case() -> dict[str, list[Dataset]]:
-    """A thin-slice chest CT: 420 slices of 1 mm, 512 x 512 of 0.68 mm, one nodule."""
-    spec = CtPhantomSpec(
-        slices=420,
-        slice_thickness_mm=1.0,
-        pixel_spacing_mm=(0.68, 0.68),
-        noise_hu=20,
-        nodules=(Nodule((-60.0, 10.0, 200.0), 8.0),),
-    )
-    return {"series": list(ct_series(spec))}
+# Real chest CT geometries: a routine 64 x 5 mm at 0.78 mm, and a thin-slice 420 x 1 mm at
+# 0.68 mm, which the bundle's 0.703 x 0.703 x 1.25 mm grid resamples.
+lung_5mm_case = partial(lung_case, 64, 5.0, 0.78, Nodule((-60.0, 10.0, 160.0), 10.0))
+lung_1mm_case = partial(lung_case, 420, 1.0, 0.68, Nodule((-60.0, 10.0, 200.0), 8.0))
 
 
 def brain_case() -> dict[str, list[Dataset]]:
