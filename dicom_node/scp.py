@@ -439,12 +439,12 @@ class StorageSCP:
         sender = _peer(event.assoc)
         with self._received_lock:
             self._numbered += 1
-            self._open[id(event.assoc)] = self._numbered
+            number = self._open[id(event.assoc)] = self._numbered
         log.info(
             "association from %s at %s accepted (#%d)",
             sender.calling_aet,
             sender.peer_host,
-            self._numbered,
+            number,
         )
         self.events.emit(
             AssociationAccepted(sender.calling_aet, sender.peer_host, _called(event.assoc))
