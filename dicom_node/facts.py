@@ -217,31 +217,12 @@ def _contrast_agent(ds: Dataset) -> tuple[str, bool]:
 
 @dataclass(frozen=True)
 class _MrHeader:
-    """The MR attributes of one instance, before they are merged over the series."""
+    """The MR attributes of one instance, before they are merged over the series: its
+    acquisition as one header gives it, its diffusion b-values and its position."""
 
-    scanning_sequence: tuple[str, ...]
-    sequence_variant: tuple[str, ...]
-    scan_options: tuple[str, ...]
-    sequence_name: str
-    acquisition_type: str
-    repetition_time_ms: float | None
-    echo_times_ms: tuple[float, ...]
-    inversion_time_ms: float | None
-    flip_angle: float | None
-    angio: bool
-    echo_pulse_sequence: str
-    echo_planar: bool | None
-    inversion_recovery: bool | None
-    steady_state: str
-    acquisition_contrast: str
-    complex_component: str
-    contrast_agent: str
-    contrast_administered: bool
+    acquisition: MrAcquisition
     b_values: tuple[float, ...]
-    temporal_positions: int
     position: tuple[float, ...] | None
-    bits_stored: int | None
-    largest_pixel_value: float | None
 
     @classmethod
     def of(cls, ds: Dataset) -> _MrHeader:
@@ -273,7 +254,7 @@ class _MrHeader:
         agent, administered = _contrast_agent(ds)
         position = _numbers(ds.get("ImagePositionPatient") or [])
         largest = ds.get("LargestImagePixelValue")
-        return cls(
+        acquisition = MrAcquisition(
             scanning_sequence=_codes(ds, "ScanningSequence"),
             sequence_variant=_codes(ds, "SequenceVariant"),
             scan_options=_codes(ds, "ScanOptions"),
@@ -297,11 +278,14 @@ class _MrHeader:
             ).upper(),
             contrast_agent=agent,
             contrast_administered=administered,
-            b_values=tuple(b_values),
             temporal_positions=max(int(temporal), len(set(map(str, indices))) or 1),
-            position=tuple(round(v, 2) for v in position) if len(position) == 3 else None,
             bits_stored=int(ds.BitsStored) if _number(ds.get("BitsStored")) else None,
             largest_pixel_value=_number(largest) if not isinstance(largest, bytes) else None,
+        )
+        return cls(
+            acquisition,
+            b_values=tuple(b_values),
+            position=tuple(round(v, 2) for v in position) if len(position) == 3 else None,
         )
 
 
@@ -364,36 +348,21 @@ def _distinct_values(path: Path, frames: int) -> int | None:
 def _merge_mr(headers: Sequence[_MrHeader], sample: int | None) -> MrAcquisition:
     """One series' MR acquisition: the first instance's settings, the echo times, b-values and
     positions of all of them (a dual-echo or dynamic series shows itself only across files)."""
-    first = headers[0]
+    first = headers[0].acquisition
+    acquisitions = [h.acquisition for h in headers]
     positions: dict[tuple[float, ...], int] = {}
     for h in headers:
         if h.position is not None:
             positions[h.position] = positions.get(h.position, 0) + 1
     b_values = [b for h in headers for b in h.b_values]
-    largest = [h.largest_pixel_value for h in headers if h.largest_pixel_value is not None]
-    return MrAcquisition(
-        scanning_sequence=first.scanning_sequence,
-        sequence_variant=first.sequence_variant,
-        scan_options=first.scan_options,
-        sequence_name=first.sequence_name,
-        acquisition_type=first.acquisition_type,
-        repetition_time_ms=first.repetition_time_ms,
-        echo_times_ms=tuple(sorted({t for h in headers for t in h.echo_times_ms})),
-        inversion_time_ms=first.inversion_time_ms,
-        flip_angle=first.flip_angle,
-        angio=first.angio,
-        echo_pulse_sequence=first.echo_pulse_sequence,
-        echo_planar=first.echo_planar,
-        inversion_recovery=first.inversion_recovery,
-        steady_state=first.steady_state,
-        acquisition_contrast=first.acquisition_contrast,
-        complex_component=first.complex_component,
-        contrast_agent=first.contrast_agent,
-        contrast_administered=any(h.contrast_administered for h in headers),
+    largest = [a.largest_pixel_value for a in acquisitions if a.largest_pixel_value is not None]
+    return replace(
+        first,
+        echo_times_ms=tuple(sorted({t for a in acquisitions for t in a.echo_times_ms})),
+        contrast_administered=any(a.contrast_administered for a in acquisitions),
         max_b_value=max(b_values) if b_values else None,
-        temporal_positions=max(h.temporal_positions for h in headers),
+        temporal_positions=max(a.temporal_positions for a in acquisitions),
         images_per_position=max(positions.values(), default=1),
-        bits_stored=first.bits_stored,
         largest_pixel_value=max(largest) if largest else None,
         distinct_pixel_values=sample,
     )
