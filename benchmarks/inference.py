@@ -92,7 +92,7 @@ def cxr_case() -> dict[str, list[Dataset]]:
 
 
 def lung_bare(algorithm: Algorithm, inputs: Mapping[str, SeriesInput]) -> Callable[[], object]:
-    from algorithms.lung_nodules_ct.model import detect, preprocess
+    from dicom_node_algorithms.lung_nodules_ct.model import detect, preprocess
 
     loaded = algorithm.loaded  # type: ignore[attr-defined]
     image = preprocess(inputs["series"].volume(), loaded.parameters)
@@ -100,7 +100,7 @@ def lung_bare(algorithm: Algorithm, inputs: Mapping[str, SeriesInput]) -> Callab
 
 
 def brain_bare(algorithm: Algorithm, inputs: Mapping[str, SeriesInput]) -> Callable[[], object]:
-    from algorithms.brain_tumour_mr.model import network_input, segment
+    from dicom_node_algorithms.brain_tumour_mr.model import network_input, segment
 
     loaded = algorithm.loaded  # type: ignore[attr-defined]
     image, _ = network_input({role: series.volume() for role, series in inputs.items()})
@@ -108,8 +108,8 @@ def brain_bare(algorithm: Algorithm, inputs: Mapping[str, SeriesInput]) -> Calla
 
 
 def cxr_bare(algorithm: Algorithm, inputs: Mapping[str, SeriesInput]) -> Callable[[], object]:
-    from algorithms.pneumonia_cxr.model import network_input, probability_and_cam
     from dicom_node.display import displayed_image
+    from dicom_node_algorithms.pneumonia_cxr.model import network_input, probability_and_cam
 
     loaded = algorithm.loaded  # type: ignore[attr-defined]
     (dataset,) = inputs["series"].datasets()

@@ -14,11 +14,11 @@ pytest.importorskip("monai")
 
 import highdicom as hd  # noqa: E402
 
-from algorithms.brain_tumour_mr import BrainTumourMr  # noqa: E402
-from algorithms.brain_tumour_mr.model import REGIONS, load_bundle  # noqa: E402
 from dicom_node.algorithm import SeriesInput  # noqa: E402
 from dicom_node.phantoms import BrainPhantomSpec, write_brain_study  # noqa: E402
 from dicom_node.weights import WeightsMismatch, bundle_network  # noqa: E402
+from dicom_node_algorithms.brain_tumour_mr import BrainTumourMr  # noqa: E402
+from dicom_node_algorithms.brain_tumour_mr.model import REGIONS, load_bundle  # noqa: E402
 from tests.dicomfiles import dciodvfy  # noqa: E402
 
 UNSEEN = 900_000  # far from the training (0-31) and held-out (50000-50005) seeds
@@ -148,7 +148,7 @@ def test_node_routes_a_four_sequence_study_and_segments_it(make_node, tmp_path) 
 def test_series_on_other_grids_are_resampled_through_patient_space() -> None:
     """A linear ramp in patient x survives trilinear resampling exactly, so the resampled
     values say where each target voxel was looked up; the same grid reordered is exact."""
-    from algorithms.brain_tumour_mr.model import resample_onto
+    from dicom_node_algorithms.brain_tumour_mr.model import resample_onto
 
     target = hd.Volume(np.zeros((6, 8, 8), np.float32), np.diag([3.0, 2.0, 2.0, 1.0]), "PATIENT")
     affine = np.diag([2.5, 1.5, 1.0, 1.0])

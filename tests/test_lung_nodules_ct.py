@@ -15,8 +15,12 @@ pytest.importorskip("monai")
 import highdicom as hd  # noqa: E402
 from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorShape  # noqa: E402
 
-from algorithms.lung_nodules_ct import LungNodulesCt  # noqa: E402
-from algorithms.lung_nodules_ct.model import (  # noqa: E402
+from dicom_node.algorithm import SeriesInput  # noqa: E402
+from dicom_node.ct_anatomy import ChestAnatomy  # noqa: E402
+from dicom_node.phantoms import CtPhantomSpec, Nodule, write_ct_series  # noqa: E402
+from dicom_node.weights import WeightsMismatch, bundle_network  # noqa: E402
+from dicom_node_algorithms.lung_nodules_ct import LungNodulesCt  # noqa: E402
+from dicom_node_algorithms.lung_nodules_ct.model import (  # noqa: E402
     Detection,
     DetectorParameters,
     LoadedDetector,
@@ -32,11 +36,7 @@ from algorithms.lung_nodules_ct.model import (  # noqa: E402
     preprocess,
     sliding_window,
 )
-from algorithms.lung_nodules_ct.train_demo import ARCHITECTURE  # noqa: E402
-from dicom_node.algorithm import SeriesInput  # noqa: E402
-from dicom_node.ct_anatomy import ChestAnatomy  # noqa: E402
-from dicom_node.phantoms import CtPhantomSpec, Nodule, write_ct_series  # noqa: E402
-from dicom_node.weights import WeightsMismatch, bundle_network  # noqa: E402
+from dicom_node_algorithms.lung_nodules_ct.train_demo import ARCHITECTURE  # noqa: E402
 from tests.dicomfiles import CORPUS_SOURCE_WARNINGS, dciodvfy  # noqa: E402
 from tests.test_algorithms import corpus_ct  # noqa: E402
 

@@ -12,17 +12,17 @@ import highdicom as hd  # noqa: E402
 
 xrv = pytest.importorskip("torchxrayvision")
 
-from algorithms.pneumonia_cxr import PneumoniaCxr  # noqa: E402
-from algorithms.pneumonia_cxr.model import (  # noqa: E402
+from dicom_node.algorithm import SeriesInput  # noqa: E402
+from dicom_node.display import displayed_image  # noqa: E402
+from dicom_node.phantoms import CxrPhantomSpec, cxr_dataset, cxr_pixels  # noqa: E402
+from dicom_node.weights import WeightsMismatch  # noqa: E402
+from dicom_node_algorithms.pneumonia_cxr import PneumoniaCxr  # noqa: E402
+from dicom_node_algorithms.pneumonia_cxr.model import (  # noqa: E402
     load_network,
     logits,
     network_input,
     public_network,
 )
-from dicom_node.algorithm import SeriesInput  # noqa: E402
-from dicom_node.display import displayed_image  # noqa: E402
-from dicom_node.phantoms import CxrPhantomSpec, cxr_dataset, cxr_pixels  # noqa: E402
-from dicom_node.weights import WeightsMismatch  # noqa: E402
 from tests.dicomfiles import CORPUS_SOURCE_WARNINGS, dciodvfy  # noqa: E402
 
 UNSEEN = 500_000  # seeds far from the training (0-1199) and validation (100000-100159) sets

@@ -34,11 +34,11 @@ class BrainTumourMr(BundleAlgorithm):
     name = "brain-tumour-mr"
     version = "1.0.0"
     demo_weights = DEMO_WEIGHTS
-    model_module = "algorithms.brain_tumour_mr.model"
+    model_module = "dicom_node_algorithms.brain_tumour_mr.model"
     inputs = InputSpec(("T1c", "T1", "T2", "FLAIR"))
 
     def run(self, inputs: Mapping[str, SeriesInput]) -> AlgorithmResult:
-        from algorithms.brain_tumour_mr.model import (
+        from dicom_node_algorithms.brain_tumour_mr.model import (
             REGIONS,
             network_input,
             segment,

@@ -2,7 +2,7 @@
 
 Reproducible (fixed seeds), CPU only, a few minutes:
 
-    python -m algorithms.brain_tumour_mr.train_demo [--out FILE] [--cases N] [--epochs N]
+    python -m dicom_node_algorithms.brain_tumour_mr.train_demo [--out FILE] [--cases N] [--epochs N]
 
 The phantoms go through the algorithm's own pre-processing (highdicom volumes from DICOM data
 sets, orientation, per-channel z-score), so what is learnt is what runs.
@@ -19,17 +19,17 @@ import numpy as np
 import torch
 from monai.losses import DiceFocalLoss
 
-from algorithms.brain_tumour_mr import DEMO_WEIGHTS
-from algorithms.brain_tumour_mr.model import (
+from dicom_node.algorithm import SeriesInput
+from dicom_node.phantoms import BrainPhantom, BrainPhantomSpec, write_brain_study
+from dicom_node.weights import demo_training_cli, save_demo_checkpoint
+from dicom_node_algorithms.brain_tumour_mr import DEMO_WEIGHTS
+from dicom_node_algorithms.brain_tumour_mr.model import (
     DEMO_FORMAT,
     LoadedNetwork,
     demo_network,
     network_input,
     segment,
 )
-from dicom_node.algorithm import SeriesInput
-from dicom_node.phantoms import BrainPhantom, BrainPhantomSpec, write_brain_study
-from dicom_node.weights import demo_training_cli, save_demo_checkpoint
 
 ARCHITECTURE = {"init_filters": 8, "blocks_down": (1, 1, 1), "blocks_up": (1, 1)}
 ROI = (64, 64, 32)

@@ -39,7 +39,7 @@ class LungNodulesCt(BundleAlgorithm):
     name = "lung-nodules-ct"
     version = "1.0.0"
     demo_weights = DEMO_WEIGHTS
-    model_module = "algorithms.lung_nodules_ct.model"
+    model_module = "dicom_node_algorithms.lung_nodules_ct.model"
     inputs = InputSpec()
 
     @property
@@ -57,7 +57,12 @@ class LungNodulesCt(BundleAlgorithm):
         return value
 
     def run(self, inputs: Mapping[str, SeriesInput]) -> AlgorithmResult:
-        from algorithms.lung_nodules_ct.model import detect, lps_affine, nodules, preprocess
+        from dicom_node_algorithms.lung_nodules_ct.model import (
+            detect,
+            lps_affine,
+            nodules,
+            preprocess,
+        )
 
         volume = inputs["series"].volume()
         image = preprocess(volume, self.loaded.parameters)

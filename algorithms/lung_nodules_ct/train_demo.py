@@ -2,7 +2,7 @@
 
 Reproducible (fixed seeds), CPU only, a few minutes:
 
-    python -m algorithms.lung_nodules_ct.train_demo [--out FILE] [--cases N] [--epochs N]
+    python -m dicom_node_algorithms.lung_nodules_ct.train_demo [--out FILE] [--cases N] [--epochs N]
 
 The phantoms go through the algorithm's own pre-processing (highdicom volume from the DICOM
 data sets, RAS, 0.703125 x 0.703125 x 1.25 mm, HU window) and the detector is trained with the
@@ -18,8 +18,10 @@ import highdicom as hd
 import numpy as np
 import torch
 
-from algorithms.lung_nodules_ct import DEMO_WEIGHTS
-from algorithms.lung_nodules_ct.model import (
+from dicom_node.phantoms import CtPhantomSpec, Nodule, ct_series
+from dicom_node.weights import demo_training_cli, save_demo_checkpoint
+from dicom_node_algorithms.lung_nodules_ct import DEMO_WEIGHTS
+from dicom_node_algorithms.lung_nodules_ct.model import (
     DEMO_FORMAT,
     DetectorParameters,
     LoadedDetector,
@@ -30,8 +32,6 @@ from algorithms.lung_nodules_ct.model import (
     nodules,
     preprocess,
 )
-from dicom_node.phantoms import CtPhantomSpec, Nodule, ct_series
-from dicom_node.weights import demo_training_cli, save_demo_checkpoint
 
 ARCHITECTURE = {"block_inplanes": [16, 32, 64, 128], "fpn_channels": 32}
 

@@ -43,7 +43,7 @@ class PneumoniaCxr(Algorithm):
         return Weights.from_file(DEMO_WEIGHTS, demo=True)
 
     def load(self, device: str) -> None:
-        from algorithms.pneumonia_cxr.model import load_demo, load_network
+        from dicom_node_algorithms.pneumonia_cxr.model import load_demo, load_network
 
         weights = self.weights()
         assert weights.path is not None
@@ -62,8 +62,8 @@ class PneumoniaCxr(Algorithm):
     def run(self, inputs: Mapping[str, SeriesInput]) -> AlgorithmResult:
         import torch
 
-        from algorithms.pneumonia_cxr.model import network_input, probability_and_cam
         from dicom_node.display import displayed_image
+        from dicom_node_algorithms.pneumonia_cxr.model import network_input, probability_and_cam
 
         series = inputs["series"]
         if len(series.paths) != 1:

@@ -2,7 +2,7 @@
 
 Reproducible (fixed seeds), CPU only: 13 minutes of CPU time (19 on two busy shared cores):
 
-    python -m algorithms.pneumonia_cxr.train_demo [--out algorithms/pneumonia_cxr/demo_weights.pt]
+    python -m dicom_node_algorithms.pneumonia_cxr.train_demo [--out FILE]
 
 The images are the ``ellipses`` phantoms of :mod:`dicom_node.cxr_drawing` (ribs, clavicles,
 vessels, heart shadow, field of view, collimation, markers, wires, blur, noise and tone curve
@@ -25,16 +25,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from algorithms.pneumonia_cxr import DEMO_WEIGHTS
-from algorithms.pneumonia_cxr.model import (
+from dicom_node.display import displayed_image
+from dicom_node.phantoms import CXR_VOI, CxrPhantomSpec, cxr_dataset
+from dicom_node.weights import demo_training_cli, save_demo_checkpoint
+from dicom_node_algorithms.pneumonia_cxr import DEMO_WEIGHTS
+from dicom_node_algorithms.pneumonia_cxr.model import (
     DEMO_FORMAT,
     demo_network,
     logits,
     network_input,
 )
-from dicom_node.display import displayed_image
-from dicom_node.phantoms import CXR_VOI, CxrPhantomSpec, cxr_dataset
-from dicom_node.weights import demo_training_cli, save_demo_checkpoint
 
 ARCHITECTURE = {"growth_rate": 8, "block_config": (2, 2, 2, 2), "num_init_features": 16}
 # Matrix sizes of the training phantoms; tests use larger ones too (the input is resized).
