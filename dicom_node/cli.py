@@ -167,7 +167,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_algorithms(args: argparse.Namespace) -> int:
-    from dicom_node.algorithm import catalogue, discover, resolve_device
+    from dicom_node.plugins import catalogue, discover, resolve_device
 
     config = _config(args)
     rows = catalogue(discover(), config.algorithms, resolve_device(config.worker.device))
@@ -188,7 +188,8 @@ def cmd_algorithms(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from dicom_node.algorithm import SeriesInput, discover, resolve_device
+    from dicom_node.algorithm import SeriesInput
+    from dicom_node.plugins import discover, resolve_device
 
     config = _config(args)
     registration = discover().get(args.algorithm)
@@ -319,7 +320,7 @@ def cmd_qa(args: argparse.Namespace) -> int:
 
 def cmd_config(args: argparse.Namespace) -> int:
     if args.action == "reference":
-        from dicom_node.config import configuration_reference
+        from dicom_node.config_reference import configuration_reference
 
         print(configuration_reference(), end="")
         return 0

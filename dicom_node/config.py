@@ -12,8 +12,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from types import UnionType
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -618,96 +617,3 @@ def load_config(
 
 def config_as_yaml(config: NodeConfig) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
-
-
-def _type_name(annotation: Any) -> str:
-    """A type as a person reads it in the reference: ``list of str``, ``one of a, b``."""
-    origin, args = get_origin(annotation), get_args(annotation)
-    if origin is Literal:
-        return "one of " + ", ".join(str(a) for a in args)
-    if origin is Annotated:
-        return _type_name(args[0])
-    if origin in (Union, UnionType):
-        names = [_type_name(a) for a in args if a is not type(None)]
-        return " or ".join(names) + (" or null" if type(None) in args else "")
-    if origin in (list, tuple):
-        return f"list of {_type_name(args[0])}" if args else "list"
-    if origin is dict:
-        return f"mapping of {_type_name(args[0])} to {_type_name(args[1])}"
-    return getattr(annotation, "__name__", str(annotation))
-
-
-def _default_text(field: Any) -> str:
-    if field.is_required():
-        return "required"
-    value = field.get_default(call_default_factory=True)
-    if isinstance(value, BaseModel):
-        return "(section)"
-    if isinstance(value, list) and value and isinstance(value[0], BaseModel):
-        return f"{len(value)} built-in entries (see `dicom-node config show`)"
-    if isinstance(value, Path):
-        value = str(value)
-    return (
-        "`"
-        + yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
-        + "`"
-    )
-
-
-def _models_in(annotation: Any) -> list[type[BaseModel]]:
-    """The section models an annotation holds (a section, or a mapping/union of them)."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return [annotation]
-    origin, args = get_origin(annotation), get_args(annotation)
-    if origin is Annotated:
-        return _models_in(args[0])
-    if origin in (Union, UnionType):
-        return [m for a in args for m in _models_in(a)]
-    return []
-
-
-def _reference_rows(model: type[BaseModel], prefix: str) -> list[tuple[str, str, str, str]]:
-    rows = []
-    for name, field in model.model_fields.items():
-        key = f"{prefix}{name}"
-        annotation = field.annotation
-        nested = _models_in(annotation)
-        if nested and get_origin(annotation) is not list:
-            rows.append((key, "section", "", (field.description or nested[0].__doc__ or "")))
-            for section in nested:
-                rows += _reference_rows(section, f"{key}.")
-            continue
-        if get_origin(annotation) is dict and _models_in(get_args(annotation)[1]):
-            rows.append(
-                (
-                    f"{key}.<name>",
-                    _type_name(get_args(annotation)[1]),
-                    "none",
-                    field.description or "",
-                )
-            )
-            for section in _models_in(get_args(annotation)[1]):
-                rows += _reference_rows(section, f"{key}.<name>.")
-            continue
-        rows.append((key, _type_name(annotation), _default_text(field), field.description or ""))
-    return rows
-
-
-def configuration_reference() -> str:
-    """Every configuration key with its type, default and meaning, as Markdown, generated from
-    the model itself so that the documentation cannot drift from what the node accepts."""
-    lines = [
-        "# Configuration reference",
-        "",
-        "Generated from `dicom_node/config.py` by `dicom-node config reference`; a test fails",
-        "when this file and the model differ. Keys are YAML paths; environment variables",
-        "override them as `DICOM_NODE__<SECTION>__<KEY>`.",
-        "",
-        "| key | type | default | meaning |",
-        "|---|---|---|---|",
-    ]
-    for key, kind, default, meaning in _reference_rows(NodeConfig, ""):
-        meaning = " ".join(meaning.split()).replace("|", "\\|")
-        kind = kind.replace("|", "\\|")
-        lines.append(f"| `{key}` | {kind} | {default} | {meaning} |")
-    return "\n".join(lines) + "\n"

@@ -201,7 +201,7 @@ def test_phantom_ct_is_a_valid_ct_image(tmp_path: Path) -> None:
 def test_configuration_reference_matches_the_model() -> None:
     """docs/configuration.md is generated from the model; regenerate it when this fails:
     dicom-node config reference > docs/configuration.md"""
-    from dicom_node.config import configuration_reference
+    from dicom_node.config_reference import configuration_reference
 
     docs = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
     assert docs.read_text() == configuration_reference()
