@@ -277,7 +277,7 @@ class RoutingConfig(_Section):
     rules: list[RouteRule] = Field(
         default_factory=lambda: [RouteRule.model_validate(r) for r in DEFAULT_ROUTES],
         description="Each: algorithm, then series (match) or roles (role -> match), and "
-        "optionally destinations; see the README's routing section.",
+        "optionally destinations; see docs/routing.md.",
     )
     destinations: list[str] = Field(
         default_factory=list,
