@@ -27,19 +27,13 @@ import time
 import traceback
 from pathlib import Path
 
-from dicom_node.algorithm import (
-    Algorithm,
-    InputError,
-    SeriesInput,
-    catalogue,
-    discover,
-    resolve_device,
-)
+from dicom_node.algorithm import Algorithm, InputError, SeriesInput
 from dicom_node.config import NodeConfig
 from dicom_node.database import RESULTS_DIR, Database, database_path
 from dicom_node.deliver import schedule
 from dicom_node.jobs import Job, JobKind, SqliteJobStore, holds, mark_succeeded
 from dicom_node.logs import setup_logging
+from dicom_node.plugins import catalogue, discover, resolve_device
 from dicom_node.store import fsync_tree, store_key
 from dicom_node.write import Provenance, WriteError, Written, write_all
 

@@ -21,12 +21,13 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from dicom_node.algorithm import SERIES_INPUT, discover
+from dicom_node.algorithm import SERIES_INPUT
 from dicom_node.config import RouteRule, RoutingConfig, SeriesMatch
 from dicom_node.database import Database
 from dicom_node.facts import SeriesFacts, read_series_facts, study_series
 from dicom_node.jobs import Job, JobKind, SqliteJobStore, enqueue, mark_succeeded
 from dicom_node.mr_sequence import WEIGHTINGS, classify, describes, never_a_role
+from dicom_node.plugins import discover
 from dicom_node.store import store_key
 
 log = logging.getLogger(__name__)

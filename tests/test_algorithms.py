@@ -21,8 +21,8 @@ from dicom_node.algorithm import (
     LabelMask,
     SeriesInput,
     Weights,
-    discover,
 )
+from dicom_node.plugins import discover
 from dicom_node.route import installed_algorithms
 
 PLUGINS = Path(__file__).parent / "plugins"

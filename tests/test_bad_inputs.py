@@ -37,7 +37,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, _config
 
-from dicom_node.algorithm import MAX_VOXELS
+from dicom_node.input_checks import MAX_VOXELS
 from dicom_node.phantoms import CtPhantomSpec, ct_series
 from dicom_node.store import encode_file_meta, store_key
 from tests.conftest import NodeProcess, wait_until

@@ -25,9 +25,10 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from dicom_node.algorithm import SeriesInput, discover
+from dicom_node.algorithm import SeriesInput
 from dicom_node.config import ResultsConfig
 from dicom_node.phantoms import CtPhantomSpec, ct_series, write_ct_series
+from dicom_node.plugins import discover
 from dicom_node.write import Provenance, write_all
 from tests.conftest import ROOT
 from tests.dicomfiles import dciodvfy, storescu_acknowledged
