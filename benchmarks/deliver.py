@@ -31,8 +31,7 @@ from dicom_node.phantoms import (
     write_ct_series,
 )
 from dicom_node.scu import send
-from tests.conftest import NodeProcess
-from tests.peers import Orthanc, dcmtk_env, dcmtk_tool, free_port
+from dicom_node.testing import Orthanc, ServeProcess, dcmtk_env, dcmtk_tool, free_port
 
 RAN = re.compile(r"job (\d+): (\S+) ran in ([\d.]+) s, wrote .* in ([\d.]+) s")
 
@@ -81,7 +80,7 @@ def run(quiet: float = 1.0, repeat: int = 2) -> dict[str, dict[str, float]]:
         scratch = Path(scratch_name)
         orthanc = Orthanc(scratch / "orthanc", dicom_port=free_port())
         (scratch / "node").mkdir()
-        node = NodeProcess(
+        node = ServeProcess(
             scratch / "node",
             {
                 "assembly": {"series_quiet_seconds": quiet, "study_quiet_seconds": quiet},

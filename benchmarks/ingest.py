@@ -29,7 +29,7 @@ from pathlib import Path
 import yaml
 
 from dicom_node.phantoms import CtPhantomSpec, write_ct_series
-from tests.peers import dcmtk_env, dcmtk_tool, free_port
+from dicom_node.testing import dcmtk_env, dcmtk_tool, free_port
 
 PDU = 131072  # 128 KB, as the issue asks
 ENV = dcmtk_env()

@@ -21,19 +21,37 @@ from dataclasses import dataclass
 
 import pynetdicom
 from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
+    JPEG2000MC,
     UID,
     Comprehensive3DSRStorage,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLSNearLossless,
+    JPIPHTJ2KReferenced,
+    JPIPHTJ2KReferencedDeflate,
+    MPEGTransferSyntaxes,
     SecondaryCaptureImageStorage,
     SegmentationStorage,
+    SMPTEST211020UncompressedInterlacedActiveVideo,
+    SMPTEST211020UncompressedProgressiveActiveVideo,
+    SMPTEST211030PCMDigitalAudio,
 )
 from pynetdicom import sop_class
-from pynetdicom.sop_class import Verification
+
+# pynetdicom makes its SOP class constants (Verification) at import, out of type checkers'
+# sight: https://github.com/pydicom/pynetdicom/issues/558
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node.route import ROUTABLE_SOP_CLASSES
 from dicom_node.scp import (
     LOSSLESS_COMPRESSED,
+    PRIVATE_STORAGE,
     PRIVATE_STORAGE_CLASSES,
     RETIRED_JPEG,
     UNCOMPRESSED,
@@ -64,47 +82,36 @@ CREATED_OBJECTS = (
     CreatedObject("SC", SecondaryCaptureImageStorage, ImplicitVRLittleEndian),
 )
 
-# Names of the private classes of dicom_node.scp.PRIVATE_STORAGE_CLASSES (no registry has them).
-PRIVATE_SOP_CLASS_NAMES = {
-    "1.3.12.2.1107.5.9.1": "Siemens CSA Non-Image Storage",
-    "1.2.840.113619.4.26": "GE Private 3D Model Storage",
-    "1.2.840.113619.4.30": "GE eNTEGRA Protocol or NM Genie Storage",
-    "1.3.46.670589.11.0.0.12.1": "Philips Private MR Spectrum Storage",
-    "1.3.46.670589.11.0.0.12.2": "Philips Private MR Series Data Storage",
-}
-
 _LOSSY = "lossy"
 _VIDEO = "video (lossy)"
 _REFERENCED = "referenced pixel data"
 _SMPTE = "uncompressed video/audio"
 _LOSSLESS_OR_LOSSY = "lossless or lossy"
 # What a transfer syntax is to a reader choosing what to send (PS3.5 Table A-1 and Annex A).
-TRANSFER_SYNTAX_NOTES = {
+# Those pydicom 3.0 has no constant for are spelt out.
+TRANSFER_SYNTAX_NOTES: dict[str, str] = {
     "1.2.840.10008.1.2.8.1": "lossless (deflated frames)",
-    "1.2.840.10008.1.2.1.99": "uncompressed, data set deflated",
-    "1.2.840.10008.1.2.2": (
+    DeflatedExplicitVRLittleEndian: "uncompressed, data set deflated",
+    ExplicitVRBigEndian: (
         "uncompressed (retired; stored as received, read re-encoded little endian)"
     ),
-    "1.2.840.10008.1.2": "uncompressed; the default every SCU must offer",
-    "1.2.840.10008.1.2.4.50": _LOSSY,
-    "1.2.840.10008.1.2.4.51": _LOSSY,
-    "1.2.840.10008.1.2.4.81": "lossy (near-lossless)",
-    "1.2.840.10008.1.2.4.91": _LOSSLESS_OR_LOSSY,
-    "1.2.840.10008.1.2.4.93": _LOSSLESS_OR_LOSSY,
-    "1.2.840.10008.1.2.4.94": _REFERENCED,
-    "1.2.840.10008.1.2.4.95": _REFERENCED,
-    **{
-        f"1.2.840.10008.1.2.4.{n}": _VIDEO
-        for n in (*(f"{v}{s}" for v in range(100, 107) for s in ("", ".1")), "107", "108")
-    },
-    "1.2.840.10008.1.2.4.111": "lossless recompression of JPEG (lossy) data",
-    "1.2.840.10008.1.2.4.112": _LOSSLESS_OR_LOSSY,
-    "1.2.840.10008.1.2.4.203": _LOSSLESS_OR_LOSSY,
-    "1.2.840.10008.1.2.4.204": _REFERENCED,
-    "1.2.840.10008.1.2.4.205": _REFERENCED,
-    "1.2.840.10008.1.2.7.1": _SMPTE,
-    "1.2.840.10008.1.2.7.2": _SMPTE,
-    "1.2.840.10008.1.2.7.3": _SMPTE,
+    ImplicitVRLittleEndian: "uncompressed; the default every SCU must offer",
+    JPEGBaseline8Bit: _LOSSY,
+    JPEGExtended12Bit: _LOSSY,
+    JPEGLSNearLossless: "lossy (near-lossless)",
+    JPEG2000: _LOSSLESS_OR_LOSSY,
+    JPEG2000MC: _LOSSLESS_OR_LOSSY,
+    "1.2.840.10008.1.2.4.94": _REFERENCED,  # JPIP Referenced
+    "1.2.840.10008.1.2.4.95": _REFERENCED,  # JPIP Referenced Deflate
+    **dict.fromkeys(MPEGTransferSyntaxes, _VIDEO),
+    "1.2.840.10008.1.2.4.111": "lossless recompression of JPEG (lossy) data",  # JPEG XL
+    "1.2.840.10008.1.2.4.112": _LOSSLESS_OR_LOSSY,  # JPEG XL
+    HTJ2K: _LOSSLESS_OR_LOSSY,
+    JPIPHTJ2KReferenced: _REFERENCED,
+    JPIPHTJ2KReferencedDeflate: _REFERENCED,
+    SMPTEST211020UncompressedProgressiveActiveVideo: _SMPTE,
+    SMPTEST211020UncompressedInterlacedActiveVideo: _SMPTE,
+    SMPTEST211030PCMDigitalAudio: _SMPTE,
 }
 
 _PYNETDICOM_KEYWORDS = {
@@ -121,8 +128,8 @@ def sop_class_name(uid: str) -> str:
         # pydicom's names of retired classes do not say so (its keywords do).
         return name.removesuffix(" SOP Class") + (" (retired)" if UID(uid).is_retired else "")
     # Before pynetdicom's keywords: dicom_node.scp registers the private classes with it.
-    if uid in PRIVATE_SOP_CLASS_NAMES:
-        return f"{PRIVATE_SOP_CLASS_NAMES[uid]} (private)"
+    if uid in PRIVATE_STORAGE:
+        return f"{PRIVATE_STORAGE[uid].name} (private)"
     if uid in _PYNETDICOM_KEYWORDS:
         return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", " ", _PYNETDICOM_KEYWORDS[uid])
     return uid

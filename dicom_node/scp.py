@@ -10,13 +10,26 @@ after it is durable.
 from __future__ import annotations
 
 import logging
-import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
-from typing import cast
+from dataclasses import dataclass
 
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEG2000MCLossless,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+)
 from pynetdicom import (
     AE,
     ALL_TRANSFER_SYNTAXES,
@@ -25,12 +38,19 @@ from pynetdicom import (
     register_uid,
 )
 from pynetdicom.association import Association
-from pynetdicom.events import Event
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.events import Event, EventHandlerType
 from pynetdicom.service_class import StorageServiceClass
-from pynetdicom.sop_class import Verification, uid_to_service_class
-from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+
+# pynetdicom makes its SOP class constants (Verification) at import, out of type checkers'
+# sight: https://github.com/pydicom/pynetdicom/issues/558
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    Verification,
+    uid_to_service_class,
+)
 
 from dicom_node.assembly import Assembler
+from dicom_node.compat.pynetdicom_server import AcceptorServer, start_acceptor
 from dicom_node.config import ScpConfig, TlsConfig
 from dicom_node.events import (
     AssociationAccepted,
@@ -61,24 +81,42 @@ STATUS_CANNOT_UNDERSTAND = 0xC000
 # A-ASSOCIATE-RJ (result, source, reason), PS3.8 Table 9-21.
 REJECT_CALLING_AE_NOT_RECOGNIZED = (0x01, 0x01, 0x03)
 
-# Private storage SOP classes real scanners send that pynetdicom does not list, with the
-# keyword each is registered under in pynetdicom (see _register_storage_classes).
-_PRIVATE_STORAGE_KEYWORDS = {
-    "1.3.12.2.1107.5.9.1": "SiemensCSANonImageStorage",
-    "1.2.840.113619.4.26": "GEPrivate3DModelStorage",
-    "1.2.840.113619.4.30": "GEeNTEGRAProtocolOrNMGenieStorage",
-    "1.3.46.670589.11.0.0.12.1": "PhilipsPrivateMRSpectrumStorage",
-    "1.3.46.670589.11.0.0.12.2": "PhilipsPrivateMRSeriesDataStorage",
+
+@dataclass(frozen=True)
+class PrivateStorageClass:
+    """A private storage SOP class that no registry lists (PS3.5 9: a vendor's own UID root)."""
+
+    keyword: str  # registered with pynetdicom under it (see _register_storage_classes)
+    name: str  # in the conformance statement
+
+
+# Private storage SOP classes real scanners send that pynetdicom does not list.
+PRIVATE_STORAGE = {
+    "1.3.12.2.1107.5.9.1": PrivateStorageClass(
+        "SiemensCSANonImageStorage", "Siemens CSA Non-Image Storage"
+    ),
+    "1.2.840.113619.4.26": PrivateStorageClass(
+        "GEPrivate3DModelStorage", "GE Private 3D Model Storage"
+    ),
+    "1.2.840.113619.4.30": PrivateStorageClass(
+        "GEeNTEGRAProtocolOrNMGenieStorage", "GE eNTEGRA Protocol or NM Genie Storage"
+    ),
+    "1.3.46.670589.11.0.0.12.1": PrivateStorageClass(
+        "PhilipsPrivateMRSpectrumStorage", "Philips Private MR Spectrum Storage"
+    ),
+    "1.3.46.670589.11.0.0.12.2": PrivateStorageClass(
+        "PhilipsPrivateMRSeriesDataStorage", "Philips Private MR Series Data Storage"
+    ),
 }
-PRIVATE_STORAGE_CLASSES = tuple(_PRIVATE_STORAGE_KEYWORDS)
+PRIVATE_STORAGE_CLASSES = tuple(PRIVATE_STORAGE)
 
 # Storage SOP classes retired from PS3.4 that pynetdicom does not list but old archives and
-# ultrasound machines still send (PS3.6 Table A-1 lists them as retired).
-_RETIRED_STORAGE_KEYWORDS = {
-    "1.2.840.10008.5.1.4.1.1.6": "UltrasoundImageStorageRetired",
-    "1.2.840.10008.5.1.4.1.1.3": "UltrasoundMultiFrameImageStorageRetired",
-}
-RETIRED_STORAGE_CLASSES = tuple(_RETIRED_STORAGE_KEYWORDS)
+# ultrasound machines still send (PS3.6 Table A-1 lists them as retired; pydicom's registry
+# names them, but has no constant for them).
+RETIRED_STORAGE_CLASSES = (
+    UID("1.2.840.10008.5.1.4.1.1.6"),  # Ultrasound Image Storage (Retired)
+    UID("1.2.840.10008.5.1.4.1.1.3"),  # Ultrasound Multi-frame Image Storage (Retired)
+)
 
 
 def _register_storage_classes() -> None:
@@ -89,7 +127,11 @@ def _register_storage_classes() -> None:
     which cannot serve C-STORE, and the association is aborted at the first such request with
     nothing after it stored. Registering the UID makes the request reach our C-STORE handler.
     """
-    for uid, keyword in {**_RETIRED_STORAGE_KEYWORDS, **_PRIVATE_STORAGE_KEYWORDS}.items():
+    keywords: dict[str, str] = {
+        **{uid: uid.keyword for uid in RETIRED_STORAGE_CLASSES},
+        **{uid: private.keyword for uid, private in PRIVATE_STORAGE.items()},
+    }
+    for uid, keyword in keywords.items():
         if uid_to_service_class(uid) is not StorageServiceClass:
             register_uid(uid, keyword, StorageServiceClass)
 
@@ -98,30 +140,32 @@ _register_storage_classes()
 
 
 # Never-lossy encodings, preferred when a requestor offers several in one context: the sender
-# then keeps its own lossless encoding instead of expanding or re-coding it.
+# then keeps its own lossless encoding instead of expanding or re-coding it. Those pydicom 3.0
+# has no constant for are spelt out; pynetdicom accepts them once it lists them.
 LOSSLESS_COMPRESSED = (
-    "1.2.840.10008.1.2.4.57",  # JPEG Lossless, Process 14
-    "1.2.840.10008.1.2.4.70",  # JPEG Lossless, SV1
-    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
-    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless Only
-    "1.2.840.10008.1.2.4.92",  # JPEG 2000 Part 2 Lossless Only
-    "1.2.840.10008.1.2.4.110",  # JPEG XL Lossless
-    "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless Only
-    "1.2.840.10008.1.2.4.202",  # HTJ2K RPCL Lossless Only
-    "1.2.840.10008.1.2.5",  # RLE Lossless
-    "1.2.840.10008.1.2.8.1",  # Deflated Image Frame Compression
+    JPEGLossless,  # Process 14
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEG2000Lossless,
+    JPEG2000MCLossless,  # JPEG 2000 Part 2
+    UID("1.2.840.10008.1.2.4.110"),  # JPEG XL Lossless
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    RLELossless,
+    UID("1.2.840.10008.1.2.8.1"),  # Deflated Image Frame Compression
 )
 UNCOMPRESSED = (
-    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian: keeps VRs, so before Implicit
-    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
-    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent by old modalities)
-    "1.2.840.10008.1.2",  # Implicit VR Little Endian, the default every SCU must offer
+    ExplicitVRLittleEndian,  # keeps VRs, so before Implicit
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,  # retired, still sent by old modalities
+    ImplicitVRLittleEndian,  # the default every SCU must offer
 )
 
 
 # Retired JPEG processes (PS3.5 Table A-1, retired in 2006) that pynetdicom no longer lists but
-# archives still hold and send: 1.2.840.10008.1.2.4.52 to .66 except .57 (listed above).
-RETIRED_JPEG = tuple(f"1.2.840.10008.1.2.4.{n}" for n in range(52, 67) if n != 57)
+# archives still hold and send: 1.2.840.10008.1.2.4.52 to .66 except .57 (listed above);
+# pydicom's registry names them, but has no constant for them.
+RETIRED_JPEG = tuple(UID(f"1.2.840.10008.1.2.4.{n}") for n in range(52, 67) if n != 57)
 
 
 def accepted_transfer_syntaxes() -> list[str]:
@@ -132,10 +176,10 @@ def accepted_transfer_syntaxes() -> list[str]:
     syntaxes come last so that a sender offering lossy and lossless for the same data is never
     asked to compress it lossily. Data already lossy can still be sent as it is.
     """
-    preferred = [*LOSSLESS_COMPRESSED, *UNCOMPRESSED]
+    preferred = [str(ts) for ts in (*LOSSLESS_COMPRESSED, *UNCOMPRESSED)]
     known = [str(ts) for ts in ALL_TRANSFER_SYNTAXES]
     rest = [ts for ts in known if ts not in preferred]
-    return [ts for ts in preferred if ts in known] + rest + list(RETIRED_JPEG)
+    return [ts for ts in preferred if ts in known] + rest + [str(ts) for ts in RETIRED_JPEG]
 
 
 def refusal_status(exc: Exception) -> int:
@@ -153,7 +197,7 @@ def storage_sop_classes() -> list[str]:
     still send, then the private ones."""
     return [
         *(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts),
-        *RETIRED_STORAGE_CLASSES,
+        *(str(uid) for uid in RETIRED_STORAGE_CLASSES),
         *PRIVATE_STORAGE_CLASSES,
     ]
 
@@ -167,111 +211,6 @@ def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
         context.load_verify_locations(str(tls.ca_file))
     context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
     return context
-
-
-# The most an A-ASSOCIATE-RQ (or any PDU but P-DATA-TF) needs: 128 presentation contexts with
-# every transfer syntax, and user identity items of 64 KiB each (PS3.8 9.3.2, PS3.7 D.3.3.7).
-PDU_ALLOWANCE = 1 << 20
-
-
-class _BoundedSocket(AssociationSocket):
-    """pynetdicom reads a PDU into memory whole, at whatever length its header announces (up
-    to 4 GiB, PS3.8 9.3.1): a peer streaming one could exhaust the node's memory. A PDU
-    longer than ``limit`` is not read; to pynetdicom the transport closed."""
-
-    limit: int
-
-    @classmethod
-    def bound(cls, sock: AssociationSocket, limit: int) -> None:
-        """Give the socket pynetdicom made the bound. Made anew, it would announce the
-        connection to the protocol machine a second time."""
-        sock.__class__ = cls
-        cast(_BoundedSocket, sock).limit = limit
-
-    def recv(self, nr_bytes: int) -> bytearray:
-        if nr_bytes > self.limit:
-            log.warning(
-                "%s announced a PDU of %d bytes, more than the %d this node reads"
-                " (scp.max_pdu_size); connection closed",
-                self._assoc.requestor.address,
-                nr_bytes,
-                self.limit,
-            )
-            return bytearray()
-        return super().recv(nr_bytes)
-
-
-class _RequestHandler(RequestHandler):
-    """pynetdicom's handler, but the connection's thread stays until its association ends,
-    so that the server learns of every end: pynetdicom ends an association without
-    EVT_RELEASED or EVT_ABORTED when a malformed PDU stops its protocol machine. PDUs are
-    read through :class:`_BoundedSocket` unless scp.max_pdu_size is 0 (unlimited)."""
-
-    server: AcceptorServer
-
-    def handle(self) -> None:
-        assoc = self._create_association()
-        if self.ae.maximum_pdu_size:
-            # The variable field of a P-DATA-TF we receive is at most our maximum (PS3.8 D.1).
-            limit = max(self.ae.maximum_pdu_size, PDU_ALLOWANCE)
-            _BoundedSocket.bound(cast(AssociationSocket, assoc.dul.socket), limit)
-        evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
-        assoc.start()
-        assoc.join()
-        if self.server.on_association_end is not None:
-            self.server.on_association_end(assoc)
-
-
-class AcceptorServer(ThreadedAssociationServer):
-    """pynetdicom's association server with two defences it lacks against a peer that stops
-    talking.
-
-    - Accepted sockets get ``scp.network_timeout_s``: pynetdicom reads a PDU with a blocking
-      ``recv`` and checks its own timers only between PDUs, so a peer that stopped in the
-      middle of one held its association slot forever.
-    - The TLS handshake runs in the connection's own thread under ``scp.acse_timeout_s``:
-      pynetdicom does it in the accept loop without a timeout, so one client that connected
-      and sent nothing kept every other client out.
-    """
-
-    # Connection threads live as long as their association; stopping must not wait for them
-    # (StorageSCP.stop gives in-flight associations their grace period itself).
-    daemon_threads = True
-    on_association_end: Callable[[Association], None] | None = None
-    # (peer host, why): a client that failed TLS never reaches pynetdicom's events.
-    on_tls_failure: Callable[[str, str], None] | None = None
-
-    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        client, address = cast(socket.socket, self.socket).accept()
-        client.settimeout(self.ae.network_timeout)
-        if self.ssl_context is not None:
-            client = self.ssl_context.wrap_socket(
-                client, server_side=True, do_handshake_on_connect=False
-            )
-        return client, address
-
-    def process_request_thread(
-        self,
-        request: socket.socket | tuple[bytes, socket.socket],
-        client_address: tuple[str, int] | str,
-    ) -> None:
-        if isinstance(request, ssl.SSLSocket):
-            try:
-                request.settimeout(self.ae.acse_timeout)
-                request.do_handshake()
-                request.settimeout(self.ae.network_timeout)
-            except (OSError, ValueError) as exc:
-                host = client_address[0] if isinstance(client_address, tuple) else client_address
-                if isinstance(exc, TimeoutError):
-                    why = f"no handshake within scp.acse_timeout_s ({self.ae.acse_timeout:g} s)"
-                else:
-                    why = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
-                log.warning("TLS handshake with %s failed: %s", host, why)
-                if self.on_tls_failure is not None:
-                    self.on_tls_failure(str(host), why)
-                self.shutdown_request(request)
-                return
-        super().process_request_thread(request, client_address)
 
 
 def _peer(assoc: Association) -> Sender:
@@ -302,8 +241,8 @@ class StorageSCP:
         self.store = store
         self.assembler = assembler
         self.events = events or Events()
-        # Per association: study UID -> [patient ID, instances], reported when it ends.
-        self._received: dict[int, dict[str, list]] = {}
+        # Per association: study UID -> (patient ID, instances), reported when it ends.
+        self._received: dict[int, dict[str, tuple[str | None, int]]] = {}
         # Established associations whose end has not been handled yet, by the number the
         # log gives them (#1, #2, ... since start) so that its lines about one can be told.
         self._open: dict[int, int] = {}
@@ -334,7 +273,7 @@ class StorageSCP:
         return ae
 
     @property
-    def handlers(self) -> list[tuple]:
+    def handlers(self) -> list[EventHandlerType]:
         return [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_REJECTED, self._on_rejected),
@@ -350,18 +289,14 @@ class StorageSCP:
     def start(self) -> tuple[str, int]:
         """Start listening in background threads; returns the bound (host, port)."""
         context = server_ssl_context(self.config.tls) if self.config.tls.enabled else None
-        # What AE.start_server(block=False) does, with our server class.
-        server = self.ae.make_server(
+        server = start_acceptor(
+            self.ae,
             (self.config.host, self.config.port),
             evt_handlers=self.handlers,
             ssl_context=context,
-            server_class=AcceptorServer,
-            request_handler=_RequestHandler,
+            on_association_end=self._on_finished,
+            on_tls_failure=self._on_tls_failure,
         )
-        server.on_association_end = self._on_finished
-        server.on_tls_failure = self._on_tls_failure
-        self.ae._servers.append(server)  # where pynetdicom's shutdown() removes it from
-        threading.Thread(target=server.serve_forever, name="dicom-acceptor", daemon=True).start()
         self._server = server
         host, port = server.server_address[:2]
         log.info(
@@ -432,6 +367,7 @@ class StorageSCP:
         self.events.emit(AssociationRejected(sender.calling_aet, sender.peer_host, called, reason))
 
     def _on_tls_failure(self, host: str, why: str) -> None:
+        log.warning("TLS handshake with %s failed: %s", host, why)
         # No association yet: neither AE title is known (PS3.15 A.5.3.12 names the node).
         self.events.emit(AssociationRejected("", host, "", f"TLS handshake failed: {why}"))
 
@@ -464,6 +400,7 @@ class StorageSCP:
 
     def _on_store(self, event: Event) -> int:
         request = event.request
+        assert isinstance(request, C_STORE)  # what EVT_C_STORE carries
         context = event.context
         encoded = event.encoded_dataset(include_meta=False)
         try:
@@ -496,10 +433,11 @@ class StorageSCP:
         self.assembler.instance_stored(id(event.assoc), stored)
         self.events.emit(InstanceReceived(stored=True, size=len(encoded)))
         with self._received_lock:
-            study = self._received.setdefault(id(event.assoc), {}).setdefault(
-                stored.header.study_uid, [stored.header.patient_id, 0]
+            studies = self._received.setdefault(id(event.assoc), {})
+            patient_id, instances = studies.get(
+                stored.header.study_uid, (stored.header.patient_id, 0)
             )
-            study[1] += 1
+            studies[stored.header.study_uid] = (patient_id, instances + 1)
         return STATUS_SUCCESS
 
     def _on_released(self, event: Event) -> None:
@@ -531,7 +469,7 @@ class StorageSCP:
         return True
 
     def _report_received(
-        self, assoc: Association, studies: dict[str, list], *, released: bool
+        self, assoc: Association, studies: dict[str, tuple[str | None, int]], *, released: bool
     ) -> None:
         if studies:
             sender = _peer(assoc)

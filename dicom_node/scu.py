@@ -17,17 +17,23 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
-from pynetdicom import AE, _config
+from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.presentation import build_context
-from pynetdicom.sop_class import Verification
+
+# pynetdicom makes its SOP class constants (Verification) at import, out of type checkers'
+# sight: https://github.com/pydicom/pynetdicom/issues/558
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from dicom_node.compat.pynetdicom_send import stream_files_from_disk
 
 log = logging.getLogger(__name__)
 
 MAX_CONTEXTS_PER_ASSOCIATION = 128  # PS3.8 9.3.2.2: presentation context IDs are odd, 1-255
 
-# Stream files from disk instead of decoding and re-encoding them.
-_config.STORE_SEND_CHUNKED_DATASET = True
+# Stream files from disk instead of decoding and re-encoding them (process-wide, set at import:
+# every send of this process, DELIVERY's included, streams).
+stream_files_from_disk()
 
 
 class AssociationFailed(ConnectionError):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,8 +23,8 @@ from dicom_node.algorithm import (
 )
 from dicom_node.plugins import discover
 from dicom_node.route import installed_algorithms
-
-PLUGINS = Path(__file__).parent / "plugins"
+from tests.support.node import plugin_env
+from tests.support.paths import PLUGINS, corpus_ct
 
 
 @pytest.fixture
@@ -35,10 +34,6 @@ def example_plugins(monkeypatch):
     importlib.invalidate_caches()
     yield
     sys.modules.pop("dicom_node_example", None)
-
-
-def plugin_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(PLUGINS), *sys.path])}
 
 
 def test_entry_points_are_discovered_and_broken_ones_reported(example_plugins) -> None:
@@ -65,11 +60,6 @@ def test_cli_lists_algorithms_with_weights_and_device(tmp_path: Path) -> None:
     assert rows["example-threshold"]["device"] == "cpu"
     assert "error" in rows["example-broken"]
     assert result.returncode == 1  # a broken plugin is worth a non-zero exit
-
-
-def corpus_ct(corpus: Path) -> list[Path]:
-    folder = next((corpus / "chest-ct-lung-pet-ct-dx").rglob("*B40f*"))
-    return sorted(folder.glob("*.dcm"))
 
 
 def test_series_input_volume_is_sorted_whatever_the_file_order(corpus: Path) -> None:

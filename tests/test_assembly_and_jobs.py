@@ -16,7 +16,7 @@ from dicom_node.config import AssemblyConfig
 from dicom_node.database import Database, database_path
 from dicom_node.jobs import JobKind, JobState, SqliteJobStore, enqueue
 from dicom_node.phantoms import CtPhantomSpec, ct_series
-from tests.conftest import NodeProcess
+from tests.support.node import NodeProcess
 
 SLOW = {"assembly": {"series_quiet_seconds": 120, "study_quiet_seconds": 120}}
 FAST = {"assembly": {"series_quiet_seconds": 1, "study_quiet_seconds": 1}}

@@ -12,8 +12,10 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
 from dicom_node.phantoms import CtPhantomSpec, ct_series, write_ct_series
-from tests.conftest import NodeProcess, dcmtk_env, require_tool
-from tests.dicomfiles import storescu_acknowledged
+from dicom_node.testing import dcmtk_env
+from tests.support.dicomfiles import storescu_acknowledged
+from tests.support.node import NodeProcess
+from tests.support.peers import require_tool
 
 
 def echoscu(node: NodeProcess, *, aet: str, aec: str = "DICOMNODE") -> subprocess.CompletedProcess:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import stat
-from pathlib import Path
 
 from pydicom import dcmread
 
@@ -18,29 +16,7 @@ from dicom_node.events import (
     StudyRef,
 )
 from dicom_node.phantoms import cxr_dataset
-
-
-def read_trail(path: Path) -> list[dict]:
-    """Every message of a trail, oldest first, across its rotated files."""
-    files = sorted(path.parent.glob(path.name + ".*"), key=lambda p: -int(p.suffix[1:]))
-    return [json.loads(line) for f in [*files, path] for line in f.read_text().splitlines()]
-
-
-def event_id(message: dict) -> str:
-    return message["EventIdentification"]["EventID"]["originalText"]
-
-
-def event_type(message: dict) -> str | None:
-    types = message["EventIdentification"].get("EventTypeCode")
-    return types[0]["originalText"] if types else None
-
-
-def objects(message: dict) -> dict[str, str]:
-    """Participant objects by their ID type: Study Instance UID, Patient Number, URI."""
-    return {
-        o["ParticipantObjectIDTypeCode"]["originalText"]: o["ParticipantObjectID"]
-        for o in message.get("ParticipantObjectIdentification", [])
-    }
+from tests.support.audit import event_id, event_type, objects, read_trail
 
 
 def test_a_study_through_the_node_is_audited_end_to_end(make_node, tmp_path):

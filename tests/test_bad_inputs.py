@@ -40,9 +40,21 @@ from pynetdicom import AE, _config
 from dicom_node.input_checks import MAX_VOXELS
 from dicom_node.phantoms import CtPhantomSpec, ct_series
 from dicom_node.store import encode_file_meta, store_key
-from tests.conftest import NodeProcess, wait_until
-from tests.dicomfiles import corpus_instances, dataset_bytes, dciodvfy, storescu_acknowledged
-from tests.test_store import encoded
+from tests.support.dicomfiles import (
+    corpus_instances,
+    dataset_bytes,
+    dciodvfy,
+    storescu_acknowledged,
+)
+from tests.support.encoding import (
+    cut_before,
+    deep_sequence,
+    element,
+    encapsulated_pixel_data,
+    encoded,
+    put,
+)
+from tests.support.node import NodeProcess, wait_until
 
 FAST = {"series_quiet_seconds": 1, "study_quiet_seconds": 1}
 # In every generated instance; patient data must never reach the log above DEBUG.
@@ -57,73 +69,6 @@ T = TypeVar("T")
 
 # Streaming from the file sends the data set bytes as they are (dicom_node.scu sets it too).
 _config.STORE_SEND_CHUNKED_DATASET = True
-
-
-# -- data sets as bytes (explicit VR little endian, PS3.5 7.1.2) ------------------------------
-
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT"}
-_UNDEFINED = 0xFFFFFFFF
-
-
-def element(tag: int, vr: bytes, value: bytes) -> bytes:
-    """One element with the VR given, whatever the data dictionary says."""
-    if len(value) % 2:
-        value += b"\0" if vr in (b"UI", b"OB") else b" "
-    group, number = tag >> 16, tag & 0xFFFF
-    if vr in _LONG_VRS:
-        return struct.pack("<HH2s2xI", group, number, vr, len(value)) + value
-    return struct.pack("<HH2sH", group, number, vr, len(value)) + value
-
-
-def _item(tag: int, length: int) -> bytes:
-    return struct.pack("<HHI", 0xFFFE, tag, length)
-
-
-def deep_sequence(tag: int, depth: int) -> bytes:
-    """``tag`` as a sequence holding an item holding the sequence … ``depth`` deep, all of
-    undefined length and properly closed: valid DICOM that pydicom cannot read (it recurses)."""
-    group, number = tag >> 16, tag & 0xFFFF
-    opening = struct.pack("<HH2s2xI", group, number, b"SQ", _UNDEFINED) + _item(0xE000, _UNDEFINED)
-    closing = _item(0xE00D, 0) + _item(0xE0DD, 0)
-    return opening * depth + closing * depth
-
-
-def encapsulated_pixel_data(*fragments: bytes) -> bytes:
-    """Pixel Data as compressed syntaxes carry it (PS3.5 A.4): empty offset table, fragments."""
-    body = _item(0xE000, 0) + b"".join(_item(0xE000, len(f)) + f for f in fragments)
-    return struct.pack("<HH2s2xI", 0x7FE0, 0x0010, b"OB", _UNDEFINED) + body + _item(0xE0DD, 0)
-
-
-def top_level(data: bytes) -> Iterator[tuple[int, int, int]]:
-    """(tag, start, end) of each top-level element of explicit VR little endian data whose
-    elements all have defined lengths (as the phantoms are written)."""
-    offset = 0
-    while offset < len(data):
-        group, number, vr = struct.unpack_from("<HH2s", data, offset)
-        if vr in _LONG_VRS:
-            (length,) = struct.unpack_from("<I", data, offset + 8)
-            start = offset + 12
-        else:
-            (length,) = struct.unpack_from("<H", data, offset + 6)
-            start = offset + 8
-        yield (group << 16) | number, offset, start + length
-        offset = start + length
-
-
-def put(data: bytes, tag: int, raw: bytes) -> bytes:
-    """``data`` with element ``tag`` replaced by the bytes ``raw``, or ``raw`` inserted where
-    the tag order puts it."""
-    for found, start, end in top_level(data):
-        if found == tag:
-            return data[:start] + raw + data[end:]
-        if found > tag:
-            return data[:start] + raw + data[start:]
-    return data + raw
-
-
-def cut_before(data: bytes, tag: int) -> bytes:
-    """``data`` up to (not including) element ``tag``: a data set cut short there."""
-    return next(data[:start] for found, start, _ in top_level(data) if found == tag)
 
 
 # -- sending ----------------------------------------------------------------------------------

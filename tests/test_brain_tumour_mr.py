@@ -19,7 +19,7 @@ from dicom_node.phantoms import BrainPhantomSpec, write_brain_study  # noqa: E40
 from dicom_node.weights import WeightsMismatch, bundle_network  # noqa: E402
 from dicom_node_algorithms.brain_tumour_mr import BrainTumourMr  # noqa: E402
 from dicom_node_algorithms.brain_tumour_mr.model import REGIONS, load_bundle  # noqa: E402
-from tests.dicomfiles import dciodvfy  # noqa: E402
+from tests.support.dicomfiles import dciodvfy  # noqa: E402
 
 UNSEEN = 900_000  # far from the training (0-31) and held-out (50000-50005) seeds
 
@@ -171,7 +171,7 @@ def test_run_matches_roles_in_a_study_folder_like_the_node(tmp_path) -> None:
     import subprocess
     import sys
 
-    from tests.test_route import decoy_study
+    from tests.support.cases import decoy_study
 
     uids = decoy_study(tmp_path / "study", BrainPhantomSpec(seed=UNSEEN + 8))
     out = tmp_path / "out"

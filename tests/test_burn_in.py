@@ -23,7 +23,8 @@ from dicom_node.display import displayed_image
 from dicom_node.phantoms import cxr_dataset
 from dicom_node.qa import CXR_SPEC
 from dicom_node.write import Provenance, heat_map_capture
-from tests.test_write_sc import CORPUS_CXR, capture_of
+from tests.support.cases import capture_of
+from tests.support.paths import CORPUS_CXR
 
 LINES = [
     "AI pneumonia-cxr 1.0.0: Pneumonia Grad-CAM",

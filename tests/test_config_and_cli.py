@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from dicom_node.config import ConfigError, load_config
-from tests.conftest import ROOT
+from tests.support.paths import ROOT
 
 
 def cli(*args: str, env: dict | None = None, cwd: Path | None = None):
@@ -117,8 +117,7 @@ def test_cli_send_goes_on_past_bad_files(tmp_path: Path, make_node) -> None:
 
     from dicom_node.phantoms import CtPhantomSpec, ct_series
     from dicom_node.store import encode_file_meta
-    from tests.test_bad_inputs import deep_sequence, put
-    from tests.test_store import encoded
+    from tests.support.encoding import deep_sequence, encoded, put
 
     node = make_node()
     folder = tmp_path / "upload"
@@ -188,7 +187,7 @@ def test_cli_output_into_a_closed_pipe(tmp_path: Path, args: tuple[str, ...]) ->
 def test_phantom_ct_is_a_valid_ct_image(tmp_path: Path) -> None:
     """The phantom every test and benchmark sends passes dicom3tools' IOD validator."""
     from dicom_node.phantoms import CtPhantomSpec, write_ct_series
-    from tests.conftest import require_tool
+    from tests.support.peers import require_tool
 
     (path,) = write_ct_series(tmp_path, CtPhantomSpec(slices=1, rows=32, columns=32))
     result = subprocess.run(

@@ -102,8 +102,7 @@ def test_the_doc_lists_exactly_what_the_scp_accepts(tmp_path: Path) -> None:
 def test_the_doc_lists_what_delivery_sends(tmp_path: Path) -> None:
     """Objects written by write_all, every kind, against CREATED_OBJECTS and the document:
     DELIVERY proposes each file's own SOP class and stored transfer syntax."""
-    from tests.test_write_seg import PROVENANCE
-    from tests.test_write_sr import ct_case
+    from tests.support.cases import PROVENANCE, ct_case
 
     _, _, series, ct_result = ct_case(tmp_path, "axial")
     cxr = tmp_path / "cxr.dcm"

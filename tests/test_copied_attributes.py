@@ -59,7 +59,7 @@ from dicom_node.copied import WriteError, _problem
 from dicom_node.display import displayed_image
 from dicom_node.phantoms import CtPhantomSpec, CxrPhantomSpec, cxr_dataset, write_ct_series
 from dicom_node.write import Provenance, heat_map_capture, measurement_report, segmentation
-from tests.conftest import require_tool
+from tests.support.peers import require_tool
 
 NODULE = Concept("SCT", "27925004", "Nodule")
 PROVENANCE = Provenance("property", "1.0", Weights(None, None, demo=False))

@@ -56,9 +56,10 @@ from pydicom.uid import generate_uid
 
 from dicom_node.phantoms import CtPhantomSpec, write_ct_series
 from dicom_node.scu import send
-from tests.conftest import NodeProcess, dcmtk_env, require_tool
-from tests.dicomfiles import storescu_acknowledged
-from tests.test_algorithms import plugin_env
+from dicom_node.testing import dcmtk_env
+from tests.support.dicomfiles import storescu_acknowledged
+from tests.support.node import NodeProcess, plugin_env
+from tests.support.peers import require_tool
 
 ITERATIONS = int(os.environ.get("DICOM_NODE_CRASH_ITERATIONS", "20"))
 LONG_RUN_S = 2.5  # a run the restarted node comes back in the middle of
@@ -388,7 +389,7 @@ def test_a_worker_whose_job_was_queued_again_does_not_record_it(
     from dicom_node.config import load_config
     from dicom_node.infer import Worker
     from dicom_node.jobs import SqliteJobStore
-    from tests.test_algorithms import PLUGINS
+    from tests.support.paths import PLUGINS
 
     monkeypatch.syspath_prepend(str(PLUGINS))
     importlib.invalidate_caches()

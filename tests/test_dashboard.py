@@ -14,9 +14,9 @@ import pytest
 from pydicom import dcmread
 
 from dicom_node.phantoms import cxr_dataset
-from tests.peers import free_port
-from tests.test_web import metrics
-from tests.viewer import CHROMIUM, VIEWER_TOOLS
+from dicom_node.testing import free_port
+from tests.support.http import metrics
+from tests.support.viewer import CHROMIUM, VIEWER_TOOLS
 
 ARTEFACTS = Path(__file__).resolve().parents[1] / "test-artefacts"
 

@@ -22,10 +22,9 @@ from dicom_node.phantoms import (
     write_brain_study,
     write_ct_series,
 )
-from tests.conftest import NodeProcess
-from tests.peers import Orthanc, free_port, missing_orthanc
-from tests.test_algorithms import plugin_env
-from tests.test_lung_nodules_ct import PHANTOMS
+from dicom_node.testing import Orthanc, free_port, missing_orthanc
+from tests.support.cases import PHANTOMS
+from tests.support.node import NodeProcess, plugin_env
 
 FAST = {"series_quiet_seconds": 1, "study_quiet_seconds": 1}
 SEG, SR, SC = (

@@ -48,7 +48,7 @@ from dicom_node.config import (
     ScpConfig,
     load_config,
 )
-from tests.conftest import ROOT
+from tests.support.paths import ROOT
 
 DEPLOY = ROOT / "deploy"
 DOCKERFILES = {"cpu": DEPLOY / "Dockerfile", "cuda": DEPLOY / "Dockerfile.cuda"}
@@ -495,7 +495,7 @@ def test_compose_ohif_reads_orthancs_dicomweb_on_its_own_origin(demo: ComposeDem
     for key in ("qidoRoot", "wadoRoot", "wadoUriRoot"):
         assert source["configuration"][key] == "http://viewer.test/dicom-web", key
     # The viewer tests drive OHIF in a real browser with this very file.
-    from tests.viewer import APP_CONFIG_FILE
+    from tests.support.viewer import APP_CONFIG_FILE
 
     assert files[alias.group(1)] == APP_CONFIG_FILE
     assert published(ohif)
@@ -507,7 +507,7 @@ class _ResultReceiver:
     def __init__(self, ae_title: str) -> None:
         from pynetdicom import AE, AllStoragePresentationContexts, evt
 
-        from tests.peers import free_port
+        from dicom_node.testing import free_port
 
         self.received: list[str] = []
         self.port = free_port()
@@ -543,7 +543,7 @@ def test_compose_orthanc_routes_studies_to_the_node_but_not_its_results(
 
     from dicom_node.phantoms import CtPhantomSpec, write_ct_series
     from dicom_node.scu import send
-    from tests.peers import Orthanc, free_port, missing_orthanc
+    from dicom_node.testing import Orthanc, free_port, missing_orthanc
 
     lacking = missing_orthanc()
     if lacking:
@@ -755,7 +755,7 @@ def test_recipe_command_starts_a_node_that_passes_the_health_check(
     image's HEALTHCHECK command (also compose's) passes against it; SIGTERM stops it cleanly.
     Only what cannot be on this machine is overridden: ports (free ones), the data folder, and
     no inference worker (not what is tested here, and seconds of torch start-up)."""
-    from tests.peers import free_port
+    from dicom_node.testing import free_port
 
     argv, recipe_environ = recipe_command(recipe, tmp_path)
     http_port = free_port()

@@ -10,8 +10,10 @@ import pytest
 from pydicom import dcmread
 
 from dicom_node.phantoms import CtPhantomSpec, write_ct_series
-from tests.conftest import NodeProcess, dcmtk_env, require_tool
-from tests.dicomfiles import storescu_acknowledged
+from dicom_node.testing import dcmtk_env
+from tests.support.dicomfiles import storescu_acknowledged
+from tests.support.node import NodeProcess
+from tests.support.peers import require_tool
 
 
 @pytest.fixture(scope="module")

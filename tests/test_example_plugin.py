@@ -30,8 +30,8 @@ from dicom_node.config import ResultsConfig
 from dicom_node.phantoms import CtPhantomSpec, ct_series, write_ct_series
 from dicom_node.plugins import discover
 from dicom_node.write import Provenance, write_all
-from tests.conftest import ROOT
-from tests.dicomfiles import dciodvfy, storescu_acknowledged
+from tests.support.dicomfiles import dciodvfy, storescu_acknowledged
+from tests.support.paths import ROOT
 
 EXAMPLE = ROOT / "docs" / "example-plugin"
 NAME = "lung-threshold-ct"

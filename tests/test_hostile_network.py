@@ -29,7 +29,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from dicom_node.phantoms import CtPhantomSpec, ct_series
-from tests.conftest import NodeProcess
+from tests.support.node import NodeProcess, closed_by_node
 
 # Small timeouts so that the node's own clocks, not the test's patience, end idle peers.
 ACSE_TIMEOUT_S = 3.0
@@ -182,22 +182,6 @@ def raw_store(node: NodeProcess, ds: Dataset) -> int:
         sock.sendall(pdu(RELEASE_RQ, b"\0\0\0\0"))
         assert (read_pdu(sock) or (None,))[0] == RELEASE_RP
         return status
-
-
-def closed_by_node(sock: socket.socket, timeout_s: float) -> bool:
-    """Whether the node closes the connection within ``timeout_s`` (PDUs it sends first, an
-    A-ABORT or A-ASSOCIATE-RJ, are read and dropped)."""
-    deadline = time.monotonic() + timeout_s
-    try:
-        while time.monotonic() < deadline:
-            sock.settimeout(max(0.01, deadline - time.monotonic()))
-            if not sock.recv(65536):
-                return True
-    except TimeoutError:
-        return False
-    except OSError:  # reset by the node: closed as well
-        return True
-    return False
 
 
 def send_and_hang_up(

@@ -29,9 +29,10 @@ from pydicom.uid import generate_uid
 
 from dicom_node.phantoms import CtPhantomSpec, write_ct_series
 from dicom_node.scu import send
-from tests.conftest import NodeProcess, dcmtk_env, require_tool
-from tests.dicomfiles import storescu_acknowledged
-from tests.test_algorithms import plugin_env
+from dicom_node.testing import dcmtk_env
+from tests.support.dicomfiles import storescu_acknowledged
+from tests.support.node import NodeProcess, plugin_env
+from tests.support.peers import require_tool
 
 ARTEFACTS = Path(__file__).resolve().parents[1] / "test-artefacts"
 SENDERS = 8

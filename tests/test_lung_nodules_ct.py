@@ -37,8 +37,9 @@ from dicom_node_algorithms.lung_nodules_ct.model import (  # noqa: E402
     sliding_window,
 )
 from dicom_node_algorithms.lung_nodules_ct.train_demo import ARCHITECTURE  # noqa: E402
-from tests.dicomfiles import CORPUS_SOURCE_WARNINGS, dciodvfy  # noqa: E402
-from tests.test_algorithms import corpus_ct  # noqa: E402
+from tests.support.cases import PHANTOMS  # noqa: E402
+from tests.support.dicomfiles import CORPUS_SOURCE_WARNINGS, dciodvfy  # noqa: E402
+from tests.support.paths import corpus_ct  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -52,22 +53,6 @@ def series_input(paths: list[Path]) -> SeriesInput:
     shuffled = list(paths)
     random.Random(0).shuffle(shuffled)  # the node hands files over in no particular order
     return SeriesInput("1.2.3", tuple(shuffled))
-
-
-PHANTOMS = {
-    "axial": CtPhantomSpec(
-        slices=40, rows=128, columns=128, pixel_spacing_mm=(0.75, 0.75), noise_hu=20,
-        nodules=(Nodule((-27.0, 4.0, 24.0), 9.0),),
-    ),
-    "reversed": CtPhantomSpec(
-        slices=40, rows=128, columns=128, pixel_spacing_mm=(0.7, 0.7), noise_hu=15,
-        nodules=(Nodule((22.0, -8.0, 30.0), 7.0),), reversed_order=True,
-    ),
-    "non-square": CtPhantomSpec(
-        slices=40, rows=128, columns=128, pixel_spacing_mm=(0.85, 0.68), noise_hu=25,
-        nodules=(Nodule((-18.0, 10.0, 20.0), 10.0), Nodule((20.0, -5.0, 32.0), 8.0)),
-    ),
-}  # fmt: skip
 
 
 @pytest.mark.parametrize("name", PHANTOMS)

@@ -42,7 +42,7 @@ from pydicom.dataset import Dataset
 
 from dicom_node.facts import describe_series
 from dicom_node.mr_sequence import classify
-from tests.test_route import mr_series
+from tests.support.cases import mr_series
 
 CORPUS_FILES = {
     "mprage": "brain-mr-sag-anon",

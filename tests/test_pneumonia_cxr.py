@@ -23,7 +23,7 @@ from dicom_node_algorithms.pneumonia_cxr.model import (  # noqa: E402
     network_input,
     public_network,
 )
-from tests.dicomfiles import CORPUS_SOURCE_WARNINGS, dciodvfy  # noqa: E402
+from tests.support.dicomfiles import CORPUS_SOURCE_WARNINGS, dciodvfy  # noqa: E402
 
 UNSEEN = 500_000  # seeds far from the training (0-1199) and validation (100000-100159) sets
 # The held-out generator: never seen in training, drawn differently (attenuation along rays).

@@ -17,7 +17,7 @@ from pynetdicom.presentation import build_context
 from dicom_node.phantoms import CtPhantomSpec, ct_series
 from dicom_node.scp import PRIVATE_STORAGE_CLASSES, storage_sop_classes
 from dicom_node.scu import MAX_CONTEXTS_PER_ASSOCIATION
-from tests.conftest import NodeProcess
+from tests.support.node import NodeProcess
 
 SIEMENS_CSA_NON_IMAGE = "1.3.12.2.1107.5.9.1"
 SUCCESS = 0x0000

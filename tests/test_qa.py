@@ -15,8 +15,8 @@ import yaml
 from pydicom import dcmread
 
 from dicom_node import qa
-from tests.conftest import NodeProcess
-from tests.peers import free_port
+from dicom_node.testing import free_port
+from tests.support.node import NodeProcess
 
 FAST = {"series_quiet_seconds": 1, "study_quiet_seconds": 1}
 SEND_BACK = {"destinations": ["sender"]}

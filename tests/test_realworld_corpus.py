@@ -46,9 +46,10 @@ from dicom_node.config import DEFAULT_ROUTES
 from dicom_node.scp import storage_sop_classes
 from dicom_node.scu import AssociationFailed, send
 from dicom_node.store import store_key
-from tests.conftest import NodeProcess, wait_until
-from tests.dicomfiles import assert_same_content, dataset_bytes, dciodvfy
-from tests.realworld import (
+from tests.support.dicomfiles import assert_same_content, dataset_bytes, dciodvfy
+from tests.support.node import NodeProcess, wait_until
+from tests.support.peers import STORESCU_PROPOSE
+from tests.support.realworld import (
     BIRTH_DATE,
     PATIENT_ID,
     CorpusFile,
@@ -60,7 +61,6 @@ from tests.realworld import (
     public_files,
     reproductions,
 )
-from tests.test_receive_corpus import STORESCU_PROPOSE
 
 SENDERS = ("storescu", "pynetdicom")
 FAST = {"series_quiet_seconds": 1, "study_quiet_seconds": 1}

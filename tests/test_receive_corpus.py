@@ -9,29 +9,15 @@ from pathlib import Path
 import pytest
 
 from dicom_node.scu import send
-from tests.conftest import NodeProcess, dcmtk_env, require_tool
-from tests.dicomfiles import (
+from dicom_node.testing import dcmtk_env
+from tests.support.dicomfiles import (
     assert_same_content,
     corpus_instances,
     dataset_bytes,
     storescu_acknowledged,
 )
-
-# storescu proposes only uncompressed syntaxes unless told which codec to propose.
-STORESCU_PROPOSE = {
-    "1.2.840.10008.1.2": ["-xi"],
-    "1.2.840.10008.1.2.1": [],
-    "1.2.840.10008.1.2.2": ["-xb"],
-    "1.2.840.10008.1.2.1.99": ["-xd"],
-    "1.2.840.10008.1.2.4.50": ["-xy"],
-    "1.2.840.10008.1.2.4.51": ["-xx"],
-    "1.2.840.10008.1.2.4.70": ["-xs"],
-    "1.2.840.10008.1.2.4.80": ["-xt"],
-    "1.2.840.10008.1.2.4.81": ["-xu"],
-    "1.2.840.10008.1.2.4.90": ["-xv"],
-    "1.2.840.10008.1.2.4.91": ["-xw"],
-    "1.2.840.10008.1.2.5": ["-xr"],
-}
+from tests.support.node import NodeProcess
+from tests.support.peers import STORESCU_PROPOSE, require_tool
 
 
 @pytest.fixture(scope="module")

@@ -3,29 +3,27 @@
 from __future__ import annotations
 
 import json
-from copy import deepcopy
 from pathlib import Path
 
 import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from dicom_node.config import ConfigError, RoutingConfig, load_config
 from dicom_node.facts import describe_series, plane_of, read_series_facts, study_series
 from dicom_node.phantoms import (
-    BrainPhantomSpec,
     CtPhantomSpec,
     CxrPhantomSpec,
-    brain_study,
     ct_series,
     cxr_dataset,
 )
 from dicom_node.route import decide_series, decide_study, record_decision
 from dicom_node.store import InstanceStore, Sender
-from tests.dicomfiles import corpus_instances, dataset_bytes
-from tests.test_store import encoded
+from tests.support.cases import decoy_study, mr_series
+from tests.support.dicomfiles import corpus_instances, dataset_bytes
+from tests.support.encoding import encoded
 
 ALL = frozenset({"lung-nodules-ct", "brain-tumour-mr", "pneumonia-cxr"})
 RULES = RoutingConfig().rules
@@ -119,19 +117,6 @@ def test_corpus_brain_study_lacks_roles(corpus_store) -> None:
     decision = decide_study(study_uid, series, RULES, ALL, 1)
     assert not decision.routed
     assert [n.reason for n in decision.not_routed] == ["missing role(s) T1c, T2, FLAIR"]
-
-
-def mr_series(study_uid: str, description: str, number: int, *, slices: int = 4) -> list:
-    """Headers of an MR series (routing reads headers only)."""
-    datasets = []
-    for ds in ct_series(CtPhantomSpec(slices=slices, rows=8, columns=8, study_uid=study_uid)):
-        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
-        ds.Modality = "MR"
-        ds.SeriesDescription = description
-        ds.SeriesNumber = number
-        ds.BodyPartExamined = "BRAIN"
-        datasets.append(ds)
-    return datasets
 
 
 def store_study(tmp_path: Path, series: list[list[Dataset]]) -> InstanceStore:
@@ -284,49 +269,6 @@ def test_node_records_decisions_and_status_shows_them(make_node, corpus: Path) -
 
 
 # -- brain MR roles from acquisition attributes, with the decoys of a real study ----------------
-
-
-def decoy_study(folder: Path, spec: BrainPhantomSpec | None = None) -> dict:
-    """A brain tumour study as a hospital sends it: the four sequences under real names, and
-    series that look like them to a description pattern: a gradient-echo EPI called T2, a
-    FLAIR lesion mask stored as an MR image (ORIGINAL/PRIMARY, binary pixels, a later series
-    number), a DWI and a localizer. Written as folder/<name>/MR*.dcm; returns name -> UID."""
-    spec = spec or BrainPhantomSpec(frames=8)
-    phantom = brain_study(spec)
-    names = {"T1c": "T1W_3D_TFE +C", "T1": "T1W_SE", "T2": "sT2/TSE/T", "FLAIR": "T2W_FLAIR"}
-    series = {names[role]: datasets for role, datasets in phantom.series.items()}
-
-    def decoy(source: str, name: str, number: int, **changes) -> None:
-        uid = generate_uid()
-        copies = []
-        for ds in phantom.series[source]:
-            copy = deepcopy(ds)
-            copy.SeriesInstanceUID, copy.SeriesDescription, copy.SeriesNumber = uid, name, number
-            copy.SOPInstanceUID = copy.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-            for keyword, value in changes.items():
-                if value is None:
-                    delattr(copy, keyword)
-                else:
-                    setattr(copy, keyword, value)
-            copies.append(copy)
-        series[name] = copies
-
-    decoy("T2", "T2W/FE-EPI", 7, ScanningSequence=["GR", "EP"], SequenceVariant="SK",
-          RepetitionTime=3000, EchoTime=35)  # fmt: skip
-    mask = np.zeros((spec.rows, spec.columns), np.uint16)
-    mask[20:30, 20:30] = 1
-    decoy("FLAIR", "FLAIR_ROI", 9, PixelData=mask.tobytes())
-    decoy("T2", "Ax DWI 1000b", 5, ScanningSequence=["EP", "SE"], SequenceVariant="NONE",
-          RepetitionTime=6000, EchoTime=72, DiffusionBValue=1000)  # fmt: skip
-    decoy("T1", "3-Plane Loc", 6, ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"],
-          ScanningSequence="GR", RepetitionTime=5.2, EchoTime=1.5)  # fmt: skip
-    for name, datasets in series.items():
-        where = folder / name.replace("/", "_").replace(" ", "_")
-        where.mkdir(parents=True)
-        for ds in datasets:
-            ds.SeriesDescription = name
-            ds.save_as(where / f"MR{ds.InstanceNumber:04d}.dcm", enforce_file_format=True)
-    return {name: str(datasets[0].SeriesInstanceUID) for name, datasets in series.items()}
 
 
 def test_brain_roles_come_from_acquisition_attributes_not_names(tmp_path: Path) -> None:

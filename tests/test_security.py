@@ -37,12 +37,11 @@ from pynetdicom import AE
 
 import dicom_node.scu  # noqa: F401  (files are sent as stored: the request's UIDs come from the meta)
 from dicom_node.phantoms import CtPhantomSpec, ct_series
-from tests.conftest import NodeProcess, require_tool
-from tests.peers import dcmtk_env, free_port
-from tests.test_algorithms import plugin_env
-from tests.test_audit import event_type, read_trail
-from tests.test_hostile_network import closed_by_node
-from tests.test_tls import openssl, pki, tls_echo, tls_scp  # noqa: F401  (pki is a fixture)
+from dicom_node.testing import dcmtk_env, free_port
+from tests.support.audit import event_type, read_trail
+from tests.support.node import NodeProcess, closed_by_node, plugin_env
+from tests.support.peers import require_tool
+from tests.support.tls import openssl, tls_echo, tls_scp
 
 TOKEN = "a-token-long-enough-for-the-node"
 ACSE_TIMEOUT_S = 3.0
@@ -74,13 +73,13 @@ def rogue(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def tls_node(make_node, pki: Path) -> NodeProcess:  # noqa: F811  (the pki fixture)
+def tls_node(make_node, pki: Path) -> NodeProcess:
     return make_node(scp={"tls": tls_scp(pki), "acse_timeout_s": ACSE_TIMEOUT_S})
 
 
 def test_a_client_certificate_from_another_ca_is_refused(
     tls_node: NodeProcess,
-    pki: Path,  # noqa: F811
+    pki: Path,
     rogue: Path,
 ) -> None:
     assert not tls_echo(tls_node, pki / "ca.crt", rogue / "client.crt", rogue / "client.key")
@@ -123,7 +122,7 @@ def dcmtk_tls_echo(
 
 def test_dcmtk_is_served_with_our_certificate_and_refused_with_another(
     tls_node: NodeProcess,
-    pki: Path,  # noqa: F811
+    pki: Path,
     rogue: Path,
 ) -> None:
     """Interoperability with another TLS stack (OpenSSL under dcmtk), both ways."""
@@ -138,7 +137,7 @@ def test_dcmtk_is_served_with_our_certificate_and_refused_with_another(
 
 def test_a_silent_tls_client_does_not_keep_others_out(
     tls_node: NodeProcess,
-    pki: Path,  # noqa: F811
+    pki: Path,
 ) -> None:
     """A peer that opens a connection and never starts the handshake is served no worse than
     a silent plain-TCP peer: it waits out the ACSE timeout alone, others are served meanwhile."""

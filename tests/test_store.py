@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import FileMetaDataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset, write_file_meta_info
+from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicom_node.phantoms import CtPhantomSpec, ct_series
@@ -25,16 +24,9 @@ from dicom_node.store import (
     encode_file_meta,
     validate_uid,
 )
+from tests.support.encoding import encoded
 
 SENDER = Sender("MODALITY", "127.0.0.1")
-
-
-def encoded(ds, syntax=ExplicitVRLittleEndian) -> bytes:
-    buffer = DicomBytesIO()
-    buffer.is_little_endian = True
-    buffer.is_implicit_VR = syntax == ImplicitVRLittleEndian
-    write_dataset(buffer, ds)
-    return buffer.getvalue()
 
 
 @pytest.fixture

@@ -2,104 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
-import ssl
-import subprocess
 from pathlib import Path
 
-import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from tests.conftest import NodeProcess
-
-
-def openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> Path:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
-    d = tmp_path_factory.mktemp("pki")
-    openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=test CA",
-        cwd=d,
-    )
-    for name in ("node", "client"):
-        openssl(
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            f"{name}.key",
-            "-out",
-            f"{name}.csr",
-            "-subj",
-            f"/CN={name}",
-            cwd=d,
-        )
-        openssl(
-            "x509",
-            "-req",
-            "-in",
-            f"{name}.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            f"{name}.crt",
-            "-days",
-            "2",
-            cwd=d,
-        )
-    return d
-
-
-def tls_scp(pki: Path) -> dict:
-    """The node's TLS settings: its certificate, client certificates required from our CA."""
-    return {
-        "enabled": True,
-        "cert_file": str(pki / "node.crt"),
-        "key_file": str(pki / "node.key"),
-        "ca_file": str(pki / "ca.crt"),
-        "require_client_cert": True,
-    }
-
-
-def tls_echo(node: NodeProcess, ca: Path, cert: Path | None, key: Path | None) -> bool:
-    """C-ECHO over TLS, trusting ``ca`` for the node, showing ``cert`` (None: no certificate).
-    Bounded in time: a client that waits forever for a handshake would hang the test."""
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
-    context.check_hostname = False
-    if cert is not None:
-        context.load_cert_chain(str(cert), str(key))
-    ae = AE(ae_title="TLSCLIENT")
-    ae.add_requested_context(Verification)
-    ae.acse_timeout = ae.network_timeout = ae.connection_timeout = 10
-    assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE", tls_args=(context, None))
-    if not assoc.is_established:
-        return False
-    try:
-        return int(assoc.send_c_echo().get("Status", -1)) == 0
-    finally:
-        assoc.release()
+from tests.support.tls import tls_echo, tls_scp
 
 
 def test_tls_with_client_certificates(make_node, pki: Path) -> None:
@@ -120,8 +28,8 @@ def test_results_are_delivered_over_tls(make_node, pki: Path, tmp_path: Path) ->
     """A destination that speaks TLS: verified by our CA, shown our client certificate."""
     from dicom_node.phantoms import write_ct_series
     from dicom_node.scu import send
-    from tests.test_algorithms import plugin_env
-    from tests.test_lung_nodules_ct import PHANTOMS
+    from tests.support.cases import PHANTOMS
+    from tests.support.node import plugin_env
 
     receiver = make_node("receiver", scp={"tls": tls_scp(pki)})
     tls = {

@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.peers import Orthanc
-from tests.test_write_seg import PROVENANCE
-from tests.test_write_sr import ct_case
-from tests.viewer import VIEWER_TOOLS, ViewerServer, missing, run_check
+from dicom_node.testing import Orthanc
+from tests.support.cases import PROVENANCE, ct_case
+from tests.support.viewer import VIEWER_TOOLS, ViewerServer, missing, run_check
 
 ARTEFACTS = Path(__file__).resolve().parents[1] / "test-artefacts"
 

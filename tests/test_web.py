@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -11,47 +10,16 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from pydicom import dcmread
 
 from dicom_node.config import ConfigError, load_config
 from dicom_node.phantoms import cxr_dataset
+from dicom_node.testing import free_port
 from dicom_node.web import store_check
-from tests.conftest import wait_until
-from tests.peers import free_port
+from tests.support.http import get_json, metrics, request
+from tests.support.node import wait_until
 
 TOKEN = "s3cret-token-for-tests"
-
-
-def request(
-    url: str, *, token: str | None = None, method: str = "GET", json_body: bool = True
-) -> tuple[int, bytes]:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    data = None
-    if method == "POST":
-        data = b"{}"
-        headers["Content-Type"] = "application/json" if json_body else "text/plain"
-    req = urllib.request.Request(url, data=data, headers=headers, method=method)
-    try:
-        with urllib.request.urlopen(req, timeout=10) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read()
-
-
-def get_json(url: str, **kwargs) -> tuple[int, object]:
-    status, body = request(url, **kwargs)
-    return status, json.loads(body)
-
-
-def metrics(url: str, **kwargs) -> dict[tuple[str, tuple], float]:
-    status, body = request(url + "/metrics", **kwargs)
-    assert status == 200
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(body.decode())
-        for sample in family.samples
-    }
 
 
 @pytest.fixture

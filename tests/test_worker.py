@@ -13,9 +13,9 @@ from pydicom import dcmread
 
 from dicom_node.phantoms import CtPhantomSpec, write_ct_series
 from dicom_node.scu import send
-from tests.conftest import NodeProcess
-from tests.dicomfiles import CORPUS_SOURCE_WARNINGS, dciodvfy
-from tests.test_algorithms import corpus_ct, plugin_env
+from tests.support.dicomfiles import CORPUS_SOURCE_WARNINGS, dciodvfy
+from tests.support.node import NodeProcess, plugin_env
+from tests.support.paths import corpus_ct
 
 RULE = {"algorithm": "example-threshold", "series": {"modality": ["CT"], "min_slices": 20}}
 FAST = {"series_quiet_seconds": 1, "study_quiet_seconds": 1}

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from pydicom import config as pydicom_config
@@ -12,29 +10,9 @@ from pydicom import dcmread
 from dicom_node.algorithm import AlgorithmResult, Classification, HeatMap, SeriesInput, Weights
 from dicom_node.phantoms import CxrPhantomSpec, cxr_dataset
 from dicom_node.write import Provenance, WriteError, heat_map_capture
-from tests.dicomfiles import CORPUS_SOURCE_WARNINGS, dciodvfy
-
-CORPUS_CXR = (
-    "cxr-rsna-torchxrayvision/tests/1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
-)
-
-
-def capture_of(path: Path, probability: float, demo: bool = True):
-    ds = dcmread(path)
-    rows, columns = ds.Rows, ds.Columns
-    yy, xx = np.mgrid[:rows, :columns]
-    peak = (int(rows * 0.6), int(columns * 0.3))
-    heat = np.exp(-(((yy - peak[0]) ** 2 + (xx - peak[1]) ** 2) / (2 * (rows * 0.08) ** 2)))
-    result = AlgorithmResult(
-        "pneumonia-cxr",
-        "1.0.0",
-        demo=demo,
-        classifications=[Classification("Pneumonia", probability, 0.57)],
-        heatmaps=[HeatMap("Pneumonia Grad-CAM", heat)],
-    )
-    provenance = Provenance("pneumonia-cxr", "1.0.0", Weights(None, None, demo))
-    inputs = {"series": SeriesInput("1", (path,))}
-    return heat_map_capture(result, inputs, provenance, series_number=903), peak
+from tests.support.cases import capture_of
+from tests.support.dicomfiles import CORPUS_SOURCE_WARNINGS, dciodvfy
+from tests.support.paths import CORPUS_CXR
 
 
 @pytest.mark.parametrize("source", ["phantom", "corpus"])

@@ -8,7 +8,6 @@ the reference validators (dicom3tools) must find no error.
 from __future__ import annotations
 
 import logging
-import math
 import random
 import subprocess
 import warnings
@@ -21,67 +20,13 @@ from pydicom import config as pydicom_config
 from pydicom import dcmread
 
 from dicom_node.algorithm import AlgorithmResult, Concept, LabelMask, SeriesInput, Weights
-from dicom_node.phantoms import AXIAL, CtPhantomSpec, Nodule, write_ct_series
+from dicom_node.phantoms import CtPhantomSpec, write_ct_series
 from dicom_node.write import Provenance, WriteError, result_series_number, segmentation
-from tests.conftest import require_tool
-from tests.dicomfiles import dciodvfy
+from tests.support.cases import NODULE, PLANES, PROVENANCE, masks_for, phantom
+from tests.support.dicomfiles import dciodvfy
+from tests.support.peers import require_tool
 
-NODULE = Concept("SCT", "27925004", "Nodule")
-LUNG = Concept("SCT", "39607008", "Lung")
-BODY = Concept("SCT", "38266002", "Entire body")
 ANATOMY = Concept("SCT", "91723000", "Anatomical structure")
-
-
-def oblique(a: float, b: float) -> tuple[float, ...]:
-    """Axial rotated by ``a`` about z, then tilted by ``b`` about the new row direction."""
-    row = np.array([math.cos(a), math.sin(a), 0.0])
-    column = np.array([-math.sin(a), math.cos(a), 0.0])
-    column = column * math.cos(b) + np.cross(row, column) * math.sin(b)
-    return tuple(round(float(v), 6) for v in (*row, *column))
-
-
-PLANES = {
-    "axial": AXIAL,
-    "sagittal": (0.0, 1.0, 0.0, 0.0, 0.0, -1.0),
-    "coronal": (1.0, 0.0, 0.0, 0.0, 0.0, -1.0),
-    "oblique": oblique(math.radians(20), math.radians(25)),
-}
-
-
-def phantom(
-    plane: str, reversed_order: bool, pixel_spacing_mm: tuple[float, float] = (0.9, 0.6)
-) -> CtPhantomSpec:
-    """A small CT (non-square pixels unless told) in ``plane`` with a nodule in the middle."""
-    spec = CtPhantomSpec(
-        slices=24,
-        rows=48,
-        columns=40,
-        pixel_spacing_mm=pixel_spacing_mm,
-        slice_thickness_mm=1.5,
-        orientation=PLANES[plane],
-        reversed_order=reversed_order,
-    )
-    center = spec.affine() @ [spec.slices / 2 + 0.3, spec.rows / 2 - 3.2, spec.columns / 2 + 2.6, 1]
-    return CtPhantomSpec(**{**spec.__dict__, "nodules": (Nodule(tuple(center[:3]), 9.0),)})
-
-
-def masks_for(spec: CtPhantomSpec, volume: hd.Volume) -> list[LabelMask]:
-    """Two overlapping segments on the volume's grid: the nodule (truth) and the body."""
-    nodule = hd.Volume(
-        spec.nodule_mask().astype(np.uint8), spec.affine(), "PATIENT", volume.frame_of_reference_uid
-    ).match_geometry(volume)
-    return [
-        LabelMask("Nodule 1", nodule.array.astype(bool), property_type=NODULE, anatomy=LUNG),
-        LabelMask(
-            "Body",
-            volume.array > -500,
-            property_type=BODY,
-            category=Concept("SCT", "91723000", "Anatomical structure"),
-        ),
-    ]
-
-
-PROVENANCE = Provenance("test-geometry", "1.0", Weights(None, "ab" * 32, demo=True))
 
 
 def written(

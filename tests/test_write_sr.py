@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import random
 import subprocess
 from pathlib import Path
 
@@ -15,50 +14,14 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from scipy import ndimage
 
-from dicom_node.algorithm import AlgorithmResult, Classification, Concept, Finding, SeriesInput
-from dicom_node.phantoms import CxrPhantomSpec, cxr_dataset, write_ct_series
+from dicom_node.algorithm import AlgorithmResult, Classification, Concept, SeriesInput
+from dicom_node.phantoms import CxrPhantomSpec, cxr_dataset
 from dicom_node.write import measurement_report, segmentation
-from tests.conftest import require_tool
-from tests.dicomfiles import dciodvfy
-from tests.test_write_seg import LUNG, NODULE, PLANES, PROVENANCE, masks_for, phantom
+from tests.support.cases import PLANES, PROVENANCE, ct_case
+from tests.support.dicomfiles import dciodvfy
+from tests.support.peers import require_tool
 
 PNEUMONIA = Concept("SCT", "233604007", "Pneumonia")
-
-
-def ct_case(
-    tmp_path: Path,
-    plane: str,
-    *,
-    with_nodule: bool = True,
-    pixel_spacing_mm: tuple[float, float] = (0.9, 0.6),
-):
-    spec = phantom(plane, reversed_order=True, pixel_spacing_mm=pixel_spacing_mm)
-    paths = write_ct_series(tmp_path / "ct", spec)
-    shuffled = list(paths)
-    random.Random(2).shuffle(shuffled)
-    series = SeriesInput("1", tuple(shuffled))
-    masks = masks_for(spec, series.volume())
-    (nodule,) = spec.nodules
-    findings = [
-        Finding(
-            "Nodule",
-            nodule.center_lps_mm,
-            (9.0, 9.0, 9.0),
-            0.93,
-            mask="Nodule 1",
-            finding_type=NODULE,
-            site=LUNG,
-        )
-    ]
-    result = AlgorithmResult(
-        "test-geometry",
-        "1.0",
-        demo=True,
-        masks=masks if with_nodule else masks[1:],
-        findings=findings if with_nodule else [],
-        looked_for=[NODULE],
-    )
-    return spec, paths, series, result
 
 
 def seg_and_sr(tmp_path: Path, series: SeriesInput, result: AlgorithmResult):

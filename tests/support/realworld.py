@@ -43,8 +43,7 @@ from dicom_node.phantoms import (
     cxr_dataset,
 )
 from dicom_node.store import encode_file_meta
-from tests.test_bad_inputs import deep_sequence, put
-from tests.test_store import encoded
+from tests.support.encoding import deep_sequence, encoded, put
 
 # -- what must become of a file ---------------------------------------------------------------
 

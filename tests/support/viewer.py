@@ -1,4 +1,4 @@
-"""A real viewer for tests: Orthanc (from tests.peers, with its DICOMweb plugin) behind a
+"""A real viewer for tests: Orthanc (from dicom_node.testing, with its DICOMweb plugin) behind a
 small static + proxy server that serves OHIF's prebuilt app, driven by playwright-core in
 Debian's Chromium.
 
@@ -20,9 +20,9 @@ from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from tests.peers import Orthanc, free_port, missing_orthanc
+from dicom_node.testing import Orthanc, free_port, missing_orthanc
+from tests.support.paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 VIEWER_TOOLS = ROOT / "tests" / "viewer"  # package.json: the pinned OHIF and playwright-core
 OHIF_DIST = VIEWER_TOOLS / "ohif" / "package" / "dist"
 CHROMIUM = Path("/usr/bin/chromium")

@@ -11,6 +11,8 @@ from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info, read_preamble
 
+from tests.support.peers import require_tool
+
 
 def dataset_bytes(path: Path) -> tuple[str, bytes]:
     """(transfer syntax, the encoded data set after the file meta) of a Part-10 file."""
@@ -90,8 +92,6 @@ CORPUS_SOURCE_WARNINGS = ("Study ID", "Patient's Name")
 def dciodvfy(path: Path, *, from_source: tuple[str, ...] = ()) -> list[str]:
     """dciodvfy's warnings for ``path`` other than those ``from_source`` justifies; fails the
     test on any error."""
-    from tests.conftest import require_tool
-
     report = subprocess.run(
         [require_tool("dciodvfy"), str(path)], capture_output=True, text=True, timeout=60
     )
