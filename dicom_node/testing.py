@@ -1,18 +1,29 @@
-"""Finding and driving the real DICOM peers (dcmtk, Orthanc) that tests and benchmarks talk
-to, on 127.0.0.1 only."""
+"""Real peers on 127.0.0.1 for the test suite and the benchmarks: dcmtk's programs, Orthanc
+with its DICOMweb plugin, and `dicom-node serve` itself as a subprocess.
+
+The node never imports this module; it is here, not under tests/, because the benchmarks
+(benchmarks/) drive the same peers and must not import the test suite.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import signal
 import socket
+import sqlite3
 import subprocess
+import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+import yaml
+
+from dicom_node.database import connect, database_path
 
 ORTHANC = Path("/usr/sbin/Orthanc")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
@@ -36,7 +47,8 @@ def dcmtk_env() -> dict[str, str]:
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def missing_orthanc() -> list[str]:
@@ -51,11 +63,11 @@ class Orthanc:
 
     workdir: Path
     http_port: int = 0
-    proc: subprocess.Popen | None = None
+    proc: subprocess.Popen[bytes] | None = None
     dicom_port: int = 0  # 0: no DICOM server
     aet: str = "ORTHANC"
-    modalities: dict[str, list] = field(default_factory=dict)  # name -> [AET, host, port]
-    extra: dict = field(default_factory=dict)  # more Orthanc settings
+    modalities: dict[str, list[Any]] = field(default_factory=dict)  # name -> [AET, host, port]
+    extra: dict[str, Any] = field(default_factory=dict)  # more Orthanc settings
 
     def start(self, timeout_s: float = 30.0) -> Orthanc:
         self.http_port = self.http_port or free_port()
@@ -119,3 +131,130 @@ class Orthanc:
         request = urllib.request.Request(f"{self.url}{path}", data=data, method="POST")
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             return json.loads(response.read() or b"null")
+
+
+S = TypeVar("S", bound="ServeProcess")
+
+
+@dataclass
+class ServeProcess:
+    """A `dicom-node serve` subprocess with its own data folder, configuration and ports.
+
+    ``settings`` are configuration sections merged over what the process needs to be reached
+    (SCP and HTTP on 127.0.0.1, ports free now, the store in ``workdir``/data).
+    """
+
+    workdir: Path
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    env: dict[str, str] | None = None
+    port: int = 0
+    http_port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def data_dir(self) -> Path:
+        return self.workdir / "data"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "node.log"
+
+    @property
+    def config_path(self) -> Path:
+        return self.workdir / "node.yaml"
+
+    def write_config(self) -> None:
+        config: dict[str, dict[str, Any]] = {
+            "scp": {"host": "127.0.0.1", "port": self.port},
+            "store": {"data_dir": str(self.data_dir), "min_free_bytes": 0},
+            "http": {"host": "127.0.0.1", "port": self.http_port},
+        }
+        for section, values in self.settings.items():
+            config.setdefault(section, {}).update(values)
+        self.http_port = config["http"]["port"]
+        self.config_path.write_text(yaml.safe_dump(config))
+
+    def start(self: S, timeout_s: float = 20.0) -> S:
+        if not self.port:
+            self.port = free_port()
+        if not self.http_port:
+            self.http_port = free_port()
+        self.write_config()
+        seen = len(self.log())
+        log = self.log_path.open("a")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dicom_node", "serve", "--config", str(self.config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.workdir,
+            env=self.env,
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"node exited at start:\n{self.log()}")
+            if "listening as" in self.log()[seen:]:
+                return self
+            time.sleep(0.05)
+        raise RuntimeError(f"node did not start:\n{self.log()}")
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        """SIGTERM and wait: the clean shutdown path."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout_s)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        conn = connect(database_path(self.data_dir), readonly=True)
+        try:
+            return conn.execute(sql, params).fetchall()
+        finally:
+            conn.close()
+
+    def wait_for(self, sql: str, expected: object, timeout_s: float = 20.0) -> object:
+        """Poll a scalar query until it equals ``expected``; returns the last value."""
+        deadline = time.monotonic() + timeout_s
+        value = None
+        while time.monotonic() < deadline:
+            value = self.query(sql)[0][0]
+            if value == expected:
+                return value
+            time.sleep(0.05)
+        return value
+
+    def results(self, count: int, timeout_s: float = 180.0) -> list[tuple[dict[str, Any], Path]]:
+        """Wait for ``count`` succeeded inference jobs; their result.json and folders."""
+        done = "SELECT COUNT(*) FROM jobs WHERE kind = 'inference' AND state = 'succeeded'"
+        assert self.wait_for(done, count, timeout_s) == count, self.log()
+        found = []
+        for row in self.query("SELECT path FROM results ORDER BY job_id"):
+            path = self.data_dir / row["path"]
+            found.append((json.loads(path.read_text()), path.parent))
+        return found
+
+    def status(self) -> str:
+        """What `dicom-node status` prints for this node."""
+        return subprocess.run(
+            [sys.executable, "-m", "dicom_node", "status", "--config", str(self.config_path)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+
+    def outputs(self) -> dict[str, Path]:
+        """The DICOM objects written for results, by kind (SEG, SR, SC)."""
+        rows = self.query("SELECT kind, path FROM outputs ORDER BY job_id, kind")
+        return {row["kind"]: self.data_dir / row["path"] for row in rows}
