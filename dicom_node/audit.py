@@ -20,6 +20,7 @@ readable by the node's user only. It is rotated by size; nothing is ever rewritt
 
 from __future__ import annotations
 
+import io
 import ipaddress
 import json
 import logging
@@ -30,6 +31,9 @@ from datetime import datetime, timezone
 from logging.handlers import RotatingFileHandler
 from pathlib import Path
 from typing import Any
+
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 
 from dicom_node.config import AuditConfig
 from dicom_node.events import (
@@ -51,20 +55,22 @@ SUCCESS = 0
 MINOR_FAILURE = 4
 SERIOUS_FAILURE = 8
 
-# Coded values (csd-code, codeSystemName, originalText), PS3.16 CID 400-405.
-APPLICATION_ACTIVITY = ("110100", "DCM", "Application Activity")
-INSTANCES_TRANSFERRED = ("110104", "DCM", "DICOM Instances Transferred")
-STUDY_DELETED = ("110105", "DCM", "DICOM Study Deleted")
-SECURITY_ALERT = ("110113", "DCM", "Security Alert")
-APPLICATION_START = ("110120", "DCM", "Application Start")
-APPLICATION_STOP = ("110121", "DCM", "Application Stop")
-NODE_AUTHENTICATION = ("110126", "DCM", "Node Authentication")
-SOFTWARE_CONFIGURATION = ("110131", "DCM", "Software Configuration")
-APPLICATION = ("110150", "DCM", "Application")
-DESTINATION_ROLE = ("110152", "DCM", "Destination Role ID")
-SOURCE_ROLE = ("110153", "DCM", "Source Role ID")
-STUDY_UID_TYPE = ("110180", "DCM", "Study Instance UID")
-PATIENT_NUMBER = ("2", "RFC-3881", "Patient Number")
+# Coded values, PS3.16 CID 400-405 (pydicom's DCM codes), and RFC 3881's participant object
+# ID types, which no pydicom code table holds.
+APPLICATION_ACTIVITY: Code = codes.DCM.ApplicationActivity
+INSTANCES_TRANSFERRED: Code = codes.DCM.DICOMInstancesTransferred
+STUDY_DELETED: Code = codes.DCM.DICOMStudyDeleted
+SECURITY_ALERT: Code = codes.DCM.SecurityAlert
+APPLICATION_START: Code = codes.DCM.ApplicationStart
+APPLICATION_STOP: Code = codes.DCM.ApplicationStop
+NODE_AUTHENTICATION: Code = codes.DCM.NodeAuthentication
+SOFTWARE_CONFIGURATION: Code = codes.DCM.SoftwareConfiguration
+APPLICATION: Code = codes.DCM.Application
+DESTINATION_ROLE: Code = codes.DCM.DestinationRoleID
+SOURCE_ROLE: Code = codes.DCM.SourceRoleID
+STUDY_UID_TYPE: Code = codes.DCM.StudyInstanceUID
+PATIENT_NUMBER = Code("2", "RFC-3881", "Patient Number")
+URI = Code("12", "RFC-3881", "URI")
 
 # PS3.15 A.5.1: NetworkAccessPointTypeCode 1 = machine name, 2 = IP address;
 # AuditSourceTypeCode 4 = application server process tier.
@@ -72,9 +78,13 @@ _MACHINE_NAME, _IP_ADDRESS = "1", "2"
 _APPLICATION_SERVER = "4"
 
 
-def _code(value: tuple[str, str, str]) -> dict[str, str]:
-    code, system, text = value
-    return {"csd-code": code, "codeSystemName": system, "originalText": text}
+def _code(value: Code) -> dict[str, str]:
+    """A coded value as the audit message schema spells it (PS3.15 A.5.1)."""
+    return {
+        "csd-code": value.value,
+        "codeSystemName": value.scheme_designator,
+        "originalText": value.meaning,
+    }
 
 
 def _access_point(host: str) -> dict[str, str]:
@@ -90,7 +100,7 @@ def participant(
     user_id: str,
     *,
     requestor: bool,
-    role: tuple[str, str, str] | None = None,
+    role: Code | None = None,
     host: str | None = None,
     ae_title: str | None = None,
 ) -> dict[str, Any]:
@@ -135,9 +145,10 @@ def study_objects(studies: tuple[StudyRef, ...]) -> list[dict[str, Any]]:
 class _PrivateRotatingFile(RotatingFileHandler):
     """A rotating file created with mode 0600: audit messages identify patients."""
 
-    def _open(self):  # type: ignore[override]
+    def _open(self) -> io.TextIOWrapper:
         fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        return os.fdopen(fd, self.mode, encoding=self.encoding)
+        # Mode "a": a RotatingFileHandler always appends (self.mode is "a").
+        return open(fd, "a", encoding=self.encoding)
 
 
 class AuditTrail:
@@ -163,7 +174,7 @@ class AuditTrail:
 
     # -- messages ------------------------------------------------------------------------------
 
-    def _us(self, *, requestor: bool, role: tuple[str, str, str] | None = None) -> dict:
+    def _us(self, *, requestor: bool, role: Code | None = None) -> dict[str, Any]:
         return participant(
             f"dicom-node[{os.getpid()}]",
             requestor=requestor,
@@ -174,13 +185,13 @@ class AuditTrail:
 
     def message(
         self,
-        event_id: tuple[str, str, str],
+        event_id: Code,
         action: str,
         outcome: int,
         participants: list[dict[str, Any]],
         objects: list[dict[str, Any]] | None = None,
         *,
-        event_type: tuple[str, str, str] | None = None,
+        event_type: Code | None = None,
         description: str | None = None,
     ) -> dict[str, Any]:
         """One audit message (PS3.15 A.5.1)."""
@@ -206,7 +217,7 @@ class AuditTrail:
             message["ParticipantObjectIdentification"] = objects
         return message
 
-    def _application_activity(self, kind: tuple[str, str, str], version: str) -> dict[str, Any]:
+    def _application_activity(self, kind: Code, version: str) -> dict[str, Any]:
         """Application Activity (PS3.15 A.5.3.1): the node started or stopped."""
         return self.message(
             APPLICATION_ACTIVITY,
@@ -243,7 +254,7 @@ class AuditTrail:
                                 "ParticipantObjectID": event.config_source,
                                 "ParticipantObjectTypeCode": 2,
                                 "ParticipantObjectTypeCodeRole": 13,  # security resource
-                                "ParticipantObjectIDTypeCode": _code(("12", "RFC-3881", "URI")),
+                                "ParticipantObjectIDTypeCode": _code(URI),
                                 "ParticipantObjectDetail": [
                                     {"type": "sha256", "value": event.config_sha256}
                                 ],
@@ -275,7 +286,7 @@ class AuditTrail:
                         event_type=NODE_AUTHENTICATION,
                         description=(
                             f"association rejected: {event.reason}"
-                            if rejected
+                            if isinstance(event, AssociationRejected)
                             else f"association accepted (called AE {event.called_aet})"
                         ),
                     )

@@ -109,7 +109,9 @@ def _wrap(line: str, fits: Callable[[str], bool]) -> list[str]:
 
 @functools.lru_cache(maxsize=4096)
 def _glyph_box(size: int, stroke: int, char: str) -> tuple[int, int, int, int]:
-    return font(size).getbbox(char, stroke_width=stroke, anchor="la")
+    left, top, right, bottom = font(size).getbbox(char, stroke_width=stroke, anchor="la")
+    # A FreeType font's box is in whole pixels; Pillow types every font's box as float.
+    return int(left), int(top), int(right), int(bottom)
 
 
 def _glyphs(text: str, size: int, stroke: int) -> list[tuple[int, str]]:

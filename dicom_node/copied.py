@@ -27,13 +27,15 @@ import warnings
 import weakref
 from collections.abc import Sequence
 from functools import cache
+from typing import Any
 
 from pydicom import config
-from pydicom.datadict import dictionary_VM, dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.datadict import dictionary_VM, dictionary_VR, keyword_for_tag
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
+from pydicom.tag import BaseTag, Tag
 from pydicom.valuerep import DA, DT, TM, validate_value
 
 log = logging.getLogger(__name__)
@@ -98,6 +100,11 @@ ENUMERATED = {
 _ORIENTATION = re.compile(r"^[APRLHF]{1,3}$|^(?:CR|CD|R|M|L|D|V|PA|DI|PR|RO|LE|A|P|H|F)+$")
 _VM = re.compile(r"^(\d+)(?:-(\d*)n|-(\d+))?$")  # 1, 2, 1-n, 2-2n, 1-3 (PS3.6)
 
+# keyword -> (its Type, the rules of the attributes of its items): what a module copies.
+Rules = dict[str, tuple[str, "Rules"]]
+# (tag, VR, value) -> why the value may not be copied, or None: verdicts kept for a series.
+Memo = dict[tuple[BaseTag, str, bytes | str], str | None]
+
 
 def copyable(datasets: Sequence[Dataset]) -> list[Dataset]:
     """The source instances as the writers may copy them (see the module's docstring): each a
@@ -105,7 +112,7 @@ def copyable(datasets: Sequence[Dataset]) -> list[Dataset]:
     when nothing needed changing. Raises :class:`WriteError` naming a UID the results need.
     """
     changes: dict[str, set[str]] = {}
-    memo: dict = {}
+    memo: Memo = {}
     out = []
     for ds in datasets:
         unusable = unusable_uids(ds)
@@ -120,7 +127,7 @@ def copyable(datasets: Sequence[Dataset]) -> list[Dataset]:
             if hasattr(ds, "file_meta"):
                 copy.file_meta = ds.file_meta
             for keyword, (action, why) in edits.items():
-                tag = tag_for_keyword(keyword)
+                tag = Tag(keyword)
                 if action == "dropped":
                     del copy[tag]
                 else:
@@ -164,7 +171,7 @@ def unusable_uids(ds: Dataset) -> list[str]:
     return found
 
 
-def _edits(ds: Dataset, memo: dict) -> dict[str, tuple[str, str]]:
+def _edits(ds: Dataset, memo: Memo) -> dict[str, tuple[str, str]]:
     """keyword -> (what the copy does: "written empty" or "dropped", why) for ``ds``."""
     sop_class_uid = str(ds.get("SOPClassUID", ""))
     edits = _attribute_edits(ds, sop_class_uid, memo)
@@ -206,11 +213,11 @@ def optional_modules(sop_class_uid: str) -> list[tuple[tuple[str, ...], tuple[st
     return out
 
 
-def _copied_module(module: dict) -> bool:
+def _copied_module(module: dict[str, str]) -> bool:
     return module["ie"] in COPIED_IES or module["key"] in COPIED_MODULES
 
 
-def _attribute_edits(ds: Dataset, sop_class_uid: str, memo: dict) -> dict[str, tuple[str, str]]:
+def _attribute_edits(ds: Dataset, sop_class_uid: str, memo: Memo) -> dict[str, tuple[str, str]]:
     """The edits of the copied attributes ``ds`` holds, and of those highdicom reads that it
     lacks. ``memo`` keeps the verdict on each value seen: the instances of a series mostly
     share their patient, study and series values, so each is checked once per series."""
@@ -218,7 +225,7 @@ def _attribute_edits(ds: Dataset, sop_class_uid: str, memo: dict) -> dict[str, t
     edits: dict[str, tuple[str, str]] = {}
     present = ds.keys()  # tags, without converting the raw elements
     for keyword in READ_AS_ATTRIBUTES:
-        if tag_for_keyword(keyword) not in present and tag_for_keyword(keyword) in table:
+        if Tag(keyword) not in present and Tag(keyword) in table:
             edits[keyword] = ("written empty", "absent")
     for tag in present:
         if tag not in table:
@@ -249,11 +256,11 @@ def _attribute_edits(ds: Dataset, sop_class_uid: str, memo: dict) -> dict[str, t
 
 
 @cache
-def copied_by_tag(sop_class_uid: str) -> dict[int, tuple[str, str, dict]]:
+def copied_by_tag(sop_class_uid: str) -> dict[BaseTag, tuple[str, str, Rules]]:
     """tag -> (keyword, Type, nested rules) of :func:`copied_attributes`, but the UIDs the
     results need (checked on their own)."""
     return {
-        tag_for_keyword(keyword): (keyword, kind, nested)
+        Tag(keyword): (keyword, kind, nested)
         for keyword, (kind, nested) in copied_attributes(sop_class_uid).items()
         if keyword not in NEEDED_UIDS
     }
@@ -265,11 +272,11 @@ def _get(ds: Dataset, keyword: str) -> DataElement | None:
     except KeyError:
         return None
     except Exception:  # a raw element pydicom cannot even convert: as bad as invalid
-        return DataElement(tag_for_keyword(keyword), "UN", b"\xff")
+        return DataElement(Tag(keyword), "UN", b"\xff")
 
 
 @cache
-def copied_attributes(sop_class_uid: str) -> dict[str, tuple[str, dict]]:
+def copied_attributes(sop_class_uid: str) -> Rules:
     """keyword -> (its Type, {nested keyword: (Type, ...)}) of every root attribute a result
     copies from an instance of ``sop_class_uid``, from highdicom's tables of the standard."""
     from highdicom._standard_utils import (
@@ -283,16 +290,17 @@ def copied_attributes(sop_class_uid: str) -> dict[str, tuple[str, dict]]:
     if not iod:  # an IOD highdicom does not know: the modules every image IOD has
         modules = ["patient", "general-study", "patient-study", *COPIED_MODULES]
     attributes = get_module_attribute_map()
-    table: dict[str, tuple[str, dict]] = {}
+    table: Rules = {}
     for module in modules:
         for item in attributes[module]:
-            node: dict = table
+            node: Rules = table
             for step in item["path"]:
                 node = node.setdefault(step, ("3", {}))[1]
             # An attribute of two modules keeps the Type it has in the first.
             kind, below = node.get(item["keyword"], (item["type"], {}))
             node[item["keyword"]] = (kind, below)
-    in_iod = {a["keyword"] for m in get_iod_module_map().get(iod, []) for a in attributes[m["key"]]}
+    iod_modules = get_iod_module_map().get(iod, []) if iod else []
+    in_iod = {a["keyword"] for m in iod_modules for a in attributes[m["key"]]}
     for keyword, kind in COPIED_IMAGE_ATTRIBUTES.items():
         if keyword in in_iod or not iod:
             table.setdefault(keyword, (kind, {}))
@@ -304,7 +312,7 @@ def _is_empty(element: DataElement) -> bool:
     return value is None or (not isinstance(value, int | float) and len(value) == 0)
 
 
-def _problem(element: DataElement, nested: dict) -> str | None:
+def _problem(element: DataElement, nested: Rules) -> str | None:
     """Why ``element`` may not be copied as it is ("invalid", "an invalid item"), or None."""
     keyword = keyword_for_tag(element.tag)
     try:
@@ -329,7 +337,7 @@ def _problem(element: DataElement, nested: dict) -> str | None:
         return "invalid"
 
 
-def _values(element: DataElement) -> list:
+def _values(element: DataElement) -> list[Any]:
     value = element.value
     return list(value) if isinstance(value, MultiValue | list | tuple) else [value]
 
@@ -377,7 +385,7 @@ def _valid_name(text: str) -> bool:
     return len(groups) <= 3 and all(len(g.split("^")) <= 5 for g in groups)
 
 
-def _valid_item(item: Dataset, rules: dict) -> bool:
+def _valid_item(item: Dataset, rules: Rules) -> bool:
     """An item holds its Type 1 (non-empty) and Type 2 attributes, and every value in it is
     valid; conditional attributes are checked when present."""
     for keyword, (kind, _) in rules.items():

@@ -300,9 +300,11 @@ def slab_hu(
     total /= planes
     pixel_mm = [float(v[1] - v[0]) if v.size > 1 else 1.0 for v in (y, x)]
     if anatomy.kernel == "soft":
-        return ndimage.gaussian_filter(total, [0.7 / p for p in pixel_mm])
-    blurred = ndimage.gaussian_filter(total, [1.2 / p for p in pixel_mm])
-    return total + 0.6 * (total - blurred)  # a sharp (bone/lung) kernel's overshoot
+        smooth: np.ndarray = ndimage.gaussian_filter(total, [0.7 / p for p in pixel_mm])
+        return smooth
+    blurred: np.ndarray = ndimage.gaussian_filter(total, [1.2 / p for p in pixel_mm])
+    sharp: np.ndarray = total + 0.6 * (total - blurred)  # a sharp (bone/lung) kernel's overshoot
+    return sharp
 
 
 def kernel_noise(

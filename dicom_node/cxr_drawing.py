@@ -22,6 +22,8 @@ anatomy-accurate: it is enough for a demo to learn that consolidation is not rib
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import cv2
 import numpy as np
 
@@ -99,15 +101,18 @@ def _finish(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
     size = min(image.shape)
     image = _blur(image, rng.uniform(0, 1.5) * size / 512)
     image = image + rng.normal(0, rng.uniform(0.004, 0.03), image.shape).astype(np.float32)
-    return np.clip(image, 0.0, 1.0)
+    clipped: np.ndarray = np.clip(image, 0.0, 1.0)
+    return clipped
 
 
-def draw_ellipses(rng: np.random.Generator, rows: int, columns: int, opacity: bool):
+def draw_ellipses(
+    rng: np.random.Generator, rows: int, columns: int, opacity: bool
+) -> tuple[np.ndarray, Centre]:
     """The training phantom: painted brightness in [0, 1] and the opacity centre or None."""
     scale = rng.uniform(0.8, 1.2)
     shift = rng.uniform(-0.06, 0.06, 2)
 
-    def to_px(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    def to_px(u: np.ndarray | float, v: np.ndarray | float) -> np.ndarray:
         """Anatomy coordinates (u across, v down, the chest in [0, 1]) to (x, y) pixels."""
         return np.stack(
             [
@@ -227,7 +232,7 @@ def _vessel_tree(
     length: float,
     width: float,
     depth: int,
-    to_px,
+    to_px: Callable[[np.ndarray], np.ndarray],
 ) -> None:
     """A binary branching tree: each branch forks in two, thinner and shorter."""
     if depth == 0 or width < 0.6:
@@ -247,7 +252,9 @@ def _vessel_tree(
         )
 
 
-def draw_projection(rng: np.random.Generator, rows: int, columns: int, opacity: bool):
+def draw_projection(
+    rng: np.random.Generator, rows: int, columns: int, opacity: bool
+) -> tuple[np.ndarray, Centre]:
     """The held-out phantom: attenuation along rays, processed; brightness in [0, 1]."""
     fov = rng.uniform(340, 470)  # mm across the detector
     mm = fov / max(rows, columns)
@@ -277,9 +284,9 @@ def draw_projection(rng: np.random.Generator, rows: int, columns: int, opacity: 
     tissue = 2 * depth * np.sqrt(np.clip(1 - (xx / half_width) ** 2, 0, 1))
     for side in (-1, 1):  # arms beside the chest, sometimes raised out of the field
         if rng.random() < 0.6:
-            centre = side * (chest + rng.uniform(35, 60))
+            arm_x = side * (chest + rng.uniform(35, 60))
             radius = rng.uniform(35, 50)
-            arm = 2 * np.sqrt(np.clip(radius**2 - (xx - centre) ** 2, 0, None)) * (yy > -10)
+            arm = 2 * np.sqrt(np.clip(radius**2 - (xx - arm_x) ** 2, 0, None)) * (yy > -10)
             tissue = np.maximum(tissue, arm)
     # Lungs: air thickness grows with distance from the lung border.
     base = rng.uniform(230, 290)

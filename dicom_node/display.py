@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
 
 
 def displayed_image(ds: Dataset) -> np.ndarray:

@@ -133,7 +133,7 @@ def study_refs(paths: Iterable[Path]) -> tuple[StudyRef, ...]:
 
     Files that cannot be read are left out: an audit record must not fail the work it records.
     """
-    found: dict[str, list] = {}
+    found: dict[str, tuple[object, int]] = {}  # study UID -> (patient ID, files)
     for path in paths:
         try:
             ds = dcmread(
@@ -141,8 +141,9 @@ def study_refs(paths: Iterable[Path]) -> tuple[StudyRef, ...]:
             )
         except (OSError, ValueError, EOFError, InvalidDicomError, RecursionError):
             continue  # RecursionError: sequences nested too deep for pydicom
-        entry = found.setdefault(str(ds.get("StudyInstanceUID", "")), [ds.get("PatientID"), 0])
-        entry[1] += 1
+        study = str(ds.get("StudyInstanceUID", ""))
+        patient, count = found.get(study, (ds.get("PatientID"), 0))
+        found[study] = (patient, count + 1)
     return tuple(
         StudyRef(uid, str(patient) if patient else None, count)
         for uid, (patient, count) in found.items()

@@ -13,11 +13,12 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.pixels import pixel_array
+from pydicom.pixels.utils import pixel_array
 
 from dicom_node.database import Database
 
@@ -109,8 +110,9 @@ def plane_of(orientation: list[float] | None) -> str | None:
     return _PLANES[axis] if normal[axis] >= _PLANE_COSINE else "oblique"
 
 
-def _functional(ds: Dataset, sequence: str, keyword: str) -> object:
-    """An attribute from the shared, else the first per-frame, functional group (PS3.3 C.7.6.16)."""
+def _functional(ds: Dataset, sequence: str, keyword: str) -> Any:
+    """An attribute from the shared, else the first per-frame, functional group (PS3.3 C.7.6.16):
+    its value, typed as pydicom types it by VR and VM (Any)."""
     for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
         for group in ds.get(groups) or []:
             for item in group.get(sequence) or []:

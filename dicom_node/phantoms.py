@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
+    UID,
     ComputedRadiographyImageStorage,
     CTImageStorage,
     ExplicitVRLittleEndian,
@@ -92,7 +93,8 @@ class CtPhantomSpec:
 
     def origin_lps_mm(self, index: int) -> tuple[float, float, float]:
         """ImagePositionPatient of slice ``index``."""
-        return tuple(float(v) for v in (self.affine() @ [index, 0, 0, 1])[:3])
+        x, y, z = (float(v) for v in (self.affine() @ [index, 0, 0, 1])[:3])
+        return x, y, z
 
     def nodule_mask(self) -> np.ndarray:
         """Truth: voxels inside any nodule, (slice, row, column) in acquisition order."""
@@ -105,19 +107,21 @@ class CtPhantomSpec:
             ]
         )
 
-    def nodule_disc(self, nodule: Nodule, index: int) -> np.ndarray:
-        """Pixels of slice ``index`` whose centres lie inside ``nodule``."""
+    def nodule_disc(self, nodule: Nodule, index: float) -> np.ndarray:
+        """Pixels of slice ``index`` (fractional: a plane between slices) whose centres lie
+        inside ``nodule``."""
         r, c = np.ogrid[: self.rows, : self.columns]
         affine = self.affine()
         offset = affine[:3, 3] + affine[:3, 0] * index - np.asarray(nodule.center_lps_mm)
         distance = sum(
             (offset[axis] + affine[axis, 1] * r + affine[axis, 2] * c) ** 2 for axis in range(3)
         )
-        return distance <= (nodule.diameter_mm / 2) ** 2
+        inside: np.ndarray = distance <= (nodule.diameter_mm / 2) ** 2
+        return inside
 
 
 def _base_dataset(
-    sop_class_uid: str,
+    sop_class_uid: UID,
     modality: str,
     *,
     patient: tuple[str, str],

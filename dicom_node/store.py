@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import shutil
+import sqlite3
 import struct
 import threading
 import time
@@ -138,7 +139,7 @@ class InstanceHeader:
 
 
 def _stop_at_pixel_data(tag: BaseTag, vr: str | None, length: int) -> bool:
-    return tag >= _PIXEL_DATA
+    return bool(tag >= _PIXEL_DATA)  # pydicom types a tag comparison as Any
 
 
 def _is_sequence(ds: Dataset, tag: BaseTag) -> bool:
@@ -226,15 +227,12 @@ def read_header(encoded: bytes, transfer_syntax: UID) -> InstanceHeader:
             encoded = zlib.decompressobj(-zlib.MAX_WBITS).decompress(encoded)
         _check_vr_encoding(encoded, transfer_syntax)
         fp = BytesIO(encoded)
-        encoding = {
-            "is_implicit_VR": transfer_syntax.is_implicit_VR,
-            "is_little_endian": transfer_syntax.is_little_endian,
-        }
-        ds = read_dataset(fp, stop_when=_stop_at_pixel_data, **encoding)
+        implicit, little = transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian
+        ds = read_dataset(fp, implicit, little, stop_when=_stop_at_pixel_data)
         _parse_sequences(ds)
         if fp.tell() < len(encoded):  # Pixel Data, and perhaps elements after it
             _skip_pixel_data(fp, transfer_syntax)
-            _parse_sequences(read_dataset(fp, **encoding))
+            _parse_sequences(read_dataset(fp, implicit, little))
         return InstanceHeader.from_dataset(ds)
     except RejectedInstance:
         raise
@@ -522,7 +520,9 @@ class InstanceStore:
         return StoredInstance(header, final, result, series_reopened, study_reopened)
 
 
-def _record_arrival(conn, table: str, key: str, columns: dict[str, object], now: float) -> bool:
+def _record_arrival(
+    conn: sqlite3.Connection, table: str, key: str, columns: dict[str, object], now: float
+) -> bool:
     """Insert a study/series row on its first instance, else refresh it and reopen it.
 
     Returns True when the arrival reopens a study/series that was complete.
