@@ -9,13 +9,13 @@ Algorithms return plain data; this stage turns it into standard objects in the s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom.dataset import Dataset
 
 from dicom_node.algorithm import AlgorithmResult, SeriesInput
+from dicom_node.compat.highdicom_iod import memoise_iod_lookups
 from dicom_node.config import ResultsConfig
 from dicom_node.copied import WriteError
 from dicom_node.write.provenance import Provenance, result_series_number
@@ -35,35 +35,8 @@ __all__ = [
 ]
 
 
-def _memoise_iod_lookups() -> None:
-    """highdicom 0.28 rescans the standard's module tables for every referenced image (about
-    3 ms each: 1.6 s of the 2 s a four-sequence MR SEG took, for its 620 references). The
-    answer depends on the attribute and the SOP class only, so it is memoised where
-    highdicom's own helpers look it up."""
-    from highdicom import _standard_utils
-
-    lookup = _standard_utils.is_attribute_in_iod
-    if getattr(lookup, "memoised", False):
-        return
-    answers: dict[tuple, bool] = {}
-
-    def memoised(
-        attribute: str, sop_class_uid: str, exclude_path_elements: Sequence[str] | None = None
-    ) -> bool:
-        key = (
-            attribute,
-            sop_class_uid,
-            None if exclude_path_elements is None else tuple(exclude_path_elements),
-        )
-        if key not in answers:
-            answers[key] = lookup(attribute, sop_class_uid, exclude_path_elements)
-        return answers[key]
-
-    memoised.memoised = True  # type: ignore[attr-defined]
-    _standard_utils.is_attribute_in_iod = memoised
-
-
-_memoise_iod_lookups()
+# highdicom rescans the standard's tables for every referenced image; see the module.
+memoise_iod_lookups()
 
 
 @dataclass(frozen=True)
