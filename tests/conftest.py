@@ -74,3 +74,31 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if shutil.which("openssl") is None:
         pytest.skip("openssl is not installed")
     return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+# -- layers ------------------------------------------------------------------------------------
+#
+# Every test is marked with exactly one layer (pyproject.toml registers them): `unit` runs in
+# this process on files and libraries alone; `integration` talks to real peers (a node process,
+# DICOM over a socket, dcmtk, dciodvfy, Orthanc, any subprocess); `browser` drives Chromium.
+# `slow` is orthogonal. `make test-fast` runs `unit and not slow`. The marks are written in the
+# test modules (pytestmark, or a decorator per test where a module mixes layers) and checked
+# here, so a test nobody classified, or a "unit" test that starts a node, stops the run.
+
+LAYERS = ("unit", "integration", "browser")
+NODE_FIXTURES = {"make_node", "node"}  # each starts a `dicom-node serve` process
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    problems = []
+    for item in items:
+        layers = {mark.name for mark in item.iter_markers() if mark.name in LAYERS}
+        if len(layers) != 1:
+            problems.append(f"{item.nodeid}: layers {sorted(layers) or 'none'}")
+        elif layers == {"unit"} and NODE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            problems.append(f"{item.nodeid}: marked unit but starts a node")
+    if problems:
+        raise pytest.UsageError(
+            "each test needs exactly one of the marks " + ", ".join(LAYERS) + " (see "
+            "tests/conftest.py):\n  " + "\n  ".join(problems[:50])
+        )

@@ -36,6 +36,7 @@ def example_plugins(monkeypatch):
     sys.modules.pop("dicom_node_example", None)
 
 
+@pytest.mark.unit
 def test_entry_points_are_discovered_and_broken_ones_reported(example_plugins) -> None:
     found = discover()
     assert found["example-threshold"].algorithm is not None
@@ -45,6 +46,7 @@ def test_entry_points_are_discovered_and_broken_ones_reported(example_plugins) -
     assert "example-broken" not in installed_algorithms()
 
 
+@pytest.mark.integration
 def test_cli_lists_algorithms_with_weights_and_device(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "dicom_node", "algorithms", "--json"],
@@ -62,6 +64,7 @@ def test_cli_lists_algorithms_with_weights_and_device(tmp_path: Path) -> None:
     assert result.returncode == 1  # a broken plugin is worth a non-zero exit
 
 
+@pytest.mark.unit
 def test_series_input_volume_is_sorted_whatever_the_file_order(corpus: Path) -> None:
     paths = corpus_ct(corpus)
     forward = SeriesInput("1.2.3", tuple(paths)).volume()
@@ -71,6 +74,7 @@ def test_series_input_volume_is_sorted_whatever_the_file_order(corpus: Path) -> 
     assert np.allclose(forward.affine, backward.affine)
 
 
+@pytest.mark.unit
 def test_series_input_volume_of_an_enhanced_multiframe(corpus: Path) -> None:
     folder = corpus / "reference-seg-sr-dcmqi" / "data" / "segmentations" / "23x38x3" / "multiframe"
     (path,) = [p for p in folder.iterdir() if p.is_file()]
@@ -86,6 +90,7 @@ LOSSLESS += ["1.2.4.90"]
 UNDECODABLE = {"1.2.4.53", "1.2.4.55"}  # JPEG spectral selection / full progression
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "syntax",
     [*LOSSLESS, *LOSSY],
@@ -102,6 +107,7 @@ def test_volume_of_every_decodable_transfer_syntax(corpus: Path, syntax: str) ->
     assert difference <= LOSSY.get(syntax, 0), f"{path.name}: {difference} HU off"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("syntax", sorted(UNDECODABLE))
 def test_undecodable_transfer_syntax_is_a_clear_error(corpus: Path, syntax: str) -> None:
     (path,) = (corpus / TS_IMAGES).glob(f"CTImage.dcm_*_1.2.840.10008.{syntax}.dcm")
@@ -109,6 +115,7 @@ def test_undecodable_transfer_syntax_is_a_clear_error(corpus: Path, syntax: str)
         SeriesInput("1.2.3", (path,)).volume()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("defect", ["missing slice", "gantry tilt"])
 def test_irregular_series_is_a_clear_error_not_a_misplaced_volume(
     tmp_path: Path, defect: str
@@ -129,6 +136,7 @@ def test_irregular_series_is_a_clear_error_not_a_misplaced_volume(
         SeriesInput("1.2.3", tuple(paths)).volume()
 
 
+@pytest.mark.unit
 def test_example_algorithm_runs_on_real_ct(example_plugins, corpus: Path, tmp_path: Path) -> None:
     cls = discover()["example-threshold"].algorithm
     algorithm = cls({"threshold": 300})  # bone
@@ -144,6 +152,7 @@ def test_example_algorithm_runs_on_real_ct(example_plugins, corpus: Path, tmp_pa
     assert len(saved["findings"][0]["center_lps_mm"]) == 3
 
 
+@pytest.mark.unit
 def test_result_types_validate_at_construction(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         Classification("Pneumonia", 1.5, 0.5)
@@ -163,6 +172,7 @@ def test_result_types_validate_at_construction(tmp_path: Path) -> None:
     assert "sha256:" in described
 
 
+@pytest.mark.integration
 def test_a_plugin_package_is_routed_to_without_touching_the_node(make_node, corpus: Path) -> None:
     from dicom_node.scu import send
 

@@ -22,6 +22,8 @@ from dicom_node.phantoms import CtPhantomSpec, ct_series
 from dicom_node.route import Decision, Routed, record_decision
 from dicom_node.store import InstanceStore, Sender
 
+pytestmark = pytest.mark.unit
+
 
 def encoded(ds) -> bytes:
     buffer = DicomBytesIO()

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
@@ -52,6 +53,7 @@ def small_series(slices: int = 4, **spec) -> list:
     return list(ct_series(CtPhantomSpec(slices=slices, rows=16, columns=16, **spec)))
 
 
+@pytest.mark.integration
 def test_release_completes_series_and_study_with_a_job(make_node) -> None:
     node = make_node(**SLOW)
     series = small_series()
@@ -74,6 +76,7 @@ def test_release_completes_series_and_study_with_a_job(make_node) -> None:
     assert "complete (generation 1, 4 instances) by association released" in node.log()
 
 
+@pytest.mark.integration
 def test_series_spread_over_two_open_associations_waits_for_both(make_node) -> None:
     node = make_node(**SLOW)
     series = small_series(6)
@@ -89,6 +92,7 @@ def test_series_spread_over_two_open_associations_waits_for_both(make_node) -> N
     assert json.loads(jobs(node)[0]["payload"])["instances"] == 6
 
 
+@pytest.mark.integration
 def test_quiet_timer_completes_while_the_association_stays_open(make_node) -> None:
     node = make_node(**FAST)
     series = small_series()
@@ -101,6 +105,7 @@ def test_quiet_timer_completes_while_the_association_stays_open(make_node) -> No
     assert len(jobs(node)) == 1  # the release found it complete already: no second event
 
 
+@pytest.mark.integration
 def test_aborted_association_leaves_completion_to_the_quiet_timer(make_node) -> None:
     node = make_node(assembly={"series_quiet_seconds": 2, "study_quiet_seconds": 2})
     series = small_series()
@@ -113,6 +118,7 @@ def test_aborted_association_leaves_completion_to_the_quiet_timer(make_node) -> 
     assert json.loads(jobs(node)[0]["payload"])["trigger"] == "quiet timer"
 
 
+@pytest.mark.integration
 def test_late_instance_reopens_and_completes_again(make_node) -> None:
     node = make_node(**SLOW)
     series = small_series(5)
@@ -136,6 +142,7 @@ def test_late_instance_reopens_and_completes_again(make_node) -> None:
     assert len(jobs(node)) == 2
 
 
+@pytest.mark.integration
 def test_jobs_left_running_by_a_crash_are_queued_again(make_node) -> None:
     node = make_node(**SLOW)
     # A worker (another process, touching only the job store) claims a job, then the node dies.
@@ -153,6 +160,7 @@ def test_jobs_left_running_by_a_crash_are_queued_again(make_node) -> None:
     assert "1 job(s) interrupted by the last stop were queued again" in node.log()
 
 
+@pytest.mark.unit
 def test_job_store_claim_fail_retry_succeed(tmp_path) -> None:
     db = Database(tmp_path / "index.sqlite3")
     store = SqliteJobStore(db)
@@ -179,6 +187,7 @@ def test_job_store_claim_fail_retry_succeed(tmp_path) -> None:
     db.close()
 
 
+@pytest.mark.integration
 def test_status_reports_senders_completion_and_jobs(make_node) -> None:
     node = make_node(**SLOW)
     for aet in ("CT_SCANNER", "PACS"):
@@ -201,6 +210,7 @@ def test_status_reports_senders_completion_and_jobs(make_node) -> None:
     assert "CT_SCANNER" in text and "complete x1" in text and "succeeded 4" in text
 
 
+@pytest.mark.unit
 def test_quiet_time_counts_from_the_restart_not_across_the_downtime(tmp_path) -> None:
     """A series cut off by a crash is not complete the moment the node is back: its sender
     gets the whole quiet time to resend the rest first."""
@@ -227,6 +237,7 @@ def test_quiet_time_counts_from_the_restart_not_across_the_downtime(tmp_path) ->
     db.close()
 
 
+@pytest.mark.integration
 def test_a_job_reads_the_instances_its_completion_saw(make_node) -> None:
     """storescu sends one series in one association per transfer syntax: the series completes
     with the first association's instances, is routed on them, and grows before its job runs.

@@ -17,6 +17,8 @@ from tests.support.dicomfiles import storescu_acknowledged
 from tests.support.node import NodeProcess
 from tests.support.peers import require_tool
 
+pytestmark = pytest.mark.integration
+
 
 def echoscu(node: NodeProcess, *, aet: str, aec: str = "DICOMNODE") -> subprocess.CompletedProcess:
     return subprocess.run(

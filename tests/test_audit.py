@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import stat
 
+import pytest
 from pydicom import dcmread
 
 from dicom_node.audit import AuditTrail
@@ -19,6 +20,7 @@ from dicom_node.phantoms import cxr_dataset
 from tests.support.audit import event_id, event_type, objects, read_trail
 
 
+@pytest.mark.integration
 def test_a_study_through_the_node_is_audited_end_to_end(make_node, tmp_path):
     cxr = tmp_path / "cxr.dcm"
     cxr_dataset().save_as(cxr, enforce_file_format=True)
@@ -80,6 +82,7 @@ def test_a_study_through_the_node_is_audited_end_to_end(make_node, tmp_path):
     assert source.PatientID not in node.log()
 
 
+@pytest.mark.unit
 def test_the_trail_rotates_without_losing_a_message(tmp_path):
     config = AuditConfig(path=tmp_path / "a" / "audit.jsonl", max_bytes=16384, backup_count=100)
     trail = AuditTrail(config, tmp_path, "DICOMNODE")
@@ -108,6 +111,7 @@ def test_the_trail_rotates_without_losing_a_message(tmp_path):
     assert outcomes == [0 if n % 2 == 0 else 4 for n in range(150)]
 
 
+@pytest.mark.unit
 def test_old_rotations_are_dropped_beyond_backup_count(tmp_path):
     config = AuditConfig(path=tmp_path / "audit.jsonl", max_bytes=4096, backup_count=2)
     trail = AuditTrail(config, tmp_path, "DICOMNODE")

@@ -56,6 +56,8 @@ from tests.support.encoding import (
 )
 from tests.support.node import NodeProcess, wait_until
 
+pytestmark = pytest.mark.integration
+
 FAST = {"series_quiet_seconds": 1, "study_quiet_seconds": 1}
 # In every generated instance; patient data must never reach the log above DEBUG.
 PATIENT_ID = "BADINPUT-7421"

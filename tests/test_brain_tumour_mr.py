@@ -45,6 +45,7 @@ def study_inputs(folder: Path) -> dict[str, SeriesInput]:
     return inputs
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "spec",
     [
@@ -75,12 +76,14 @@ def test_demo_weights_segment_the_phantom_tumour(algorithm, tmp_path, spec) -> N
         assert volume_ml == pytest.approx(mask.array.sum() * np.prod(spec.spacing_mm) / 1000, 1e-3)
 
 
+@pytest.mark.unit
 def test_no_tumour_no_mask(algorithm, tmp_path) -> None:
     write_brain_study(tmp_path, BrainPhantomSpec(seed=UNSEEN + 5, tumour=False))
     result = algorithm.run(study_inputs(tmp_path))
     assert result.measurements["whole tumour volume_ml"] < 1.0
 
 
+@pytest.mark.unit
 def test_series_from_another_frame_of_reference_are_refused(algorithm, tmp_path) -> None:
     write_brain_study(tmp_path / "a", BrainPhantomSpec(seed=UNSEEN + 6))
     write_brain_study(tmp_path / "b", BrainPhantomSpec(seed=UNSEEN + 6))
@@ -95,6 +98,7 @@ def bundle(bundle_like) -> Path:
     return bundle_like("brats_mri_segmentation")
 
 
+@pytest.mark.unit
 def test_public_bundle_loads_strictly_and_matches_the_reference(bundle) -> None:
     torch.manual_seed(2)
     reference = bundle_network(bundle).eval()  # built by MONAI's ConfigParser from the config
@@ -110,6 +114,7 @@ def test_public_bundle_loads_strictly_and_matches_the_reference(bundle) -> None:
         assert torch.equal(algorithm.loaded.network(x), reference(x))
 
 
+@pytest.mark.unit
 def test_bundle_weights_that_do_not_fit_are_refused_clearly(bundle) -> None:
     state = bundle_network(bundle).state_dict()
     state.pop(next(iter(state)))
@@ -121,6 +126,7 @@ def test_bundle_weights_that_do_not_fit_are_refused_clearly(bundle) -> None:
         BrainTumourMr({"bundle": str(bundle)}).weights()
 
 
+@pytest.mark.integration
 def test_node_routes_a_four_sequence_study_and_segments_it(make_node, tmp_path) -> None:
     from dicom_node.scu import send
 
@@ -145,6 +151,7 @@ def test_node_routes_a_four_sequence_study_and_segments_it(make_node, tmp_path) 
     assert len(referenced) == 4
 
 
+@pytest.mark.unit
 def test_series_on_other_grids_are_resampled_through_patient_space() -> None:
     """A linear ramp in patient x survives trilinear resampling exactly, so the resampled
     values say where each target voxel was looked up; the same grid reordered is exact."""
@@ -165,6 +172,7 @@ def test_series_on_other_grids_are_resampled_through_patient_space() -> None:
     assert np.array_equal(resample_onto(flipped.flip_spatial((0, 2)), flipped), flipped.array)
 
 
+@pytest.mark.integration
 def test_run_matches_roles_in_a_study_folder_like_the_node(tmp_path) -> None:
     """`dicom-node run STUDY --algorithm brain-tumour-mr` reads the folder's headers, gives
     the roles as the node does (acquisition attributes, decoys passed over) and says why."""
@@ -193,6 +201,7 @@ def test_run_matches_roles_in_a_study_folder_like_the_node(tmp_path) -> None:
     assert result["measurements"]["whole tumour volume_ml"] > 1.0
 
 
+@pytest.mark.integration
 def test_run_says_which_role_is_missing(tmp_path) -> None:
     import subprocess
     import sys

@@ -26,6 +26,8 @@ from dicom_node.write import Provenance, heat_map_capture
 from tests.support.cases import capture_of
 from tests.support.paths import CORPUS_CXR
 
+pytestmark = pytest.mark.unit
+
 LINES = [
     "AI pneumonia-cxr 1.0.0: Pneumonia Grad-CAM",
     "Pneumonia: POSITIVE  p=0.81 (threshold 0.57)",

@@ -24,6 +24,7 @@ def cli(*args: str, env: dict | None = None, cwd: Path | None = None):
     )
 
 
+@pytest.mark.unit
 def test_embedded_defaults() -> None:
     config = load_config(None, {})
     assert config.scp.ae_title == "DICOMNODE"
@@ -33,6 +34,7 @@ def test_embedded_defaults() -> None:
     assert config.assembly.series_quiet_seconds == 5
 
 
+@pytest.mark.unit
 def test_file_then_environment(tmp_path: Path) -> None:
     path = tmp_path / "node.yaml"
     path.write_text("scp:\n  port: 104\n  allowed_calling_aets: [PACS, 'CT@10.0.0.7']\n")
@@ -47,11 +49,13 @@ def test_file_then_environment(tmp_path: Path) -> None:
     assert not config.scp.admits("OTHER", "10.0.0.7")
 
 
+@pytest.mark.unit
 def test_repository_default_config_is_valid_and_enables_the_allow_list() -> None:
     config = load_config(ROOT / "deploy" / "dicom-node.yaml", {})
     assert config.scp.allowed_calling_aets
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("text", "environ", "message"),
     [
@@ -71,6 +75,7 @@ def test_bad_configuration_names_the_key(tmp_path: Path, text, environ, message)
         load_config(path, environ)
 
 
+@pytest.mark.integration
 def test_cli_config_check_exit_codes(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("scp:\n  prot: 104\n")
@@ -84,6 +89,7 @@ def test_cli_config_check_exit_codes(tmp_path: Path) -> None:
     assert good.returncode == 0, good.stderr
 
 
+@pytest.mark.integration
 def test_cli_config_show_round_trips(tmp_path: Path) -> None:
     result = cli("config", "show", env={"DICOM_NODE__SCP__PORT": "4242", "PATH": ""})
     assert result.returncode == 0, result.stderr
@@ -94,6 +100,7 @@ def test_cli_config_show_round_trips(tmp_path: Path) -> None:
     assert load_config(path, {}).scp.port == 4242
 
 
+@pytest.mark.integration
 def test_cli_echo_and_send_report_failures(tmp_path: Path, make_node) -> None:
     node = make_node()
     assert cli("echo", "127.0.0.1", str(node.port)).returncode == 0
@@ -106,6 +113,7 @@ def test_cli_echo_and_send_report_failures(tmp_path: Path, make_node) -> None:
     assert "sent 0, failed 0, skipped 1" in result.stdout
 
 
+@pytest.mark.integration
 def test_cli_send_goes_on_past_bad_files(tmp_path: Path, make_node) -> None:
     """`dicom-node send` takes each file's SOP class from its file meta (PS3.10 7.1), as
     storescu does; a file it cannot send, or the node refuses, is one line with its name and
@@ -162,6 +170,7 @@ def test_cli_send_goes_on_past_bad_files(tmp_path: Path, make_node) -> None:
     assert stored == {b.SOPInstanceUID, d.SOPInstanceUID, e.SOPInstanceUID}
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "args", [("status",), ("conformance", "tables"), ("config", "reference"), ("jobs",)]
 )
@@ -184,6 +193,7 @@ def test_cli_output_into_a_closed_pipe(tmp_path: Path, args: tuple[str, ...]) ->
     assert stderr == ""
 
 
+@pytest.mark.integration
 def test_phantom_ct_is_a_valid_ct_image(tmp_path: Path) -> None:
     """The phantom every test and benchmark sends passes dicom3tools' IOD validator."""
     from dicom_node.phantoms import CtPhantomSpec, write_ct_series
@@ -197,6 +207,7 @@ def test_phantom_ct_is_a_valid_ct_image(tmp_path: Path) -> None:
     assert errors == [], result.stderr
 
 
+@pytest.mark.unit
 def test_configuration_reference_matches_the_model() -> None:
     """docs/configuration.md is generated from the model; regenerate it when this fails:
     dicom-node config reference > docs/configuration.md"""

@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 from pydicom import dcmread
 
 from dicom_node.algorithm import AlgorithmResult, Classification, HeatMap, SeriesInput
@@ -29,6 +30,8 @@ from dicom_node.phantoms import CxrPhantomSpec, cxr_dataset
 from dicom_node.scp import StorageSCP
 from dicom_node.store import InstanceStore
 from dicom_node.write import write_all
+
+pytestmark = pytest.mark.unit
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "conformance.md"
 UID_CELL = re.compile(r"`(\d+(?:\.\d+)+)`")

@@ -61,6 +61,8 @@ from dicom_node.phantoms import CtPhantomSpec, CxrPhantomSpec, cxr_dataset, writ
 from dicom_node.write import Provenance, heat_map_capture, measurement_report, segmentation
 from tests.support.peers import require_tool
 
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
 NODULE = Concept("SCT", "27925004", "Nodule")
 PROVENANCE = Provenance("property", "1.0", Weights(None, None, demo=False))
 # The five modules the issue names: copied into every result.

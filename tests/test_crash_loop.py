@@ -61,6 +61,8 @@ from tests.support.dicomfiles import storescu_acknowledged
 from tests.support.node import NodeProcess, plugin_env
 from tests.support.peers import require_tool
 
+pytestmark = pytest.mark.integration
+
 ITERATIONS = int(os.environ.get("DICOM_NODE_CRASH_ITERATIONS", "20"))
 LONG_RUN_S = 2.5  # a run the restarted node comes back in the middle of
 RUN_S = 0.4  # each example-plugin run: long enough for a kill to land inside it

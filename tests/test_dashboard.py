@@ -18,6 +18,8 @@ from dicom_node.testing import free_port
 from tests.support.http import metrics
 from tests.support.viewer import CHROMIUM, VIEWER_TOOLS
 
+pytestmark = pytest.mark.browser
+
 ARTEFACTS = Path(__file__).resolve().parents[1] / "test-artefacts"
 
 

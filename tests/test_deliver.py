@@ -130,6 +130,7 @@ def check_results(orthanc: Orthanc, name: str, study_id: str, sources, classes) 
         assert referenced and referenced <= source_series, name
 
 
+@pytest.mark.integration
 def test_results_arrive_back_in_the_pacs_study(make_node, tmp_path) -> None:
     orthanc = Orthanc(tmp_path / "orthanc", dicom_port=free_port())
     node = node_for(make_node, orthanc)
@@ -150,6 +151,7 @@ def test_results_arrive_back_in_the_pacs_study(make_node, tmp_path) -> None:
         orthanc.stop()
 
 
+@pytest.mark.integration
 def test_stow_rs_to_the_pacs_dicomweb(make_node, tmp_path) -> None:
     from dicom_node.scu import send
 
@@ -172,6 +174,7 @@ def test_stow_rs_to_the_pacs_dicomweb(make_node, tmp_path) -> None:
         orthanc.stop()
 
 
+@pytest.mark.integration
 def test_an_outage_and_a_restart_deliver_everything_exactly_once(make_node, tmp_path) -> None:
     from dicom_node.scu import send
 
@@ -219,6 +222,7 @@ def wait_study(orthanc: Orthanc, study_uid: str, timeout_s: float = 120) -> str:
     raise AssertionError("the study never arrived in the PACS")
 
 
+@pytest.mark.integration
 def test_a_pacs_that_refuses_us_gives_one_dead_letter(make_node, tmp_path) -> None:
     orthanc = Orthanc(
         tmp_path / "orthanc",
@@ -283,6 +287,7 @@ def test_a_pacs_that_refuses_us_gives_one_dead_letter(make_node, tmp_path) -> No
         orthanc.stop()
 
 
+@pytest.mark.unit
 def test_sender_peer_not_configured_is_a_clear_dead_letter() -> None:
     from dicom_node.deliver import Delivery, DeliveryError, resolve
 
@@ -293,6 +298,7 @@ def test_sender_peer_not_configured_is_a_clear_dead_letter() -> None:
     assert raised.value.permanent
 
 
+@pytest.mark.unit
 def test_backoff_doubles_up_to_the_maximum_with_jitter() -> None:
     config = DeliveryConfig(backoff_initial_s=5, backoff_max_s=60, backoff_jitter=0.2)
     rng = random.Random(0)
@@ -302,6 +308,7 @@ def test_backoff_doubles_up_to_the_maximum_with_jitter() -> None:
         assert max(wait) - min(wait) > base * 0.2  # spread, so retries do not move in step
 
 
+@pytest.mark.unit
 def test_routes_name_only_configured_destinations() -> None:
     with pytest.raises(ConfigError, match=r"routing.destinations: no destination named 'pacs'"):
         load_config(None, environ={"DICOM_NODE__ROUTING__DESTINATIONS": "[pacs]"})
@@ -309,6 +316,7 @@ def test_routes_name_only_configured_destinations() -> None:
     assert config.routing.destinations == ["sender"]
 
 
+@pytest.mark.integration
 def test_folder_destination_and_retention(make_node, tmp_path) -> None:
     """Results land complete in a folder; then the received instances and the result files
     are deleted once delivered and their time is up, while the index keeps the record."""

@@ -87,6 +87,7 @@ def shutdown_budget_s() -> float:
     return float(scp) + float(worker)
 
 
+@pytest.mark.unit
 def test_command_check_refuses_what_the_node_would() -> None:
     assert parse_command(["serve", "--config", "/x.yaml"]).command == "serve"
     for argv in (["serv"], ["serve", "--bogus", "x"], [], ["worker", "extra"]):
@@ -196,6 +197,7 @@ class DockerIgnore:
         return excluded
 
 
+@pytest.mark.unit
 def test_dockerignore_semantics() -> None:
     ignore = DockerIgnore("*\n!src\n**/__pycache__\n!keep/this\n")
     assert ignore.excludes(".venv/bin/python")
@@ -210,11 +212,13 @@ def dockerfile(request: pytest.FixtureRequest) -> Dockerfile:
     return Dockerfile.read(DOCKERFILES[request.param])
 
 
+@pytest.mark.unit
 def test_dockerfile_bases() -> None:
     assert Dockerfile.read(DOCKERFILES["cpu"]).one("FROM").startswith("python:3.11-slim")
     assert Dockerfile.read(DOCKERFILES["cuda"]).one("FROM").startswith("nvidia/cuda:")
 
 
+@pytest.mark.unit
 def test_dockerfile_installs_the_makefiles_torch_from_the_matching_index(
     dockerfile: Dockerfile,
 ) -> None:
@@ -236,6 +240,7 @@ def test_dockerfile_installs_the_makefiles_torch_from_the_matching_index(
     assert re.search(r"apt-get install[^\n]*\bdcmtk\b[^\n]*\bdicom3tools\b", run)
 
 
+@pytest.mark.unit
 def test_dockerfile_copies_what_the_build_needs_and_the_context_keeps_it(
     dockerfile: Dockerfile,
 ) -> None:
@@ -268,6 +273,7 @@ def _pyproject() -> dict[str, Any]:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
+@pytest.mark.unit
 def test_dockerfile_runtime_contract(dockerfile: Dockerfile) -> None:
     exposed = {int(p.split("/")[0]) for rest in dockerfile.all("EXPOSE") for p in rest.split()}
     assert exposed == {field_default(ScpConfig, "port"), field_default(HttpConfig, "port")}
@@ -301,6 +307,7 @@ def test_dockerfile_runtime_contract(dockerfile: Dockerfile) -> None:
     assert command[0] == "python", "the slim image has no curl; the venv's python is on PATH"
 
 
+@pytest.mark.unit
 def test_the_two_images_differ_only_in_how_they_get_python_and_torch() -> None:
     cpu, cuda = (Dockerfile.read(DOCKERFILES[k]) for k in ("cpu", "cuda"))
     for keyword in ("ENTRYPOINT", "CMD", "EXPOSE", "VOLUME", "USER", "HEALTHCHECK", "STOPSIGNAL"):
@@ -343,6 +350,7 @@ def compose() -> dict[str, Any]:
     return interpolate(yaml.safe_load(COMPOSE.read_text()), environ={})
 
 
+@pytest.mark.unit
 def test_compose_file_follows_the_compose_specification(compose: dict[str, Any]) -> None:
     jsonschema = require_module("jsonschema")
     require_module("check_jsonschema")
@@ -410,6 +418,7 @@ def demo(compose: dict[str, Any]) -> ComposeDemo:
     )
 
 
+@pytest.mark.unit
 def test_compose_node_service(demo: ComposeDemo) -> None:
     node = demo.services["dicom-node"]
     build = node["build"]
@@ -426,6 +435,7 @@ def test_compose_node_service(demo: ComposeDemo) -> None:
     assert seconds(node["stop_grace_period"]) > shutdown_budget_s()
 
 
+@pytest.mark.unit
 def test_compose_orthanc_and_node_point_at_each_other(demo: ComposeDemo) -> None:
     orthanc, config = demo.orthanc, demo.node_config
     node_entries = [
@@ -471,6 +481,7 @@ def evaluate_app_config(source: str) -> dict[str, Any]:
     return json.loads(result.stdout)
 
 
+@pytest.mark.integration
 def test_compose_ohif_reads_orthancs_dicomweb_on_its_own_origin(demo: ComposeDemo) -> None:
     ohif = demo.services["ohif"]
     files = mounts(ohif)
@@ -529,6 +540,7 @@ def _wait_for(condition: Callable[[], bool], timeout_s: float) -> bool:
     return condition()
 
 
+@pytest.mark.integration
 def test_compose_orthanc_routes_studies_to_the_node_but_not_its_results(
     demo: ComposeDemo, tmp_path: Path
 ) -> None:
@@ -616,6 +628,7 @@ def read_unit(path: Path) -> dict[str, dict[str, list[str]]]:
     return sections
 
 
+@pytest.mark.unit
 def test_systemd_unit_runs_the_node_as_the_repository_configures_it() -> None:
     service = {k: v[-1] for k, v in read_unit(UNIT)["Service"].items()}
     argv = shlex.split(service["ExecStart"])
@@ -650,6 +663,7 @@ def _systemd_analyze() -> str:
     return path
 
 
+@pytest.mark.integration
 def test_systemd_unit_verifies(tmp_path: Path) -> None:
     """`systemd-analyze verify` in a throwaway root holding the unit, systemd's own units and
     an executable where ExecStart points: it reports unknown keys and bad values on stderr."""
@@ -679,6 +693,7 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     assert "ProtectSytem" in verify().stderr
 
 
+@pytest.mark.integration
 def test_systemd_unit_exposure() -> None:
     """systemd's own score of the sandboxing (0 safest, 10 none): the unit scores 3.5 with
     Debian 12's systemd; dropping any one of NoNewPrivileges, ProtectSystem or PrivateTmp makes
@@ -743,6 +758,7 @@ def recipe_command(recipe: str, workdir: Path) -> tuple[list[str], dict[str, str
     raise ValueError(recipe)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("recipe", ["image", "compose", "systemd", "chart"])
 def test_recipe_command_starts_a_node_that_passes_the_health_check(
     recipe: str, tmp_path: Path
@@ -849,6 +865,7 @@ def by_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [o for o in objects if o["kind"] == kind]
 
 
+@pytest.mark.unit
 def test_chart_metadata_and_notes() -> None:
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
     assert chart["apiVersion"] == "v2" and chart["name"] == "dicom-node"
@@ -871,6 +888,7 @@ def container_environ(
     return environ
 
 
+@pytest.mark.unit
 def test_chart_pods_run_valid_configurations_and_commands(
     rendered: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -922,6 +940,7 @@ def test_chart_pods_run_valid_configurations_and_commands(
         )
 
 
+@pytest.mark.unit
 def test_chart_node_pod_ports_probes_and_services(rendered: dict[str, Any]) -> None:
     objects = rendered["objects"]
     (configmap,) = by_kind(objects, "ConfigMap")
@@ -950,6 +969,7 @@ def test_chart_node_pod_ports_probes_and_services(rendered: dict[str, Any]) -> N
         assert dicom["externalTrafficPolicy"] == "Local"
 
 
+@pytest.mark.unit
 def test_chart_gpu_worker_shares_the_node_pods_machine_and_volume() -> None:
     objects = manifests(helm_template(VALUE_SETS["gpu-worker"]))
     deployments = {
@@ -979,6 +999,7 @@ def test_chart_gpu_worker_shares_the_node_pods_machine_and_volume() -> None:
     assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
 
 
+@pytest.mark.unit
 def test_chart_objects_follow_kubernetes_schemas(rendered: dict[str, Any]) -> None:
     """Strict schemas (unknown fields are errors) of the oldest and newest Kubernetes the
     validator knows. Optional: kubernetes-validate is 100 MB of schemas."""
@@ -1002,6 +1023,7 @@ def _schema_dirs(module: ModuleType) -> list[Path]:
     return [p for p in base.iterdir() if p.name.endswith("-local-strict")]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("values", sorted(VALUE_SETS), ids=str)
 def test_chart_lints_strictly_with_helm(values: str) -> None:
     """`helm lint --strict`: a warning is as bad as an error."""

@@ -15,6 +15,8 @@ from tests.support.dicomfiles import storescu_acknowledged
 from tests.support.node import NodeProcess
 from tests.support.peers import require_tool
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def ct300(tmp_path_factory) -> list[Path]:

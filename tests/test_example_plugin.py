@@ -33,6 +33,8 @@ from dicom_node.write import Provenance, write_all
 from tests.support.dicomfiles import dciodvfy, storescu_acknowledged
 from tests.support.paths import ROOT
 
+pytestmark = pytest.mark.integration
+
 EXAMPLE = ROOT / "docs" / "example-plugin"
 NAME = "lung-threshold-ct"
 PACKAGE = "lung_threshold_ct"

@@ -31,6 +31,8 @@ from pynetdicom.sop_class import Verification
 from dicom_node.phantoms import CtPhantomSpec, ct_series
 from tests.support.node import NodeProcess, closed_by_node
 
+pytestmark = pytest.mark.integration
+
 # Small timeouts so that the node's own clocks, not the test's patience, end idle peers.
 ACSE_TIMEOUT_S = 3.0
 NETWORK_TIMEOUT_S = 3.0

@@ -24,6 +24,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
@@ -33,6 +34,8 @@ from dicom_node.testing import dcmtk_env
 from tests.support.dicomfiles import storescu_acknowledged
 from tests.support.node import NodeProcess, plugin_env
 from tests.support.peers import require_tool
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ARTEFACTS = Path(__file__).resolve().parents[1] / "test-artefacts"
 SENDERS = 8

@@ -55,6 +55,7 @@ def series_input(paths: list[Path]) -> SeriesInput:
     return SeriesInput("1.2.3", tuple(shuffled))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", PHANTOMS)
 def test_demo_weights_find_the_phantom_nodules(algorithm, tmp_path, name) -> None:
     spec = PHANTOMS[name]
@@ -83,6 +84,7 @@ def test_demo_weights_find_the_phantom_nodules(algorithm, tmp_path, name) -> Non
         assert overlap >= 0.8
 
 
+@pytest.mark.unit
 def test_clean_chest_has_no_nodule(algorithm, tmp_path) -> None:
     spec = CtPhantomSpec(slices=40, rows=128, columns=128, noise_hu=20, seed=3)
     result = algorithm.run({"series": series_input(write_ct_series(tmp_path, spec))})
@@ -99,6 +101,7 @@ def clear_chest(seed: int, kernel: str) -> CtPhantomSpec:
     )  # fmt: skip
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("seed", "kernel"), [(90_001, "soft"), (90_002, "sharp")])
 def test_clear_chest_with_vessels_and_ribs_has_no_nodule(algorithm, tmp_path, seed, kernel):
     """Vessels cut across, bronchial walls and ribs are what a real chest CT is full of."""
@@ -107,6 +110,7 @@ def test_clear_chest_with_vessels_and_ribs_has_no_nodule(algorithm, tmp_path, se
     assert result.findings == [], [(f.center_lps_mm, f.score) for f in result.findings]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("kernel", ["B40f", "B70f"])
 def test_real_chest_ct_yields_at_most_a_few_findings(algorithm, corpus: Path, kernel) -> None:
     """Lung-PET-CT-Dx A0002 (Siemens, 30 slices of 8 mm, soft B40f and sharp B70f
@@ -119,6 +123,7 @@ def test_real_chest_ct_yields_at_most_a_few_findings(algorithm, corpus: Path, ke
     assert len(result.findings) <= 3, [(f.center_lps_mm, f.score) for f in result.findings]
 
 
+@pytest.mark.integration
 def test_real_chest_ct_runs_end_to_end(algorithm, corpus: Path, tmp_path: Path) -> None:
     """The corpus CT is 30 slices of ~5 mm: smaller than the training patch, still valid,
     and its result is valid DICOM (an SR saying "Nodule: absent" when nothing is found)."""
@@ -137,6 +142,7 @@ def test_real_chest_ct_runs_end_to_end(algorithm, corpus: Path, tmp_path: Path) 
         assert dciodvfy(w.path, from_source=CORPUS_SOURCE_WARNINGS) == [], w.path.name
 
 
+@pytest.mark.integration
 def test_node_routes_a_chest_ct_and_finds_its_nodule(make_node, tmp_path) -> None:
     from dicom_node.scu import send
 
@@ -158,6 +164,7 @@ def test_node_routes_a_chest_ct_and_finds_its_nodule(make_node, tmp_path) -> Non
     assert seg.SeriesDescription.startswith("DEMO MODEL - NOT FOR CLINICAL USE")
 
 
+@pytest.mark.unit
 def test_anchor_grid_is_the_one_the_weights_were_trained_on() -> None:
     """Cell (i, j, k) of a level with stride s has its anchors centred at (i, j, k) * s,
     as in MONAI before 1.6 where the public weights were trained (PR 8475 moved them)."""
@@ -190,6 +197,7 @@ def test_anchor_grid_is_the_one_the_weights_were_trained_on() -> None:
     assert start == len(anchors)
 
 
+@pytest.mark.unit
 def test_anchor_grid_moves_detections_by_half_a_stride(algorithm, tmp_path) -> None:
     """With MONAI's centred anchors the same network puts boxes half a stride away: the
     shift the fix undoes. The finest level's stride is (4, 4, 2) voxels of 0.7/1.25 mm."""
@@ -221,11 +229,13 @@ def bundle(bundle_like) -> Path:
     return bundle_like("lung_nodule_ct_detection")
 
 
+@pytest.mark.unit
 def test_detector_parameters_are_the_published_ones(bundle) -> None:
     """The demo detector runs with exactly what the bundle's inference.json says."""
     assert DetectorParameters.from_bundle(bundle_parser(bundle).get()) == DetectorParameters()
 
 
+@pytest.mark.unit
 def test_public_bundle_loads_strictly_and_matches_the_reference(bundle) -> None:
     torch.manual_seed(3)
     reference = bundle_network(bundle).eval()  # RetinaNet + ResNet-50 FPN from the config
@@ -245,12 +255,14 @@ def test_public_bundle_loads_strictly_and_matches_the_reference(bundle) -> None:
             assert torch.equal(a, b)
 
 
+@pytest.mark.unit
 def test_bundle_weights_that_do_not_fit_are_refused_clearly(bundle) -> None:
     torch.save(demo_network(ARCHITECTURE).state_dict(), bundle / "models" / "model.pt")
     with pytest.raises(WeightsMismatch, match="does not fit the bundle's network_def"):
         load_bundle(bundle)
 
 
+@pytest.mark.unit
 def test_volume_is_preprocessed_as_the_bundle_does(corpus: Path) -> None:
     volume = SeriesInput("1.2.3", tuple(corpus_ct(corpus))).volume()
     image = preprocess(volume, DetectorParameters(), crop_to_body=False)
@@ -288,6 +300,7 @@ THICK_SLICES = CtPhantomSpec(
 )  # fmt: skip
 
 
+@pytest.mark.unit
 def test_shortcuts_find_the_same_nodule_as_the_bundles_pipeline(algorithm, tmp_path) -> None:
     """Cropping to the body, choosing candidates before decoding boxes and starting from the
     report threshold save time only: the bundle's pipeline (whole field of view, MONAI's own
@@ -309,6 +322,7 @@ def test_shortcuts_find_the_same_nodule_as_the_bundles_pipeline(algorithm, tmp_p
     assert np.all(np.abs(np.subtract(finding.center_lps_mm, nodule.center_lps_mm)) <= voxel)
 
 
+@pytest.mark.unit
 def test_body_box_keeps_the_body_and_a_margin_of_air() -> None:
     hu = np.full((6, 100, 120), -1000.0, dtype=np.float32)
     hu[:, 30:60, 20:90] = 40.0
@@ -318,6 +332,7 @@ def test_body_box_keeps_the_body_and_a_margin_of_air() -> None:
     assert body_box(np.full((3, 8, 8), -1000.0), (1.0, 1.0, 1.0), -1024.0) == (slice(None),) * 3
 
 
+@pytest.mark.unit
 def test_sliding_window_is_a_slab_of_the_cross_section_within_the_patch_budget() -> None:
     parameters = DetectorParameters()  # 512 x 512 x 192 patch, sizes divisible by 16, 16, 8
     assert sliding_window((500, 400, 190), parameters) is None  # fewer voxels than the patch
@@ -330,6 +345,7 @@ def test_sliding_window_is_a_slab_of_the_cross_section_within_the_patch_budget()
     assert sliding_window((100, 100, 50), forced) == (512, 512, 192)
 
 
+@pytest.mark.unit
 def test_slabs_find_what_the_bundles_windows_find(algorithm, tmp_path) -> None:
     """Slid as slabs or as the bundle's patches (here shrunk so that a small image needs
     several), the network puts the nodule in the same place."""
@@ -348,6 +364,7 @@ def test_slabs_find_what_the_bundles_windows_find(algorithm, tmp_path) -> None:
     assert np.all(np.abs(shift) <= [0.6, 0.6, 5.0])
 
 
+@pytest.mark.unit
 def test_only_the_demo_drops_nodules_that_touch_the_chest_wall() -> None:
     """The demo reports only nodules surrounded by lung (its boxes on the heart, chest wall and
     vessels of a real CT); a trained bundle's juxtapleural nodule is a finding and is shown."""

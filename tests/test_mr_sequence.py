@@ -44,6 +44,8 @@ from dicom_node.facts import describe_series
 from dicom_node.mr_sequence import classify
 from tests.support.cases import mr_series
 
+pytestmark = pytest.mark.unit
+
 CORPUS_FILES = {
     "mprage": "brain-mr-sag-anon",
     "philips-b0": "enhanced-mr-dcm_qa_enh/In/Philips/IM_0027_fMAP.dcm",

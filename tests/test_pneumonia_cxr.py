@@ -52,6 +52,7 @@ def run_on(algorithm: PneumoniaCxr, spec: CxrPhantomSpec, tmp_path: Path):
     return algorithm.run({"series": SeriesInput("1.2.3", (path,))})
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("rows", "columns", "photometric"),
     [(512, 512, "MONOCHROME2"), (420, 610, "MONOCHROME2"), (640, 400, "MONOCHROME1")],
@@ -85,6 +86,7 @@ def test_demo_weights_separate_opacity_from_clean(
     assert near >= 3, near
 
 
+@pytest.mark.unit
 def test_held_out_generator_clear_mostly_negative_and_consolidation_mostly_positive(
     algorithm, tmp_path
 ) -> None:
@@ -114,6 +116,7 @@ def test_held_out_generator_clear_mostly_negative_and_consolidation_mostly_posit
     assert negative >= 0.6 and positive >= 0.5 and auc >= 0.7, (negative, positive, auc)
 
 
+@pytest.mark.unit
 def test_score_does_not_depend_on_the_photometric_interpretation(algorithm, tmp_path) -> None:
     """MONOCHROME1 stores the inverse of MONOCHROME2: the same picture, the same score."""
     for seed, opacity in ((HELD_OUT + 4, False), (HELD_OUT + 5, True)):
@@ -132,6 +135,7 @@ def test_score_does_not_depend_on_the_photometric_interpretation(algorithm, tmp_
         assert scores[0] == pytest.approx(scores[1], abs=0.02), (seed, scores)
 
 
+@pytest.mark.integration
 def test_real_radiograph_and_its_monochrome1_copy(algorithm, corpus: Path, tmp_path) -> None:
     from pydicom import dcmread
     from pydicom.uid import ExplicitVRLittleEndian
@@ -176,6 +180,7 @@ def test_real_radiograph_and_its_monochrome1_copy(algorithm, corpus: Path, tmp_p
         assert dciodvfy(w.path, from_source=CORPUS_SOURCE_WARNINGS) == [], w.path.name
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("variant", ["rsna", "all"])
 @pytest.mark.parametrize("pickled", [False, True])
 def test_public_weights_load_strictly_and_match_the_reference(tmp_path, variant, pickled) -> None:
@@ -199,6 +204,7 @@ def test_public_weights_load_strictly_and_match_the_reference(tmp_path, variant,
         assert torch.equal(logits(loaded.network, x)[1], expected)
 
 
+@pytest.mark.unit
 def test_weights_that_do_not_fit_are_refused_clearly(tmp_path) -> None:
     small = xrv.models.DenseNet(num_classes=1, growth_rate=8, block_config=(2, 2, 2, 2))
     path = tmp_path / "small.pt"
@@ -210,6 +216,7 @@ def test_weights_that_do_not_fit_are_refused_clearly(tmp_path) -> None:
         load_network(path, variant="rsna", allow_pickle=False)
 
 
+@pytest.mark.integration
 def test_node_routes_a_radiograph_and_the_worker_classifies_it(make_node, tmp_path) -> None:
     from dicom_node.scu import send
 
@@ -230,6 +237,7 @@ def test_node_routes_a_radiograph_and_the_worker_classifies_it(make_node, tmp_pa
     assert "Present" in str(hd.sr.srread(outputs["SR"]))
 
 
+@pytest.mark.integration
 def test_offline_run_writes_results(tmp_path) -> None:
     import json
     import subprocess

@@ -9,6 +9,7 @@ class of the conformance tables with pynetdicom.
 
 from __future__ import annotations
 
+import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
@@ -18,6 +19,8 @@ from dicom_node.phantoms import CtPhantomSpec, ct_series
 from dicom_node.scp import PRIVATE_STORAGE_CLASSES, storage_sop_classes
 from dicom_node.scu import MAX_CONTEXTS_PER_ASSOCIATION
 from tests.support.node import NodeProcess
+
+pytestmark = pytest.mark.integration
 
 SIEMENS_CSA_NON_IMAGE = "1.3.12.2.1107.5.9.1"
 SUCCESS = 0x0000

@@ -11,12 +11,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from pydicom import dcmread
 
 from dicom_node import qa
 from dicom_node.testing import free_port
 from tests.support.node import NodeProcess
+
+pytestmark = pytest.mark.integration
 
 FAST = {"series_quiet_seconds": 1, "study_quiet_seconds": 1}
 SEND_BACK = {"destinations": ["sender"]}

@@ -62,6 +62,8 @@ from tests.support.realworld import (
     reproductions,
 )
 
+pytestmark = pytest.mark.slow
+
 SENDERS = ("storescu", "pynetdicom")
 FAST = {"series_quiet_seconds": 1, "study_quiet_seconds": 1}
 # The default rules, but radiographs of any body part go to the (cheap) demo CXR model, so that
@@ -302,6 +304,7 @@ def _params() -> list:
     return params
 
 
+@pytest.mark.unit
 def test_corpus_is_there() -> None:
     """The public sources are installed (pydicom-data is a dev dependency) and whole."""
     public = [f for f in FILES if not f.name.startswith("issue14/")]
@@ -311,6 +314,7 @@ def test_corpus_is_there() -> None:
     assert by_source["pydicom-data"] >= 60 and by_source["pydicom"] >= 150, dict(by_source)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(("sender", "name"), _params())
 def test_file(runs: dict[str, Run], sender: str, name: str) -> None:
     run = runs[sender]
@@ -432,6 +436,7 @@ def verified(path: Path) -> None:
 # -- the logs, and the table ------------------------------------------------------------------
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("sender", SENDERS)
 def test_no_traceback_in_the_logs(runs: dict[str, Run], sender: str) -> None:
     """The node's and its worker's log (one stream) hold no traceback and no thread death."""
@@ -440,6 +445,7 @@ def test_no_traceback_in_the_logs(runs: dict[str, Run], sender: str) -> None:
     assert "Exception in thread" not in log
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("sender", SENDERS)
 def test_no_patient_data_in_the_logs(runs: dict[str, Run], sender: str) -> None:
     """The node logs at INFO: none of the sent files' patient names, IDs or birth dates."""
@@ -451,6 +457,7 @@ def test_no_patient_data_in_the_logs(runs: dict[str, Run], sender: str) -> None:
     assert not leaked, leaked
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("sender", SENDERS)
 def test_no_uids_in_the_logs(runs: dict[str, Run], sender: str) -> None:
     """Nor the files' study, series or instance UIDs in clear (hashed keys name them)."""
@@ -472,6 +479,7 @@ def test_no_uids_in_the_logs(runs: dict[str, Run], sender: str) -> None:
     assert not leaked, leaked
 
 
+@pytest.mark.integration
 def test_outcome_table(runs: dict[str, Run], capsys) -> None:
     """Last: the table of what became of each file, per sender (printed, not captured)."""
     counts: dict[str, dict[str, int]] = {}

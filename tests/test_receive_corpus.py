@@ -19,6 +19,8 @@ from tests.support.dicomfiles import (
 from tests.support.node import NodeProcess
 from tests.support.peers import STORESCU_PROPOSE, require_tool
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def instances(corpus: Path) -> dict[str, list[Path]]:

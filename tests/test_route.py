@@ -55,6 +55,7 @@ def routed_to(decision) -> set[str]:
     return {r.algorithm for r in decision.routed}
 
 
+@pytest.mark.unit
 def test_every_corpus_series_gets_a_decision(corpus_store) -> None:
     decisions = corpus_decisions(corpus_store)
     assert len(decisions) >= 40
@@ -72,6 +73,7 @@ def test_every_corpus_series_gets_a_decision(corpus_store) -> None:
             assert decision.not_routed[0].algorithm == "*"
 
 
+@pytest.mark.unit
 def test_corpus_routes_what_a_radiologist_expects(corpus_store) -> None:
     by_description: dict[str, list] = {}
     for facts, decision in corpus_decisions(corpus_store).values():
@@ -105,6 +107,7 @@ def test_corpus_routes_what_a_radiologist_expects(corpus_store) -> None:
     assert us and all(not d.routed for d in us)
 
 
+@pytest.mark.unit
 def test_corpus_brain_study_lacks_roles(corpus_store) -> None:
     with corpus_store.db.reading() as conn:
         (study_uid,) = conn.execute(
@@ -135,6 +138,7 @@ def study_decision(store: InstanceStore, study_uid: str):
     return decide_study(study_uid, series, RULES, ALL, 1), series
 
 
+@pytest.mark.unit
 def test_four_sequence_mr_study_routes_by_role(tmp_path: Path) -> None:
     study = generate_uid()
     names = {
@@ -153,6 +157,7 @@ def test_four_sequence_mr_study_routes_by_role(tmp_path: Path) -> None:
     assert routed.inputs == {role: uid_of[names[role]] for role in ("T1c", "T1", "T2", "FLAIR")}
 
 
+@pytest.mark.unit
 def test_mr_study_missing_a_role_is_not_routed(tmp_path: Path) -> None:
     study = generate_uid()
     series = [mr_series(study, d, n) for n, d in enumerate(["T1 post gd", "T1", "T2"], 1)]
@@ -162,6 +167,7 @@ def test_mr_study_missing_a_role_is_not_routed(tmp_path: Path) -> None:
     assert decision.not_routed[0].reason == "missing role(s) FLAIR"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("changes", "reason"),
     [
@@ -184,6 +190,7 @@ def test_ct_negative_cases(tmp_path: Path, changes: dict, reason: str) -> None:
     assert any(reason in n.reason for n in decision.not_routed), decision.summary()
 
 
+@pytest.mark.unit
 def test_phantom_ct_routes_unless_not_installed(tmp_path: Path) -> None:
     datasets = list(ct_series(CtPhantomSpec(slices=24, rows=8, columns=8)))
     store = store_study(tmp_path, [datasets])
@@ -195,6 +202,7 @@ def test_phantom_ct_routes_unless_not_installed(tmp_path: Path) -> None:
     assert "lung-nodules-ct: matches, but the algorithm is not installed" in missing.summary()
 
 
+@pytest.mark.unit
 def test_a_decision_is_recorded_once_with_its_jobs(tmp_path: Path) -> None:
     datasets = list(ct_series(CtPhantomSpec(slices=24, rows=8, columns=8)))
     store = store_study(tmp_path, [datasets])
@@ -211,6 +219,7 @@ def test_a_decision_is_recorded_once_with_its_jobs(tmp_path: Path) -> None:
     assert json.loads(job["payload"])["inputs"] == {"series": facts.series_uid}
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("orientation", "plane"),
     [
@@ -226,6 +235,7 @@ def test_plane_of(orientation, plane) -> None:
     assert plane_of(orientation) == plane
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("routing", "message"),
     [
@@ -247,6 +257,7 @@ def test_bad_routing_rules_name_the_key(tmp_path: Path, routing, message) -> Non
         load_config(path, {})
 
 
+@pytest.mark.integration
 def test_node_records_decisions_and_status_shows_them(make_node, corpus: Path) -> None:
     from dicom_node.scu import send
 
@@ -271,6 +282,7 @@ def test_node_records_decisions_and_status_shows_them(make_node, corpus: Path) -
 # -- brain MR roles from acquisition attributes, with the decoys of a real study ----------------
 
 
+@pytest.mark.unit
 def test_brain_roles_come_from_acquisition_attributes_not_names(tmp_path: Path) -> None:
     uids = decoy_study(tmp_path / "study")
     store = store_study(
@@ -305,6 +317,7 @@ def test_brain_roles_come_from_acquisition_attributes_not_names(tmp_path: Path) 
     }
 
 
+@pytest.mark.unit
 def test_description_rules_still_work_in_yaml(tmp_path: Path) -> None:
     """A user's own rule on descriptions overrides the physics, and still never takes a mask."""
     path = tmp_path / "node.yaml"
@@ -331,6 +344,7 @@ def test_description_rules_still_work_in_yaml(tmp_path: Path) -> None:
     assert routed.inputs["T2"] == uids["sT2/TSE/T"]
 
 
+@pytest.mark.unit
 def test_a_radiograph_without_pixel_data_is_not_routed(tmp_path: Path) -> None:
     """Rows and Columns without Pixel Data (a CR header a PACS sent alone) is no image."""
     ds = cxr_dataset(CxrPhantomSpec(rows=16, columns=16))
@@ -343,6 +357,7 @@ def test_a_radiograph_without_pixel_data_is_not_routed(tmp_path: Path) -> None:
     assert decision.not_routed[0].reason == "no pixel data"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("keyword", ["FloatPixelData", "DoubleFloatPixelData"])
 def test_float_pixel_data_counts_as_pixels(tmp_path: Path, keyword: str) -> None:
     ds = cxr_dataset(CxrPhantomSpec(rows=4, columns=4))

@@ -43,6 +43,8 @@ from tests.support.node import NodeProcess, closed_by_node, plugin_env
 from tests.support.peers import require_tool
 from tests.support.tls import openssl, tls_echo, tls_scp
 
+pytestmark = pytest.mark.integration
+
 TOKEN = "a-token-long-enough-for-the-node"
 ACSE_TIMEOUT_S = 3.0
 

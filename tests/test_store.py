@@ -26,6 +26,8 @@ from dicom_node.store import (
 )
 from tests.support.encoding import encoded
 
+pytestmark = pytest.mark.unit
+
 SENDER = Sender("MODALITY", "127.0.0.1")
 
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from tests.support.tls import tls_echo, tls_scp
+
+pytestmark = pytest.mark.integration
 
 
 def test_tls_with_client_certificates(make_node, pki: Path) -> None:

@@ -14,6 +14,8 @@ from dicom_node.testing import Orthanc
 from tests.support.cases import PROVENANCE, ct_case
 from tests.support.viewer import VIEWER_TOOLS, ViewerServer, missing, run_check
 
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
 ARTEFACTS = Path(__file__).resolve().parents[1] / "test-artefacts"
 
 

@@ -29,6 +29,7 @@ def cxr_file(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.integration
 def test_health_readiness_metrics_and_api_follow_a_study(make_node, cxr_file):
     node = make_node(assembly={"series_quiet_seconds": 1, "study_quiet_seconds": 1})
     url = node.http_url
@@ -101,6 +102,7 @@ def test_health_readiness_metrics_and_api_follow_a_study(make_node, cxr_file):
     assert request(url + "/api/deliveries")[0] == 200
 
 
+@pytest.mark.integration
 def test_readiness_fails_while_the_worker_is_dead(make_node):
     node = make_node()
     url = node.http_url
@@ -119,6 +121,7 @@ def test_readiness_fails_while_the_worker_is_dead(make_node):
     wait_until(lambda: get_json(url + "/readyz")[0] == 200, what="ready again")
 
 
+@pytest.mark.integration
 def test_without_a_worker_the_node_is_not_ready(make_node):
     node = make_node(worker={"enabled": False})
     time.sleep(0.5)
@@ -127,6 +130,7 @@ def test_without_a_worker_the_node_is_not_ready(make_node):
     assert report["checks"]["worker"] == "no external inference worker has beaten recently"
 
 
+@pytest.mark.unit
 def test_store_check_reports_an_unwritable_store_and_low_space(tmp_path):
     not_a_folder = tmp_path / "file"
     not_a_folder.write_text("x")
@@ -136,6 +140,7 @@ def test_store_check_reports_an_unwritable_store_and_low_space(tmp_path):
     assert list(tmp_path.iterdir()) == [not_a_folder]  # the probe leaves nothing behind
 
 
+@pytest.mark.integration
 def test_token_is_enforced(make_node):
     node = make_node(http={"token": TOKEN})
     url = node.http_url
@@ -158,6 +163,7 @@ def test_token_is_enforced(make_node):
     assert status == 415
 
 
+@pytest.mark.unit
 def test_a_token_is_required_beyond_loopback():
     with pytest.raises(ConfigError, match=r"http\.token"):
         load_config(environ={"DICOM_NODE__HTTP__HOST": "0.0.0.0"})
@@ -169,6 +175,7 @@ def test_a_token_is_required_beyond_loopback():
     assert config.http.token == TOKEN
 
 
+@pytest.mark.integration
 def test_http_can_be_switched_off(make_node):
     node = make_node(http={"enabled": False})
     with pytest.raises(urllib.error.URLError):
@@ -176,6 +183,7 @@ def test_http_can_be_switched_off(make_node):
     assert "HTTP on" not in node.log()
 
 
+@pytest.mark.integration
 def test_the_port_in_use_is_reported(make_node, tmp_path):
     port = free_port()
     first = make_node("first", http={"port": port})

@@ -9,6 +9,7 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
 from pydicom import dcmread
 
 from dicom_node.phantoms import CtPhantomSpec, write_ct_series
@@ -16,6 +17,8 @@ from dicom_node.scu import send
 from tests.support.dicomfiles import CORPUS_SOURCE_WARNINGS, dciodvfy
 from tests.support.node import NodeProcess, plugin_env
 from tests.support.paths import corpus_ct
+
+pytestmark = pytest.mark.integration
 
 RULE = {"algorithm": "example-threshold", "series": {"modality": ["CT"], "min_slices": 20}}
 FAST = {"series_quiet_seconds": 1, "study_quiet_seconds": 1}

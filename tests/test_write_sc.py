@@ -15,6 +15,7 @@ from tests.support.dicomfiles import CORPUS_SOURCE_WARNINGS, dciodvfy
 from tests.support.paths import CORPUS_CXR
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("source", ["phantom", "corpus"])
 def test_heat_map_capture_is_valid_and_shows_the_heat(tmp_path, corpus, source) -> None:
     if source == "corpus":
@@ -47,6 +48,7 @@ def test_heat_map_capture_is_valid_and_shows_the_heat(tmp_path, corpus, source) 
     assert (text >= 250).all(axis=-1).sum() > 200  # burned-in white text
 
 
+@pytest.mark.unit
 def test_a_heat_map_off_the_image_grid_is_refused(tmp_path) -> None:
     path = tmp_path / "cxr.dcm"
     cxr_dataset(CxrPhantomSpec(rows=64, columns=64)).save_as(path, enforce_file_format=True)
@@ -56,6 +58,7 @@ def test_a_heat_map_off_the_image_grid_is_refused(tmp_path) -> None:
         heat_map_capture(result, {"series": SeriesInput("1", (path,))}, provenance, series_number=1)
 
 
+@pytest.mark.unit
 def test_an_image_too_small_for_its_text_is_a_write_error_naming_its_size(tmp_path) -> None:
     """pydicom's dicomdirtests hold 16 x 16 CRs: no size of text fits, and a capture without
     it would not say what it shows; the job fails at once, in words (not a retried ValueError)."""
@@ -73,6 +76,7 @@ def test_an_image_too_small_for_its_text_is_a_write_error_naming_its_size(tmp_pa
         heat_map_capture(result, {"series": SeriesInput("1", (path,))}, provenance, series_number=1)
 
 
+@pytest.mark.integration
 def test_a_radiograph_without_body_part_or_orientation_gets_a_valid_capture(tmp_path) -> None:
     """No Body Part Examined: validators must assume a paired organ, so Laterality (Type 2C)
     is written empty; no Patient Orientation: the capture's is empty, not an invented L\\F;
@@ -99,6 +103,7 @@ def test_a_radiograph_without_body_part_or_orientation_gets_a_valid_capture(tmp_
     assert "Laterality" not in capture
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("part", "image_laterality", "expected"),
     [

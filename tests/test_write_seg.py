@@ -51,6 +51,7 @@ def written(
     return paths, series, masks, path
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("omit_empty_frames", [True, False], ids=["sparse", "dense"])
 @pytest.mark.parametrize("reversed_order", [False, True], ids=["ordered", "reversed"])
 @pytest.mark.parametrize("plane", PLANES)
@@ -86,6 +87,7 @@ def test_seg_round_trip_is_voxel_exact(tmp_path, plane, reversed_order, omit_emp
     assert seg.NumberOfFrames == len(referenced) == expected
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("plane", PLANES)
 def test_seg_passes_the_reference_validators(tmp_path, plane) -> None:
     paths, _, _, path = written(tmp_path, phantom(plane, reversed_order=True))
@@ -120,6 +122,7 @@ def test_seg_passes_the_reference_validators(tmp_path, plane) -> None:
     assert "ab" * 32 in str(parameters.AlgorithmParameters)
 
 
+@pytest.mark.unit
 def test_spacing_between_slices_of_the_source_does_not_leak(tmp_path) -> None:
     spec = phantom("axial", reversed_order=False)
     paths = write_ct_series(tmp_path / "ct", spec)
@@ -142,6 +145,7 @@ SLOPPY = {  # as modalities in the wild write them
 }
 
 
+@pytest.mark.integration
 def test_invalid_copied_patient_and_study_values_are_left_empty_not_fatal(tmp_path, caplog) -> None:
     """highdicom refuses a source whose copied date, time or sex breaks its VR: the results
     carry those Type 2 attributes empty instead, the source stays as it was, the objects
@@ -171,6 +175,7 @@ def test_invalid_copied_patient_and_study_values_are_left_empty_not_fatal(tmp_pa
     assert all(k in logged for k in SLOPPY) and not any(v in logged for v in SLOPPY.values())
 
 
+@pytest.mark.unit
 def test_masks_that_say_nothing_or_do_not_fit_are_refused(tmp_path) -> None:
     spec = phantom("axial", reversed_order=False)
     series = SeriesInput("1", tuple(write_ct_series(tmp_path / "ct", spec)))
@@ -185,6 +190,7 @@ def test_masks_that_say_nothing_or_do_not_fit_are_refused(tmp_path) -> None:
         segmentation(wrong, {"series": series}, PROVENANCE, series_number=1)
 
 
+@pytest.mark.unit
 def test_series_description_is_configurable_but_demo_always_says_so() -> None:
     from dicom_node.config import ConfigError, load_config
 
@@ -198,6 +204,7 @@ def test_series_description_is_configurable_but_demo_always_says_so() -> None:
         load_config(None, environ={"DICOM_NODE__RESULTS__SERIES_DESCRIPTION": "AI {model}"})
 
 
+@pytest.mark.integration
 def test_the_results_of_two_reconstructions_say_which_series_they_come_from(tmp_path) -> None:
     """Two reconstructions of one study (thin and thick slices): each result's Series Number
     is its source's followed by 01 (SEG), 02 (SR), and its description names the source's,

@@ -21,6 +21,8 @@ from tests.support.cases import PLANES, PROVENANCE, ct_case
 from tests.support.dicomfiles import dciodvfy
 from tests.support.peers import require_tool
 
+pytestmark = pytest.mark.integration
+
 PNEUMONIA = Concept("SCT", "233604007", "Pneumonia")
 
 
