@@ -240,6 +240,16 @@ def test_dockerfile_installs_the_makefiles_torch_from_the_matching_index(
     assert re.search(r"apt-get install[^\n]*\bdcmtk\b[^\n]*\bdicom3tools\b", run)
 
 
+def package_folder(package: str, setuptools: dict[str, Any]) -> Path:
+    """Where setuptools finds ``package``: its folder under the nearest ``package-dir`` entry."""
+    parts = package.split(".")
+    for cut in range(len(parts), 0, -1):
+        base = setuptools.get("package-dir", {}).get(".".join(parts[:cut]))
+        if base is not None:
+            return ROOT / base / "/".join(parts[cut:])
+    return ROOT / "/".join(parts)
+
+
 @pytest.mark.unit
 def test_dockerfile_copies_what_the_build_needs_and_the_context_keeps_it(
     dockerfile: Dockerfile,
@@ -257,13 +267,15 @@ def test_dockerfile_copies_what_the_build_needs_and_the_context_keeps_it(
             copied |= {f.relative_to(ROOT).as_posix() for f in kept}
     # What `pip install .` reads: pyproject, its readme, every package and its package data.
     project = _pyproject()
+    setuptools = project["tool"]["setuptools"]
     needed = {"pyproject.toml", project["project"]["readme"]}
-    for package, patterns in project["tool"]["setuptools"]["package-data"].items():
-        folder = ROOT / package.replace(".", "/")
+    for package, patterns in setuptools["package-data"].items():
+        folder = package_folder(package, setuptools)
         needed |= {p.relative_to(ROOT).as_posix() for pat in patterns for p in folder.glob(pat)}
-    for pattern in project["tool"]["setuptools"]["packages"]["find"]["include"]:
-        for init in ROOT.glob(pattern.rstrip("*") + "*/**/__init__.py"):
-            needed |= {p.relative_to(ROOT).as_posix() for p in init.parent.glob("*.py")}
+    for package in setuptools["packages"]:
+        folder = package_folder(package, setuptools)
+        assert (folder / "__init__.py").is_file(), f"package {package} is not at {folder}"
+        needed |= {p.relative_to(ROOT).as_posix() for p in folder.glob("*.py")}
     missing = sorted(needed - copied)
     assert not missing, f"the image would lack {missing}"
 
