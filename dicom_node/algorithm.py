@@ -28,9 +28,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from dicom_node.config import ConfigError, describe_error
 from dicom_node.input_checks import (
     InputError,
     check_geometry,
@@ -50,7 +52,9 @@ __all__ = [
     "VOXEL_DTYPE",
     "Algorithm",
     "AlgorithmResult",
+    "AlgorithmSettings",
     "BundleAlgorithm",
+    "BundleSettings",
     "Classification",
     "Concept",
     "Finding",
@@ -348,19 +352,60 @@ class AlgorithmResult:
         return path
 
 
+class AlgorithmSettings(BaseModel):
+    """Base of an algorithm's typed settings: its section ``algorithms.<name>`` of the node
+    configuration, checked as strictly as the node's own sections.
+
+    Unknown keys are refused (a misspelt ``bundle`` must not quietly run the demo weights),
+    values are frozen, and no key may be null: leave a key out for its default, so that an
+    empty ``bundle:`` is an error rather than the demo weights.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _not_null(cls, value: object) -> object:
+        if value is None:
+            raise ValueError("null is not a value: leave the key out for its default")
+        return value
+
+
 class Algorithm(ABC):
     """Subclass this and register the class under the ``dicom_node.algorithms`` entry points.
 
     ``settings`` are the algorithm's own section of the node configuration (for example the
-    path of public weights); the class decides what it accepts and fails clearly otherwise.
+    path of public weights). Declare what it accepts as :attr:`settings_model`, a subclass of
+    :class:`AlgorithmSettings`: the node then validates the section when the configuration is
+    checked (``dicom-node config check``, ``dicom-node algorithms``) and when the worker
+    builds the class, refusing it with one line naming the key, and :attr:`settings` is that
+    model's instance. A class without a model gets the section as a dict and must check it
+    itself.
     """
 
     name: ClassVar[str]
     version: ClassVar[str]
     inputs: ClassVar[InputSpec] = InputSpec()
+    settings_model: ClassVar[type[AlgorithmSettings] | None] = None
+    # An instance of settings_model; without one, the section as a dict. Subclasses with a
+    # model narrow it (``settings: Settings``) for their readers and type checkers.
+    settings: Any
 
     def __init__(self, settings: Mapping[str, Any] | None = None) -> None:
-        self.settings = dict(settings or {})
+        self.settings = self.checked_settings(settings)
+
+    @classmethod
+    def checked_settings(cls, settings: Mapping[str, Any] | None) -> Any:
+        """``settings`` as :attr:`settings_model` takes them, or a :class:`ConfigError` naming
+        each key it refuses (``algorithms.<name>.<key>: ...``); without a model, a dict."""
+        if cls.settings_model is None:
+            return dict(settings or {})
+        try:
+            return cls.settings_model.model_validate(dict(settings or {}))
+        except ValidationError as exc:
+            raise ConfigError(
+                describe_error(exc, ("algorithms", cls.name), unknown="unknown setting")
+            ) from None
 
     @abstractmethod
     def weights(self) -> Weights:
@@ -375,6 +420,16 @@ class Algorithm(ABC):
         """Run on one case; ``inputs`` has one entry per name in :attr:`inputs`."""
 
 
+class BundleSettings(AlgorithmSettings):
+    """The settings of a :class:`BundleAlgorithm`."""
+
+    bundle: Path | None = Field(
+        None,
+        description="A MONAI bundle folder (configs/inference.json and models/model.pt or "
+        "model.ts) of public weights; without it, the demo weights.",
+    )
+
+
 class BundleAlgorithm(Algorithm):
     """An algorithm whose public weights come as a MONAI bundle folder, setting ``bundle``
     (``configs/inference.json`` + ``models/model.pt`` or ``model.ts``); without that setting
@@ -383,15 +438,18 @@ class BundleAlgorithm(Algorithm):
     :attr:`model_module` names the module that loads either kind: ``load_demo(path)`` and
     ``load_bundle(bundle)``, each returning an object with a ``network`` attribute, kept as
     :attr:`loaded`. It is imported by :meth:`load` only, so that discovering and routing to
-    the algorithm does not pay for torch and MONAI.
+    the algorithm does not pay for torch and MONAI. A subclass with more settings extends
+    :class:`BundleSettings`.
     """
 
+    settings_model: ClassVar[type[AlgorithmSettings] | None] = BundleSettings
+    settings: BundleSettings
     demo_weights: ClassVar[Path]
     model_module: ClassVar[str]
 
     def weights(self) -> Weights:
-        if "bundle" in self.settings:
-            return Weights.from_bundle(Path(self.settings["bundle"]))
+        if self.settings.bundle is not None:
+            return Weights.from_bundle(self.settings.bundle)
         return Weights.from_file(self.demo_weights, demo=True)
 
     def load(self, device: str) -> None:
@@ -400,5 +458,5 @@ class BundleAlgorithm(Algorithm):
         if weights.demo:
             self.loaded = model.load_demo(weights.path)
         else:
-            self.loaded = model.load_bundle(Path(self.settings["bundle"]))
+            self.loaded = model.load_bundle(self.settings.bundle)
         self.loaded.network.to(device)

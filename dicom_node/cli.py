@@ -328,6 +328,9 @@ def cmd_config(args: argparse.Namespace) -> int:
     if args.action == "show":
         print(config_as_yaml(config), end="")
     else:
+        from dicom_node.plugins import check_settings, discover
+
+        check_settings(discover(), config.algorithms)  # the plugins' sections too
         print("configuration OK")
     return 0
 

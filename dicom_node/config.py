@@ -575,13 +575,19 @@ def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _describe(error: ValidationError) -> str:
+def describe_error(
+    error: ValidationError, within: tuple[str, ...] = (), unknown: str = "unknown key"
+) -> str:
+    """One line naming each key that failed: ``scp.prot: unknown key``. ``within`` is where
+    the validated mapping sits in the whole configuration (an algorithm's settings are
+    validated by its own model, ``("algorithms", name)``), ``unknown`` says what an extra
+    key is."""
     lines = []
     for item in error.errors():
-        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        key = ".".join(str(p) for p in (*within, *item["loc"])) or "(top level)"
         message = item["msg"]
         if item["type"] == "extra_forbidden":
-            message = "unknown key"
+            message = unknown
         lines.append(f"{key}: {message}")
     return "; ".join(lines)
 
@@ -612,7 +618,7 @@ def load_config(
     try:
         return NodeConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc)) from None
+        raise ConfigError(describe_error(exc)) from None
 
 
 def config_as_yaml(config: NodeConfig) -> str:

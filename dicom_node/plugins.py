@@ -10,10 +10,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
-from dicom_node.algorithm import Algorithm
+from dicom_node.algorithm import Algorithm, AlgorithmSettings
+from dicom_node.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -43,19 +44,29 @@ class Registration:
 
 def discover() -> dict[str, Registration]:
     """Every algorithm registered through entry points; broken ones say why, never raise."""
-    found: dict[str, Registration] = {}
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        try:
-            cls = ep.load()
-            if not (isinstance(cls, type) and issubclass(cls, Algorithm)):
-                raise TypeError(f"{ep.value} is not a dicom_node.algorithm.Algorithm subclass")
-            if cls.name != ep.name:
-                raise ValueError(f"entry point {ep.name!r} names a class called {cls.name!r}")
-            found[ep.name] = Registration(ep.name, ep.value, cls, None)
-        except Exception as exc:  # a broken plugin must not stop the node; it is listed
-            log.error("algorithm entry point %s = %s is broken: %s", ep.name, ep.value, exc)
-            found[ep.name] = Registration(ep.name, ep.value, None, f"{type(exc).__name__}: {exc}")
-    return found
+    return {ep.name: register(ep) for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def register(ep: EntryPoint) -> Registration:
+    """The class ``ep`` names, checked against the plugin contract, or why it is broken."""
+    try:
+        cls = ep.load()
+        if not (isinstance(cls, type) and issubclass(cls, Algorithm)):
+            raise TypeError(f"{ep.value} is not a dicom_node.algorithm.Algorithm subclass")
+        if cls.name != ep.name:
+            raise ValueError(f"entry point {ep.name!r} names a class called {cls.name!r}")
+        model = cls.settings_model
+        if model is not None and not (
+            isinstance(model, type) and issubclass(model, AlgorithmSettings)
+        ):
+            # Any other model might take unknown keys: a misspelt setting would go unnoticed.
+            raise TypeError(
+                f"{ep.value}.settings_model is not a dicom_node.algorithm.AlgorithmSettings"
+            )
+        return Registration(ep.name, ep.value, cls, None)
+    except Exception as exc:  # a broken plugin must not stop the node; it is listed
+        log.error("algorithm entry point %s = %s is broken: %s", ep.name, ep.value, exc)
+        return Registration(ep.name, ep.value, None, f"{type(exc).__name__}: {exc}")
 
 
 def catalogue(
@@ -80,3 +91,22 @@ def catalogue(
                 row["error"] = f"{type(exc).__name__}: {exc}"
         rows.append(row)
     return rows
+
+
+def check_settings(
+    registry: Mapping[str, Registration], settings: Mapping[str, Mapping[str, Any]]
+) -> None:
+    """Raise :class:`ConfigError` for the first ``algorithms.<name>`` section that names no
+    installed algorithm or that its algorithm refuses (``algorithms.<name>.<key>: ...``).
+
+    For ``dicom-node config check``: a misspelt algorithm name or setting would otherwise
+    leave the algorithm on its defaults, the demo weights among them. A plugin that fails to
+    load cannot check its section; ``dicom-node algorithms`` reports it.
+    """
+    for name, section in settings.items():
+        registration = registry.get(name)
+        if registration is None:
+            installed = ", ".join(sorted(registry)) or "none"
+            raise ConfigError(f"algorithms.{name}: no such algorithm installed ({installed})")
+        if registration.algorithm is not None:
+            registration.algorithm.checked_settings(section)

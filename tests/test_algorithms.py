@@ -6,12 +6,15 @@ import importlib
 import json
 import subprocess
 import sys
+from importlib.metadata import EntryPoint
 from pathlib import Path
 
 import numpy as np
 import pytest
+from pydantic import BaseModel
 
 from dicom_node.algorithm import (
+    Algorithm,
     AlgorithmResult,
     Classification,
     Finding,
@@ -21,7 +24,8 @@ from dicom_node.algorithm import (
     SeriesInput,
     Weights,
 )
-from dicom_node.plugins import discover
+from dicom_node.config import ConfigError
+from dicom_node.plugins import ENTRY_POINT_GROUP, discover, register
 from dicom_node.route import installed_algorithms
 from tests.support.node import plugin_env
 from tests.support.paths import PLUGINS, corpus_ct
@@ -186,3 +190,86 @@ def test_a_plugin_package_is_routed_to_without_touching_the_node(make_node, corp
     assert node.wait_for("SELECT COUNT(*) FROM jobs WHERE kind = 'inference'", 1) == 1
     payload = json.loads(node.query("SELECT payload FROM jobs WHERE kind = 'inference'")[0][0])
     assert payload["algorithm"] == "example-threshold" and list(payload["inputs"]) == ["series"]
+
+
+BUILT_IN = ("lung-nodules-ct", "brain-tumour-mr", "pneumonia-cxr")
+# What each built-in accepts today, every key given a value other than its default.
+VALID_SETTINGS = {
+    "lung-nodules-ct": {"bundle": "/models/lung", "report_threshold": 0.3, "enclosed_only": True},
+    "brain-tumour-mr": {"bundle": "/models/brats"},
+    "pneumonia-cxr": {"weights": "/models/xrv.pt", "variant": "all", "allow_pickle": True},
+}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_built_in_settings_are_typed_and_refuse_unknown_keys(name: str) -> None:
+    """A misspelt `bundle:` used to leave the algorithm on its demo weights without a word."""
+    cls = discover()[name].algorithm
+    assert cls is not None and cls.settings_model is not None
+    with pytest.raises(ConfigError) as refused:
+        cls({"bundel": "/models/x"})
+    assert str(refused.value) == f"algorithms.{name}.bundel: unknown setting"
+    # Null is not "the default": an empty `bundle:` must not mean the demo weights either.
+    key = next(iter(VALID_SETTINGS[name]))
+    with pytest.raises(ConfigError, match=rf"^algorithms\.{name}\.{key}: .*leave the key out"):
+        cls({key: None})
+    settings = cls(VALID_SETTINGS[name]).settings
+    assert isinstance(settings, cls.settings_model)
+    assert settings.model_dump(mode="json") | VALID_SETTINGS[name] == settings.model_dump(
+        mode="json"
+    )
+    assert sorted(cls.settings_model.model_fields) == sorted(VALID_SETTINGS[name])
+    assert cls().weights().demo  # nothing configured: the demo weights, marked
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("name", "settings", "key"),
+    [
+        ("lung-nodules-ct", {"report_threshold": 1.5}, "report_threshold"),
+        ("lung-nodules-ct", {"enclosed_only": "sometimes"}, "enclosed_only"),
+        ("pneumonia-cxr", {"variant": "paediatric"}, "variant"),
+    ],
+)
+def test_built_in_settings_refuse_bad_values_naming_the_key(name, settings, key) -> None:
+    cls = discover()[name].algorithm
+    assert cls is not None
+    with pytest.raises(ConfigError, match=rf"^algorithms\.{name}\.{key}: "):
+        cls(settings)
+
+
+@pytest.mark.unit
+def test_a_plugin_without_a_settings_model_gets_its_section_as_a_dict(example_plugins) -> None:
+    cls = discover()["example-threshold"].algorithm
+    assert cls is not None and cls.settings_model is None
+    assert cls({"threshold": 100, "anything": "goes"}).settings == {
+        "threshold": 100,
+        "anything": "goes",
+    }
+
+
+class _LooseSettings(BaseModel):  # takes unknown keys: a typo would go unnoticed
+    threshold: float = 0.0
+
+
+class LooseAlgorithm(Algorithm):
+    name = "loose"
+    version = "1"
+    settings_model = _LooseSettings  # type: ignore[assignment]
+
+    def weights(self) -> Weights:
+        return Weights.none()
+
+    def load(self, device: str) -> None:
+        pass
+
+    def run(self, inputs):  # never called: the registration refuses the class
+        raise AssertionError
+
+
+@pytest.mark.unit
+def test_a_settings_model_not_built_on_algorithm_settings_is_a_broken_plugin() -> None:
+    registration = register(EntryPoint("loose", f"{__name__}:LooseAlgorithm", ENTRY_POINT_GROUP))
+    assert registration.algorithm is None
+    assert "settings_model is not a dicom_node.algorithm.AlgorithmSettings" in registration.error

@@ -90,6 +90,51 @@ def test_cli_config_check_exit_codes(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        # The safety case: a misspelt `bundle` would have run the demo weights.
+        (
+            "lung-nodules-ct: {bundel: /models/lung}",
+            "algorithms.lung-nodules-ct.bundel: unknown setting",
+        ),
+        (
+            "pneumonia-cxr: {variant: kids}",
+            "algorithms.pneumonia-cxr.variant: Input should be 'rsna' or 'all'",
+        ),
+        (
+            "lung-nodule-ct: {bundle: /models/lung}",
+            "algorithms.lung-nodule-ct: no such algorithm installed",
+        ),
+    ],
+)
+def test_cli_config_check_validates_algorithm_settings(tmp_path: Path, section, message) -> None:
+    """Each algorithm's section is checked by its own Settings model, one line naming the key."""
+    path = tmp_path / "node.yaml"
+    path.write_text(f"algorithms:\n  {section}\n")
+    result = cli("config", "check", "--config", str(path))
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"dicom-node: configuration error: {message}")
+    assert result.stderr.count("\n") == 1, result.stderr
+    listing = cli("algorithms", "--config", str(path))  # the same refusal, in the listing
+    if "no such algorithm" not in message:
+        assert listing.returncode == 1 and message in listing.stdout
+
+
+@pytest.mark.integration
+def test_cli_config_check_accepts_valid_algorithm_settings(tmp_path: Path) -> None:
+    path = tmp_path / "node.yaml"
+    path.write_text(
+        "algorithms:\n"
+        "  lung-nodules-ct: {report_threshold: 0.4, enclosed_only: false}\n"
+        "  brain-tumour-mr: {}\n"
+        "  pneumonia-cxr: {variant: all, allow_pickle: false}\n"
+    )
+    result = cli("config", "check", "--config", str(path))
+    assert (result.returncode, result.stdout) == (0, "configuration OK\n"), result.stderr
+
+
+@pytest.mark.integration
 def test_cli_config_show_round_trips(tmp_path: Path) -> None:
     result = cli("config", "show", env={"DICOM_NODE__SCP__PORT": "4242", "PATH": ""})
     assert result.returncode == 0, result.stderr

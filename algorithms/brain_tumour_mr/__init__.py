@@ -1,8 +1,9 @@
 """Brain tumour segmentation on four-sequence MR: tumour core, whole and enhancing tumour.
 
-Settings (``algorithms: {brain-tumour-mr: {...}}``): ``bundle``, a MONAI bundle folder as the
-Model Zoo publishes ``brats_mri_segmentation`` (``configs/inference.json`` and
-``models/model.pt`` or ``model.ts``); without it the demo weights. The public weights were
+Settings (``algorithms: {brain-tumour-mr: {...}}``, :class:`BundleSettings`, no other key):
+``bundle``, a MONAI bundle folder as the Model Zoo publishes ``brats_mri_segmentation``
+(``configs/inference.json`` and ``models/model.pt`` or ``model.ts``); without it the demo
+weights. The public weights were
 trained on BraTS volumes resampled to 1 mm; the node runs on the T1c series' own grid.
 """
 

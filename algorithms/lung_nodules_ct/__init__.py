@@ -1,27 +1,22 @@
 """Lung nodule detection on chest CT: nodule centres, sizes, scores and outlines.
 
-Settings (``algorithms: {lung-nodules-ct: {...}}``):
-
-- ``bundle``: a MONAI bundle folder as the Model Zoo publishes ``lung_nodule_ct_detection``
-  (``configs/inference.json`` and ``models/model.pt`` or ``model.ts``); without it the demo
-  weights.
-- ``report_threshold`` (default 0.5): the score from which a box is reported as a nodule. The
-  bundle's own selector keeps boxes down to 0.02, candidates for FROC analysis rather than
-  findings for a reader.
-- ``enclosed_only`` (default: true with the demo weights, false with a bundle): report only
-  nodules surrounded by lung. The demo network, trained on phantoms, boxes pieces of the heart,
-  chest wall and vessels on a real CT; the rule removes those, and with them the nodules that
-  touch the pleura or a vessel, which a trained model must be allowed to report.
+Settings (``algorithms: {lung-nodules-ct: {...}}``) are :class:`Settings`: ``bundle``,
+``report_threshold``, ``enclosed_only``; any other key is refused.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import ClassVar
+
+from pydantic import Field, StrictBool
 
 from dicom_node.algorithm import (
     AlgorithmResult,
+    AlgorithmSettings,
     BundleAlgorithm,
+    BundleSettings,
     Concept,
     Finding,
     InputSpec,
@@ -35,26 +30,46 @@ NODULE = Concept("SCT", "27925004", "Nodule")
 LUNG = Concept("SCT", "39607008", "Lung")
 
 
+class Settings(BundleSettings):
+    """``algorithms.lung-nodules-ct``: the weights and which boxes are reported."""
+
+    # bundle: the Model Zoo's lung_nodule_ct_detection (BundleSettings); without it the demo.
+    report_threshold: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="The score from which a box is reported as a nodule. The bundle's own "
+        "selector keeps boxes down to 0.02, candidates for FROC analysis rather than findings "
+        "for a reader.",
+    )
+    enclosed_only: StrictBool | None = Field(
+        None,
+        description="Report only nodules surrounded by lung; left out, true with the demo "
+        "weights and false with a bundle. The demo network, trained on phantoms, boxes pieces "
+        "of the heart, chest wall and vessels on a real CT; the rule removes those, and with "
+        "them the nodules that touch the pleura or a vessel, which a trained model must be "
+        "allowed to report.",
+    )
+
+
 class LungNodulesCt(BundleAlgorithm):
     name = "lung-nodules-ct"
     version = "1.0.0"
     demo_weights = DEMO_WEIGHTS
     model_module = "dicom_node_algorithms.lung_nodules_ct.model"
     inputs = InputSpec()
+    settings_model: ClassVar[type[AlgorithmSettings] | None] = Settings
+    settings: Settings
 
     @property
     def report_threshold(self) -> float:
-        threshold = float(self.settings.get("report_threshold", 0.5))
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"report_threshold {threshold} is not in [0, 1]")
-        return threshold
+        return self.settings.report_threshold
 
     @property
     def enclosed_only(self) -> bool:
-        value = self.settings.get("enclosed_only", self.loaded.demo)
-        if not isinstance(value, bool):
-            raise ValueError(f"enclosed_only must be true or false, not {value!r}")
-        return value
+        if self.settings.enclosed_only is None:
+            return bool(self.loaded.demo)
+        return self.settings.enclosed_only
 
     def run(self, inputs: Mapping[str, SeriesInput]) -> AlgorithmResult:
         from dicom_node_algorithms.lung_nodules_ct.model import (

@@ -1,20 +1,21 @@
 """Pneumonia classification with a Grad-CAM heat map on a chest radiograph.
 
-Settings (``algorithms: {pneumonia-cxr: {...}}`` in the node configuration):
-
-- ``weights``: a torchxrayvision DenseNet-121 weights file (state dict, or with
-  ``allow_pickle: true`` the pickled model xrv publishes); without it the demo weights.
-- ``variant``: ``rsna`` (default) or ``all``: whose Pneumonia operating threshold applies.
+Settings (``algorithms: {pneumonia-cxr: {...}}`` in the node configuration) are
+:class:`Settings`: ``weights``, ``variant``, ``allow_pickle``; any other key is refused.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import ClassVar, Literal
+
+from pydantic import Field
 
 from dicom_node.algorithm import (
     Algorithm,
     AlgorithmResult,
+    AlgorithmSettings,
     Classification,
     Concept,
     HeatMap,
@@ -32,14 +33,33 @@ PNEUMONIA = Concept("SCT", "233604007", "Pneumonia")
 # algorithm (in the SCP's process) must not pay for them.
 
 
+class Settings(AlgorithmSettings):
+    """``algorithms.pneumonia-cxr``: public weights and whose operating threshold applies."""
+
+    weights: Path | None = Field(
+        None,
+        description="A torchxrayvision DenseNet-121 weights file (a state dict, or with "
+        "allow_pickle the pickled model xrv publishes); without it, the demo weights.",
+    )
+    variant: Literal["rsna", "all"] = Field(
+        "rsna", description="Whose Pneumonia operating threshold applies (xrv's model table)."
+    )
+    allow_pickle: bool = Field(
+        False,
+        description="Read a pickled model (code runs as it loads: only a file you trust).",
+    )
+
+
 class PneumoniaCxr(Algorithm):
     name = "pneumonia-cxr"
     version = "1.0.0"
     inputs = InputSpec()
+    settings_model: ClassVar[type[AlgorithmSettings] | None] = Settings
+    settings: Settings
 
     def weights(self) -> Weights:
-        if "weights" in self.settings:
-            return Weights.from_file(Path(self.settings["weights"]), demo=False)
+        if self.settings.weights is not None:
+            return Weights.from_file(self.settings.weights, demo=False)
         return Weights.from_file(DEMO_WEIGHTS, demo=True)
 
     def load(self, device: str) -> None:
@@ -52,8 +72,8 @@ class PneumoniaCxr(Algorithm):
         else:
             loaded = load_network(
                 weights.path,
-                variant=str(self.settings.get("variant", "rsna")),
-                allow_pickle=bool(self.settings.get("allow_pickle", False)),
+                variant=self.settings.variant,
+                allow_pickle=self.settings.allow_pickle,
             )
         loaded.network.to(device)
         self.device = device

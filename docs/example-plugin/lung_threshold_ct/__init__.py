@@ -12,24 +12,24 @@ Classical image processing, so no training and no weights (:meth:`Weights.none`)
 is marked DEMO. It is an example, not a clinical tool: the trachea and main bronchi count as
 lung, and bowel gas larger than ``min_volume_ml`` in the same series would too.
 
-Settings (``algorithms: {lung-threshold-ct: {...}}`` in the node configuration):
-
-- ``threshold_hu`` (default -400): voxels below it are air;
-- ``min_volume_ml`` (default 20): smaller air pockets inside the body are not lung.
+Settings (``algorithms: {lung-threshold-ct: {...}}`` in the node configuration) are
+:class:`Settings`: ``threshold_hu`` and ``min_volume_ml``; any other key is refused.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
+from pydantic import Field
 
 from dicom_node.algorithm import (
     ANATOMICAL_STRUCTURE,
     SERIES_INPUT,
     Algorithm,
     AlgorithmResult,
+    AlgorithmSettings,
     Concept,
     InputError,
     InputSpec,
@@ -45,7 +45,17 @@ from dicom_node.algorithm import (
 RIGHT_LUNG = Concept("SCT", "3341006", "Right lung")
 LEFT_LUNG = Concept("SCT", "44029006", "Left lung")
 
-DEFAULTS: dict[str, float] = {"threshold_hu": -400.0, "min_volume_ml": 20.0}
+
+class Settings(AlgorithmSettings):
+    """``algorithms.lung-threshold-ct``. The node validates these when the configuration is
+    checked and when the worker builds the class, so a typo is one line naming the key."""
+
+    threshold_hu: float = Field(
+        -400.0, gt=-1000.0, lt=0.0, description="Voxels below it are air (HU)."
+    )
+    min_volume_ml: float = Field(
+        20.0, ge=0.0, description="Smaller air pockets inside the body are not lung (mL)."
+    )
 
 
 class LungThresholdCt(Algorithm):
@@ -54,21 +64,8 @@ class LungThresholdCt(Algorithm):
     name = "lung-threshold-ct"  # must equal the entry-point name in pyproject.toml
     version = "1.0.0"  # written into every SEG and SR as the algorithm's version
     inputs = InputSpec()  # one series, handed over as inputs["series"]
-
-    def __init__(self, settings: Mapping[str, Any] | None = None) -> None:
-        super().__init__(settings)
-        # Checked here, not at the first job: `dicom-node algorithms` builds the class with
-        # the configured settings, so a typo shows up there instead of failing every job.
-        unknown = sorted(set(self.settings) - set(DEFAULTS))
-        if unknown:
-            raise ValueError(f"unknown setting(s) {', '.join(unknown)}; known: {sorted(DEFAULTS)}")
-        values = {**DEFAULTS, **self.settings}
-        self.threshold_hu = float(values["threshold_hu"])
-        self.min_volume_ml = float(values["min_volume_ml"])
-        if not -1000.0 < self.threshold_hu < 0.0:
-            raise ValueError(f"threshold_hu {self.threshold_hu} is not between -1000 and 0 HU")
-        if self.min_volume_ml < 0.0:
-            raise ValueError(f"min_volume_ml {self.min_volume_ml} is negative")
+    settings_model: ClassVar[type[AlgorithmSettings] | None] = Settings
+    settings: Settings  # what settings_model made of algorithms.lung-threshold-ct
 
     def weights(self) -> Weights:
         return Weights.none()
@@ -92,7 +89,10 @@ class LungThresholdCt(Algorithm):
             raise InputError(f"series {series.series_uid} is not a single-channel volume")
         voxel_ml = float(volume.voxel_volume) / 1000.0
         lungs, body = air_inside_body(
-            hu, self.threshold_hu, round(self.min_volume_ml / voxel_ml), self.ndimage
+            hu,
+            self.settings.threshold_hu,
+            round(self.settings.min_volume_ml / voxel_ml),
+            self.ndimage,
         )
         right, left = split_at_midline(lungs, body, volume.affine, self.ndimage)
         result = AlgorithmResult(self.name, self.version, demo=self.weights().demo)
