@@ -38,7 +38,7 @@ from pydicom.filewriter import write_dataset
 from dicom_node.algorithm import Algorithm, SeriesInput
 from dicom_node.config import NodeConfig
 from dicom_node.infer import Worker, series_input
-from dicom_node.jobs import JobKind, enqueue
+from dicom_node.jobs import InferencePayload, JobKind
 from dicom_node.phantoms import (
     BrainPhantomSpec,
     CtPhantomSpec,
@@ -171,8 +171,8 @@ def measure(
 
     def node_job() -> None:
         with store.db.transaction() as conn:
-            job = {"algorithm": case.algorithm, "inputs": inputs}
-            enqueue(conn, JobKind.INFERENCE, "benchmark", 1, job)
+            job = InferencePayload(case.algorithm, inputs, "series")
+            worker.jobs.enqueue(conn, JobKind.INFERENCE, "benchmark", 1, job)
         job = worker.work_once()
         assert job is not None and worker.jobs.get(job.id).state.value == "succeeded", job
 

@@ -10,17 +10,19 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from dataclasses import asdict
 from typing import Any
 
 from dicom_node.config import SENDER, NodeConfig
-from dicom_node.deliver import Delivery, deliveries_of, target_label
-from dicom_node.jobs import JobKind
-from dicom_node.metrics import WORKER_STALE_S
-
-# The study a job belongs to: its subject is a study, or a series of one.
-_JOB_STUDY = (
-    "COALESCE((SELECT s.study_uid FROM series s WHERE s.series_uid = j.subject_uid), j.subject_uid)"
+from dicom_node.deliver import target_label
+from dicom_node.jobs import (
+    Delivery,
+    DeliveryState,
+    InferenceRecord,
+    JobState,
+    job_store_reading,
 )
+from dicom_node.metrics import WORKER_STALE_S
 
 
 def studies(conn: sqlite3.Connection, limit: int = 50) -> list[dict[str, Any]]:
@@ -51,16 +53,8 @@ def studies(conn: sqlite3.Connection, limit: int = 50) -> list[dict[str, Any]]:
     ):
         instances[uid] = instances.get(uid, 0) + count
         senders.setdefault(uid, []).append(aet)
-    job_states = _count_by_study(
-        conn,
-        "SELECT study_uid, state, COUNT(*) FROM _listed_jobs GROUP BY study_uid, state",
-        listed,
-    )
-    delivery_states = _count_by_study(
-        conn,
-        "SELECT j.study_uid, d.state, COUNT(*) FROM _listed_jobs j"
-        " JOIN deliveries d ON d.job_id = j.id GROUP BY j.study_uid, d.state",
-        listed,
+    job_states, delivery_states = job_store_reading(conn).study_tallies(
+        [row["study_uid"] for row in rows]
     )
     out = []
     for row in rows:
@@ -77,32 +71,13 @@ def studies(conn: sqlite3.Connection, limit: int = 50) -> list[dict[str, Any]]:
                 # As the comma-joined list it was: an AE title may hold a comma.
                 "senders": ",".join(senders.get(uid, [])).split(","),
                 "modalities": sorted(filter(None, (row["modalities"] or "").split(","))),
-                "jobs": {
-                    state: job_states.get((uid, state), 0)
-                    for state in ("queued", "running", "succeeded", "failed")
-                },
+                "jobs": {state.value: job_states.get((uid, state), 0) for state in JobState},
                 "deliveries": {
-                    state: delivery_states.get((uid, state), 0)
-                    for state in ("pending", "sent", "dead")
+                    state.value: delivery_states.get((uid, state), 0) for state in DeliveryState
                 },
             }
         )
     return out
-
-
-def _count_by_study(
-    conn: sqlite3.Connection, query: str, listed_uids: str
-) -> dict[tuple[str, str], int]:
-    """Run a ``(study_uid, state, count)`` query over ``_listed_jobs``: the inference jobs of
-    the studies in ``listed_uids`` (a JSON array, so any number of them is one parameter)."""
-    rows = conn.execute(
-        "WITH _inference AS (SELECT j.id, j.state, " + _JOB_STUDY + " AS study_uid"
-        "   FROM jobs j WHERE j.kind = 'inference'),"
-        " _listed_jobs AS (SELECT * FROM _inference"
-        "   WHERE study_uid IN (SELECT value FROM json_each(?))) " + query,
-        (listed_uids,),
-    )
-    return {(uid, state): count for uid, state, count in rows}
 
 
 def study(conn: sqlite3.Connection, study_uid: str) -> dict[str, Any] | None:
@@ -130,7 +105,7 @@ def study(conn: sqlite3.Connection, study_uid: str) -> dict[str, Any] | None:
             subjects,
         )
     ]
-    jobs = _jobs(conn, "WHERE j.kind = 'inference' AND " + _JOB_STUDY + " = ?", (study_uid,))
+    jobs = _jobs(conn, study_uid=study_uid)
     purged = conn.execute(
         "SELECT purged_at, files, bytes FROM purges WHERE subject = ?", (f"study:{study_uid}",)
     ).fetchone()
@@ -181,89 +156,65 @@ def _decision(row: sqlite3.Row) -> dict[str, Any]:
 def jobs(
     conn: sqlite3.Connection, *, state: str | None = None, limit: int = 100
 ) -> list[dict[str, Any]]:
-    where = "WHERE j.kind = 'inference'" + (" AND j.state = ?" if state else "")
-    return _jobs(conn, where, (state,) if state else (), limit=limit)
+    if state is not None and state not in {s.value for s in JobState}:
+        return []  # no job is in a state that does not exist
+    return _jobs(conn, state=JobState(state) if state else None, limit=limit)
 
 
 def job(conn: sqlite3.Connection, job_id: int) -> dict[str, Any] | None:
-    found = _jobs(conn, "WHERE j.kind = 'inference' AND j.id = ?", (job_id,))
+    found = _jobs(conn, job_id=job_id)
     return found[0] if found else None
 
 
-def _received(aggregate: str) -> str:
-    """When the instances a job's completion took in arrived (MIN or MAX): those of its own
-    series or study (by its level) received after the completion before it and by its own.
-    The index keeps each instance's latest copy only: a resend moves its copies to the later
-    completion, and an earlier one whose copies were all replaced has none (NULL)."""
-    window = (
-        " AND i.received_at <= COALESCE(c.created_at, j.created_at)"
-        " AND i.received_at > COALESCE(before.created_at, 0)"
-    )
-    return (
-        "CASE json_extract(j.payload, '$.level')"
-        f" WHEN 'study' THEN (SELECT {aggregate}(i.received_at) FROM instances i"
-        f"   WHERE i.study_uid = j.subject_uid{window})"
-        f" ELSE (SELECT {aggregate}(i.received_at) FROM instances i"
-        f"   WHERE i.series_uid = j.subject_uid{window}) END"
-    )
-
-
 def _jobs(
-    conn: sqlite3.Connection, where: str, params: tuple, *, limit: int = 1000
+    conn: sqlite3.Connection,
+    *,
+    job_id: int | None = None,
+    study_uid: str | None = None,
+    state: JobState | None = None,
+    limit: int = 1000,
 ) -> list[dict[str, Any]]:
-    # The completion a job was routed from is of its level: a series and its study may share
-    # a UID (and so a subject and a generation), and a job joined to both was listed twice.
-    rows = conn.execute(
-        "SELECT j.*, " + _JOB_STUDY + " AS study_uid,"
-        " r.created_at AS written_at, r.run_s, r.device,"
-        " c.created_at AS completed_at, c.finished_at AS routed_at,"
-        f" {_received('MIN')} AS first_received, {_received('MAX')} AS last_received"
-        " FROM jobs j LEFT JOIN results r ON r.job_id = j.id"
-        " LEFT JOIN jobs c ON c.subject_uid = j.subject_uid AND c.generation = j.generation"
-        "   AND c.kind = CASE json_extract(j.payload, '$.level')"
-        f"     WHEN 'study' THEN '{JobKind.STUDY_COMPLETE.value}'"
-        f"     ELSE '{JobKind.SERIES_COMPLETE.value}' END"
-        # Completions are counted one by one (assembly): the one before is generation - 1.
-        " LEFT JOIN jobs before ON before.subject_uid = c.subject_uid"
-        "   AND before.kind = c.kind AND before.generation = c.generation - 1"
-        f" {where} ORDER BY j.id DESC LIMIT ?",
-        (*params, limit),
-    ).fetchall()
-    delivered = deliveries_of(conn, [r["id"] for r in rows])
-    outputs: dict[int, list[dict]] = {}
-    if rows:
+    store = job_store_reading(conn)
+    records = store.inference_records(job_id=job_id, study_uid=study_uid, state=state, limit=limit)
+    ids = [r.job.id for r in records]
+    delivered = store.deliveries_of(ids)
+    outputs: dict[int, list[dict[str, Any]]] = {}
+    if records:
         for o in conn.execute(
             "SELECT job_id, kind, sop_instance_uid, series_uid FROM outputs WHERE job_id IN"
-            f" ({','.join('?' * len(rows))}) ORDER BY kind",
-            [r["id"] for r in rows],
+            f" ({','.join('?' * len(ids))}) ORDER BY kind",
+            ids,
         ):
             outputs.setdefault(o["job_id"], []).append(dict(o))
-    return [_job(r, delivered.get(r["id"], []), outputs.get(r["id"], [])) for r in rows]
+    return [_job(r, delivered.get(r.job.id, []), outputs.get(r.job.id, [])) for r in records]
 
 
-def _job(row: sqlite3.Row, deliveries: list[Delivery], outputs: list[dict]) -> dict[str, Any]:
-    payload = json.loads(row["payload"])
+def _job(
+    record: InferenceRecord, deliveries: list[Delivery], outputs: list[dict[str, Any]]
+) -> dict[str, Any]:
+    job = record.job
+    payload = job.inference
     sent = [d.sent_at for d in deliveries if d.sent_at is not None]
-    all_sent = bool(deliveries) and all(d.state == "sent" for d in deliveries)
+    all_sent = bool(deliveries) and all(d.state is DeliveryState.SENT for d in deliveries)
     inferred_at = (
-        row["started_at"] + row["run_s"]
-        if row["started_at"] is not None and row["run_s"] is not None
+        job.started_at + record.run_s
+        if job.started_at is not None and record.run_s is not None
         else None
     )
     # received -> complete -> routed -> inference -> written -> delivered; each step's time and
     # how long it took since the step before it.
     steps = [
-        ("received", row["last_received"]),
-        ("complete", row["completed_at"]),
-        ("routed", row["routed_at"]),
-        ("started", row["started_at"]),
+        ("received", record.last_received),
+        ("complete", record.completed_at),
+        ("routed", record.routed_at),
+        ("started", job.started_at),
         ("inference", inferred_at),
-        ("written", row["written_at"]),
+        ("written", record.written_at),
     ]
     if deliveries:  # a route without destinations ends at the written results
         steps.append(("delivered", max(sent) if all_sent else None))
     timeline = []
-    previous = row["first_received"]
+    previous = record.first_received
     for name, at in steps:
         timeline.append(
             {
@@ -274,26 +225,28 @@ def _job(row: sqlite3.Row, deliveries: list[Delivery], outputs: list[dict]) -> d
         )
         previous = at if at is not None else previous
     return {
-        "id": row["id"],
-        "algorithm": payload.get("algorithm"),
-        "level": payload.get("level"),
-        "inputs": payload.get("inputs", {}),
-        "study_uid": row["study_uid"],
-        "state": row["state"],
-        "attempts": row["attempts"],
-        "error": row["error"],
-        "device": row["device"],
-        "created_at": row["created_at"],
-        "finished_at": row["finished_at"],
+        "id": job.id,
+        "algorithm": payload.algorithm,
+        "level": payload.level,
+        "inputs": dict(payload.inputs),
+        "study_uid": record.study_uid,
+        "state": job.state.value,
+        "attempts": job.attempts,
+        "error": job.error,
+        "device": record.device,
+        "created_at": job.created_at,
+        "finished_at": job.finished_at,
         "timeline": timeline,
         "outputs": outputs,
         "deliveries": [
             {
                 "destination": d.label,
-                "state": d.state,
+                "state": d.state.value,
                 "attempts": d.attempts,
                 "last_error": d.last_error,
-                "next_attempt_at": d.next_attempt_at if d.state == "pending" else None,
+                "next_attempt_at": (
+                    d.next_attempt_at if d.state is DeliveryState.PENDING else None
+                ),
                 "sent_at": d.sent_at,
             }
             for d in deliveries
@@ -304,14 +257,12 @@ def _job(row: sqlite3.Row, deliveries: list[Delivery], outputs: list[dict]) -> d
 def deliveries(
     conn: sqlite3.Connection, *, state: str | None = None, limit: int = 200
 ) -> list[dict[str, Any]]:
-    where = "WHERE state = ?" if state else ""
-    return [
-        dict(r)
-        for r in conn.execute(
-            f"SELECT * FROM deliveries {where} ORDER BY id DESC LIMIT ?",
-            ((state,) if state else ()) + (limit,),
-        )
-    ]
+    if state is not None and state not in {s.value for s in DeliveryState}:
+        return []  # no delivery is in a state that does not exist
+    found = job_store_reading(conn).deliveries(
+        state=DeliveryState(state) if state else None, limit=limit
+    )
+    return [{**asdict(d), "state": d.state.value} for d in found]
 
 
 def destinations(conn: sqlite3.Connection, config: NodeConfig) -> list[dict[str, Any]]:
@@ -323,38 +274,28 @@ def destinations(conn: sqlite3.Connection, config: NodeConfig) -> list[dict[str,
     configured: dict[str, str] = {
         name: target_label(target) for name, target in config.destinations.items()
     }
-    counts: dict[tuple[str, str], dict[str, Any]] = {}
-    for row in conn.execute(
-        "SELECT destination, peer_aet, SUM(state = 'pending') AS pending,"
-        " SUM(state = 'pending' AND attempts > 0) AS retrying, SUM(state = 'sent') AS sent,"
-        " SUM(state = 'dead') AS dead, MAX(sent_at) AS last_sent_at FROM deliveries"
-        " GROUP BY destination, peer_aet"
-    ):
-        counts[(row["destination"], row["peer_aet"])] = dict(row)
-    error_rows = conn.execute(
-        "SELECT destination, peer_aet, last_error FROM deliveries WHERE state != 'sent'"
-        " AND last_error IS NOT NULL ORDER BY id"
-    )
-    errors = {(r["destination"], r["peer_aet"]): r["last_error"] for r in error_rows}
+    counts = {(t.destination, t.peer_aet): t for t in job_store_reading(conn).destinations()}
     keys = [(name, "") for name in configured] + [
         (SENDER, aet) for aet in config.peers if (SENDER, aet) not in counts
     ]
     keys += [k for k in counts if k not in keys]
     out = []
     for name, peer in keys:
-        c = counts.get((name, peer), {})
+        c = counts.get((name, peer))
         if name == SENDER:
             known = config.peers.get(peer)
             where = f"{peer}@{known.host}:{known.port}" if known else f"{peer} (not in peers)"
         else:
             where = configured.get(name, "(no longer configured)")
         health = (
-            "dead letters"
-            if c.get("dead")
+            "unused"
+            if c is None
+            else "dead letters"
+            if c.dead
             else "retrying"
-            if c.get("retrying")
+            if c.retrying
             else "ok"
-            if c.get("sent")
+            if c.sent
             else "unused"
         )
         out.append(
@@ -362,11 +303,11 @@ def destinations(conn: sqlite3.Connection, config: NodeConfig) -> list[dict[str,
                 "destination": f"{name} ({peer})" if peer else name,
                 "target": where,
                 "health": health,
-                "pending": c.get("pending") or 0,
-                "sent": c.get("sent") or 0,
-                "dead": c.get("dead") or 0,
-                "last_sent_at": c.get("last_sent_at"),
-                "last_error": errors.get((name, peer)),
+                "pending": c.pending if c else 0,
+                "sent": c.sent if c else 0,
+                "dead": c.dead if c else 0,
+                "last_sent_at": c.last_sent_at if c else None,
+                "last_error": c.last_error if c else None,
             }
         )
     return out

@@ -28,7 +28,7 @@ from enum import Enum
 
 from dicom_node.config import AssemblyConfig
 from dicom_node.database import Database
-from dicom_node.jobs import JobKind, enqueue
+from dicom_node.jobs import CompletionPayload, JobKind, JobStore, job_store
 from dicom_node.store import StoredInstance
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,12 @@ class Completion:
 
 
 def _complete(
-    conn: sqlite3.Connection, level: Level, uid: str, now: float, trigger: Trigger
+    conn: sqlite3.Connection,
+    jobs: JobStore,
+    level: Level,
+    uid: str,
+    now: float,
+    trigger: Trigger,
 ) -> Completion | None:
     table, uid_column, key_column, kind = _TABLES[level]
     row = conn.execute(
@@ -79,13 +84,8 @@ def _complete(
         f"SELECT COUNT(*) FROM instances WHERE {count_column} = ?", (uid,)
     ).fetchone()[0]
     latency = max(0.0, now - row["last_received"])
-    payload = {
-        f"{level.value}_uid": uid,
-        "instances": instances,
-        "trigger": trigger.value,
-        "completion_latency_s": round(latency, 4),
-    }
-    job_id = enqueue(conn, kind, uid, row["completions"], payload)
+    payload = CompletionPayload(level.value, uid, instances, trigger.value, round(latency, 4))
+    job_id = jobs.enqueue(conn, kind, uid, row["completions"], payload)
     return Completion(
         level, uid, row["key"], row["completions"], instances, trigger, latency, job_id
     )
@@ -103,6 +103,7 @@ class Assembler:
         on_complete: Callable[[Completion], None] | None = None,
     ) -> None:
         self.db = db
+        self.jobs = job_store(db)
         self.config = config
         self.clock = clock
         self.on_complete = on_complete
@@ -173,7 +174,11 @@ class Assembler:
             return []
         now = self.clock()
         with self.db.transaction() as conn:
-            done = [c for level, uid in due if (c := _complete(conn, level, uid, now, trigger))]
+            done = [
+                c
+                for level, uid in due
+                if (c := _complete(conn, self.jobs, level, uid, now, trigger))
+            ]
         for completion in done:
             log.info(
                 "%s %s complete (generation %d, %d instances) by %s, %.3f s after its last"

@@ -110,7 +110,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     from dicom_node.database import Database, database_path
-    from dicom_node.deliver import deliveries_of, replay
+    from dicom_node.jobs import DeliveryState, JobKind, JobState, job_store
 
     data_dir = _config(args).store.data_dir.resolve()
     path = database_path(data_dir)
@@ -118,51 +118,47 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         print(f"no data under {data_dir}")
         return 0
     db = Database(path)
+    store = job_store(db)
     try:
         if args.action == "retry":
             if (args.job is None) == (not args.all_dead):
                 print("dicom-node: give a job ID or --all-dead", file=sys.stderr)
                 return EXIT_USAGE
-            count = replay(db, job_id=args.job, all_dead=args.all_dead)
+            count = store.replay_deliveries(job_id=args.job, all_dead=args.all_dead)
             print(f"{count} deliver{'y' if count == 1 else 'ies'} queued again")
             return 0 if count else EXIT_FAILED
-        with db.reading() as conn:
-            jobs = conn.execute(
-                "SELECT id, kind, payload, state, attempts, error FROM jobs"
-                " WHERE kind = 'inference' ORDER BY id DESC LIMIT ?",
-                (args.recent,),
-            ).fetchall()
-            deliveries = deliveries_of(conn, [j["id"] for j in jobs])
+        jobs = store.recent(JobKind.INFERENCE, limit=args.recent)
+        deliveries = store.deliveries_of([j.id for j in jobs])
     finally:
         db.close()
-    listing = [
-        {
-            "job": j["id"],
-            "algorithm": json.loads(j["payload"]).get("algorithm"),
-            "state": j["state"],
-            "attempts": j["attempts"],
-            "error": j["error"],
-            "deliveries": [
-                {
-                    "destination": d.label,
-                    "state": d.state,
-                    "attempts": d.attempts,
-                    "last_error": d.last_error,
-                }
-                for d in deliveries.get(j["id"], [])
-            ],
-        }
-        for j in jobs
-    ]
     if args.json:
+        listing = [
+            {
+                "job": j.id,
+                "algorithm": j.inference.algorithm,
+                "state": j.state.value,
+                "attempts": j.attempts,
+                "error": j.error,
+                "deliveries": [
+                    {
+                        "destination": d.label,
+                        "state": d.state.value,
+                        "attempts": d.attempts,
+                        "last_error": d.last_error,
+                    }
+                    for d in deliveries.get(j.id, [])
+                ],
+            }
+            for j in jobs
+        ]
         print(json.dumps(listing, indent=2))
         return 0
-    for job in listing:
-        error = f"  {job['error']}" if job["state"] == "failed" else ""
-        print(f"job {job['job']:>5}  {job['algorithm']:<20} {job['state']:<9}{error}")
-        for d in job["deliveries"]:
-            why = f"  {d['last_error']}" if d["state"] != "sent" and d["last_error"] else ""
-            print(f"    -> {d['destination']:<24} {d['state']:<8} {d['attempts']} attempt(s){why}")
+    for j in jobs:
+        error = f"  {j.error}" if j.state is JobState.FAILED else ""
+        print(f"job {j.id:>5}  {j.inference.algorithm:<20} {j.state.value:<9}{error}")
+        for d in deliveries.get(j.id, []):
+            why = f"  {d.last_error}" if d.state is not DeliveryState.SENT and d.last_error else ""
+            print(f"    -> {d.label:<24} {d.state.value:<8} {d.attempts} attempt(s){why}")
     return 0
 
 

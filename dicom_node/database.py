@@ -180,9 +180,17 @@ class Database:
     """A writable connection shared by the threads of one process, one transaction at a time."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
         self._conn = connect(path)
         self._lock = threading.RLock()
+
+    @classmethod
+    def over(cls, conn: sqlite3.Connection) -> Database:
+        """A Database on a connection the caller opened (a read-only one, say) and closes, so
+        that the stores built on a Database can read through it."""
+        db = cls.__new__(cls)
+        db._conn = conn
+        db._lock = threading.RLock()
+        return db
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:

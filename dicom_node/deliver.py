@@ -1,12 +1,13 @@
 """Delivery: each job's results reach every destination its route names, exactly once.
 
-A delivery is durable state per job and destination (the ``deliveries`` table), created in
-the transaction that records the job's results: ``pending`` until the destination confirmed
-every object, then ``sent``; a failed attempt waits with exponential backoff and jitter, and
-after ``delivery.max_attempts`` the delivery is ``dead`` with its last error, until a person
-replays it (``dicom-node jobs retry``). A permanent association rejection (PS3.8 7.1.1.9, e.g.
-our AE title unknown to the PACS) and a missing peer are dead at once: trying again in a loop
-would only fill the PACS's log. A restarted node resumes what is pending.
+A delivery is durable state per job and destination (kept by the job store,
+:mod:`dicom_node.jobs`), created in the transaction that records the job's results:
+``pending`` until the destination confirmed every object, then ``sent``; a failed attempt
+waits with exponential backoff and jitter, and after ``delivery.max_attempts`` the delivery
+is ``dead`` with its last error, until a person replays it (``dicom-node jobs retry``). A
+permanent association rejection (PS3.8 7.1.1.9, e.g. our AE title unknown to the PACS) and a
+missing peer are dead at once: trying again in a loop would only fill the PACS's log. A
+restarted node resumes what is pending.
 
 Every attempt sends the stored files, the same SOP Instance UIDs, never regenerated ones, so a
 PACS that got an object twice (it acknowledged, then the link dropped before we recorded it)
@@ -22,14 +23,11 @@ import logging
 import os
 import random
 import shutil
-import sqlite3
 import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from dicom_node.config import (
     SENDER,
@@ -42,6 +40,7 @@ from dicom_node.config import (
 )
 from dicom_node.database import Database
 from dicom_node.events import DeliveryAttempted, Events, study_refs
+from dicom_node.jobs import Delivery, job_store
 from dicom_node.retention import purge_expired
 from dicom_node.scu import AssociationFailed, AssociationRejected, SendAbandoned, send
 from dicom_node.store import fsync_dir
@@ -57,44 +56,6 @@ class DeliveryError(Exception):
     def __init__(self, message: str, *, permanent: bool = False) -> None:
         super().__init__(message)
         self.permanent = permanent
-
-
-@dataclass(frozen=True)
-class Delivery:
-    id: int
-    job_id: int
-    destination: str
-    peer_aet: str
-    state: str
-    attempts: int
-    next_attempt_at: float
-    last_error: str | None
-    created_at: float
-    sent_at: float | None
-
-    @classmethod
-    def from_row(cls, row: sqlite3.Row) -> Delivery:
-        return cls(**dict(row))
-
-    @property
-    def label(self) -> str:
-        return f"{self.destination} ({self.peer_aet})" if self.peer_aet else self.destination
-
-
-def schedule(conn: sqlite3.Connection, job_id: int, payload: dict[str, Any]) -> int:
-    """Queue one delivery per destination of a job's route (caller's transaction); 'sender'
-    becomes one delivery per calling AE the inputs came from. Returns how many."""
-    rows = []
-    for name in payload.get("destinations") or []:
-        peers = payload.get("senders") or [] if name == SENDER else [""]
-        rows.extend((job_id, name, peer) for peer in peers)
-    now = time.time()
-    conn.executemany(
-        "INSERT OR IGNORE INTO deliveries (job_id, destination, peer_aet, state,"
-        " next_attempt_at, created_at) VALUES (?, ?, ?, 'pending', ?, ?)",
-        [(*row, now, now) for row in rows],
-    )
-    return len(rows)
 
 
 def backoff_s(attempts: int, config: DeliveryConfig, rng: random.Random) -> float:
@@ -239,6 +200,7 @@ class Deliverer:
         self.config = config
         self.events = events or Events()
         self.db = db
+        self.jobs = job_store(db)
         self.data_dir = data_dir
         self.clock = clock
         self.rng = rng or random.Random()
@@ -248,13 +210,7 @@ class Deliverer:
         self._next_retention = 0.0
 
     def due(self) -> list[Delivery]:
-        with self.db.reading() as conn:
-            rows = conn.execute(
-                "SELECT * FROM deliveries WHERE state = 'pending' AND next_attempt_at <= ?"
-                " ORDER BY next_attempt_at, id",
-                (self.clock(),),
-            ).fetchall()
-        return [Delivery.from_row(r) for r in rows]
+        return self.jobs.due_deliveries(self.clock())
 
     def files(self, job_id: int) -> list[Path]:
         with self.db.reading() as conn:
@@ -335,12 +291,7 @@ class Deliverer:
 
     def _sent(self, delivery: Delivery, files: list[Path], where: str) -> None:
         count = len(files)
-        with self.db.transaction() as conn:
-            conn.execute(
-                "UPDATE deliveries SET state = 'sent', attempts = attempts + 1, sent_at = ?,"
-                " last_error = NULL WHERE id = ?",
-                (self.clock(), delivery.id),
-            )
+        self.jobs.delivery_sent(delivery.id, self.clock())
         log.info("job %d: %d object(s) delivered to %s", delivery.job_id, count, delivery.label)
         self.events.emit(DeliveryAttempted(delivery.destination, where, study_refs(files), ok=True))
 
@@ -348,18 +299,13 @@ class Deliverer:
         attempts = delivery.attempts + 1
         dead = error.permanent or attempts >= self.config.delivery.max_attempts
         wait = 0.0 if dead else backoff_s(attempts, self.config.delivery, self.rng)
-        with self.db.transaction() as conn:
-            conn.execute(
-                "UPDATE deliveries SET state = ?, attempts = ?, last_error = ?,"
-                " next_attempt_at = ? WHERE id = ?",
-                (
-                    "dead" if dead else "pending",
-                    attempts,
-                    str(error),
-                    self.clock() + wait,
-                    delivery.id,
-                ),
-            )
+        self.jobs.delivery_failed(
+            delivery.id,
+            attempts=attempts,
+            error=str(error),
+            dead=dead,
+            next_attempt_at=self.clock() + wait,
+        )
         if dead:
             log.error(
                 "job %d: delivery to %s is a dead letter after %d attempt(s): %s"
@@ -413,33 +359,3 @@ class Deliverer:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-
-
-def replay(db: Database, *, job_id: int | None = None, all_dead: bool = False) -> int:
-    """Make dead (or, for one job, also pending) deliveries due now with fresh attempts."""
-    if job_id is None and not all_dead:
-        raise ValueError("name a job, or all dead deliveries")
-    if job_id is None:
-        where, params = "state = 'dead'", ()
-    else:
-        where, params = "job_id = ? AND state != 'sent'", (job_id,)
-    with db.transaction() as conn:
-        cursor = conn.execute(
-            "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?,"
-            f" last_error = 'replayed: ' || COALESCE(last_error, '') WHERE {where}",
-            (time.time(), *params),
-        )
-    return cursor.rowcount
-
-
-def deliveries_of(conn: sqlite3.Connection, job_ids: Sequence[int]) -> dict[int, list[Delivery]]:
-    if not job_ids:
-        return {}
-    rows = conn.execute(
-        f"SELECT * FROM deliveries WHERE job_id IN ({','.join('?' * len(job_ids))}) ORDER BY id",
-        tuple(job_ids),
-    ).fetchall()
-    out: dict[int, list[Delivery]] = {}
-    for row in rows:
-        out.setdefault(row["job_id"], []).append(Delivery.from_row(row))
-    return out

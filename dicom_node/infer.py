@@ -30,8 +30,7 @@ from pathlib import Path
 from dicom_node.algorithm import Algorithm, InputError, SeriesInput
 from dicom_node.config import NodeConfig
 from dicom_node.database import RESULTS_DIR, Database, database_path
-from dicom_node.deliver import schedule
-from dicom_node.jobs import Job, JobKind, SqliteJobStore, holds, mark_succeeded
+from dicom_node.jobs import Job, JobKind, JobStore, job_store
 from dicom_node.logs import setup_logging
 from dicom_node.plugins import catalogue, discover, resolve_device
 from dicom_node.store import fsync_tree, store_key
@@ -63,20 +62,6 @@ def series_input(
     return SeriesInput(series_uid, tuple(data_dir / r["path"] for r in rows))
 
 
-def completed_at(db: Database, job: Job) -> float | None:
-    """When the completion an inference job was routed from was recorded (one transaction
-    with the completion, :mod:`dicom_node.assembly`); None for a job without one."""
-    kind = (
-        JobKind.STUDY_COMPLETE if job.payload.get("level") == "study" else JobKind.SERIES_COMPLETE
-    )
-    with db.reading() as conn:
-        row = conn.execute(
-            "SELECT created_at FROM jobs WHERE subject_uid = ? AND generation = ? AND kind = ?",
-            (job.subject_uid, job.generation, kind.value),
-        ).fetchone()
-    return None if row is None else row["created_at"]
-
-
 HEARTBEAT_S = 5.0  # how often a worker says it is alive (workers.heartbeat_at)
 
 
@@ -100,7 +85,7 @@ class Worker:
         self.config = config
         self.data_dir = config.store.data_dir.resolve()
         self.db = Database(database_path(self.data_dir))
-        self.jobs = SqliteJobStore(self.db)
+        self.jobs = job_store(self.db)
         self.name = name or f"worker-{socket.gethostname()}-{os.getpid()}"
         self.device = resolve_device(config.worker.device)
         self._registry = discover()
@@ -141,11 +126,12 @@ class Worker:
         return self._loaded[name]
 
     def run_job(self, job: Job) -> tuple[Path, list[Written], float]:
-        algorithm = self.algorithm(job.payload["algorithm"])
-        received_by = completed_at(self.db, job)
+        payload = job.inference
+        algorithm = self.algorithm(payload.algorithm)
+        received_by = self.jobs.completed_at(job)
         inputs = {
             name: series_input(self.db, self.data_dir, uid, received_by)
-            for name, uid in job.payload["inputs"].items()
+            for name, uid in payload.inputs.items()
         }
         if set(inputs) != set(algorithm.inputs.roles):
             raise ValueError(
@@ -177,7 +163,7 @@ class Worker:
         return path, written, ran
 
     def work_once(self) -> Job | None:
-        job = self.jobs.claim(self.name, (JobKind.INFERENCE.value,))
+        job = self.jobs.claim(self.name, (JobKind.INFERENCE,))
         if job is None:
             return None
         try:
@@ -206,7 +192,7 @@ class Worker:
             log.debug("job %d failed", job.id, exc_info=exc)
             return job
         with self.db.transaction() as conn:
-            if not holds(conn, job.id, self.name):
+            if not self.jobs.holds(conn, job.id, self.name):
                 # Queued again while we ran it (our node restarted): another attempt owns it
                 # now, and recording ours too would leave one job with two sets of objects.
                 log.warning(
@@ -218,7 +204,7 @@ class Worker:
                 " run_s) VALUES (?, ?, ?, ?, ?, ?)",
                 (
                     job.id,
-                    job.payload["algorithm"],
+                    job.inference.algorithm,
                     str(path.relative_to(self.data_dir)),
                     time.time(),
                     self.device,
@@ -244,8 +230,8 @@ class Worker:
                 ],
             )
             if written:  # with the results, in the same transaction: none is ever lost
-                schedule(conn, job.id, job.payload)
-            mark_succeeded(conn, job.id)
+                self.jobs.schedule_deliveries(conn, job.id, job.inference)
+            self.jobs.mark_succeeded(conn, job.id)
         attempt = path.parent
         for other in attempt.parent.iterdir():  # what earlier attempts of the job left
             if other != attempt:
@@ -377,7 +363,7 @@ class WorkerSupervisor:
 
     RESTART_DELAY_S = 1.0
 
-    def __init__(self, config: NodeConfig, jobs: SqliteJobStore) -> None:
+    def __init__(self, config: NodeConfig, jobs: JobStore) -> None:
         self.config = config
         self.jobs = jobs
         self._context = multiprocessing.get_context("spawn")  # no inherited threads or locks

@@ -1,8 +1,18 @@
-"""The durable job queue: completion events become jobs that workers claim and finish.
+"""The durable job queue and the deliveries of its results: the only module that reads or
+writes the ``jobs`` and ``deliveries`` tables.
 
-Workers touch only this store and the instance store, never the SCP's memory, so that a later
-deployment can move them to other processes or machines. :class:`JobStore` is the interface;
-:class:`SqliteJobStore` keeps jobs in the node's embedded database.
+Completion events become jobs that the router and the workers claim and finish; a finished
+inference job's results become deliveries that the deliverer sends. Workers touch only this
+store and the instance store, never the SCP's memory, so that a later deployment can move them
+to other processes or machines. :class:`JobStore` is the seam such a deployment plugs another
+database into; :class:`SqliteJobStore` keeps jobs and deliveries in the node's embedded
+database, and :func:`job_store` (:func:`job_store_reading` for readers holding a connection)
+is where the node makes its store.
+
+Most operations run in a transaction of their own. The few that must commit together with a
+caller's own tables take the caller's connection (``conn``): a completion and its job
+(:mod:`dicom_node.assembly`), a routing decision and its jobs (:mod:`dicom_node.route`), a job's
+results, its deliveries and its success (:mod:`dicom_node.infer`).
 """
 
 from __future__ import annotations
@@ -10,11 +20,12 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from pathlib import Path
 from typing import Any, Protocol
 
+from dicom_node.config import SENDER
 from dicom_node.database import Database
 
 
@@ -31,13 +42,138 @@ class JobKind(str, Enum):
     INFERENCE = "inference"  # one routed algorithm on its inputs
 
 
+class DeliveryState(str, Enum):
+    """Where a delivery stands: ``pending`` until the destination confirmed every object
+    (waiting for its next attempt after a failure), then ``sent``; ``dead`` when given up,
+    until a person replays it."""
+
+    PENDING = "pending"
+    SENT = "sent"
+    DEAD = "dead"
+
+
+LEVELS = ("series", "study")  # what completes, and so what a job's inputs were decided on
+
+
+def _level(value: object) -> str:
+    if value not in LEVELS:
+        raise ValueError(f"a job's level is 'series' or 'study', not {value!r}")
+    return str(value)
+
+
+@dataclass(frozen=True)
+class CompletionPayload:
+    """What a completion job carries: the series or study that completed, and how."""
+
+    level: str  # series or study
+    uid: str
+    instances: int
+    trigger: str  # what completed it (assembly.Trigger's words)
+    completion_latency_s: float  # from its last instance received to the completion
+
+    def __post_init__(self) -> None:
+        _level(self.level)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                f"{self.level}_uid": self.uid,
+                "instances": self.instances,
+                "trigger": self.trigger,
+                "completion_latency_s": self.completion_latency_s,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> CompletionPayload:
+        data = _object(text)
+        level = "study" if "study_uid" in data else "series"
+        return cls(
+            level,
+            str(data[f"{level}_uid"]),
+            int(data["instances"]),
+            str(data["trigger"]),
+            float(data["completion_latency_s"]),
+        )
+
+
+@dataclass(frozen=True)
+class InferencePayload:
+    """What an inference job carries: the routed algorithm, its input series by input name
+    (a role, or "series"), and where its results go."""
+
+    algorithm: str
+    inputs: Mapping[str, str]  # input name -> series UID
+    level: str  # series or study: of the completion it was routed from
+    destinations: tuple[str, ...] = ()  # destination names, or "sender"
+    senders: tuple[str, ...] = ()  # the calling AEs the inputs came from, for "sender"
+
+    def __post_init__(self) -> None:
+        _level(self.level)
+        # A copy: the payload is a value, and a caller's dict must not change it afterwards.
+        object.__setattr__(self, "inputs", dict(self.inputs))
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "algorithm": self.algorithm,
+                "inputs": dict(self.inputs),
+                "level": self.level,
+                "destinations": list(self.destinations),
+                "senders": list(self.senders),
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> InferencePayload:
+        data = _object(text)
+        inputs = data.get("inputs") or {}
+        if not isinstance(inputs, dict):
+            raise ValueError(f"an inference job's inputs are an object, not {inputs!r}")
+        return cls(
+            str(data["algorithm"]),
+            {str(name): str(uid) for name, uid in inputs.items()},
+            _level(data["level"]),
+            tuple(map(str, data.get("destinations") or ())),
+            tuple(map(str, data.get("senders") or ())),
+        )
+
+    def delivery_targets(self) -> list[tuple[str, str]]:
+        """(destination, peer AE) per delivery of the results: 'sender' is one delivery per
+        calling AE the inputs came from; any other destination one, with no peer."""
+        return [
+            (name, peer)
+            for name in self.destinations
+            for peer in (self.senders if name == SENDER else ("",))
+        ]
+
+
+JobPayload = CompletionPayload | InferencePayload
+
+
+def _object(text: str) -> dict[str, Any]:
+    data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"a job's payload is a JSON object, not {text[:40]!r}")
+    return data
+
+
+def payload_from_json(kind: str, text: str) -> JobPayload:
+    """A stored payload read back as its kind's type."""
+    if kind == JobKind.INFERENCE.value:
+        return InferencePayload.from_json(text)
+    if kind in (JobKind.SERIES_COMPLETE.value, JobKind.STUDY_COMPLETE.value):
+        return CompletionPayload.from_json(text)
+    raise ValueError(f"unknown job kind {kind!r}")
+
+
 @dataclass(frozen=True)
 class Job:
     id: int
     kind: str
     subject_uid: str
     generation: int
-    payload: dict[str, Any]
+    payload: JobPayload
     state: JobState
     attempts: int
     worker: str | None
@@ -53,7 +189,7 @@ class Job:
             kind=row["kind"],
             subject_uid=row["subject_uid"],
             generation=row["generation"],
-            payload=json.loads(row["payload"]),
+            payload=payload_from_json(row["kind"], row["payload"]),
             state=JobState(row["state"]),
             attempts=row["attempts"],
             worker=row["worker"],
@@ -63,86 +199,243 @@ class Job:
             finished_at=row["finished_at"],
         )
 
+    @property
+    def inference(self) -> InferencePayload:
+        """The payload of an inference job; TypeError for another kind."""
+        if not isinstance(self.payload, InferencePayload):
+            raise TypeError(f"job {self.id} is a {self.kind} job, not an inference job")
+        return self.payload
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One job's results on their way to one destination (and, for 'sender', one peer)."""
+
+    id: int
+    job_id: int
+    destination: str
+    peer_aet: str
+    state: DeliveryState
+    attempts: int
+    next_attempt_at: float
+    last_error: str | None
+    created_at: float
+    sent_at: float | None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Delivery:
+        return cls(**{**dict(row), "state": DeliveryState(row["state"])})
+
+    @property
+    def label(self) -> str:
+        return f"{self.destination} ({self.peer_aet})" if self.peer_aet else self.destination
+
+
+@dataclass(frozen=True)
+class InferenceRecord:
+    """An inference job with the times of each step on its way through the node, for the API:
+    its study, when what its completion took in was received, when that completed and was
+    routed, and when and where its results were written."""
+
+    job: Job
+    study_uid: str
+    first_received: float | None
+    last_received: float | None
+    completed_at: float | None  # the completion it was routed from
+    routed_at: float | None
+    written_at: float | None  # its results recorded
+    run_s: float | None
+    device: str | None
+
+
+@dataclass(frozen=True)
+class DestinationTally:
+    """The deliveries to one destination (and peer, for 'sender'), by state."""
+
+    destination: str
+    peer_aet: str
+    pending: int
+    retrying: int  # pending after at least one failed attempt
+    sent: int
+    dead: int
+    last_sent_at: float | None
+    last_error: str | None  # of the newest delivery not sent that has one
+
+
+@dataclass(frozen=True)
+class Activity:
+    """What is still open among the jobs of some subjects, and when they last moved."""
+
+    busy: int  # jobs queued or running
+    undelivered: int  # deliveries not sent (pending or dead)
+    last_sent_at: float | None
+    last_finished_at: float | None
+
+
+@dataclass(frozen=True)
+class DeliveryProgress:
+    """How far one job's deliveries got: the last one sent, and how many are not sent."""
+
+    last_sent_at: float | None
+    open: int
+
 
 class JobStore(Protocol):
-    """What the node and its workers need from a job queue."""
+    """What the node, its router, workers and deliverer, and its readers need from the queue.
 
-    def claim(self, worker: str, kinds: tuple[str, ...] | None = None) -> Job | None:
+    Methods taking ``conn`` run in the caller's transaction (or, for reads, on its
+    connection); the others run in a transaction of their own.
+    """
+
+    # -- jobs --------------------------------------------------------------------------------
+
+    def enqueue(
+        self,
+        conn: sqlite3.Connection,
+        kind: JobKind,
+        subject_uid: str,
+        generation: int,
+        payload: JobPayload,
+    ) -> int:
+        """Queue a job inside the caller's transaction; its ID."""
+        ...
+
+    def claim(self, worker: str, kinds: Sequence[JobKind] | None = None) -> Job | None:
         """Atomically move the oldest queued job to ``running`` for ``worker``."""
+        ...
+
+    def holds(self, conn: sqlite3.Connection, job_id: int, worker: str) -> bool:
+        """Whether ``worker``'s attempt still holds the job (caller's transaction)."""
+        ...
+
+    def mark_succeeded(self, conn: sqlite3.Connection, job_id: int) -> None:
+        """Close a job inside the caller's transaction, together with what it produced."""
+        ...
 
     def succeed(self, job_id: int) -> None: ...
 
     def fail(self, job_id: int, error: str, *, worker: str, max_attempts: int) -> JobState | None:
         """Record ``worker``'s failed attempt; requeue while attempts remain, else mark failed.
         None when the job is no longer ``worker``'s (queued again and taken by another)."""
+        ...
 
     def requeue_interrupted(self) -> int:
         """Return jobs left ``running`` by a crash to ``queued``; the count moved."""
+        ...
 
     def requeue_worker(self, worker: str, error: str, *, max_attempts: int) -> int:
         """Return the jobs a dead worker held; those out of attempts fail. The count moved."""
-
-    def counts(self) -> dict[JobState, int]: ...
+        ...
 
     def get(self, job_id: int) -> Job | None: ...
 
+    def recent(
+        self, kind: JobKind, *, limit: int | None = None, subject_uids: Sequence[str] | None = None
+    ) -> list[Job]:
+        """The newest jobs of a kind, newest first (all of them without ``limit``); only those
+        of ``subject_uids`` if given."""
+        ...
 
-def enqueue(
-    conn: sqlite3.Connection,
-    kind: JobKind | str,
-    subject_uid: str,
-    generation: int,
-    payload: dict[str, Any],
-) -> int:
-    """Insert a queued job inside the caller's transaction.
+    def completed_at(self, job: Job) -> float | None:
+        """When the completion an inference job was routed from was recorded."""
+        ...
 
-    Callers that record an event (a series completing) enqueue in the same transaction, so an
-    event is never recorded without its job, nor a job without its event.
-    """
-    cursor = conn.execute(
-        "INSERT INTO jobs (kind, subject_uid, generation, payload, state, created_at)"
-        " VALUES (?, ?, ?, ?, 'queued', ?)",
-        (
-            str(getattr(kind, "value", kind)),
-            subject_uid,
-            generation,
-            json.dumps(payload),
-            time.time(),
-        ),
-    )
-    return int(cursor.lastrowid or 0)
+    def counts(self) -> dict[JobState, int]: ...
 
+    def tally(self) -> list[tuple[str, JobState, int]]:
+        """How many jobs of each kind are in each state."""
+        ...
 
-def mark_succeeded(conn: sqlite3.Connection, job_id: int) -> None:
-    """Close a job inside the caller's transaction, together with what the job produced."""
-    conn.execute(
-        "UPDATE jobs SET state = 'succeeded', error = NULL, finished_at = ? WHERE id = ?",
-        (time.time(), job_id),
-    )
+    def inference_records(
+        self,
+        *,
+        job_id: int | None = None,
+        study_uid: str | None = None,
+        state: JobState | None = None,
+        limit: int = 1000,
+    ) -> list[InferenceRecord]:
+        """Inference jobs with their steps' times, newest first."""
+        ...
 
+    def study_tallies(
+        self, study_uids: Sequence[str]
+    ) -> tuple[dict[tuple[str, JobState], int], dict[tuple[str, DeliveryState], int]]:
+        """Per study and state: its inference jobs, and their deliveries."""
+        ...
 
-def _end_attempts(
-    conn: sqlite3.Connection, where: str, params: tuple, error: str, max_attempts: int
-) -> list[JobState]:
-    """End the current attempt of the selected jobs: queued again, or failed when out of tries."""
-    rows = conn.execute(
-        "UPDATE jobs SET state = CASE WHEN attempts >= ? THEN 'failed' ELSE 'queued' END,"
-        f" worker = NULL, error = ?, finished_at = ? WHERE {where} RETURNING state",
-        (max_attempts, error, time.time(), *params),
-    ).fetchall()
-    return [JobState(r["state"]) for r in rows]
+    def activity(self, subject_uids: Sequence[str]) -> Activity:
+        """What is open among the jobs of these series and studies."""
+        ...
+
+    # -- deliveries --------------------------------------------------------------------------
+
+    def schedule_deliveries(
+        self, conn: sqlite3.Connection, job_id: int, payload: InferencePayload
+    ) -> int:
+        """Queue one delivery per target of a job's route (caller's transaction); how many."""
+        ...
+
+    def due_deliveries(self, now: float) -> list[Delivery]: ...
+
+    def delivery_sent(self, delivery_id: int, at: float) -> None: ...
+
+    def delivery_failed(
+        self, delivery_id: int, *, attempts: int, error: str, dead: bool, next_attempt_at: float
+    ) -> None: ...
+
+    def replay_deliveries(self, *, job_id: int | None = None, all_dead: bool = False) -> int:
+        """Make dead (or, for one job, also pending) deliveries due now with fresh attempts."""
+        ...
+
+    def deliveries_of(self, job_ids: Sequence[int]) -> dict[int, list[Delivery]]: ...
+
+    def deliveries(
+        self, *, state: DeliveryState | None = None, limit: int = 200
+    ) -> list[Delivery]: ...
+
+    def delivery_counts(self) -> dict[DeliveryState, int]: ...
+
+    def delivery_tally(self) -> list[tuple[str, DeliveryState, int]]:
+        """How many deliveries to each destination are in each state."""
+        ...
+
+    def destinations(self) -> list[DestinationTally]: ...
+
+    def delivery_progress(self, job_ids: Sequence[int]) -> dict[int, DeliveryProgress]: ...
 
 
 # The job is running, in the hands of the given worker: a node restart queues running jobs
 # again, so an attempt may go on after another worker took the job.
 _HELD = "id = ? AND state = 'running' AND worker = ?"
 
+# The study a job belongs to: its subject is a study, or a series of one.
+_JOB_STUDY = (
+    "COALESCE((SELECT s.study_uid FROM series s WHERE s.series_uid = j.subject_uid), j.subject_uid)"
+)
 
-def holds(conn: sqlite3.Connection, job_id: int, worker: str) -> bool:
-    """Whether ``worker``'s attempt still holds the job, inside the caller's transaction."""
-    return (
-        conn.execute(f"SELECT 1 FROM jobs WHERE {_HELD}", (job_id, worker)).fetchone() is not None
+
+def _received(aggregate: str) -> str:
+    """When the instances a job's completion took in arrived (MIN or MAX): those of its own
+    series or study (by its level) received after the completion before it and by its own.
+    The index keeps each instance's latest copy only: a resend moves its copies to the later
+    completion, and an earlier one whose copies were all replaced has none (NULL)."""
+    window = (
+        " AND i.received_at <= COALESCE(c.created_at, j.created_at)"
+        " AND i.received_at > COALESCE(before.created_at, 0)"
     )
+    return (
+        "CASE json_extract(j.payload, '$.level')"
+        f" WHEN 'study' THEN (SELECT {aggregate}(i.received_at) FROM instances i"
+        f"   WHERE i.study_uid = j.subject_uid{window})"
+        f" ELSE (SELECT {aggregate}(i.received_at) FROM instances i"
+        f"   WHERE i.series_uid = j.subject_uid{window}) END"
+    )
+
+
+def _json_list(values: Iterable[object]) -> str:
+    """Values as one JSON parameter (``IN (SELECT value FROM json_each(?))``): any number of
+    them is one bound variable, under SQLite's limit however many there are."""
+    return json.dumps(list(values))
 
 
 class SqliteJobStore:
@@ -151,16 +444,45 @@ class SqliteJobStore:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    @classmethod
-    def open(cls, path: Path) -> SqliteJobStore:
-        return cls(Database(path))
+    # -- jobs --------------------------------------------------------------------------------
 
-    def claim(self, worker: str, kinds: tuple[str, ...] | None = None) -> Job | None:
+    def enqueue(
+        self,
+        conn: sqlite3.Connection,
+        kind: JobKind,
+        subject_uid: str,
+        generation: int,
+        payload: JobPayload,
+    ) -> int:
+        """Insert a queued job inside the caller's transaction.
+
+        Callers that record an event (a series completing) enqueue in the same transaction, so
+        an event is never recorded without its job, nor a job without its event.
+        """
+        kind = JobKind(kind)
+        expected = InferencePayload if kind is JobKind.INFERENCE else CompletionPayload
+        if not isinstance(payload, expected):
+            raise TypeError(f"a {kind.value} job carries a {expected.__name__}")
+        cursor = conn.execute(
+            "INSERT INTO jobs (kind, subject_uid, generation, payload, state, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                kind.value,
+                subject_uid,
+                generation,
+                payload.to_json(),
+                JobState.QUEUED.value,
+                time.time(),
+            ),
+        )
+        return int(cursor.lastrowid or 0)
+
+    def claim(self, worker: str, kinds: Sequence[JobKind] | None = None) -> Job | None:
         where = "state = 'queued'"
         params: list[Any] = []
         if kinds:
             where += f" AND kind IN ({','.join('?' * len(kinds))})"
-            params.extend(kinds)
+            params.extend(JobKind(k).value for k in kinds)
         with self.db.transaction() as conn:
             row = conn.execute(
                 "UPDATE jobs SET state = 'running', attempts = attempts + 1, worker = ?,"
@@ -170,9 +492,19 @@ class SqliteJobStore:
             ).fetchone()
         return Job.from_row(row) if row is not None else None
 
+    def holds(self, conn: sqlite3.Connection, job_id: int, worker: str) -> bool:
+        row = conn.execute(f"SELECT 1 FROM jobs WHERE {_HELD}", (job_id, worker)).fetchone()
+        return row is not None
+
+    def mark_succeeded(self, conn: sqlite3.Connection, job_id: int) -> None:
+        conn.execute(
+            "UPDATE jobs SET state = 'succeeded', error = NULL, finished_at = ? WHERE id = ?",
+            (time.time(), job_id),
+        )
+
     def succeed(self, job_id: int) -> None:
         with self.db.transaction() as conn:
-            mark_succeeded(conn, job_id)
+            self.mark_succeeded(conn, job_id)
 
     def fail(self, job_id: int, error: str, *, worker: str, max_attempts: int) -> JobState | None:
         with self.db.transaction() as conn:
@@ -195,6 +527,37 @@ class SqliteJobStore:
             where = "state = 'running' AND worker = ?"
             return len(_end_attempts(conn, where, (worker,), error, max_attempts))
 
+    def get(self, job_id: int) -> Job | None:
+        with self.db.reading() as conn:
+            row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return Job.from_row(row) if row is not None else None
+
+    def recent(
+        self, kind: JobKind, *, limit: int | None = None, subject_uids: Sequence[str] | None = None
+    ) -> list[Job]:
+        where, params = "kind = ?", [kind.value]
+        if subject_uids is not None:
+            where += " AND subject_uid IN (SELECT value FROM json_each(?))"
+            params.append(_json_list(subject_uids))
+        with self.db.reading() as conn:
+            rows = conn.execute(
+                f"SELECT * FROM jobs WHERE {where} ORDER BY id DESC LIMIT ?",
+                (*params, -1 if limit is None else limit),  # SQLite: a negative limit is none
+            ).fetchall()
+        return [Job.from_row(r) for r in rows]
+
+    def completed_at(self, job: Job) -> float | None:
+        """When the completion an inference job was routed from was recorded (one transaction
+        with the completion, :mod:`dicom_node.assembly`); None for a job without one."""
+        level = job.inference.level
+        kind = JobKind.STUDY_COMPLETE if level == "study" else JobKind.SERIES_COMPLETE
+        with self.db.reading() as conn:
+            row = conn.execute(
+                "SELECT created_at FROM jobs WHERE subject_uid = ? AND generation = ? AND kind = ?",
+                (job.subject_uid, job.generation, kind.value),
+            ).fetchone()
+        return None if row is None else float(row["created_at"])
+
     def counts(self) -> dict[JobState, int]:
         with self.db.reading() as conn:
             rows = conn.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state").fetchall()
@@ -202,19 +565,287 @@ class SqliteJobStore:
         counts.update({JobState(r["state"]): r["n"] for r in rows})
         return counts
 
-    def get(self, job_id: int) -> Job | None:
+    def tally(self) -> list[tuple[str, JobState, int]]:
         with self.db.reading() as conn:
-            row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return Job.from_row(row) if row is not None else None
+            rows = conn.execute(
+                "SELECT kind, state, COUNT(*) FROM jobs GROUP BY kind, state"
+            ).fetchall()
+        return [(kind, JobState(state), count) for kind, state, count in rows]
+
+    def inference_records(
+        self,
+        *,
+        job_id: int | None = None,
+        study_uid: str | None = None,
+        state: JobState | None = None,
+        limit: int = 1000,
+    ) -> list[InferenceRecord]:
+        where, params = "WHERE j.kind = 'inference'", list[object]()
+        if job_id is not None:
+            where, params = where + " AND j.id = ?", [*params, job_id]
+        if study_uid is not None:
+            where, params = where + f" AND {_JOB_STUDY} = ?", [*params, study_uid]
+        if state is not None:
+            where, params = where + " AND j.state = ?", [*params, state.value]
+        # The completion a job was routed from is of its level: a series and its study may
+        # share a UID (and so a subject and a generation), and a job joined to both was
+        # listed twice.
+        with self.db.reading() as conn:
+            rows = conn.execute(
+                "SELECT j.*, " + _JOB_STUDY + " AS study_uid,"
+                " r.created_at AS written_at, r.run_s, r.device,"
+                " c.created_at AS completed_at, c.finished_at AS routed_at,"
+                f" {_received('MIN')} AS first_received, {_received('MAX')} AS last_received"
+                " FROM jobs j LEFT JOIN results r ON r.job_id = j.id"
+                " LEFT JOIN jobs c ON c.subject_uid = j.subject_uid"
+                "   AND c.generation = j.generation"
+                "   AND c.kind = CASE json_extract(j.payload, '$.level')"
+                f"     WHEN 'study' THEN '{JobKind.STUDY_COMPLETE.value}'"
+                f"     ELSE '{JobKind.SERIES_COMPLETE.value}' END"
+                # Completions are counted one by one (assembly): the one before is
+                # generation - 1.
+                " LEFT JOIN jobs before ON before.subject_uid = c.subject_uid"
+                "   AND before.kind = c.kind AND before.generation = c.generation - 1"
+                f" {where} ORDER BY j.id DESC LIMIT ?",
+                (*params, limit),
+            ).fetchall()
+        return [
+            InferenceRecord(
+                Job.from_row(r),
+                r["study_uid"],
+                r["first_received"],
+                r["last_received"],
+                r["completed_at"],
+                r["routed_at"],
+                r["written_at"],
+                r["run_s"],
+                r["device"],
+            )
+            for r in rows
+        ]
+
+    def study_tallies(
+        self, study_uids: Sequence[str]
+    ) -> tuple[dict[tuple[str, JobState], int], dict[tuple[str, DeliveryState], int]]:
+        # The inference jobs of the listed studies, as a table both counts read.
+        listed = (
+            "WITH _inference AS (SELECT j.id, j.state, " + _JOB_STUDY + " AS study_uid"
+            "   FROM jobs j WHERE j.kind = 'inference'),"
+            " _listed_jobs AS (SELECT * FROM _inference"
+            "   WHERE study_uid IN (SELECT value FROM json_each(?))) "
+        )
+        uids = _json_list(study_uids)
+        with self.db.reading() as conn:
+            job_rows = conn.execute(
+                listed
+                + "SELECT study_uid, state, COUNT(*) FROM _listed_jobs GROUP BY study_uid, state",
+                (uids,),
+            ).fetchall()
+            delivery_rows = conn.execute(
+                listed + "SELECT j.study_uid, d.state, COUNT(*) FROM _listed_jobs j"
+                " JOIN deliveries d ON d.job_id = j.id GROUP BY j.study_uid, d.state",
+                (uids,),
+            ).fetchall()
+        return (
+            {(uid, JobState(state)): count for uid, state, count in job_rows},
+            {(uid, DeliveryState(state)): count for uid, state, count in delivery_rows},
+        )
+
+    def activity(self, subject_uids: Sequence[str]) -> Activity:
+        subjects = "SELECT value FROM json_each(?)"
+        with self.db.reading() as conn:
+            row = conn.execute(
+                f"SELECT (SELECT COUNT(*) FROM jobs WHERE subject_uid IN ({subjects})"
+                "   AND state IN ('queued', 'running')) AS busy,"
+                " (SELECT COUNT(*) FROM deliveries d JOIN jobs j ON j.id = d.job_id"
+                f"   WHERE j.subject_uid IN ({subjects}) AND d.state != 'sent') AS undelivered,"
+                " (SELECT MAX(d.sent_at) FROM deliveries d JOIN jobs j ON j.id = d.job_id"
+                f"   WHERE j.subject_uid IN ({subjects})) AS sent_at,"
+                f" (SELECT MAX(finished_at) FROM jobs WHERE subject_uid IN ({subjects}))"
+                " AS finished",
+                (_json_list(subject_uids),) * 4,
+            ).fetchone()
+        return Activity(row["busy"], row["undelivered"], row["sent_at"], row["finished"])
+
+    # -- deliveries --------------------------------------------------------------------------
+
+    def schedule_deliveries(
+        self, conn: sqlite3.Connection, job_id: int, payload: InferencePayload
+    ) -> int:
+        """Queue one delivery per target of a job's route, inside the caller's transaction
+        (the one that records the job's results, so none is ever lost)."""
+        rows = payload.delivery_targets()
+        now = time.time()
+        conn.executemany(
+            "INSERT OR IGNORE INTO deliveries (job_id, destination, peer_aet, state,"
+            " next_attempt_at, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+            [(job_id, name, peer, DeliveryState.PENDING.value, now, now) for name, peer in rows],
+        )
+        return len(rows)
+
+    def due_deliveries(self, now: float) -> list[Delivery]:
+        with self.db.reading() as conn:
+            rows = conn.execute(
+                "SELECT * FROM deliveries WHERE state = 'pending' AND next_attempt_at <= ?"
+                " ORDER BY next_attempt_at, id",
+                (now,),
+            ).fetchall()
+        return [Delivery.from_row(r) for r in rows]
+
+    def delivery_sent(self, delivery_id: int, at: float) -> None:
+        with self.db.transaction() as conn:
+            conn.execute(
+                "UPDATE deliveries SET state = ?, attempts = attempts + 1, sent_at = ?,"
+                " last_error = NULL WHERE id = ?",
+                (DeliveryState.SENT.value, at, delivery_id),
+            )
+
+    def delivery_failed(
+        self, delivery_id: int, *, attempts: int, error: str, dead: bool, next_attempt_at: float
+    ) -> None:
+        state = DeliveryState.DEAD if dead else DeliveryState.PENDING
+        with self.db.transaction() as conn:
+            conn.execute(
+                "UPDATE deliveries SET state = ?, attempts = ?, last_error = ?,"
+                " next_attempt_at = ? WHERE id = ?",
+                (state.value, attempts, error, next_attempt_at, delivery_id),
+            )
+
+    def replay_deliveries(self, *, job_id: int | None = None, all_dead: bool = False) -> int:
+        if job_id is None and not all_dead:
+            raise ValueError("name a job, or all dead deliveries")
+        where, params = (
+            ("state = 'dead'", ())
+            if job_id is None
+            else ("job_id = ? AND state != 'sent'", (job_id,))
+        )
+        with self.db.transaction() as conn:
+            cursor = conn.execute(
+                "UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?,"
+                f" last_error = 'replayed: ' || COALESCE(last_error, '') WHERE {where}",
+                (time.time(), *params),
+            )
+        return cursor.rowcount
+
+    def deliveries_of(self, job_ids: Sequence[int]) -> dict[int, list[Delivery]]:
+        if not job_ids:
+            return {}
+        with self.db.reading() as conn:
+            rows = conn.execute(
+                "SELECT * FROM deliveries WHERE job_id IN (SELECT value FROM json_each(?))"
+                " ORDER BY id",
+                (_json_list(job_ids),),
+            ).fetchall()
+        out: dict[int, list[Delivery]] = {}
+        for row in rows:
+            out.setdefault(row["job_id"], []).append(Delivery.from_row(row))
+        return out
+
+    def deliveries(self, *, state: DeliveryState | None = None, limit: int = 200) -> list[Delivery]:
+        where, params = ("WHERE state = ?", (state.value,)) if state else ("", ())
+        with self.db.reading() as conn:
+            rows = conn.execute(
+                f"SELECT * FROM deliveries {where} ORDER BY id DESC LIMIT ?", (*params, limit)
+            ).fetchall()
+        return [Delivery.from_row(r) for r in rows]
+
+    def delivery_counts(self) -> dict[DeliveryState, int]:
+        """Deliveries by state; only the states some delivery is in."""
+        with self.db.reading() as conn:
+            rows = conn.execute("SELECT state, COUNT(*) FROM deliveries GROUP BY state")
+            return {DeliveryState(state): count for state, count in rows}
+
+    def delivery_tally(self) -> list[tuple[str, DeliveryState, int]]:
+        with self.db.reading() as conn:
+            rows = conn.execute(
+                "SELECT destination, state, COUNT(*) FROM deliveries GROUP BY 1, 2"
+            ).fetchall()
+        return [(destination, DeliveryState(state), count) for destination, state, count in rows]
+
+    def destinations(self) -> list[DestinationTally]:
+        """Each destination (and peer) deliveries went to, in the order first grouped."""
+        with self.db.reading() as conn:
+            counts = conn.execute(
+                "SELECT destination, peer_aet, SUM(state = 'pending') AS pending,"
+                " SUM(state = 'pending' AND attempts > 0) AS retrying,"
+                " SUM(state = 'sent') AS sent, SUM(state = 'dead') AS dead,"
+                " MAX(sent_at) AS last_sent_at FROM deliveries GROUP BY destination, peer_aet"
+            ).fetchall()
+            error_rows = conn.execute(
+                "SELECT destination, peer_aet, last_error FROM deliveries WHERE state != 'sent'"
+                " AND last_error IS NOT NULL ORDER BY id"
+            ).fetchall()
+        errors = {(r["destination"], r["peer_aet"]): r["last_error"] for r in error_rows}
+        return [
+            DestinationTally(
+                r["destination"],
+                r["peer_aet"],
+                r["pending"] or 0,
+                r["retrying"] or 0,
+                r["sent"] or 0,
+                r["dead"] or 0,
+                r["last_sent_at"],
+                errors.get((r["destination"], r["peer_aet"])),
+            )
+            for r in counts
+        ]
+
+    def delivery_progress(self, job_ids: Sequence[int]) -> dict[int, DeliveryProgress]:
+        """Per job that has deliveries: the last one sent and how many are not sent."""
+        if not job_ids:
+            return {}
+        with self.db.reading() as conn:
+            rows = conn.execute(
+                "SELECT job_id, MAX(sent_at), SUM(state != 'sent') FROM deliveries"
+                " WHERE job_id IN (SELECT value FROM json_each(?)) GROUP BY job_id",
+                (_json_list(job_ids),),
+            ).fetchall()
+        return {job_id: DeliveryProgress(sent_at, open) for job_id, sent_at, open in rows}
+
+
+def _end_attempts(
+    conn: sqlite3.Connection,
+    where: str,
+    params: tuple[object, ...],
+    error: str,
+    max_attempts: int,
+) -> list[JobState]:
+    """End the current attempt of the selected jobs: queued again, or failed when out of tries."""
+    rows = conn.execute(
+        "UPDATE jobs SET state = CASE WHEN attempts >= ? THEN 'failed' ELSE 'queued' END,"
+        f" worker = NULL, error = ?, finished_at = ? WHERE {where} RETURNING state",
+        (max_attempts, error, time.time(), *params),
+    ).fetchall()
+    return [JobState(r["state"]) for r in rows]
+
+
+def job_store(db: Database) -> JobStore:
+    """The node's job store on its database: where another store would be chosen."""
+    return SqliteJobStore(db)
+
+
+def job_store_reading(conn: sqlite3.Connection) -> JobStore:
+    """The job store read through a connection the caller opened (the read-only ones of
+    ``status``, the API and the metrics), for reads beside the caller's own."""
+    return job_store(Database.over(conn))
 
 
 __all__ = [
+    "Activity",
+    "CompletionPayload",
+    "Delivery",
+    "DeliveryProgress",
+    "DeliveryState",
+    "DestinationTally",
+    "InferencePayload",
+    "InferenceRecord",
     "Job",
     "JobKind",
+    "JobPayload",
     "JobState",
     "JobStore",
     "SqliteJobStore",
-    "enqueue",
-    "holds",
-    "mark_succeeded",
+    "job_store",
+    "job_store_reading",
+    "payload_from_json",
 ]

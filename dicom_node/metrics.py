@@ -33,6 +33,7 @@ from dicom_node.events import (
     Event,
     InstanceReceived,
 )
+from dicom_node.jobs import DeliveryState, JobKind, JobState, job_store_reading
 
 PREFIX = "dicom_node"
 
@@ -149,11 +150,11 @@ def _index_metrics(conn: sqlite3.Connection) -> Iterator[Metric]:
             decisions.add_metric([row[0], row[1] or "", outcome], row[2])
     yield decisions
 
+    store = job_store_reading(conn)
+    tally = store.tally()
     jobs = GaugeMetricFamily(f"{PREFIX}_jobs", "Jobs by kind and state.", labels=["kind", "state"])
-    for kind, state, count in conn.execute(
-        "SELECT kind, state, COUNT(*) FROM jobs GROUP BY kind, state"
-    ):
-        jobs.add_metric([kind, state], count)
+    for kind, state, count in tally:
+        jobs.add_metric([kind, state.value], count)
     yield jobs
 
     queue = GaugeMetricFamily(
@@ -161,25 +162,22 @@ def _index_metrics(conn: sqlite3.Connection) -> Iterator[Metric]:
         "Work waiting: queued routing and inference jobs, deliveries due or backing off.",
         labels=["queue"],
     )
-    routing, inference = conn.execute(
-        "SELECT COALESCE(SUM(kind != 'inference'), 0), COALESCE(SUM(kind = 'inference'), 0)"
-        " FROM jobs WHERE state = 'queued'"
-    ).fetchone()
-    queue.add_metric(["routing"], routing)
+    queued = [(kind, count) for kind, state, count in tally if state is JobState.QUEUED]
+    inference = sum(count for kind, count in queued if kind == JobKind.INFERENCE.value)
+    queue.add_metric(["routing"], sum(count for _, count in queued) - inference)
     queue.add_metric(["inference"], inference)
+    delivery_tally = store.delivery_tally()
     queue.add_metric(
         ["delivery"],
-        conn.execute("SELECT COUNT(*) FROM deliveries WHERE state = 'pending'").fetchone()[0],
+        sum(count for _, state, count in delivery_tally if state is DeliveryState.PENDING),
     )
     yield queue
 
     deliveries = GaugeMetricFamily(
         f"{PREFIX}_deliveries", "Deliveries by state.", labels=["destination", "state"]
     )
-    for destination, state, count in conn.execute(
-        "SELECT destination, state, COUNT(*) FROM deliveries GROUP BY 1, 2"
-    ):
-        deliveries.add_metric([destination, state], count)
+    for destination, delivery_state, count in delivery_tally:
+        deliveries.add_metric([destination, delivery_state.value], count)
     yield deliveries
 
     yield _inference_histogram(conn)

@@ -22,7 +22,7 @@ from dicom_node.database import connect, database_path
 from dicom_node.deliver import Deliverer
 from dicom_node.events import Events, NodeStarted, NodeStopped
 from dicom_node.infer import WorkerSupervisor
-from dicom_node.jobs import SqliteJobStore
+from dicom_node.jobs import job_store, job_store_reading
 from dicom_node.metrics import node_registry
 from dicom_node.route import Router
 from dicom_node.scp import StorageSCP
@@ -52,7 +52,7 @@ class Node:
         )
         if self.audit is not None:
             self.events.sinks.append(self.audit)
-        self.jobs = SqliteJobStore(self.store.db)
+        self.jobs = job_store(self.store.db)
         self.router = Router(self.store.data_dir, self.store.db, config.routing)
         self.assembler = Assembler(self.store.db, config.assembly, on_complete=self.router.wake)
         self.scp = StorageSCP(config.scp, self.store, self.assembler, self.events)
@@ -71,7 +71,7 @@ class Node:
         def index() -> str | None:
             conn = connect(database_path(self.store.data_dir), readonly=True)
             try:
-                conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'queued'").fetchone()
+                job_store_reading(conn).counts()
             finally:
                 conn.close()
             return None

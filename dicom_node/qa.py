@@ -45,6 +45,7 @@ from dicom_node.algorithm import DEMO_WARNING
 from dicom_node.config import SENDER, AeTitle, NodeConfig, RouteRule
 from dicom_node.database import connect, database_path
 from dicom_node.facts import SeriesFacts, describe_series
+from dicom_node.jobs import JobKind, JobState, job_store_reading
 from dicom_node.phantoms import (
     BrainPhantom,
     BrainPhantomSpec,
@@ -904,24 +905,19 @@ def node_side(config: NodeConfig, phantom: Phantom) -> str | None:
         return None
     study = str(phantom.first.StudyInstanceUID)
     subjects = [study, *phantom.series_uids().values()]
-    marks = ", ".join("?" * len(subjects))
     try:
         conn = connect(path, readonly=True)
         try:
             stored = conn.execute(
                 "SELECT COUNT(*) FROM instances WHERE study_uid = ?", (study,)
             ).fetchone()[0]
-            jobs = conn.execute(
-                "SELECT id, payload, state, error FROM jobs WHERE kind = 'inference'"
-                f" AND subject_uid IN ({marks}) ORDER BY id",
-                subjects,
-            ).fetchall()
-            jobs = [j for j in jobs if json.loads(j[1]).get("algorithm") == phantom.algorithm]
-            deliveries = conn.execute(
-                "SELECT job_id, destination, peer_aet, state, attempts, last_error FROM deliveries"
-                f" WHERE job_id IN ({', '.join('?' * len(jobs))})",
-                [j[0] for j in jobs],
-            ).fetchall()
+            store = job_store_reading(conn)
+            jobs = [
+                j
+                for j in store.recent(JobKind.INFERENCE, subject_uids=subjects)
+                if j.inference.algorithm == phantom.algorithm
+            ]
+            deliveries = store.deliveries_of([j.id for j in jobs[:1]])
         finally:
             conn.close()
     except sqlite3.Error:
@@ -930,17 +926,22 @@ def node_side(config: NodeConfig, phantom: Phantom) -> str | None:
         return "the node's records hold nothing of the study"
     if not jobs:
         return f"the node stored {stored} instance(s) but made no {phantom.algorithm} job"
-    job_id, _, state, error = jobs[-1]
-    if state != "succeeded":
-        why = {"queued": "not started (is a worker running?)", "running": "still running"}
-        return f"node job {job_id} {why.get(state, 'failed')}{': ' + error if error else ''}"
-    sender = [d for d in deliveries if d[0] == job_id and d[1] == SENDER]
+    job = jobs[0]  # the newest
+    error = f": {job.error}" if job.error else ""
+    if job.state is not JobState.SUCCEEDED:
+        why = {
+            JobState.QUEUED: "not started (is a worker running?)",
+            JobState.RUNNING: "still running",
+        }
+        return f"node job {job.id} {why.get(job.state, 'failed')}{error}"
+    sender = [d for d in deliveries.get(job.id, []) if d.destination == SENDER]
     if not sender:
-        return f"node job {job_id} succeeded, but nothing was to be sent to the sender"
-    _, _, peer, d_state, attempts, last_error = sender[0]
+        return f"node job {job.id} succeeded, but nothing was to be sent to the sender"
+    delivery = sender[0]
     return (
-        f"node job {job_id} succeeded; its delivery to sender ({peer}) is {d_state} after"
-        f" {attempts} attempt(s){': ' + last_error if last_error else ''}"
+        f"node job {job.id} succeeded; its delivery to sender ({delivery.peer_aet}) is"
+        f" {delivery.state.value} after {delivery.attempts} attempt(s)"
+        + (f": {delivery.last_error}" if delivery.last_error else "")
     )
 
 

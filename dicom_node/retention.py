@@ -16,6 +16,7 @@ from pathlib import Path
 from dicom_node.config import RetentionConfig
 from dicom_node.database import RESULTS_DIR, Database
 from dicom_node.events import DataDeleted, Events, StudyRef, study_refs
+from dicom_node.jobs import DeliveryProgress, JobStore, job_store
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ def purge_expired(
 ) -> int:
     """Delete received instances and result files whose retention ran out; how many sets."""
     events = events or Events()
+    jobs = job_store(db)
     purged = 0
     with db.reading() as conn:
         # A study is done no earlier than it completed: younger ones need no closer look.
@@ -50,7 +52,7 @@ def purge_expired(
             (now - retention.instances_hours * 3600,),
         ).fetchall()
     for study in studies:
-        done_at = _study_done_at(db, study["study_uid"], study["completed_at"])
+        done_at = _study_done_at(db, jobs, study["study_uid"], study["completed_at"])
         if done_at is None or now - done_at < retention.instances_hours * 3600:
             continue
         with db.reading() as conn:
@@ -75,15 +77,15 @@ def purge_expired(
         )
         purged += 1
     with db.reading() as conn:
-        jobs = conn.execute(
-            "SELECT r.job_id, r.created_at, (SELECT MAX(sent_at) FROM deliveries d"
-            " WHERE d.job_id = r.job_id) AS sent_at, (SELECT COUNT(*) FROM deliveries d"
-            " WHERE d.job_id = r.job_id AND d.state != 'sent') AS open FROM results r"
-            " WHERE 'job:' || r.job_id NOT IN (SELECT subject FROM purges)"
+        results = conn.execute(
+            "SELECT job_id, created_at FROM results"
+            " WHERE 'job:' || job_id NOT IN (SELECT subject FROM purges)"
         ).fetchall()
-    for job in jobs:
-        done_at = job["sent_at"] or job["created_at"]
-        if job["open"] or now - done_at < retention.results_hours * 3600:
+    progress = jobs.delivery_progress([r["job_id"] for r in results])
+    for job in results:
+        delivered = progress.get(job["job_id"], DeliveryProgress(None, 0))
+        done_at = delivered.last_sent_at or job["created_at"]
+        if delivered.open or now - done_at < retention.results_hours * 3600:
             continue
         folder = data_dir / RESULTS_DIR / str(job["job_id"])
         paths = [p for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else []
@@ -97,27 +99,19 @@ def purge_expired(
     return purged
 
 
-def _study_done_at(db: Database, study_uid: str, completed_at: float) -> float | None:
+def _study_done_at(
+    db: Database, jobs: JobStore, study_uid: str, completed_at: float
+) -> float | None:
     """When the last route of a study delivered; None while any job or delivery is open."""
     with db.reading() as conn:
         subjects = [study_uid] + [
             r["series_uid"]
             for r in conn.execute("SELECT series_uid FROM series WHERE study_uid = ?", (study_uid,))
         ]
-        marks = ",".join("?" * len(subjects))
-        row = conn.execute(
-            f"SELECT (SELECT COUNT(*) FROM jobs WHERE subject_uid IN ({marks})"
-            "   AND state IN ('queued', 'running')) AS busy,"
-            " (SELECT COUNT(*) FROM deliveries d JOIN jobs j ON j.id = d.job_id"
-            f"   WHERE j.subject_uid IN ({marks}) AND d.state != 'sent') AS undelivered,"
-            " (SELECT MAX(d.sent_at) FROM deliveries d JOIN jobs j ON j.id = d.job_id"
-            f"   WHERE j.subject_uid IN ({marks})) AS sent_at,"
-            f" (SELECT MAX(finished_at) FROM jobs WHERE subject_uid IN ({marks})) AS finished",
-            (*subjects, *subjects, *subjects, *subjects),
-        ).fetchone()
-    if row["busy"] or row["undelivered"]:
+    activity = jobs.activity(subjects)
+    if activity.busy or activity.undelivered:
         return None
-    return max(completed_at, row["sent_at"] or 0.0, row["finished"] or 0.0)
+    return max(completed_at, activity.last_sent_at or 0.0, activity.last_finished_at or 0.0)
 
 
 def _record_purge(db: Database, subject: str, now: float, files: int, size: int) -> None:

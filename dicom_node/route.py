@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -25,7 +26,7 @@ from dicom_node.algorithm import SERIES_INPUT
 from dicom_node.config import RouteRule, RoutingConfig, SeriesMatch
 from dicom_node.database import Database
 from dicom_node.facts import SeriesFacts, read_series_facts, study_series
-from dicom_node.jobs import Job, JobKind, SqliteJobStore, enqueue, mark_succeeded
+from dicom_node.jobs import InferencePayload, Job, JobKind, JobStore, job_store
 from dicom_node.mr_sequence import WEIGHTINGS, classify, describes, never_a_role
 from dicom_node.plugins import discover
 from dicom_node.store import store_key
@@ -416,7 +417,7 @@ def decide_study(
     return decision
 
 
-def record_decision(conn, decision: Decision) -> list[int]:
+def record_decision(conn: sqlite3.Connection, jobs: JobStore, decision: Decision) -> list[int]:
     """Store a decision and queue one inference job per routed algorithm (caller's transaction)."""
     cursor = conn.execute(
         "INSERT INTO routing_decisions (level, subject_uid, generation, decided_at, summary,"
@@ -435,18 +436,12 @@ def record_decision(conn, decision: Decision) -> list[int]:
     if cursor.rowcount == 0:
         return []  # decided before (a replayed job): its inference jobs exist already
     return [
-        enqueue(
+        jobs.enqueue(
             conn,
             JobKind.INFERENCE,
             decision.subject_uid,
             decision.generation,
-            {
-                "algorithm": r.algorithm,
-                "inputs": r.inputs,
-                "level": decision.level,
-                "destinations": list(r.destinations),
-                "senders": list(r.senders),
-            },
+            InferencePayload(r.algorithm, r.inputs, decision.level, r.destinations, r.senders),
         )
         for r in decision.routed
     ]
@@ -455,7 +450,7 @@ def record_decision(conn, decision: Decision) -> list[int]:
 class Router:
     """Turns completion jobs into routing decisions and inference jobs, in a background thread."""
 
-    KINDS = (JobKind.SERIES_COMPLETE.value, JobKind.STUDY_COMPLETE.value)
+    KINDS = (JobKind.SERIES_COMPLETE, JobKind.STUDY_COMPLETE)
     MAX_ATTEMPTS = 3
     WORKER = "router"  # who holds the routing jobs it claims
 
@@ -469,7 +464,7 @@ class Router:
     ) -> None:
         self.data_dir = data_dir
         self.db = db
-        self.jobs = SqliteJobStore(db)
+        self.jobs = job_store(db)
         self.config = config
         self.installed = installed
         self._wake = threading.Event()
@@ -504,8 +499,8 @@ class Router:
         try:
             decision = self.decide(job)
             with self.db.transaction() as conn:
-                inference_jobs = record_decision(conn, decision)
-                mark_succeeded(conn, job.id)
+                inference_jobs = record_decision(conn, self.jobs, decision)
+                self.jobs.mark_succeeded(conn, job.id)
         except Exception as exc:
             state = self.jobs.fail(
                 job.id,

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.database import connect, database_path
-from dicom_node.jobs import JobState
+from dicom_node.jobs import DeliveryState, JobState, job_store_reading
 
 
 @dataclass(frozen=True)
@@ -125,8 +125,8 @@ def _report(conn: sqlite3.Connection, data_dir: Path, recent: int) -> StatusRepo
         )
         for r in rows
     ]
-    jobs = {s.value: 0 for s in JobState}
-    jobs.update(dict(conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()))
+    store = job_store_reading(conn)
+    jobs = {state.value: count for state, count in store.counts().items()}
     study_routing = [
         {"study_uid": r["subject_uid"], "generation": r["generation"], "routing": r["summary"]}
         for r in conn.execute(
@@ -143,9 +143,7 @@ def _report(conn: sqlite3.Connection, data_dir: Path, recent: int) -> StatusRepo
             (recent,),
         )
     ]
-    deliveries = dict(
-        conn.execute("SELECT state, COUNT(*) FROM deliveries GROUP BY state").fetchall()
-    )
+    deliveries = {state.value: count for state, count in store.delivery_counts().items()}
     return StatusReport(
         str(data_dir),
         studies,
@@ -209,7 +207,7 @@ def format_report(report: StatusReport) -> str:
         states = ", ".join(f"{k} {v}" for k, v in sorted(report.deliveries.items()))
         dead = (
             " (dicom-node jobs lists why; jobs retry replays)"
-            if "dead" in report.deliveries
+            if DeliveryState.DEAD.value in report.deliveries
             else ""
         )
         lines += ["", f"deliveries: {states}{dead}"]

@@ -41,7 +41,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from dicom_node import api
 from dicom_node.config import NodeConfig
 from dicom_node.database import Database, connect, database_path
-from dicom_node.deliver import replay
+from dicom_node.jobs import job_store
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ class HttpService:
     ) -> None:
         self.config = config
         self.db = db
+        self.jobs = job_store(db)
         self.registry = registry
         self.checks = checks
         self.data_dir = config.store.data_dir.resolve()
@@ -150,9 +151,9 @@ class HttpService:
     def post_api(self, path: str) -> dict[str, int]:
         match = re.fullmatch(r"/api/jobs/(\d+)/retry", path)
         if match:
-            return {"queued": replay(self.db, job_id=int(match[1]))}
+            return {"queued": self.jobs.replay_deliveries(job_id=int(match[1]))}
         if path == "/api/deliveries/retry-dead":
-            return {"queued": replay(self.db, all_dead=True)}
+            return {"queued": self.jobs.replay_deliveries(all_dead=True)}
         raise LookupError(path)
 
 

@@ -16,8 +16,7 @@ from dicom_node import api
 from dicom_node.assembly import Assembler
 from dicom_node.config import AssemblyConfig
 from dicom_node.database import connect, database_path
-from dicom_node.deliver import schedule
-from dicom_node.jobs import SqliteJobStore
+from dicom_node.jobs import InferencePayload, SqliteJobStore
 from dicom_node.phantoms import CtPhantomSpec, ct_series
 from dicom_node.route import Decision, Routed, record_decision
 from dicom_node.store import InstanceStore, Sender
@@ -58,10 +57,12 @@ def route(
         Routed(algorithm, {"series": subject}, ("pacs", "sender"), ("MODALITY", "CT2"))
         for algorithm in algorithms
     ]
+    jobs = SqliteJobStore(store.db)
+    to = InferencePayload("a", {}, level, ("pacs", "sender"), ("MODALITY",))
     with store.db.transaction() as conn:
-        ids = record_decision(conn, Decision(level, subject, generation, routed))
+        ids = record_decision(conn, jobs, Decision(level, subject, generation, routed))
         for job_id in ids:
-            schedule(conn, job_id, {"destinations": ["pacs", "sender"], "senders": ["MODALITY"]})
+            jobs.schedule_deliveries(conn, job_id, to)
     return ids
 
 
@@ -81,9 +82,7 @@ def old_studies(conn: sqlite3.Connection, limit: int = 50) -> list[dict[str, Any
     ).fetchall()
     out = []
     for row in rows:
-        jobs = api._jobs(
-            conn, "WHERE j.kind = 'inference' AND " + api._JOB_STUDY + " = ?", (row[0],)
-        )
+        jobs = api._jobs(conn, study_uid=row[0])
         out.append(
             {
                 **dict(row),

@@ -15,7 +15,13 @@ from pynetdicom.sop_class import CTImageStorage
 from dicom_node.assembly import Assembler, Level
 from dicom_node.config import AssemblyConfig
 from dicom_node.database import Database, database_path
-from dicom_node.jobs import JobKind, JobState, SqliteJobStore, enqueue
+from dicom_node.jobs import (
+    CompletionPayload,
+    InferencePayload,
+    JobKind,
+    JobState,
+    SqliteJobStore,
+)
 from dicom_node.phantoms import CtPhantomSpec, ct_series
 from tests.support.node import NodeProcess
 
@@ -147,9 +153,11 @@ def test_jobs_left_running_by_a_crash_are_queued_again(make_node) -> None:
     node = make_node(**SLOW)
     # A worker (another process, touching only the job store) claims a job, then the node dies.
     worker_db = Database(database_path(node.data_dir))
+    worker_store = SqliteJobStore(worker_db)
     with worker_db.transaction() as conn:
-        enqueue(conn, JobKind.INFERENCE, "1.2.3", 1, {"algorithm": "example"})
-    claimed = SqliteJobStore(worker_db).claim("worker-1", (JobKind.INFERENCE.value,))
+        payload = InferencePayload("example", {"series": "1.2.3"}, "series")
+        worker_store.enqueue(conn, JobKind.INFERENCE, "1.2.3", 1, payload)
+    claimed = worker_store.claim("worker-1", (JobKind.INFERENCE,))
     worker_db.close()
     assert claimed is not None and claimed.state is JobState.RUNNING and claimed.attempts == 1
     node.kill()
@@ -164,14 +172,17 @@ def test_jobs_left_running_by_a_crash_are_queued_again(make_node) -> None:
 def test_job_store_claim_fail_retry_succeed(tmp_path) -> None:
     db = Database(tmp_path / "index.sqlite3")
     store = SqliteJobStore(db)
+    completed = CompletionPayload("series", "1.2.3", 1, "quiet timer", 0.5)
     with db.transaction() as conn:
-        first = enqueue(conn, "series-complete", "1.2.3", 1, {"n": 1})
-        second = enqueue(conn, "study-complete", "1.2", 1, {})
-    assert store.claim("w", ("nothing",)) is None
+        first = store.enqueue(conn, JobKind.SERIES_COMPLETE, "1.2.3", 1, completed)
+        second = store.enqueue(
+            conn, JobKind.STUDY_COMPLETE, "1.2", 1, CompletionPayload("study", "1.2", 1, "", 0)
+        )
+    assert store.claim("w", (JobKind.INFERENCE,)) is None
     job = store.claim("w")
-    assert job is not None and job.id == first and job.payload == {"n": 1}
+    assert job is not None and job.id == first and job.payload == completed
     assert store.fail(job.id, "model crashed", worker="w", max_attempts=2) is JobState.QUEUED
-    job = store.claim("w", ("series-complete",))
+    job = store.claim("w", (JobKind.SERIES_COMPLETE,))
     assert job is not None and job.id == first and job.attempts == 2
     # A failure reported by a worker that no longer holds the job changes nothing.
     assert store.fail(job.id, "late", worker="other", max_attempts=2) is None
@@ -243,7 +254,7 @@ def test_a_job_reads_the_instances_its_completion_saw(make_node) -> None:
     with the first association's instances, is routed on them, and grows before its job runs.
     The job of each completion reads what that completion saw; the later instances are the
     next completion's."""
-    from dicom_node.infer import completed_at, series_input
+    from dicom_node.infer import series_input
     from dicom_node.jobs import Job
 
     node = make_node(**SLOW)
@@ -259,11 +270,12 @@ def test_a_job_reads_the_instances_its_completion_saw(make_node) -> None:
     try:
         seen = {}
         for generation in (1, 2):
+            payload = InferencePayload("example", {"series": uid}, "series")
             job = Job(
-                0, "inference", uid, generation, {"level": "series"}, JobState.QUEUED, 0,
+                0, "inference", uid, generation, payload, JobState.QUEUED, 0,
                 None, None, time.time(), None, None,
             )  # fmt: skip
-            received_by = completed_at(db, job)
+            received_by = SqliteJobStore(db).completed_at(job)
             seen[generation] = len(series_input(db, node.data_dir, uid, received_by).paths)
     finally:
         db.close()

@@ -289,10 +289,11 @@ def test_a_pacs_that_refuses_us_gives_one_dead_letter(make_node, tmp_path) -> No
 
 @pytest.mark.unit
 def test_sender_peer_not_configured_is_a_clear_dead_letter() -> None:
-    from dicom_node.deliver import Delivery, DeliveryError, resolve
+    from dicom_node.deliver import DeliveryError, resolve
+    from dicom_node.jobs import Delivery, DeliveryState
 
     config = load_config(None, environ={})
-    delivery = Delivery(1, 1, "sender", "MODALITY1", "pending", 0, 0.0, None, 0.0, None)
+    delivery = Delivery(1, 1, "sender", "MODALITY1", DeliveryState.PENDING, 0, 0.0, None, 0.0, None)
     with pytest.raises(DeliveryError, match=r"MODALITY1.*not under 'peers'") as raised:
         resolve(config, delivery)
     assert raised.value.permanent

@@ -13,6 +13,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from dicom_node.config import ConfigError, RoutingConfig, load_config
 from dicom_node.facts import describe_series, plane_of, read_series_facts, study_series
+from dicom_node.jobs import SqliteJobStore
 from dicom_node.phantoms import (
     CtPhantomSpec,
     CxrPhantomSpec,
@@ -209,9 +210,9 @@ def test_a_decision_is_recorded_once_with_its_jobs(tmp_path: Path) -> None:
     facts = read_series_facts(store.data_dir, store.db, datasets[0].SeriesInstanceUID)
     decision = decide_series(facts, RULES, ALL, 1)
     with store.db.transaction() as conn:
-        (job_id,) = record_decision(conn, decision)
+        (job_id,) = record_decision(conn, SqliteJobStore(store.db), decision)
     with store.db.transaction() as conn:
-        assert record_decision(conn, decision) == []  # a replayed routing job
+        assert record_decision(conn, SqliteJobStore(store.db), decision) == []  # a replayed job
     with store.db.reading() as conn:
         job = conn.execute("SELECT kind, payload FROM jobs WHERE id = ?", (job_id,)).fetchone()
         assert conn.execute("SELECT COUNT(*) FROM routing_decisions").fetchone()[0] == 1
@@ -309,7 +310,7 @@ def test_brain_roles_come_from_acquisition_attributes_not_names(tmp_path: Path) 
     assert "T2: series 3" in decision.summary() and "FLAIR_ROI" not in decision.summary()
     # The reasons are recorded with the decision, where the API reads them.
     with store.db.transaction() as conn:
-        record_decision(conn, decision)
+        record_decision(conn, SqliteJobStore(store.db), decision)
     with store.db.reading() as conn:
         (recorded,) = json.loads(conn.execute("SELECT routed FROM routing_decisions").fetchone()[0])
     assert {c["description"]: c["reason"] for c in recorded["candidates"]} == {
