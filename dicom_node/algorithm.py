@@ -80,10 +80,6 @@ class InputSpec:
         if not self.roles or len(set(self.roles)) != len(self.roles):
             raise ValueError("roles must be distinct and at least one")
 
-    @property
-    def is_study(self) -> bool:
-        return self.roles != (SERIES_INPUT,)
-
 
 @dataclass(frozen=True)
 class SeriesInput:

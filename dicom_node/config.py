@@ -285,9 +285,6 @@ class RoutingConfig(_Section):
         "folder only.",
     )
 
-    def destinations_of(self, rule: RouteRule) -> list[str]:
-        return list(self.destinations if rule.destinations is None else rule.destinations)
-
 
 SENDER = "sender"  # the destination that means "back to the calling AE"
 

@@ -162,13 +162,6 @@ class ChestAnatomy:
             ) ** 2 <= 1
         return {"body": body, "inner": inner, "lungs": lungs & ~heart & inner, "heart": heart}
 
-    def in_lung(self, point_lps_mm: tuple[float, float, float], margin_mm: float = 0.0) -> bool:
-        """Whether a point of the grid lies in a lung, ``margin_mm`` from its edge."""
-        x, y, z = np.add(point_lps_mm, self.offset_mm)
-        probe = np.array([-margin_mm, 0.0, margin_mm])
-        lungs = self._outlines(x + probe, y + probe, z)["lungs"]
-        return bool(lungs.all())
-
     @cached_property
     def vessels(self) -> Tubes:
         """Pulmonary vessel trees: trunks from each hilum in every direction, branching and

@@ -374,10 +374,6 @@ class WorkerSupervisor:
         self._thread: threading.Thread | None = None
 
     @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
-
-    @property
     def name(self) -> str:
         return self._name
 

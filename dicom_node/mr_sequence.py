@@ -107,10 +107,6 @@ class MrClass:
     reason: str
     basis: str
 
-    @property
-    def excluded(self) -> bool:
-        return self.weighting is None
-
 
 def _excluded(reason: str) -> MrClass:
     return MrClass(None, reason, "excluded")

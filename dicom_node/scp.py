@@ -326,10 +326,6 @@ class StorageSCP:
     def listening(self) -> bool:
         return self._server is not None
 
-    @property
-    def active_associations(self) -> list[Association]:
-        return list(self._server.active_associations) if self._server else []
-
     # -- handlers ------------------------------------------------------------------------------
 
     def _on_requested(self, event: Event) -> None:
