@@ -111,6 +111,7 @@ def test_clear_chest_with_vessels_and_ribs_has_no_nodule(algorithm, tmp_path, se
 
 
 @pytest.mark.unit
+@pytest.mark.slow
 @pytest.mark.parametrize("kernel", ["B40f", "B70f"])
 def test_real_chest_ct_yields_at_most_a_few_findings(algorithm, corpus: Path, kernel) -> None:
     """Lung-PET-CT-Dx A0002 (Siemens, 30 slices of 8 mm, soft B40f and sharp B70f
@@ -236,6 +237,7 @@ def test_detector_parameters_are_the_published_ones(bundle) -> None:
 
 
 @pytest.mark.unit
+@pytest.mark.slow
 def test_public_bundle_loads_strictly_and_matches_the_reference(bundle) -> None:
     torch.manual_seed(3)
     reference = bundle_network(bundle).eval()  # RetinaNet + ResNet-50 FPN from the config
@@ -263,6 +265,7 @@ def test_bundle_weights_that_do_not_fit_are_refused_clearly(bundle) -> None:
 
 
 @pytest.mark.unit
+@pytest.mark.slow
 def test_volume_is_preprocessed_as_the_bundle_does(corpus: Path) -> None:
     volume = SeriesInput("1.2.3", tuple(corpus_ct(corpus))).volume()
     image = preprocess(volume, DetectorParameters(), crop_to_body=False)
@@ -301,6 +304,7 @@ THICK_SLICES = CtPhantomSpec(
 
 
 @pytest.mark.unit
+@pytest.mark.slow
 def test_shortcuts_find_the_same_nodule_as_the_bundles_pipeline(algorithm, tmp_path) -> None:
     """Cropping to the body, choosing candidates before decoding boxes and starting from the
     report threshold save time only: the bundle's pipeline (whole field of view, MONAI's own
@@ -346,6 +350,7 @@ def test_sliding_window_is_a_slab_of_the_cross_section_within_the_patch_budget()
 
 
 @pytest.mark.unit
+@pytest.mark.slow
 def test_slabs_find_what_the_bundles_windows_find(algorithm, tmp_path) -> None:
     """Slid as slabs or as the bundle's patches (here shrunk so that a small image needs
     several), the network puts the nodule in the same place."""

@@ -87,6 +87,7 @@ def test_demo_weights_separate_opacity_from_clean(
 
 
 @pytest.mark.unit
+@pytest.mark.slow
 def test_held_out_generator_clear_mostly_negative_and_consolidation_mostly_positive(
     algorithm, tmp_path
 ) -> None:
@@ -181,6 +182,7 @@ def test_real_radiograph_and_its_monochrome1_copy(algorithm, corpus: Path, tmp_p
 
 
 @pytest.mark.unit
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["rsna", "all"])
 @pytest.mark.parametrize("pickled", [False, True])
 def test_public_weights_load_strictly_and_match_the_reference(tmp_path, variant, pickled) -> None:
