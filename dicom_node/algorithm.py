@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -63,6 +64,7 @@ __all__ = [
     "InputSpec",
     "LabelMask",
     "SeriesInput",
+    "TrainedAlgorithm",
     "Weights",
 ]
 
@@ -416,6 +418,49 @@ class Algorithm(ABC):
         """Run on one case; ``inputs`` has one entry per name in :attr:`inputs`."""
 
 
+class TrainedAlgorithm(Algorithm):
+    """An algorithm that runs a trained network: on the public weights its settings name, or
+    else on the demo weights it ships in :attr:`demo_weights` (everything it makes is then
+    marked DEMO). The one way the built-in algorithms load weights:
+
+    - :meth:`public_weights` says which public weights the settings name, None for the demo
+      ones; :meth:`weights` is therefore never the demo weights when public ones are named;
+    - :attr:`model_module` names the module that loads them, imported by :meth:`load` only so
+      that discovering and routing to the algorithm does not pay for torch and MONAI: its
+      ``load_demo(path)`` reads the demo weights, :meth:`load_public` (given the module) the
+      public ones. Either returns an object with a ``network`` attribute (a torch module),
+      kept as :attr:`loaded` and moved to the device, which is kept as :attr:`device`.
+
+    Loading is strict (:mod:`dicom_node.weights`): weights that do not fit the network are an
+    error naming the file, never a partial load.
+    """
+
+    demo_weights: ClassVar[Path]
+    model_module: ClassVar[str]
+    loaded: Any  # what the model module's loader returned, set by load()
+    device: str
+
+    @abstractmethod
+    def public_weights(self) -> Weights | None:
+        """The public weights the settings name (``Weights.from_file(path, demo=False)``,
+        ``Weights.from_bundle(folder)``), or None to run on the demo weights."""
+
+    @abstractmethod
+    def load_public(self, model: ModuleType) -> Any:
+        """Load the public weights with ``model`` (the imported :attr:`model_module`)."""
+
+    def weights(self) -> Weights:
+        public = self.public_weights()
+        return public if public is not None else Weights.from_file(self.demo_weights, demo=True)
+
+    def load(self, device: str) -> None:
+        model = importlib.import_module(self.model_module)
+        weights = self.weights()
+        self.loaded = model.load_demo(weights.path) if weights.demo else self.load_public(model)
+        self.loaded.network.to(device)
+        self.device = device
+
+
 class BundleSettings(AlgorithmSettings):
     """The settings of a :class:`BundleAlgorithm`."""
 
@@ -426,33 +471,20 @@ class BundleSettings(AlgorithmSettings):
     )
 
 
-class BundleAlgorithm(Algorithm):
-    """An algorithm whose public weights come as a MONAI bundle folder, setting ``bundle``
-    (``configs/inference.json`` + ``models/model.pt`` or ``model.ts``); without that setting
-    it runs on the demo weights in :attr:`demo_weights`.
-
-    :attr:`model_module` names the module that loads either kind: ``load_demo(path)`` and
-    ``load_bundle(bundle)``, each returning an object with a ``network`` attribute, kept as
-    :attr:`loaded`. It is imported by :meth:`load` only, so that discovering and routing to
-    the algorithm does not pay for torch and MONAI. A subclass with more settings extends
+class BundleAlgorithm(TrainedAlgorithm):
+    """A :class:`TrainedAlgorithm` whose public weights come as a MONAI bundle folder, setting
+    ``bundle`` (``configs/inference.json`` + ``models/model.pt`` or ``model.ts``); its model
+    module's ``load_bundle(bundle)`` loads them. A subclass with more settings extends
     :class:`BundleSettings`.
     """
 
     settings_model: ClassVar[type[AlgorithmSettings] | None] = BundleSettings
     settings: BundleSettings
-    demo_weights: ClassVar[Path]
-    model_module: ClassVar[str]
 
-    def weights(self) -> Weights:
-        if self.settings.bundle is not None:
-            return Weights.from_bundle(self.settings.bundle)
-        return Weights.from_file(self.demo_weights, demo=True)
+    def public_weights(self) -> Weights | None:
+        if self.settings.bundle is None:
+            return None
+        return Weights.from_bundle(self.settings.bundle)
 
-    def load(self, device: str) -> None:
-        model = importlib.import_module(self.model_module)
-        weights = self.weights()
-        if weights.demo:
-            self.loaded = model.load_demo(weights.path)
-        else:
-            self.loaded = model.load_bundle(self.settings.bundle)
-        self.loaded.network.to(device)
+    def load_public(self, model: ModuleType) -> Any:
+        return model.load_bundle(self.settings.bundle)

@@ -22,6 +22,7 @@ from dicom_node.algorithm import (
     InputSpec,
     LabelMask,
     SeriesInput,
+    TrainedAlgorithm,
     Weights,
 )
 from dicom_node.config import ConfigError
@@ -220,7 +221,20 @@ def test_built_in_settings_are_typed_and_refuse_unknown_keys(name: str) -> None:
         mode="json"
     )
     assert sorted(cls.settings_model.model_fields) == sorted(VALID_SETTINGS[name])
-    assert cls().weights().demo  # nothing configured: the demo weights, marked
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_built_ins_load_weights_one_way(name: str, tmp_path: Path) -> None:
+    """Demo weights when the settings name none; named public weights that are not there are
+    an error, never a quiet fall back to the demo."""
+    cls = discover()[name].algorithm
+    assert cls is not None and issubclass(cls, TrainedAlgorithm)
+    demo = cls().weights()
+    assert demo.demo and demo.path == cls.demo_weights and demo.sha256
+    key = next(iter(VALID_SETTINGS[name]))  # bundle, or pneumonia-cxr's weights file
+    with pytest.raises(FileNotFoundError):
+        cls({key: str(tmp_path / "not-there")}).weights()
 
 
 @pytest.mark.unit

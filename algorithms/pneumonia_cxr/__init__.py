@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import ClassVar, Literal
+from types import ModuleType
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
 from dicom_node.algorithm import (
-    Algorithm,
     AlgorithmResult,
     AlgorithmSettings,
     Classification,
@@ -22,6 +22,7 @@ from dicom_node.algorithm import (
     InputError,
     InputSpec,
     SeriesInput,
+    TrainedAlgorithm,
     Weights,
 )
 
@@ -50,34 +51,26 @@ class Settings(AlgorithmSettings):
     )
 
 
-class PneumoniaCxr(Algorithm):
+class PneumoniaCxr(TrainedAlgorithm):
     name = "pneumonia-cxr"
     version = "1.0.0"
     inputs = InputSpec()
+    demo_weights = DEMO_WEIGHTS
+    model_module = "dicom_node_algorithms.pneumonia_cxr.model"
     settings_model: ClassVar[type[AlgorithmSettings] | None] = Settings
     settings: Settings
 
-    def weights(self) -> Weights:
-        if self.settings.weights is not None:
-            return Weights.from_file(self.settings.weights, demo=False)
-        return Weights.from_file(DEMO_WEIGHTS, demo=True)
+    def public_weights(self) -> Weights | None:
+        if self.settings.weights is None:
+            return None
+        return Weights.from_file(self.settings.weights, demo=False)
 
-    def load(self, device: str) -> None:
-        from dicom_node_algorithms.pneumonia_cxr.model import load_demo, load_network
-
-        weights = self.weights()
-        assert weights.path is not None
-        if weights.demo:
-            loaded = load_demo(weights.path)
-        else:
-            loaded = load_network(
-                weights.path,
-                variant=self.settings.variant,
-                allow_pickle=self.settings.allow_pickle,
-            )
-        loaded.network.to(device)
-        self.device = device
-        self.loaded = loaded
+    def load_public(self, model: ModuleType) -> Any:
+        return model.load_network(
+            self.settings.weights,
+            variant=self.settings.variant,
+            allow_pickle=self.settings.allow_pickle,
+        )
 
     def run(self, inputs: Mapping[str, SeriesInput]) -> AlgorithmResult:
         import torch
