@@ -8,7 +8,7 @@ APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb chromium
 OHIF_VERSION := 3.13.2
 VIEWER := tests/viewer
 
-.PHONY: run test lint system-deps viewer-tools benchmark clean
+.PHONY: run test test-fast lint system-deps viewer-tools benchmark clean
 
 # torch and torchvision pinned to the builds this project is tested with (on this machine
 # pip takes them from disk; an unpinned torch would download gigabytes).
@@ -58,6 +58,11 @@ viewer-tools: $(VIEWER)/node_modules/playwright-core/package.json $(VIEWER)/ohif
 test: system-deps viewer-tools $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+## The unit layer alone (no node process, socket, external program or browser; no slow test):
+## about a minute. Markers: pyproject.toml [tool.pytest.ini_options], tests/conftest.py.
+test-fast: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -m "unit and not slow"
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .

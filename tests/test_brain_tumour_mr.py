@@ -46,6 +46,7 @@ def study_inputs(folder: Path) -> dict[str, SeriesInput]:
 
 
 @pytest.mark.unit
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "spec",
     [
@@ -77,6 +78,7 @@ def test_demo_weights_segment_the_phantom_tumour(algorithm, tmp_path, spec) -> N
 
 
 @pytest.mark.unit
+@pytest.mark.slow
 def test_no_tumour_no_mask(algorithm, tmp_path) -> None:
     write_brain_study(tmp_path, BrainPhantomSpec(seed=UNSEEN + 5, tumour=False))
     result = algorithm.run(study_inputs(tmp_path))
@@ -99,6 +101,7 @@ def bundle(bundle_like) -> Path:
 
 
 @pytest.mark.unit
+@pytest.mark.slow
 def test_public_bundle_loads_strictly_and_matches_the_reference(bundle) -> None:
     torch.manual_seed(2)
     reference = bundle_network(bundle).eval()  # built by MONAI's ConfigParser from the config

@@ -56,6 +56,7 @@ def series_input(paths: list[Path]) -> SeriesInput:
 
 
 @pytest.mark.unit
+@pytest.mark.slow
 @pytest.mark.parametrize("name", PHANTOMS)
 def test_demo_weights_find_the_phantom_nodules(algorithm, tmp_path, name) -> None:
     spec = PHANTOMS[name]
@@ -85,6 +86,7 @@ def test_demo_weights_find_the_phantom_nodules(algorithm, tmp_path, name) -> Non
 
 
 @pytest.mark.unit
+@pytest.mark.slow
 def test_clean_chest_has_no_nodule(algorithm, tmp_path) -> None:
     spec = CtPhantomSpec(slices=40, rows=128, columns=128, noise_hu=20, seed=3)
     result = algorithm.run({"series": series_input(write_ct_series(tmp_path, spec))})
@@ -102,6 +104,7 @@ def clear_chest(seed: int, kernel: str) -> CtPhantomSpec:
 
 
 @pytest.mark.unit
+@pytest.mark.slow
 @pytest.mark.parametrize(("seed", "kernel"), [(90_001, "soft"), (90_002, "sharp")])
 def test_clear_chest_with_vessels_and_ribs_has_no_nodule(algorithm, tmp_path, seed, kernel):
     """Vessels cut across, bronchial walls and ribs are what a real chest CT is full of."""
@@ -199,6 +202,7 @@ def test_anchor_grid_is_the_one_the_weights_were_trained_on() -> None:
 
 
 @pytest.mark.unit
+@pytest.mark.slow
 def test_anchor_grid_moves_detections_by_half_a_stride(algorithm, tmp_path) -> None:
     """With MONAI's centred anchors the same network puts boxes half a stride away: the
     shift the fix undoes. The finest level's stride is (4, 4, 2) voxels of 0.7/1.25 mm."""
@@ -258,6 +262,7 @@ def test_public_bundle_loads_strictly_and_matches_the_reference(bundle) -> None:
 
 
 @pytest.mark.unit
+@pytest.mark.slow
 def test_bundle_weights_that_do_not_fit_are_refused_clearly(bundle) -> None:
     torch.save(demo_network(ARCHITECTURE).state_dict(), bundle / "models" / "model.pt")
     with pytest.raises(WeightsMismatch, match="does not fit the bundle's network_def"):

@@ -53,6 +53,7 @@ def run_on(algorithm: PneumoniaCxr, spec: CxrPhantomSpec, tmp_path: Path):
 
 
 @pytest.mark.unit
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("rows", "columns", "photometric"),
     [(512, 512, "MONOCHROME2"), (420, 610, "MONOCHROME2"), (640, 400, "MONOCHROME1")],
@@ -118,6 +119,7 @@ def test_held_out_generator_clear_mostly_negative_and_consolidation_mostly_posit
 
 
 @pytest.mark.unit
+@pytest.mark.slow
 def test_score_does_not_depend_on_the_photometric_interpretation(algorithm, tmp_path) -> None:
     """MONOCHROME1 stores the inverse of MONOCHROME2: the same picture, the same score."""
     for seed, opacity in ((HELD_OUT + 4, False), (HELD_OUT + 5, True)):
