@@ -15,6 +15,8 @@ from tests.support.node import NodeProcess
 from tests.support.paths import CORPUS, MODEL_ZOO
 from tests.support.tls import make_pki
 
+pytest_plugins = ["pytester"]  # tests/test_layout.py runs this conftest on probe tests
+
 
 @pytest.fixture(scope="session")
 def corpus() -> Path:
