@@ -1,6 +1,6 @@
 """A real-world corpus through a real node (issue 14, "A real-world corpus in CI").
 
-Public DICOM installed with the test dependencies (``tests/realworld.py`` names the sources)
+Public DICOM installed with the test dependencies (``tests/support/realworld.py`` names the sources)
 and generated reproductions of each class of failure issue 14 found are sent to
 ``dicom-node serve`` twice: by dcmtk's storescu, proposing each file's own transfer syntax
 (compressed ones included), and by pynetdicom (``dicom_node.scu.send``, the file's bytes as
