@@ -21,7 +21,7 @@ import hashlib
 import importlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -63,6 +63,10 @@ __all__ = [
     "InputError",
     "InputSpec",
     "LabelMask",
+    "QaCase",
+    "QaLesion",
+    "QaPhantom",
+    "QaRegion",
     "SeriesInput",
     "TrainedAlgorithm",
     "Weights",
@@ -369,6 +373,71 @@ class AlgorithmSettings(BaseModel):
         return value
 
 
+# -- the self-test an algorithm may declare -----------------------------------------------------
+
+_RESULT_KINDS = frozenset({"SEG", "SR", "SC"})  # the objects the node writes from a result
+
+
+@dataclass(frozen=True)
+class QaLesion:
+    """A lesion of a QA phantom. The SEG should have one segment of type ``finding`` on it
+    (holding its centre, lying mostly inside ``mask``) and the SR a region of that finding
+    type centred on it, of about its diameter."""
+
+    finding: Concept
+    center_lps_mm: tuple[float, float, float]
+    diameter_mm: float
+    mask: np.ndarray  # its voxels in the primary series' grid (see QaPhantom)
+
+
+@dataclass(frozen=True)
+class QaRegion:
+    """A region of a QA phantom that a SEG segment of ``property_type`` should cover (and, with
+    ``volume``, whose volume the SR should report); ``name`` is what qa's report calls it."""
+
+    name: str
+    property_type: Concept
+    mask: np.ndarray  # in the primary series' grid (see QaPhantom)
+    volume: bool = False
+
+
+@dataclass(frozen=True)
+class QaPhantom:
+    """A phantom study written to a folder, and the truth it was made with.
+
+    ``series`` holds each input role's files in the order they were written; masks are
+    (frame, row, column) in the grid of the ``primary`` series (the one a SEG is drawn on),
+    frames in the order of its files. ``classifications`` says, per finding, whether the
+    phantom shows it.
+    """
+
+    series: Mapping[str, tuple[Path, ...]]
+    primary: str = SERIES_INPUT
+    lesions: tuple[QaLesion, ...] = ()
+    regions: tuple[QaRegion, ...] = ()
+    classifications: Mapping[Concept, bool] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.primary not in self.series or not all(self.series.values()):
+            raise ValueError(f"the {self.primary!r} series and every other must have files")
+
+
+@dataclass(frozen=True)
+class QaCase:
+    """How ``dicom-node qa`` self-tests an algorithm on a running node: ``make`` writes a
+    phantom study into a folder and returns it with its truth; qa sends it, and checks the
+    results (``results``: which of SEG, SR and SC the algorithm writes) against that truth.
+    ``label`` names the phantom in qa's report (CT, MR, CXR)."""
+
+    label: str
+    results: frozenset[str]
+    make: Callable[[Path], QaPhantom]
+
+    def __post_init__(self) -> None:
+        if not self.label or not self.results or not self.results <= _RESULT_KINDS:
+            raise ValueError(f"a QA case needs a label and results among {sorted(_RESULT_KINDS)}")
+
+
 class Algorithm(ABC):
     """Subclass this and register the class under the ``dicom_node.algorithms`` entry points.
 
@@ -384,6 +453,8 @@ class Algorithm(ABC):
     name: ClassVar[str]
     version: ClassVar[str]
     inputs: ClassVar[InputSpec] = InputSpec()
+    # The phantom and truth ``dicom-node qa`` tests the algorithm with; None: no self-test.
+    qa_case: ClassVar[QaCase | None] = None
     settings_model: ClassVar[type[AlgorithmSettings] | None] = None
     # An instance of settings_model; without one, the section as a dict. Subclasses with a
     # model narrow it (``settings: Settings``) for their readers and type checkers.

@@ -18,8 +18,12 @@ from dicom_node.algorithm import (
     Concept,
     InputSpec,
     LabelMask,
+    QaCase,
+    QaPhantom,
+    QaRegion,
     SeriesInput,
 )
+from dicom_node.phantoms import BrainPhantomSpec, write_brain_study
 
 DEMO_WEIGHTS = Path(__file__).with_name("demo_weights.pt")
 BRAIN = Concept("SCT", "12738006", "Brain")
@@ -30,6 +34,29 @@ REGION_TYPES = {
     "enhancing tumour": Concept("NCIt", "C113842", "Enhancing Lesion"),
 }
 
+# `dicom-node qa`'s phantom: a four-sequence brain MR with a ring-enhancing tumour that the
+# project's tests run the demo weights on, so what qa expects of it is what they establish.
+MR_SPEC = BrainPhantomSpec(seed=900_000, patient_id="DICOMNODE-QA-MR")
+
+
+def qa_phantom(folder: Path) -> QaPhantom:
+    """The QA brain MR written into ``folder/<role>/`` (slices feet to head, the truth's frame
+    order), with its tumour regions; the SR's whole-tumour volume is checked too."""
+    brain = write_brain_study(folder, MR_SPEC)
+    truth = {
+        "tumour core": brain.tumour_core,
+        "whole tumour": brain.whole_tumour,
+        "enhancing tumour": brain.enhancing_tumour,
+    }
+    return QaPhantom(
+        {role: tuple(sorted((folder / role).glob("MR*.dcm"))) for role in brain.series},
+        primary="T1c",
+        regions=tuple(
+            QaRegion(name, REGION_TYPES[name], mask, volume=name == "whole tumour")
+            for name, mask in truth.items()
+        ),
+    )
+
 
 class BrainTumourMr(BundleAlgorithm):
     name = "brain-tumour-mr"
@@ -37,6 +64,7 @@ class BrainTumourMr(BundleAlgorithm):
     demo_weights = DEMO_WEIGHTS
     model_module = "dicom_node_algorithms.brain_tumour_mr.model"
     inputs = InputSpec(("T1c", "T1", "T2", "FLAIR"))
+    qa_case = QaCase("MR", frozenset({"SEG", "SR"}), qa_phantom)
 
     def run(self, inputs: Mapping[str, SeriesInput]) -> AlgorithmResult:
         from dicom_node_algorithms.brain_tumour_mr.model import (

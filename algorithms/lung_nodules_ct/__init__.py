@@ -10,9 +10,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 from pydantic import Field, StrictBool
 
 from dicom_node.algorithm import (
+    SERIES_INPUT,
     AlgorithmResult,
     AlgorithmSettings,
     BundleAlgorithm,
@@ -21,13 +23,45 @@ from dicom_node.algorithm import (
     Finding,
     InputSpec,
     LabelMask,
+    QaCase,
+    QaLesion,
+    QaPhantom,
     SeriesInput,
 )
+from dicom_node.phantoms import CtPhantomSpec, Nodule, write_ct_series
 
 DEMO_WEIGHTS = Path(__file__).with_name("demo_weights.pt")
 LABEL = "Nodule"
 NODULE = Concept("SCT", "27925004", "Nodule")
 LUNG = Concept("SCT", "39607008", "Lung")
+
+# `dicom-node qa`'s phantom: the chest CT with one solid 9 mm nodule that the project's tests
+# run the demo weights on, so what qa expects of it is what those tests establish.
+CT_SPEC = CtPhantomSpec(
+    slices=40,
+    rows=128,
+    columns=128,
+    pixel_spacing_mm=(0.75, 0.75),
+    noise_hu=20,
+    nodules=(Nodule((-27.0, 4.0, 24.0), 9.0),),
+    patient_id="DICOMNODE-QA-CT",
+)
+
+
+def qa_phantom(folder: Path) -> QaPhantom:
+    """The QA chest CT written into ``folder`` (slices in acquisition order), with where its
+    nodules are."""
+    paths = write_ct_series(folder, CT_SPEC)
+    lesions = tuple(
+        QaLesion(
+            NODULE,
+            nodule.center_lps_mm,
+            nodule.diameter_mm,
+            np.stack([CT_SPEC.nodule_disc(nodule, k) for k in range(CT_SPEC.slices)]),
+        )
+        for nodule in CT_SPEC.nodules
+    )
+    return QaPhantom({SERIES_INPUT: tuple(paths)}, lesions=lesions)
 
 
 class Settings(BundleSettings):
@@ -58,6 +92,7 @@ class LungNodulesCt(BundleAlgorithm):
     demo_weights = DEMO_WEIGHTS
     model_module = "dicom_node_algorithms.lung_nodules_ct.model"
     inputs = InputSpec()
+    qa_case = QaCase("CT", frozenset({"SEG", "SR"}), qa_phantom)
     settings_model: ClassVar[type[AlgorithmSettings] | None] = Settings
     settings: Settings
 

@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from dicom_node.algorithm import (
+    SERIES_INPUT,
     AlgorithmResult,
     AlgorithmSettings,
     Classification,
@@ -21,14 +22,32 @@ from dicom_node.algorithm import (
     HeatMap,
     InputError,
     InputSpec,
+    QaCase,
+    QaPhantom,
     SeriesInput,
     TrainedAlgorithm,
     Weights,
 )
+from dicom_node.phantoms import CxrPhantomSpec, cxr_dataset
 
 DEMO_WEIGHTS = Path(__file__).with_name("demo_weights.pt")
 LABEL = "Pneumonia"
 PNEUMONIA = Concept("SCT", "233604007", "Pneumonia")
+
+# `dicom-node qa`'s phantom: a PA chest radiograph with an opacity, which the demo weights
+# call pneumonia in the project's tests.
+CXR_SPEC = CxrPhantomSpec(
+    rows=400, columns=520, opacity=True, seed=500_001, patient_id="DICOMNODE-QA-CXR"
+)
+
+
+def qa_phantom(folder: Path) -> QaPhantom:
+    """The QA radiograph written into ``folder``, and whether it shows pneumonia."""
+    path = folder / "CR0001.dcm"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cxr_dataset(CXR_SPEC).save_as(path, enforce_file_format=True)
+    return QaPhantom({SERIES_INPUT: (path,)}, classifications={PNEUMONIA: CXR_SPEC.opacity})
+
 
 # torch and torchxrayvision are imported in load(), not here: discovering and routing to the
 # algorithm (in the SCP's process) must not pay for them.
@@ -55,6 +74,7 @@ class PneumoniaCxr(TrainedAlgorithm):
     name = "pneumonia-cxr"
     version = "1.0.0"
     inputs = InputSpec()
+    qa_case = QaCase("CXR", frozenset({"SR", "SC"}), qa_phantom)
     demo_weights = DEMO_WEIGHTS
     model_module = "dicom_node_algorithms.pneumonia_cxr.model"
     settings_model: ClassVar[type[AlgorithmSettings] | None] = Settings
