@@ -61,7 +61,7 @@ class DeliveryError(Exception):
 def backoff_s(attempts: int, config: DeliveryConfig, rng: random.Random) -> float:
     """Wait before the next try after ``attempts`` failures: doubling from the initial wait up
     to the maximum, spread by the jitter so that many deliveries do not retry in step."""
-    base = min(config.backoff_max_s, config.backoff_initial_s * 2 ** max(attempts - 1, 0))
+    base = min(config.backoff_max_s, config.backoff_initial_s * 2.0 ** max(attempts - 1, 0))
     return base * (1.0 + config.backoff_jitter * rng.uniform(-1.0, 1.0))
 
 

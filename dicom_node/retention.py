@@ -89,12 +89,12 @@ def purge_expired(
             continue
         folder = data_dir / RESULTS_DIR / str(job["job_id"])
         paths = [p for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else []
-        studies = study_refs(p for p in paths if p.suffix == ".dcm")
+        result_studies = study_refs(p for p in paths if p.suffix == ".dcm")
         files, size = _delete(paths)
         shutil.rmtree(folder, ignore_errors=True)
         _record_purge(db, f"job:{job['job_id']}", now, files, size)
         log.info("retention: deleted job %d's %d result file(s)", job["job_id"], files)
-        events.emit(DataDeleted(f"results of job {job['job_id']}", studies, files, size))
+        events.emit(DataDeleted(f"results of job {job['job_id']}", result_studies, files, size))
         purged += 1
     return purged
 

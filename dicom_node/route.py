@@ -20,7 +20,23 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
+
+from pydicom.uid import (
+    ComputedRadiographyImageStorage,
+    CTImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    EnhancedCTImageStorage,
+    EnhancedMRImageStorage,
+    LegacyConvertedEnhancedCTImageStorage,
+    LegacyConvertedEnhancedMRImageStorage,
+    MRImageStorage,
+    MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+    MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+    SecondaryCaptureImageStorage,
+)
 
 from dicom_node.algorithm import SERIES_INPUT
 from dicom_node.config import RouteRule, RoutingConfig, SeriesMatch
@@ -34,21 +50,23 @@ from dicom_node.store import store_key
 log = logging.getLogger(__name__)
 
 # Image storage SOP classes (PS3.4 B.5) whose pixel data a model may be given.
-ROUTABLE_SOP_CLASSES = {
-    "1.2.840.10008.5.1.4.1.1.1": "CR Image",
-    "1.2.840.10008.5.1.4.1.1.1.1": "Digital X-Ray Image (For Presentation)",
-    "1.2.840.10008.5.1.4.1.1.1.1.1": "Digital X-Ray Image (For Processing)",
-    "1.2.840.10008.5.1.4.1.1.2": "CT Image",
-    "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image",
-    "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT Image",
-    "1.2.840.10008.5.1.4.1.1.4": "MR Image",
-    "1.2.840.10008.5.1.4.1.1.4.1": "Enhanced MR Image",
-    "1.2.840.10008.5.1.4.1.1.4.4": "Legacy Converted Enhanced MR Image",
-    # Radiographs are often archived as Secondary Capture (the RSNA pneumonia set is).
-    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image",
-    "1.2.840.10008.5.1.4.1.1.7.2": "Multi-frame Grayscale Byte Secondary Capture Image",
-    "1.2.840.10008.5.1.4.1.1.7.3": "Multi-frame Grayscale Word Secondary Capture Image",
-}
+ROUTABLE_SOP_CLASSES = frozenset(
+    {
+        ComputedRadiographyImageStorage,
+        DigitalXRayImageStorageForPresentation,
+        DigitalXRayImageStorageForProcessing,
+        CTImageStorage,
+        EnhancedCTImageStorage,
+        LegacyConvertedEnhancedCTImageStorage,
+        MRImageStorage,
+        EnhancedMRImageStorage,
+        LegacyConvertedEnhancedMRImageStorage,
+        # Radiographs are often archived as Secondary Capture (the RSNA pneumonia set is).
+        SecondaryCaptureImageStorage,
+        MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+        MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+    }
+)
 # Modalities of derived and non-image objects, whatever SOP class carries them.
 NEVER_ROUTED_MODALITIES = frozenset(
     {"SEG", "SR", "KO", "PR", "REG", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "DOC"}
@@ -127,7 +145,9 @@ def mismatch(match: SeriesMatch, facts: SeriesFacts) -> str | None:
     checks: list[tuple[bool, Callable[[], str]]] = [
         (
             match.modality is not None and not _listed(facts.modality, match.modality),
-            lambda: f"modality {facts.modality or '(none)'} is not {'/'.join(match.modality)}",
+            lambda: (
+                f"modality {facts.modality or '(none)'} is not {'/'.join(match.modality or ())}"
+            ),
         ),
         (
             match.sop_class is not None and not facts.sop_class_uids <= set(match.sop_class),
@@ -163,7 +183,8 @@ def mismatch(match: SeriesMatch, facts: SeriesFacts) -> str | None:
         (
             match.orientation is not None and facts.orientation not in match.orientation,
             lambda: (
-                f"orientation {facts.orientation or '(none)'} is not {'/'.join(match.orientation)}"
+                f"orientation {facts.orientation or '(none)'} is not"
+                f" {'/'.join(match.orientation or ())}"
             ),
         ),
         (
@@ -209,7 +230,7 @@ def _weighting_mismatch(match: SeriesMatch, facts: SeriesFacts) -> str:
 
 def never_routed(facts: SeriesFacts) -> str | None:
     """Why no algorithm may ever see this series, or None when it is an image a model can take."""
-    others = sorted(facts.sop_class_uids - ROUTABLE_SOP_CLASSES.keys())
+    others = sorted(facts.sop_class_uids - ROUTABLE_SOP_CLASSES)
     if others:
         return f"not an image a model takes (SOP class {', '.join(others)})"
     if facts.unreadable:
@@ -226,7 +247,7 @@ def never_routed(facts: SeriesFacts) -> str | None:
 
 def _series_rule(
     rule: RouteRule, facts: SeriesFacts, installed: frozenset[str], defaults: Sequence[str]
-):
+) -> Routed | NotRouted:
     assert rule.series is not None
     why = mismatch(rule.series, facts)
     if why is not None:
@@ -261,9 +282,10 @@ def decide_series(
     for rule in rules:
         if rule.series is not None:
             outcome = _series_rule(rule, facts, installed, default_destinations)
-            (decision.routed if isinstance(outcome, Routed) else decision.not_routed).append(
-                outcome
-            )
+            if isinstance(outcome, Routed):
+                decision.routed.append(outcome)
+            else:
+                decision.not_routed.append(outcome)
         else:
             assert rule.roles is not None
             fits = [role for role, match in rule.roles.items() if mismatch(match, facts) is None]
@@ -331,7 +353,7 @@ def assign_roles(roles: dict[str, SeriesMatch], candidates: list[SeriesFacts]) -
         if not options:
             missing.append(role)
             continue
-        assigned[role] = min(options, key=lambda uid, role=role: rank(role, uid))
+        assigned[role] = min(options, key=partial(rank, role))
     role_of = {uid: role for role, uid in assigned.items()}
 
     def reason(facts: SeriesFacts) -> str:

@@ -180,19 +180,20 @@ def format_report(report: StatusReport) -> str:
             f" {s.instances:>8} instances"
         )
     lines += ["", f"latest series (up to {len(report.recent_series)}):"]
-    for s in report.recent_series:
+    for series in report.recent_series:
         state = (
-            f"complete x{s.completions}, {s.completion_latency_s:.3f} s after last instance"
-            if s.complete
+            f"complete x{series.completions},"
+            f" {series.completion_latency_s:.3f} s after last instance"
+            if series.complete
             else "open"
         )
-        number = s.series_number if s.series_number is not None else "-"
+        number = series.series_number if series.series_number is not None else "-"
         lines.append(
-            f"  {s.modality or '?':<4} #{number:<5}"
-            f" {s.instances:>6} inst  {state}  last {s.last_received}  {s.series_uid}"
+            f"  {series.modality or '?':<4} #{number:<5} {series.instances:>6} inst  {state}"
+            f"  last {series.last_received}  {series.series_uid}"
         )
-        if s.routing:
-            lines.append(f"       routing: {s.routing}")
+        if series.routing:
+            lines.append(f"       routing: {series.routing}")
     if report.study_routing:
         lines += ["", "latest study decisions:"]
         for d in report.study_routing:

@@ -123,7 +123,7 @@ class HttpService:
     def get_api(self, path: str, params: Mapping[str, str]) -> Any:
         limit = _int(params.get("limit"), 50)
         state = params.get("state") or None
-        routes: list[tuple[str, Callable[[re.Match], Any]]] = [
+        routes: list[tuple[str, Callable[[re.Match[str]], Any]]] = [
             (r"/api/studies", lambda m: self.read(lambda c: api.studies(c, limit))),
             (rf"/api/studies/({_UID})", lambda m: self.read(lambda c: api.study(c, m[1]))),
             (r"/api/series", lambda m: self.read(lambda c: api.series_list(c, limit))),
