@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
-    from monai.bundle import ConfigParser
+    from monai.bundle.config_parser import ConfigParser
 
 BUNDLE_MODEL_FILES = ("model.pt", "model.ts")  # what the MONAI Model Zoo publishes
 
@@ -34,7 +34,7 @@ def bundle_model_file(bundle: Path) -> Path:
 
 def bundle_parser(bundle: Path, config: str = "inference.json") -> ConfigParser:
     """The bundle's configuration, read by MONAI's own parser."""
-    from monai.bundle import ConfigParser
+    from monai.bundle.config_parser import ConfigParser
 
     parser = ConfigParser()
     parser.read_config(str(bundle / "configs" / config))
@@ -43,7 +43,10 @@ def bundle_parser(bundle: Path, config: str = "inference.json") -> ConfigParser:
 
 def bundle_network(bundle: Path) -> torch.nn.Module:
     """The untrained ``network_def`` of a bundle, built from its config by MONAI."""
-    return bundle_parser(bundle).get_parsed_content("network_def", instantiate=True)
+    network: torch.nn.Module = bundle_parser(bundle).get_parsed_content(
+        "network_def", instantiate=True
+    )
+    return network
 
 
 def load_state_strictly(network: torch.nn.Module, state: Any, source: Path, what: str) -> None:
@@ -66,7 +69,11 @@ def load_bundle_network(bundle: Path) -> torch.nn.Module:
 
     weights = bundle_model_file(bundle)
     if weights.suffix == ".ts":
-        return torch.jit.load(str(weights), map_location="cpu").eval()
+        # torch.jit.load has no annotations in torch, so mypy takes it as untyped.
+        scripted: torch.nn.Module = torch.jit.load(  # type: ignore[no-untyped-call]
+            str(weights), map_location="cpu"
+        )
+        return scripted.eval()
     network = bundle_network(bundle)
     state = torch.load(weights, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
