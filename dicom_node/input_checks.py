@@ -17,7 +17,7 @@ import numpy as np
 from pydicom import dcmread, dcmwrite
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
-from pydicom.uid import RE_VALID_UID, UID, ExplicitVRBigEndian, ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian
 
 
 class InputError(ValueError):
@@ -213,7 +213,7 @@ def _finite(value: object, count: int) -> np.ndarray | None:
 
 def _valid_uid(value: object) -> bool:
     """A UID as PS3.5 9.1 writes it (the results copy the frame of reference)."""
-    return isinstance(value, str) and len(value) <= 64 and RE_VALID_UID.match(value) is not None
+    return isinstance(value, str) and UID(value).is_valid
 
 
 def check_geometry(datasets: list[Dataset]) -> None:
