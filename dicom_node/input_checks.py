@@ -212,8 +212,10 @@ def _finite(value: object, count: int) -> np.ndarray | None:
 
 
 def _valid_uid(value: object) -> bool:
-    """A UID as PS3.5 9.1 writes it (the results copy the frame of reference)."""
-    return isinstance(value, str) and UID(value).is_valid
+    """A UID as PS3.5 9.1 writes it (the results copy the frame of reference). pydicom gives a
+    UI value as a UID (it has warned already when the value is not one): made anew from it, the
+    UID would warn a second time."""
+    return isinstance(value, UID) and value.is_valid
 
 
 def check_geometry(datasets: list[Dataset]) -> None:
