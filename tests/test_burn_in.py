@@ -21,8 +21,8 @@ from dicom_node.algorithm import (
 from dicom_node.burn_in import AREA_FRACTION, MIN_LEGIBLE_PX, burn_in, font, layout, printable
 from dicom_node.display import displayed_image
 from dicom_node.phantoms import cxr_dataset
-from dicom_node.qa import CXR_SPEC
 from dicom_node.write import Provenance, heat_map_capture
+from dicom_node_algorithms.pneumonia_cxr import CXR_SPEC
 from tests.support.cases import capture_of
 from tests.support.paths import CORPUS_CXR
 

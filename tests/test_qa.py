@@ -15,8 +15,12 @@ import pytest
 import yaml
 from pydicom import dcmread
 
-from dicom_node import qa
+from dicom_node.algorithm import SERIES_INPUT, QaLesion, QaPhantom
+from dicom_node.qa.peer import QA_AE_TITLE
+from dicom_node.qa.phantom import Phantom
+from dicom_node.qa.verifier import check_seg_references, check_seg_truth, check_sr_truth
 from dicom_node.testing import free_port
+from dicom_node_algorithms.lung_nodules_ct import CT_SPEC, NODULE, LungNodulesCt
 from tests.support.node import NodeProcess
 
 pytestmark = pytest.mark.integration
@@ -26,7 +30,7 @@ SEND_BACK = {"destinations": ["sender"]}
 
 
 def peers() -> dict:
-    return {qa.QA_AE_TITLE: {"host": "127.0.0.1", "port": free_port()}}
+    return {QA_AE_TITLE: {"host": "127.0.0.1", "port": free_port()}}
 
 
 def run_qa(config: Path, *options: str, timeout_s: float = 400) -> subprocess.CompletedProcess:
@@ -72,22 +76,21 @@ def test_a_node_that_sends_results_back_passes(make_node, tmp_path) -> None:
     assert done.stdout.rstrip().splitlines()[-1].startswith("verdict: PASS")
     # The phantoms went in as DICOMNODE_QA and came back to it, through the node's store.
     sent = node.query("SELECT DISTINCT calling_aet FROM instances")
-    assert [r[0] for r in sent] == [qa.QA_AE_TITLE]
+    assert [r[0] for r in sent] == [QA_AE_TITLE]
     delivered = node.query("SELECT destination, peer_aet, state FROM deliveries")
-    assert [tuple(r) for r in delivered] == [("sender", qa.QA_AE_TITLE, "sent")] * 3
+    assert [tuple(r) for r in delivered] == [("sender", QA_AE_TITLE, "sent")] * 3
     assert_geometry_checks_catch_misplaced_references(keep, tmp_path)
 
 
 def assert_geometry_checks_catch_misplaced_references(keep: Path, tmp_path: Path) -> None:
     """The CT's SEG and SR as the node delivered them pass; the same objects with every image
     reference moved 8 slices (10 mm) fail, as a writer that mixed up slices would."""
-    phantom = qa.Phantom(
-        "lung-nodules-ct",
-        "CT",
-        frozenset({"SEG", "SR"}),
-        {"series": sorted((keep / "sent" / "ct").glob("*.dcm"))},
-        "series",
-        ct=qa.CT_SPEC,
+    assert LungNodulesCt.qa_case is not None
+    sent = tuple(sorted((keep / "sent" / "lung-nodules-ct").glob("*.dcm")))
+    (nodule,) = CT_SPEC.nodules
+    truth = QaLesion(NODULE, nodule.center_lps_mm, nodule.diameter_mm, CT_SPEC.nodule_mask())
+    phantom = Phantom(
+        "lung-nodules-ct", LungNodulesCt.qa_case, QaPhantom({SERIES_INPUT: sent}, lesions=(truth,))
     )
     received = {}
     for path in sorted((keep / "received").glob("*.dcm")):
@@ -95,9 +98,9 @@ def assert_geometry_checks_catch_misplaced_references(keep: Path, tmp_path: Path
         if ds.StudyInstanceUID == phantom.first.StudyInstanceUID:
             received[ds.Modality] = (path, ds)
     (seg_path, seg), (sr_path, sr) = received["SEG"], received["SR"]
-    assert qa.check_seg_references(phantom, seg).outcome == "PASS"
-    assert qa.check_seg_truth(phantom, seg_path, demo=True).outcome == "PASS"
-    assert qa.check_sr_truth(phantom, sr_path, demo=True).outcome == "PASS"
+    assert check_seg_references(phantom, seg).outcome == "PASS"
+    assert check_seg_truth(phantom, seg_path, demo=True).outcome == "PASS"
+    assert check_sr_truth(phantom, sr_path, demo=True).outcome == "PASS"
 
     uids = phantom.uids("series")
     moved = {uid: uids[(i + 8) % len(uids)] for i, uid in enumerate(uids)}
@@ -106,15 +109,15 @@ def assert_geometry_checks_catch_misplaced_references(keep: Path, tmp_path: Path
             for source in derivation.SourceImageSequence:
                 source.ReferencedSOPInstanceUID = moved[source.ReferencedSOPInstanceUID]
     seg.save_as(tmp_path / "moved-seg.dcm")
-    misplaced = qa.check_seg_references(phantom, seg)
+    misplaced = check_seg_references(phantom, seg)
     assert misplaced.outcome == "FAIL" and "lie elsewhere" in misplaced.detail
-    assert qa.check_seg_truth(phantom, tmp_path / "moved-seg.dcm", demo=True).outcome == "FAIL"
+    assert check_seg_truth(phantom, tmp_path / "moved-seg.dcm", demo=True).outcome == "FAIL"
 
     for item in sr.iterall():
         if item.keyword == "ReferencedSOPInstanceUID" and item.value in moved:
             item.value = moved[item.value]
     sr.save_as(tmp_path / "moved-sr.dcm")
-    assert qa.check_sr_truth(phantom, tmp_path / "moved-sr.dcm", demo=True).outcome == "FAIL"
+    assert check_sr_truth(phantom, tmp_path / "moved-sr.dcm", demo=True).outcome == "FAIL"
 
 
 def test_a_node_that_would_not_send_back_is_refused_with_the_yaml_to_add(
@@ -123,14 +126,14 @@ def test_a_node_that_would_not_send_back_is_refused_with_the_yaml_to_add(
     node: NodeProcess = make_node(assembly=FAST)  # no peers, no destinations
     done = run_qa(node.config_path, "--algorithms", "pneumonia-cxr")
     assert done.returncode == 2, done.stdout + done.stderr
-    assert f"peers has no entry for {qa.QA_AE_TITLE}" in done.stderr
+    assert f"peers has no entry for {QA_AE_TITLE}" in done.stderr
     assert "no 'sender' among their destinations" in done.stderr
-    assert f"  {qa.QA_AE_TITLE}: {{host: 127.0.0.1, port: 11190}}" in done.stderr
+    assert f"  {QA_AE_TITLE}: {{host: 127.0.0.1, port: 11190}}" in done.stderr
     assert "  destinations: [sender]" in done.stderr
     assert node.query("SELECT COUNT(*) FROM instances")[0][0] == 0  # it did not silently send
     # What it printed, added to the node's configuration, is what the node needed.
     snippet = yaml.safe_load(done.stderr.split("run qa again:", 1)[1])
-    snippet["peers"][qa.QA_AE_TITLE]["port"] = free_port()  # 11190 may be taken here
+    snippet["peers"][QA_AE_TITLE]["port"] = free_port()  # 11190 may be taken here
     assert node.stop() == 0
     node.settings.update(snippet)
     node.start()
@@ -190,6 +193,6 @@ def test_rules_that_would_not_route_the_phantom_or_unknown_algorithms_are_refuse
     done = run_qa(config, timeout_s=120)
     assert done.returncode == 2, done.stdout + done.stderr
     assert "pneumonia-cxr: the node's rules would not route its phantom" in done.stderr
-    assert f"sent by {qa.QA_AE_TITLE}, not an allowed calling AE" in done.stderr
+    assert f"sent by {QA_AE_TITLE}, not an allowed calling AE" in done.stderr
     done = run_qa(config, "--algorithms", "bone-age-xr", timeout_s=120)
     assert done.returncode == 2 and "no phantom for bone-age-xr" in done.stderr
