@@ -72,7 +72,9 @@ def heat_map_capture(
     capture.BurnedInAnnotation = "YES"
     # Patient Orientation is Type 2C (PS3.3 C.7.6.1: an SC has no Image Plane module), so it
     # is the source's (already checked by copyable) or empty, never invented.
-    capture.PatientOrientation = reference.get("PatientOrientation") or ""
+    # highdicom assigns a list in SCImage.__init__, so mypy types the attribute list[str];
+    # DICOM's empty value (and pydicom's MultiValue) are what is set here.
+    capture.PatientOrientation = reference.get("PatientOrientation") or ""  # type: ignore[assignment]
     part = reference.get("BodyPartExamined")
     if part:
         capture.BodyPartExamined = part

@@ -17,8 +17,14 @@ from dicom_node.write.provenance import MANUFACTURER, Provenance
 from dicom_node.write.source import character_set, code, spatially_ordered
 
 FINDING = Concept("SCT", "404684003", "Clinical finding")  # when an algorithm names none
-MILLILITER = Code("mL", "UCUM", "milliliter")
-IMAGING_PROCEDURE = Code("363679005", "SCT", "Imaging procedure")
+MILLILITER = Code("mL", "UCUM", "milliliter")  # not among pydicom's UCUM codes
+IMAGING_PROCEDURE: Code = codes.SCT.ImagingProcedure
+# The measurement groups a TID 1500 report holds (TID 1410, 1411 and 1501).
+MeasurementGroup = (
+    hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+    | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+    | hd.sr.MeasurementsAndQualitativeEvaluations
+)
 
 
 def _tracking(identifier: str, uid: str | None = None) -> hd.sr.TrackingIdentifier:
@@ -126,13 +132,13 @@ def measurement_report(
     )
     segment_numbers = {m.name: n for n, m in enumerate(result.masks, 1)}
     outlined = {f.mask for f in result.findings if f.mask}
-    groups: list = []
+    groups: list[MeasurementGroup] = []
 
     def lesion(
         identifier: str,
         mask: str | None,
         finding_type: Code,
-        sites: list | None,
+        sites: list[hd.sr.FindingSite] | None,
         region: hd.sr.ImageRegion | None,
         measurements: list[hd.sr.Measurement],
         volume_unit: Code,
@@ -141,7 +147,11 @@ def measurement_report(
         # groups (PS3.16 TID 1410/1411); OHIF merges groups by that UID into one measurement
         # and cannot show a volumetric group that has no 2D region beside it.
         number = segment_numbers.get(mask) if mask and segmentation is not None else None
-        uid = segmentation.SegmentSequence[number - 1].TrackingUID if number else None
+        uid = (
+            segmentation.SegmentSequence[number - 1].TrackingUID
+            if number and segmentation is not None
+            else None
+        )
         if region is not None:
             groups.append(
                 hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
@@ -154,6 +164,8 @@ def measurement_report(
                 )
             )
         if number:
+            # A segment of the SEG, which was built on the source volume.
+            assert segmentation is not None and volume is not None
             groups.append(
                 _volumetric(
                     result,
@@ -169,6 +181,7 @@ def measurement_report(
             )
 
     for number, finding in enumerate(result.findings, 1):
+        assert volume is not None  # built above for findings
         diameter = max(finding.size_mm)
         lesion(
             f"{finding.label} {number}",
@@ -185,6 +198,7 @@ def measurement_report(
     for mask in result.masks if segmentation is not None else []:
         if mask.name in outlined:
             continue
+        assert volume is not None  # built above for a SEG
         # An empty mask is still stated (a volume of 0 mL) but has no section to draw.
         outline, area = (
             _outline_of_largest_section(mask.array, volume, datasets)
@@ -230,15 +244,15 @@ def measurement_report(
             )
         )
     found = {f.finding_type for f in result.findings}
-    for concept in result.looked_for:
-        if concept not in found:
+    for looked_for in result.looked_for:
+        if looked_for not in found:
             groups.append(
                 hd.sr.MeasurementsAndQualitativeEvaluations(
-                    tracking_identifier=_tracking(f"no {concept.meaning}"),
-                    finding_type=code(concept),
+                    tracking_identifier=_tracking(f"no {looked_for.meaning}"),
+                    finding_type=code(looked_for),
                     algorithm_id=algorithm_id,
                     qualitative_evaluations=[
-                        hd.sr.QualitativeEvaluation(code(concept), codes.SCT.Absent)
+                        hd.sr.QualitativeEvaluation(code(looked_for), codes.SCT.Absent)
                     ],
                 )
             )
@@ -270,7 +284,7 @@ def _volumetric(
     volume: hd.Volume,
     identifier: str,
     finding_type: Code,
-    sites: list | None,
+    sites: list[hd.sr.FindingSite] | None,
     algorithm_id: hd.sr.AlgorithmIdentification,
     unit: Code,
 ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
