@@ -22,8 +22,6 @@ from dicom_node.jobs import (
 
 pytestmark = pytest.mark.unit
 
-pytestmark = pytest.mark.unit
-
 PACKAGE = Path(__file__).resolve().parents[1] / "dicom_node"
 
 # SQL that reads or writes a table of the store (its statements are upper case throughout).
