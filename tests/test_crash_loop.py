@@ -24,8 +24,8 @@ no partial file left; no worker of a killed node still alive.
 
 The modality comes back within a moment of the node (less than ``series_quiet_seconds``): a
 series whose sender stays away longer than that is complete by the node's rules, and more
-instances later are a new completion, as docs/guarantees.md "Completion" says. The node's own downtime
-does not count against the sender.
+instances later are a new completion, as docs/guarantees.md "Completion" says. The node's own
+downtime does not count against the sender.
 
 The three tests after the loop reproduce, deterministically, the faults it is there to find.
 
