@@ -21,7 +21,7 @@ import hashlib
 import importlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -33,7 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from dicom_node.config import ConfigError, describe_error
+from dicom_node.config import describe_error
+from dicom_node.errors import ConfigError
 from dicom_node.input_checks import (
     InputError,
     check_geometry,
@@ -280,11 +281,17 @@ class Weights:
 
 @dataclass
 class AlgorithmResult:
-    """Everything an algorithm found, as plain data; the node writes the DICOM."""
+    """Everything an algorithm found, as plain data; the node writes the DICOM.
 
-    algorithm: str
-    version: str
-    demo: bool
+    ``algorithm``, ``version`` and ``demo`` say who made the result, and are the node's to
+    fill: from the registered class and the weights it loaded, before the result is saved or
+    written (:func:`dicom_node.infer.made_by`). A plugin leaves them out; whatever it puts
+    there is replaced, so that a result cannot say it is not DEMO while its weights are.
+    """
+
+    algorithm: str = ""
+    version: str = ""
+    demo: bool = False
     masks: list[LabelMask] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
     classifications: list[Classification] = field(default_factory=list)
@@ -305,8 +312,12 @@ class AlgorithmResult:
     def save(self, folder: Path) -> Path:
         """Write ``result.json`` and one ``.npy`` per array into ``folder``; returns the JSON."""
         folder.mkdir(parents=True, exist_ok=True)
-        arrays = {}
-        for kind, items in (("mask", self.masks), ("heatmap", self.heatmaps)):
+        arrays: dict[tuple[str, str], str] = {}
+        named: tuple[tuple[str, Sequence[LabelMask | HeatMap]], ...] = (
+            ("mask", self.masks),
+            ("heatmap", self.heatmaps),
+        )
+        for kind, items in named:
             for index, item in enumerate(items):
                 name = f"{kind}-{index}.npy"
                 np.save(folder / name, item.array)

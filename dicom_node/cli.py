@@ -185,7 +185,9 @@ def cmd_algorithms(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from dicom_node.algorithm import SeriesInput
+    from dicom_node.infer import made_by
     from dicom_node.plugins import discover, resolve_device
+    from dicom_node.write import Provenance
 
     config = _config(args)
     registration = discover().get(args.algorithm)
@@ -220,11 +222,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             for uid, paths in _series_files([Path(p) for p in args.paths]).items()
         ]
     algorithm.load(resolve_device(config.worker.device))
+    # Who made the results, as the worker says it: the registered class and its weights.
+    cls = registration.algorithm
+    provenance = Provenance(cls.name, cls.version, algorithm.weights())
     failed = 0
     for number, inputs in enumerate(cases, 1):
         out = Path(args.out) / f"case-{number:03d}"
         try:
-            path = algorithm.run(inputs).save(out)
+            path = made_by(algorithm.run(inputs), provenance).save(out)
         except Exception as exc:
             failed += 1
             print(f"case {number}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)

@@ -25,9 +25,10 @@ import sys
 import threading
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
-from dicom_node.algorithm import Algorithm, InputError, SeriesInput
+from dicom_node.algorithm import Algorithm, AlgorithmResult, InputError, SeriesInput
 from dicom_node.config import NodeConfig
 from dicom_node.database import RESULTS_DIR, Database, database_path
 from dicom_node.jobs import Job, JobKind, JobStore, job_store
@@ -78,6 +79,19 @@ def gpu_memory(device: str) -> dict[str, int] | None:
     }
 
 
+def made_by(result: AlgorithmResult, provenance: Provenance) -> AlgorithmResult:
+    """``result`` saying who made it as the node knows it: the registered algorithm's name and
+    version, and whether the weights it loaded are the demo ones. Whatever the plugin put
+    there is replaced, so that ``result.json`` says what the SEG, SR and SC say (the writers
+    read the same :class:`Provenance`)."""
+    return replace(
+        result,
+        algorithm=provenance.algorithm,
+        version=provenance.version,
+        demo=provenance.weights.demo,
+    )
+
+
 class Worker:
     """Claims inference jobs and runs them, one at a time, until stopped."""
 
@@ -120,8 +134,9 @@ class Worker:
                 weights.describe(),
             )
             self._loaded[name] = instance
+            cls = registration.algorithm  # the registered class says who made the results
             self._provenance[name] = Provenance(
-                name, instance.version, weights, self.config.results.series_description
+                cls.name, cls.version, weights, self.config.results.series_description
             )
         return self._loaded[name]
 
@@ -139,13 +154,13 @@ class Worker:
                 f"{list(algorithm.inputs.roles)}"
             )
         started = time.perf_counter()
-        result = algorithm.run(inputs)
+        provenance = self._provenance[payload.algorithm]
+        result = made_by(algorithm.run(inputs), provenance)
         # One folder per attempt: an attempt that lost the job (its node restarted) may still
         # be writing when the attempt that holds it commits, and must not overwrite its files.
         folder = self.data_dir / RESULTS_DIR / str(job.id) / f"attempt-{job.attempts}"
         path = result.save(folder)
         ran = time.perf_counter() - started
-        provenance = self._provenance[algorithm.name]
         written = write_all(result, inputs, provenance, folder / "dicom", self.config.results)
         if self.config.store.fsync:
             # On disk before the transaction that records them: a committed job's files are

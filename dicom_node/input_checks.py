@@ -10,7 +10,7 @@ input; the plugin API re-exports :class:`InputError`, which plugins raise too.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from io import BytesIO
 
 import numpy as np
@@ -128,7 +128,7 @@ def _pixel_problem(ds: Dataset) -> tuple[int, str | None]:
     return voxels, None
 
 
-def check_identity(datasets: list[Dataset]) -> None:
+def check_identity(datasets: Sequence[Dataset]) -> None:
     """Raise :class:`InputError` unless every instance holds the UIDs that place it and its
     results: SOP Class, SOP Instance, Study and Series Instance UIDs (PS3.3 C.12.1, C.7.2.1,
     C.7.3.1), each a valid UID (PS3.5 9.1). A result cannot be put in a study it cannot name.
@@ -179,7 +179,7 @@ def _lookup_problem(ds: Dataset) -> str | None:
     return None
 
 
-def check_pixel_data(datasets: list[Dataset]) -> None:
+def check_pixel_data(datasets: Sequence[Dataset]) -> None:
     """Raise :class:`InputError` unless every instance's header describes its pixel data and
     the series claims at most :data:`MAX_VOXELS`; nothing is decoded."""
     voxels, problems = 0, []
@@ -218,7 +218,7 @@ def _valid_uid(value: object) -> bool:
     return isinstance(value, UID) and value.is_valid
 
 
-def check_geometry(datasets: list[Dataset]) -> None:
+def check_geometry(datasets: Sequence[Dataset]) -> None:
     """Raise :class:`InputError` unless single-frame images can be placed as one volume.
 
     highdicom's own errors for these cases name an attribute at best or fail with a database

@@ -6,18 +6,22 @@ import importlib
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from importlib.metadata import EntryPoint
 from pathlib import Path
 
 import numpy as np
 import pytest
 from pydantic import BaseModel
+from pydicom import dcmread
 
 from dicom_node.algorithm import (
+    DEMO_WARNING,
     Algorithm,
     AlgorithmResult,
     Classification,
     Finding,
+    HeatMap,
     InputError,
     InputSpec,
     LabelMask,
@@ -25,9 +29,14 @@ from dicom_node.algorithm import (
     TrainedAlgorithm,
     Weights,
 )
-from dicom_node.config import ConfigError
+from dicom_node.config import ResultsConfig
+from dicom_node.errors import ConfigError
+from dicom_node.infer import made_by
+from dicom_node.phantoms import CxrPhantomSpec, cxr_dataset
 from dicom_node.plugins import ENTRY_POINT_GROUP, discover, register
 from dicom_node.route import installed_algorithms
+from dicom_node.write import Provenance, write_all
+from tests.support.cases import ct_case
 from tests.support.node import plugin_env
 from tests.support.paths import PLUGINS, corpus_ct
 
@@ -287,3 +296,52 @@ def test_a_settings_model_not_built_on_algorithm_settings_is_a_broken_plugin() -
     registration = register(EntryPoint("loose", f"{__name__}:LooseAlgorithm", ENTRY_POINT_GROUP))
     assert registration.algorithm is None
     assert "settings_model is not a dicom_node.algorithm.AlgorithmSettings" in registration.error
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("weights_demo", [True, False])
+def test_a_plugin_cannot_make_its_results_contradict_themselves_about_demo(
+    tmp_path: Path, weights_demo: bool
+) -> None:
+    """A plugin that claims the opposite of its weights, and another name and version: the
+    node fills who made the result from the registered class and its Weights (made_by), and
+    the writers read only those, so result.json, SEG, SR and SC all say what the weights are."""
+    _, _, series, found = ct_case(tmp_path, "axial")
+    cxr = tmp_path / "cxr.dcm"
+    cxr_dataset(CxrPhantomSpec(rows=400, columns=520)).save_as(cxr, enforce_file_format=True)
+    heat = np.zeros((400, 520))
+    heat[200:260, 100:200] = 1.0
+    classified = AlgorithmResult(
+        classifications=[Classification("Pneumonia", 0.9, 0.5)],
+        heatmaps=[HeatMap("Pneumonia Grad-CAM", heat)],
+    )
+    weights = Weights(tmp_path / "weights.pt", "ab" * 32, demo=weights_demo)
+    provenance = Provenance("registered", "2.0", weights)
+    kinds = set()
+    for claimed, inputs in (
+        (found, {"series": series}),
+        (classified, {"series": SeriesInput("2", (cxr,))}),
+    ):
+        lying = replace(claimed, algorithm="someone-else", version="9", demo=not weights_demo)
+        filled = made_by(lying, provenance)
+        saved = json.loads(filled.save(tmp_path / f"out-{len(kinds)}").read_text())
+        assert (saved["algorithm"], saved["version"], saved["demo"]) == (
+            "registered",
+            "2.0",
+            weights_demo,
+        )
+        # The writers given the plugin's own claim still say what the weights are.
+        for written in write_all(
+            lying, inputs, provenance, tmp_path / f"dicom-{len(kinds)}", ResultsConfig()
+        ):
+            kinds.add(written.kind)
+            ds = dcmread(written.path)
+            says_demo = str(ds.SeriesDescription).startswith(DEMO_WARNING)
+            assert says_demo == weights_demo, (written.kind, ds.SeriesDescription)
+            if written.kind == "SEG":
+                assert (ds.get("ContentDescription") == DEMO_WARNING) == weights_demo
+                (identification,) = ds.SegmentSequence[
+                    0
+                ].SegmentationAlgorithmIdentificationSequence
+                assert identification.AlgorithmName == "registered"
+    assert kinds == {"SEG", "SR", "SC"}

@@ -139,7 +139,6 @@ def test_algorithm_segments_the_phantom_lungs(on_path: None, tmp_path: Path) -> 
     series = SeriesInput("phantom", tuple(write_ct_series(tmp_path / "ct", SPEC)))
     result = algorithm.run({"series": series})
 
-    assert not result.demo
     assert [m.name for m in result.masks] == ["Right lung", "Left lung"]
     volume = series.volume()
     for mask, expected in zip(result.masks, truth(), strict=True):

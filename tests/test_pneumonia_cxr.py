@@ -75,7 +75,7 @@ def test_demo_weights_separate_opacity_from_clean(
         (p,), (n,) = positive.classifications, negative.classifications
         assert p.probability > n.probability, (p, n)
         right += p.positive + (not n.positive)
-        assert positive.demo and p.label == "Pneumonia"
+        assert algorithm.weights().demo and p.label == "Pneumonia"
         # The heat map is in the source pixel grid.
         (heat,) = positive.heatmaps
         assert heat.array.shape == (rows, columns)

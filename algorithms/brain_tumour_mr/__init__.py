@@ -77,7 +77,7 @@ class BrainTumourMr(BundleAlgorithm):
         volumes = {role: series.volume() for role, series in inputs.items()}
         image, reference = network_input(volumes)
         masks = segment(self.loaded, image)
-        result = AlgorithmResult(self.name, self.version, demo=self.loaded.demo)
+        result = AlgorithmResult()
         voxel_ml = float(volumes["T1c"].voxel_volume) / 1000.0
         for region, mask in zip(REGIONS, masks, strict=True):
             source = to_source_grid(mask, reference, volumes["T1c"])

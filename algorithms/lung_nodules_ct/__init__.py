@@ -124,9 +124,7 @@ class LungNodulesCt(BundleAlgorithm):
             threshold=threshold,
             enclosed_only=self.enclosed_only,
         )
-        result = AlgorithmResult(
-            self.name, self.version, demo=self.loaded.demo, looked_for=[NODULE]
-        )
+        result = AlgorithmResult(looked_for=[NODULE])
         for number, nodule in enumerate(found, 1):
             name = f"{LABEL} {number}"
             result.masks.append(LabelMask(name, nodule.mask, property_type=NODULE, anatomy=LUNG))

@@ -106,7 +106,7 @@ class PneumoniaCxr(TrainedAlgorithm):
         x = x.to(self.device)
         with torch.autocast(device_type="cuda", enabled=self.device.startswith("cuda")):
             probability, cam = probability_and_cam(self.loaded, x)
-        result = AlgorithmResult(self.name, self.version, demo=self.loaded.demo)
+        result = AlgorithmResult()
         result.classifications.append(
             Classification(LABEL, probability, self.loaded.threshold, finding=PNEUMONIA)
         )

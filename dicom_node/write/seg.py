@@ -94,7 +94,7 @@ def segmentation(
         device_serial_number="0",
         omit_empty_frames=omit_empty_frames,
         series_description=provenance.series_description("SEG", datasets[0]),
-        content_description=(DEMO_WARNING if result.demo else None),
+        content_description=(DEMO_WARNING if provenance.weights.demo else None),
         content_label="AI_SEG",
         # The algorithm made it (PS3.3 C.10.9): as a name, since PN has no device form.
         content_creator_name=f"{provenance.algorithm}^",

@@ -95,7 +95,7 @@ class LungThresholdCt(Algorithm):
             self.ndimage,
         )
         right, left = split_at_midline(lungs, body, volume.affine, self.ndimage)
-        result = AlgorithmResult(self.name, self.version, demo=self.weights().demo)
+        result = AlgorithmResult()  # the node fills in who made it
         for concept, mask in ((RIGHT_LUNG, right), (LEFT_LUNG, left)):
             # In the volume's own grid (frames in highdicom's spatial order): the node maps
             # every frame back to its source image when it writes the SEG.

@@ -27,7 +27,8 @@ class ThresholdAlgorithm(Algorithm):
     """Outlines everything above ``threshold`` (in the volume's values, HU for CT).
 
     ``delay_s`` makes a run take at least that long, as a large model would: the worker tests
-    kill the worker in the middle of one.
+    kill the worker in the middle of one. It declares no ``settings_model``, as a plugin
+    written before typed settings does: it gets its section as a dict.
     """
 
     name = "example-threshold"
@@ -45,7 +46,7 @@ class ThresholdAlgorithm(Algorithm):
         volume = inputs["series"].volume()
         mask = volume.array > self.threshold
         voxel_ml = float(np.prod(volume.spacing)) / 1000.0
-        result = AlgorithmResult(self.name, self.version, demo=False)
+        result = AlgorithmResult()
         result.masks.append(
             LabelMask(
                 "above threshold",
