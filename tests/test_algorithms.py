@@ -344,3 +344,26 @@ def test_a_plugin_cannot_make_its_results_contradict_themselves_about_demo(
                 ].SegmentationAlgorithmIdentificationSequence
                 assert identification.AlgorithmName == "registered"
     assert kinds == {"SEG", "SR", "SC"}
+
+
+@pytest.mark.unit
+def test_the_plugin_api_is_exactly_its_all() -> None:
+    """dicom_node.algorithm's __all__ is the plugin contract: everything the module defines
+    for authors is in it (InputError, defined beside the checks that raise it, too), and
+    nothing else, so a helper cannot slip into the API nor a new API name be left out."""
+    import ast
+
+    import dicom_node.algorithm as api
+
+    tree = ast.parse(Path(api.__file__).read_text())
+    defined = {
+        target.id
+        for node in tree.body
+        for target in (
+            node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", node)]
+        )
+        if isinstance(target, ast.Name)
+    } | {node.name for node in tree.body if isinstance(node, ast.ClassDef | ast.FunctionDef)}
+    public = {name for name in defined if not name.startswith("_") and name != "log"}
+    assert len(set(api.__all__)) == len(api.__all__)
+    assert set(api.__all__) == public | {"InputError"}
