@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from dicom_node.errors import TooSmallForText
+
 logger = logging.getLogger(__name__)
 
 #: Font size (em, pixels) as a fraction of the image's shorter side: 26 px (capitals 19 px high)
@@ -183,10 +185,6 @@ def _fit(lines: Sequence[str], size: int, width: int, bottom: int) -> TextLayout
     if box[0] < 0 or box[1] < 0 or box[2] > width or box[3] > bottom - margin:
         return None
     return TextLayout(size, stroke, tuple(drawn), origins, box)
-
-
-class TooSmallForText(ValueError):
-    """The image cannot hold the text at any size; the message gives its size."""
 
 
 def layout(height: int, width: int, lines: Sequence[str]) -> TextLayout:

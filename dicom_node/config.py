@@ -25,16 +25,14 @@ from pydantic import (
     model_validator,
 )
 
+from dicom_node.errors import ConfigError
+
 ENV_PREFIX = "DICOM_NODE__"
 ENV_CONFIG_FILE = "DICOM_NODE_CONFIG"
 
 # PS3.5 6.2: AE is at most 16 characters of the default repertoire, no backslash or control
 # characters; leading and trailing spaces are not significant.
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot be used; the message names the offending key."""
 
 
 def _check_ae_title(value: str) -> str:

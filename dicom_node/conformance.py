@@ -48,6 +48,7 @@ from pynetdicom import sop_class
 # sight: https://github.com/pydicom/pynetdicom/issues/558
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from dicom_node.errors import ConformanceDocError
 from dicom_node.route import ROUTABLE_SOP_CLASSES
 from dicom_node.scp import (
     LOSSLESS_COMPRESSED,
@@ -249,10 +250,6 @@ _REGION = re.compile(
     r"^<!-- generated: (?P<name>[a-z0-9-]+) -->\n(?P<body>.*?)^<!-- end generated -->$",
     re.MULTILINE | re.DOTALL,
 )
-
-
-class ConformanceDocError(ValueError):
-    """The document's generated regions are missing, unknown or malformed."""
 
 
 def region(name: str) -> str:

@@ -38,11 +38,9 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import BaseTag, Tag
 from pydicom.valuerep import DA, DT, TM, validate_value
 
+from dicom_node.errors import WriteError
+
 log = logging.getLogger(__name__)
-
-
-class WriteError(ValueError):
-    """A result that cannot be written as asked; the message says why."""
 
 
 # The modules copied into results, besides those of the source IOD's Patient and Study

@@ -39,23 +39,16 @@ from dicom_node.config import (
     NodeConfig,
 )
 from dicom_node.database import Database
+from dicom_node.errors import AssociationFailed, AssociationRejected, DeliveryError
 from dicom_node.events import DeliveryAttempted, Events, study_refs
 from dicom_node.jobs import Delivery, job_store
 from dicom_node.retention import purge_expired
-from dicom_node.scu import AssociationFailed, AssociationRejected, SendAbandoned, send
+from dicom_node.scu import SendAbandoned, send
 from dicom_node.store import fsync_dir
 
 log = logging.getLogger(__name__)
 
 Target = DicomDestination | DicomwebDestination | FolderDestination
-
-
-class DeliveryError(Exception):
-    """An attempt failed; ``permanent`` when trying again cannot help."""
-
-    def __init__(self, message: str, *, permanent: bool = False) -> None:
-        super().__init__(message)
-        self.permanent = permanent
 
 
 def backoff_s(attempts: int, config: DeliveryConfig, rng: random.Random) -> float:

@@ -14,7 +14,7 @@ from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 from dicom_node.algorithm import Algorithm, AlgorithmSettings
-from dicom_node.config import ConfigError
+from dicom_node.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

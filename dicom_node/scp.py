@@ -52,6 +52,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from dicom_node.assembly import Assembler
 from dicom_node.compat.pynetdicom_server import AcceptorServer, start_acceptor
 from dicom_node.config import ScpConfig, TlsConfig
+from dicom_node.errors import InvalidInstance, RejectedInstance, SopMismatch
 from dicom_node.events import (
     AssociationAccepted,
     AssociationRejected,
@@ -60,15 +61,7 @@ from dicom_node.events import (
     StudiesReceived,
     StudyRef,
 )
-from dicom_node.store import (
-    InstanceStore,
-    InvalidInstance,
-    RejectedInstance,
-    Sender,
-    SopMismatch,
-    StoreResult,
-    store_key,
-)
+from dicom_node.store import InstanceStore, Sender, StoreResult, store_key
 
 log = logging.getLogger(__name__)
 

@@ -26,6 +26,7 @@ from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node.compat.pynetdicom_send import stream_files_from_disk
+from dicom_node.errors import AssociationFailed, AssociationRejected, UnsendableFile
 
 log = logging.getLogger(__name__)
 
@@ -34,23 +35,6 @@ MAX_CONTEXTS_PER_ASSOCIATION = 128  # PS3.8 9.3.2.2: presentation context IDs ar
 # Stream files from disk instead of decoding and re-encoding them (process-wide, set at import:
 # every send of this process, DELIVERY's included, streams).
 stream_files_from_disk()
-
-
-class AssociationFailed(ConnectionError):
-    """The peer rejected, aborted or never answered the association request."""
-
-
-class AssociationRejected(AssociationFailed):
-    """The peer answered A-ASSOCIATE-RJ (PS3.8 7.1.1.9); ``permanent`` when its result says
-    that trying again will not help (e.g. our AE title is not known to it)."""
-
-    def __init__(self, message: str, *, permanent: bool) -> None:
-        super().__init__(message)
-        self.permanent = permanent
-
-
-class UnsendableFile(ValueError):
-    """A DICOM file that cannot be sent as it is (no SOP UIDs, no transfer syntax)."""
 
 
 @dataclass(frozen=True)

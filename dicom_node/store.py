@@ -48,6 +48,7 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from dicom_node import __version__
 from dicom_node.database import Database, database_path
+from dicom_node.errors import InvalidInstance, OutOfResources, RejectedInstance, SopMismatch
 
 log = logging.getLogger(__name__)
 
@@ -60,22 +61,6 @@ IMPLEMENTATION_VERSION_NAME = f"DICOMNODE_{__version__}"[:16]
 # PS3.5 9.1: components of digits without leading zeros, separated by dots, at most 64 characters.
 _UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _PIXEL_DATA = Tag(0x7FE0, 0x0010)
-
-
-class RejectedInstance(Exception):
-    """The data set cannot be stored; the message says why without quoting patient data."""
-
-
-class InvalidInstance(RejectedInstance):
-    """Missing or invalid identifying attributes, or an unreadable data set."""
-
-
-class SopMismatch(RejectedInstance):
-    """The data set's SOP Class/Instance UID differ from the C-STORE request's (PS3.4 B.2.3)."""
-
-
-class OutOfResources(RejectedInstance):
-    """Free disk space is below the configured watermark."""
 
 
 def validate_uid(value: object, keyword: str) -> str:

@@ -13,15 +13,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dicom_node.errors import WeightsMismatch
+
 if TYPE_CHECKING:
     import torch
     from monai.bundle.config_parser import ConfigParser
 
 BUNDLE_MODEL_FILES = ("model.pt", "model.ts")  # what the MONAI Model Zoo publishes
-
-
-class WeightsMismatch(ValueError):
-    """Weights that do not fit the network they are loaded into, or are not what they claim."""
 
 
 def bundle_model_file(bundle: Path) -> Path:

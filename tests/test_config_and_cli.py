@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dicom_node.config import ConfigError, load_config
+from dicom_node.config import load_config
+from dicom_node.errors import ConfigError
 from tests.support.paths import ROOT
 
 

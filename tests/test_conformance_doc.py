@@ -18,14 +18,8 @@ from pydicom import dcmread
 from dicom_node.algorithm import AlgorithmResult, Classification, HeatMap, SeriesInput
 from dicom_node.assembly import Assembler
 from dicom_node.config import AssemblyConfig, ResultsConfig, ScpConfig
-from dicom_node.conformance import (
-    CREATED_OBJECTS,
-    REGENERATE,
-    TABLES,
-    ConformanceDocError,
-    regions_of,
-    rewrite,
-)
+from dicom_node.conformance import CREATED_OBJECTS, REGENERATE, TABLES, regions_of, rewrite
+from dicom_node.errors import ConformanceDocError
 from dicom_node.phantoms import CxrPhantomSpec, cxr_dataset
 from dicom_node.scp import StorageSCP
 from dicom_node.store import InstanceStore

@@ -55,8 +55,9 @@ from dicom_node.algorithm import (
     SeriesInput,
     Weights,
 )
-from dicom_node.copied import WriteError, _problem
+from dicom_node.copied import _problem
 from dicom_node.display import displayed_image
+from dicom_node.errors import WriteError
 from dicom_node.phantoms import CtPhantomSpec, CxrPhantomSpec, cxr_dataset, write_ct_series
 from dicom_node.write import Provenance, heat_map_capture, measurement_report, segmentation
 from tests.support.peers import require_tool

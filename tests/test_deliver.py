@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from dicom_node.config import ConfigError, DeliveryConfig, load_config
+from dicom_node.config import DeliveryConfig, load_config
 from dicom_node.deliver import backoff_s
+from dicom_node.errors import ConfigError
 from dicom_node.phantoms import (
     BrainPhantomSpec,
     CxrPhantomSpec,
@@ -289,7 +290,8 @@ def test_a_pacs_that_refuses_us_gives_one_dead_letter(make_node, tmp_path) -> No
 
 @pytest.mark.unit
 def test_sender_peer_not_configured_is_a_clear_dead_letter() -> None:
-    from dicom_node.deliver import DeliveryError, resolve
+    from dicom_node.deliver import resolve
+    from dicom_node.errors import DeliveryError
     from dicom_node.jobs import Delivery, DeliveryState
 
     config = load_config(None, environ={})

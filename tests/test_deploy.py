@@ -36,14 +36,8 @@ import pytest
 import yaml
 
 from dicom_node.cli import build_parser
-from dicom_node.config import (
-    ENV_CONFIG_FILE,
-    ConfigError,
-    HttpConfig,
-    NodeConfig,
-    ScpConfig,
-    load_config,
-)
+from dicom_node.config import ENV_CONFIG_FILE, HttpConfig, NodeConfig, ScpConfig, load_config
+from dicom_node.errors import ConfigError
 from tests.support.paths import ROOT
 
 DEPLOY = ROOT / "deploy"

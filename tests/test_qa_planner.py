@@ -12,12 +12,13 @@ from pydicom import dcmread
 
 from dicom_node.algorithm import SERIES_INPUT, QaCase, QaPhantom
 from dicom_node.config import NodeConfig
+from dicom_node.errors import QaUnusable
 from dicom_node.facts import describe_series
 from dicom_node.phantoms import CtPhantomSpec, write_ct_series
 from dicom_node.plugins import discover
 from dicom_node.qa.peer import QA_AE_TITLE
 from dicom_node.qa.phantom import Phantom, self_tests
-from dicom_node.qa.planner import QaUnusable, plan, select_algorithms
+from dicom_node.qa.planner import plan, select_algorithms
 
 pytestmark = pytest.mark.unit
 

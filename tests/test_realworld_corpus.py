@@ -43,8 +43,9 @@ from pydicom import Dataset, dcmread
 from pydicom.filereader import read_file_meta_info
 
 from dicom_node.config import DEFAULT_ROUTES
+from dicom_node.errors import AssociationFailed
 from dicom_node.scp import storage_sop_classes
-from dicom_node.scu import AssociationFailed, send
+from dicom_node.scu import send
 from dicom_node.store import store_key
 from tests.support.dicomfiles import assert_same_content, dataset_bytes, dciodvfy
 from tests.support.node import NodeProcess, wait_until

@@ -11,7 +11,8 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from dicom_node.config import ConfigError, RoutingConfig, load_config
+from dicom_node.config import RoutingConfig, load_config
+from dicom_node.errors import ConfigError
 from dicom_node.facts import describe_series, plane_of, read_series_facts, study_series
 from dicom_node.jobs import SqliteJobStore
 from dicom_node.phantoms import (

@@ -11,15 +11,13 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from dicom_node.errors import InvalidInstance, OutOfResources, SopMismatch
 from dicom_node.phantoms import CtPhantomSpec, ct_series
 from dicom_node.store import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
     InstanceStore,
-    InvalidInstance,
-    OutOfResources,
     Sender,
-    SopMismatch,
     StoreResult,
     encode_file_meta,
     validate_uid,

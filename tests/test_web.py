@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from dicom_node.config import ConfigError, load_config
+from dicom_node.config import load_config
+from dicom_node.errors import ConfigError
 from dicom_node.phantoms import cxr_dataset
 from dicom_node.testing import free_port
 from dicom_node.web import store_check

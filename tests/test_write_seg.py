@@ -192,7 +192,8 @@ def test_masks_that_say_nothing_or_do_not_fit_are_refused(tmp_path) -> None:
 
 @pytest.mark.unit
 def test_series_description_is_configurable_but_demo_always_says_so() -> None:
-    from dicom_node.config import ConfigError, load_config
+    from dicom_node.config import load_config
+    from dicom_node.errors import ConfigError
 
     public = Provenance(
         "lung", "1", Weights(None, "cd" * 32, demo=False), "CAD {kind} ({algorithm})"

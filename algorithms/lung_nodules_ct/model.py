@@ -36,8 +36,8 @@ from monai.transforms import Orientation, ScaleIntensityRange, Spacing
 from scipy import ndimage
 from torch import Tensor
 
+from dicom_node.errors import WeightsMismatch
 from dicom_node.weights import (
-    WeightsMismatch,
     bundle_parser,
     load_bundle_network,
     load_demo_checkpoint,

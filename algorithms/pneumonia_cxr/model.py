@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 import torchxrayvision as xrv
 
-from dicom_node.weights import WeightsMismatch, load_demo_checkpoint, load_state_strictly
+from dicom_node.errors import WeightsMismatch
+from dicom_node.weights import load_demo_checkpoint, load_state_strictly
 from dicom_node_algorithms.pneumonia_cxr import LABEL
 
 RESOLUTION = 224

@@ -35,10 +35,11 @@ from pathlib import Path
 from pydantic import TypeAdapter, ValidationError
 
 from dicom_node.config import SENDER, AeTitle, NodeConfig
+from dicom_node.errors import QaUnusable
 from dicom_node.plugins import discover
 from dicom_node.qa.peer import QA_AE_TITLE, ResultReceiver, address_towards, node_address
 from dicom_node.qa.phantom import Phantom, self_tests
-from dicom_node.qa.planner import Plan, QaUnusable, config_problems, plan, select_algorithms
+from dicom_node.qa.planner import Plan, config_problems, plan, select_algorithms
 from dicom_node.qa.report import (
     EXIT_UNUSABLE,
     Check,
@@ -133,7 +134,8 @@ def _exercise(
     node: tuple[str, int, str],
 ) -> list[Check]:
     """C-ECHO, then send every phantom, wait for the results, and check them."""
-    from dicom_node.scu import AssociationFailed, echo, send
+    from dicom_node.errors import AssociationFailed
+    from dicom_node.scu import echo, send
 
     host, port, called = node
     aet = options.calling_aet.strip()

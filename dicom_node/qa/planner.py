@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from dicom_node.algorithm import QaCase
 from dicom_node.config import SENDER, NodeConfig, RouteRule
+from dicom_node.errors import QaUnusable
 from dicom_node.facts import SeriesFacts, describe_series
 from dicom_node.qa.phantom import Phantom
 from dicom_node.qa.report import Check
@@ -16,11 +17,6 @@ from dicom_node.route import Routed, decide_series, decide_study
 __all__ = ["SUGGESTED_PORT", "Plan", "QaUnusable", "config_problems", "plan", "select_algorithms"]
 
 SUGGESTED_PORT = 11190  # for the peers entry qa proposes when there is none
-
-
-class QaUnusable(Exception):
-    """The configuration or command line does not let qa test the node; the message says
-    what to change."""
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset
 from dicom_node.algorithm import AlgorithmResult, SeriesInput
 from dicom_node.compat.highdicom_iod import memoise_iod_lookups
 from dicom_node.config import ResultsConfig
-from dicom_node.copied import WriteError
+from dicom_node.errors import WriteError
 from dicom_node.write.provenance import Provenance, result_series_number
 from dicom_node.write.sc import heat_map_capture
 from dicom_node.write.seg import segmentation

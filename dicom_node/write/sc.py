@@ -7,9 +7,10 @@ import highdicom as hd
 import numpy as np
 
 from dicom_node.algorithm import DEMO_WARNING, AlgorithmResult, SeriesInput
-from dicom_node.burn_in import TooSmallForText, burn_in
-from dicom_node.copied import WriteError, copyable
+from dicom_node.burn_in import burn_in
+from dicom_node.copied import copyable
 from dicom_node.display import displayed_image
+from dicom_node.errors import TooSmallForText, WriteError
 from dicom_node.write.provenance import MANUFACTURER, Provenance
 from dicom_node.write.source import character_set
 

@@ -9,7 +9,8 @@ from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
 from dicom_node.algorithm import Concept, SeriesInput
-from dicom_node.copied import WriteError, copyable
+from dicom_node.copied import copyable
+from dicom_node.errors import WriteError
 
 _DEFINED_CHARACTER_SETS = frozenset(v.value for v in hd.SpecificCharacterSetValues)
 

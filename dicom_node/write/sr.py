@@ -12,7 +12,8 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from dicom_node.algorithm import AlgorithmResult, Concept, SeriesInput
-from dicom_node.copied import WriteError, copyable
+from dicom_node.copied import copyable
+from dicom_node.errors import WriteError
 from dicom_node.write.provenance import MANUFACTURER, Provenance
 from dicom_node.write.source import character_set, code, spatially_ordered
 
