@@ -39,11 +39,16 @@ from dicom_node.config import (
     NodeConfig,
 )
 from dicom_node.database import Database
-from dicom_node.errors import AssociationFailed, AssociationRejected, DeliveryError
+from dicom_node.errors import (
+    AssociationFailed,
+    AssociationRejected,
+    DeliveryError,
+    SendAbandoned,
+)
 from dicom_node.events import DeliveryAttempted, Events, study_refs
 from dicom_node.jobs import Delivery, job_store
 from dicom_node.retention import purge_expired
-from dicom_node.scu import SendAbandoned, send
+from dicom_node.scu import send
 from dicom_node.store import fsync_dir
 
 log = logging.getLogger(__name__)

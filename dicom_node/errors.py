@@ -9,6 +9,11 @@ patient data.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dicom_node.scu import SendReport
+
 __all__ = [
     "AssociationFailed",
     "AssociationRejected",
@@ -21,6 +26,7 @@ __all__ = [
     "OutOfResources",
     "QaUnusable",
     "RejectedInstance",
+    "SendAbandoned",
     "SopMismatch",
     "TooSmallForText",
     "UnsendableFile",
@@ -104,6 +110,21 @@ class AssociationRejected(AssociationFailed):
     def __init__(self, message: str, *, permanent: bool) -> None:
         super().__init__(message)
         self.permanent = permanent
+
+
+class SendAbandoned(AssociationFailed):
+    """No association could be made for files still to send; ``report`` says what was done,
+    those files included (failed, with the reason)."""
+
+    def __init__(self, message: str, report: SendReport) -> None:
+        super().__init__(message)
+        self.report = report
+
+    @property
+    def permanent(self) -> bool:
+        """Whether the failure behind it is a permanent rejection (trying again cannot help)."""
+        cause = self.__cause__
+        return isinstance(cause, AssociationRejected) and cause.permanent
 
 
 class UnsendableFile(DicomNodeError, ValueError):

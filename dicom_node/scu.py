@@ -26,7 +26,7 @@ from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node.compat.pynetdicom_send import stream_files_from_disk
-from dicom_node.errors import AssociationFailed, AssociationRejected, UnsendableFile
+from dicom_node.errors import AssociationFailed, AssociationRejected, SendAbandoned, UnsendableFile
 
 log = logging.getLogger(__name__)
 
@@ -81,21 +81,6 @@ class SendReport:
             getattr(self, outcome).append((path, why))
         if self.on_outcome is not None:
             self.on_outcome(outcome, path, why)
-
-
-class SendAbandoned(AssociationFailed):
-    """No association could be made for files still to send; ``report`` says what was done,
-    those files included (failed, with the reason)."""
-
-    def __init__(self, message: str, report: SendReport) -> None:
-        super().__init__(message)
-        self.report = report
-
-    @property
-    def permanent(self) -> bool:
-        """Whether the failure behind it is a permanent rejection (trying again cannot help)."""
-        cause = self.__cause__
-        return isinstance(cause, AssociationRejected) and cause.permanent
 
 
 def find_files(paths: Iterable[Path]) -> Iterator[Path]:
