@@ -33,7 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from dicom_node.config import ConfigError, describe_error
+from dicom_node.config import describe_error
+from dicom_node.errors import ConfigError
 from dicom_node.input_checks import (
     InputError,
     check_geometry,

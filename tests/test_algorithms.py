@@ -29,7 +29,8 @@ from dicom_node.algorithm import (
     TrainedAlgorithm,
     Weights,
 )
-from dicom_node.config import ConfigError, ResultsConfig
+from dicom_node.config import ResultsConfig
+from dicom_node.errors import ConfigError
 from dicom_node.infer import made_by
 from dicom_node.phantoms import CxrPhantomSpec, cxr_dataset
 from dicom_node.plugins import ENTRY_POINT_GROUP, discover, register

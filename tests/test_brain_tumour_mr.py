@@ -15,8 +15,9 @@ pytest.importorskip("monai")
 import highdicom as hd  # noqa: E402
 
 from dicom_node.algorithm import SeriesInput  # noqa: E402
+from dicom_node.errors import WeightsMismatch  # noqa: E402
 from dicom_node.phantoms import BrainPhantomSpec, write_brain_study  # noqa: E402
-from dicom_node.weights import WeightsMismatch, bundle_network  # noqa: E402
+from dicom_node.weights import bundle_network  # noqa: E402
 from dicom_node_algorithms.brain_tumour_mr import BrainTumourMr  # noqa: E402
 from dicom_node_algorithms.brain_tumour_mr.model import REGIONS, load_bundle  # noqa: E402
 from tests.support.dicomfiles import dciodvfy  # noqa: E402

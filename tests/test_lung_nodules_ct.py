@@ -17,8 +17,9 @@ from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorSha
 
 from dicom_node.algorithm import SeriesInput  # noqa: E402
 from dicom_node.ct_anatomy import ChestAnatomy  # noqa: E402
+from dicom_node.errors import WeightsMismatch  # noqa: E402
 from dicom_node.phantoms import CtPhantomSpec, Nodule, write_ct_series  # noqa: E402
-from dicom_node.weights import WeightsMismatch, bundle_network  # noqa: E402
+from dicom_node.weights import bundle_network  # noqa: E402
 from dicom_node_algorithms.lung_nodules_ct import LungNodulesCt  # noqa: E402
 from dicom_node_algorithms.lung_nodules_ct.model import (  # noqa: E402
     Detection,
