@@ -14,7 +14,7 @@ from dicom_node.qa.phantom import Phantom
 from dicom_node.qa.report import Check
 from dicom_node.route import Routed, decide_series, decide_study
 
-__all__ = ["SUGGESTED_PORT", "Plan", "QaUnusable", "config_problems", "plan", "select_algorithms"]
+__all__ = ["SUGGESTED_PORT", "Plan", "config_problems", "plan", "select_algorithms"]
 
 SUGGESTED_PORT = 11190  # for the peers entry qa proposes when there is none
 
