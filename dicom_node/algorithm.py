@@ -34,14 +34,8 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from dicom_node.config import describe_error
-from dicom_node.errors import ConfigError
-from dicom_node.input_checks import (
-    InputError,
-    check_geometry,
-    check_identity,
-    check_pixel_data,
-    little_endian,
-)
+from dicom_node.errors import ConfigError, InputError
+from dicom_node.input_checks import check_geometry, check_identity, check_pixel_data, little_endian
 
 if TYPE_CHECKING:
     import highdicom as hd

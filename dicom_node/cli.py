@@ -16,13 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dicom_node import __version__
-from dicom_node.config import (
-    ENV_CONFIG_FILE,
-    ConfigError,
-    NodeConfig,
-    config_as_yaml,
-    load_config,
-)
+from dicom_node.config import ENV_CONFIG_FILE, NodeConfig, config_as_yaml, load_config
+from dicom_node.errors import ConfigError
 from dicom_node.logs import setup_logging
 
 EXIT_FAILED = 1
@@ -58,7 +53,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
-    from dicom_node.scu import AssociationFailed, echo
+    from dicom_node.errors import AssociationFailed
+    from dicom_node.scu import echo
 
     try:
         status = echo(args.host, args.port, calling_aet=args.aet, called_aet=args.aec)
@@ -73,7 +69,8 @@ def cmd_send(args: argparse.Namespace) -> int:
     """One line per file not sent (the path as given and why, never a value from the file),
     as it happens; then the counts. Exit 1 when any file failed or the peer could not be
     reached; files skipped as not DICOM are no failure."""
-    from dicom_node.scu import SendAbandoned, SendReport, send
+    from dicom_node.errors import SendAbandoned
+    from dicom_node.scu import SendReport, send
 
     def say(outcome: str, path: Path, why: str) -> None:
         if outcome != "sent":
@@ -337,7 +334,8 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_conformance(args: argparse.Namespace) -> int:
-    from dicom_node.conformance import TABLES, ConformanceDocError, region, rewrite
+    from dicom_node.conformance import TABLES, region, rewrite
+    from dicom_node.errors import ConformanceDocError
 
     if args.write is None:
         print("\n\n".join(region(name) for name in TABLES))

@@ -5,7 +5,7 @@ that is not one volume: each is an :class:`InputError` naming the attribute (PS3
 Image Pixel, C.11 LUTs, C.7.6.2 Image Plane), raised before anything is decoded or guessed
 at, so the job fails with a reason a person can act on instead of a misplaced result.
 :class:`dicom_node.algorithm.SeriesInput` runs these checks when an algorithm first reads its
-input; the plugin API re-exports :class:`InputError`, which plugins raise too.
+input; the plugin API re-exports :class:`~dicom_node.errors.InputError`, which plugins raise too.
 """
 
 from __future__ import annotations
@@ -19,10 +19,7 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian
 
-
-class InputError(ValueError):
-    """A series an algorithm cannot use as it is; the message says why, for the job's error."""
-
+from dicom_node.errors import InputError
 
 # The most voxels (Rows x Columns x frames x samples, over a series) the node decodes: 2^30,
 # 4 GiB as float32, above any CT or MR a model takes (512 x 512 x 4096).

@@ -16,7 +16,8 @@ from pydicom.valuerep import format_number_as_ds
 
 from dicom_node import __version__
 from dicom_node.algorithm import DEMO_WARNING, AlgorithmResult, Concept, SeriesInput
-from dicom_node.copied import WriteError, copyable
+from dicom_node.copied import copyable
+from dicom_node.errors import WriteError
 from dicom_node.write.provenance import MANUFACTURER, MODEL_NAME, Provenance
 from dicom_node.write.source import character_set, code, spatially_ordered
 
