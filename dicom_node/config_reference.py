@@ -90,9 +90,37 @@ def _reference_rows(model: type[BaseModel], prefix: str) -> list[tuple[str, str,
     return rows
 
 
+def _table(rows: list[tuple[str, str, str, str]]) -> list[str]:
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, kind, default, meaning in rows:
+        meaning = " ".join(meaning.split()).replace("|", "\\|")
+        kind = kind.replace("|", "\\|")
+        lines.append(f"| `{key}` | {kind} | {default} | {meaning} |")
+    return lines
+
+
+def builtin_settings() -> dict[str, type[BaseModel]]:
+    """The Settings model of each algorithm this distribution ships, by entry-point name.
+
+    Only dicom-node's own entry points: a third-party plugin installed beside it documents its
+    settings itself, and the reference must not change with what else is installed.
+    """
+    from importlib.metadata import distribution
+
+    from dicom_node.plugins import ENTRY_POINT_GROUP, register
+
+    found: dict[str, type[BaseModel]] = {}
+    for ep in distribution("dicom-node").entry_points.select(group=ENTRY_POINT_GROUP):
+        cls = register(ep).algorithm
+        if cls is not None and cls.settings_model is not None:
+            found[ep.name] = cls.settings_model
+    return dict(sorted(found.items()))
+
+
 def configuration_reference() -> str:
     """Every configuration key with its type, default and meaning, as Markdown, generated from
-    the model itself so that the documentation cannot drift from what the node accepts."""
+    the models themselves (the node's, and the built-in algorithms' Settings) so that the
+    documentation cannot drift from what the node accepts."""
     lines = [
         "# Configuration reference",
         "",
@@ -100,11 +128,26 @@ def configuration_reference() -> str:
         "when this file and the model differ. Keys are YAML paths; environment variables",
         "override them as `DICOM_NODE__<SECTION>__<KEY>`.",
         "",
-        "| key | type | default | meaning |",
-        "|---|---|---|---|",
+        *_table(_reference_rows(NodeConfig, "")),
+        "",
+        "## Settings of the built-in algorithms",
+        "",
+        "Each algorithm's section `algorithms.<name>` is checked against its Settings model by",
+        "`dicom-node config check`, `dicom-node algorithms` and the worker: an unknown or null",
+        "key is refused, naming it, so that a misspelt `bundle` cannot quietly run the demo",
+        "weights. Generated from the models in `algorithms/` (a plugin of another package",
+        "documents its own).",
     ]
-    for key, kind, default, meaning in _reference_rows(NodeConfig, ""):
-        meaning = " ".join(meaning.split()).replace("|", "\\|")
-        kind = kind.replace("|", "\\|")
-        lines.append(f"| `{key}` | {kind} | {default} | {meaning} |")
+    for name, model in builtin_settings().items():
+        # A null is refused (leave the key out), so a key without a default is "not set".
+        rows = [
+            (
+                key,
+                kind.removesuffix(" or null"),
+                "not set" if default == "`null`" else default,
+                text,
+            )
+            for key, kind, default, text in _reference_rows(model, f"algorithms.{name}.")
+        ]
+        lines += ["", f"### {name}", "", *_table(rows)]
     return "\n".join(lines) + "\n"
