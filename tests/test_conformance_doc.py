@@ -2,7 +2,7 @@
 
 The tables are rendered by dicom_node/conformance.py; these tests fail when the document and
 the renderer differ, and when the renderer differs from what the node really does: the
-contexts its Storage SCP's AE supports, and the objects dicom_node/write.py creates.
+contexts its Storage SCP's AE supports, and the objects dicom_node/write/ creates.
 """
 
 from __future__ import annotations
