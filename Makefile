@@ -54,10 +54,13 @@ $(VIEWER)/ohif/package/dist/index.html:
 
 viewer-tools: $(VIEWER)/node_modules/playwright-core/package.json $(VIEWER)/ohif/package/dist/index.html
 
-## Install dev dependencies and run the whole test suite.
+## Install dev dependencies and run the whole test suite: lint, types, the fast unit layer
+## (it fails in about a minute), then everything else.
 test: system-deps viewer-tools $(VENV)/.installed-dev
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
+	$(BIN)/mypy
+	$(BIN)/python -m pytest -m "unit and not slow"
+	$(BIN)/python -m pytest -m "not (unit and not slow)"
 
 ## The unit layer alone (no node process, socket, external program or browser; no slow test):
 ## about a minute. Markers: pyproject.toml [tool.pytest.ini_options], tests/conftest.py.
