@@ -14,11 +14,15 @@ import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dicom_node import __version__
 from dicom_node.config import ENV_CONFIG_FILE, NodeConfig, config_as_yaml, load_config
 from dicom_node.errors import ConfigError
 from dicom_node.logs import setup_logging
+
+if TYPE_CHECKING:  # the commands import what they run when they run it
+    from dicom_node.algorithm import SeriesInput
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -253,7 +257,7 @@ def _series_files(paths: list[Path]) -> dict[str, list[Path]]:
     return by_series
 
 
-def _match_roles(config: NodeConfig, name: str, paths: list[Path]) -> dict | None:
+def _match_roles(config: NodeConfig, name: str, paths: list[Path]) -> dict[str, SeriesInput] | None:
     """Give the algorithm's roles to the series under ``paths`` with the node's own facts and
     role rule (routing.rules), print which series got which role and why every other did not,
     and return the case; None (after saying why) when a role finds no series."""
@@ -290,9 +294,10 @@ def _match_roles(config: NodeConfig, name: str, paths: list[Path]) -> dict | Non
 def dcmread_uid(path: Path) -> str:
     from pydicom import dcmread
 
-    return dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])[
+    uid: str = dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])[
         "SeriesInstanceUID"
     ].value
+    return uid
 
 
 def cmd_qa(args: argparse.Namespace) -> int:
@@ -486,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        code = args.func(args)
+        code: int = args.func(args)
         sys.stdout.flush()  # here, where a closed pipe can still be caught
         return code
     except ConfigError as exc:

@@ -34,8 +34,9 @@ class Provenance:
         return "none" if self.weights.path is None else "public"
 
     @property
-    def weights_label(self) -> str:
-        """The SR's algorithm parameter: DEMO, none, or the public weights' SHA-256."""
+    def weights_label(self) -> str | None:
+        """The SR's algorithm parameter: DEMO, none, or the public weights' SHA-256 (None for
+        public weights made without one)."""
         return self.weights.sha256 if self.weights_kind == "public" else self.weights_kind
 
     def identification(self) -> hd.AlgorithmIdentificationSequence:
