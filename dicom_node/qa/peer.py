@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.uid import SecondaryCaptureImageStorage, SegmentationStorage
 
 from dicom_node.config import NodeConfig
 
@@ -35,9 +36,9 @@ log = logging.getLogger(__name__)
 
 QA_AE_TITLE = "DICOMNODE_QA"
 
-SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"  # Segmentation Storage (PS3.4 B.5)
-SC_STORAGE = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage
-SR_STORAGE_PREFIX = "1.2.840.10008.5.1.4.1.1.88."  # the Structured Report storage classes
+# The Structured Report storage classes, whichever the node writes (PS3.6 Table A-1 numbers
+# them all under this root; pydicom lists them one by one).
+SR_STORAGE_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
 
 
 def is_local(host: str) -> bool:
@@ -88,11 +89,11 @@ class Received:
 
     @property
     def kind(self) -> str:
-        if self.sop_class_uid == SEG_STORAGE:
+        if self.sop_class_uid == SegmentationStorage:
             return "SEG"
         if self.sop_class_uid.startswith(SR_STORAGE_PREFIX):
             return "SR"
-        return "SC" if self.sop_class_uid == SC_STORAGE else self.sop_class_uid
+        return "SC" if self.sop_class_uid == SecondaryCaptureImageStorage else self.sop_class_uid
 
 
 class ResultReceiver:
