@@ -337,6 +337,8 @@ class StorageSCP:
                     "calling AE title not recognised (scp.allowed_calling_aets)",
                 )
             )
+            # How pynetdicom's maintainers reject from an EVT_REQUESTED handler: pynetdicom then
+            # skips its own negotiation (https://github.com/pydicom/pynetdicom/issues/408).
             event.assoc.acse.send_reject(*REJECT_CALLING_AE_NOT_RECOGNIZED)
             # As pynetdicom's own rejections do: kill() lets the DUL flush the A-ASSOCIATE-RJ
             # before the socket is closed, so the peer reads a rejection, not an abort.
