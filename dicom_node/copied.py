@@ -27,7 +27,7 @@ import warnings
 import weakref
 from collections.abc import Sequence
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydicom import config
 from pydicom.datadict import dictionary_VM, dictionary_VR, keyword_for_tag
@@ -39,6 +39,9 @@ from pydicom.tag import BaseTag, Tag
 from pydicom.valuerep import DA, DT, TM, validate_value
 
 from dicom_node.errors import WriteError
+
+if TYPE_CHECKING:  # highdicom's tables are read when first needed
+    from dicom_node.compat.highdicom_tables import IodModule
 
 log = logging.getLogger(__name__)
 
@@ -189,16 +192,12 @@ def _edits(ds: Dataset, memo: Memo) -> dict[str, tuple[str, str]]:
 @cache
 def optional_modules(sop_class_uid: str) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
     """(root keywords, Type 1 root keywords) of each copied module the IOD makes optional."""
-    from highdicom._standard_utils import (
-        get_iod_module_map,
-        get_module_attribute_map,
-        get_sop_class_iod_map,
-    )
+    from dicom_node.compat.highdicom_tables import iod_modules, module_attributes, sop_class_iods
 
-    iod = get_sop_class_iod_map().get(sop_class_uid)
-    attributes = get_module_attribute_map()
+    iod = sop_class_iods().get(sop_class_uid)
+    attributes = module_attributes()
     out = []
-    for module in get_iod_module_map()[iod] if iod else []:
+    for module in iod_modules()[iod] if iod else []:
         if module["usage"] == "M" or not _copied_module(module):
             continue
         root = [a for a in attributes[module["key"]] if not a["path"]]
@@ -211,7 +210,7 @@ def optional_modules(sop_class_uid: str) -> list[tuple[tuple[str, ...], tuple[st
     return out
 
 
-def _copied_module(module: dict[str, str]) -> bool:
+def _copied_module(module: IodModule) -> bool:
     return module["ie"] in COPIED_IES or module["key"] in COPIED_MODULES
 
 
@@ -277,17 +276,13 @@ def _get(ds: Dataset, keyword: str) -> DataElement | None:
 def copied_attributes(sop_class_uid: str) -> Rules:
     """keyword -> (its Type, {nested keyword: (Type, ...)}) of every root attribute a result
     copies from an instance of ``sop_class_uid``, from highdicom's tables of the standard."""
-    from highdicom._standard_utils import (
-        get_iod_module_map,
-        get_module_attribute_map,
-        get_sop_class_iod_map,
-    )
+    from dicom_node.compat.highdicom_tables import iod_modules, module_attributes, sop_class_iods
 
-    iod = get_sop_class_iod_map().get(sop_class_uid)
-    modules = [m["key"] for m in (get_iod_module_map()[iod] if iod else []) if _copied_module(m)]
+    iod = sop_class_iods().get(sop_class_uid)
+    modules = [m["key"] for m in (iod_modules()[iod] if iod else []) if _copied_module(m)]
     if not iod:  # an IOD highdicom does not know: the modules every image IOD has
         modules = ["patient", "general-study", "patient-study", *COPIED_MODULES]
-    attributes = get_module_attribute_map()
+    attributes = module_attributes()
     table: Rules = {}
     for module in modules:
         for item in attributes[module]:
@@ -297,8 +292,8 @@ def copied_attributes(sop_class_uid: str) -> Rules:
             # An attribute of two modules keeps the Type it has in the first.
             kind, below = node.get(item["keyword"], (item["type"], {}))
             node[item["keyword"]] = (kind, below)
-    iod_modules = get_iod_module_map().get(iod, []) if iod else []
-    in_iod = {a["keyword"] for m in iod_modules for a in attributes[m["key"]]}
+    modules_of_iod = iod_modules().get(iod, []) if iod else []
+    in_iod = {a["keyword"] for m in modules_of_iod for a in attributes[m["key"]]}
     for keyword, kind in COPIED_IMAGE_ATTRIBUTES.items():
         if keyword in in_iod or not iod:
             table.setdefault(keyword, (kind, {}))

@@ -41,3 +41,25 @@ def test_dicom_node_send_streams_files_from_disk() -> None:
     import dicom_node.scu  # noqa: F401  (sets the switch at import)
 
     assert _config.STORE_SEND_CHUNKED_DATASET is True
+
+
+def test_highdicom_tables_have_the_shape_their_types_say() -> None:
+    from dicom_node.compat.highdicom_tables import (
+        anatomic_regions,
+        iod_modules,
+        module_attributes,
+        sop_class_iods,
+    )
+
+    iod = sop_class_iods()[CTImageStorage]
+    modules = iod_modules()[iod]
+    assert {"patient", "general-study", "ct-image"} <= {m["key"] for m in modules}
+    for module in modules:
+        assert set(module) == {"key", "usage", "ie"}
+        assert module["usage"] in ("M", "C", "U")
+        for attribute in module_attributes()[module["key"]]:
+            assert set(attribute) == {"keyword", "type", "path"}
+            assert isinstance(attribute["path"], list)
+    chest, paired = anatomic_regions()["CHEST"]
+    assert (chest.scheme_designator, chest.meaning, paired) == ("SCT", "Chest", False)
+    assert anatomic_regions()["BREAST"][1] is True

@@ -94,7 +94,7 @@ def heat_map_capture(
 def _paired(body_part: str) -> bool:
     """Whether a Body Part Examined names a paired structure (PS3.16 Annex L); a term the
     standard does not define counts as paired, since its side cannot be ruled out."""
-    from highdicom._standard_utils import get_anatomic_region_map
+    from dicom_node.compat.highdicom_tables import anatomic_regions
 
-    known = get_anatomic_region_map().get(body_part)
+    known = anatomic_regions().get(body_part)
     return True if known is None else bool(known[1])
