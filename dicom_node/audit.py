@@ -10,6 +10,7 @@ node started / stopped                   Application Activity (110100), Start/St
 configuration loaded                     Security Alert (110113), Software Configuration
 association accepted / rejected          Security Alert (110113), Node Authentication
 studies received (per association)       DICOM Instances Transferred (110104), C
+jobs queued by a routing decision        DICOM Instances Accessed (110103), R
 results sent (per attempt)               DICOM Instances Transferred (110104), R
 data deleted by retention                DICOM Study Deleted (110105), D
 ======================================  ==========================================
@@ -42,6 +43,7 @@ from dicom_node.events import (
     DataDeleted,
     DeliveryAttempted,
     Event,
+    JobsRouted,
     NodeStarted,
     NodeStopped,
     StudiesReceived,
@@ -59,6 +61,7 @@ SERIOUS_FAILURE = 8
 # ID types, which no pydicom code table holds.
 APPLICATION_ACTIVITY: Code = codes.DCM.ApplicationActivity
 INSTANCES_TRANSFERRED: Code = codes.DCM.DICOMInstancesTransferred
+INSTANCES_ACCESSED: Code = codes.DCM.DICOMInstancesAccessed
 STUDY_DELETED: Code = codes.DCM.DICOMStudyDeleted
 SECURITY_ALERT: Code = codes.DCM.SecurityAlert
 APPLICATION_START: Code = codes.DCM.ApplicationStart
@@ -329,6 +332,23 @@ class AuditTrail:
                             f"results to {event.destination}"
                             + ("" if event.ok else f": {event.error}")
                             + (" (dead letter)" if event.dead else "")
+                        ),
+                    )
+                ]
+            case JobsRouted():
+                # The studies an algorithm is to read (A.5.3.2, action R), per decision; the
+                # priority each job was queued with is what a later review of its wait needs.
+                return [
+                    self.message(
+                        INSTANCES_ACCESSED,
+                        "R",
+                        SUCCESS,
+                        [self._us(requestor=True, role=APPLICATION)],
+                        study_objects(event.studies),
+                        description=f"{event.level} routed: "
+                        + "; ".join(
+                            f"{job.algorithm} as job {job.job_id}, priority {job.priority}"
+                            for job in event.jobs
                         ),
                     )
                 ]

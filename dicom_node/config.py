@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from dicom_node.errors import ConfigError
+from dicom_node.priority import DEFAULT_PRIORITY, PRIORITY_AGING_S, Priority, RequestPriority
 
 ENV_PREFIX = "DICOM_NODE__"
 ENV_CONFIG_FILE = "DICOM_NODE_CONFIG"
@@ -207,6 +208,14 @@ class SeriesMatch(_Section):
     calling_aet: list[AeTitle] | None = Field(
         default=None, description="The series came from one of these calling AE titles."
     )
+    station_name: list[str] | None = Field(
+        default=None, description="StationName (0008,1010) is one of; '' matches a missing value."
+    )
+    request_priority: list[RequestPriority] | None = Field(
+        default=None,
+        description="The C-STORE requests' Priority (PS3.7 9.1.1.1), the highest its instances "
+        "were sent with, is one of.",
+    )
     mr_weighting: list[MrWeighting] | None = Field(
         default=None,
         description="An MR series of one of these weightings, told from its acquisition "
@@ -226,6 +235,11 @@ class RouteRule(_Section):
         default=None,
         description="Where results go: names under 'destinations', or 'sender' (back to the "
         "calling AE, looked up in 'peers'); null means routing.destinations.",
+    )
+    priority: Priority = Field(
+        default=DEFAULT_PRIORITY,
+        description="The class of its jobs in the queue: stat before urgent before routine, "
+        "then the oldest (worker.priority_aging_s).",
     )
 
     @model_validator(mode="after")
@@ -443,6 +457,13 @@ class WorkerConfig(_Section):
         default=3,
         ge=1,
         description="Tries per job before it fails; input and writing errors fail at once.",
+    )
+    priority_aging_s: float = Field(
+        default=PRIORITY_AGING_S,
+        gt=0,
+        allow_inf_nan=False,
+        description="A queued job counts one priority class higher for each this many seconds "
+        "it waited, so routine work is never starved by stat work.",
     )
 
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
@@ -46,7 +46,8 @@ CREATE TABLE IF NOT EXISTS instances (
     size             INTEGER NOT NULL,
     calling_aet      TEXT NOT NULL,
     peer_host        TEXT NOT NULL,
-    received_at      REAL NOT NULL
+    received_at      REAL NOT NULL,
+    request_priority TEXT             -- the C-STORE request's Priority: HIGH, MEDIUM, LOW
 );
 CREATE INDEX IF NOT EXISTS instances_by_series ON instances(series_uid);
 -- The API lists studies with their instances and senders, and maps jobs to their study.
@@ -67,7 +68,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     error        TEXT,
     created_at   REAL NOT NULL,
     started_at   REAL,
-    finished_at  REAL
+    finished_at  REAL,
+    priority     TEXT NOT NULL DEFAULT 'routine'   -- stat, urgent, routine: the claim's order
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, id);
 CREATE TABLE IF NOT EXISTS results (
@@ -139,6 +141,9 @@ CREATE TABLE IF NOT EXISTS routing_decisions (
 _ADDED_COLUMNS = (
     ("results", "device", "TEXT"),
     ("results", "run_s", "REAL"),
+    # Schema 3 (issue 16): the queue's priority classes and the request Priority rules match.
+    ("jobs", "priority", "TEXT NOT NULL DEFAULT 'routine'"),
+    ("instances", "request_priority", "TEXT"),
 )
 
 RESULTS_DIR = "results"  # under the data folder: one folder per job, named by its ID

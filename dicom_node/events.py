@@ -75,6 +75,24 @@ class DeliveryAttempted:
 
 
 @dataclass(frozen=True)
+class RoutedJob:
+    """One inference job a routing decision queued, with its rule's priority class."""
+
+    job_id: int
+    algorithm: str
+    priority: str  # stat, urgent, routine
+
+
+@dataclass(frozen=True)
+class JobsRouted:
+    """A routing decision queued inference jobs for a completed series or study."""
+
+    level: str  # series or study
+    studies: tuple[StudyRef, ...]
+    jobs: tuple[RoutedJob, ...]
+
+
+@dataclass(frozen=True)
 class DataDeleted:
     """Retention deleted received instances or results of a study."""
 
@@ -104,6 +122,7 @@ Event = (
     | InstanceReceived
     | StudiesReceived
     | DeliveryAttempted
+    | JobsRouted
     | DataDeleted
     | NodeStarted
     | NodeStopped

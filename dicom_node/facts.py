@@ -21,6 +21,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels.utils import pixel_array
 
 from dicom_node.database import Database
+from dicom_node.priority import RequestPriority, highest_request_priority
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,10 @@ class SeriesFacts:
     instances: int
     unreadable: int  # stored files whose header could not be read
     mr: MrAcquisition = field(default_factory=MrAcquisition)
+    station_name: str = ""  # StationName (0008,1010) of the first readable instance
+    # The highest C-STORE Priority (PS3.7 9.1.1.1) its instances were sent with; None when
+    # not recorded (files given to 'dicom-node run', instances stored before it was).
+    request_priority: RequestPriority | None = None
 
     @property
     def has_pixels(self) -> bool:
@@ -313,6 +318,7 @@ class _Header:
     sop_class_uid: str
     series_number: int | None
     mr: _MrHeader | None
+    station_name: str
 
     @classmethod
     def of(cls, ds: Dataset) -> _Header:
@@ -332,6 +338,7 @@ class _Header:
             sop_class_uid=_text(ds, "SOPClassUID"),
             series_number=int(number) if number is not None else None,
             mr=_MrHeader.of(ds) if modality == "MR" else None,
+            station_name=_text(ds, "StationName"),
         )
 
 
@@ -374,6 +381,7 @@ def describe_series(
     paths: Sequence[Path],
     *,
     calling_aets: frozenset[str] = frozenset(),
+    request_priority: RequestPriority | None = None,
     series_uid: str | None = None,
     study_uid: str | None = None,
     series_number: int | None = None,
@@ -418,6 +426,8 @@ def describe_series(
         instances=len(paths),
         unreadable=unreadable,
         mr=_merge_mr(mr, sample) if mr else MrAcquisition(),
+        station_name=first.station_name,
+        request_priority=request_priority,
     )
 
 
@@ -425,7 +435,8 @@ def read_series_facts(data_dir: Path, db: Database, series_uid: str) -> SeriesFa
     """Describe a stored series from the headers of all its instances."""
     with db.reading() as conn:
         rows = conn.execute(
-            "SELECT i.path, i.sop_class_uid, i.calling_aet, s.study_uid, s.series_number"
+            "SELECT i.path, i.sop_class_uid, i.calling_aet, i.request_priority, s.study_uid,"
+            " s.series_number"
             " FROM instances i JOIN series s USING (series_uid) WHERE i.series_uid = ?"
             " ORDER BY i.received_at",
             (series_uid,),
@@ -435,12 +446,23 @@ def read_series_facts(data_dir: Path, db: Database, series_uid: str) -> SeriesFa
     facts = describe_series(
         [data_dir / row["path"] for row in rows],
         calling_aets=frozenset(row["calling_aet"] for row in rows),
+        request_priority=highest_request_priority(row["request_priority"] for row in rows),
         series_uid=series_uid,
         study_uid=rows[0]["study_uid"],
         series_number=rows[0]["series_number"],
     )
     # The SOP classes the node negotiated and indexed, also for files it cannot read back.
     return replace(facts, sop_class_uids=frozenset(row["sop_class_uid"] for row in rows))
+
+
+def series_paths(data_dir: Path, db: Database, series_uids: Iterable[str]) -> list[Path]:
+    """The stored files of some series (what an audit record names the studies of)."""
+    with db.reading() as conn:
+        return [
+            data_dir / row[0]
+            for uid in dict.fromkeys(series_uids)
+            for row in conn.execute("SELECT path FROM instances WHERE series_uid = ?", (uid,))
+        ]
 
 
 def study_series(db: Database, study_uid: str) -> list[str]:

@@ -99,7 +99,7 @@ class Worker:
         self.config = config
         self.data_dir = config.store.data_dir.resolve()
         self.db = Database(database_path(self.data_dir))
-        self.jobs = job_store(self.db)
+        self.jobs = job_store(self.db, priority_aging_s=config.worker.priority_aging_s)
         self.name = name or f"worker-{socket.gethostname()}-{os.getpid()}"
         self.device = resolve_device(config.worker.device)
         self._registry = discover()

@@ -18,15 +18,17 @@ results, its deliveries and its success (:mod:`dicom_node.infer`).
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Protocol
 
 from dicom_node.config import SENDER
 from dicom_node.database import Database
+from dicom_node.priority import DEFAULT_PRIORITY, PRIORITIES, PRIORITY_AGING_S, Priority, rank
 
 
 class JobState(str, Enum):
@@ -181,6 +183,7 @@ class Job:
     created_at: float
     started_at: float | None
     finished_at: float | None
+    priority: Priority = DEFAULT_PRIORITY  # the routing rule's class (completions: routine)
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
@@ -197,6 +200,7 @@ class Job:
             created_at=row["created_at"],
             started_at=row["started_at"],
             finished_at=row["finished_at"],
+            priority=PRIORITIES[rank(row["priority"])],
         )
 
     @property
@@ -296,12 +300,15 @@ class JobStore(Protocol):
         subject_uid: str,
         generation: int,
         payload: JobPayload,
+        priority: Priority = DEFAULT_PRIORITY,
     ) -> int:
-        """Queue a job inside the caller's transaction; its ID."""
+        """Queue a job of a priority class inside the caller's transaction; its ID."""
         ...
 
     def claim(self, worker: str, kinds: Sequence[JobKind] | None = None) -> Job | None:
-        """Atomically move the oldest queued job to ``running`` for ``worker``."""
+        """Atomically move the first queued job to ``running`` for ``worker``: the best
+        priority class (stat, urgent, routine), a class higher for each aging period it waited,
+        then the oldest."""
         ...
 
     def holds(self, conn: sqlite3.Connection, job_id: int, worker: str) -> bool:
@@ -342,8 +349,8 @@ class JobStore(Protocol):
 
     def counts(self) -> dict[JobState, int]: ...
 
-    def tally(self) -> list[tuple[str, JobState, int]]:
-        """How many jobs of each kind are in each state."""
+    def tally(self) -> list[tuple[str, JobState, Priority, int]]:
+        """How many jobs of each kind and priority class are in each state."""
         ...
 
     def inference_records(
@@ -438,11 +445,36 @@ def _json_list(values: Iterable[object]) -> str:
     return json.dumps(list(values))
 
 
-class SqliteJobStore:
-    """:class:`JobStore` on the node's SQLite database (safe across processes)."""
+def _claim_order(aging_s: float) -> str:
+    """The ORDER BY of a claim, with the claim's time as its one parameter: the class's rank
+    (0 stat, 1 urgent, 2 routine) less one for each ``aging_s`` the job has waited, never
+    better than stat; then the oldest, then the first queued."""
+    ranks = " ".join(f"WHEN '{p}' THEN {rank(p)}" for p in PRIORITIES)
+    return (
+        f"MAX(0, (CASE priority {ranks} ELSE {rank(DEFAULT_PRIORITY)} END)"
+        f" - CAST((? - created_at) / {float(aging_s)!r} AS INTEGER)), created_at, id"
+    )
 
-    def __init__(self, db: Database) -> None:
+
+class SqliteJobStore:
+    """:class:`JobStore` on the node's SQLite database (safe across processes).
+
+    ``aging_s`` is ``worker.priority_aging_s``; ``clock`` stamps a job queued and is the claim's
+    "now" (a test's explicit times instead of sleeps).
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        aging_s: float = PRIORITY_AGING_S,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not (math.isfinite(aging_s) and aging_s > 0):
+            raise ValueError(f"the priority aging time is positive, not {aging_s!r}")
         self.db = db
+        self.clock = clock
+        self._order = _claim_order(aging_s)
 
     # -- jobs --------------------------------------------------------------------------------
 
@@ -453,6 +485,7 @@ class SqliteJobStore:
         subject_uid: str,
         generation: int,
         payload: JobPayload,
+        priority: Priority = DEFAULT_PRIORITY,
     ) -> int:
         """Insert a queued job inside the caller's transaction.
 
@@ -464,15 +497,16 @@ class SqliteJobStore:
         if not isinstance(payload, expected):
             raise TypeError(f"a {kind.value} job carries a {expected.__name__}")
         cursor = conn.execute(
-            "INSERT INTO jobs (kind, subject_uid, generation, payload, state, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO jobs (kind, subject_uid, generation, payload, state, created_at,"
+            " priority) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (
                 kind.value,
                 subject_uid,
                 generation,
                 payload.to_json(),
                 JobState.QUEUED.value,
-                time.time(),
+                self.clock(),
+                PRIORITIES[rank(priority)],
             ),
         )
         return int(cursor.lastrowid or 0)
@@ -483,12 +517,14 @@ class SqliteJobStore:
         if kinds:
             where += f" AND kind IN ({','.join('?' * len(kinds))})"
             params.extend(JobKind(k).value for k in kinds)
+        now = self.clock()
+        # One statement: the choice and the taking are atomic across workers and processes.
         with self.db.transaction() as conn:
             row = conn.execute(
                 "UPDATE jobs SET state = 'running', attempts = attempts + 1, worker = ?,"
                 f" started_at = ? WHERE id = (SELECT id FROM jobs WHERE {where}"
-                " ORDER BY id LIMIT 1) RETURNING *",
-                (worker, time.time(), *params),
+                f" ORDER BY {self._order} LIMIT 1) RETURNING *",
+                (worker, now, *params, now),
             ).fetchone()
         return Job.from_row(row) if row is not None else None
 
@@ -565,12 +601,15 @@ class SqliteJobStore:
         counts.update({JobState(r["state"]): r["n"] for r in rows})
         return counts
 
-    def tally(self) -> list[tuple[str, JobState, int]]:
+    def tally(self) -> list[tuple[str, JobState, Priority, int]]:
         with self.db.reading() as conn:
             rows = conn.execute(
-                "SELECT kind, state, COUNT(*) FROM jobs GROUP BY kind, state"
+                "SELECT kind, state, priority, COUNT(*) FROM jobs GROUP BY kind, state, priority"
             ).fetchall()
-        return [(kind, JobState(state), count) for kind, state, count in rows]
+        return [
+            (kind, JobState(state), PRIORITIES[rank(priority)], count)
+            for kind, state, priority, count in rows
+        ]
 
     def inference_records(
         self,
@@ -819,9 +858,10 @@ def _end_attempts(
     return [JobState(r["state"]) for r in rows]
 
 
-def job_store(db: Database) -> JobStore:
-    """The node's job store on its database: where another store would be chosen."""
-    return SqliteJobStore(db)
+def job_store(db: Database, *, priority_aging_s: float = PRIORITY_AGING_S) -> JobStore:
+    """The node's job store on its database: where another store would be chosen.
+    ``priority_aging_s`` is ``worker.priority_aging_s`` for the stores that claim."""
+    return SqliteJobStore(db, aging_s=priority_aging_s)
 
 
 def job_store_reading(conn: sqlite3.Connection) -> JobStore:

@@ -34,6 +34,7 @@ from dicom_node.events import (
     InstanceReceived,
 )
 from dicom_node.jobs import DeliveryState, JobKind, JobState, job_store_reading
+from dicom_node.priority import PRIORITIES
 
 PREFIX = "dicom_node"
 
@@ -152,9 +153,13 @@ def _index_metrics(conn: sqlite3.Connection) -> Iterator[Metric]:
 
     store = job_store_reading(conn)
     tally = store.tally()
-    jobs = GaugeMetricFamily(f"{PREFIX}_jobs", "Jobs by kind and state.", labels=["kind", "state"])
-    for kind, state, count in tally:
-        jobs.add_metric([kind, state.value], count)
+    jobs = GaugeMetricFamily(
+        f"{PREFIX}_jobs",
+        "Jobs by kind, state and priority class (a routing rule's; completions are routine).",
+        labels=["kind", "state", "priority"],
+    )
+    for kind, state, priority, count in tally:
+        jobs.add_metric([kind, state.value, priority], count)
     yield jobs
 
     queue = GaugeMetricFamily(
@@ -162,7 +167,7 @@ def _index_metrics(conn: sqlite3.Connection) -> Iterator[Metric]:
         "Work waiting: queued routing and inference jobs, deliveries due or backing off.",
         labels=["queue"],
     )
-    queued = [(kind, count) for kind, state, count in tally if state is JobState.QUEUED]
+    queued = [(kind, count) for kind, state, _, count in tally if state is JobState.QUEUED]
     inference = sum(count for kind, count in queued if kind == JobKind.INFERENCE.value)
     queue.add_metric(["routing"], sum(count for _, count in queued) - inference)
     queue.add_metric(["inference"], inference)
@@ -172,6 +177,24 @@ def _index_metrics(conn: sqlite3.Connection) -> Iterator[Metric]:
         sum(count for _, state, count in delivery_tally if state is DeliveryState.PENDING),
     )
     yield queue
+
+    # The inference queue by class, every class named so that a dashboard's stat line is 0
+    # rather than missing while no stat job waits.
+    by_priority = GaugeMetricFamily(
+        f"{PREFIX}_inference_queue_depth",
+        "Queued inference jobs by priority class (its rule's, before aging).",
+        labels=["priority"],
+    )
+    for priority in PRIORITIES:
+        by_priority.add_metric(
+            [priority],
+            sum(
+                count
+                for kind, state, p, count in tally
+                if kind == JobKind.INFERENCE.value and state is JobState.QUEUED and p == priority
+            ),
+        )
+    yield by_priority
 
     deliveries = GaugeMetricFamily(
         f"{PREFIX}_deliveries", "Deliveries by state.", labels=["destination", "state"]

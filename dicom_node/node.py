@@ -53,7 +53,7 @@ class Node:
         if self.audit is not None:
             self.events.sinks.append(self.audit)
         self.jobs = job_store(self.store.db)
-        self.router = Router(self.store.data_dir, self.store.db, config.routing)
+        self.router = Router(self.store.data_dir, self.store.db, config.routing, events=self.events)
         self.assembler = Assembler(self.store.db, config.assembly, on_complete=self.router.wake)
         self.scp = StorageSCP(config.scp, self.store, self.assembler, self.events)
         self.workers = WorkerSupervisor(config, self.jobs) if config.worker.enabled else None

@@ -41,10 +41,12 @@ from pydicom.uid import (
 from dicom_node.algorithm import SERIES_INPUT
 from dicom_node.config import RouteRule, RoutingConfig, SeriesMatch
 from dicom_node.database import Database
-from dicom_node.facts import SeriesFacts, read_series_facts, study_series
+from dicom_node.events import Events, JobsRouted, RoutedJob, study_refs
+from dicom_node.facts import SeriesFacts, read_series_facts, series_paths, study_series
 from dicom_node.jobs import InferencePayload, Job, JobKind, JobStore, job_store
 from dicom_node.mr_sequence import WEIGHTINGS, classify, describes, never_a_role
 from dicom_node.plugins import discover
+from dicom_node.priority import DEFAULT_PRIORITY, Priority
 from dicom_node.store import store_key
 
 log = logging.getLogger(__name__)
@@ -97,6 +99,7 @@ class Routed:
     destinations: tuple[str, ...] = ()  # where the results go (names, or "sender")
     senders: tuple[str, ...] = ()  # calling AEs the inputs came from, for "sender"
     candidates: tuple[Candidate, ...] = ()  # role rules: every series of the study, and why
+    priority: Priority = DEFAULT_PRIORITY  # the rule's: its job's class in the queue
 
 
 @dataclass(frozen=True)
@@ -117,7 +120,12 @@ class Decision:
     def summary(self) -> str:
         """One line for a person: what it was routed to, or why not (series by number only:
         the line is logged)."""
-        parts = [f"routed to {r.algorithm}{_roles_by_number(r)}" for r in self.routed]
+        parts = [
+            f"routed to {r.algorithm}{_roles_by_number(r)}"
+            + ("" if r.priority == DEFAULT_PRIORITY else f" as {r.priority}")
+            for r in self.routed
+        ]
+
         parts += [f"{n.algorithm}: {n.reason}" for n in self.not_routed]
         return "; ".join(parts) or "no routing rule applies"
 
@@ -214,6 +222,18 @@ def mismatch(match: SeriesMatch, facts: SeriesFacts) -> str | None:
             lambda: f"sent by {'/'.join(sorted(facts.calling_aets))}, not an allowed calling AE",
         ),
         (
+            match.station_name is not None and not _listed(facts.station_name, match.station_name),
+            lambda: f"station {facts.station_name or '(none)'} is not one of the rule's",
+        ),
+        (
+            match.request_priority is not None
+            and facts.request_priority not in match.request_priority,
+            lambda: (
+                f"sent with Priority {facts.request_priority or '(not recorded)'}, not"
+                f" {'/'.join(match.request_priority or ())}"
+            ),
+        ),
+        (
             match.mr_weighting is not None and classify(facts).weighting not in match.mr_weighting,
             lambda: _weighting_mismatch(match, facts),
         ),
@@ -259,6 +279,7 @@ def _series_rule(
         {SERIES_INPUT: facts.series_uid},
         _destinations(rule, defaults),
         tuple(sorted(facts.calling_aets)),
+        priority=rule.priority,
     )
 
 
@@ -434,6 +455,7 @@ def decide_study(
                     _destinations(rule, default_destinations),
                     tuple(sorted(senders)),
                     matched.candidates,
+                    rule.priority,
                 )
             )
     return decision
@@ -464,6 +486,7 @@ def record_decision(conn: sqlite3.Connection, jobs: JobStore, decision: Decision
             decision.subject_uid,
             decision.generation,
             InferencePayload(r.algorithm, r.inputs, decision.level, r.destinations, r.senders),
+            r.priority,
         )
         for r in decision.routed
     ]
@@ -483,8 +506,10 @@ class Router:
         config: RoutingConfig,
         *,
         installed: Callable[[], frozenset[str]] = installed_algorithms,
+        events: Events | None = None,
     ) -> None:
         self.data_dir = data_dir
+        self.events = events
         self.db = db
         self.jobs = job_store(db)
         self.config = config
@@ -532,6 +557,8 @@ class Router:
             )
             log.exception("routing job %d failed (%s)", job.id, state and state.value)
             return None
+        if inference_jobs and self.events is not None:
+            self.events.emit(self._routed_event(decision, inference_jobs))
         log.info(
             "%s %s generation %d: %s%s",
             decision.level,
@@ -541,6 +568,21 @@ class Router:
             f" (jobs {', '.join(map(str, inference_jobs))})" if inference_jobs else "",
         )
         return decision
+
+    def _routed_event(self, decision: Decision, job_ids: list[int]) -> JobsRouted:
+        """What the audit trail records of a decision that queued jobs: the studies of their
+        inputs, and each job with its priority class."""
+        paths = series_paths(
+            self.data_dir, self.db, (uid for r in decision.routed for uid in r.inputs.values())
+        )
+        return JobsRouted(
+            decision.level,
+            study_refs(paths),
+            tuple(
+                RoutedJob(job_id, r.algorithm, r.priority)
+                for job_id, r in zip(job_ids, decision.routed, strict=True)
+            ),
+        )
 
     def wake(self, *_: object) -> None:
         self._wake.set()

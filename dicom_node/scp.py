@@ -61,6 +61,7 @@ from dicom_node.events import (
     StudiesReceived,
     StudyRef,
 )
+from dicom_node.priority import request_priority
 from dicom_node.store import InstanceStore, Sender, StoreResult, store_key
 
 log = logging.getLogger(__name__)
@@ -401,6 +402,7 @@ class StorageSCP:
                 _peer(event.assoc),
                 expected_sop_class_uid=str(request.AffectedSOPClassUID),
                 expected_sop_instance_uid=str(request.AffectedSOPInstanceUID),
+                request_priority=request_priority(request.Priority),
             )
         except (RejectedInstance, OSError) as exc:
             status = refusal_status(exc)

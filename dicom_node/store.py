@@ -49,6 +49,7 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from dicom_node import __version__
 from dicom_node.database import Database, database_path
 from dicom_node.errors import InvalidInstance, OutOfResources, RejectedInstance, SopMismatch
+from dicom_node.priority import RequestPriority
 
 log = logging.getLogger(__name__)
 
@@ -424,8 +425,11 @@ class InstanceStore:
         *,
         expected_sop_class_uid: str | None = None,
         expected_sop_instance_uid: str | None = None,
+        request_priority: RequestPriority = "MEDIUM",
     ) -> StoredInstance:
         """Store one encoded data set durably; see the module docstring for the guarantees.
+        ``request_priority`` is the C-STORE request's Priority (PS3.7 9.1.1.1), which is not
+        in the data set: kept in the index for routing rules.
 
         Raises a :class:`RejectedInstance` subclass, leaving nothing behind, when the instance
         cannot be stored.
@@ -481,8 +485,8 @@ class InstanceStore:
             )
             conn.execute(
                 "INSERT OR REPLACE INTO instances (sop_instance_uid, series_uid, study_uid,"
-                " sop_class_uid, transfer_syntax, path, size, calling_aet, peer_host, received_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " sop_class_uid, transfer_syntax, path, size, calling_aet, peer_host, received_at,"
+                " request_priority) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     header.sop_instance_uid,
                     header.series_uid,
@@ -494,6 +498,7 @@ class InstanceStore:
                     sender.calling_aet,
                     sender.peer_host,
                     now,
+                    request_priority,
                 ),
             )
         result = StoreResult.STORED
