@@ -29,6 +29,7 @@ from enum import Enum
 from dicom_node.config import AssemblyConfig
 from dicom_node.database import Database
 from dicom_node.jobs import CompletionPayload, JobKind, JobStore, job_store
+from dicom_node.loops import Loop
 from dicom_node.store import StoredInstance
 
 log = logging.getLogger(__name__)
@@ -113,8 +114,9 @@ class Assembler:
         # go on, and a series cut off by a crash would otherwise complete, partial, the moment
         # the node is back, before its sender can resend the rest.
         self._started_at = clock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        # A transient database error must not stop assembly: the loop backs off and retries.
+        interval = min(0.5, config.series_quiet_seconds / 4, config.study_quiet_seconds / 4)
+        self.loop = Loop("assembly-quiet-timer", self._tick, interval)
 
     # -- events from the SCP -------------------------------------------------------------------
 
@@ -196,23 +198,11 @@ class Assembler:
         return done
 
     def start(self) -> None:
-        """Run the quiet timer in a background thread until :meth:`stop`."""
-        interval = min(
-            0.5, self.config.series_quiet_seconds / 4, self.config.study_quiet_seconds / 4
-        )
+        """Run the quiet timer in a background loop until :meth:`stop`."""
+        self.loop.start()
 
-        def loop() -> None:
-            while not self._stop.wait(interval):
-                try:
-                    self.complete_quiet()
-                except Exception:
-                    # The next tick retries; a transient database error must not stop assembly.
-                    log.exception("quiet-timer completion failed; retrying")
-
-        self._thread = threading.Thread(target=loop, name="assembly-quiet-timer", daemon=True)
-        self._thread.start()
+    def _tick(self) -> None:
+        self.complete_quiet()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        self.loop.stop()

@@ -13,8 +13,8 @@ Every attempt sends the stored files, the same SOP Instance UIDs, never regenera
 PACS that got an object twice (it acknowledged, then the link dropped before we recorded it)
 holds it once.
 
-The same background loop applies retention (:mod:`dicom_node.retention`), which waits for the
-deliveries this module records.
+Retention (:mod:`dicom_node.retention`), which waits for the deliveries this module records,
+runs in a loop of its own, so that a slow purge never holds deliveries back.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import os
 import random
 import shutil
 import ssl
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -43,11 +42,13 @@ from dicom_node.errors import (
     AssociationFailed,
     AssociationRejected,
     DeliveryError,
+    DestinationRefused,
+    DestinationUnavailable,
     SendAbandoned,
 )
 from dicom_node.events import DeliveryAttempted, Events, study_refs
 from dicom_node.jobs import Delivery, job_store
-from dicom_node.retention import purge_expired
+from dicom_node.loops import Loop
 from dicom_node.scu import send
 from dicom_node.store import fsync_dir
 
@@ -77,18 +78,17 @@ def resolve(config: NodeConfig, delivery: Delivery) -> Target:
     if delivery.destination == SENDER:
         peer = config.peers.get(delivery.peer_aet)
         if peer is None:
-            raise DeliveryError(
+            raise DestinationRefused(
                 f"the calling AE {delivery.peer_aet!r} is not under 'peers': add its host and"
-                " port, then run 'dicom-node jobs retry'",
-                permanent=True,
+                " port, then run 'dicom-node jobs retry'"
             )
         return DicomDestination(
             ae_title=delivery.peer_aet, host=peer.host, port=peer.port, tls=peer.tls
         )
     target = config.destinations.get(delivery.destination)
     if target is None:
-        raise DeliveryError(
-            f"no destination named {delivery.destination!r} in the configuration", permanent=True
+        raise DestinationRefused(
+            f"no destination named {delivery.destination!r} in the configuration"
         )
     return target
 
@@ -122,9 +122,9 @@ def send_dicom(
             tls=_client_tls(target.tls, target.host),
         )
     except (AssociationRejected, SendAbandoned) as exc:
-        raise DeliveryError(str(exc), permanent=exc.permanent) from exc
+        raise DeliveryError.of(str(exc), permanent=exc.permanent) from exc
     except (AssociationFailed, OSError) as exc:
-        raise DeliveryError(str(exc) or type(exc).__name__) from exc
+        raise DestinationUnavailable(str(exc) or type(exc).__name__) from exc
     outcome: dict[Path, str | None] = {path: None for path in report.sent}
     outcome.update({path: why for path, why in [*report.failed, *report.skipped]})
     return outcome
@@ -149,13 +149,17 @@ def send_dicomweb(target: DicomwebDestination, files: Sequence[Path], timeout_s:
         status = exc.response.status_code if exc.response is not None else 0
         # Client errors other than a timeout, a conflict or a rate limit repeat on a retry.
         permanent = 400 <= status < 500 and status not in (408, 409, 429)
-        raise DeliveryError(f"STOW-RS to {target.url}: HTTP {status}", permanent=permanent) from exc
+        raise DeliveryError.of(
+            f"STOW-RS to {target.url}: HTTP {status}", permanent=permanent
+        ) from exc
     except requests.RequestException as exc:
-        raise DeliveryError(f"STOW-RS to {target.url}: {type(exc).__name__}: {exc}") from exc
+        raise DestinationUnavailable(
+            f"STOW-RS to {target.url}: {type(exc).__name__}: {exc}"
+        ) from exc
     failed = response.get("FailedSOPSequence") if response is not None else None
     if failed:
         reasons = sorted({f"0x{int(item.get('FailureReason', 0)):04X}" for item in failed})
-        raise DeliveryError(
+        raise DestinationUnavailable(
             f"STOW-RS to {target.url}: {len(failed)} instance(s) not stored ({', '.join(reasons)})"
         )
 
@@ -179,11 +183,11 @@ def send_to_folder(target: FolderDestination, files: Sequence[Path]) -> None:
             os.replace(partial, final)
             fsync_dir(folder)
     except OSError as exc:
-        raise DeliveryError(f"folder {target.path}: {exc}") from exc
+        raise DestinationUnavailable(f"folder {target.path}: {exc}") from exc
 
 
 class Deliverer:
-    """Sends due deliveries and applies retention, in a background thread of ``serve``."""
+    """Sends due deliveries, in a background loop of ``serve`` (:mod:`dicom_node.loops`)."""
 
     def __init__(
         self,
@@ -203,9 +207,7 @@ class Deliverer:
         self.clock = clock
         self.rng = rng or random.Random()
         self.calling_aet = config.delivery.calling_ae_title or config.scp.ae_title
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._next_retention = 0.0
+        self.loop = Loop("deliverer", self.run_once, config.delivery.poll_s)
 
     def due(self) -> list[Delivery]:
         return self.jobs.due_deliveries(self.clock())
@@ -251,9 +253,8 @@ class Deliverer:
             if missing or not files[delivery.id]:
                 self._failed(
                     delivery,
-                    DeliveryError(
-                        f"job {delivery.job_id}'s result files are gone (purged by retention?)",
-                        permanent=True,
+                    DestinationRefused(
+                        f"job {delivery.job_id}'s result files are gone (purged by retention?)"
                     ),
                     where,
                 )
@@ -273,7 +274,7 @@ class Deliverer:
                         if (why := outcome.get(p, "not sent")) is not None
                     ]
                     if problems:
-                        self._failed(delivery, DeliveryError("; ".join(problems)), where)
+                        self._failed(delivery, DestinationUnavailable("; ".join(problems)), where)
                     else:
                         self._sent(delivery, files[delivery.id], where)
                 return
@@ -334,26 +335,11 @@ class Deliverer:
             )
         )
 
-    def run_once(self) -> int:
-        attempted = self.deliver_due()
-        if self.clock() >= self._next_retention:
-            self._next_retention = self.clock() + self.config.retention.check_every_s
-            purge_expired(self.db, self.data_dir, self.config.retention, self.clock(), self.events)
-        return attempted
+    def run_once(self) -> None:
+        self.deliver_due()
 
     def start(self) -> None:
-        def loop() -> None:
-            while not self._stop.is_set():
-                try:
-                    self.run_once()
-                except Exception:  # a bug here must not stop later deliveries
-                    log.exception("delivery loop error")
-                self._stop.wait(self.config.delivery.poll_s)
-
-        self._thread = threading.Thread(target=loop, name="deliverer", daemon=True)
-        self._thread.start()
+        self.loop.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        self.loop.stop()

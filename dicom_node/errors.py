@@ -1,9 +1,24 @@
 """Every exception the node raises on purpose, in one tree (as httpx keeps its own).
 
 A caller catches :class:`DicomNodeError` for anything the node refused or could not do, or one
-branch of it. Each class also keeps the built-in base it always had (``ValueError`` for bad
-values, ``ConnectionError`` for a peer that will not talk), so ``except ValueError`` around a
-call behaves as before. Messages name the attribute, key or file at fault and never quote
+branch of it. The tree also says whether trying again can help, so that every place that retries
+(the worker, the deliverer) decides it the same way:
+
+- :class:`Permanent`: trying again with the same input, weights, configuration and
+  destination fails the same way, so the work fails at once, its reason logged at ERROR (the
+  messages are written without patient data). Its branches say whose fault it is:
+  :class:`InputFault` (the input: a series an algorithm cannot use, a result that cannot be
+  written from it), :class:`SetupFault` (the node's installation or configuration: weights
+  that do not fit their network, an invalid setting) and :class:`DestinationRefused` (a
+  destination that refuses for good).
+- :class:`Transient`: the node's or a peer's passing trouble (a worker that died, a busy
+  destination): tried again, up to the configured attempts.
+- Anything else, the node's own exceptions outside both branches and any library's, is taken
+  as the node's and tried again: an unknown failure may be passing.
+
+Each class also keeps the built-in base it always had (``ValueError`` for bad values,
+``ConnectionError`` for a peer that will not talk), so ``except ValueError`` around a call
+behaves as before. Messages name the attribute, key or file at fault and never quote
 patient data.
 """
 
@@ -20,15 +35,21 @@ __all__ = [
     "ConfigError",
     "ConformanceDocError",
     "DeliveryError",
+    "DestinationRefused",
+    "DestinationUnavailable",
     "DicomNodeError",
     "InputError",
+    "InputFault",
     "InvalidInstance",
     "OutOfResources",
+    "Permanent",
     "QaUnusable",
     "RejectedInstance",
     "SendAbandoned",
+    "SetupFault",
     "SopMismatch",
     "TooSmallForText",
+    "Transient",
     "UnsendableFile",
     "WeightsMismatch",
     "WriteError",
@@ -39,10 +60,35 @@ class DicomNodeError(Exception):
     """The root of every exception the node raises on purpose."""
 
 
+# --- whether trying again can help ----------------------------------------------------------
+
+
+class Permanent(DicomNodeError):
+    """Trying again cannot help: the same input, weights, configuration or destination fails
+    the same way. The work fails at once; the message, written without patient data, is
+    logged at ERROR."""
+
+
+class InputFault(Permanent):
+    """The input's fault: a series an algorithm cannot use, or a result that cannot be
+    written from it. The job fails at once (its first attempt)."""
+
+
+class SetupFault(Permanent):
+    """The node's installation or configuration is at fault (weights that do not fit, an
+    invalid setting): every job that needs it fails the same way until a person changes it,
+    so none is tried again."""
+
+
+class Transient(DicomNodeError):
+    """The node's or a peer's passing trouble (a worker that died, a destination busy for
+    now): the work is tried again, up to its configured attempts."""
+
+
 # --- configuration and documents -------------------------------------------------------------
 
 
-class ConfigError(DicomNodeError, ValueError):
+class ConfigError(SetupFault, ValueError):
     """A configuration that cannot be used; the message names the offending key."""
 
 
@@ -65,26 +111,26 @@ class SopMismatch(RejectedInstance):
     """The data set's SOP Class/Instance UID differ from the C-STORE request's (PS3.4 B.2.3)."""
 
 
-class OutOfResources(RejectedInstance):
+class OutOfResources(RejectedInstance, Transient):
     """Free disk space is below the configured watermark."""
 
 
 # --- infer and write -------------------------------------------------------------------------
 
 
-class InputError(DicomNodeError, ValueError):
+class InputError(InputFault, ValueError):
     """A series an algorithm cannot use as it is; the message says why, for the job's error."""
 
 
-class WeightsMismatch(DicomNodeError, ValueError):
+class WeightsMismatch(SetupFault, ValueError):
     """Weights that do not fit the network they are loaded into, or are not what they claim."""
 
 
-class WriteError(DicomNodeError, ValueError):
+class WriteError(InputFault, ValueError):
     """A result that cannot be written as asked; the message says why."""
 
 
-class TooSmallForText(DicomNodeError, ValueError):
+class TooSmallForText(InputFault, ValueError):
     """The image cannot hold the burned-in text at any size; the message gives its size."""
 
 
@@ -92,11 +138,29 @@ class TooSmallForText(DicomNodeError, ValueError):
 
 
 class DeliveryError(DicomNodeError):
-    """A delivery attempt failed; ``permanent`` when trying again cannot help."""
+    """A delivery attempt failed: a :class:`DestinationUnavailable` is tried again (with
+    backoff) up to ``delivery.max_attempts``, a :class:`DestinationRefused` is not."""
 
-    def __init__(self, message: str, *, permanent: bool = False) -> None:
-        super().__init__(message)
-        self.permanent = permanent
+    @property
+    def permanent(self) -> bool:
+        """Whether trying again cannot help (the delivery is a dead letter at once)."""
+        return isinstance(self, Permanent)
+
+    @staticmethod
+    def of(message: str, *, permanent: bool) -> DeliveryError:
+        """The failure as its kind: refused for good, or unavailable for now."""
+        return DestinationRefused(message) if permanent else DestinationUnavailable(message)
+
+
+class DestinationUnavailable(DeliveryError, Transient):
+    """The destination did not take the results this time (no answer, an abort, a busy
+    server, an object it failed to store): tried again with backoff."""
+
+
+class DestinationRefused(DeliveryError, Permanent):
+    """Permanent at a destination: it refused for good (a permanent association rejection,
+    PS3.8 7.1.1.9; a STOW-RS client error) or is not configured. Dead at once, until a person
+    fixes the cause and replays it."""
 
 
 class AssociationFailed(DicomNodeError, ConnectionError):

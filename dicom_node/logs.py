@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import sys
+import traceback
+from pathlib import Path
 
 # Logger names whose records may quote data values. pynetdicom.utils validates the UIDs and
 # AE titles of every DIMSE message and quotes the value it finds non-conformant; the rest of
@@ -46,4 +48,12 @@ def setup_logging(level: str, *, process: str = "") -> None:
             handler.addFilter(_QuotedDataAtDebug())
 
 
-__all__ = ["QUOTING_LOGGERS", "setup_logging"]
+def raised_where(exc: BaseException) -> str:
+    """An exception as it may be logged above DEBUG when its message may quote data (a
+    library's): its type and the file and line that raised it, never its message."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+    return f"{type(exc).__name__}{where}"
+
+
+__all__ = ["QUOTING_LOGGERS", "raised_where", "setup_logging"]

@@ -103,3 +103,29 @@ def test_package_surface(module: str, surface: list[str]) -> None:
     imported = importlib.import_module(module)
     assert sorted(imported.__all__) == surface
     assert all(hasattr(imported, name) for name in surface)
+
+
+@pytest.mark.parametrize(
+    ("name", "branch"),
+    [
+        ("InputError", errors.InputFault),
+        ("WriteError", errors.InputFault),
+        ("TooSmallForText", errors.InputFault),
+        ("WeightsMismatch", errors.SetupFault),
+        ("ConfigError", errors.SetupFault),
+        ("DestinationRefused", errors.Permanent),
+        ("DestinationUnavailable", errors.Transient),
+        ("OutOfResources", errors.Transient),
+    ],
+)
+def test_the_tree_says_whether_trying_again_can_help(name: str, branch: type) -> None:
+    """The worker and the deliverer retry by these branches: a weights file that does not fit
+    is not tried three times, nor is a series an algorithm cannot use."""
+    assert issubclass(getattr(errors, name), branch)
+
+
+def test_no_class_is_both_permanent_and_transient() -> None:
+    both = [c.__name__ for c in _subclasses(errors.Permanent) if issubclass(c, errors.Transient)]
+    assert both == []
+    assert errors.DeliveryError.of("x", permanent=True).permanent
+    assert not errors.DeliveryError.of("x", permanent=False).permanent

@@ -42,7 +42,7 @@ def test_health_readiness_metrics_and_api_follow_a_study(make_node, cxr_file):
     status, report = get_json(url + "/readyz")
     assert report == {
         "ready": True,
-        "checks": {"store": "ok", "index": "ok", "scp": "ok", "worker": "ok"},
+        "checks": {"store": "ok", "index": "ok", "scp": "ok", "worker": "ok", "loops": "ok"},
     }
 
     assert node.storescu(files=[cxr_file], aet="MODALITY").returncode == 0
