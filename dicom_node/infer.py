@@ -24,18 +24,19 @@ import socket
 import sys
 import threading
 import time
-import traceback
 from dataclasses import replace
 from pathlib import Path
 
 from dicom_node.algorithm import Algorithm, AlgorithmResult, InputError, SeriesInput
 from dicom_node.config import NodeConfig
 from dicom_node.database import RESULTS_DIR, Database, database_path
+from dicom_node.errors import InputFault, Permanent, SetupFault
 from dicom_node.jobs import Job, JobKind, JobStore, job_store
-from dicom_node.logs import setup_logging
+from dicom_node.logs import raised_where, setup_logging
+from dicom_node.loops import Loop
 from dicom_node.plugins import catalogue, discover, resolve_device
 from dicom_node.store import fsync_tree, store_key
-from dicom_node.write import Provenance, WriteError, Written, write_all
+from dicom_node.write import Provenance, Written, write_all
 
 log = logging.getLogger(__name__)
 
@@ -184,10 +185,10 @@ class Worker:
         try:
             path, written, ran = self.run_job(job)
         except Exception as exc:
-            # The same series and weights fail the same way again: an input or a result that
-            # cannot be written ends the job at once; anything else may be passing and is tried
-            # again up to worker.max_attempts.
-            final = isinstance(exc, (InputError, WriteError))
+            # errors.py's vocabulary: a Permanent failure (the input's fault, or the node's
+            # setup's: weights that do not fit fit no better next time) ends the job at once;
+            # anything else may be passing and is tried again up to worker.max_attempts.
+            final = isinstance(exc, Permanent)
             state = self.jobs.fail(
                 job.id,
                 f"{type(exc).__name__}: {exc}",
@@ -201,7 +202,7 @@ class Worker:
                 job.id,
                 job.attempts,
                 state.value if state else "another worker's",
-                ", not retried: the same input fails the same way" if final else "",
+                _not_retried(exc),
                 _raised_at(exc),
             )
             log.debug("job %d failed", job.id, exc_info=exc)
@@ -318,16 +319,25 @@ _UID_IN_TEXT = re.compile(r"(?<![\d.])[0-2](?:\.(?:0|[1-9]\d*)){3,}(?![\d.])")
 
 
 def _raised_at(exc: BaseException) -> str:
-    """What an operator may read of a failure: the node's own input and writing errors in
-    full (they are written without patient data; a UID in them is shown hashed, as the store
-    names it on disk), else the type and the line that raised it: a third-party message may
-    quote the data."""
-    if isinstance(exc, (InputError, WriteError)):
+    """What an operator may read of a failure: the node's own permanent errors in full (they
+    are written without patient data; a UID in them is shown hashed, as the store names it on
+    disk), else the type and the line that raised it: a third-party message may quote the
+    data."""
+    if isinstance(exc, Permanent):
         text = _UID_IN_TEXT.sub(lambda uid: store_key(uid[0])[:12], str(exc))
         return f"{type(exc).__name__}: {text}"
-    frames = traceback.extract_tb(exc.__traceback__)
-    where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
-    return f"{type(exc).__name__}{where}"
+    return raised_where(exc)
+
+
+def _not_retried(exc: BaseException) -> str:
+    """Why a failed job is not tried again, for its log line ("" when it is)."""
+    if isinstance(exc, InputFault):
+        return ", not retried: the same input fails the same way"
+    if isinstance(exc, SetupFault):
+        return ", not retried: it fails the same way until the node's setup is changed"
+    if isinstance(exc, Permanent):
+        return ", not retried: trying again cannot help"
+    return ""
 
 
 def _set_torch_threads(threads: int) -> None:
@@ -385,8 +395,9 @@ class WorkerSupervisor:
         self._process: multiprocessing.process.BaseProcess | None = None
         self._name = ""
         self._generation = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        # The watch runs under a Loop: a database error while reaping (requeue_worker) makes
+        # it back off and try again, never ends supervision.
+        self.loop = Loop("worker-supervisor", self._watch, 0.2)
 
     @property
     def name(self) -> str:
@@ -421,24 +432,19 @@ class WorkerSupervisor:
             "inference worker %s died (%s); %d job(s) it held returned", self._name, cause, moved
         )
 
+    def _watch(self) -> None:
+        if self._process is not None and not self._process.is_alive():
+            self._reap()
+            if self.loop.stopping(self.RESTART_DELAY_S):
+                return
+            self._spawn()
+
     def start(self) -> None:
         self._spawn()
-
-        def watch() -> None:
-            while not self._stop.wait(0.2):
-                if self._process is not None and not self._process.is_alive():
-                    self._reap()
-                    if self._stop.wait(self.RESTART_DELAY_S):
-                        return
-                    self._spawn()
-
-        self._thread = threading.Thread(target=watch, name="worker-supervisor", daemon=True)
-        self._thread.start()
+        self.loop.start()
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        self.loop.stop()
         if self._process is not None and self._process.is_alive():
             self._process.terminate()  # SIGTERM: the worker finishes its job, then exits
             self._process.join(timeout_s)

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import signal
 import threading
+import time
 from types import FrameType
 
 from dicom_node import __version__, api
@@ -23,7 +24,9 @@ from dicom_node.deliver import Deliverer
 from dicom_node.events import Events, NodeStarted, NodeStopped
 from dicom_node.infer import WorkerSupervisor
 from dicom_node.jobs import job_store, job_store_reading
+from dicom_node.loops import Loop, LoopCollector, loops_check
 from dicom_node.metrics import node_registry
+from dicom_node.retention import purge_expired
 from dicom_node.route import Router
 from dicom_node.scp import StorageSCP
 from dicom_node.store import InstanceStore
@@ -58,12 +61,28 @@ class Node:
         self.scp = StorageSCP(config.scp, self.store, self.assembler, self.events)
         self.workers = WorkerSupervisor(config, self.jobs) if config.worker.enabled else None
         self.deliverer = Deliverer(config, self.store.db, self.store.data_dir, events=self.events)
+        # In a loop of its own: a slow or failing purge must hold back no delivery.
+        self.retention = Loop("retention", self.purge_expired, config.retention.check_every_s)
+        self.loops = [
+            self.router.loop,
+            self.assembler.loop,
+            *([self.workers.loop] if self.workers is not None else []),
+            self.deliverer.loop,
+            self.retention,
+        ]
+        self.registry.register(LoopCollector(self.loops))
         self.http = (
             HttpService(config, self.store.db, self.registry, self.readiness_checks())
             if config.http.enabled
             else None
         )
         self._stopped = threading.Event()
+
+    def purge_expired(self) -> None:
+        """Delete what retention says has done its work (the retention loop's step)."""
+        purge_expired(
+            self.store.db, self.store.data_dir, self.config.retention, time.time(), self.events
+        )
 
     def readiness_checks(self) -> dict[str, Check]:
         """What must hold for the node to take studies and turn them into results."""
@@ -97,6 +116,7 @@ class Node:
             "index": index,
             "scp": scp,
             "worker": worker,
+            "loops": loops_check(self.loops),
         }
 
     def start(self) -> tuple[str, int]:
@@ -123,6 +143,7 @@ class Node:
         if self.workers is not None:
             self.workers.start()
         self.deliverer.start()
+        self.retention.start()
         self.assembler.start()
         try:
             return self.scp.start()
@@ -142,6 +163,7 @@ class Node:
         if self.workers is not None:
             self.workers.stop()
         self.deliverer.stop()
+        self.retention.stop()
         if self.http is not None:
             self.http.stop()
         self.events.emit(NodeStopped(__version__, self.config.scp.ae_title))

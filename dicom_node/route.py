@@ -16,7 +16,6 @@ import json
 import logging
 import re
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -44,6 +43,7 @@ from dicom_node.database import Database
 from dicom_node.events import Events, JobsRouted, RoutedJob, study_refs
 from dicom_node.facts import SeriesFacts, read_series_facts, series_paths, study_series
 from dicom_node.jobs import InferencePayload, Job, JobKind, JobStore, job_store
+from dicom_node.loops import Loop
 from dicom_node.mr_sequence import WEIGHTINGS, classify, describes, never_a_role
 from dicom_node.plugins import discover
 from dicom_node.priority import DEFAULT_PRIORITY, Priority
@@ -514,9 +514,9 @@ class Router:
         self.jobs = job_store(db)
         self.config = config
         self.installed = installed
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        # claim and the decision's transaction run under the loop: a locked or unreadable
+        # database makes it back off and try again, never ends it.
+        self.loop = Loop("router", self._step, 1.0)
 
     def decide(self, job: Job) -> Decision:
         installed = self.installed()
@@ -569,6 +569,11 @@ class Router:
         )
         return decision
 
+    def _step(self) -> bool:
+        # Routed one: there may be more waiting. Else wait; completions wake us at once, and
+        # the interval is a safety net.
+        return self.route_next() is not None
+
     def _routed_event(self, decision: Decision, job_ids: list[int]) -> JobsRouted:
         """What the audit trail records of a decision that queued jobs: the studies of their
         inputs, and each job with its priority class."""
@@ -585,20 +590,10 @@ class Router:
         )
 
     def wake(self, *_: object) -> None:
-        self._wake.set()
+        self.loop.wake()
 
     def start(self) -> None:
-        def loop() -> None:
-            while not self._stop.is_set():
-                if self.route_next() is None:
-                    self._wake.wait(1.0)  # completions wake us at once; this is a safety net
-                    self._wake.clear()
-
-        self._thread = threading.Thread(target=loop, name="router", daemon=True)
-        self._thread.start()
+        self.loop.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join()
+        self.loop.stop()
