@@ -461,6 +461,10 @@ class Algorithm(ABC):
     # The phantom and truth ``dicom-node qa`` tests the algorithm with; None: no self-test.
     qa_case: ClassVar[QaCase | None] = None
     settings_model: ClassVar[type[AlgorithmSettings] | None] = None
+    # The longest one job may run, in seconds, before the node kills the worker running it
+    # (nothing else stops a CUDA kernel or a C extension) and retries the job as after a
+    # crash; ``worker.time_limits`` overrides it per node. Declare what a slow site needs.
+    time_limit_s: ClassVar[float] = 3600.0
     # An instance of settings_model; without one, the section as a dict. Subclasses with a
     # model narrow it (``settings: Settings``) for their readers and type checkers.
     settings: Any

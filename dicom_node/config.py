@@ -445,7 +445,7 @@ class WorkerConfig(_Section):
     """The inference worker."""
 
     enabled: bool = Field(
-        default=True, description="Run one inference worker process inside 'serve'."
+        default=True, description="Run inference worker processes inside 'serve'."
     )
     device: str = Field(
         default="auto",
@@ -464,6 +464,33 @@ class WorkerConfig(_Section):
         allow_inf_nan=False,
         description="A queued job counts one priority class higher for each this many seconds "
         "it waited, so routine work is never starved by stat work.",
+    )
+    processes: int | None = Field(
+        default=None,
+        ge=1,
+        description="Worker processes inside 'serve', each with its own warm models; unset: one"
+        " per GPU (times processes_per_gpu) on a GPU host, else 1.",
+    )
+    processes_per_gpu: int = Field(
+        default=1,
+        ge=1,
+        description="Worker processes sharing one GPU (CUDA_VISIBLE_DEVICES is set per process).",
+    )
+    min_free_gpu_memory_gb: float | None = Field(
+        default=None,
+        gt=0,
+        description="Before loading a model on CUDA, require this much free GPU memory"
+        " (the job is retried otherwise); for processes sharing a GPU.",
+    )
+    time_limits: dict[str, Annotated[float, Field(gt=0)]] = Field(
+        default_factory=dict,
+        description="Run time limit in seconds per algorithm name, over the algorithm's own"
+        " time_limit_s; a job over it has its worker killed and is retried like a crash.",
+    )
+    concurrency: dict[str, Annotated[int, Field(ge=1)]] = Field(
+        default_factory=dict,
+        description="Most jobs of an algorithm running at once on the node (by algorithm name),"
+        " e.g. 1 for a model that fits a GPU once.",
     )
 
 

@@ -89,7 +89,10 @@ CREATE TABLE IF NOT EXISTS workers (
     heartbeat_at  REAL NOT NULL,
     stopped_at    REAL,
     algorithms    TEXT NOT NULL,     -- JSON: what the worker can run, its weights, DEMO or not
-    gpu_memory    TEXT               -- JSON {allocated, reserved, total} bytes, on CUDA
+    gpu_memory    TEXT,              -- JSON {allocated, reserved, total} bytes, on CUDA
+    job_id        INTEGER,           -- the job it is on (NULL: waiting for one)
+    job_phase     TEXT,              -- loading, running, writing: what it does with the job
+    progress_at   REAL               -- when it last moved from one phase to the next
 );
 CREATE TABLE IF NOT EXISTS outputs (
     sop_instance_uid TEXT PRIMARY KEY,  -- what a re-delivery sends again, unchanged
@@ -144,6 +147,10 @@ _ADDED_COLUMNS = (
     # Schema 3 (issue 16): the queue's priority classes and the request Priority rules match.
     ("jobs", "priority", "TEXT NOT NULL DEFAULT 'routine'"),
     ("instances", "request_priority", "TEXT"),
+    # The job a worker is on and how far it got: its supervisor measures the time limit.
+    ("workers", "job_id", "INTEGER"),
+    ("workers", "job_phase", "TEXT"),
+    ("workers", "progress_at", "REAL"),
 )
 
 RESULTS_DIR = "results"  # under the data folder: one folder per job, named by its ID

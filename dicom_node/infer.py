@@ -24,7 +24,8 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import replace
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dicom_node.algorithm import Algorithm, AlgorithmResult, InputError, SeriesInput
@@ -34,7 +35,7 @@ from dicom_node.errors import InputFault, Permanent, SetupFault
 from dicom_node.jobs import Job, JobKind, JobStore, job_store
 from dicom_node.logs import raised_where, setup_logging
 from dicom_node.loops import Loop
-from dicom_node.plugins import catalogue, discover, resolve_device
+from dicom_node.plugins import Registration, catalogue, discover, resolve_device
 from dicom_node.store import fsync_tree, store_key
 from dicom_node.write import Provenance, Written, write_all
 
@@ -105,6 +106,12 @@ class Worker:
         self.device = resolve_device(config.worker.device)
         self._registry = discover()
         self._catalogue = catalogue(self._registry, config.algorithms, self.device)
+        # What this worker can run: the installed algorithms that import; it claims no other
+        # algorithm's job, which stays queued for a worker that can run it.
+        self.runnable = tuple(sorted(n for n, r in self._registry.items() if r.algorithm))
+        # The job in hand, what the worker does with it and since when, for its heartbeat:
+        # one tuple, replaced whole, so that the heartbeat thread never reads half of it.
+        self._doing: tuple[int | None, str | None, float | None] = (None, None, None)
         self._loaded: dict[str, Algorithm] = {}
         # Who made each result, fixed at load: hashing the weights file per job would cost
         # seconds for public weights and could name a file replaced since it was loaded.
@@ -122,6 +129,7 @@ class Worker:
             if registration is None or registration.algorithm is None:
                 why = registration.error if registration else "not installed"
                 raise LookupError(f"algorithm {name} cannot be used: {why}")
+            self._check_gpu_memory(name)
             started = time.perf_counter()
             instance = registration.algorithm(self.config.algorithms.get(name))
             instance.load(self.device)
@@ -141,9 +149,26 @@ class Worker:
             )
         return self._loaded[name]
 
+    def _check_gpu_memory(self, name: str) -> None:
+        """Refuse to load a model on a GPU with less free memory than
+        ``worker.min_free_gpu_memory_gb`` (processes sharing one GPU each load their own
+        copy): the job is retried rather than the process dying of an out-of-memory error."""
+        need_gb = self.config.worker.min_free_gpu_memory_gb
+        if need_gb is None or not self.device.startswith("cuda"):
+            return
+        import torch
+
+        free, total = torch.cuda.mem_get_info(self.device)
+        if free < need_gb * 1e9:
+            raise RuntimeError(
+                f"not enough free memory on {self.device} to load {name}: {free / 1e9:.1f} GB"
+                f" free of {total / 1e9:.1f} GB, worker.min_free_gpu_memory_gb is {need_gb:g}"
+            )
+
     def run_job(self, job: Job) -> tuple[Path, list[Written], float]:
         payload = job.inference
         algorithm = self.algorithm(payload.algorithm)
+        self._progress(job.id, "running")
         received_by = self.jobs.completed_at(job)
         inputs = {
             name: series_input(self.db, self.data_dir, uid, received_by)
@@ -162,6 +187,7 @@ class Worker:
         folder = self.data_dir / RESULTS_DIR / str(job.id) / f"attempt-{job.attempts}"
         path = result.save(folder)
         ran = time.perf_counter() - started
+        self._progress(job.id, "writing")
         written = write_all(result, inputs, provenance, folder / "dicom", self.config.results)
         if self.config.store.fsync:
             # On disk before the transaction that records them: a committed job's files are
@@ -179,9 +205,18 @@ class Worker:
         return path, written, ran
 
     def work_once(self) -> Job | None:
-        job = self.jobs.claim(self.name, (JobKind.INFERENCE,))
+        if self._doing[0] is not None:  # the job before, whichever way it ended
+            self._progress(None, None)
+        job = self.jobs.claim(
+            self.name,
+            (JobKind.INFERENCE,),
+            algorithms=self.runnable,
+            concurrency=self.config.worker.concurrency,
+        )
         if job is None:
             return None
+        loaded = job.inference.algorithm in self._loaded
+        self._progress(job.id, "running" if loaded else "loading")
         try:
             path, written, ran = self.run_job(job)
         except Exception as exc:
@@ -275,6 +310,29 @@ class Worker:
             )
         self.db.close()
 
+    def _progress(self, job_id: int | None, phase: str | None) -> None:
+        """Record at once which job the worker is on and what it does with it (loading,
+        running, writing): the heartbeat repeats it, so a beat says how far the job got, not
+        only that the heartbeat thread lives. The supervisor measures the job's time limit
+        from the job's claim and kills a worker that is over it, whatever it is doing."""
+        if (job_id, phase) == self._doing[:2]:
+            return
+        self._doing = (job_id, phase, time.time())
+        self._record(beat=False)
+
+    def _record(self, *, beat: bool) -> None:
+        with self.db.transaction() as conn:
+            conn.execute(
+                "UPDATE workers SET job_id = ?, job_phase = ?, progress_at = ?"
+                + (", heartbeat_at = ?, gpu_memory = ?" if beat else "")
+                + " WHERE name = ?",
+                (
+                    *self._doing,
+                    *((time.time(), json.dumps(gpu_memory(self.device))) if beat else ()),
+                    self.name,
+                ),
+            )
+
     def _register(self) -> None:
         now = time.time()
         with self.db.transaction() as conn:
@@ -301,11 +359,7 @@ class Worker:
             while not self._stopping and time.monotonic() < deadline:
                 time.sleep(0.2)
             try:
-                with self.db.transaction() as conn:
-                    conn.execute(
-                        "UPDATE workers SET heartbeat_at = ?, gpu_memory = ? WHERE name = ?",
-                        (time.time(), json.dumps(gpu_memory(self.device)), self.name),
-                    )
+                self._record(beat=True)
             except Exception:  # a busy or failing database must not kill the worker
                 log.exception("heartbeat of %s not recorded", self.name)
 
@@ -348,9 +402,17 @@ def _set_torch_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def worker_main(config: NodeConfig, name: str, parent_pid: int | None = None) -> None:
+def worker_main(
+    config: NodeConfig,
+    name: str,
+    parent_pid: int | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> None:
     """Entry of a worker process: started by :class:`WorkerSupervisor` with the node's pid
-    as ``parent_pid``, or on its own by ``dicom-node worker``."""
+    as ``parent_pid`` and its own ``environ`` (``CUDA_VISIBLE_DEVICES``: its GPU), or on its
+    own by ``dicom-node worker``."""
+    # Before anything imports torch: CUDA reads CUDA_VISIBLE_DEVICES once, at its start.
+    os.environ.update(environ or {})
     setup_logging(config.logging.level, process="[worker]")
     if parent_pid is not None:
         _terminate_with_parent()
@@ -383,72 +445,185 @@ def _terminate_with_parent() -> None:
         log.debug("prctl(PR_SET_PDEATHSIG) unavailable; relying on the parent poll")
 
 
+def visible_gpus(device: str) -> list[str]:
+    """The GPUs the worker processes are spread over, as ``CUDA_VISIBLE_DEVICES`` names
+    them: none on CPU or for one named device (``cuda:N``, which every process uses); for
+    ``auto`` and ``cuda`` each GPU this process sees. Without an NVIDIA driver
+    (``/proc/driver/nvidia/gpus``) there is none, and torch is not imported into ``serve``."""
+    if device == "cpu" or device.startswith("cuda:"):
+        return []
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [gpu.strip() for gpu in visible.split(",") if gpu.strip()]
+    if sys.platform.startswith("linux") and not Path("/proc/driver/nvidia/gpus").is_dir():
+        return []
+    try:
+        import torch
+    except ImportError:
+        return []
+    return [str(index) for index in range(torch.cuda.device_count())]
+
+
+def worker_environments(config: NodeConfig) -> list[dict[str, str]]:
+    """One environment per worker process: ``worker.processes`` of them (unset: one per GPU
+    times ``worker.processes_per_gpu`` on a GPU host, else one), each given a GPU in turn."""
+    settings = config.worker
+    gpus = visible_gpus(settings.device)
+    if settings.processes is not None:
+        count = settings.processes
+    elif gpus:
+        count = len(gpus) * settings.processes_per_gpu
+    elif settings.device.startswith("cuda:"):
+        count = settings.processes_per_gpu
+    else:
+        count = 1
+    if not gpus:
+        return [{} for _ in range(count)]
+    return [{"CUDA_VISIBLE_DEVICES": gpus[index % len(gpus)]} for index in range(count)]
+
+
+def time_limits(config: NodeConfig, registry: Mapping[str, Registration]) -> dict[str, float]:
+    """Each installed algorithm's run time limit in seconds: ``worker.time_limits``, else the
+    algorithm's own ``time_limit_s``."""
+    declared = {
+        name: float(r.algorithm.time_limit_s)
+        for name, r in registry.items()
+        if r.algorithm is not None
+    }
+    return {**declared, **config.worker.time_limits}
+
+
+@dataclass
+class _Slot:
+    """One worker process the supervisor keeps running, and what it knows of it."""
+
+    environ: dict[str, str]
+    process: multiprocessing.process.BaseProcess | None = None
+    name: str = ""
+    restart_at: float | None = None  # monotonic: when to start the next one, after a death
+    killed_for: str | None = None  # why the supervisor killed it (a job over its time limit)
+    checked_at: float = 0.0  # monotonic: the last look at its job's time limit
+
+
 class WorkerSupervisor:
-    """Keeps one worker process running beside the SCP and cleans up after it dies."""
+    """Keeps ``worker.processes`` worker processes running beside the SCP, kills one whose
+    job is over its time limit, and cleans up after one that dies."""
 
     RESTART_DELAY_S = 1.0
+    LIMIT_CHECK_S = 0.5  # how often each worker's job is measured against its time limit
 
     def __init__(self, config: NodeConfig, jobs: JobStore) -> None:
         self.config = config
         self.jobs = jobs
         self._context = multiprocessing.get_context("spawn")  # no inherited threads or locks
-        self._process: multiprocessing.process.BaseProcess | None = None
-        self._name = ""
+        self._slots = [_Slot(environ) for environ in worker_environments(config)]
+        self._limits = time_limits(config, discover())
         self._generation = 0
-        # The watch runs under a Loop: a database error while reaping (requeue_worker) makes
-        # it back off and try again, never ends supervision.
-        self.loop = Loop("worker-supervisor", self._watch, 0.2)
+        # A step survives a failing database (the loop logs it once and backs off): a dead
+        # worker's job is returned, and a new worker started, when the database answers again.
+        self.loop = Loop("worker-supervisor", self.step, 0.2)
 
     @property
-    def name(self) -> str:
-        return self._name
+    def names(self) -> list[str]:
+        """The names of the current worker processes, one per process kept running."""
+        return [slot.name for slot in self._slots]
 
     @property
-    def alive(self) -> bool:
-        return self._process is not None and self._process.is_alive()
+    def dead(self) -> int:
+        """How many of the worker processes are not alive (dead, or not yet restarted)."""
+        return sum(slot.process is None or not slot.process.is_alive() for slot in self._slots)
 
-    def _spawn(self) -> None:
+    def limit(self, algorithm: str) -> float:
+        """An algorithm's run time limit in seconds (the plugin API's default if unknown)."""
+        return self._limits.get(algorithm, Algorithm.time_limit_s)
+
+    def _spawn(self, slot: _Slot) -> None:
         self._generation += 1
-        self._name = f"worker-{socket.gethostname()}-{os.getpid()}-{self._generation}"
-        self._process = self._context.Process(
+        slot.name = f"worker-{socket.gethostname()}-{os.getpid()}-{self._generation}"
+        slot.killed_for = slot.restart_at = None
+        slot.process = self._context.Process(
             target=worker_main,
-            args=(self.config, self._name, os.getpid()),
-            name=self._name,
+            args=(self.config, slot.name, os.getpid(), slot.environ),
+            name=slot.name,
             daemon=True,
         )
-        self._process.start()
-        log.info("started inference worker %s (pid %d)", self._name, self._process.pid)
+        slot.process.start()
+        gpu = slot.environ.get("CUDA_VISIBLE_DEVICES")
+        log.info(
+            "started inference worker %s (pid %d)%s",
+            slot.name,
+            slot.process.pid,
+            f" on GPU {gpu}" if gpu is not None else "",
+        )
 
-    def _reap(self) -> None:
-        assert self._process is not None
-        code = self._process.exitcode
+    def _reap(self, slot: _Slot) -> None:
+        assert slot.process is not None
+        code = slot.process.exitcode
         cause = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        error = (
+            slot.killed_for
+            if slot.killed_for is not None
+            else f"the worker died ({cause}) while running this job"
+        )
         moved = self.jobs.requeue_worker(
-            self._name,
-            f"the worker died ({cause}) while running this job",
-            max_attempts=self.config.worker.max_attempts,
+            slot.name, error, max_attempts=self.config.worker.max_attempts
         )
         log.error(
-            "inference worker %s died (%s); %d job(s) it held returned", self._name, cause, moved
+            "inference worker %s %s; %d job(s) it held returned",
+            slot.name,
+            f"was killed: its job {slot.killed_for}" if slot.killed_for else f"died ({cause})",
+            moved,
         )
 
-    def _watch(self) -> None:
-        if self._process is not None and not self._process.is_alive():
-            self._reap()
-            if self.loop.stopping(self.RESTART_DELAY_S):
-                return
-            self._spawn()
+    def _over_limit(self, slot: _Slot) -> str | None:
+        """Why the slot's worker must be killed: its job has run longer than its algorithm's
+        time limit (counted from the claim, loading a model the worker had not loaded yet
+        included). Only killing the process stops a CUDA kernel or a C extension."""
+        for job in self.jobs.held_by(slot.name):
+            limit = self.limit(job.inference.algorithm)
+            if job.started_at is not None and time.time() - job.started_at > limit:
+                return f"exceeded its time limit of {limit:g} s (its worker was killed)"
+        return None
+
+    def step(self) -> None:
+        """One look at every worker process: reap and restart the dead, kill the over-limit.
+        The step of the supervisor's loop, every fraction of a second."""
+        now = time.monotonic()
+        for slot in self._slots:
+            if slot.process is None:
+                if slot.restart_at is not None and now >= slot.restart_at:
+                    self._spawn(slot)
+                continue
+            if not slot.process.is_alive():
+                self._reap(slot)
+                slot.process = None
+                # A job over its limit is no reason to wait: the next job should not.
+                slot.restart_at = now + (0.0 if slot.killed_for else self.RESTART_DELAY_S)
+                continue
+            if now - slot.checked_at >= self.LIMIT_CHECK_S:
+                slot.checked_at = now
+                why = self._over_limit(slot)
+                if why is not None:
+                    log.warning("inference worker %s: its job %s", slot.name, why)
+                    slot.killed_for = why
+                    slot.process.kill()  # SIGKILL: nothing in the job can delay it
+                    slot.process.join(10)
 
     def start(self) -> None:
-        self._spawn()
+        for slot in self._slots:
+            self._spawn(slot)
         self.loop.start()
 
     def stop(self, timeout_s: float = 30.0) -> None:
         self.loop.stop()
-        if self._process is not None and self._process.is_alive():
-            self._process.terminate()  # SIGTERM: the worker finishes its job, then exits
-            self._process.join(timeout_s)
-            if self._process.is_alive():
+        running = [s.process for s in self._slots if s.process is not None]
+        for process in running:
+            if process.is_alive():
+                process.terminate()  # SIGTERM: the worker finishes its job, then exits
+        deadline = time.monotonic() + timeout_s
+        for process in running:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
                 log.warning("inference worker did not stop in %.0f s; killing it", timeout_s)
-                self._process.kill()
-                self._process.join()
+                process.kill()
+                process.join()

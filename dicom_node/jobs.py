@@ -21,7 +21,7 @@ import json
 import math
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Protocol
@@ -305,10 +305,26 @@ class JobStore(Protocol):
         """Queue a job of a priority class inside the caller's transaction; its ID."""
         ...
 
-    def claim(self, worker: str, kinds: Sequence[JobKind] | None = None) -> Job | None:
+    def claim(
+        self,
+        worker: str,
+        kinds: Sequence[JobKind] | None = None,
+        *,
+        algorithms: Collection[str] | None = None,
+        concurrency: Mapping[str, int] | None = None,
+    ) -> Job | None:
         """Atomically move the first queued job to ``running`` for ``worker``: the best
         priority class (stat, urgent, routine), a class higher for each aging period it waited,
-        then the oldest."""
+        then the oldest.
+
+        With ``algorithms``, an inference job only for one of them (what the worker can run);
+        with ``concurrency``, none of an algorithm already running that many times (counted
+        in the same transaction, so two workers cannot both take the last place).
+        """
+        ...
+
+    def held_by(self, worker: str) -> list[Job]:
+        """The jobs ``worker`` is running (one, for a worker that takes one at a time)."""
         ...
 
     def holds(self, conn: sqlite3.Connection, job_id: int, worker: str) -> bool:
@@ -439,6 +455,35 @@ def _received(aggregate: str) -> str:
     )
 
 
+_ALGORITHM = "json_extract({}.payload, '$.algorithm')"
+
+
+def _claim_filter(
+    algorithms: Collection[str] | None, concurrency: Mapping[str, int] | None
+) -> tuple[str, list[object]]:
+    """The claim's conditions on a queued job ``q`` beyond its state and kind: an inference
+    job of one of ``algorithms`` (other kinds pass), and one whose algorithm runs fewer
+    times than its ``concurrency`` limit (one without a limit passes)."""
+    where, params = "", list[object]()
+    if algorithms is not None:
+        where += (
+            f" AND (q.kind != '{JobKind.INFERENCE.value}'"
+            f" OR {_ALGORITHM.format('q')} IN (SELECT value FROM json_each(?)))"
+        )
+        params.append(_json_list(algorithms))
+    if concurrency:
+        # No limit for the algorithm (or not an inference job) compares as NULL: passes.
+        where += (
+            " AND COALESCE((SELECT COUNT(*) FROM jobs r WHERE r.state = 'running'"
+            f" AND r.kind = '{JobKind.INFERENCE.value}'"
+            f" AND {_ALGORITHM.format('r')} = {_ALGORITHM.format('q')})"
+            f" < (SELECT value FROM json_each(?) WHERE key = {_ALGORITHM.format('q')}"
+            f" AND q.kind = '{JobKind.INFERENCE.value}'), 1)"
+        )
+        params.append(json.dumps(dict(concurrency)))
+    return where, params
+
+
 def _json_list(values: Iterable[object]) -> str:
     """Values as one JSON parameter (``IN (SELECT value FROM json_each(?))``): any number of
     them is one bound variable, under SQLite's limit however many there are."""
@@ -511,22 +556,38 @@ class SqliteJobStore:
         )
         return int(cursor.lastrowid or 0)
 
-    def claim(self, worker: str, kinds: Sequence[JobKind] | None = None) -> Job | None:
+    def claim(
+        self,
+        worker: str,
+        kinds: Sequence[JobKind] | None = None,
+        *,
+        algorithms: Collection[str] | None = None,
+        concurrency: Mapping[str, int] | None = None,
+    ) -> Job | None:
         where = "state = 'queued'"
         params: list[Any] = []
         if kinds:
             where += f" AND kind IN ({','.join('?' * len(kinds))})"
             params.extend(JobKind(k).value for k in kinds)
+        where_more, more = _claim_filter(algorithms, concurrency)
+        where, params = where + where_more, [*params, *more]
         now = self.clock()
         # One statement: the choice and the taking are atomic across workers and processes.
         with self.db.transaction() as conn:
             row = conn.execute(
                 "UPDATE jobs SET state = 'running', attempts = attempts + 1, worker = ?,"
-                f" started_at = ? WHERE id = (SELECT id FROM jobs WHERE {where}"
+                f" started_at = ? WHERE id = (SELECT id FROM jobs q WHERE {where}"
                 f" ORDER BY {self._order} LIMIT 1) RETURNING *",
                 (worker, now, *params, now),
             ).fetchone()
         return Job.from_row(row) if row is not None else None
+
+    def held_by(self, worker: str) -> list[Job]:
+        with self.db.reading() as conn:
+            rows = conn.execute(
+                "SELECT * FROM jobs WHERE state = 'running' AND worker = ? ORDER BY id", (worker,)
+            ).fetchall()
+        return [Job.from_row(r) for r in rows]
 
     def holds(self, conn: sqlite3.Connection, job_id: int, worker: str) -> bool:
         row = conn.execute(f"SELECT 1 FROM jobs WHERE {_HELD}", (job_id, worker)).fetchone()

@@ -106,10 +106,14 @@ class Node:
                 conn.close()
             if self.workers is None:
                 return None if alive else "no external inference worker has beaten recently"
-            if not self.workers.alive:
-                return "the inference worker process is not alive"
+            if self.workers.dead:
+                return (
+                    f"{self.workers.dead} of {len(self.workers.names)} inference worker"
+                    " process(es) not alive"
+                )
             # Alive but not yet beating: it is still discovering its algorithms.
-            return None if self.workers.name in alive else "the inference worker is starting"
+            starting = [name for name in self.workers.names if name not in alive]
+            return f"inference worker(s) starting: {', '.join(starting)}" if starting else None
 
         return {
             "store": store_check(self.store.data_dir, self.config.store.min_free_bytes),
