@@ -13,6 +13,7 @@ studies received (per association)       DICOM Instances Transferred (110104), C
 jobs queued by a routing decision        DICOM Instances Accessed (110103), R
 results sent (per attempt)               DICOM Instances Transferred (110104), R
 data deleted by retention                DICOM Study Deleted (110105), D
+job cancelled or requeued by a person    Procedure Record (110111), U
 ======================================  ==========================================
 
 Audit messages name patients and studies (PS3.15 A.5.2.6), as they must; the file is created
@@ -43,6 +44,7 @@ from dicom_node.events import (
     DataDeleted,
     DeliveryAttempted,
     Event,
+    JobChanged,
     JobsRouted,
     NodeStarted,
     NodeStopped,
@@ -63,6 +65,7 @@ APPLICATION_ACTIVITY: Code = codes.DCM.ApplicationActivity
 INSTANCES_TRANSFERRED: Code = codes.DCM.DICOMInstancesTransferred
 INSTANCES_ACCESSED: Code = codes.DCM.DICOMInstancesAccessed
 STUDY_DELETED: Code = codes.DCM.DICOMStudyDeleted
+PROCEDURE_RECORD: Code = codes.DCM.ProcedureRecord
 SECURITY_ALERT: Code = codes.DCM.SecurityAlert
 APPLICATION_START: Code = codes.DCM.ApplicationStart
 APPLICATION_STOP: Code = codes.DCM.ApplicationStop
@@ -349,6 +352,31 @@ class AuditTrail:
                         + "; ".join(
                             f"{job.algorithm} as job {job.job_id}, priority {job.priority}"
                             for job in event.jobs
+                        ),
+                    )
+                ]
+            case JobChanged():
+                # PS3.15 A.5.3, Procedure Record: the job (as a UPS would be) was updated.
+                job = {
+                    "ParticipantObjectID": f"/api/jobs/{event.job_id}",
+                    "ParticipantObjectTypeCode": 2,  # system object
+                    "ParticipantObjectTypeCodeRole": 20,  # job (RFC 3881)
+                    "ParticipantObjectIDTypeCode": _code(URI),
+                }
+                return [
+                    self.message(
+                        PROCEDURE_RECORD,
+                        "U",
+                        SUCCESS,
+                        [
+                            participant(event.requestor, requestor=True, host=event.requestor_host),
+                            self._us(requestor=False),
+                        ],
+                        [job, *study_objects(event.studies)],
+                        description=(
+                            f"job {event.job_id}"
+                            + (f" ({event.algorithm})" if event.algorithm else "")
+                            + f" {event.action} (it was {event.was})"
                         ),
                     )
                 ]

@@ -23,6 +23,8 @@ from dicom_node.logs import setup_logging
 
 if TYPE_CHECKING:  # the commands import what they run when they run it
     from dicom_node.algorithm import SeriesInput
+    from dicom_node.database import Database
+    from dicom_node.jobs import JobStore
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -128,6 +130,11 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             count = store.replay_deliveries(job_id=args.job, all_dead=args.all_dead)
             print(f"{count} deliver{'y' if count == 1 else 'ies'} queued again")
             return 0 if count else EXIT_FAILED
+        if args.action in ("cancel", "requeue"):
+            if args.job is None:
+                print(f"dicom-node: give the ID of the job to {args.action}", file=sys.stderr)
+                return EXIT_USAGE
+            return _control_job(_config(args), db, store, args.action, args.job)
         jobs = store.recent(JobKind.INFERENCE, limit=args.recent)
         deliveries = store.deliveries_of([j.id for j in jobs])
     finally:
@@ -155,12 +162,36 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         print(json.dumps(listing, indent=2))
         return 0
     for j in jobs:
-        error = f"  {j.error}" if j.state is JobState.FAILED else ""
+        error = f"  {j.error}" if j.state in (JobState.FAILED, JobState.CANCELLED) else ""
         print(f"job {j.id:>5}  {j.inference.algorithm:<20} {j.state.value:<9}{error}")
         for d in deliveries.get(j.id, []):
             why = f"  {d.last_error}" if d.state is not DeliveryState.SENT and d.last_error else ""
             print(f"    -> {d.label:<24} {d.state.value:<8} {d.attempts} attempt(s){why}")
     return 0
+
+
+def _control_job(config: NodeConfig, db: Database, store: JobStore, action: str, job: int) -> int:
+    """Cancel or requeue a job, audited in the node's audit trail as the user running this."""
+    import getpass
+
+    from dicom_node.audit import AuditTrail
+    from dicom_node.events import Events
+    from dicom_node.job_control import JobControl
+
+    data_dir = config.store.data_dir.resolve()
+    events, audit = Events(), None
+    if config.audit.enabled:
+        audit = AuditTrail(config.audit, data_dir, config.scp.ae_title)
+        events.sinks.append(audit)
+    control = JobControl(store, db, data_dir, events)
+    act = control.cancel if action == "cancel" else control.requeue
+    try:
+        outcome = act(job, requestor=getpass.getuser(), host=socket.gethostname())
+    finally:
+        if audit is not None:
+            audit.close()
+    print(outcome.message, file=sys.stdout if outcome.changed else sys.stderr)
+    return 0 if outcome.changed else EXIT_FAILED
 
 
 def cmd_algorithms(args: argparse.Namespace) -> int:
@@ -405,10 +436,21 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(func=cmd_status)
 
     jobs = with_config(
-        commands.add_parser("jobs", help="inference jobs and their deliveries; replay dead ones")
+        commands.add_parser(
+            "jobs",
+            help="inference jobs and their deliveries; replay dead ones, cancel or requeue a job",
+        )
     )
-    jobs.add_argument("action", nargs="?", choices=["list", "retry"], default="list")
-    jobs.add_argument("job", nargs="?", type=int, help="retry: the job whose deliveries to redo")
+    jobs.add_argument(
+        "action", nargs="?", choices=["list", "retry", "cancel", "requeue"], default="list"
+    )
+    jobs.add_argument(
+        "job",
+        nargs="?",
+        type=int,
+        help="retry: the job whose deliveries to redo; cancel: a queued or running job;"
+        " requeue: a failed or cancelled job",
+    )
     jobs.add_argument("--all-dead", action="store_true", help="retry: every dead delivery")
     jobs.add_argument("--json", action="store_true", help="machine-readable output")
     jobs.add_argument("--recent", type=int, default=50, help="how many jobs to list")

@@ -7,13 +7,14 @@ their own connections and never block the writer.
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
@@ -62,7 +63,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     subject_uid  TEXT NOT NULL,
     generation   INTEGER NOT NULL,   -- which completion of the subject this job is for
     payload      TEXT NOT NULL,      -- JSON
-    state        TEXT NOT NULL CHECK (state IN ('queued', 'running', 'succeeded', 'failed')),
+    state        TEXT NOT NULL
+                 CHECK (state IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
     attempts     INTEGER NOT NULL DEFAULT 0,
     worker       TEXT,
     error        TEXT,
@@ -171,6 +173,7 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
         conn.execute("PRAGMA synchronous=FULL")
         conn.executescript(_SCHEMA)
         _add_columns(conn)
+        _allow_cancelled_jobs(conn)
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA busy_timeout=10000")
@@ -186,6 +189,43 @@ def _add_columns(conn: sqlite3.Connection) -> None:
             except sqlite3.OperationalError as exc:  # another process added it first
                 if "duplicate column" not in str(exc):
                     raise
+
+
+def _allow_cancelled_jobs(conn: sqlite3.Connection) -> None:
+    """Schema 4 (issue 16): a job may be ``cancelled``. SQLite cannot change a CHECK
+    constraint in place, so a jobs table made before is rebuilt as its documentation says
+    (https://www.sqlite.org/lang_altertable.html#otheralter), once, by whichever process
+    opens the database first."""
+
+    def current() -> str:
+        row = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'jobs'")
+        return str(row.fetchone()[0])
+
+    if "'cancelled'" in current():
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if "'cancelled'" not in current():  # another process may have rebuilt it meanwhile
+            table = re.search(r"CREATE TABLE IF NOT EXISTS jobs \(.*?\n\);", _SCHEMA, re.S)
+            assert table is not None
+            columns = ", ".join(r[1] for r in conn.execute("PRAGMA table_info(jobs)"))
+            indexes = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'jobs'"
+                    " AND sql IS NOT NULL"
+                )
+            ]
+            conn.execute(table[0].replace("IF NOT EXISTS jobs", "jobs_rebuilt"))
+            conn.execute(f"INSERT INTO jobs_rebuilt ({columns}) SELECT {columns} FROM jobs")
+            conn.execute("DROP TABLE jobs")
+            conn.execute("ALTER TABLE jobs_rebuilt RENAME TO jobs")
+            for index in indexes:
+                conn.execute(index)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
 
 
 class Database:

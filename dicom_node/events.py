@@ -103,6 +103,19 @@ class DataDeleted:
 
 
 @dataclass(frozen=True)
+class JobChanged:
+    """A person cancelled or requeued a job, from the command line or the HTTP API."""
+
+    job_id: int
+    action: str  # 'cancelled' or 'requeued'
+    was: str  # the job's state before
+    algorithm: str | None  # of an inference job
+    requestor: str  # who asked: the user running the command line, or the API's client
+    requestor_host: str | None  # from where: the command line's host, the client's address
+    studies: tuple[StudyRef, ...]  # whose data the job is on
+
+
+@dataclass(frozen=True)
 class NodeStarted:
     version: str
     ae_title: str
@@ -124,6 +137,7 @@ Event = (
     | DeliveryAttempted
     | JobsRouted
     | DataDeleted
+    | JobChanged
     | NodeStarted
     | NodeStopped
 )

@@ -236,7 +236,7 @@ class Worker:
                 "job %d failed (attempt %d, now %s%s): %s; the details are logged at DEBUG",
                 job.id,
                 job.attempts,
-                state.value if state else "another worker's",
+                state.value if state else "no longer its own: cancelled, or queued again",
                 _not_retried(exc),
                 _raised_at(exc),
             )

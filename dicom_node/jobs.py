@@ -36,6 +36,7 @@ class JobState(str, Enum):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    CANCELLED = "cancelled"  # by a person: never claimed again, unless requeued
 
 
 class JobKind(str, Enum):
@@ -350,6 +351,19 @@ class JobStore(Protocol):
         """Return the jobs a dead worker held; those out of attempts fail. The count moved."""
         ...
 
+    def cancel(self, job_id: int, by: str) -> Job | None:
+        """Cancel a queued or running job for ``by`` (who asked); the job as it was before,
+        None when there is no such job or it has ended. A cancelled job is never claimed, and
+        a running one is no longer held by its worker, so the worker's result is refused
+        (:meth:`holds`); its ``worker`` is kept, to say which worker was running it."""
+        ...
+
+    def requeue(self, job_id: int, by: str) -> Job | None:
+        """Queue a failed or cancelled job again, with all its attempts, for ``by``; the job
+        as it was before, None when there is no such job or it is not failed or cancelled (a
+        succeeded job's results are redelivered with :meth:`replay_deliveries`, not rerun)."""
+        ...
+
     def get(self, job_id: int) -> Job | None: ...
 
     def recent(
@@ -623,6 +637,38 @@ class SqliteJobStore:
         with self.db.transaction() as conn:
             where = "state = 'running' AND worker = ?"
             return len(_end_attempts(conn, where, (worker,), error, max_attempts))
+
+    def cancel(self, job_id: int, by: str) -> Job | None:
+        return self._change(
+            job_id,
+            (JobState.QUEUED, JobState.RUNNING),
+            "state = 'cancelled', finished_at = ?,"
+            " error = 'cancelled by ' || ? || CASE state WHEN 'running' THEN ' while it ran'"
+            " ELSE '' END",
+            (time.time(), by),
+        )
+
+    def requeue(self, job_id: int, by: str) -> Job | None:
+        return self._change(
+            job_id,
+            (JobState.FAILED, JobState.CANCELLED),
+            "state = 'queued', attempts = 0, worker = NULL, started_at = NULL,"
+            " finished_at = NULL, error = 'requeued by ' || ? || ' after: ' || COALESCE(error, '')",
+            (by,),
+        )
+
+    def _change(
+        self, job_id: int, states: Sequence[JobState], assignments: str, params: Sequence[object]
+    ) -> Job | None:
+        """Change a job in one of ``states``; the job as it was, or None."""
+        allowed = ", ".join(f"'{s.value}'" for s in states)
+        with self.db.transaction() as conn:
+            row = conn.execute(
+                f"SELECT * FROM jobs WHERE id = ? AND state IN ({allowed})", (job_id,)
+            ).fetchone()
+            if row is not None:
+                conn.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*params, job_id))
+        return Job.from_row(row) if row is not None else None
 
     def get(self, job_id: int) -> Job | None:
         with self.db.reading() as conn:

@@ -72,7 +72,7 @@ class Node:
         ]
         self.registry.register(LoopCollector(self.loops))
         self.http = (
-            HttpService(config, self.store.db, self.registry, self.readiness_checks())
+            HttpService(config, self.store.db, self.registry, self.readiness_checks(), self.events)
             if config.http.enabled
             else None
         )

@@ -7,7 +7,8 @@
                                        503 with the reason otherwise
 ``/metrics``                   token   Prometheus text format
 ``/api/...``                   token   JSON: studies, series, decisions, jobs, deliveries,
-                                       destinations, algorithms, workers; POST retries
+                                       destinations, algorithms, workers; POST retries,
+                                       cancels and requeues
 ``/``                          open    the dashboard (a static page; its data comes from /api)
 =============================  ======  =======================================================
 
@@ -15,6 +16,10 @@
 (it is required when the service listens beyond loopback). POSTs must also be sent as
 ``application/json``, which a browser does not do cross-origin without a CORS preflight that
 this service never grants — so another web page cannot make a reader's browser retry things.
+
+``POST /api/jobs/<id>/cancel`` cancels a queued or running job, ``POST /api/jobs/<id>/requeue``
+queues a failed or cancelled one again (404: no such job; 409: the job is not in a state the
+action applies to); both are audited with the client's address (:mod:`dicom_node.job_control`).
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from dicom_node import api
 from dicom_node.config import NodeConfig
 from dicom_node.database import Database, connect, database_path
+from dicom_node.events import Events
+from dicom_node.job_control import JobControl
 from dicom_node.jobs import job_store
 
 log = logging.getLogger(__name__)
@@ -60,6 +67,7 @@ class HttpService:
         db: Database,
         registry: CollectorRegistry,
         checks: Mapping[str, Check],
+        events: Events | None = None,
     ) -> None:
         self.config = config
         self.db = db
@@ -67,6 +75,7 @@ class HttpService:
         self.registry = registry
         self.checks = checks
         self.data_dir = config.store.data_dir.resolve()
+        self.control = JobControl(self.jobs, db, self.data_dir, events or Events())
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.dashboard = resources.files("dicom_node").joinpath("dashboard.html").read_bytes()
@@ -148,12 +157,31 @@ class HttpService:
                 return answer(match)
         raise LookupError(path)
 
-    def post_api(self, path: str) -> dict[str, int]:
+    def post_api(self, path: str, client: str) -> tuple[HTTPStatus, dict[str, Any]]:
+        """Answer a POST from ``client`` (its address): the status and the JSON body."""
         match = re.fullmatch(r"/api/jobs/(\d+)/retry", path)
         if match:
-            return {"queued": self.jobs.replay_deliveries(job_id=int(match[1]))}
+            return HTTPStatus.OK, {"queued": self.jobs.replay_deliveries(job_id=int(match[1]))}
         if path == "/api/deliveries/retry-dead":
-            return {"queued": self.jobs.replay_deliveries(all_dead=True)}
+            return HTTPStatus.OK, {"queued": self.jobs.replay_deliveries(all_dead=True)}
+        match = re.fullmatch(r"/api/jobs/(\d+)/(cancel|requeue)", path)
+        if match:
+            act = self.control.cancel if match[2] == "cancel" else self.control.requeue
+            outcome = act(int(match[1]), requestor="http-api", host=client)
+            status = (
+                HTTPStatus.OK
+                if outcome.changed
+                else HTTPStatus.NOT_FOUND
+                if outcome.state is None
+                else HTTPStatus.CONFLICT
+            )
+            return status, {
+                "job": outcome.job_id,
+                "changed": outcome.changed,
+                "state": outcome.state.value if outcome.state else None,
+                "was": outcome.was.value if outcome.was else None,
+                "message": outcome.message,
+            }
         raise LookupError(path)
 
 
@@ -256,7 +284,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, {"error": "send application/json"})
             return
         try:
-            result = self.node.post_api(path)
+            status, result = self.node.post_api(path, self.client_address[0])
         except LookupError:
             self._json(HTTPStatus.NOT_FOUND, {"error": f"nothing at {path}"})
             return
@@ -264,8 +292,8 @@ class _Handler(BaseHTTPRequestHandler):
             log.exception("HTTP POST %s failed", path)
             self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(exc).__name__}"})
             return
-        log.info("HTTP %s from %s: %d queued again", path, self.address_string(), result["queued"])
-        self._json(HTTPStatus.OK, result)
+        log.info("HTTP POST %s from %s: %d %s", path, self.address_string(), status, result)
+        self._json(status, result)
 
 
 def store_check(data_dir: Path, min_free_bytes: int) -> Check:

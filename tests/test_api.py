@@ -90,7 +90,7 @@ def old_studies(conn: sqlite3.Connection, limit: int = 50) -> list[dict[str, Any
                 "modalities": sorted(filter(None, (row["modalities"] or "").split(","))),
                 "jobs": {
                     state: sum(j["state"] == state for j in jobs)
-                    for state in ("queued", "running", "succeeded", "failed")
+                    for state in ("queued", "running", "succeeded", "failed", "cancelled")
                 },
                 "deliveries": {
                     state: sum(d["state"] == state for j in jobs for d in j["deliveries"])
@@ -183,6 +183,7 @@ def test_studies_answer_as_the_per_study_queries_did(store):
             "running": 2,
             "succeeded": 1,
             "failed": 1,
+            "cancelled": 0,
         }
         assert by_uid[studies[0]]["deliveries"] == {"pending": 6, "sent": 2, "dead": 0}
         assert by_uid[studies[0]]["senders"] == ["MODALITY", "CT2"]

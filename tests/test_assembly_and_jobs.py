@@ -216,7 +216,13 @@ def test_status_reports_senders_completion_and_jobs(make_node) -> None:
         "PACS": 3,
     }
     assert all(s["complete"] and s["completion_latency_s"] < 5 for s in report["recent_series"])
-    assert report["jobs"] == {"queued": 0, "running": 0, "succeeded": 4, "failed": 0}
+    assert report["jobs"] == {
+        "queued": 0,
+        "running": 0,
+        "succeeded": 4,
+        "failed": 0,
+        "cancelled": 0,
+    }
     text = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     assert "CT_SCANNER" in text and "complete x1" in text and "succeeded 4" in text
 

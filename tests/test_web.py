@@ -82,7 +82,13 @@ def test_health_readiness_metrics_and_api_follow_a_study(make_node, cxr_file):
     assert reasons.get("lung-nodules-ct")
     (job,) = study["jobs"]
     # The list's one-line counts agree with the study's own page.
-    assert studies[0]["jobs"] == {"queued": 0, "running": 0, "succeeded": 1, "failed": 0}
+    assert studies[0]["jobs"] == {
+        "queued": 0,
+        "running": 0,
+        "succeeded": 1,
+        "failed": 0,
+        "cancelled": 0,
+    }
     assert studies[0]["series"] == len(study["series"]) == 1 and studies[0]["instances"] == 1
     assert job["state"] == "succeeded" and job["device"] == "cpu"
     assert sorted(o["kind"] for o in job["outputs"]) == ["SC", "SR"]
