@@ -568,12 +568,26 @@ class WorkerSupervisor:
         moved = self.jobs.requeue_worker(
             slot.name, error, max_attempts=self.config.worker.max_attempts
         )
+        self._mark_stopped(slot.name)
         log.error(
             "inference worker %s %s; %d job(s) it held returned",
             slot.name,
             f"was killed: its job {slot.killed_for}" if slot.killed_for else f"died ({cause})",
             moved,
         )
+
+    def _mark_stopped(self, name: str) -> None:
+        """Record that a dead worker stopped, as a worker that stops in order does itself: the
+        API, the dashboard and ``/metrics`` then list only the workers that are there."""
+        db = Database(database_path(self.config.store.data_dir.resolve()))
+        try:
+            with db.transaction() as conn:
+                conn.execute(
+                    "UPDATE workers SET stopped_at = ? WHERE name = ? AND stopped_at IS NULL",
+                    (time.time(), name),
+                )
+        finally:
+            db.close()
 
     def _over_limit(self, slot: _Slot) -> str | None:
         """Why the slot's worker must be killed: its job has run longer than its algorithm's

@@ -93,11 +93,13 @@ def test_a_hung_job_is_killed_at_its_time_limit_and_the_next_job_runs_on_a_new_w
     assert second["started_at"] >= first["finished_at"]
     log = node.log()
     assert f"inference worker {hung['worker']} was killed: its job exceeded" in log
-    # The heartbeat said which job the worker was on while it hung.
-    assert (
-        node.query("SELECT job_id FROM workers WHERE name = ?", (hung["worker"],))[0][0]
-        == (hung["id"])
+    # The heartbeat said which job the worker was on while it hung; the killed worker is
+    # recorded as stopped, so that the API and the metrics no longer list it.
+    (killed,) = node.query(
+        "SELECT job_id, job_phase, stopped_at FROM workers WHERE name = ?", (hung["worker"],)
     )
+    assert (killed["job_id"], killed["job_phase"]) == (hung["id"], "running")
+    assert killed["stopped_at"] is not None
     assert node.stop() == 0
 
 
