@@ -517,7 +517,12 @@ class WorkerSupervisor:
         self.jobs = jobs
         self._context = multiprocessing.get_context("spawn")  # no inherited threads or locks
         self._slots = [_Slot(environ) for environ in worker_environments(config)]
-        self._limits = time_limits(config, discover())
+        registry = discover()
+        self._limits = time_limits(config, registry)
+        for key in ("time_limits", "concurrency"):
+            unknown = sorted(set(getattr(config.worker, key)) - set(registry))
+            if unknown:  # a misspelt name would silently limit nothing
+                log.warning("worker.%s names no installed algorithm: %s", key, ", ".join(unknown))
         self._generation = 0
         # A step survives a failing database (the loop logs it once and backs off): a dead
         # worker's job is returned, and a new worker started, when the database answers again.

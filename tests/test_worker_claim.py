@@ -16,7 +16,7 @@ import pytest
 from dicom_node.algorithm import Algorithm
 from dicom_node.config import NodeConfig
 from dicom_node.database import Database, database_path
-from dicom_node.infer import Worker, time_limits, worker_environments
+from dicom_node.infer import Worker, WorkerSupervisor, time_limits, worker_environments
 from dicom_node.jobs import (
     CompletionPayload,
     InferencePayload,
@@ -199,3 +199,18 @@ def test_worker_processes_and_their_gpus(monkeypatch) -> None:
     ]
     assert environments(device="auto", processes=1) == [{"CUDA_VISIBLE_DEVICES": "2"}]
     assert environments(device="cpu") == [{}]  # CPU asked for: no GPU given
+
+
+def test_a_limit_for_an_algorithm_not_installed_is_reported(tmp_path: Path, caplog) -> None:
+    config = NodeConfig.model_validate(
+        {
+            "store": {"data_dir": str(tmp_path)},
+            "worker": {"time_limits": {"lung-nodles-ct": 60}, "concurrency": {"pneumonia-cxr": 1}},
+        }
+    )
+    db = Database(database_path(tmp_path))
+    supervisor = WorkerSupervisor(config, SqliteJobStore(db))
+    assert "worker.time_limits names no installed algorithm: lung-nodles-ct" in caplog.text
+    assert "worker.concurrency" not in caplog.text  # pneumonia-cxr is installed
+    assert supervisor.limit("lung-nodules-ct") == Algorithm.time_limit_s
+    db.close()
