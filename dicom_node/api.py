@@ -231,6 +231,7 @@ def _job(
         "inputs": dict(payload.inputs),
         "study_uid": record.study_uid,
         "state": job.state.value,
+        "priority": job.priority,
         "attempts": job.attempts,
         "error": job.error,
         "device": record.device,

@@ -145,6 +145,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
                 "job": j.id,
                 "algorithm": j.inference.algorithm,
                 "state": j.state.value,
+                "priority": j.priority,
                 "attempts": j.attempts,
                 "error": j.error,
                 "deliveries": [
@@ -163,7 +164,9 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         return 0
     for j in jobs:
         error = f"  {j.error}" if j.state in (JobState.FAILED, JobState.CANCELLED) else ""
-        print(f"job {j.id:>5}  {j.inference.algorithm:<20} {j.state.value:<9}{error}")
+        print(
+            f"job {j.id:>5}  {j.inference.algorithm:<20} {j.priority:<7} {j.state.value:<9}{error}"
+        )
         for d in deliveries.get(j.id, []):
             why = f"  {d.last_error}" if d.state is not DeliveryState.SENT and d.last_error else ""
             print(f"    -> {d.label:<24} {d.state.value:<8} {d.attempts} attempt(s){why}")

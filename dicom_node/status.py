@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.database import connect, database_path
-from dicom_node.jobs import DeliveryState, JobState, job_store_reading
+from dicom_node.jobs import DeliveryState, JobKind, JobState, job_store_reading
+from dicom_node.priority import PRIORITIES
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,8 @@ class StatusReport:
     outputs: dict[str, int] = field(default_factory=dict)  # DICOM results written, by kind
     recent_outputs: list[dict[str, Any]] = field(default_factory=list)
     deliveries: dict[str, int] = field(default_factory=dict)  # by state: pending, sent, dead
+    # Queued inference jobs by their rule's class (stat, urgent, routine), before aging.
+    queued_by_priority: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -127,6 +130,10 @@ def _report(conn: sqlite3.Connection, data_dir: Path, recent: int) -> StatusRepo
     ]
     store = job_store_reading(conn)
     jobs = {state.value: count for state, count in store.counts().items()}
+    queued_by_priority: dict[str, int] = dict.fromkeys(PRIORITIES, 0)
+    for kind, state, priority, count in store.tally():
+        if kind == JobKind.INFERENCE.value and state is JobState.QUEUED:
+            queued_by_priority[priority] += count
     study_routing = [
         {"study_uid": r["subject_uid"], "generation": r["generation"], "routing": r["summary"]}
         for r in conn.execute(
@@ -159,6 +166,7 @@ def _report(conn: sqlite3.Connection, data_dir: Path, recent: int) -> StatusRepo
         outputs,
         recent_outputs,
         deliveries,
+        queued_by_priority,
     )
 
 
@@ -199,6 +207,11 @@ def format_report(report: StatusReport) -> str:
         for d in report.study_routing:
             lines.append(f"  {d['study_uid']} (generation {d['generation']}): {d['routing']}")
     lines += ["", "jobs: " + ", ".join(f"{k} {v}" for k, v in report.jobs.items())]
+    if any(report.queued_by_priority.values()):
+        lines.append(
+            "  queued inference by priority: "
+            + ", ".join(f"{p} {n}" for p, n in report.queued_by_priority.items())
+        )
     if report.outputs:
         written = ", ".join(f"{n} {kind}" for kind, n in sorted(report.outputs.items()))
         kept = "" if report.deliveries else " (no destination: kept here)"
