@@ -13,7 +13,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from dicom_node.audit import AuditTrail
 from dicom_node.config import AuditConfig, RouteRule, SeriesMatch, load_config
-from dicom_node.database import SCHEMA_VERSION, Database, connect
+from dicom_node.database import SCHEMA_VERSION, Database, connect, database_path
 from dicom_node.errors import ConfigError
 from dicom_node.events import JobsRouted, RoutedJob, StudyRef
 from dicom_node.facts import SeriesFacts, read_series_facts
@@ -21,6 +21,7 @@ from dicom_node.jobs import InferencePayload, JobKind, SqliteJobStore
 from dicom_node.phantoms import CxrPhantomSpec, cxr_dataset
 from dicom_node.priority import highest_request_priority, rank, request_priority
 from dicom_node.route import decide_series, mismatch, record_decision
+from dicom_node.status import build_report, format_report
 from dicom_node.store import InstanceStore, Sender
 from tests.support.encoding import encoded
 
@@ -315,3 +316,13 @@ def test_the_audit_trail_records_each_routed_job_with_its_priority(tmp_path: Pat
         "1.2.3",
         "PAT-1",
     }
+
+
+def test_status_counts_queued_inference_jobs_by_class(tmp_path: Path) -> None:
+    db = Database(database_path(tmp_path))
+    clock = Clock()
+    queue(db, SqliteJobStore(db, clock=clock), clock, [("stat", 1), ("routine", 2), ("routine", 3)])
+    db.close()
+    report = build_report(tmp_path)
+    assert report.queued_by_priority == {"stat": 1, "urgent": 0, "routine": 2}
+    assert "queued inference by priority: stat 1, urgent 0, routine 2" in format_report(report)
