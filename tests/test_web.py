@@ -58,11 +58,14 @@ def test_health_readiness_metrics_and_api_follow_a_study(make_node, cxr_file):
     assert seen[("dicom_node_series_completed_total", ())] == 1
     routed = (("algorithm", "pneumonia-cxr"), ("level", "series"), ("outcome", "routed"))
     assert seen[("dicom_node_routing_decisions_total", routed)] == 1
-    assert seen[("dicom_node_jobs", (("kind", "inference"), ("state", "succeeded")))] == 1
+    succeeded = (("kind", "inference"), ("priority", "routine"), ("state", "succeeded"))
+    assert seen[("dicom_node_jobs", succeeded)] == 1
     cxr_on_cpu = (("algorithm", "pneumonia-cxr"), ("device", "cpu"))
     assert seen[("dicom_node_inference_seconds_count", cxr_on_cpu)] == 1
     assert seen[("dicom_node_inference_seconds_sum", cxr_on_cpu)] > 0
     assert seen[("dicom_node_queue_depth", (("queue", "inference"),))] == 0
+    for priority in ("stat", "urgent", "routine"):
+        assert seen[("dicom_node_inference_queue_depth", (("priority", priority),))] == 0
     assert seen[("dicom_node_disk_free_bytes", ())] > 0
     assert [v for (name, _), v in seen.items() if name == "dicom_node_worker_up"] == [1]
 
