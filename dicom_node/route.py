@@ -125,7 +125,6 @@ class Decision:
             + ("" if r.priority == DEFAULT_PRIORITY else f" as {r.priority}")
             for r in self.routed
         ]
-
         parts += [f"{n.algorithm}: {n.reason}" for n in self.not_routed]
         return "; ".join(parts) or "no routing rule applies"
 
