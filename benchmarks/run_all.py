@@ -1,6 +1,7 @@
 """Every performance figure in one table: ingest against dcmtk storescp, completion latency,
 inference against the bare network, end-to-end latency to Orthanc against storescu, peak RSS
-while ingesting 1000 slices, SEG writing. Each peer is measured in the same run, on the same
+while ingesting 1000 slices, SEG writing, a stat job's wait behind routine ones against first
+in, first out. Each peer is measured in the same run, on the same
 machine; the table names the machine.
 
     python -m benchmarks.run_all [--quick] [--device auto|cpu|cuda] [--out FILE]
@@ -25,7 +26,7 @@ from typing import Any
 
 import torch
 
-from benchmarks import deliver, inference, ingest, write
+from benchmarks import deliver, inference, ingest, queue, write
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -137,6 +138,20 @@ def _deliver_rows(figures: dict) -> list[Row]:
     return rows
 
 
+def _queue_rows(figures: dict, device: str) -> list[Row]:
+    return [
+        (
+            "queue",
+            f"stat CXR behind routine CTs, {label}, {device}: its completion → its job starts (s)",
+            f"{f['priority']:.2f}",
+            f"{f['fifo']:.2f} (same node, first in first out)",
+            f"{f['priority'] / f['fifo']:.2f}",
+            "waits only for a running job",
+        )
+        for label, f in figures.items()
+    ]
+
+
 def _write_rows(figures: dict, slices: int) -> list[Row]:
     rows: list[Row] = [
         ("writing", f"volume from {slices} CT files (s)", f"{figures['volume_s']:.2f}", "", "", "")
@@ -183,12 +198,14 @@ def main() -> None:
         "inference": timed("inference", lambda: inference.run(None, repeats, args.device)),
         "deliver": timed("end to end", lambda: deliver.run(1.0, repeats)),
         "write": timed("SEG writing", lambda: in_fresh_process(write.run, slices)),
+        "queue": timed("queue", lambda: queue.run((1, 2), 2 if args.quick else 3, args.device)),
     }
     rows = [
         *_ingest_rows(figures["ingest"], figures["ingest_rss"], slices, rss_slices),
         *_deliver_rows(figures["deliver"]),
         *_inference_rows(figures["inference"]),
         *_write_rows(figures["write"], slices),
+        *_queue_rows(figures["queue"], args.device),
     ]
     header = (
         f"Benchmarks of {time.strftime('%Y-%m-%d', time.gmtime(started))} on {machine()}."
