@@ -585,9 +585,11 @@ class SqliteJobStore:
             params.extend(JobKind(k).value for k in kinds)
         where_more, more = _claim_filter(algorithms, concurrency)
         where, params = where + where_more, [*params, *more]
-        now = self.clock()
         # One statement: the choice and the taking are atomic across workers and processes.
         with self.db.transaction() as conn:
+            # Read once the write lock is held: a job that another worker finished while this
+            # claim waited for the lock then ends before this one starts, also in the record.
+            now = self.clock()
             row = conn.execute(
                 "UPDATE jobs SET state = 'running', attempts = attempts + 1, worker = ?,"
                 f" started_at = ? WHERE id = (SELECT id FROM jobs q WHERE {where}"
