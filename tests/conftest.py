@@ -5,14 +5,16 @@ Shared helpers that are not fixtures are in tests/support/; no test module impor
 
 from __future__ import annotations
 
+import importlib
 import shutil
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.node import NodeProcess
-from tests.support.paths import CORPUS, MODEL_ZOO
+from tests.support.paths import CORPUS, MODEL_ZOO, PLUGINS
 from tests.support.tls import make_pki
 
 pytest_plugins = ["pytester"]  # tests/test_layout.py runs this conftest on probe tests
@@ -45,6 +47,15 @@ def bundle_like(tmp_path: Path, model_zoo: Path) -> Callable[[str], Path]:
         return folder
 
     return make
+
+
+@pytest.fixture
+def example_plugins(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The example third-party package, on the path as if pip had installed it."""
+    monkeypatch.syspath_prepend(str(PLUGINS))
+    importlib.invalidate_caches()
+    yield
+    sys.modules.pop("dicom_node_example", None)
 
 
 @pytest.fixture

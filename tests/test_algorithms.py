@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import subprocess
 import sys
@@ -38,16 +37,7 @@ from dicom_node.route import installed_algorithms
 from dicom_node.write import Provenance, write_all
 from tests.support.cases import ct_case
 from tests.support.node import plugin_env
-from tests.support.paths import PLUGINS, corpus_ct
-
-
-@pytest.fixture
-def example_plugins(monkeypatch):
-    """The example third-party package, on the path as if pip had installed it."""
-    monkeypatch.syspath_prepend(str(PLUGINS))
-    importlib.invalidate_caches()
-    yield
-    sys.modules.pop("dicom_node_example", None)
+from tests.support.paths import corpus_ct
 
 
 @pytest.mark.unit

@@ -23,6 +23,7 @@ from dicom_node.jobs import (
     SqliteJobStore,
 )
 from dicom_node.phantoms import CtPhantomSpec, ct_series
+from tests.support.jobs import add_open_series
 from tests.support.node import NodeProcess
 
 SLOW = {"assembly": {"series_quiet_seconds": 120, "study_quiet_seconds": 120}}
@@ -232,15 +233,7 @@ def test_quiet_time_counts_from_the_restart_not_across_the_downtime(tmp_path) ->
     """A series cut off by a crash is not complete the moment the node is back: its sender
     gets the whole quiet time to resend the rest first."""
     db = Database(tmp_path / "index.sqlite3")
-    with db.transaction() as conn:
-        conn.execute(
-            "INSERT INTO studies (study_uid, study_key, first_received, last_received)"
-            " VALUES ('1.2', 'k1', 1000, 1000)"
-        )
-        conn.execute(
-            "INSERT INTO series (series_uid, series_key, study_uid, first_received,"
-            " last_received) VALUES ('1.2.3', 'k2', '1.2', 1000, 1000)"
-        )
+    add_open_series(db, 1000)
     now = [1100.0]  # back after 100 s down, far past the quiet time since the last instance
     config = AssemblyConfig(series_quiet_seconds=5, study_quiet_seconds=8)
     assembler = Assembler(db, config, clock=lambda: now[0])

@@ -9,29 +9,16 @@ from pathlib import Path
 import pytest
 
 from dicom_node.database import Database
-from dicom_node.jobs import InferencePayload, JobKind, JobState, SqliteJobStore
+from dicom_node.jobs import JobKind, JobState, SqliteJobStore
+from tests.support.jobs import queue
 
 pytestmark = pytest.mark.unit
-
-
-def _queue(db: Database, store: SqliteJobStore, count: int) -> list[int]:
-    with db.transaction() as conn:
-        return [
-            store.enqueue(
-                conn,
-                JobKind.INFERENCE,
-                f"1.2.3.{n}",
-                1,
-                InferencePayload("a", {"series": f"1.2.3.{n}"}, "series"),
-            )
-            for n in range(count)
-        ]
 
 
 def test_a_cancelled_job_is_never_claimed_and_its_worker_no_longer_holds_it(tmp_path) -> None:
     db = Database(tmp_path / "index.sqlite3")
     store = SqliteJobStore(db)
-    first, second = _queue(db, store, 2)
+    first, second = queue(db, "a", "a")
     claimed = store.claim("w", (JobKind.INFERENCE,))
     assert claimed is not None and claimed.id == first
     was = store.cancel(second, "alice")
@@ -57,7 +44,7 @@ def test_a_cancelled_job_is_never_claimed_and_its_worker_no_longer_holds_it(tmp_
 def test_requeue_gives_a_failed_or_cancelled_job_all_its_attempts_again(tmp_path) -> None:
     db = Database(tmp_path / "index.sqlite3")
     store = SqliteJobStore(db)
-    (job_id,) = _queue(db, store, 1)
+    (job_id,) = queue(db, "a")
     assert store.requeue(job_id, "alice") is None  # queued: nothing to requeue
     store.claim("w", (JobKind.INFERENCE,))
     assert store.fail(job_id, "bad", worker="w", max_attempts=1) is JobState.FAILED
@@ -97,7 +84,7 @@ def test_a_database_made_before_cancelled_existed_takes_it(tmp_path: Path) -> No
     store = SqliteJobStore(db)
     was = store.cancel(1, "alice")
     assert was is not None and was.subject_uid == "1.2" and was.created_at == 1000
-    (new,) = _queue(db, store, 1)
+    (new,) = queue(db, "a")
     assert new == 2
     with db.reading() as conn:
         indexes = {

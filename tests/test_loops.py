@@ -33,6 +33,7 @@ from dicom_node.jobs import (
 from dicom_node.loops import Loop, LoopCollector, loops_check
 from dicom_node.retention import purge_expired
 from dicom_node.route import Router
+from tests.support.jobs import add_open_series
 
 pytestmark = pytest.mark.unit
 
@@ -116,15 +117,7 @@ def test_the_router_survives_a_locked_database(tmp_path, caplog) -> None:
 
 def test_the_quiet_timer_survives_a_locked_database(tmp_path, caplog) -> None:
     db = _database(tmp_path)
-    with db.transaction() as conn:  # an open series, quiet for long: the timer must write
-        conn.execute(
-            "INSERT INTO studies (study_uid, study_key, first_received, last_received)"
-            " VALUES ('1.2', 'k1', 1000, 1000)"
-        )
-        conn.execute(
-            "INSERT INTO series (series_uid, series_key, study_uid, first_received,"
-            " last_received) VALUES ('1.2.3', 'k2', '1.2', 1000, 1000)"
-        )
+    add_open_series(db, 1000)  # quiet for long: the timer must write
     config = AssemblyConfig(series_quiet_seconds=0.05, study_quiet_seconds=0.05)
     assembler = Assembler(db, config)
     _survives(assembler.loop, tmp_path, caplog)

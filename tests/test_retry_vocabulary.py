@@ -7,9 +7,7 @@ with the reason at ERROR and no patient data. Anything else may be passing and i
 
 from __future__ import annotations
 
-import importlib
 import logging
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,22 +16,12 @@ from dicom_node.config import NodeConfig
 from dicom_node.database import Database, database_path
 from dicom_node.infer import Worker
 from dicom_node.jobs import InferencePayload, JobKind, JobState, SqliteJobStore
-from tests.support.paths import PLUGINS
 
 pytestmark = pytest.mark.unit
 
 # A UID as a modality makes them (its root is a manufacturer's, its tail a date and a
 # patient's visit): what must not reach a log line above DEBUG.
 SERIES_UID = "1.2.826.0.1.3680043.8.498.19230417.4711"
-
-
-@pytest.fixture
-def example_plugins(monkeypatch):
-    """The example third-party package, on the path as if pip had installed it."""
-    monkeypatch.syspath_prepend(str(PLUGINS))
-    importlib.invalidate_caches()
-    yield
-    sys.modules.pop("dicom_node_example", None)
 
 
 def _run(tmp_path: Path, algorithm: str, settings: dict[str, object], caplog) -> list[JobState]:

@@ -4,8 +4,6 @@ and for how long a job may run. Against a real SQLite job store."""
 
 from __future__ import annotations
 
-import importlib
-import sys
 import threading
 import time
 from itertools import pairwise
@@ -19,31 +17,14 @@ from dicom_node.database import Database, database_path
 from dicom_node.infer import Worker, WorkerSupervisor, time_limits, worker_environments
 from dicom_node.jobs import (
     CompletionPayload,
-    InferencePayload,
     JobKind,
     JobState,
     SqliteJobStore,
 )
 from dicom_node.plugins import discover
-from tests.support.paths import PLUGINS
+from tests.support.jobs import queue
 
 pytestmark = pytest.mark.unit
-
-
-def queue(db: Database, *algorithms: str) -> list[int]:
-    """One queued inference job per algorithm named, in this order; their IDs."""
-    store = SqliteJobStore(db)
-    with db.transaction() as conn:
-        return [
-            store.enqueue(
-                conn,
-                JobKind.INFERENCE,
-                f"1.2.3.{n}",
-                1,
-                InferencePayload(name, {"series": f"1.2.3.{n}"}, "series"),
-            )
-            for n, name in enumerate(algorithms)
-        ]
 
 
 def algorithm_of(store: SqliteJobStore, worker: str, **claim: object) -> str | None:
@@ -135,15 +116,6 @@ def test_concurrent_claims_from_several_connections_never_exceed_the_limit(
     for before, after in pairwise(jobs):
         assert before.finished_at <= after.started_at, (before, after)
     db.close()
-
-
-@pytest.fixture
-def example_plugins(monkeypatch):
-    """The example third-party package, on the path as if pip had installed it."""
-    monkeypatch.syspath_prepend(str(PLUGINS))
-    importlib.invalidate_caches()
-    yield
-    sys.modules.pop("dicom_node_example", None)
 
 
 def test_a_worker_claims_only_the_algorithms_it_can_run(tmp_path: Path, example_plugins) -> None:
