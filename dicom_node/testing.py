@@ -100,10 +100,16 @@ class Orthanc:
         while time.monotonic() < deadline:
             try:
                 with urllib.request.urlopen(f"{self.url}/system", timeout=2) as response:
-                    if response.status == 200:
-                        return self
+                    ready = response.status == 200
+                if ready and self.dicom_port:
+                    # The HTTP answer does not say the DICOM port listens yet: a sender that
+                    # came too early would meet a refused connection, not Orthanc's answer.
+                    socket.create_connection(("127.0.0.1", self.dicom_port), timeout=2).close()
+                if ready:
+                    return self
             except OSError:
-                time.sleep(0.2)
+                pass
+            time.sleep(0.2)
         raise RuntimeError(f"Orthanc did not start: {(self.workdir / 'orthanc.log').read_text()}")
 
     @property
