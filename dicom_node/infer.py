@@ -501,13 +501,14 @@ class _Slot:
     process: multiprocessing.process.BaseProcess | None = None
     name: str = ""
     restart_at: float | None = None  # monotonic: when to start the next one, after a death
-    killed_for: str | None = None  # why the supervisor killed it (a job over its time limit)
+    killed_for: str | None = None  # why the supervisor killed it (its job over its time
+    # limit, or cancelled)
     checked_at: float = 0.0  # monotonic: the last look at its job's time limit
 
 
 class WorkerSupervisor:
     """Keeps ``worker.processes`` worker processes running beside the SCP, kills one whose
-    job is over its time limit, and cleans up after one that dies."""
+    job is over its time limit or was cancelled, and cleans up after one that dies."""
 
     RESTART_DELAY_S = 1.0
     LIMIT_CHECK_S = 0.5  # how often each worker's job is measured against its time limit
@@ -574,7 +575,9 @@ class WorkerSupervisor:
             slot.name, error, max_attempts=self.config.worker.max_attempts
         )
         self._mark_stopped(slot.name)
-        log.error(
+        # A worker killed for a cancelled job returns none: what the operator asked for.
+        log.log(
+            logging.ERROR if moved or slot.killed_for is None else logging.WARNING,
             "inference worker %s %s; %d job(s) it held returned",
             slot.name,
             f"was killed: its job {slot.killed_for}" if slot.killed_for else f"died ({cause})",
@@ -594,19 +597,24 @@ class WorkerSupervisor:
         finally:
             db.close()
 
-    def _over_limit(self, slot: _Slot) -> str | None:
-        """Why the slot's worker must be killed: its job has run longer than its algorithm's
-        time limit (counted from the claim, loading a model the worker had not loaded yet
-        included). Only killing the process stops a CUDA kernel or a C extension."""
+    def _must_kill(self, slot: _Slot) -> tuple[int, str] | None:
+        """Which job of the slot's worker makes it be killed, and why: it was cancelled while
+        it ran (its result would be refused, and the run holds a GPU for nothing), or it has
+        run longer than its algorithm's time limit (counted from the claim, loading a model
+        the worker had not loaded yet included). Only killing the process stops a CUDA kernel
+        or a C extension."""
+        for job in self.jobs.cancelled_on(slot.name):
+            return job.id, "was cancelled"
         for job in self.jobs.held_by(slot.name):
             limit = self.limit(job.inference.algorithm)
             if job.started_at is not None and time.time() - job.started_at > limit:
-                return f"exceeded its time limit of {limit:g} s (its worker was killed)"
+                return job.id, f"exceeded its time limit of {limit:g} s (its worker was killed)"
         return None
 
     def step(self) -> None:
-        """One look at every worker process: reap and restart the dead, kill the over-limit.
-        The step of the supervisor's loop, every fraction of a second."""
+        """One look at every worker process: reap and restart the dead, kill one whose job is
+        over its time limit or was cancelled. The step of the supervisor's loop, every
+        fraction of a second."""
         now = time.monotonic()
         for slot in self._slots:
             if slot.process is None:
@@ -614,16 +622,19 @@ class WorkerSupervisor:
                     self._spawn(slot)
                 continue
             if not slot.process.is_alive():
+                # A cancelled job stays cancelled: the reap returns only the jobs still
+                # running (JobStore.requeue_worker), and its results were never recorded.
                 self._reap(slot)
                 slot.process = None
-                # A job over its limit is no reason to wait: the next job should not.
+                # A killed job is no reason to wait: the next job should not.
                 slot.restart_at = now + (0.0 if slot.killed_for else self.RESTART_DELAY_S)
                 continue
             if now - slot.checked_at >= self.LIMIT_CHECK_S:
                 slot.checked_at = now
-                why = self._over_limit(slot)
-                if why is not None:
-                    log.warning("inference worker %s: its job %s", slot.name, why)
+                found = self._must_kill(slot)
+                if found is not None:
+                    job_id, why = found
+                    log.warning("inference worker %s killed: its job %d %s", slot.name, job_id, why)
                     slot.killed_for = why
                     slot.process.kill()  # SIGKILL: nothing in the job can delay it
                     slot.process.join(10)

@@ -328,6 +328,12 @@ class JobStore(Protocol):
         """The jobs ``worker`` is running (one, for a worker that takes one at a time)."""
         ...
 
+    def cancelled_on(self, worker: str) -> list[Job]:
+        """The cancelled jobs ``worker`` is still running: cancelled while it ran them, and
+        its heartbeat (the workers table's ``job_id``) still names them. Their results will be
+        refused, so the supervisor kills the worker rather than let it compute on."""
+        ...
+
     def holds(self, conn: sqlite3.Connection, job_id: int, worker: str) -> bool:
         """Whether ``worker``'s attempt still holds the job (caller's transaction)."""
         ...
@@ -602,6 +608,19 @@ class SqliteJobStore:
         with self.db.reading() as conn:
             rows = conn.execute(
                 "SELECT * FROM jobs WHERE state = 'running' AND worker = ? ORDER BY id", (worker,)
+            ).fetchall()
+        return [Job.from_row(r) for r in rows]
+
+    def cancelled_on(self, worker: str) -> list[Job]:
+        # Both columns: the job's worker says who ran it (a cancelled job keeps it), the
+        # worker's job_id that it is still on it (a worker that ended the run, its result
+        # refused, has gone on to another job or to none).
+        with self.db.reading() as conn:
+            rows = conn.execute(
+                "SELECT jobs.* FROM jobs JOIN workers ON workers.job_id = jobs.id"
+                " WHERE jobs.state = 'cancelled' AND jobs.worker = ? AND workers.name = ?"
+                " AND workers.stopped_at IS NULL ORDER BY jobs.id",
+                (worker, worker),
             ).fetchall()
         return [Job.from_row(r) for r in rows]
 

@@ -2,8 +2,8 @@
 
 A real node routes two CT series to the example plugin, which takes a few seconds a run:
 while the first job runs and the second waits, the waiting one is cancelled from the command
-line (it is never claimed) and the running one through the API (its worker's result is
-refused: nothing of it is recorded); requeued, the cancelled job runs to the end.
+line (it is never claimed) and the running one through the API (its worker is killed and
+replaced: nothing of it is recorded); requeued, the cancelled job runs to the end.
 """
 
 from __future__ import annotations
@@ -89,8 +89,10 @@ def test_cancel_and_requeue_queued_and_running_jobs(make_node, tmp_path: Path) -
     assert status == 200, answer
     assert (answer["state"], answer["was"], answer["changed"]) == ("cancelled", "running", True)
 
-    # The worker finishes its run (the plugin's delay) and finds the job no longer its own.
-    _wait(node, lambda: "result dropped" in node.log(), "the worker's result refused")
+    # The supervisor kills the worker in the middle of its run (the plugin's delay) and
+    # starts a fresh one: nothing of the run is recorded.
+    killed = f"killed: its job {running} was cancelled"
+    _wait(node, lambda: killed in node.log(), "the cancelled job's worker killed")
     assert node.query("SELECT COUNT(*) FROM results")[0][0] == 0
     assert node.query("SELECT COUNT(*) FROM outputs")[0][0] == 0
     rows = {

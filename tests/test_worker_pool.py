@@ -13,6 +13,7 @@ from pydicom import dcmread
 
 from dicom_node.phantoms import CtPhantomSpec, write_ct_series
 from dicom_node.scu import send
+from tests.support.http import request
 from tests.support.node import NodeProcess, plugin_env, wait_until
 
 pytestmark = pytest.mark.integration
@@ -110,6 +111,38 @@ def test_a_hung_job_is_retried_like_a_crash(make_node, tmp_path: Path) -> None:
     assert job["attempts"] == 2
     assert "exceeded its time limit of 2 s" in job["error"]
     assert node.log().count("was killed: its job exceeded its time limit") == 2
+
+
+def test_cancelling_a_hung_job_kills_its_worker_and_the_next_job_runs_on_a_new_one(
+    make_node, tmp_path: Path
+) -> None:
+    """A run that never ends (and whose time limit is the default hour) stops when its job is
+    cancelled: the supervisor kills the worker, the job stays cancelled with its one attempt,
+    nothing of it is recorded, and a fresh worker takes the job queued behind it."""
+    node = pool_node(make_node, {"hang": HANG}, max_attempts=3, processes=1)
+    send_series(node, tmp_path / "hung", seed=6, description=HANG)
+    (hung,) = wait_until(
+        lambda: [r for r in jobs(node) if r["state"] == "running"],
+        what="the hung job running",
+        log=node.log(),
+    )
+    send_series(node, tmp_path / "next", seed=7)
+    status, _ = request(node.http_url + f"/api/jobs/{hung['id']}/cancel", method="POST")
+    assert status == 200
+    # Bounded: without the kill, the hung run holds the only worker and the next job waits.
+    first, second = all_in(node, {"succeeded", "cancelled"}, 2)
+    assert (first["id"], first["state"], first["attempts"]) == (hung["id"], "cancelled", 1)
+    assert first["error"].startswith("cancelled by http-api"), first["error"]
+    assert second["state"] == "succeeded"
+    assert second["worker"] != hung["worker"]  # a fresh worker process took it
+    assert f"inference worker {hung['worker']} killed: its job {hung['id']} was cancelled" in (
+        node.log()
+    )
+    assert [r["job_id"] for r in node.query("SELECT job_id FROM results")] == [second["id"]]
+    assert not node.query("SELECT 1 FROM outputs WHERE job_id = ?", (hung["id"],))
+    (killed,) = node.query("SELECT stopped_at FROM workers WHERE name = ?", (hung["worker"],))
+    assert killed["stopped_at"] is not None
+    assert node.stop() == 0
 
 
 def test_two_workers_run_two_slow_jobs_side_by_side(make_node, tmp_path: Path) -> None:
