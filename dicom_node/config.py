@@ -56,8 +56,10 @@ class _Section(BaseModel):
 class AllowedPeer(_Section):
     """A calling AE title that may associate, optionally only from one host address."""
 
-    ae_title: AeTitle
-    host: str | None = None
+    ae_title: AeTitle = Field(description="The calling AE title (or write the entry as 'AE@host').")
+    host: str | None = Field(
+        default=None, description="Only from this peer address; null: from any address."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -201,10 +203,18 @@ class SeriesMatch(_Section):
     orientation: list[Orientation] | None = Field(
         default=None, description="Plane from ImageOrientationPatient is one of."
     )
-    min_slices: int | None = Field(default=None, ge=1)
-    max_slices: int | None = Field(default=None, ge=1)
-    min_pixel_spacing_mm: float | None = Field(default=None, gt=0)
-    max_pixel_spacing_mm: float | None = Field(default=None, gt=0)
+    min_slices: int | None = Field(
+        default=None, ge=1, description="At least this many frames with pixel data."
+    )
+    max_slices: int | None = Field(
+        default=None, ge=1, description="At most this many frames with pixel data."
+    )
+    min_pixel_spacing_mm: float | None = Field(
+        default=None, gt=0, description="The smaller in-plane pixel spacing is at least this."
+    )
+    max_pixel_spacing_mm: float | None = Field(
+        default=None, gt=0, description="The smaller in-plane pixel spacing is at most this."
+    )
     calling_aet: list[AeTitle] | None = Field(
         default=None, description="The series came from one of these calling AE titles."
     )
@@ -230,7 +240,11 @@ class RouteRule(_Section):
 
     algorithm: str = Field(description="Name of an installed algorithm (dicom-node algorithms).")
     series: SeriesMatch | None = None
-    roles: dict[str, SeriesMatch] | None = None
+    roles: dict[str, SeriesMatch] | None = Field(
+        default=None,
+        description="For an algorithm that takes a study: what the series of each of its "
+        "input roles must be, one series per role.",
+    )
     destinations: list[str] | None = Field(
         default=None,
         description="Where results go: names under 'destinations', or 'sender' (back to the "

@@ -63,28 +63,56 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
     return []
 
 
+def _without_none(annotation: Any) -> Any:
+    """``X`` for ``X | None``; any other annotation as it is."""
+    if get_origin(annotation) in (Union, UnionType):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
+
+
 def _reference_rows(model: type[BaseModel], prefix: str) -> list[tuple[str, str, str, str]]:
+    """One row per key of ``model`` under ``prefix``, sections expanded. A section model that
+    two keys of ``model`` share (a rule's ``roles`` take what its ``series`` takes) is expanded
+    under the first; the second points at it instead of repeating every key."""
+    seen: dict[type[BaseModel], str] = {}
     rows = []
+
+    def expand(section: type[BaseModel], under: str) -> list[tuple[str, str, str, str]]:
+        if section in seen:
+            return [(f"{under}*", "", "", f"the keys of `{seen[section]}*`")]
+        seen[section] = under
+        return _reference_rows(section, under)
+
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
         annotation = field.annotation
         nested = _models_in(annotation)
+        bare = _without_none(annotation)
+        if get_origin(bare) is list and (items := _models_in(get_args(bare)[0])):
+            # A list of sections (routing.rules): each item's keys, under `key[].`
+            description = field.description or ""
+            rows.append((key, _type_name(annotation), _default_text(field), description))
+            for section in items:
+                rows += expand(section, f"{key}[].")
+            continue
         if nested and get_origin(annotation) is not list:
             rows.append((key, "section", "", (field.description or nested[0].__doc__ or "")))
             for section in nested:
-                rows += _reference_rows(section, f"{key}.")
+                rows += expand(section, f"{key}.")
             continue
-        if get_origin(annotation) is dict and _models_in(get_args(annotation)[1]):
+        if get_origin(bare) is dict and _models_in(get_args(bare)[1]):
             rows.append(
                 (
                     f"{key}.<name>",
-                    _type_name(get_args(annotation)[1]),
+                    _type_name(get_args(bare)[1]),
                     "none",
                     field.description or "",
                 )
             )
-            for section in _models_in(get_args(annotation)[1]):
-                rows += _reference_rows(section, f"{key}.<name>.")
+            for section in _models_in(get_args(bare)[1]):
+                rows += expand(section, f"{key}.<name>.")
             continue
         rows.append((key, _type_name(annotation), _default_text(field), field.description or ""))
     return rows
