@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb chromium
+APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb chromium postgresql rabbitmq-server
 # The real viewer the tests drive: OHIF's prebuilt app from its npm tarball (its own npm
 # dependencies are not needed for the built dist) and playwright-core for Debian's Chromium.
 OHIF_VERSION := 3.13.2
@@ -31,10 +31,12 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 run: $(VENV)/.installed
 	$(BIN)/dicom-node serve
 
-## The real DICOM peers the tests talk to; installed when missing and we may.
+## The real DICOM peers the tests talk to, and the cluster mode's PostgreSQL (any major version:
+## the glob) and RabbitMQ; installed when missing and we may.
 system-deps:
 	@if [ ! -x /usr/bin/storescu ] || [ ! -x /usr/bin/dciodvfy ] || [ ! -x /usr/sbin/Orthanc ] \
-		|| [ ! -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || [ ! -x /usr/bin/chromium ]; then \
+		|| [ ! -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || [ ! -x /usr/bin/chromium ] \
+		|| ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || [ ! -x /usr/sbin/rabbitmq-server ]; then \
 		if [ "$$(id -u)" = 0 ]; then \
 			apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(APT_PACKAGES); \
 		else \
