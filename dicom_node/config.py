@@ -562,6 +562,116 @@ class AuditConfig(_Section):
     )
 
 
+_OBJECT_URL = re.compile(r"^(s3://[^/\s]+(/\S*)?|file:///\S*)$")
+
+
+class ObjectsConfig(_Section):
+    """Cluster mode's object store: staged inputs and results move between hosts through it."""
+
+    url: str | None = Field(
+        default=None,
+        description="s3://bucket/prefix (any S3: SeaweedFS, Ceph, cloud) or file:///path (a folder"
+        " mounted on every host); required in cluster mode.",
+    )
+    endpoint_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://\S+$",
+        description="The S3 endpoint, e.g. http://seaweedfs:8333; null: AWS.",
+    )
+    region: str | None = Field(default=None, description="The S3 region; null: the AWS default.")
+    access_key_id: str | None = Field(
+        default=None,
+        description="S3 access key; null: the usual AWS_* variables"
+        " (or DICOM_NODE__CLUSTER__OBJECTS__ACCESS_KEY_ID).",
+    )
+    secret_access_key: str | None = Field(
+        default=None,
+        repr=False,
+        description="S3 secret key; set it by DICOM_NODE__CLUSTER__OBJECTS__SECRET_ACCESS_KEY"
+        " rather than in the file.",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _object_url(cls, value: str | None) -> str | None:
+        if value is not None and not _OBJECT_URL.match(value):
+            raise ValueError(
+                f"{value!r} is not an object store URL (s3://bucket/prefix or file:///path)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _keys_together(self) -> ObjectsConfig:
+        if (self.access_key_id is None) != (self.secret_access_key is None):
+            raise ValueError("access_key_id and secret_access_key go together")
+        return self
+
+
+class ClusterConfig(_Section):
+    """Cluster mode: PostgreSQL, RabbitMQ and an object store instead of SQLite and local files;
+    GPU workers on other hosts ('dicom-node worker --cluster'). Unset database_url: embedded."""
+
+    database_url: str | None = Field(
+        default=None,
+        pattern=r"^postgres(ql)?://\S*$",
+        description="postgresql://user@host:5432/db; set: cluster mode. Put a password in"
+        " DICOM_NODE__CLUSTER__DATABASE_URL rather than in the file.",
+    )
+    broker_url: str | None = Field(
+        default=None,
+        pattern=r"^amqps?://\S*$",
+        description="RabbitMQ, amqp://user:password@host:5672/vhost; required in cluster mode"
+        " (DICOM_NODE__CLUSTER__BROKER_URL).",
+    )
+    objects: ObjectsConfig = ObjectsConfig()
+    lease_s: float = Field(
+        default=60.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="A claimed job's lease by the database clock, renewed by the worker's"
+        " heartbeat; a job whose lease ran out is queued again.",
+    )
+    redispatch_s: float = Field(
+        default=120.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="A queued job dispatched this long ago and not claimed is dispatched again"
+        " (a lost message).",
+    )
+    sweep_interval_s: float = Field(
+        default=1.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="How often the node stages, dispatches and requeues expired jobs.",
+    )
+    scratch_dir: Path | None = Field(
+        default=None,
+        description="Worker hosts: where a job's inputs and results live while it runs;"
+        " null: a temporary folder.",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        """Cluster mode is on exactly when a database URL is set."""
+        return self.database_url is not None
+
+    @model_validator(mode="after")
+    def _complete_when_enabled(self) -> ClusterConfig:
+        if self.enabled:
+            missing = [
+                key
+                for key, value in (
+                    ("broker_url", self.broker_url),
+                    ("objects.url", self.objects.url),
+                )
+                if value is None
+            ]
+            if missing:
+                needed = " and ".join(f"cluster.{key}" for key in missing)
+                raise ValueError(f"{needed}: required in cluster mode (cluster.database_url set)")
+        return self
+
+
 class NodeConfig(_Section):
     """The whole configuration of one dicom-node."""
 
@@ -586,6 +696,7 @@ class NodeConfig(_Section):
     http: HttpConfig = HttpConfig()
     audit: AuditConfig = AuditConfig()
     logging: LoggingConfig = LoggingConfig()
+    cluster: ClusterConfig = ClusterConfig()
 
     @model_validator(mode="after")
     def _destinations_exist(self) -> NodeConfig:
