@@ -41,6 +41,11 @@ __all__ = [
     "InputError",
     "InputFault",
     "InvalidInstance",
+    "ObjectCorrupt",
+    "ObjectMissing",
+    "ObjectStoreError",
+    "ObjectStoreRefused",
+    "ObjectStoreUnavailable",
     "OutOfResources",
     "Permanent",
     "QaUnusable",
@@ -193,6 +198,34 @@ class SendAbandoned(AssociationFailed):
 
 class UnsendableFile(DicomNodeError, ValueError):
     """A DICOM file that cannot be sent as it is (no SOP UIDs, no transfer syntax)."""
+
+
+# --- cluster mode's object store ------------------------------------------------------------
+
+
+class ObjectStoreError(DicomNodeError):
+    """The object store (S3, or a shared folder) that moves inputs and results between the
+    node and its workers did not do what was asked; the message names the store and the key."""
+
+
+class ObjectStoreUnavailable(ObjectStoreError, Transient):
+    """The store did not answer, or failed for now (a refused connection, a timeout, a 5xx):
+    the job or delivery is tried again later."""
+
+
+class ObjectStoreRefused(ObjectStoreError, SetupFault):
+    """The store refuses for good: a bucket that does not exist, credentials it does not
+    accept, a permission it does not grant. A person fixes the configuration."""
+
+
+class ObjectMissing(ObjectStoreError, SetupFault):
+    """No object under the key: staged inputs or results removed from the store (retention,
+    a person) or a worker configured with another bucket or prefix than its node."""
+
+
+class ObjectCorrupt(ObjectStoreError, Transient):
+    """An object whose content is not what its manifest recorded (SHA-256): a download damaged
+    on the way is fetched again on the next attempt; one damaged at rest fails every attempt."""
 
 
 # --- commissioning ---------------------------------------------------------------------------

@@ -116,6 +116,10 @@ def test_package_surface(module: str, surface: list[str]) -> None:
         ("DestinationRefused", errors.Permanent),
         ("DestinationUnavailable", errors.Transient),
         ("OutOfResources", errors.Transient),
+        ("ObjectStoreUnavailable", errors.Transient),
+        ("ObjectCorrupt", errors.Transient),
+        ("ObjectStoreRefused", errors.SetupFault),
+        ("ObjectMissing", errors.SetupFault),
     ],
 )
 def test_the_tree_says_whether_trying_again_can_help(name: str, branch: type) -> None:
