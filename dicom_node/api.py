@@ -8,12 +8,12 @@ holds are shown — UIDs, AE titles, series descriptions — never patient names
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from dataclasses import asdict
 from typing import Any
 
 from dicom_node.config import SENDER, NodeConfig
+from dicom_node.database import Connection, Row
 from dicom_node.deliver import target_label
 from dicom_node.jobs import (
     Delivery,
@@ -25,7 +25,7 @@ from dicom_node.jobs import (
 from dicom_node.metrics import WORKER_STALE_S
 
 
-def studies(conn: sqlite3.Connection, limit: int = 50) -> list[dict[str, Any]]:
+def studies(conn: Connection, limit: int = 50) -> list[dict[str, Any]]:
     """The most recently received studies, with what became of them in one line each.
 
     The dashboard asks every few seconds, so this runs four statements whatever the limit:
@@ -80,7 +80,7 @@ def studies(conn: sqlite3.Connection, limit: int = 50) -> list[dict[str, Any]]:
     return out
 
 
-def study(conn: sqlite3.Connection, study_uid: str) -> dict[str, Any] | None:
+def study(conn: Connection, study_uid: str) -> dict[str, Any] | None:
     """One study: its series, every routing decision about it, its jobs with their timelines."""
     row = conn.execute("SELECT * FROM studies WHERE study_uid = ?", (study_uid,)).fetchone()
     if row is None:
@@ -118,7 +118,7 @@ def study(conn: sqlite3.Connection, study_uid: str) -> dict[str, Any] | None:
     }
 
 
-def series_list(conn: sqlite3.Connection, limit: int = 100) -> list[dict[str, Any]]:
+def series_list(conn: Connection, limit: int = 100) -> list[dict[str, Any]]:
     return [
         dict(r)
         for r in conn.execute(
@@ -131,7 +131,7 @@ def series_list(conn: sqlite3.Connection, limit: int = 100) -> list[dict[str, An
     ]
 
 
-def decisions(conn: sqlite3.Connection, limit: int = 100) -> list[dict[str, Any]]:
+def decisions(conn: Connection, limit: int = 100) -> list[dict[str, Any]]:
     return [
         _decision(r)
         for r in conn.execute(
@@ -140,7 +140,7 @@ def decisions(conn: sqlite3.Connection, limit: int = 100) -> list[dict[str, Any]
     ]
 
 
-def _decision(row: sqlite3.Row) -> dict[str, Any]:
+def _decision(row: Row) -> dict[str, Any]:
     return {
         "id": row["id"],
         "level": row["level"],
@@ -153,21 +153,19 @@ def _decision(row: sqlite3.Row) -> dict[str, Any]:
     }
 
 
-def jobs(
-    conn: sqlite3.Connection, *, state: str | None = None, limit: int = 100
-) -> list[dict[str, Any]]:
+def jobs(conn: Connection, *, state: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
     if state is not None and state not in {s.value for s in JobState}:
         return []  # no job is in a state that does not exist
     return _jobs(conn, state=JobState(state) if state else None, limit=limit)
 
 
-def job(conn: sqlite3.Connection, job_id: int) -> dict[str, Any] | None:
+def job(conn: Connection, job_id: int) -> dict[str, Any] | None:
     found = _jobs(conn, job_id=job_id)
     return found[0] if found else None
 
 
 def _jobs(
-    conn: sqlite3.Connection,
+    conn: Connection,
     *,
     job_id: int | None = None,
     study_uid: str | None = None,
@@ -256,7 +254,7 @@ def _job(
 
 
 def deliveries(
-    conn: sqlite3.Connection, *, state: str | None = None, limit: int = 200
+    conn: Connection, *, state: str | None = None, limit: int = 200
 ) -> list[dict[str, Any]]:
     if state is not None and state not in {s.value for s in DeliveryState}:
         return []  # no delivery is in a state that does not exist
@@ -266,7 +264,7 @@ def deliveries(
     return [{**asdict(d), "state": d.state.value} for d in found]
 
 
-def destinations(conn: sqlite3.Connection, config: NodeConfig) -> list[dict[str, Any]]:
+def destinations(conn: Connection, config: NodeConfig) -> list[dict[str, Any]]:
     """Each destination with its deliveries' states and its health in a word.
 
     ``ok``: nothing failing; ``retrying``: deliveries backing off after failures; ``dead
@@ -314,7 +312,7 @@ def destinations(conn: sqlite3.Connection, config: NodeConfig) -> list[dict[str,
     return out
 
 
-def workers(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+def workers(conn: Connection) -> list[dict[str, Any]]:
     """Inference workers seen, newest first, with whether their heartbeat is recent."""
     now = time.time()
     out = []
@@ -327,7 +325,7 @@ def workers(conn: sqlite3.Connection) -> list[dict[str, Any]]:
     return out
 
 
-def algorithms(conn: sqlite3.Connection) -> dict[str, Any]:
+def algorithms(conn: Connection) -> dict[str, Any]:
     """The algorithms the newest live worker can run (it discovered them at its start)."""
     for worker in workers(conn):
         if worker["alive"]:

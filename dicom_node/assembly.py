@@ -19,7 +19,6 @@ the quiet time since the restart: the node's downtime is not the sender's silenc
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -27,7 +26,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from dicom_node.config import AssemblyConfig
-from dicom_node.database import Database
+from dicom_node.database import Connection, Database
 from dicom_node.jobs import CompletionPayload, JobKind, JobStore, job_store
 from dicom_node.loops import Loop
 from dicom_node.store import StoredInstance
@@ -64,7 +63,7 @@ class Completion:
 
 
 def _complete(
-    conn: sqlite3.Connection,
+    conn: Connection,
     jobs: JobStore,
     level: Level,
     uid: str,

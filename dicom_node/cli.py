@@ -103,7 +103,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from dicom_node.status import build_report, format_report
 
     config = _config(args)
-    report = build_report(config.store.data_dir.resolve(), recent=args.recent)
+    report = build_report(config, recent=args.recent)
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
     else:
@@ -112,15 +112,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from dicom_node.database import Database, database_path
+    from dicom_node.database import has_database, open_database
     from dicom_node.jobs import DeliveryState, JobKind, JobState, job_store
 
-    data_dir = _config(args).store.data_dir.resolve()
-    path = database_path(data_dir)
-    if not path.exists():
-        print(f"no data under {data_dir}")
+    config = _config(args)
+    if not has_database(config):
+        print(f"no data under {config.store.data_dir.resolve()}")
         return 0
-    db = Database(path)
+    db = open_database(config)
     store = job_store(db)
     try:
         if args.action == "retry":
@@ -134,7 +133,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             if args.job is None:
                 print(f"dicom-node: give the ID of the job to {args.action}", file=sys.stderr)
                 return EXIT_USAGE
-            return _control_job(_config(args), db, store, args.action, args.job)
+            return _control_job(config, db, store, args.action, args.job)
         jobs = store.recent(JobKind.INFERENCE, limit=args.recent)
         deliveries = store.deliveries_of([j.id for j in jobs])
     finally:

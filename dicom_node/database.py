@@ -1,20 +1,31 @@
-"""The embedded SQLite database shared by the instance index and the job store.
+"""The database shared by the instance index and the job store.
 
-One file, WAL mode, ``synchronous=FULL``: a transaction that returned is on disk, which is the
-promise behind every Success status the SCP sends. Readers (``dicom-node status``, workers) open
-their own connections and never block the writer.
+Embedded mode: one SQLite file, WAL mode, ``synchronous=FULL``: a transaction that returned is
+on disk, which is the promise behind every Success status the SCP sends. Readers (``dicom-node
+status``, workers) open their own connections and never block the writer.
+
+Cluster mode (``cluster.database_url``): PostgreSQL (:mod:`dicom_node.database_postgres`), with
+the same schema text and the same queries. Code outside this module sees only the
+:class:`Database`, :class:`Connection`, :class:`Cursor` and :class:`Row` protocols, and writes
+SQL both engines run (docs/architecture.md, "Seams").
 """
 
 from __future__ import annotations
 
 import re
 import sqlite3
+import sys
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-SCHEMA_VERSION = 4
+if TYPE_CHECKING:
+    from dicom_node.config import NodeConfig
+
+SCHEMA_VERSION = 5
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
@@ -71,7 +82,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     created_at   REAL NOT NULL,
     started_at   REAL,
     finished_at  REAL,
-    priority     TEXT NOT NULL DEFAULT 'routine'   -- stat, urgent, routine: the claim's order
+    priority     TEXT NOT NULL DEFAULT 'routine',  -- stat, urgent, routine: the claim's order
+    attempt_token TEXT,              -- the running attempt's token: only it may commit
+    lease_until  REAL,               -- cluster: the claim holds until then (database clock)
+    staged_at    REAL,               -- cluster: inputs are in the object store
+    dispatched_at REAL               -- cluster: when the broker was last rung for it
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, id);
 CREATE TABLE IF NOT EXISTS results (
@@ -153,13 +168,136 @@ _ADDED_COLUMNS = (
     ("workers", "job_id", "INTEGER"),
     ("workers", "job_phase", "TEXT"),
     ("workers", "progress_at", "REAL"),
+    # Schema 5 (issue 17): attempts fenced by a token, leases, staging and dispatch (cluster).
+    ("jobs", "attempt_token", "TEXT"),
+    ("jobs", "lease_until", "REAL"),
+    ("jobs", "staged_at", "REAL"),
+    ("jobs", "dispatched_at", "REAL"),
 )
 
 RESULTS_DIR = "results"  # under the data folder: one folder per job, named by its ID
 
 
+class Row(Protocol):
+    """A result row: by position or by column name, like :class:`sqlite3.Row`."""
+
+    def __getitem__(self, key: int | str, /) -> Any: ...
+
+    def keys(self) -> list[str]: ...
+
+
+class Cursor(Protocol):
+    """What a statement returns. ``fetchone``/``fetchall`` give :class:`Row` objects (typed
+    ``Any`` as :mod:`sqlite3` does, so that ``row[0]`` needs no cast at every call site)."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class Connection(Protocol):
+    """A connection as the node's code uses it: ``?`` placeholders, rows by name."""
+
+    def execute(self, sql: str, parameters: Any = ..., /) -> Cursor: ...
+
+    def executemany(self, sql: str, seq_of_parameters: Any, /) -> Cursor: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """The few things the portable SQL must still spell per engine."""
+
+    name: Literal["sqlite", "postgresql"]
+    now: str  # an SQL expression: the database's clock in epoch seconds
+    lock_skip: str  # appended to a claim's row-locking subquery
+
+
+SQLITE = Dialect("sqlite", "((julianday('now') - 2440587.5) * 86400.0)", "")
+POSTGRESQL = Dialect(
+    "postgresql", "EXTRACT(EPOCH FROM clock_timestamp())", " FOR UPDATE SKIP LOCKED"
+)
+
+
+class Database(Protocol):
+    """The index and job store's database: one writer transaction at a time per process."""
+
+    @property
+    def dialect(self) -> Dialect: ...
+
+    def transaction(self) -> AbstractContextManager[Connection]:
+        """Run a block as one transaction: all of it is committed, or none."""
+        ...
+
+    def reading(self) -> AbstractContextManager[Connection]:
+        """A connection for reads outside a transaction."""
+        ...
+
+    def close(self) -> None: ...
+
+
 def database_path(data_dir: Path) -> Path:
     return data_dir / "index.sqlite3"
+
+
+def database_errors() -> tuple[type[Exception], ...]:
+    """The exceptions a database raises when it cannot do what was asked (locked, gone, full).
+    psycopg's only when cluster code imported it: embedded mode never loads it."""
+    errors: tuple[type[Exception], ...] = (sqlite3.Error,)
+    psycopg = sys.modules.get("psycopg")
+    if psycopg is not None:
+        errors += (psycopg.Error,)
+    return errors
+
+
+def open_database(config: NodeConfig) -> Database:
+    """The node's writable database: PostgreSQL in cluster mode, else the SQLite file under
+    the data folder (created with the schema when missing)."""
+    if config.cluster.database_url is not None:
+        from dicom_node.database_postgres import PostgresDatabase
+
+        return PostgresDatabase(config.cluster.database_url)
+    return SqliteDatabase(database_path(config.store.data_dir.resolve()))
+
+
+def has_database(config: NodeConfig) -> bool:
+    """False only for an embedded node that has received nothing yet (no SQLite file): readers
+    then report empty instead of failing to open it."""
+    if config.cluster.database_url is not None:
+        return True
+    return database_path(config.store.data_dir.resolve()).exists()
+
+
+@contextmanager
+def open_reader(config: NodeConfig) -> Iterator[Connection]:
+    """A read-only connection of its own (status, metrics, the API), closed on leaving."""
+    conn: Connection
+    if config.cluster.database_url is not None:
+        from dicom_node.database_postgres import connect_reader
+
+        conn = connect_reader(config.cluster.database_url)
+    else:
+        conn = connect(database_path(config.store.data_dir.resolve()), readonly=True)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def schema_version(db: Database) -> int:
+    """The schema version the database was last opened with (``cluster check`` compares it
+    with :data:`SCHEMA_VERSION`)."""
+    with db.reading() as conn:
+        if db.dialect.name == "sqlite":
+            return int(conn.execute("PRAGMA user_version").fetchone()[0])
+        row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
+        return int(row[0] or 0)
 
 
 def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
@@ -228,24 +366,17 @@ def _allow_cancelled_jobs(conn: sqlite3.Connection) -> None:
     conn.execute("COMMIT")
 
 
-class Database:
+class SqliteDatabase:
     """A writable connection shared by the threads of one process, one transaction at a time."""
+
+    dialect = SQLITE
 
     def __init__(self, path: Path) -> None:
         self._conn = connect(path)
         self._lock = threading.RLock()
 
-    @classmethod
-    def over(cls, conn: sqlite3.Connection) -> Database:
-        """A Database on a connection the caller opened (a read-only one, say) and closes, so
-        that the stores built on a Database can read through it."""
-        db = cls.__new__(cls)
-        db._conn = conn
-        db._lock = threading.RLock()
-        return db
-
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> Iterator[Connection]:
         """Run a block as one IMMEDIATE transaction: all of it is committed, or none."""
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
@@ -257,10 +388,39 @@ class Database:
             self._conn.execute("COMMIT")
 
     @contextmanager
-    def reading(self) -> Iterator[sqlite3.Connection]:
+    def reading(self) -> Iterator[Connection]:
         with self._lock:
             yield self._conn
 
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+
+class _OverConnection:
+    """A Database on a connection the caller opened (a read-only one, say) and closes."""
+
+    def __init__(self, conn: Connection, dialect: Dialect) -> None:
+        self.dialect = dialect
+        self._conn = conn
+        self._lock = threading.RLock()
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        with self._lock:
+            yield self._conn
+
+    @contextmanager
+    def reading(self) -> Iterator[Connection]:
+        with self._lock:
+            yield self._conn
+
+    def close(self) -> None:
+        """The caller closes the connection it opened."""
+
+
+def over(conn: Connection) -> Database:
+    """A Database on a connection the caller opened and closes (from :func:`open_reader`), so
+    that the stores built on a Database can read through it."""
+    dialect = SQLITE if isinstance(conn, sqlite3.Connection) else POSTGRESQL
+    return _OverConnection(conn, dialect)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from dicom_node.algorithm import Algorithm, AlgorithmResult, InputError, SeriesInput
 from dicom_node.config import NodeConfig
-from dicom_node.database import RESULTS_DIR, Database, database_path
+from dicom_node.database import RESULTS_DIR, Database, SqliteDatabase, database_path
 from dicom_node.errors import InputFault, Permanent, SetupFault
 from dicom_node.jobs import Job, JobKind, JobStore, job_store
 from dicom_node.logs import raised_where, setup_logging
@@ -100,7 +100,7 @@ class Worker:
     def __init__(self, config: NodeConfig, *, name: str | None = None) -> None:
         self.config = config
         self.data_dir = config.store.data_dir.resolve()
-        self.db = Database(database_path(self.data_dir))
+        self.db = SqliteDatabase(database_path(self.data_dir))
         self.jobs = job_store(self.db, priority_aging_s=config.worker.priority_aging_s)
         self.name = name or f"worker-{socket.gethostname()}-{os.getpid()}"
         self.device = resolve_device(config.worker.device)
@@ -587,7 +587,7 @@ class WorkerSupervisor:
     def _mark_stopped(self, name: str) -> None:
         """Record that a dead worker stopped, as a worker that stops in order does itself: the
         API, the dashboard and ``/metrics`` then list only the workers that are there."""
-        db = Database(database_path(self.config.store.data_dir.resolve()))
+        db = SqliteDatabase(database_path(self.config.store.data_dir.resolve()))
         try:
             with db.transaction() as conn:
                 conn.execute(

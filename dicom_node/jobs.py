@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import sqlite3
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from enum import Enum
 from typing import Any, Protocol
 
 from dicom_node.config import SENDER
-from dicom_node.database import Database
+from dicom_node.database import Connection, Database, Row, over
 from dicom_node.priority import DEFAULT_PRIORITY, PRIORITIES, PRIORITY_AGING_S, Priority, rank
 
 
@@ -187,7 +186,7 @@ class Job:
     priority: Priority = DEFAULT_PRIORITY  # the routing rule's class (completions: routine)
 
     @classmethod
-    def from_row(cls, row: sqlite3.Row) -> Job:
+    def from_row(cls, row: Row) -> Job:
         return cls(
             id=row["id"],
             kind=row["kind"],
@@ -228,7 +227,7 @@ class Delivery:
     sent_at: float | None
 
     @classmethod
-    def from_row(cls, row: sqlite3.Row) -> Delivery:
+    def from_row(cls, row: Row) -> Delivery:
         return cls(**{**dict(row), "state": DeliveryState(row["state"])})
 
     @property
@@ -296,7 +295,7 @@ class JobStore(Protocol):
 
     def enqueue(
         self,
-        conn: sqlite3.Connection,
+        conn: Connection,
         kind: JobKind,
         subject_uid: str,
         generation: int,
@@ -334,11 +333,11 @@ class JobStore(Protocol):
         refused, so the supervisor kills the worker rather than let it compute on."""
         ...
 
-    def holds(self, conn: sqlite3.Connection, job_id: int, worker: str) -> bool:
+    def holds(self, conn: Connection, job_id: int, worker: str) -> bool:
         """Whether ``worker``'s attempt still holds the job (caller's transaction)."""
         ...
 
-    def mark_succeeded(self, conn: sqlite3.Connection, job_id: int) -> None:
+    def mark_succeeded(self, conn: Connection, job_id: int) -> None:
         """Close a job inside the caller's transaction, together with what it produced."""
         ...
 
@@ -413,7 +412,7 @@ class JobStore(Protocol):
     # -- deliveries --------------------------------------------------------------------------
 
     def schedule_deliveries(
-        self, conn: sqlite3.Connection, job_id: int, payload: InferencePayload
+        self, conn: Connection, job_id: int, payload: InferencePayload
     ) -> int:
         """Queue one delivery per target of a job's route (caller's transaction); how many."""
         ...
@@ -545,7 +544,7 @@ class SqliteJobStore:
 
     def enqueue(
         self,
-        conn: sqlite3.Connection,
+        conn: Connection,
         kind: JobKind,
         subject_uid: str,
         generation: int,
@@ -624,11 +623,11 @@ class SqliteJobStore:
             ).fetchall()
         return [Job.from_row(r) for r in rows]
 
-    def holds(self, conn: sqlite3.Connection, job_id: int, worker: str) -> bool:
+    def holds(self, conn: Connection, job_id: int, worker: str) -> bool:
         row = conn.execute(f"SELECT 1 FROM jobs WHERE {_HELD}", (job_id, worker)).fetchone()
         return row is not None
 
-    def mark_succeeded(self, conn: sqlite3.Connection, job_id: int) -> None:
+    def mark_succeeded(self, conn: Connection, job_id: int) -> None:
         conn.execute(
             "UPDATE jobs SET state = 'succeeded', error = NULL, finished_at = ? WHERE id = ?",
             (time.time(), job_id),
@@ -837,7 +836,7 @@ class SqliteJobStore:
     # -- deliveries --------------------------------------------------------------------------
 
     def schedule_deliveries(
-        self, conn: sqlite3.Connection, job_id: int, payload: InferencePayload
+        self, conn: Connection, job_id: int, payload: InferencePayload
     ) -> int:
         """Queue one delivery per target of a job's route, inside the caller's transaction
         (the one that records the job's results, so none is ever lost)."""
@@ -971,7 +970,7 @@ class SqliteJobStore:
 
 
 def _end_attempts(
-    conn: sqlite3.Connection,
+    conn: Connection,
     where: str,
     params: tuple[object, ...],
     error: str,
@@ -992,10 +991,10 @@ def job_store(db: Database, *, priority_aging_s: float = PRIORITY_AGING_S) -> Jo
     return SqliteJobStore(db, aging_s=priority_aging_s)
 
 
-def job_store_reading(conn: sqlite3.Connection) -> JobStore:
+def job_store_reading(conn: Connection) -> JobStore:
     """The job store read through a connection the caller opened (the read-only ones of
     ``status``, the API and the metrics), for reads beside the caller's own."""
-    return job_store(Database.over(conn))
+    return job_store(over(conn))
 
 
 __all__ = [

@@ -3,7 +3,7 @@
 Two kinds: counters of what the ``serve`` process sees happen (associations, instances, bytes,
 delivery attempts), kept in memory and counted from the start of the process as Prometheus
 expects; and everything the index already knows (completions, routing decisions, jobs, queues,
-inference times, workers' GPU memory), read from SQLite at each scrape so that it includes the
+inference times, workers' GPU memory), read from the database at each scrape so that it includes the
 worker processes and survives restarts.
 """
 
@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import json
 import shutil
-import sqlite3
 import time
 from collections.abc import Iterator
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, disable_created_metrics
 from prometheus_client.core import (
@@ -25,7 +24,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from dicom_node.database import connect, database_path
+from dicom_node.database import Connection, has_database, open_reader
 from dicom_node.events import (
     AssociationAccepted,
     AssociationRejected,
@@ -35,6 +34,9 @@ from dicom_node.events import (
 )
 from dicom_node.jobs import DeliveryState, JobKind, JobState, job_store_reading
 from dicom_node.priority import PRIORITIES
+
+if TYPE_CHECKING:
+    from dicom_node.config import NodeConfig
 
 PREFIX = "dicom_node"
 
@@ -107,8 +109,9 @@ class LiveCounters:
 class IndexCollector(Collector):
     """Metrics read from the node's index at scrape time."""
 
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = data_dir
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.data_dir = config.store.data_dir.resolve()
 
     def collect(self) -> Iterator[Metric]:
         disk = shutil.disk_usage(self.data_dir)
@@ -117,17 +120,13 @@ class IndexCollector(Collector):
         )
         free.add_metric([], disk.free)
         yield free
-        path = database_path(self.data_dir)
-        if not path.exists():
+        if not has_database(self.config):
             return
-        conn = connect(path, readonly=True)
-        try:
+        with open_reader(self.config) as conn:
             yield from _index_metrics(conn)
-        finally:
-            conn.close()
 
 
-def _index_metrics(conn: sqlite3.Connection) -> Iterator[Metric]:
+def _index_metrics(conn: Connection) -> Iterator[Metric]:
     for level, table in (("series", "series"), ("study", "studies")):
         completed = CounterMetricFamily(
             f"{PREFIX}_{level}_completed",
@@ -207,7 +206,7 @@ def _index_metrics(conn: sqlite3.Connection) -> Iterator[Metric]:
     yield from _worker_metrics(conn)
 
 
-def _inference_histogram(conn: sqlite3.Connection) -> HistogramMetricFamily:
+def _inference_histogram(conn: Connection) -> HistogramMetricFamily:
     histogram = HistogramMetricFamily(
         f"{PREFIX}_inference_seconds",
         "Time an algorithm ran per job (reading its inputs included), by algorithm and device.",
@@ -227,7 +226,7 @@ def _inference_histogram(conn: sqlite3.Connection) -> HistogramMetricFamily:
     return histogram
 
 
-def _worker_metrics(conn: sqlite3.Connection) -> Iterator[Metric]:
+def _worker_metrics(conn: Connection) -> Iterator[Metric]:
     now = time.time()
     alive = GaugeMetricFamily(
         f"{PREFIX}_worker_up",
@@ -252,12 +251,12 @@ def _worker_metrics(conn: sqlite3.Connection) -> Iterator[Metric]:
     yield memory
 
 
-def node_registry(data_dir: Path) -> tuple[CollectorRegistry, LiveCounters]:
+def node_registry(config: NodeConfig) -> tuple[CollectorRegistry, LiveCounters]:
     """The registry /metrics serves, and the live counters to hand to the node's events."""
     # *_created series only double what a scraper already sees. prometheus_client leaves this
     # function unannotated (its other functions are), so mypy takes it as untyped.
     disable_created_metrics()  # type: ignore[no-untyped-call]
     registry = CollectorRegistry()
     counters = LiveCounters(registry)
-    registry.register(IndexCollector(data_dir))
+    registry.register(IndexCollector(config))
     return registry, counters

@@ -19,7 +19,7 @@ from dicom_node import __version__, api
 from dicom_node.assembly import Assembler
 from dicom_node.audit import AuditTrail
 from dicom_node.config import NodeConfig, config_as_yaml
-from dicom_node.database import connect, database_path
+from dicom_node.database import open_reader
 from dicom_node.deliver import Deliverer
 from dicom_node.events import Events, NodeStarted, NodeStopped
 from dicom_node.infer import WorkerSupervisor
@@ -46,7 +46,7 @@ class Node:
             min_free_bytes=config.store.min_free_bytes,
             fsync=config.store.fsync,
         )
-        self.registry, counters = node_registry(self.store.data_dir)
+        self.registry, counters = node_registry(self.config)
         self.events = Events([counters])
         self.audit = (
             AuditTrail(config.audit, self.store.data_dir, config.scp.ae_title)
@@ -88,22 +88,16 @@ class Node:
         """What must hold for the node to take studies and turn them into results."""
 
         def index() -> str | None:
-            conn = connect(database_path(self.store.data_dir), readonly=True)
-            try:
+            with open_reader(self.config) as conn:
                 job_store_reading(conn).counts()
-            finally:
-                conn.close()
             return None
 
         def scp() -> str | None:
             return None if self.scp.listening else "the DICOM listener is not running"
 
         def worker() -> str | None:
-            conn = connect(database_path(self.store.data_dir), readonly=True)
-            try:
+            with open_reader(self.config) as conn:
                 alive = {w["name"] for w in api.workers(conn) if w["alive"]}
-            finally:
-                conn.close()
             if self.workers is None:
                 return None if alive else "no external inference worker has beaten recently"
             if self.workers.dead:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -39,7 +38,7 @@ from pydicom.uid import (
 
 from dicom_node.algorithm import SERIES_INPUT
 from dicom_node.config import RouteRule, RoutingConfig, SeriesMatch
-from dicom_node.database import Database
+from dicom_node.database import Connection, Database
 from dicom_node.events import Events, JobsRouted, RoutedJob, study_refs
 from dicom_node.facts import SeriesFacts, read_series_facts, series_paths, study_series
 from dicom_node.jobs import InferencePayload, Job, JobKind, JobStore, job_store
@@ -460,7 +459,7 @@ def decide_study(
     return decision
 
 
-def record_decision(conn: sqlite3.Connection, jobs: JobStore, decision: Decision) -> list[int]:
+def record_decision(conn: Connection, jobs: JobStore, decision: Decision) -> list[int]:
     """Store a decision and queue one inference job per routed algorithm (caller's transaction)."""
     cursor = conn.execute(
         "INSERT INTO routing_decisions (level, subject_uid, generation, decided_at, summary,"

@@ -6,15 +6,17 @@ The report opens the database read-only (WAL lets it read while the SCP writes),
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from dicom_node.database import connect, database_path
+from dicom_node.database import Connection, has_database, open_reader
 from dicom_node.jobs import DeliveryState, JobKind, JobState, job_store_reading
 from dicom_node.priority import PRIORITIES
+
+if TYPE_CHECKING:
+    from dicom_node.config import NodeConfig
 
 
 @dataclass(frozen=True)
@@ -71,19 +73,16 @@ def _empty(data_dir: Path) -> StatusReport:
     return StatusReport(str(data_dir), 0, 0, 0, 0, 0, 0, [], [], {s.value: 0 for s in JobState}, [])
 
 
-def build_report(data_dir: Path, *, recent: int = 20) -> StatusReport:
-    """Summarise the store under ``data_dir``; an empty report when nothing was received yet."""
-    path = database_path(data_dir)
-    if not path.exists():
+def build_report(config: NodeConfig, *, recent: int = 20) -> StatusReport:
+    """Summarise the node's store; an empty report when nothing was received yet."""
+    data_dir = config.store.data_dir.resolve()
+    if not has_database(config):
         return _empty(data_dir)
-    conn = connect(path, readonly=True)
-    try:
+    with open_reader(config) as conn:
         return _report(conn, data_dir, recent)
-    finally:
-        conn.close()
 
 
-def _report(conn: sqlite3.Connection, data_dir: Path, recent: int) -> StatusReport:
+def _report(conn: Connection, data_dir: Path, recent: int) -> StatusReport:
     studies, studies_complete = conn.execute(
         "SELECT COUNT(*), COUNT(completed_at) FROM studies"
     ).fetchone()

@@ -29,7 +29,6 @@ import logging
 import os
 import re
 import shutil
-import sqlite3
 import struct
 import threading
 import time
@@ -47,7 +46,7 @@ from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from dicom_node import __version__
-from dicom_node.database import Database, database_path
+from dicom_node.database import Connection, Database, SqliteDatabase, database_path
 from dicom_node.errors import InvalidInstance, OutOfResources, RejectedInstance, SopMismatch
 from dicom_node.priority import RequestPriority
 
@@ -335,7 +334,10 @@ class InstanceStore:
     def open(cls, data_dir: Path, *, min_free_bytes: int = 0, fsync: bool = True) -> InstanceStore:
         data_dir = data_dir.resolve()
         return cls(
-            data_dir, Database(database_path(data_dir)), min_free_bytes=min_free_bytes, fsync=fsync
+            data_dir,
+            SqliteDatabase(database_path(data_dir)),
+            min_free_bytes=min_free_bytes,
+            fsync=fsync,
         )
 
     def close(self) -> None:
@@ -511,7 +513,7 @@ class InstanceStore:
 
 
 def _record_arrival(
-    conn: sqlite3.Connection, table: str, key: str, columns: dict[str, object], now: float
+    conn: Connection, table: str, key: str, columns: dict[str, object], now: float
 ) -> bool:
     """Insert a study/series row on its first instance, else refresh it and reopen it.
 

@@ -12,7 +12,6 @@ import os
 import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -23,7 +22,8 @@ from typing import Any, TypeVar
 
 import yaml
 
-from dicom_node.database import connect, database_path
+from dicom_node.config import load_config
+from dicom_node.database import Row, open_reader
 
 ORTHANC = Path("/usr/sbin/Orthanc")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
@@ -223,12 +223,11 @@ class ServeProcess:
         self.proc.kill()
         self.proc.wait(10)
 
-    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-        conn = connect(database_path(self.data_dir), readonly=True)
-        try:
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[Row]:
+        """Read the node's database (SQLite or, in cluster mode, PostgreSQL) read-only."""
+        config = load_config(self.config_path, environ=os.environ if self.env is None else self.env)
+        with open_reader(config) as conn:
             return conn.execute(sql, params).fetchall()
-        finally:
-            conn.close()
 
     def wait_for(self, sql: str, expected: object, timeout_s: float = 20.0) -> object:
         """Poll a scalar query until it equals ``expected``; returns the last value."""

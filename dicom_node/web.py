@@ -30,7 +30,6 @@ import logging
 import os
 import re
 import shutil
-import sqlite3
 import threading
 from collections.abc import Callable, Mapping
 from http import HTTPStatus
@@ -45,7 +44,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from dicom_node import api
 from dicom_node.config import NodeConfig
-from dicom_node.database import Database, connect, database_path
+from dicom_node.database import Connection, Database, open_reader
 from dicom_node.events import Events
 from dicom_node.job_control import JobControl
 from dicom_node.jobs import job_store
@@ -121,13 +120,9 @@ class HttpService:
         ready, checks = self.readiness()
         return {"ready": ready, "checks": checks}
 
-    def read(self, query: Callable[[sqlite3.Connection], Any]) -> Any:
-        path = database_path(self.data_dir)
-        conn = connect(path, readonly=True)
-        try:
+    def read(self, query: Callable[[Connection], Any]) -> Any:
+        with open_reader(self.config) as conn:
             return query(conn)
-        finally:
-            conn.close()
 
     def get_api(self, path: str, params: Mapping[str, str]) -> Any:
         limit = _int(params.get("limit"), 50)

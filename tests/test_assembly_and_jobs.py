@@ -14,7 +14,7 @@ from pynetdicom.sop_class import CTImageStorage
 
 from dicom_node.assembly import Assembler, Level
 from dicom_node.config import AssemblyConfig
-from dicom_node.database import Database, database_path
+from dicom_node.database import SqliteDatabase, database_path
 from dicom_node.jobs import (
     CompletionPayload,
     InferencePayload,
@@ -153,7 +153,7 @@ def test_late_instance_reopens_and_completes_again(make_node) -> None:
 def test_jobs_left_running_by_a_crash_are_queued_again(make_node) -> None:
     node = make_node(**SLOW)
     # A worker (another process, touching only the job store) claims a job, then the node dies.
-    worker_db = Database(database_path(node.data_dir))
+    worker_db = SqliteDatabase(database_path(node.data_dir))
     worker_store = SqliteJobStore(worker_db)
     with worker_db.transaction() as conn:
         payload = InferencePayload("example", {"series": "1.2.3"}, "series")
@@ -171,7 +171,7 @@ def test_jobs_left_running_by_a_crash_are_queued_again(make_node) -> None:
 
 @pytest.mark.unit
 def test_job_store_claim_fail_retry_succeed(tmp_path) -> None:
-    db = Database(tmp_path / "index.sqlite3")
+    db = SqliteDatabase(tmp_path / "index.sqlite3")
     store = SqliteJobStore(db)
     completed = CompletionPayload("series", "1.2.3", 1, "quiet timer", 0.5)
     with db.transaction() as conn:
@@ -232,7 +232,7 @@ def test_status_reports_senders_completion_and_jobs(make_node) -> None:
 def test_quiet_time_counts_from_the_restart_not_across_the_downtime(tmp_path) -> None:
     """A series cut off by a crash is not complete the moment the node is back: its sender
     gets the whole quiet time to resend the rest first."""
-    db = Database(tmp_path / "index.sqlite3")
+    db = SqliteDatabase(tmp_path / "index.sqlite3")
     add_open_series(db, 1000)
     now = [1100.0]  # back after 100 s down, far past the quiet time since the last instance
     config = AssemblyConfig(series_quiet_seconds=5, study_quiet_seconds=8)
@@ -265,7 +265,7 @@ def test_a_job_reads_the_instances_its_completion_saw(make_node) -> None:
         uid = series[0].SeriesInstanceUID
         done = f"SELECT completions FROM series WHERE series_uid = '{uid}'"
         assert node.wait_for(done, completions) == completions
-    db = Database(database_path(node.data_dir))
+    db = SqliteDatabase(database_path(node.data_dir))
     try:
         seen = {}
         for generation in (1, 2):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.database import Database
+from dicom_node.database import SqliteDatabase
 from dicom_node.jobs import JobKind, JobState, SqliteJobStore
 from tests.support.jobs import queue
 
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.unit
 
 
 def test_a_cancelled_job_is_never_claimed_and_its_worker_no_longer_holds_it(tmp_path) -> None:
-    db = Database(tmp_path / "index.sqlite3")
+    db = SqliteDatabase(tmp_path / "index.sqlite3")
     store = SqliteJobStore(db)
     first, second = queue(db, "a", "a")
     claimed = store.claim("w", (JobKind.INFERENCE,))
@@ -42,7 +42,7 @@ def test_a_cancelled_job_is_never_claimed_and_its_worker_no_longer_holds_it(tmp_
 
 
 def test_requeue_gives_a_failed_or_cancelled_job_all_its_attempts_again(tmp_path) -> None:
-    db = Database(tmp_path / "index.sqlite3")
+    db = SqliteDatabase(tmp_path / "index.sqlite3")
     store = SqliteJobStore(db)
     (job_id,) = queue(db, "a")
     assert store.requeue(job_id, "alice") is None  # queued: nothing to requeue
@@ -80,7 +80,7 @@ def test_a_database_made_before_cancelled_existed_takes_it(tmp_path: Path) -> No
         " 'queued', 1000);"
     )
     old.close()
-    db = Database(path)
+    db = SqliteDatabase(path)
     store = SqliteJobStore(db)
     was = store.cancel(1, "alice")
     assert was is not None and was.subject_uid == "1.2" and was.created_at == 1000
@@ -92,4 +92,4 @@ def test_a_database_made_before_cancelled_existed_takes_it(tmp_path: Path) -> No
         }
     assert "jobs_by_state" in indexes
     db.close()
-    Database(path).close()  # opened again: nothing left to rebuild
+    SqliteDatabase(path).close()  # opened again: nothing left to rebuild

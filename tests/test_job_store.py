@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.database import Database
+from dicom_node.database import SqliteDatabase
 from dicom_node.jobs import (
     CompletionPayload,
     DeliveryState,
@@ -125,7 +125,7 @@ def test_bad_payloads_are_refused_with_a_clear_error() -> None:
 
 
 def test_the_store_keeps_payloads_and_delivery_states_typed(tmp_path: Path) -> None:
-    db = Database(tmp_path / "index.sqlite3")
+    db = SqliteDatabase(tmp_path / "index.sqlite3")
     store = SqliteJobStore(db)
     payload = InferencePayload("a", {"series": "1.2.3"}, "series", ("pacs", "sender"), ("CT1",))
     completion = CompletionPayload("series", "1.2.3", 3, "association released", 0.1)

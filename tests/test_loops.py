@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from dicom_node.assembly import Assembler
 from dicom_node.config import AssemblyConfig, NodeConfig, RetentionConfig, RoutingConfig
-from dicom_node.database import Database, database_path
+from dicom_node.database import Database, SqliteDatabase, database_path
 from dicom_node.deliver import Deliverer
 from dicom_node.jobs import (
     CompletionPayload,
@@ -41,7 +41,7 @@ FAST_BACKOFF = {"backoff_initial_s": 0.05, "backoff_max_s": 0.2}
 
 
 def _database(tmp_path: Path) -> Database:
-    db = Database(database_path(tmp_path))
+    db = SqliteDatabase(database_path(tmp_path))
     with db.reading() as conn:  # wait 50 ms for a lock rather than the node's 10 s
         conn.execute("PRAGMA busy_timeout=50")
     return db

@@ -13,7 +13,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from dicom_node.audit import AuditTrail
 from dicom_node.config import AuditConfig, RouteRule, SeriesMatch, load_config
-from dicom_node.database import SCHEMA_VERSION, Database, connect, database_path
+from dicom_node.database import SCHEMA_VERSION, Database, SqliteDatabase, connect, database_path
 from dicom_node.errors import ConfigError
 from dicom_node.events import JobsRouted, RoutedJob, StudyRef
 from dicom_node.facts import SeriesFacts, read_series_facts
@@ -179,7 +179,7 @@ def test_a_routed_series_queues_its_job_with_the_rule_priority(tmp_path: Path) -
         ("example-threshold", "routine"),
     ]
     assert "routed to pneumonia-cxr as stat" in decision.summary()
-    db = Database(tmp_path / "index.sqlite3")
+    db = SqliteDatabase(tmp_path / "index.sqlite3")
     store = SqliteJobStore(db)
     with db.transaction() as conn:
         ids = record_decision(conn, store, decision)
@@ -234,7 +234,7 @@ def claimed(store: SqliteJobStore, clock: Clock, at: float) -> list[int]:
 @pytest.fixture
 def timed_store(tmp_path: Path):
     clock = Clock()
-    db = Database(tmp_path / "index.sqlite3")
+    db = SqliteDatabase(tmp_path / "index.sqlite3")
     yield db, SqliteJobStore(db, aging_s=600, clock=clock), clock
     db.close()
 
@@ -287,7 +287,7 @@ def test_two_aging_periods_make_a_routine_job_count_as_stat(timed_store) -> None
 def test_the_aging_time_is_checked() -> None:
     for bad in (0.0, -1.0, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="aging"):
-            SqliteJobStore(Database.__new__(Database), aging_s=bad)
+            SqliteJobStore(SqliteDatabase.__new__(SqliteDatabase), aging_s=bad)
     assert rank("stat") < rank("urgent") < rank("routine")
     with pytest.raises(ValueError, match="asap"):
         rank("asap")
@@ -319,10 +319,10 @@ def test_the_audit_trail_records_each_routed_job_with_its_priority(tmp_path: Pat
 
 
 def test_status_counts_queued_inference_jobs_by_class(tmp_path: Path) -> None:
-    db = Database(database_path(tmp_path))
+    db = SqliteDatabase(database_path(tmp_path))
     clock = Clock()
     queue(db, SqliteJobStore(db, clock=clock), clock, [("stat", 1), ("routine", 2), ("routine", 3)])
     db.close()
-    report = build_report(tmp_path)
+    report = build_report(load_config(environ={"DICOM_NODE__STORE__DATA_DIR": str(tmp_path)}))
     assert report.queued_by_priority == {"stat": 1, "urgent": 0, "routine": 2}
     assert "queued inference by priority: stat 1, urgent 0, routine 2" in format_report(report)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from dicom_node.config import NodeConfig
-from dicom_node.database import Database, database_path
+from dicom_node.database import SqliteDatabase, database_path
 from dicom_node.infer import Worker
 from dicom_node.jobs import InferencePayload, JobKind, JobState, SqliteJobStore
 
@@ -34,7 +34,7 @@ def _run(tmp_path: Path, algorithm: str, settings: dict[str, object], caplog) ->
             "algorithms": {algorithm: settings},
         }
     )
-    db = Database(database_path(tmp_path))
+    db = SqliteDatabase(database_path(tmp_path))
     store = SqliteJobStore(db)
     with db.transaction() as conn:
         job_id = store.enqueue(

@@ -13,7 +13,7 @@ import pytest
 
 from dicom_node.algorithm import Algorithm
 from dicom_node.config import NodeConfig
-from dicom_node.database import Database, database_path
+from dicom_node.database import SqliteDatabase, database_path
 from dicom_node.infer import Worker, WorkerSupervisor, time_limits, worker_environments
 from dicom_node.jobs import (
     CompletionPayload,
@@ -33,7 +33,7 @@ def algorithm_of(store: SqliteJobStore, worker: str, **claim: object) -> str | N
 
 
 def test_a_claim_takes_only_jobs_of_the_algorithms_named(tmp_path: Path) -> None:
-    db = Database(tmp_path / "index.sqlite3")
+    db = SqliteDatabase(tmp_path / "index.sqlite3")
     store = SqliteJobStore(db)
     queue(db, "a", "b", "c", "b")
     with db.transaction() as conn:  # a completion job passes any algorithm filter
@@ -54,7 +54,7 @@ def test_a_claim_takes_only_jobs_of_the_algorithms_named(tmp_path: Path) -> None
 
 
 def test_a_claim_keeps_each_algorithm_under_its_concurrency_limit(tmp_path: Path) -> None:
-    db = Database(tmp_path / "index.sqlite3")
+    db = SqliteDatabase(tmp_path / "index.sqlite3")
     store = SqliteJobStore(db)
     big_1, big_2, small, big_3 = queue(db, "big", "big", "small", "big")
     limits = {"big": 1, "other": 5}
@@ -79,12 +79,12 @@ def test_concurrent_claims_from_several_connections_never_exceed_the_limit(
     count of running jobs is taken in the claim's own transaction, so the runs of the limited
     algorithm, as the jobs recorded them, never overlap."""
     path = tmp_path / "index.sqlite3"
-    Database(path).close()
-    ids = queue(Database(path), *(["big"] * 12))
+    SqliteDatabase(path).close()
+    ids = queue(SqliteDatabase(path), *(["big"] * 12))
     errors: list[BaseException] = []
 
     def work(name: str) -> None:
-        db = Database(path)
+        db = SqliteDatabase(path)
         store = SqliteJobStore(db)
         try:
             deadline = time.monotonic() + 60
@@ -109,7 +109,7 @@ def test_concurrent_claims_from_several_connections_never_exceed_the_limit(
     for thread in threads:
         thread.join()
     assert errors == []
-    db = Database(path)
+    db = SqliteDatabase(path)
     jobs = sorted((SqliteJobStore(db).get(i) for i in ids), key=lambda j: j.started_at)
     assert all(j.state is JobState.SUCCEEDED for j in jobs)
     assert len({j.worker for j in jobs}) > 1  # more than one worker took part
@@ -125,7 +125,7 @@ def test_a_worker_claims_only_the_algorithms_it_can_run(tmp_path: Path, example_
     worker = Worker(config, name="w")
     assert "example-threshold" in worker.runnable
     assert "example-broken" not in worker.runnable  # installed, but its module is missing
-    db = Database(database_path(tmp_path))
+    db = SqliteDatabase(database_path(tmp_path))
     broken, missing, runnable = queue(db, "example-broken", "not-installed", "example-threshold")
     job = worker.work_once()
     assert job is not None and job.id == runnable  # and it fails: the series has no instances
@@ -180,7 +180,7 @@ def test_a_limit_for_an_algorithm_not_installed_is_reported(tmp_path: Path, capl
             "worker": {"time_limits": {"lung-nodles-ct": 60}, "concurrency": {"pneumonia-cxr": 1}},
         }
     )
-    db = Database(database_path(tmp_path))
+    db = SqliteDatabase(database_path(tmp_path))
     supervisor = WorkerSupervisor(config, SqliteJobStore(db))
     assert "worker.time_limits names no installed algorithm: lung-nodles-ct" in caplog.text
     assert "worker.concurrency" not in caplog.text  # pneumonia-cxr is installed

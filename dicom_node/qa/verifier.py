@@ -10,7 +10,6 @@ machine) say why.
 from __future__ import annotations
 
 import shutil
-import sqlite3
 import subprocess
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -23,7 +22,7 @@ from pydicom.sr.codedict import codes
 
 from dicom_node.algorithm import DEMO_WARNING, Concept, QaLesion, QaRegion
 from dicom_node.config import SENDER, NodeConfig
-from dicom_node.database import connect, database_path
+from dicom_node.database import database_errors, has_database, open_reader
 from dicom_node.jobs import JobKind, JobState, job_store_reading
 from dicom_node.qa.peer import Received
 from dicom_node.qa.phantom import Phantom
@@ -573,14 +572,12 @@ def check_dciodvfy(algorithm: str, kind: str, path: Path) -> Check:
 def node_side(config: NodeConfig, phantom: Phantom) -> str | None:
     """What the node's own records say became of a study, when its database is on this
     machine (read-only; None otherwise): why nothing came back is the first question."""
-    path = database_path(config.store.data_dir.resolve())
-    if not path.exists():
+    if not has_database(config):
         return None
     study = str(phantom.first.StudyInstanceUID)
     subjects = [study, *phantom.series_uids().values()]
     try:
-        conn = connect(path, readonly=True)
-        try:
+        with open_reader(config) as conn:
             stored = conn.execute(
                 "SELECT COUNT(*) FROM instances WHERE study_uid = ?", (study,)
             ).fetchone()[0]
@@ -591,9 +588,7 @@ def node_side(config: NodeConfig, phantom: Phantom) -> str | None:
                 if j.inference.algorithm == phantom.algorithm
             ]
             deliveries = store.deliveries_of([j.id for j in jobs[:1]])
-        finally:
-            conn.close()
-    except sqlite3.Error:
+    except database_errors():
         return None
     if not stored:
         return "the node's records hold nothing of the study"

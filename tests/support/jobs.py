@@ -1,15 +1,41 @@
-"""Jobs queued straight into a real SQLite index, for tests of the queue itself."""
+"""Jobs queued straight into a real database (SQLite, or PostgreSQL for the job store's
+contract tests), for tests of the queue itself."""
 
 from __future__ import annotations
 
-from dicom_node.database import Database
-from dicom_node.jobs import InferencePayload, JobKind, SqliteJobStore
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from dicom_node.database import Database, SqliteDatabase
+from dicom_node.jobs import InferencePayload, JobKind, job_store
+
+# The databases the job store runs on; their tests run on each.
+BACKENDS = ("sqlite",)
+
+
+@contextmanager
+def open_backend(name: str, tmp_path: Path) -> Iterator[Callable[[], Database]]:
+    """A fresh, empty database of the backend ``name``: yields a function that opens a new
+    connection to it (one per simulated worker process); all are closed on leaving."""
+    opened: list[Database] = []
+
+    def open_one() -> Database:
+        db = SqliteDatabase(tmp_path / "index.sqlite3")
+        opened.append(db)
+        return db
+
+    try:
+        yield open_one
+    finally:
+        for db in opened:
+            db.close()
 
 
 def queue(db: Database, *algorithms: str) -> list[int]:
     """One queued inference job per algorithm named, in this order, each on a series of its
     own (never stored); their IDs."""
-    store = SqliteJobStore(db)
+    store = job_store(db)
     with db.transaction() as conn:
         return [
             store.enqueue(
