@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import uuid
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -184,6 +185,10 @@ class Job:
     started_at: float | None
     finished_at: float | None
     priority: Priority = DEFAULT_PRIORITY  # the routing rule's class (completions: routine)
+    token: str | None = None  # the running attempt's token, fresh at each claim
+    lease_until: float | None = None  # the running attempt's lease (database clock), if leased
+    staged_at: float | None = None  # its inputs are in the object store (cluster mode)
+    dispatched_at: float | None = None  # its doorbell last rung (cluster mode)
 
     @classmethod
     def from_row(cls, row: Row) -> Job:
@@ -201,6 +206,10 @@ class Job:
             started_at=row["started_at"],
             finished_at=row["finished_at"],
             priority=PRIORITIES[rank(row["priority"])],
+            token=row["attempt_token"],
+            lease_until=row["lease_until"],
+            staged_at=row["staged_at"],
+            dispatched_at=row["dispatched_at"],
         )
 
     @property
@@ -312,14 +321,24 @@ class JobStore(Protocol):
         *,
         algorithms: Collection[str] | None = None,
         concurrency: Mapping[str, int] | None = None,
+        lease_s: float | None = None,
+        staged_only: bool = False,
     ) -> Job | None:
         """Atomically move the first queued job to ``running`` for ``worker``: the best
         priority class (stat, urgent, routine), a class higher for each aging period it waited,
-        then the oldest.
+        then the oldest. Two claims never take the same job, on any database.
 
         With ``algorithms``, an inference job only for one of them (what the worker can run);
         with ``concurrency``, none of an algorithm already running that many times (counted
-        in the same transaction, so two workers cannot both take the last place).
+        in the same transaction, so two workers cannot both take the last place); with
+        ``staged_only``, only a job whose inputs are staged in the object store (cluster mode).
+
+        Every claim gives the attempt a fresh token (``Job.token``): the attempt's proof that it
+        still holds the job (:meth:`holds`, :meth:`fail`, :meth:`renew_lease`). With
+        ``lease_s`` the attempt holds the job until the database clock passes ``lease_until``
+        (now + ``lease_s``, the database's now: the hosts' clocks never compare), unless it
+        renews the lease; then :meth:`requeue_expired` takes it back. Without, it holds the job
+        until it ends it, or its worker is declared dead (:meth:`requeue_worker`).
         """
         ...
 
@@ -333,8 +352,13 @@ class JobStore(Protocol):
         refused, so the supervisor kills the worker rather than let it compute on."""
         ...
 
-    def holds(self, conn: Connection, job_id: int, worker: str) -> bool:
-        """Whether ``worker``'s attempt still holds the job (caller's transaction)."""
+    def holds(self, conn: Connection, job_id: int, worker: str, token: str | None = None) -> bool:
+        """Whether ``worker``'s attempt still holds the job (caller's transaction): it is
+        running, for ``worker``, and with ``token``, still the attempt that token was given
+        to (the job was not taken back and claimed again meanwhile, even by the same worker).
+        True also keeps it so until the caller's transaction ends: a cancel or a lease's
+        expiry waits for it, so results committed after a True are never the results of a
+        job that was cancelled or queued again meanwhile."""
         ...
 
     def mark_succeeded(self, conn: Connection, job_id: int) -> None:
@@ -343,13 +367,58 @@ class JobStore(Protocol):
 
     def succeed(self, job_id: int) -> None: ...
 
-    def fail(self, job_id: int, error: str, *, worker: str, max_attempts: int) -> JobState | None:
+    def fail(
+        self,
+        job_id: int,
+        error: str,
+        *,
+        worker: str,
+        max_attempts: int,
+        token: str | None = None,
+    ) -> JobState | None:
         """Record ``worker``'s failed attempt; requeue while attempts remain, else mark failed.
-        None when the job is no longer ``worker``'s (queued again and taken by another)."""
+        None when the job is no longer ``worker``'s (queued again and taken by another), or,
+        with ``token``, no longer that attempt's."""
+        ...
+
+    def renew_lease(self, job_id: int, token: str, lease_s: float) -> bool:
+        """Extend the attempt's lease to the database clock's now + ``lease_s`` (a worker's
+        heartbeat); False when the attempt lost the job (its lease ran out and the job was
+        taken back, it was cancelled or ended): the worker should stop, its result would be
+        refused."""
+        ...
+
+    def requeue_expired(self, *, max_attempts: int) -> list[int]:
+        """Take back the running jobs whose lease ran out by the database clock (their
+        worker died, froze or lost the database): queued again for another attempt, or failed
+        when they had ``max_attempts``. Their IDs. Jobs claimed without a lease never expire."""
+        ...
+
+    # -- cluster mode: staging and dispatch (the sweeper's bookkeeping) ------------------------
+
+    def unstaged(self, limit: int = 100) -> list[Job]:
+        """Queued inference jobs whose inputs are not staged yet, oldest first."""
+        ...
+
+    def mark_staged(self, job_id: int) -> None:
+        """Record that a job's inputs and manifest are in the object store (now, by the
+        database clock): from here it may be dispatched and claimed (``staged_only``)."""
+        ...
+
+    def to_dispatch(self, *, redispatch_s: float, limit: int = 500) -> list[Job]:
+        """Queued, staged inference jobs whose doorbell was never rung, or rung more than
+        ``redispatch_s`` ago by the database clock and not claimed since (the message was lost
+        or the worker that took it died): what the sweeper publishes, best claim first."""
+        ...
+
+    def mark_dispatched(self, job_ids: Sequence[int]) -> None:
+        """Record that the jobs' doorbells were rung (now, by the database clock)."""
         ...
 
     def requeue_interrupted(self) -> int:
-        """Return jobs left ``running`` by a crash to ``queued``; the count moved."""
+        """Return jobs left ``running`` by a crash to ``queued``; the count moved. Embedded
+        mode only: in cluster mode the running jobs' workers are elsewhere and go on, and
+        their leases decide (:meth:`requeue_expired`)."""
         ...
 
     def requeue_worker(self, worker: str, error: str, *, max_attempts: int) -> int:
@@ -411,9 +480,7 @@ class JobStore(Protocol):
 
     # -- deliveries --------------------------------------------------------------------------
 
-    def schedule_deliveries(
-        self, conn: Connection, job_id: int, payload: InferencePayload
-    ) -> int:
+    def schedule_deliveries(self, conn: Connection, job_id: int, payload: InferencePayload) -> int:
         """Queue one delivery per target of a job's route (caller's transaction); how many."""
         ...
 
@@ -450,6 +517,20 @@ class JobStore(Protocol):
 # again, so an attempt may go on after another worker took the job.
 _HELD = "id = ? AND state = 'running' AND worker = ?"
 
+
+# An attempt's bookkeeping, cleared when the job is queued again: the next claim gives a new
+# token and lease, and the sweeper rings its doorbell again at once.
+_NO_ATTEMPT = "attempt_token = NULL, lease_until = NULL, dispatched_at = NULL"
+
+
+def _held(worker: str, token: str | None) -> tuple[str, tuple[object, ...]]:
+    """The condition that an attempt holds the job (id, then these parameters): by its
+    worker, and by its token when it has one (the worker may have claimed the job again)."""
+    if token is None:
+        return _HELD, (worker,)
+    return _HELD + " AND attempt_token = ?", (worker, token)
+
+
 # The study a job belongs to: its subject is a study, or a series of one.
 _JOB_STUDY = (
     "COALESCE((SELECT s.study_uid FROM series s WHERE s.series_uid = j.subject_uid), j.subject_uid)"
@@ -463,7 +544,7 @@ def _received(aggregate: str) -> str:
     completion, and an earlier one whose copies were all replaced has none (NULL)."""
     window = (
         " AND i.received_at <= COALESCE(c.created_at, j.created_at)"
-        " AND i.received_at > COALESCE(before.created_at, 0)"
+        " AND i.received_at > COALESCE(prev.created_at, 0)"
     )
     return (
         "CASE json_extract(j.payload, '$.level')"
@@ -492,12 +573,14 @@ def _claim_filter(
         params.append(_json_list(algorithms))
     if concurrency:
         # No limit for the algorithm (or not an inference job) compares as NULL: passes.
+        # The limit is CAST: PostgreSQL's json_each gives its values as text.
         where += (
             " AND COALESCE((SELECT COUNT(*) FROM jobs r WHERE r.state = 'running'"
             f" AND r.kind = '{JobKind.INFERENCE.value}'"
             f" AND {_ALGORITHM.format('r')} = {_ALGORITHM.format('q')})"
-            f" < (SELECT value FROM json_each(?) WHERE key = {_ALGORITHM.format('q')}"
-            f" AND q.kind = '{JobKind.INFERENCE.value}'), 1)"
+            f" < (SELECT CAST(value AS INTEGER) FROM json_each(?)"
+            f" WHERE key = {_ALGORITHM.format('q')} AND q.kind = '{JobKind.INFERENCE.value}'),"
+            " TRUE)"
         )
         params.append(json.dumps(dict(concurrency)))
     return where, params
@@ -509,23 +592,39 @@ def _json_list(values: Iterable[object]) -> str:
     return json.dumps(list(values))
 
 
-def _claim_order(aging_s: float) -> str:
-    """The ORDER BY of a claim, with the claim's time as its one parameter: the class's rank
-    (0 stat, 1 urgent, 2 routine) less one for each ``aging_s`` the job has waited, never
-    better than stat; then the oldest, then the first queued."""
+def _claim_order(aging_s: float) -> tuple[str, int]:
+    """The ORDER BY of a claim, and how many times it takes the claim's time as a parameter:
+    the class's rank (0 stat, 1 urgent, 2 routine) less one for each ``aging_s`` the job has
+    waited, never better than stat; then the oldest, then the first queued.
+
+    Written with comparisons only, so that both databases order alike: PostgreSQL's CAST of a
+    fraction to an integer rounds where SQLite's truncates, and scalar MAX(a, b) is SQLite's
+    alone. A job aged as many periods as there are classes below stat is stat whatever its
+    class, so that many comparisons are all it takes."""
     ranks = " ".join(f"WHEN '{p}' THEN {rank(p)}" for p in PRIORITIES)
-    return (
-        f"MAX(0, (CASE priority {ranks} ELSE {rank(DEFAULT_PRIORITY)} END)"
-        f" - CAST((? - created_at) / {float(aging_s)!r} AS INTEGER)), created_at, id"
+    class_rank = f"(CASE priority {ranks} ELSE {rank(DEFAULT_PRIORITY)} END)"
+    periods = range(len(PRIORITIES) - 1, 0, -1)
+    aged = " ".join(
+        f"WHEN ? - created_at >= {float(n * aging_s)!r}"
+        f" THEN CASE WHEN {class_rank} > {n} THEN {class_rank} - {n} ELSE 0 END"
+        for n in periods
     )
+    return f"CASE {aged} ELSE {class_rank} END, created_at, id", len(periods)
 
 
 class SqliteJobStore:
-    """:class:`JobStore` on the node's SQLite database (safe across processes).
+    """:class:`JobStore` on the node's SQLite database (safe across processes), in SQL that
+    PostgreSQL runs too (:class:`PostgresJobStore` adds the row locks its isolation needs).
 
     ``aging_s`` is ``worker.priority_aging_s``; ``clock`` stamps a job queued and is the claim's
-    "now" (a test's explicit times instead of sleeps).
+    "now" (a test's explicit times instead of sleeps). Leases, staging and dispatch times are
+    the database's clock instead (``db.dialect.now``): the one clock every host shares.
     """
+
+    # What a statement that reads a row to change it adds to lock the row for the rest of its
+    # transaction. SQLite needs none: a transaction that writes holds the database's one
+    # write lock from its start (BEGIN IMMEDIATE).
+    _LOCK_ROW = ""
 
     def __init__(
         self,
@@ -538,7 +637,12 @@ class SqliteJobStore:
             raise ValueError(f"the priority aging time is positive, not {aging_s!r}")
         self.db = db
         self.clock = clock
-        self._order = _claim_order(aging_s)
+        self._order, self._order_times = _claim_order(aging_s)
+
+    @property
+    def _now(self) -> str:
+        """The database clock in epoch seconds, as an SQL expression."""
+        return self.db.dialect.now
 
     # -- jobs --------------------------------------------------------------------------------
 
@@ -560,9 +664,9 @@ class SqliteJobStore:
         expected = InferencePayload if kind is JobKind.INFERENCE else CompletionPayload
         if not isinstance(payload, expected):
             raise TypeError(f"a {kind.value} job carries a {expected.__name__}")
-        cursor = conn.execute(
+        row = conn.execute(
             "INSERT INTO jobs (kind, subject_uid, generation, payload, state, created_at,"
-            " priority) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            " priority) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
             (
                 kind.value,
                 subject_uid,
@@ -572,8 +676,8 @@ class SqliteJobStore:
                 self.clock(),
                 PRIORITIES[rank(priority)],
             ),
-        )
-        return int(cursor.lastrowid or 0)
+        ).fetchone()
+        return int(row[0])
 
     def claim(
         self,
@@ -582,26 +686,48 @@ class SqliteJobStore:
         *,
         algorithms: Collection[str] | None = None,
         concurrency: Mapping[str, int] | None = None,
+        lease_s: float | None = None,
+        staged_only: bool = False,
     ) -> Job | None:
+        if lease_s is not None and not (math.isfinite(lease_s) and lease_s > 0):
+            raise ValueError(f"a claim's lease is a positive number of seconds, not {lease_s!r}")
         where = "state = 'queued'"
         params: list[Any] = []
         if kinds:
             where += f" AND kind IN ({','.join('?' * len(kinds))})"
             params.extend(JobKind(k).value for k in kinds)
+        if staged_only:
+            where += " AND staged_at IS NOT NULL"
         where_more, more = _claim_filter(algorithms, concurrency)
         where, params = where + where_more, [*params, *more]
+        lease = "NULL" if lease_s is None else f"{self._now} + ?"
         # One statement: the choice and the taking are atomic across workers and processes.
         with self.db.transaction() as conn:
+            self._serialize_claim(conn, limited=bool(concurrency))
             # Read once the write lock is held: a job that another worker finished while this
             # claim waited for the lock then ends before this one starts, also in the record.
             now = self.clock()
             row = conn.execute(
                 "UPDATE jobs SET state = 'running', attempts = attempts + 1, worker = ?,"
-                f" started_at = ? WHERE id = (SELECT id FROM jobs q WHERE {where}"
-                f" ORDER BY {self._order} LIMIT 1) RETURNING *",
-                (worker, now, *params, now),
+                f" started_at = ?, attempt_token = ?, lease_until = {lease}"
+                f" WHERE id = (SELECT id FROM jobs q WHERE {where}"
+                # PostgreSQL: FOR UPDATE SKIP LOCKED (see PostgresJobStore); SQLite: none, its
+                # claims take turns at the write lock and no job is ever being taken.
+                f" ORDER BY {self._order} LIMIT 1{self.db.dialect.lock_skip}) RETURNING *",
+                (
+                    worker,
+                    now,
+                    uuid.uuid4().hex,
+                    *(() if lease_s is None else (lease_s,)),
+                    *params,
+                    *(now,) * self._order_times,
+                ),
             ).fetchone()
         return Job.from_row(row) if row is not None else None
+
+    def _serialize_claim(self, conn: Connection, *, limited: bool) -> None:
+        """Make a claim wait for the claims before it where the database does not already
+        (SQLite: every write transaction waits for the one before)."""
 
     def held_by(self, worker: str) -> list[Job]:
         with self.db.reading() as conn:
@@ -623,13 +749,19 @@ class SqliteJobStore:
             ).fetchall()
         return [Job.from_row(r) for r in rows]
 
-    def holds(self, conn: Connection, job_id: int, worker: str) -> bool:
-        row = conn.execute(f"SELECT 1 FROM jobs WHERE {_HELD}", (job_id, worker)).fetchone()
+    def holds(self, conn: Connection, job_id: int, worker: str, token: str | None = None) -> bool:
+        held, params = _held(worker, token)
+        # Locked (PostgreSQL): the caller commits the attempt's results next, and a cancel
+        # or an expiry between this read and that commit would be overwritten by it.
+        row = conn.execute(
+            f"SELECT 1 FROM jobs WHERE {held}{self._LOCK_ROW}", (job_id, *params)
+        ).fetchone()
         return row is not None
 
     def mark_succeeded(self, conn: Connection, job_id: int) -> None:
         conn.execute(
-            "UPDATE jobs SET state = 'succeeded', error = NULL, finished_at = ? WHERE id = ?",
+            "UPDATE jobs SET state = 'succeeded', error = NULL, finished_at = ?,"
+            " lease_until = NULL WHERE id = ?",
             (time.time(), job_id),
         )
 
@@ -637,17 +769,51 @@ class SqliteJobStore:
         with self.db.transaction() as conn:
             self.mark_succeeded(conn, job_id)
 
-    def fail(self, job_id: int, error: str, *, worker: str, max_attempts: int) -> JobState | None:
+    def fail(
+        self,
+        job_id: int,
+        error: str,
+        *,
+        worker: str,
+        max_attempts: int,
+        token: str | None = None,
+    ) -> JobState | None:
+        held, params = _held(worker, token)
         with self.db.transaction() as conn:
             # Only the attempt that holds the job ends it: a late failure of an attempt that
-            # lost the job (its node restarted) must not requeue another worker's attempt.
-            states = _end_attempts(conn, _HELD, (job_id, worker), error, max_attempts)
-        return states[0] if states else None
+            # lost the job (its node restarted, its lease ran out) must not requeue another
+            # worker's attempt.
+            ended = _end_attempts(conn, held, (job_id, *params), error, max_attempts)
+        return ended[0][1] if ended else None
+
+    def renew_lease(self, job_id: int, token: str, lease_s: float) -> bool:
+        if not (math.isfinite(lease_s) and lease_s > 0):
+            raise ValueError(f"a lease is a positive number of seconds, not {lease_s!r}")
+        with self.db.transaction() as conn:
+            # By the token alone: it is the attempt's, whichever worker's name it runs under.
+            # A lease already past but not yet taken back is still this attempt's to renew.
+            row = conn.execute(
+                f"UPDATE jobs SET lease_until = {self._now} + ? WHERE id = ?"
+                " AND state = 'running' AND attempt_token = ? RETURNING id",
+                (lease_s, job_id, token),
+            ).fetchone()
+        return row is not None
+
+    def requeue_expired(self, *, max_attempts: int) -> list[int]:
+        with self.db.transaction() as conn:
+            ended = _end_attempts(
+                conn,
+                f"state = 'running' AND lease_until < {self._now}",
+                (),
+                "lease expired: its worker stopped renewing it (died, froze or lost the database)",
+                max_attempts,
+            )
+        return sorted(job_id for job_id, _ in ended)
 
     def requeue_interrupted(self) -> int:
         with self.db.transaction() as conn:
             cursor = conn.execute(
-                "UPDATE jobs SET state = 'queued', worker = NULL,"
+                f"UPDATE jobs SET state = 'queued', worker = NULL, {_NO_ATTEMPT},"
                 " error = 'interrupted: the node stopped while this job ran'"
                 " WHERE state = 'running'"
             )
@@ -662,7 +828,7 @@ class SqliteJobStore:
         return self._change(
             job_id,
             (JobState.QUEUED, JobState.RUNNING),
-            "state = 'cancelled', finished_at = ?,"
+            "state = 'cancelled', finished_at = ?, lease_until = NULL,"
             " error = 'cancelled by ' || ? || CASE state WHEN 'running' THEN ' while it ran'"
             " ELSE '' END",
             (time.time(), by),
@@ -672,7 +838,7 @@ class SqliteJobStore:
         return self._change(
             job_id,
             (JobState.FAILED, JobState.CANCELLED),
-            "state = 'queued', attempts = 0, worker = NULL, started_at = NULL,"
+            f"state = 'queued', attempts = 0, worker = NULL, {_NO_ATTEMPT}, started_at = NULL,"
             " finished_at = NULL, error = 'requeued by ' || ? || ' after: ' || COALESCE(error, '')",
             (by,),
         )
@@ -683,12 +849,56 @@ class SqliteJobStore:
         """Change a job in one of ``states``; the job as it was, or None."""
         allowed = ", ".join(f"'{s.value}'" for s in states)
         with self.db.transaction() as conn:
+            # Locked (PostgreSQL) from the read to the change: a worker committing the job's
+            # success between them would otherwise have it cancelled after it succeeded.
             row = conn.execute(
-                f"SELECT * FROM jobs WHERE id = ? AND state IN ({allowed})", (job_id,)
+                f"SELECT * FROM jobs WHERE id = ? AND state IN ({allowed}){self._LOCK_ROW}",
+                (job_id,),
             ).fetchone()
             if row is not None:
                 conn.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*params, job_id))
         return Job.from_row(row) if row is not None else None
+
+    # -- cluster mode: staging and dispatch --------------------------------------------------
+
+    def unstaged(self, limit: int = 100) -> list[Job]:
+        with self.db.reading() as conn:
+            rows = conn.execute(
+                "SELECT * FROM jobs WHERE state = 'queued' AND kind = ? AND staged_at IS NULL"
+                " ORDER BY created_at, id LIMIT ?",
+                (JobKind.INFERENCE.value, limit),
+            ).fetchall()
+        return [Job.from_row(r) for r in rows]
+
+    def mark_staged(self, job_id: int) -> None:
+        with self.db.transaction() as conn:
+            conn.execute(f"UPDATE jobs SET staged_at = {self._now} WHERE id = ?", (job_id,))
+
+    def to_dispatch(self, *, redispatch_s: float, limit: int = 500) -> list[Job]:
+        if not (math.isfinite(redispatch_s) and redispatch_s > 0):
+            raise ValueError(f"the redispatch time is positive, not {redispatch_s!r}")
+        now = self.clock()
+        with self.db.reading() as conn:
+            rows = conn.execute(
+                "SELECT * FROM jobs WHERE state = 'queued' AND kind = ?"
+                " AND staged_at IS NOT NULL"
+                f" AND (dispatched_at IS NULL OR dispatched_at < {self._now} - ?)"
+                f" ORDER BY {self._order} LIMIT ?",
+                (JobKind.INFERENCE.value, redispatch_s, *(now,) * self._order_times, limit),
+            ).fetchall()
+        return [Job.from_row(r) for r in rows]
+
+    def mark_dispatched(self, job_ids: Sequence[int]) -> None:
+        if not job_ids:
+            return
+        with self.db.transaction() as conn:
+            conn.execute(
+                f"UPDATE jobs SET dispatched_at = {self._now}"
+                " WHERE id IN (SELECT CAST(value AS INTEGER) FROM json_each(?))",
+                (_json_list(job_ids),),
+            )
+
+    # -- reading -----------------------------------------------------------------------------
 
     def get(self, job_id: int) -> Job | None:
         with self.db.reading() as conn:
@@ -698,15 +908,16 @@ class SqliteJobStore:
     def recent(
         self, kind: JobKind, *, limit: int | None = None, subject_uids: Sequence[str] | None = None
     ) -> list[Job]:
-        where, params = "kind = ?", [kind.value]
+        where, params = "kind = ?", list[object]([kind.value])
         if subject_uids is not None:
             where += " AND subject_uid IN (SELECT value FROM json_each(?))"
             params.append(_json_list(subject_uids))
+        if limit is not None:
+            where, params = f"{where} ORDER BY id DESC LIMIT ?", [*params, limit]
+        else:
+            where += " ORDER BY id DESC"
         with self.db.reading() as conn:
-            rows = conn.execute(
-                f"SELECT * FROM jobs WHERE {where} ORDER BY id DESC LIMIT ?",
-                (*params, -1 if limit is None else limit),  # SQLite: a negative limit is none
-            ).fetchall()
+            rows = conn.execute(f"SELECT * FROM jobs WHERE {where}", params).fetchall()
         return [Job.from_row(r) for r in rows]
 
     def completed_at(self, job: Job) -> float | None:
@@ -770,8 +981,8 @@ class SqliteJobStore:
                 f"     ELSE '{JobKind.SERIES_COMPLETE.value}' END"
                 # Completions are counted one by one (assembly): the one before is
                 # generation - 1.
-                " LEFT JOIN jobs before ON before.subject_uid = c.subject_uid"
-                "   AND before.kind = c.kind AND before.generation = c.generation - 1"
+                " LEFT JOIN jobs prev ON prev.subject_uid = c.subject_uid"
+                "   AND prev.kind = c.kind AND prev.generation = c.generation - 1"
                 f" {where} ORDER BY j.id DESC LIMIT ?",
                 (*params, limit),
             ).fetchall()
@@ -835,16 +1046,14 @@ class SqliteJobStore:
 
     # -- deliveries --------------------------------------------------------------------------
 
-    def schedule_deliveries(
-        self, conn: Connection, job_id: int, payload: InferencePayload
-    ) -> int:
+    def schedule_deliveries(self, conn: Connection, job_id: int, payload: InferencePayload) -> int:
         """Queue one delivery per target of a job's route, inside the caller's transaction
         (the one that records the job's results, so none is ever lost)."""
         rows = payload.delivery_targets()
         now = time.time()
         conn.executemany(
-            "INSERT OR IGNORE INTO deliveries (job_id, destination, peer_aet, state,"
-            " next_attempt_at, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO deliveries (job_id, destination, peer_aet, state,"
+            " next_attempt_at, created_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
             [(job_id, name, peer, DeliveryState.PENDING.value, now, now) for name, peer in rows],
         )
         return len(rows)
@@ -898,7 +1107,8 @@ class SqliteJobStore:
             return {}
         with self.db.reading() as conn:
             rows = conn.execute(
-                "SELECT * FROM deliveries WHERE job_id IN (SELECT value FROM json_each(?))"
+                "SELECT * FROM deliveries"
+                " WHERE job_id IN (SELECT CAST(value AS INTEGER) FROM json_each(?))"
                 " ORDER BY id",
                 (_json_list(job_ids),),
             ).fetchall()
@@ -918,8 +1128,8 @@ class SqliteJobStore:
     def delivery_counts(self) -> dict[DeliveryState, int]:
         """Deliveries by state; only the states some delivery is in."""
         with self.db.reading() as conn:
-            rows = conn.execute("SELECT state, COUNT(*) FROM deliveries GROUP BY state")
-            return {DeliveryState(state): count for state, count in rows}
+            rows = conn.execute("SELECT state, COUNT(*) FROM deliveries GROUP BY state").fetchall()
+        return {DeliveryState(state): count for state, count in rows}
 
     def delivery_tally(self) -> list[tuple[str, DeliveryState, int]]:
         with self.db.reading() as conn:
@@ -932,9 +1142,15 @@ class SqliteJobStore:
         """Each destination (and peer) deliveries went to, in the order first grouped."""
         with self.db.reading() as conn:
             counts = conn.execute(
-                "SELECT destination, peer_aet, SUM(state = 'pending') AS pending,"
-                " SUM(state = 'pending' AND attempts > 0) AS retrying,"
-                " SUM(state = 'sent') AS sent, SUM(state = 'dead') AS dead,"
+                "SELECT destination, peer_aet, "
+                + _count_where("state = 'pending'")
+                + " AS pending, "
+                + _count_where("state = 'pending' AND attempts > 0")
+                + " AS retrying, "
+                + _count_where("state = 'sent'")
+                + " AS sent, "
+                + _count_where("state = 'dead'")
+                + " AS dead,"
                 " MAX(sent_at) AS last_sent_at FROM deliveries GROUP BY destination, peer_aet"
             ).fetchall()
             error_rows = conn.execute(
@@ -962,11 +1178,20 @@ class SqliteJobStore:
             return {}
         with self.db.reading() as conn:
             rows = conn.execute(
-                "SELECT job_id, MAX(sent_at), SUM(state != 'sent') FROM deliveries"
-                " WHERE job_id IN (SELECT value FROM json_each(?)) GROUP BY job_id",
+                "SELECT job_id, MAX(sent_at), "
+                + _count_where("state != 'sent'")
+                + " FROM deliveries"
+                " WHERE job_id IN (SELECT CAST(value AS INTEGER) FROM json_each(?))"
+                " GROUP BY job_id",
                 (_json_list(job_ids),),
             ).fetchall()
         return {job_id: DeliveryProgress(sent_at, open) for job_id, sent_at, open in rows}
+
+
+def _count_where(condition: str) -> str:
+    """An aggregate counting the rows of a group that meet ``condition`` (SUM of a boolean is
+    SQLite's alone)."""
+    return f"SUM(CASE WHEN {condition} THEN 1 ELSE 0 END)"
 
 
 def _end_attempts(
@@ -975,20 +1200,57 @@ def _end_attempts(
     params: tuple[object, ...],
     error: str,
     max_attempts: int,
-) -> list[JobState]:
-    """End the current attempt of the selected jobs: queued again, or failed when out of tries."""
+) -> list[tuple[int, JobState]]:
+    """End the current attempt of the selected jobs: queued again, or failed when out of
+    tries. Each one's ID and new state."""
     rows = conn.execute(
         "UPDATE jobs SET state = CASE WHEN attempts >= ? THEN 'failed' ELSE 'queued' END,"
-        f" worker = NULL, error = ?, finished_at = ? WHERE {where} RETURNING state",
+        f" worker = NULL, {_NO_ATTEMPT}, error = ?, finished_at = ? WHERE {where}"
+        " RETURNING id, state",
         (max_attempts, error, time.time(), *params),
     ).fetchall()
-    return [JobState(r["state"]) for r in rows]
+    return [(int(r["id"]), JobState(r["state"])) for r in rows]
+
+
+class PostgresJobStore(SqliteJobStore):
+    """:class:`JobStore` on PostgreSQL (cluster mode): the same SQL, plus the locks that
+    READ COMMITTED needs where SQLite's one writer at a time gave them for free.
+
+    - A claim's choice is ``FOR UPDATE SKIP LOCKED``: each claim locks the row it picks and
+      passes over rows that other claims hold locked, so concurrent claims take different jobs
+      instead of waiting for each other (and then finding their pick taken). Once it has the
+      lock PostgreSQL checks the row again against the claim's conditions (``state =
+      'queued'``...), so a job taken and committed by another claim since the statement began
+      is not taken twice.
+    - A claim with a concurrency limit first takes a transaction-scoped advisory lock: the
+      count of an algorithm's running jobs is a read of other rows, which no row lock
+      protects, and two claims could otherwise both see the last free place. Each statement
+      under READ COMMITTED sees what was committed before it began, and the lock is released
+      at commit, so the next limited claim counts the one before. Claims without a limit
+      never wait for it.
+    - :meth:`holds` and :meth:`_change` (cancel, requeue) lock the job's row from their read
+      to the end of their transaction: an attempt's results and a person's cancel, or a
+      lease's expiry, then happen one after the other, never interleaved (an attempt that
+      held the job commits its success before the cancel reads it, and the cancel finds it
+      ended; or the cancel commits first, and holds is False). The other changes are single
+      UPDATEs whose conditions PostgreSQL checks again on the row it locks.
+    """
+
+    _LOCK_ROW = " FOR UPDATE"
+
+    # Any 64-bit constant both the node and its workers share: the claims with a limit.
+    _LIMITED_CLAIMS_LOCK = 0x6463_6D6E_6F64_6531  # "dcmnode1"
+
+    def _serialize_claim(self, conn: Connection, *, limited: bool) -> None:
+        if limited:
+            conn.execute("SELECT pg_advisory_xact_lock(?)", (self._LIMITED_CLAIMS_LOCK,))
 
 
 def job_store(db: Database, *, priority_aging_s: float = PRIORITY_AGING_S) -> JobStore:
-    """The node's job store on its database: where another store would be chosen.
+    """The node's job store on its database, by its dialect (SQLite or PostgreSQL).
     ``priority_aging_s`` is ``worker.priority_aging_s`` for the stores that claim."""
-    return SqliteJobStore(db, aging_s=priority_aging_s)
+    cls = PostgresJobStore if db.dialect.name == "postgresql" else SqliteJobStore
+    return cls(db, aging_s=priority_aging_s)
 
 
 def job_store_reading(conn: Connection) -> JobStore:
@@ -1011,6 +1273,7 @@ __all__ = [
     "JobPayload",
     "JobState",
     "JobStore",
+    "PostgresJobStore",
     "SqliteJobStore",
     "job_store",
     "job_store_reading",
