@@ -129,10 +129,15 @@ def write_atomically(path: Path) -> Iterator[IO[bytes]]:
 class FolderObjectStore:
     """Objects as files under ``root`` (a shared mount: NFS, CephFS, SMB): key = relative path."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, create: bool = False) -> None:
         if not root.is_absolute():
             raise ValueError(f"the object store folder {root} must be an absolute path")
         self.root = root
+        if create:
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ObjectStoreUnavailable(f"{self!r}: cannot create it: {exc}") from exc
 
     def __repr__(self) -> str:
         return f"FolderObjectStore({str(self.root)!r})"
@@ -445,11 +450,12 @@ def folder_of(url: str) -> Path:
     return Path(unquote(parts.path))
 
 
-def object_store(config: ObjectsConfig, *, create_bucket: bool = False) -> ObjectStore:
+def object_store(config: ObjectsConfig, *, create: bool = False) -> ObjectStore:
     """The store ``cluster.objects`` describes: S3 for s3://, a shared folder for file:///.
 
-    ``create_bucket``: make the S3 bucket if it is missing (the node at start; workers only
-    use it).
+    ``create``: make the S3 bucket, or the folder, if it is missing (the node at start;
+    workers only use what is there, so that one configured with a wrong bucket or an
+    unmounted share fails instead of writing where nobody reads).
     """
     if config.url is None:
         raise ValueError("cluster.objects.url is not set")
@@ -460,9 +466,9 @@ def object_store(config: ObjectsConfig, *, create_bucket: bool = False) -> Objec
             region=config.region,
             access_key_id=config.access_key_id,
             secret_access_key=config.secret_access_key,
-            create_bucket=create_bucket,
+            create_bucket=create,
         ),
-        "file": lambda: FolderObjectStore(folder_of(str(config.url))),
+        "file": lambda: FolderObjectStore(folder_of(str(config.url)), create=create),
     }
     scheme = urlsplit(config.url).scheme
     if scheme not in makers:

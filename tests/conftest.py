@@ -17,7 +17,9 @@ from tests.support.node import NodeProcess
 from tests.support.paths import CORPUS, MODEL_ZOO, PLUGINS
 from tests.support.tls import make_pki
 
-pytest_plugins = ["pytester"]  # tests/test_layout.py runs this conftest on probe tests
+# pytester: tests/test_layout.py runs this conftest on probe tests. The real servers' session
+# fixtures live beside their helpers in tests/support/.
+pytest_plugins = ["pytester", "tests.support.seaweedfs"]
 
 
 @pytest.fixture(scope="session")
