@@ -48,7 +48,8 @@ def studies(conn: Connection, limit: int = 50) -> list[dict[str, Any]]:
     for uid, aet, count in conn.execute(
         "SELECT study_uid, calling_aet, COUNT(*) FROM instances"
         " WHERE study_uid IN (SELECT value FROM json_each(?))"
-        " GROUP BY study_uid, calling_aet ORDER BY study_uid, MIN(rowid)",  # first sent first
+        " GROUP BY study_uid, calling_aet"
+        " ORDER BY study_uid, MIN(received_at), calling_aet",  # first sent first
         (listed,),
     ):
         instances[uid] = instances.get(uid, 0) + count

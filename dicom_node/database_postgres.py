@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import re
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -156,11 +156,25 @@ class PgConnection:
 
     dialect = POSTGRESQL
 
-    def __init__(self, raw: psycopg.Connection[Any]) -> None:
+    def __init__(
+        self,
+        raw: psycopg.Connection[Any],
+        reconnect: Callable[[], psycopg.Connection[Any]] | None = None,
+    ) -> None:
         self.raw = raw
+        self._reconnect = reconnect
 
     def execute(self, sql: str, parameters: Any = (), /) -> Cursor:
-        cursor: Cursor = self.raw.execute(translate_sql(sql), tuple(parameters))
+        query, params = translate_sql(sql), tuple(parameters)
+        try:
+            cursor: Cursor = self.raw.execute(query, params)
+        except psycopg.OperationalError:
+            # Reads outside a transaction (``reading()``) on a connection the server dropped
+            # since its last use (a restart): connect again and read once more.
+            if self._reconnect is None or not self.raw.broken:
+                raise
+            self.raw = self._reconnect()
+            cursor = self.raw.execute(query, params)
         return cursor
 
     def executemany(self, sql: str, seq_of_parameters: Any, /) -> Cursor:
@@ -249,8 +263,10 @@ class PostgresDatabase:
 
     @contextmanager
     def reading(self) -> Iterator[Connection]:
+        """Reads in autocommit; a read on a connection the server dropped is made again on a
+        new connection (reads only: every write goes through :meth:`transaction`)."""
         with self._lock:
-            yield PgConnection(self._live())
+            yield PgConnection(self._live(), reconnect=self._live)
 
     def close(self) -> None:
         with self._lock:

@@ -212,7 +212,9 @@ def _inference_histogram(conn: Connection) -> HistogramMetricFamily:
         "Time an algorithm ran per job (reading its inputs included), by algorithm and device.",
         labels=["algorithm", "device"],
     )
-    counts = ", ".join(f"SUM(run_s <= {bound})" for bound in INFERENCE_BUCKETS_S)
+    counts = ", ".join(
+        f"SUM(CASE WHEN run_s <= {bound} THEN 1 ELSE 0 END)" for bound in INFERENCE_BUCKETS_S
+    )
     for row in conn.execute(
         f"SELECT algorithm, device, {counts}, COUNT(*), SUM(run_s) FROM results"
         " WHERE run_s IS NOT NULL GROUP BY algorithm, device"

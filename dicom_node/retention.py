@@ -117,6 +117,8 @@ def _study_done_at(
 def _record_purge(db: Database, subject: str, now: float, files: int, size: int) -> None:
     with db.transaction() as conn:
         conn.execute(
-            "INSERT OR REPLACE INTO purges (subject, purged_at, files, bytes) VALUES (?, ?, ?, ?)",
+            "INSERT INTO purges (subject, purged_at, files, bytes) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (subject) DO UPDATE SET purged_at = excluded.purged_at,"
+            " files = excluded.files, bytes = excluded.bytes",
             (subject, now, files, size),
         )

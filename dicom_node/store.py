@@ -46,7 +46,13 @@ from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from dicom_node import __version__
-from dicom_node.database import Connection, Database, SqliteDatabase, database_path
+from dicom_node.database import (
+    Connection,
+    Database,
+    SqliteDatabase,
+    database_errors,
+    database_path,
+)
 from dicom_node.errors import InvalidInstance, OutOfResources, RejectedInstance, SopMismatch
 from dicom_node.priority import RequestPriority
 
@@ -448,10 +454,14 @@ class InstanceStore:
 
         relative = self.relative_path(header)
         final = self.data_dir / relative
-        with self.db.reading() as conn:
-            existing = conn.execute(
-                "SELECT path FROM instances WHERE sop_instance_uid = ?", (header.sop_instance_uid,)
-            ).fetchone()
+        try:
+            with self.db.reading() as conn:
+                existing = conn.execute(
+                    "SELECT path FROM instances WHERE sop_instance_uid = ?",
+                    (header.sop_instance_uid,),
+                ).fetchone()
+        except database_errors() as exc:
+            raise _index_unavailable(exc) from exc
         if existing is not None:
             stored_path = self.data_dir / existing["path"]
             if self._same_content(stored_path, dataset):
@@ -463,6 +473,36 @@ class InstanceStore:
             dataset,
         )
         now = time.time()
+        try:
+            study_reopened, series_reopened = self._index(
+                header, ts, relative, sender, now, len(dataset), request_priority
+            )
+        except database_errors() as exc:
+            # No Success without the index commit: the file goes too (unless an earlier copy's
+            # row still points at it), and the sender is told to try again later.
+            if existing is None or existing["path"] != relative.as_posix():
+                final.unlink(missing_ok=True)
+            raise _index_unavailable(exc) from exc
+        result = StoreResult.STORED
+        if existing is not None:
+            result = StoreResult.REPLACED
+            if existing["path"] != relative.as_posix():
+                # The replacing copy moved to another series: the old file has no row any more.
+                (self.data_dir / existing["path"]).unlink(missing_ok=True)
+        return StoredInstance(header, final, result, series_reopened, study_reopened)
+
+    def _index(
+        self,
+        header: InstanceHeader,
+        ts: UID,
+        relative: Path,
+        sender: Sender,
+        now: float,
+        size: int,
+        request_priority: RequestPriority,
+    ) -> tuple[bool, bool]:
+        """Record the instance, its series and study in one transaction; whether the study and
+        the series were reopened."""
         with self.db.transaction() as conn:
             study_reopened = _record_arrival(
                 conn,
@@ -486,9 +526,10 @@ class InstanceStore:
                 now,
             )
             conn.execute(
-                "INSERT OR REPLACE INTO instances (sop_instance_uid, series_uid, study_uid,"
-                " sop_class_uid, transfer_syntax, path, size, calling_aet, peer_host, received_at,"
-                " request_priority) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO instances ({', '.join(_INSTANCE_COLUMNS)})"
+                f" VALUES ({', '.join('?' * len(_INSTANCE_COLUMNS))})"
+                " ON CONFLICT (sop_instance_uid) DO UPDATE SET "
+                + ", ".join(f"{c} = excluded.{c}" for c in _INSTANCE_COLUMNS[1:]),
                 (
                     header.sop_instance_uid,
                     header.series_uid,
@@ -496,20 +537,35 @@ class InstanceStore:
                     header.sop_class_uid,
                     str(ts),
                     relative.as_posix(),
-                    len(dataset),
+                    size,
                     sender.calling_aet,
                     sender.peer_host,
                     now,
                     request_priority,
                 ),
             )
-        result = StoreResult.STORED
-        if existing is not None:
-            result = StoreResult.REPLACED
-            if existing["path"] != relative.as_posix():
-                # The replacing copy moved to another series: the old file has no row any more.
-                (self.data_dir / existing["path"]).unlink(missing_ok=True)
-        return StoredInstance(header, final, result, series_reopened, study_reopened)
+        return study_reopened, series_reopened
+
+
+def _index_unavailable(exc: Exception) -> OutOfResources:
+    """The database failed (gone, locked, full): a failure status the sender retries. Only the
+    error's type is named: a database's message may quote the UIDs it was given."""
+    return OutOfResources(f"the index database failed ({type(exc).__name__}); nothing stored")
+
+
+_INSTANCE_COLUMNS = (
+    "sop_instance_uid",
+    "series_uid",
+    "study_uid",
+    "sop_class_uid",
+    "transfer_syntax",
+    "path",
+    "size",
+    "calling_aet",
+    "peer_host",
+    "received_at",
+    "request_priority",
+)
 
 
 def _record_arrival(
