@@ -704,26 +704,33 @@ class SqliteJobStore:
         # One statement: the choice and the taking are atomic across workers and processes.
         with self.db.transaction() as conn:
             self._serialize_claim(conn, limited=bool(concurrency))
-            # Read once the write lock is held: a job that another worker finished while this
-            # claim waited for the lock then ends before this one starts, also in the record.
-            now = self.clock()
-            row = conn.execute(
+            now = self.clock()  # the aging's now
+            taken = conn.execute(
                 "UPDATE jobs SET state = 'running', attempts = attempts + 1, worker = ?,"
-                f" started_at = ?, attempt_token = ?, lease_until = {lease}"
+                f" attempt_token = ?, lease_until = {lease}"
                 f" WHERE id = (SELECT id FROM jobs q WHERE {where}"
                 # PostgreSQL: FOR UPDATE SKIP LOCKED (see PostgresJobStore); SQLite: none, its
                 # claims take turns at the write lock and no job is ever being taken.
-                f" ORDER BY {self._order} LIMIT 1{self.db.dialect.lock_skip}) RETURNING *",
+                f" ORDER BY {self._order} LIMIT 1{self.db.dialect.lock_skip}) RETURNING id",
                 (
                     worker,
-                    now,
                     uuid.uuid4().hex,
                     *(() if lease_s is None else (lease_s,)),
                     *params,
                     *(now,) * self._order_times,
                 ),
             ).fetchone()
-        return Job.from_row(row) if row is not None else None
+            if taken is None:
+                return None
+            # Its start is read once taken: a job whose end this claim saw (the one before
+            # under a concurrency limit) then ends before this one starts, also in the record.
+            # On PostgreSQL that end may commit while this claim waits, so a time read before
+            # the claim's statement could be earlier than it.
+            row = conn.execute(
+                "UPDATE jobs SET started_at = ? WHERE id = ? RETURNING *",
+                (self.clock(), taken["id"]),
+            ).fetchone()
+        return Job.from_row(row)
 
     def _serialize_claim(self, conn: Connection, *, limited: bool) -> None:
         """Make a claim wait for the claims before it where the database does not already

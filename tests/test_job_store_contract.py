@@ -26,23 +26,22 @@ from dicom_node.jobs import (
     SqliteJobStore,
     job_store,
 )
-from tests.support.jobs import BACKENDS, open_backend, queue
+from tests.support.jobs import BACKENDS, OpenDatabase, open_backend, queue
+from tests.support.postgres import postgres_server, postgres_url  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.unit
 
-OpenDb = Callable[[], Database]
-
 
 @pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[OpenDb]:
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[OpenDatabase]:
     """Opens connections to one fresh database of the backend (several, for racing claims);
     all of them are closed at the end."""
-    with open_backend(request.param, tmp_path) as opener:
+    with open_backend(request, tmp_path) as opener:
         yield opener
 
 
 @pytest.fixture
-def db(backend: OpenDb) -> Database:
+def db(backend: OpenDatabase) -> Database:
     return backend()
 
 
@@ -165,7 +164,7 @@ def test_renewing_fails_once_the_attempt_lost_the_job(db: Database) -> None:
 
 
 def test_a_cancel_waits_for_the_commit_of_an_attempt_that_holds_the_job(
-    backend: OpenDb,
+    backend: OpenDatabase,
 ) -> None:
     """The worker's check and its commit are one transaction; a cancel coming in between
     (another process) waits for it and then finds the job ended: never cancelled after its
@@ -275,7 +274,7 @@ class Clock:
     ],
 )
 def test_the_claim_order_is_the_same_on_both_databases(
-    backend: OpenDb, queued: list[tuple[str, float]], at: float, order: list[str]
+    backend: OpenDatabase, queued: list[tuple[str, float]], at: float, order: list[str]
 ) -> None:
     """Priority and aging by comparisons both databases make alike (PostgreSQL rounds a CAST
     to an integer where SQLite truncates: 599.999 s would have aged there)."""
@@ -309,7 +308,7 @@ def test_the_claim_order_is_the_same_on_both_databases(
 # -- claims racing ---------------------------------------------------------------------------
 
 
-def race(backend: OpenDb, workers: int, work: Callable[[JobStore, str], None]) -> None:
+def race(backend: OpenDatabase, workers: int, work: Callable[[JobStore, str], None]) -> None:
     """Run ``work(store, name)`` in ``workers`` threads, each on a connection of its own (as
     worker processes on other hosts have); re-raise what any of them raised."""
     errors: list[BaseException] = []
@@ -331,7 +330,7 @@ def race(backend: OpenDb, workers: int, work: Callable[[JobStore, str], None]) -
     assert errors == []
 
 
-def test_racing_claimers_take_each_job_exactly_once(backend: OpenDb) -> None:
+def test_racing_claimers_take_each_job_exactly_once(backend: OpenDatabase) -> None:
     db = backend()
     ids = queue(db, *(["a", "b", "c"] * 60))
     taken: list[tuple[str, int, str | None]] = []
@@ -351,7 +350,7 @@ def test_racing_claimers_take_each_job_exactly_once(backend: OpenDb) -> None:
     assert len({name for name, *_ in taken}) > 1  # the claims did race
 
 
-def test_racing_claimers_never_exceed_a_concurrency_limit(backend: OpenDb) -> None:
+def test_racing_claimers_never_exceed_a_concurrency_limit(backend: OpenDatabase) -> None:
     """The count of running jobs is read in the claim's own transaction (on PostgreSQL, under
     an advisory lock): the runs of the limited algorithm, as the jobs record them, never
     overlap, however the claims race."""
@@ -373,7 +372,7 @@ def test_racing_claimers_never_exceed_a_concurrency_limit(backend: OpenDb) -> No
             time.sleep(0.005)
 
     race(backend, 3, work)
-    jobs = sorted((probe.get(i) for i in ids), key=lambda j: j.started_at)  # type: ignore[union-attr, return-value, arg-type]
+    jobs = sorted((probe.get(i) for i in ids), key=lambda j: j.started_at)
     assert all(j.state is JobState.SUCCEEDED for j in jobs)  # type: ignore[union-attr]
     for before, after in pairwise(jobs):
-        assert before.finished_at <= after.started_at, (before, after)  # type: ignore[union-attr, operator]
+        assert before.finished_at <= after.started_at, (before, after)

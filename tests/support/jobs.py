@@ -7,23 +7,40 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+
 from dicom_node.database import Database, SqliteDatabase
 from dicom_node.jobs import InferencePayload, JobKind, job_store
 
-# The databases the job store runs on; their tests run on each.
-BACKENDS = ("sqlite",)
+OpenDatabase = Callable[[], Database]
+
+# The databases the job store runs on; its contract tests run on each (PostgreSQL on a real
+# server: tests/support/postgres.py).
+BACKENDS = ("sqlite", "postgresql")
 
 
 @contextmanager
-def open_backend(name: str, tmp_path: Path) -> Iterator[Callable[[], Database]]:
-    """A fresh, empty database of the backend ``name``: yields a function that opens a new
-    connection to it (one per simulated worker process); all are closed on leaving."""
+def open_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[OpenDatabase]:
+    """A fresh, empty database of the backend ``request.param`` names: yields a function that
+    opens a new connection to it (one per simulated worker process); all are closed on
+    leaving. The test module imports ``postgres_server`` and ``postgres_url`` as fixtures."""
+    if request.param == "postgresql":
+        from dicom_node.database_postgres import PostgresDatabase
+
+        url = request.getfixturevalue("postgres_url")
+
+        def make() -> Database:
+            return PostgresDatabase(url)
+    else:
+
+        def make() -> Database:
+            return SqliteDatabase(tmp_path / "index.sqlite3")
+
     opened: list[Database] = []
 
     def open_one() -> Database:
-        db = SqliteDatabase(tmp_path / "index.sqlite3")
-        opened.append(db)
-        return db
+        opened.append(make())
+        return opened[-1]
 
     try:
         yield open_one
