@@ -23,28 +23,10 @@ from dicom_node.objects import (
 from tests.support.paths import corpus_ct
 from tests.support.seaweedfs import SeaweedServer
 
-BACKENDS = [
-    pytest.param("folder", marks=pytest.mark.unit),
-    pytest.param("s3", marks=pytest.mark.integration),
-]
-
-
-@pytest.fixture(params=BACKENDS)
-def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[str], ObjectStore]:
-    """A function giving a store at a prefix of one fresh bucket (or folder): two prefixes
-    of one call share the bucket, as a node's and a worker's configuration would."""
-    if request.param == "folder":
-        return lambda prefix: FolderObjectStore(tmp_path / "shared" / prefix, create=True)
-    server: SeaweedServer = request.getfixturevalue("seaweedfs")
-    bucket = server.bucket()
-    return lambda prefix: object_store(
-        ObjectsConfig(**server.settings(f"s3://{bucket}/{prefix}".rstrip("/")))
-    )
-
 
 @pytest.fixture
-def store(make_store: Callable[[str], ObjectStore]) -> ObjectStore:
-    return make_store("dicom-node")
+def store(make_object_store: Callable[[str], ObjectStore]) -> ObjectStore:
+    return make_object_store("dicom-node")
 
 
 def test_real_files_round_trip_byte_identical(store: ObjectStore, corpus: Path, tmp_path):
@@ -88,8 +70,8 @@ def test_delete_prefix_removes_exactly_the_prefix(store: ObjectStore) -> None:
         store.delete_prefix("")
 
 
-def test_prefixes_of_one_bucket_do_not_see_each_other(make_store) -> None:
-    node, other = make_store("site-a"), make_store("site-b")
+def test_prefixes_of_one_bucket_do_not_see_each_other(make_object_store) -> None:
+    node, other = make_object_store("site-a"), make_object_store("site-b")
     node.put_bytes("jobs/1/manifest.json", b"a")
     other.put_bytes("jobs/1/manifest.json", b"b")
     assert node.keys("") == ["jobs/1/manifest.json"]

@@ -1,5 +1,6 @@
 """A real SeaweedFS (master, volume, filer and S3 gateway in one `weed server`) on 127.0.0.1,
-for the object store's and the cluster's tests; the `seaweedfs` fixture is one per session.
+for the object store's and the cluster's tests; the `seaweedfs` fixture is one per session, and
+`make_object_store` runs a test on S3 there and on a shared folder.
 
 Every listener gets a free port of its own (the gRPC ones too, which would otherwise be
 port + 10000, and the Iceberg and Lance ports, 8181 and 9101, which are switched off), so that
@@ -16,12 +17,14 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from dicom_node.config import ObjectsConfig
+from dicom_node.objects import FolderObjectStore, ObjectStore, object_store
 from dicom_node.testing import free_port
 
 # Any key pair: a `weed server` without an IAM configuration lets every request in.
@@ -204,3 +207,25 @@ def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServe
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("folder", marks=pytest.mark.unit),
+        pytest.param("s3", marks=pytest.mark.integration),
+    ]
+)
+def make_object_store(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Callable[[str], ObjectStore]:
+    """Each test that takes it runs on both stores: a shared folder (a unit test) and S3 on
+    the session's SeaweedFS (integration). It gives a function making a store at a prefix of
+    one fresh bucket or folder; two prefixes of one test share it, as a node's and a worker's
+    configurations may."""
+    if request.param == "folder":
+        return lambda prefix: FolderObjectStore(tmp_path / "shared" / prefix, create=True)
+    server: SeaweedServer = request.getfixturevalue("seaweedfs")
+    bucket = server.bucket()
+    return lambda prefix: object_store(
+        ObjectsConfig(**server.settings(f"s3://{bucket}/{prefix}".rstrip("/")))
+    )
