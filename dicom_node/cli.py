@@ -12,7 +12,7 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -393,6 +393,65 @@ def cmd_conformance(args: argparse.Namespace) -> int:
     return 0
 
 
+# `dicom-node cluster <action>`: each action is one function registered with @cluster_command
+# (its name, help, and a function adding its arguments); build_parser adds them all.
+ClusterAction = Callable[[argparse.Namespace], int]
+_CLUSTER_ACTIONS: dict[
+    str, tuple[str, Callable[[argparse.ArgumentParser], None], ClusterAction]
+] = {}
+
+
+def cluster_command(
+    name: str, help: str, arguments: Callable[[argparse.ArgumentParser], None] = lambda p: None
+) -> Callable[[ClusterAction], ClusterAction]:
+    def register(func: ClusterAction) -> ClusterAction:
+        _CLUSTER_ACTIONS[name] = (help, arguments, func)
+        return func
+
+    return register
+
+
+def _cluster_config(args: argparse.Namespace) -> NodeConfig:
+    config = _config(args)
+    if not config.cluster.enabled:
+        raise ConfigError("cluster.database_url: not set (this command is for cluster mode)")
+    return config
+
+
+def _migrate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--from-sqlite",
+        metavar="PATH",
+        required=True,
+        type=Path,
+        help="the embedded node's index (<store.data_dir>/index.sqlite3), with the node stopped",
+    )
+
+
+@cluster_command(
+    "migrate",
+    "copy an embedded node's SQLite index into the cluster's empty PostgreSQL database",
+    _migrate_arguments,
+)
+def cmd_cluster_migrate(args: argparse.Namespace) -> int:
+    from dicom_node.database_postgres import PostgresDatabase, migrate_from_sqlite
+
+    config = _cluster_config(args)
+    assert config.cluster.database_url is not None
+    db = PostgresDatabase(config.cluster.database_url)
+    try:
+        copied = migrate_from_sqlite(args.from_sqlite, db)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"dicom-node: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        db.close()
+    for table, rows in copied.items():
+        print(f"{table}: {rows} rows")
+    print(f"migrated {sum(copied.values())} rows from {args.from_sqlite}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dicom-node", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"dicom-node {__version__}")
@@ -529,6 +588,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="rewrite the generated regions of FILE (docs/conformance.md) in place",
     )
     conformance.set_defaults(func=cmd_conformance)
+
+    cluster = commands.add_parser(
+        "cluster", help="cluster mode: check its servers, migrate an embedded node"
+    )
+    actions = cluster.add_subparsers(dest="action", required=True)
+    for name, (text, arguments, func) in _CLUSTER_ACTIONS.items():
+        action = with_config(actions.add_parser(name, help=text))
+        arguments(action)
+        action.set_defaults(func=func)
     return parser
 
 

@@ -356,3 +356,31 @@ def test_migrate_an_embedded_nodes_history(
             migrate_from_sqlite(path, pg)
     finally:
         pg.close()
+
+
+def test_cluster_migrate_command(
+    tmp_path: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """``dicom-node cluster migrate --from-sqlite PATH`` copies, says how much, and refuses
+    to run twice into the same database."""
+    from dicom_node.cli import main
+
+    path = tmp_path / "index.sqlite3"
+    lite = SqliteDatabase(path)
+    with lite.transaction() as conn:
+        for n in range(3):
+            conn.execute(
+                "INSERT INTO jobs (kind, subject_uid, generation, payload, state, created_at)"
+                " VALUES ('series_complete', ?, 1, '{}', 'succeeded', ?)",
+                (f"1.2.{n}", n),
+            )
+    lite.close()
+    monkeypatch.setenv("DICOM_NODE__CLUSTER__DATABASE_URL", postgres_url)
+    monkeypatch.setenv("DICOM_NODE__CLUSTER__BROKER_URL", "amqp://127.0.0.1//")
+    monkeypatch.setenv("DICOM_NODE__CLUSTER__OBJECTS__URL", f"file://{tmp_path}/objects")
+    assert main(["cluster", "migrate", "--from-sqlite", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "jobs: 3 rows" in out and "migrated 3 rows" in out
+    assert main(["cluster", "migrate", "--from-sqlite", str(path)]) == 1
+    assert "not empty (table jobs has rows)" in capsys.readouterr().err
+    assert main(["cluster", "migrate", "--from-sqlite", str(tmp_path / "none")]) == 1
