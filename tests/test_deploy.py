@@ -43,7 +43,10 @@ from tests.support.paths import ROOT
 DEPLOY = ROOT / "deploy"
 DOCKERFILES = {"cpu": DEPLOY / "Dockerfile", "cuda": DEPLOY / "Dockerfile.cuda"}
 COMPOSE = DEPLOY / "docker-compose.yaml"
+CLUSTER_COMPOSE = DEPLOY / "compose" / "cluster.yaml"
 UNIT = DEPLOY / "systemd" / "dicom-node.service"
+WORKER_UNIT = DEPLOY / "systemd" / "dicom-node-worker@.service"
+CLUSTER_ENV = DEPLOY / "systemd" / "cluster.env"
 CHART = DEPLOY / "helm" / "dicom-node"
 
 
@@ -220,7 +223,11 @@ def test_dockerfile_installs_the_makefiles_torch_from_the_matching_index(
     assert args["TORCH"] == makefile_torch_pins()
     run = dockerfile.run_text()
     assert '--index-url "$TORCH_INDEX" $TORCH' in run
-    assert "pip install . $TORCH" in run, "the project install must keep the pinned torch"
+    assert 'pip install ".[cluster]" $TORCH' in run, (
+        "the project install must keep the pinned torch"
+    )
+    # One image for both modes: the cluster extra is installed, and the project defines it.
+    assert "cluster" in _pyproject()["project"]["optional-dependencies"]
     index = args["TORCH_INDEX"]
     assert index.startswith("https://download.pytorch.org/whl/")
     flavour = index.rsplit("/", 1)[1]
@@ -356,12 +363,30 @@ def compose() -> dict[str, Any]:
     return interpolate(yaml.safe_load(COMPOSE.read_text()), environ={})
 
 
+# What `docker compose` reads from the shell or an --env-file for the cluster file: its secrets.
+CLUSTER_COMPOSE_ENVIRON = {
+    "DICOM_NODE_HTTP_TOKEN": "an-http-token-0123456789abcdef",
+    "DICOM_NODE_DB_PASSWORD": "0d9f3c2b7a6e5d4c",
+    "DICOM_NODE_MQ_PASSWORD": "1e8a2b3c4d5f6a7b",
+    "DICOM_NODE_S3_ACCESS_KEY": "a3f09b1c2d4e5f60",
+    "DICOM_NODE_S3_SECRET_KEY": "b7c6d5e4f3a2b1c0d9e8f7a6b5c4d3e2",
+}
+
+
+@pytest.fixture(scope="module")
+def cluster_compose() -> dict[str, Any]:
+    return interpolate(yaml.safe_load(CLUSTER_COMPOSE.read_text()), CLUSTER_COMPOSE_ENVIRON)
+
+
 @pytest.mark.unit
-def test_compose_file_follows_the_compose_specification(compose: dict[str, Any]) -> None:
+@pytest.mark.parametrize("path", [COMPOSE, CLUSTER_COMPOSE], ids=lambda p: p.name)
+def test_compose_file_follows_the_compose_specification(path: Path) -> None:
     jsonschema = require_module("jsonschema")
     require_module("check_jsonschema")
     from importlib.resources import files
 
+    environ = CLUSTER_COMPOSE_ENVIRON if path == CLUSTER_COMPOSE else {}
+    compose = interpolate(yaml.safe_load(path.read_text()), environ)
     schema_file = files("check_jsonschema") / "builtin_schemas/vendor/compose-spec.json"
     schema = json.loads(schema_file.read_text())
     validator = jsonschema.validators.validator_for(schema)(schema)
@@ -614,6 +639,200 @@ def orthanc_log(orthanc: Any) -> str:
     return (orthanc.workdir / "orthanc.log").read_text()[-3000:]
 
 
+# --- docker compose, cluster mode ------------------------------------------------------------
+
+CLUSTER_SERVERS = ("postgres", "rabbitmq", "seaweedfs")
+
+
+def compose_configs(compose: dict[str, Any], service: dict[str, Any]) -> dict[str, str]:
+    """A service's compose `configs` as the container sees them: target path -> text (a
+    file's, relative to the cluster compose file, or inline `content`)."""
+    out = {}
+    for item in service.get("configs", []):
+        source = item if isinstance(item, str) else item["source"]
+        target = f"/{source}" if isinstance(item, str) else item.get("target", f"/{source}")
+        definition = compose["configs"][source]
+        if "file" in definition:
+            out[target] = (CLUSTER_COMPOSE.parent / definition["file"]).read_text()
+        else:
+            out[target] = definition["content"]
+    return out
+
+
+def cluster_service_config(
+    compose: dict[str, Any], name: str, tmp_path: Path
+) -> tuple[argparse.Namespace, NodeConfig]:
+    """The command line of a dicom-node service of the cluster file, and the configuration it
+    runs with: its mounted configuration file and its environment."""
+    service = compose["services"][name]
+    args = parse_command(service["command"])
+    config_file = tmp_path / f"{name}.yaml"
+    config_file.write_text(compose_configs(compose, service)[args.config])
+    environ = {k: str(v) for k, v in service["environment"].items()}
+    return args, load_config(config_file, environ=environ)
+
+
+def rabbitmq_settings(text: str) -> dict[str, str]:
+    """RabbitMQ's new-style configuration (sysctl format): `key = value` lines."""
+    pairs = (line.split("=", 1) for line in text.splitlines() if "=" in line.split("#")[0])
+    return {k.strip(): v.split("#")[0].strip() for k, v in pairs}
+
+
+def longest_time_limit_s(config: NodeConfig) -> float:
+    """The longest run time limit a job can have under ``config``: each installed algorithm's
+    (worker.time_limits over its own), and the default of one installed later."""
+    from dicom_node.algorithm import Algorithm
+    from dicom_node.infer import time_limits
+    from dicom_node.plugins import discover
+
+    return max([Algorithm.time_limit_s, *time_limits(config, discover()).values()])
+
+
+@pytest.mark.unit
+def test_cluster_compose_needs_its_secrets() -> None:
+    raw = yaml.safe_load(CLUSTER_COMPOSE.read_text())
+    for name in CLUSTER_COMPOSE_ENVIRON:
+        environ = {k: v for k, v in CLUSTER_COMPOSE_ENVIRON.items() if k != name}
+        with pytest.raises(AssertionError, match=name):
+            interpolate(raw, environ)
+
+
+@pytest.mark.unit
+def test_cluster_compose_node_runs_in_cluster_mode_against_the_servers(
+    cluster_compose: dict[str, Any], tmp_path: Path
+) -> None:
+    services = cluster_compose["services"]
+    assert set(services) == {"dicom-node", "worker", *CLUSTER_SERVERS}
+    node = services["dicom-node"]
+    build = node["build"]
+    dockerfile = (CLUSTER_COMPOSE.parent / build["context"] / build["dockerfile"]).resolve()
+    assert dockerfile == DOCKERFILES["cpu"]
+    args, config = cluster_service_config(cluster_compose, "dicom-node", tmp_path)
+    assert args.command == "serve"
+    cluster = config.cluster
+    assert cluster.enabled and not config.worker.enabled
+    assert config.http.host == "0.0.0.0" and config.http.token
+    assert set(published(node)) == {config.scp.port, config.http.port}
+    data = [v.split(":") for v in node["volumes"]]
+    assert [target for _, target in data] == [str(config.store.data_dir)]
+    assert all(source in cluster_compose["volumes"] for source, _ in data)
+    assert seconds(node["stop_grace_period"]) > shutdown_budget_s()
+    # The URLs name the compose services and the credentials each server is started with.
+    from urllib.parse import urlsplit
+
+    postgres, rabbitmq, seaweedfs = (services[s] for s in CLUSTER_SERVERS)
+    database = urlsplit(cluster.database_url)
+    assert database.scheme == "postgresql" and (database.hostname, database.port) == (
+        "postgres",
+        5432,
+    )
+    pg_env = postgres["environment"]
+    assert (database.username, database.password) == (
+        pg_env["POSTGRES_USER"],
+        pg_env["POSTGRES_PASSWORD"],
+    )
+    assert database.path == f"/{pg_env['POSTGRES_DB']}"
+    broker = urlsplit(cluster.broker_url)
+    mq_env = rabbitmq["environment"]
+    assert broker.scheme == "amqp" and (broker.hostname, broker.port) == ("rabbitmq", 5672)
+    assert (broker.username, broker.password) == (
+        mq_env["RABBITMQ_DEFAULT_USER"],
+        mq_env["RABBITMQ_DEFAULT_PASS"],
+    )
+    assert broker.path == f"/{mq_env['RABBITMQ_DEFAULT_VHOST']}"
+    objects = cluster.objects
+    assert objects.url.startswith("s3://")
+    endpoint = urlsplit(objects.endpoint_url)
+    flags = dict(a.split("=", 1) for a in seaweedfs["command"] if "=" in a)
+    assert "-s3" in seaweedfs["command"]
+    assert (endpoint.hostname, endpoint.port) == ("seaweedfs", int(flags["-s3.port"]))
+    s3_config = json.loads(compose_configs(cluster_compose, seaweedfs)[flags["-s3.config"]])
+    (identity,) = s3_config["identities"]
+    assert {"accessKey": objects.access_key_id, "secretKey": objects.secret_access_key} in (
+        identity["credentials"]
+    )
+    # It may write and, having Admin, create the bucket on the first upload.
+    assert {"Admin", "Read", "Write", "List"} <= set(identity["actions"])
+
+
+@pytest.mark.unit
+def test_cluster_compose_workers_keep_nothing_and_get_gpus(
+    cluster_compose: dict[str, Any], tmp_path: Path
+) -> None:
+    worker = cluster_compose["services"]["worker"]
+    build = worker["build"]
+    dockerfile = (CLUSTER_COMPOSE.parent / build["context"] / build["dockerfile"]).resolve()
+    assert dockerfile == DOCKERFILES["cuda"]
+    args, config = cluster_service_config(cluster_compose, "worker", tmp_path)
+    assert args.command == "worker" and args.cluster
+    _, node_config = cluster_service_config(cluster_compose, "dicom-node", tmp_path)
+    assert config.cluster == node_config.cluster, "node and workers must reach the same servers"
+    assert config.worker.device == "cuda" and not config.http.enabled
+    # Stateless: no volume of any kind, no published port, no fixed replica count
+    # (`--scale worker=N` decides), and the image's HTTP health check, which a worker has no
+    # port for, is off.
+    assert "volumes" not in worker and "ports" not in worker
+    assert "scale" not in worker and "replicas" not in worker["deploy"]
+    assert worker["healthcheck"] == {"disable": True}
+    (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    assert "count" in device or "device_ids" in device
+
+
+@pytest.mark.unit
+def test_cluster_compose_servers_are_durable_and_healthy_first(
+    cluster_compose: dict[str, Any], tmp_path: Path
+) -> None:
+    services = cluster_compose["services"]
+    with_volumes = {name for name, s in services.items() if s.get("volumes")}
+    assert with_volumes == {"dicom-node", *CLUSTER_SERVERS}
+    declared = set(cluster_compose["volumes"])
+    for name in with_volumes:
+        for volume in services[name]["volumes"]:
+            source = volume.split(":")[0]
+            assert source in declared, f"{name}: {source} is not a named volume"
+    # Node and workers start once the servers answer their health checks.
+    for name in ("dicom-node", "worker"):
+        depends = services[name]["depends_on"]
+        assert set(depends) == set(CLUSTER_SERVERS)
+        for server in CLUSTER_SERVERS:
+            assert depends[server] == {"condition": "service_healthy"}
+            assert services[server]["healthcheck"]["test"][0] == "CMD"
+    assert "healthcheck" not in services["dicom-node"], "the image's HEALTHCHECK applies"
+    # PostgreSQL's data where the image keeps it.
+    assert "/var/lib/postgresql/data" in [v.split(":")[1] for v in services["postgres"]["volumes"]]
+    # RabbitMQ keeps its queues under a node name made from the host name: fixed, so that a new
+    # container finds the durable queues and persistent messages of the old one.
+    rabbitmq = services["rabbitmq"]
+    assert rabbitmq["hostname"] and "/var/lib/rabbitmq" in [
+        v.split(":")[1] for v in rabbitmq["volumes"]
+    ]
+    # A worker acknowledges a job's message when the job is done: RabbitMQ's consumer_timeout
+    # must outlast the longest time limit a job can run under, or the broker closes the
+    # worker's channel mid-job.
+    (conf_target, conf_text) = next(
+        (target, text)
+        for target, text in compose_configs(cluster_compose, rabbitmq).items()
+        if target.startswith("/etc/rabbitmq/conf.d/")
+    )
+    assert conf_target.endswith(".conf")
+    timeout_ms = int(rabbitmq_settings(conf_text)["consumer_timeout"])
+    _, config = cluster_service_config(cluster_compose, "worker", tmp_path)
+    assert timeout_ms / 1000 > longest_time_limit_s(config)
+    # The SeaweedFS health check asks the S3 port the node uses.
+    seaweedfs = services["seaweedfs"]
+    flags = dict(a.split("=", 1) for a in seaweedfs["command"] if "=" in a)
+    assert f"http://127.0.0.1:{flags['-s3.port']}/healthz" in seaweedfs["healthcheck"]["test"]
+    assert "/data" in [v.split(":")[1] for v in seaweedfs["volumes"]]
+    assert flags["-dir"] == "/data"
+
+
+@pytest.mark.unit
+def test_rabbitmq_settings_reader() -> None:
+    text = "# comment\nconsumer_timeout = 7200000  # 2 h\nloopback_users = none\n"
+    assert rabbitmq_settings(text) == {"consumer_timeout": "7200000", "loopback_users": "none"}
+
+
 # --- systemd ---------------------------------------------------------------------------------
 
 
@@ -669,24 +888,31 @@ def _systemd_analyze() -> str:
     return path
 
 
+SYSTEMD_UNITS = [UNIT, WORKER_UNIT]
+
+
 @pytest.mark.integration
-def test_systemd_unit_verifies(tmp_path: Path) -> None:
+@pytest.mark.parametrize("source", SYSTEMD_UNITS, ids=lambda p: p.name)
+def test_systemd_unit_verifies(source: Path, tmp_path: Path) -> None:
     """`systemd-analyze verify` in a throwaway root holding the unit, systemd's own units and
-    an executable where ExecStart points: it reports unknown keys and bad values on stderr."""
+    an executable where ExecStart points: it reports unknown keys and bad values on stderr.
+    A template unit is verified as an instance (dicom-node-worker@0.service), which systemd
+    builds from the template, specifiers (%i) resolved."""
     analyze = _systemd_analyze()
     root = tmp_path / "root"
     shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
-    unit = root / "etc/systemd/system" / UNIT.name
+    unit = root / "etc/systemd/system" / source.name
     unit.parent.mkdir(parents=True)
-    shutil.copy(UNIT, unit)
-    executable = root / shlex.split(read_unit(UNIT)["Service"]["ExecStart"][-1])[0].lstrip("/")
+    shutil.copy(source, unit)
+    target = source.name.replace("@.", "@0.") if "@." in source.name else str(unit)
+    executable = root / shlex.split(read_unit(source)["Service"]["ExecStart"][-1])[0].lstrip("/")
     executable.parent.mkdir(parents=True)
     executable.write_text("#!/bin/sh\n")
     executable.chmod(0o755)
 
     def verify() -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [analyze, "verify", "--man=no", "--generators=no", f"--root={root}", str(unit)],
+            [analyze, "verify", "--man=no", "--generators=no", f"--root={root}", target],
             capture_output=True,
             text=True,
             timeout=60,
@@ -695,23 +921,114 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     result = verify()
     assert result.returncode == 0 and not result.stderr.strip(), result.stderr
     # The same check on a misspelt key complains: it is not a formality.
-    unit.write_text(UNIT.read_text().replace("ProtectSystem=", "ProtectSytem="))
+    unit.write_text(source.read_text().replace("ProtectSystem=", "ProtectSytem="))
     assert "ProtectSytem" in verify().stderr
+    # And on an ExecStart with nothing there (the instance was really built and read).
+    unit.write_text(source.read_text())
+    executable.unlink()
+    assert verify().returncode != 0
 
 
 @pytest.mark.integration
-def test_systemd_unit_exposure() -> None:
-    """systemd's own score of the sandboxing (0 safest, 10 none): the unit scores 3.5 with
+@pytest.mark.parametrize("source", SYSTEMD_UNITS, ids=lambda p: p.name)
+def test_systemd_unit_exposure(source: Path) -> None:
+    """systemd's own score of the sandboxing (0 safest, 10 none): both units score 3.5 with
     Debian 12's systemd; dropping any one of NoNewPrivileges, ProtectSystem or PrivateTmp makes
     it 3.7, over the threshold of 3.6."""
     analyze = _systemd_analyze()
     result = subprocess.run(
-        [analyze, "security", "--offline=yes", "--threshold=36", str(UNIT)],
+        [analyze, "security", "--offline=yes", "--threshold=36", str(source)],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr
+
+
+def unit_environment(service: dict[str, list[str]], instance: str) -> dict[str, str]:
+    """A unit's Environment= assignments, with the instance specifier %i resolved."""
+    out = {}
+    for line in service.get("Environment", []):
+        for item in shlex.split(line):
+            name, _, value = item.partition("=")
+            out[name] = value.replace("%i", instance)
+    return out
+
+
+def env_file(path: Path) -> dict[str, str]:
+    """An EnvironmentFile= as systemd reads this simple form: NAME=value lines, # comments."""
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    pairs = [line.split("=", 1) for line in lines if line and not line.startswith("#")]
+    return {name: value for name, value in pairs}
+
+
+# The sandboxing of dicom-node.service that the worker unit must have too, value for value.
+SYSTEMD_HARDENING = (
+    "NoNewPrivileges",
+    "ProtectSystem",
+    "PrivateTmp",
+    "ProtectHome",
+    "ProtectKernelTunables",
+    "ProtectKernelModules",
+    "ProtectKernelLogs",
+    "ProtectControlGroups",
+    "ProtectClock",
+    "ProtectHostname",
+    "RestrictNamespaces",
+    "RestrictRealtime",
+    "RestrictSUIDSGID",
+    "LockPersonality",
+    "RestrictAddressFamilies",
+    "SystemCallArchitectures",
+    "CapabilityBoundingSet",
+    "UMask",
+    "User",
+    "Group",
+)
+
+
+@pytest.mark.unit
+def test_systemd_worker_unit_runs_a_cluster_worker_per_gpu() -> None:
+    assert WORKER_UNIT.name.endswith("@.service"), "a template: one instance per GPU"
+    sections = read_unit(WORKER_UNIT)
+    raw = sections["Service"]
+    service = {k: v[-1] for k, v in raw.items()}
+    node_service = {k: v[-1] for k, v in read_unit(UNIT)["Service"].items()}
+    argv = shlex.split(service["ExecStart"])
+    node_argv = shlex.split(node_service["ExecStart"])
+    assert argv[0] == node_argv[0], "the same installation as the node's unit"
+    args = parse_command(argv[1:])
+    assert args.command == "worker" and args.cluster
+    assert args.config == parse_command(node_argv[1:]).config
+    # The instance is the GPU's index: this worker sees that GPU only.
+    instance = "1"
+    environ = unit_environment(raw, instance)
+    assert environ["CUDA_VISIBLE_DEVICES"] == instance
+    assert "%i" in sections["Unit"]["Description"][-1]
+    # Nothing to keep: restarted whatever ended it; stopped with time for a job to finish.
+    assert service["Restart"] == "always"
+    assert service["KillSignal"] == "SIGTERM" and service["KillMode"] == "mixed"
+    assert float(service["TimeoutStopSec"]) >= 60
+    for key in SYSTEMD_HARDENING:
+        assert service.get(key) == node_service[key], key
+    assert "ReadWritePaths" not in service and "StateDirectory" not in service
+    # Scratch is the instance's own cache directory, which systemd creates writable.
+    cache = Path("/var/cache") / service["CacheDirectory"].replace("%i", instance)
+    # The cluster section comes from the same environment file as the node's (optional there:
+    # without it the node runs embedded), with the repository's configuration file.
+    assert service["EnvironmentFile"] == "/etc/dicom-node/cluster.env"
+    assert node_service["EnvironmentFile"] == "-/etc/dicom-node/cluster.env"
+    cluster_environ = env_file(CLUSTER_ENV)
+    assert all(name.startswith("DICOM_NODE__CLUSTER__") for name in cluster_environ)
+    config = load_config(DEPLOY / "dicom-node.yaml", environ=cluster_environ | environ)
+    assert config.cluster.enabled and config.cluster.scratch_dir == cache
+    assert (
+        Path(environ["HOME"]) == cache == Path(service["WorkingDirectory"].replace("%i", instance))
+    )
+    assert config.worker.device == "cuda"
+    node_config = load_config(DEPLOY / "dicom-node.yaml", environ=cluster_environ)
+    assert node_config.cluster == config.cluster.model_copy(update={"scratch_dir": None})
+    assert not load_config(DEPLOY / "dicom-node.yaml", environ={}).cluster.enabled
 
 
 # --- the recipes' command lines, run ---------------------------------------------------------
@@ -850,6 +1167,37 @@ VALUE_SETS = {
         "httpToken": {"existingSecret": "pacs-token"},
         "persistence": {"existingClaim": "node-disk"},
     },
+    # External PostgreSQL, RabbitMQ and S3 (the chart's default for cluster mode), their
+    # secrets in a Secret of the user's.
+    "cluster": {
+        "cluster": {"enabled": True, "existingSecret": "dicom-node-cluster"},
+        "config": {
+            "cluster": {
+                "objects": {
+                    "url": "s3://dicom-node/pacs",
+                    "endpoint_url": "http://seaweedfs-s3.storage:8333",
+                    "region": "us-east-1",
+                },
+                "lease_s": 45,
+            }
+        },
+        "worker": {"replicas": 3, "nodeSelector": {"nvidia.com/gpu.present": "true"}},
+    },
+    "cluster-keda": {
+        "cluster": {"enabled": True, "existingSecret": "dicom-node-cluster"},
+        "config": {"cluster": {"objects": {"url": "s3://dicom-node"}}},
+        "worker": {"keda": {"enabled": True, "maxReplicas": 6}},
+        "httpToken": {"existingSecret": "pacs-token"},
+    },
+}
+
+# What the user's cluster Secret holds, for the pods' environment in these tests: the keys the
+# chart reads by default (its S3 key pair is optional; this one has it).
+CLUSTER_SECRET = {
+    "database-url": "postgresql://dicom_node:0d9f3c2b@postgres.db:5432/dicom_node",
+    "broker-url": "amqp://dicom_node:1e8a2b3c@rabbitmq.mq:5672/dicom-node",
+    "access-key-id": "a3f09b1c2d4e5f60",
+    "secret-access-key": "b7c6d5e4f3a2b1c0d9e8f7a6b5c4d3e2",
 }
 
 
@@ -883,14 +1231,16 @@ def test_chart_metadata_and_notes() -> None:
 def container_environ(
     container: dict[str, Any], secrets_: dict[tuple[str, str], str]
 ) -> dict[str, str]:
-    """A container's environment as the pod would see it (secretKeyRef resolved)."""
+    """A container's environment as the pod would see it (secretKeyRef resolved; an optional
+    key the Secret lacks is left out, as Kubernetes does)."""
     environ = {}
     for item in container.get("env", []):
         if "value" in item:
             environ[item["name"]] = item["value"]
         else:
             ref = item["valueFrom"]["secretKeyRef"]
-            environ[item["name"]] = secrets_[ref["name"], ref["key"]]
+            if (ref["name"], ref["key"]) in secrets_ or not ref.get("optional"):
+                environ[item["name"]] = secrets_[ref["name"], ref["key"]]
     return environ
 
 
@@ -915,13 +1265,20 @@ def test_chart_pods_run_valid_configurations_and_commands(
         tokens[token["existingSecret"], token["key"]] = "a-token-of-the-users-own-0123"
     else:
         assert all(len(t) >= 16 for t in tokens.values())
+    cluster = existing["cluster"]["enabled"]
+    if cluster:
+        secret = existing["cluster"]["existingSecret"]
+        assert secret not in tokens and secret not in {s for s, _ in tokens}
+        tokens |= {(secret, key): value for key, value in CLUSTER_SECRET.items()}
     deployments = {
         d["metadata"]["labels"]["app.kubernetes.io/component"]: d
         for d in objects
         if d["kind"] == "Deployment"
     }
     gpu = existing["gpuWorker"]["enabled"]
-    assert set(deployments) == ({"node", "gpu-worker"} if gpu else {"node"})
+    assert set(deployments) == (
+        {"node", "worker"} if cluster else {"node", "gpu-worker"} if gpu else {"node"}
+    )
     for component, deployment in deployments.items():
         pod = deployment["spec"]["template"]["spec"]
         (container,) = pod["containers"]
@@ -931,15 +1288,19 @@ def test_chart_pods_run_valid_configurations_and_commands(
         assert Path(args.config).parent == Path(mount["mountPath"])
         environ = container_environ(container, tokens)
         config = load_config(config_file, environ=environ)
-        # The node's worker is off exactly when the GPU worker runs inference instead.
+        assert config.cluster.enabled is cluster
+        # The node's worker is off exactly when the GPU worker or cluster workers run
+        # inference instead.
         if component == "node":
-            assert config.worker.enabled is not gpu
+            assert config.worker.enabled is not (gpu or cluster)
             assert config.http.enabled and config.http.host == "0.0.0.0"
         else:
+            assert args.cluster is (component == "worker")
             assert config.worker.device.startswith("cuda")
             assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
-        data = next(m for m in container["volumeMounts"] if m["name"] == "data")
-        assert Path(data["mountPath"]) == config.store.data_dir
+        if component != "worker":
+            data = next(m for m in container["volumeMounts"] if m["name"] == "data")
+            assert Path(data["mountPath"]) == config.store.data_dir
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["terminationGracePeriodSeconds"] > (
             shutdown_budget_s() if component == "node" else 0
@@ -1005,6 +1366,131 @@ def test_chart_gpu_worker_shares_the_node_pods_machine_and_volume() -> None:
     assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
 
 
+def deployment_specs(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {
+        d["metadata"]["labels"]["app.kubernetes.io/component"]: d
+        for d in by_kind(objects, "Deployment")
+    }
+
+
+@pytest.mark.unit
+def test_chart_cluster_workers_keep_nothing_and_go_wherever_a_gpu_is() -> None:
+    values = VALUE_SETS["cluster"]
+    objects = manifests(helm_template(values))
+    deployments = deployment_specs(objects)
+    node, worker = deployments["node"]["spec"], deployments["worker"]["spec"]
+    pod = worker["template"]["spec"]
+    # No affinity to the node pod (nor any other), no persistent volume: the configuration
+    # and scratch only, both gone with the pod.
+    assert "affinity" not in pod
+    assert {v["name"]: sorted(set(v) - {"name"}) for v in pod["volumes"]} == {
+        "config": ["configMap"],
+        "tmp": ["emptyDir"],
+    }
+    (container,) = pod["containers"]
+    assert {m["name"] for m in container["volumeMounts"]} == {"config", "tmp"}
+    assert pod["nodeSelector"] == values["worker"]["nodeSelector"]
+    assert worker["replicas"] == values["worker"]["replicas"]
+    # An update replaces one worker at a time without needing a spare GPU.
+    assert worker["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+    # The cluster's secrets come from the user's Secret, by name; the chart creates none.
+    secret = values["cluster"]["existingSecret"]
+    for spec in (node, worker):
+        (c,) = spec["template"]["spec"]["containers"]
+        refs = {
+            e["name"]: e["valueFrom"]["secretKeyRef"]["name"]
+            for e in c["env"]
+            if e["name"].startswith("DICOM_NODE__CLUSTER__")
+        }
+        assert set(refs) == {
+            "DICOM_NODE__CLUSTER__DATABASE_URL",
+            "DICOM_NODE__CLUSTER__BROKER_URL",
+            "DICOM_NODE__CLUSTER__OBJECTS__ACCESS_KEY_ID",
+            "DICOM_NODE__CLUSTER__OBJECTS__SECRET_ACCESS_KEY",
+        }
+        assert set(refs.values()) == {secret}
+    assert secret not in {s["metadata"]["name"] for s in by_kind(objects, "Secret")}
+    # The node keeps its own volume (received instances) and placement; no gpu-worker.
+    assert "gpu-worker" not in deployments
+    node_pod = node["template"]["spec"]
+    assert "nodeSelector" not in node_pod and "tolerations" not in node_pod
+    assert by_kind(objects, "PersistentVolumeClaim")
+    # Without a Secret's S3 key pair the workers take boto3's own credentials (IRSA, roles).
+    no_keys = {k: v for k, v in CLUSTER_SECRET.items() if "access-key" not in k}
+    environ = container_environ(
+        worker["template"]["spec"]["containers"][0], {(secret, k): v for k, v in no_keys.items()}
+    )
+    assert not any("ACCESS_KEY" in name for name in environ)
+
+
+@pytest.mark.unit
+def test_chart_keda_scales_workers_on_the_algorithm_queues_only_when_enabled(
+    rendered: dict[str, Any],
+) -> None:
+    from dicom_node.plugins import discover
+
+    objects, values = rendered["objects"], release_values(rendered["values"])
+    keda = [o for o in objects if o["apiVersion"].startswith("keda.sh/")]
+    enabled = values["cluster"]["enabled"] and values["worker"]["keda"]["enabled"]
+    if not enabled:
+        assert not keda
+        return
+    (scaled,) = by_kind(keda, "ScaledObject")
+    (auth,) = by_kind(keda, "TriggerAuthentication")
+    assert {o["apiVersion"] for o in keda} == {"keda.sh/v1alpha1"} and len(keda) == 2
+    worker = deployment_specs(objects)["worker"]
+    spec = scaled["spec"]
+    assert spec["scaleTargetRef"] == {"name": worker["metadata"]["name"]}
+    # KEDA owns the replica count: the Deployment does not set one to fight it.
+    assert "replicas" not in worker["spec"]
+    settings = values["worker"]["keda"]
+    assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (
+        settings["minReplicas"],
+        settings["maxReplicas"],
+    )
+    assert 0 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
+    # One trigger per installed algorithm's queue (dicom-node.<algorithm>), read over AMQP
+    # with the broker URL from the cluster Secret.
+    queues = set()
+    for trigger in spec["triggers"]:
+        assert trigger["type"] == "rabbitmq"
+        meta = trigger["metadata"]
+        assert set(meta) == {"protocol", "mode", "value", "queueName"}
+        assert meta["protocol"] == "amqp" and meta["mode"] == "QueueLength"
+        assert int(meta["value"]) >= 1
+        assert trigger["authenticationRef"] == {"name": auth["metadata"]["name"]}
+        queues.add(meta["queueName"])
+    assert queues == {f"dicom-node.{name}" for name in discover()}
+    (target,) = auth["spec"]["secretTargetRef"]
+    assert target == {
+        "parameter": "host",
+        "name": values["cluster"]["existingSecret"],
+        "key": values["cluster"]["secretKeys"]["brokerUrl"],
+    }
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"cluster": {"enabled": True}}, r"cluster\.existingSecret"),
+        ({"cluster": {"enabled": True, "existingSecret": "s"}}, r"config\.cluster\.objects\.url"),
+        (
+            {
+                **VALUE_SETS["cluster"],
+                "gpuWorker": {"enabled": True},
+            },
+            "exclude each other",
+        ),
+    ],
+    ids=["no-secret", "no-objects-url", "with-gpu-worker"],
+)
+def test_chart_refuses_incomplete_cluster_values(values: dict[str, Any], message: str) -> None:
+    errors = require_module("helm_python.errors")
+    with pytest.raises(errors.HelmRenderError, match=message):
+        helm_template(values)
+
+
 @pytest.mark.unit
 def test_chart_objects_follow_kubernetes_schemas(rendered: dict[str, Any]) -> None:
     """Strict schemas (unknown fields are errors) of the oldest and newest Kubernetes the
@@ -1017,8 +1503,10 @@ def test_chart_objects_follow_kubernetes_schemas(rendered: dict[str, Any]) -> No
         (p.name.split("-")[0][1:] for p in _schema_dirs(kubernetes_validate)),
         key=lambda v: tuple(int(x) for x in v.split(".")),
     )
+    # KEDA's custom resources have no Kubernetes schema (test_chart_keda_* checks them).
+    core = [o for o in rendered["objects"] if not o["apiVersion"].startswith("keda.sh/")]
     for version in (versions[0], versions[-1]):
-        for obj in rendered["objects"]:
+        for obj in core:
             kubernetes_validate.validate(obj, version, strict=True)
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate({**rendered["objects"][0], "spce": {}}, versions[-1], True)

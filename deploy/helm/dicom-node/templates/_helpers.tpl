@@ -44,3 +44,44 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- randAlphaNum 32 | b64enc -}}
 {{- end -}}
 {{- end -}}
+
+{{/* Cluster mode: the settings must be complete before anything is rendered with them. */}}
+{{- define "dicom-node.clusterChecks" -}}
+{{- if .Values.cluster.enabled -}}
+{{- if .Values.gpuWorker.enabled -}}
+{{- fail "cluster.enabled and gpuWorker.enabled exclude each other: in cluster mode inference runs in the worker Deployment (worker.*)" -}}
+{{- end -}}
+{{- $_ := required "cluster.enabled needs cluster.existingSecret: a Secret with the database and broker URLs" .Values.cluster.existingSecret -}}
+{{- $_ := required "cluster.enabled needs config.cluster.objects.url (s3://bucket/prefix)" (dig "cluster" "objects" "url" "" .Values.config) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The cluster settings that are secret, from the user's Secret by name (node and workers).
+     The S3 key pair is optional there: without it boto3 takes credentials as it does anywhere
+     (a pod identity such as IRSA, an instance role). */}}
+{{- define "dicom-node.clusterEnv" -}}
+{{- $secret := .Values.cluster.existingSecret -}}
+{{- $keys := .Values.cluster.secretKeys -}}
+- name: DICOM_NODE__CLUSTER__DATABASE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret }}
+      key: {{ $keys.databaseUrl }}
+- name: DICOM_NODE__CLUSTER__BROKER_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret }}
+      key: {{ $keys.brokerUrl }}
+- name: DICOM_NODE__CLUSTER__OBJECTS__ACCESS_KEY_ID
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret }}
+      key: {{ $keys.accessKeyId }}
+      optional: true
+- name: DICOM_NODE__CLUSTER__OBJECTS__SECRET_ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret }}
+      key: {{ $keys.secretAccessKey }}
+      optional: true
+{{- end -}}
