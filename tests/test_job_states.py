@@ -9,15 +9,20 @@ from pathlib import Path
 import pytest
 
 from dicom_node.database import SqliteDatabase
-from dicom_node.jobs import JobKind, JobState, SqliteJobStore
-from tests.support.jobs import queue
+from dicom_node.jobs import JobKind, JobState, SqliteJobStore, job_store
+from tests.support.jobs import OpenDatabase, backend, queue
+from tests.support.postgres import postgres_server, postgres_url
+
+__all__ = ["backend", "postgres_server", "postgres_url"]  # the fixtures this module uses
 
 pytestmark = pytest.mark.unit
 
 
-def test_a_cancelled_job_is_never_claimed_and_its_worker_no_longer_holds_it(tmp_path) -> None:
-    db = SqliteDatabase(tmp_path / "index.sqlite3")
-    store = SqliteJobStore(db)
+def test_a_cancelled_job_is_never_claimed_and_its_worker_no_longer_holds_it(
+    backend: OpenDatabase,
+) -> None:
+    db = backend()
+    store = job_store(db)
     first, second = queue(db, "a", "a")
     claimed = store.claim("w", (JobKind.INFERENCE,))
     assert claimed is not None and claimed.id == first
@@ -38,12 +43,13 @@ def test_a_cancelled_job_is_never_claimed_and_its_worker_no_longer_holds_it(tmp_
     assert store.cancel(first, "bob") is None  # ended: nothing to cancel
     assert store.cancel(12345, "bob") is None
     assert store.counts()[JobState.CANCELLED] == 2
-    db.close()
 
 
-def test_requeue_gives_a_failed_or_cancelled_job_all_its_attempts_again(tmp_path) -> None:
-    db = SqliteDatabase(tmp_path / "index.sqlite3")
-    store = SqliteJobStore(db)
+def test_requeue_gives_a_failed_or_cancelled_job_all_its_attempts_again(
+    backend: OpenDatabase,
+) -> None:
+    db = backend()
+    store = job_store(db)
     (job_id,) = queue(db, "a")
     assert store.requeue(job_id, "alice") is None  # queued: nothing to requeue
     store.claim("w", (JobKind.INFERENCE,))
@@ -52,14 +58,15 @@ def test_requeue_gives_a_failed_or_cancelled_job_all_its_attempts_again(tmp_path
     assert was is not None and was.state is JobState.FAILED
     job = store.get(job_id)
     assert job is not None and job.state is JobState.QUEUED
-    assert (job.attempts, job.worker, job.started_at, job.finished_at) == (0, None, None, None)
+    assert (job.attempts, job.worker, job.token, job.started_at, job.finished_at) == (0,) + (
+        None,
+    ) * 4
     assert job.error == "requeued by alice after: bad"
     claimed = store.claim("w", (JobKind.INFERENCE,))
     assert claimed is not None and claimed.id == job_id and claimed.attempts == 1
     with db.transaction() as conn:
         store.mark_succeeded(conn, job_id)
     assert store.requeue(job_id, "alice") is None  # succeeded: its deliveries are replayed
-    db.close()
 
 
 def test_a_database_made_before_cancelled_existed_takes_it(tmp_path: Path) -> None:

@@ -8,9 +8,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from itertools import pairwise
-from pathlib import Path
 
 import pytest
 from pydicom.uid import generate_uid
@@ -26,18 +25,12 @@ from dicom_node.jobs import (
     SqliteJobStore,
     job_store,
 )
-from tests.support.jobs import BACKENDS, OpenDatabase, open_backend, queue
-from tests.support.postgres import postgres_server, postgres_url  # noqa: F401 (fixtures)
+from tests.support.jobs import OpenDatabase, backend, queue
+from tests.support.postgres import postgres_server, postgres_url
+
+__all__ = ["backend", "postgres_server", "postgres_url"]  # the fixtures this module uses
 
 pytestmark = pytest.mark.unit
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[OpenDatabase]:
-    """Opens connections to one fresh database of the backend (several, for racing claims);
-    all of them are closed at the end."""
-    with open_backend(request, tmp_path) as opener:
-        yield opener
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ contract tests), for tests of the queue itself."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -19,11 +18,12 @@ OpenDatabase = Callable[[], Database]
 BACKENDS = ("sqlite", "postgresql")
 
 
-@contextmanager
-def open_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[OpenDatabase]:
-    """A fresh, empty database of the backend ``request.param`` names: yields a function that
-    opens a new connection to it (one per simulated worker process); all are closed on
-    leaving. The test module imports ``postgres_server`` and ``postgres_url`` as fixtures."""
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[OpenDatabase]:
+    """A fresh, empty database of each backend: a function that opens a new connection to it
+    (one per simulated worker process); all are closed at the end. A test module using it
+    imports it, and ``postgres_server`` and ``postgres_url`` (tests/support/postgres.py), as
+    fixtures."""
     if request.param == "postgresql":
         from dicom_node.database_postgres import PostgresDatabase
 
