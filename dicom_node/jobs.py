@@ -3,11 +3,18 @@ writes the ``jobs`` and ``deliveries`` tables.
 
 Completion events become jobs that the router and the workers claim and finish; a finished
 inference job's results become deliveries that the deliverer sends. Workers touch only this
-store and the instance store, never the SCP's memory, so that a later deployment can move them
-to other processes or machines. :class:`JobStore` is the seam such a deployment plugs another
-database into; :class:`SqliteJobStore` keeps jobs and deliveries in the node's embedded
-database, and :func:`job_store` (:func:`job_store_reading` for readers holding a connection)
-is where the node makes its store.
+store and the instance store, never the SCP's memory, so that they can run in other
+processes or on other machines. :class:`JobStore` is that seam: :class:`SqliteJobStore` keeps
+jobs and deliveries in the node's embedded database, :class:`PostgresJobStore` in cluster
+mode's PostgreSQL (the same SQL, with the row locks READ COMMITTED needs), and
+:func:`job_store` (:func:`job_store_reading` for readers holding a connection) picks one by
+the database's dialect.
+
+A claim gives its attempt a fresh token; only the attempt that still holds the job by its token
+commits its results (:meth:`JobStore.holds`). In cluster mode a claim also takes a lease, by the
+database's clock, that the worker's heartbeat renews; the node's sweeper takes back the jobs
+whose lease ran out (:meth:`JobStore.requeue_expired`), stages queued jobs' inputs to the object
+store and rings their doorbells (:meth:`JobStore.unstaged`, :meth:`JobStore.to_dispatch`).
 
 Most operations run in a transaction of their own. The few that must commit together with a
 caller's own tables take the caller's connection (``conn``): a completion and its job
@@ -701,7 +708,7 @@ class SqliteJobStore:
         where_more, more = _claim_filter(algorithms, concurrency)
         where, params = where + where_more, [*params, *more]
         lease = "NULL" if lease_s is None else f"{self._now} + ?"
-        # One statement: the choice and the taking are atomic across workers and processes.
+        # One statement chooses and takes: atomic across workers, processes and hosts.
         with self.db.transaction() as conn:
             self._serialize_claim(conn, limited=bool(concurrency))
             now = self.clock()  # the aging's now
@@ -724,8 +731,8 @@ class SqliteJobStore:
                 return None
             # Its start is read once taken: a job whose end this claim saw (the one before
             # under a concurrency limit) then ends before this one starts, also in the record.
-            # On PostgreSQL that end may commit while this claim waits, so a time read before
-            # the claim's statement could be earlier than it.
+            # On PostgreSQL that end is no claim and waits for no lock: it may commit after a
+            # time read before the claim's statement, and before the statement looks.
             row = conn.execute(
                 "UPDATE jobs SET started_at = ? WHERE id = ? RETURNING *",
                 (self.clock(), taken["id"]),
