@@ -345,6 +345,7 @@ def test_migrate_an_embedded_nodes_history(
                     for r in conn.execute(f"SELECT * FROM {table} WHERE {key} = ?", (job_id,))
                 ]
                 assert got == want, table
+        _same_reads(node.data_dir, postgres_url)
         with pg.transaction() as conn:
             new_id = conn.execute(
                 "INSERT INTO jobs (kind, subject_uid, generation, payload, state, created_at)"
@@ -356,6 +357,51 @@ def test_migrate_an_embedded_nodes_history(
             migrate_from_sqlite(path, pg)
     finally:
         pg.close()
+
+
+def _same_reads(data_dir: Path, url: str) -> None:
+    """The API, ``dicom-node status`` and the metrics read the same from both databases."""
+    from dicom_node import api
+    from dicom_node.metrics import IndexCollector
+    from dicom_node.status import build_report
+
+    embedded = load_config(environ={"DICOM_NODE__STORE__DATA_DIR": str(data_dir)})
+    cluster = load_config(
+        environ={
+            "DICOM_NODE__STORE__DATA_DIR": str(data_dir),
+            "DICOM_NODE__CLUSTER__DATABASE_URL": url,
+            "DICOM_NODE__CLUSTER__BROKER_URL": "amqp://127.0.0.1//",
+            "DICOM_NODE__CLUSTER__OBJECTS__URL": f"file://{data_dir}/objects",
+        }
+    )
+
+    def reads(config: Any) -> dict[str, Any]:
+        with open_reader(config) as conn:
+            study = conn.execute("SELECT MIN(study_uid) FROM studies").fetchone()[0]
+            job = conn.execute("SELECT MAX(id) FROM jobs").fetchone()[0]
+            return {
+                "studies": api.studies(conn),
+                "study": api.study(conn, study),
+                "series": api.series_list(conn),
+                "decisions": api.decisions(conn),
+                "jobs": api.jobs(conn),
+                "job": api.job(conn, job),
+                "deliveries": api.deliveries(conn),
+                "destinations": api.destinations(conn, config),
+                "workers": api.workers(conn),
+                "algorithms": api.algorithms(conn),
+                "status": build_report(config).as_dict(),
+                "metrics": sorted(  # a scrape's series have no order
+                    (s.name, sorted(s.labels.items()), s.value)
+                    for m in IndexCollector(config).collect()
+                    if m.name != "dicom_node_disk_free_bytes"
+                    for s in m.samples
+                ),
+            }
+
+    want, got = reads(embedded), reads(cluster)
+    for key in want:
+        assert got[key] == want[key], key
 
 
 def test_cluster_migrate_command(
