@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -718,8 +719,6 @@ def test_cluster_compose_node_runs_in_cluster_mode_against_the_servers(
     assert all(source in cluster_compose["volumes"] for source, _ in data)
     assert seconds(node["stop_grace_period"]) > shutdown_budget_s()
     # The URLs name the compose services and the credentials each server is started with.
-    from urllib.parse import urlsplit
-
     postgres, rabbitmq, seaweedfs = (services[s] for s in CLUSTER_SERVERS)
     database = urlsplit(cluster.database_url)
     assert database.scheme == "postgresql" and (database.hostname, database.port) == (
@@ -1427,8 +1426,6 @@ def test_chart_cluster_workers_keep_nothing_and_go_wherever_a_gpu_is() -> None:
 def test_chart_keda_scales_workers_on_the_algorithm_queues_only_when_enabled(
     rendered: dict[str, Any],
 ) -> None:
-    from dicom_node.plugins import discover
-
     objects, values = rendered["objects"], release_values(rendered["values"])
     keda = [o for o in objects if o["apiVersion"].startswith("keda.sh/")]
     enabled = values["cluster"]["enabled"] and values["worker"]["keda"]["enabled"]
@@ -1449,8 +1446,8 @@ def test_chart_keda_scales_workers_on_the_algorithm_queues_only_when_enabled(
         settings["maxReplicas"],
     )
     assert 0 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
-    # One trigger per installed algorithm's queue (dicom-node.<algorithm>), read over AMQP
-    # with the broker URL from the cluster Secret.
+    # One trigger per queue of the project's algorithms (dicom-node.<algorithm>), read over
+    # AMQP with the broker URL from the cluster Secret.
     queues = set()
     for trigger in spec["triggers"]:
         assert trigger["type"] == "rabbitmq"
@@ -1460,7 +1457,8 @@ def test_chart_keda_scales_workers_on_the_algorithm_queues_only_when_enabled(
         assert int(meta["value"]) >= 1
         assert trigger["authenticationRef"] == {"name": auth["metadata"]["name"]}
         queues.add(meta["queueName"])
-    assert queues == {f"dicom-node.{name}" for name in discover()}
+    algorithms = _pyproject()["project"]["entry-points"]["dicom_node.algorithms"]
+    assert queues == {f"dicom-node.{name}" for name in algorithms}
     (target,) = auth["spec"]["secretTargetRef"]
     assert target == {
         "parameter": "host",
