@@ -183,6 +183,34 @@ def test_a_cancel_waits_for_the_commit_of_an_attempt_that_holds_the_job(
     assert ended is not None and ended.state is JobState.SUCCEEDED
 
 
+def test_a_lease_that_runs_out_while_its_attempt_commits_is_not_taken_back(
+    backend: OpenDatabase,
+) -> None:
+    """A worker that was slow past its lease but still holds the job (nobody took it back
+    yet) commits; the sweeper coming in between waits for that commit and then finds nothing
+    to take back, rather than queueing a job whose results were just recorded."""
+    worker_db, node_db = backend(), backend()
+    store = job_store(worker_db)
+    (job_id,) = queue(worker_db, "a")
+    job = store.claim("w", (JobKind.INFERENCE,), lease_s=0.001)
+    assert job is not None and job.lease_until is not None
+    until(lambda: database_now(worker_db) > job.lease_until, "the lease to run out")  # type: ignore[operator]
+    taken_back: list[list[int]] = []
+    with worker_db.transaction() as conn:
+        assert store.holds(conn, job_id, "w", token=job.token)  # out of lease, not taken back
+        sweeper = threading.Thread(
+            target=lambda: taken_back.append(job_store(node_db).requeue_expired(max_attempts=3))
+        )
+        sweeper.start()
+        sweeper.join(0.3)
+        assert sweeper.is_alive()  # waiting for the attempt's transaction
+        store.mark_succeeded(conn, job_id)
+    sweeper.join(30)
+    assert taken_back == [[]]
+    ended = store.get(job_id)
+    assert ended is not None and ended.state is JobState.SUCCEEDED and ended.attempts == 1
+
+
 # -- staging and dispatch ----------------------------------------------------------------------
 
 
