@@ -167,7 +167,7 @@ def measure(
             store.put(encoded(ds), ds.file_meta.TransferSyntaxUID, SENDER)
         inputs[role] = datasets[0].SeriesInstanceUID
     worker = Worker(config, name="benchmark")
-    algorithm = worker.algorithm(case.algorithm)  # loaded once, kept warm, as in the node
+    algorithm = worker.runner.algorithm(case.algorithm)  # loaded once, kept warm, as in the node
 
     def node_job() -> None:
         with store.db.transaction() as conn:

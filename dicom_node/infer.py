@@ -24,15 +24,15 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dicom_node.algorithm import Algorithm, AlgorithmResult, InputError, SeriesInput
 from dicom_node.config import NodeConfig
-from dicom_node.database import RESULTS_DIR, Database, SqliteDatabase, database_path
+from dicom_node.database import RESULTS_DIR, Database, open_database
 from dicom_node.errors import InputFault, Permanent, SetupFault
-from dicom_node.jobs import Job, JobKind, JobStore, job_store
+from dicom_node.jobs import Job, JobKind, JobState, JobStore, job_store
 from dicom_node.logs import raised_where, setup_logging
 from dicom_node.loops import Loop
 from dicom_node.plugins import Registration, catalogue, discover, resolve_device
@@ -94,38 +94,44 @@ def made_by(result: AlgorithmResult, provenance: Provenance) -> AlgorithmResult:
     )
 
 
-class Worker:
-    """Claims inference jobs and runs them, one at a time, until stopped."""
+@dataclass(frozen=True)
+class Attempt:
+    """One run of a job, written: ``result.json`` at ``path``, its DICOM objects, and how long
+    the algorithm itself ran (reading its inputs included)."""
 
-    def __init__(self, config: NodeConfig, *, name: str | None = None) -> None:
+    path: Path
+    written: list[Written]
+    run_s: float
+
+
+class Runner:
+    """The core both kinds of worker share (the embedded :class:`Worker` and the cluster
+    worker of :mod:`dicom_node.cluster_worker`): algorithms loaded once and kept warm, one
+    job run on given inputs into an attempt folder and written as DICOM."""
+
+    def __init__(self, config: NodeConfig) -> None:
         self.config = config
-        self.data_dir = config.store.data_dir.resolve()
-        self.db = SqliteDatabase(database_path(self.data_dir))
-        self.jobs = job_store(self.db, priority_aging_s=config.worker.priority_aging_s)
-        self.name = name or f"worker-{socket.gethostname()}-{os.getpid()}"
         self.device = resolve_device(config.worker.device)
-        self._registry = discover()
-        self._catalogue = catalogue(self._registry, config.algorithms, self.device)
+        self.registry = discover()
+        self.catalogue = catalogue(self.registry, config.algorithms, self.device)
         # What this worker can run: the installed algorithms that import; it claims no other
         # algorithm's job, which stays queued for a worker that can run it.
-        self.runnable = tuple(sorted(n for n, r in self._registry.items() if r.algorithm))
-        # The job in hand, what the worker does with it and since when, for its heartbeat:
-        # one tuple, replaced whole, so that the heartbeat thread never reads half of it.
-        self._doing: tuple[int | None, str | None, float | None] = (None, None, None)
+        self.runnable = tuple(sorted(n for n, r in self.registry.items() if r.algorithm))
         self._loaded: dict[str, Algorithm] = {}
         # Who made each result, fixed at load: hashing the weights file per job would cost
         # seconds for public weights and could name a file replaced since it was loaded.
         self._provenance: dict[str, Provenance] = {}
-        # A plain flag, not a threading.Event: stop() runs as a signal handler, and an Event
-        # takes a lock that the interrupted main thread may hold inside Event.wait.
-        self._stopping = False
         if config.worker.cpu_threads is not None:
             _set_torch_threads(config.worker.cpu_threads)
+
+    def loaded(self, name: str) -> bool:
+        """Whether the algorithm is loaded already (a job of it starts running at once)."""
+        return name in self._loaded
 
     def algorithm(self, name: str) -> Algorithm:
         """The algorithm, loaded on first use and kept warm."""
         if name not in self._loaded:
-            registration = self._registry.get(name)
+            registration = self.registry.get(name)
             if registration is None or registration.algorithm is None:
                 why = registration.error if registration else "not installed"
                 raise LookupError(f"algorithm {name} cannot be used: {why}")
@@ -165,15 +171,18 @@ class Worker:
                 f" free of {total / 1e9:.1f} GB, worker.min_free_gpu_memory_gb is {need_gb:g}"
             )
 
-    def run_job(self, job: Job) -> tuple[Path, list[Written], float]:
+    def run(
+        self,
+        job: Job,
+        inputs: dict[str, SeriesInput],
+        folder: Path,
+        progress: Callable[[str], None] = lambda phase: None,
+    ) -> Attempt:
+        """Run ``job`` on ``inputs``: its result and DICOM objects written under ``folder``
+        (the attempt's own, :func:`attempt_folder`); ``progress`` told each phase."""
         payload = job.inference
         algorithm = self.algorithm(payload.algorithm)
-        self._progress(job.id, "running")
-        received_by = self.jobs.completed_at(job)
-        inputs = {
-            name: series_input(self.db, self.data_dir, uid, received_by)
-            for name, uid in payload.inputs.items()
-        }
+        progress("running")
         if set(inputs) != set(algorithm.inputs.roles):
             raise ValueError(
                 f"job inputs {sorted(inputs)} do not match {algorithm.name}'s "
@@ -182,12 +191,9 @@ class Worker:
         started = time.perf_counter()
         provenance = self._provenance[payload.algorithm]
         result = made_by(algorithm.run(inputs), provenance)
-        # One folder per attempt: an attempt that lost the job (its node restarted) may still
-        # be writing when the attempt that holds it commits, and must not overwrite its files.
-        folder = self.data_dir / RESULTS_DIR / str(job.id) / f"attempt-{job.attempts}"
         path = result.save(folder)
         ran = time.perf_counter() - started
-        self._progress(job.id, "writing")
+        progress("writing")
         written = write_all(result, inputs, provenance, folder / "dicom", self.config.results)
         if self.config.store.fsync:
             # On disk before the transaction that records them: a committed job's files are
@@ -202,122 +208,175 @@ class Worker:
             time.perf_counter() - started - ran,
             " (DEMO weights)" if result.demo else "",
         )
-        return path, written, ran
+        return Attempt(path, written, ran)
 
-    def work_once(self) -> Job | None:
-        if self._doing[0] is not None:  # the job before, whichever way it ended
-            self._progress(None, None)
-        job = self.jobs.claim(
-            self.name,
-            (JobKind.INFERENCE,),
-            algorithms=self.runnable,
-            concurrency=self.config.worker.concurrency,
+
+def attempt_folder(root: Path, job: Job) -> Path:
+    """Where an attempt of ``job`` writes under ``root`` (the data folder, or a cluster
+    worker's scratch folder: the same relative path either way). One folder per attempt: an
+    attempt that lost the job may still be writing when the attempt that holds it commits,
+    and must not overwrite its files."""
+    return root / RESULTS_DIR / str(job.id) / f"attempt-{job.attempts}"
+
+
+def commit_attempt(
+    db: Database,
+    jobs: JobStore,
+    job: Job,
+    attempt: Attempt,
+    *,
+    worker: str,
+    root: Path,
+    device: str,
+    token: str | None = None,
+) -> bool:
+    """Record an attempt's result, its objects and its deliveries and mark the job succeeded,
+    in one transaction, if the attempt still holds the job (``JobStore.holds``, with the
+    attempt's ``token`` when it has one); False when it does not, and nothing is recorded.
+    Paths are recorded relative to ``root``."""
+    with db.transaction() as conn:
+        if not jobs.holds(conn, job.id, worker, token):
+            # Queued again while we ran it (our node restarted, our lease ran out): another
+            # attempt owns it now, and recording ours too would leave one job with two sets
+            # of objects.
+            return False
+        conn.execute(
+            "INSERT INTO results (job_id, algorithm, path, created_at, device, run_s)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (job_id) DO UPDATE SET"
+            " algorithm = excluded.algorithm, path = excluded.path,"
+            " created_at = excluded.created_at, device = excluded.device,"
+            " run_s = excluded.run_s",
+            (
+                job.id,
+                job.inference.algorithm,
+                str(attempt.path.relative_to(root)),
+                time.time(),
+                device,
+                attempt.run_s,
+            ),
         )
-        if job is None:
-            return None
-        loaded = job.inference.algorithm in self._loaded
-        self._progress(job.id, "running" if loaded else "loading")
-        try:
-            path, written, ran = self.run_job(job)
-        except Exception as exc:
-            # errors.py's vocabulary: a Permanent failure (the input's fault, or the node's
-            # setup's: weights that do not fit fit no better next time) ends the job at once;
-            # anything else may be passing and is tried again up to worker.max_attempts.
-            final = isinstance(exc, Permanent)
-            state = self.jobs.fail(
-                job.id,
-                f"{type(exc).__name__}: {exc}",
-                worker=self.name,
-                max_attempts=job.attempts if final else self.config.worker.max_attempts,
-            )
-            # Not the message or the traceback above DEBUG: they may quote the patient's data
-            # (pydicom's "Unable to convert '1923-04-17' to 'DA' object", say).
-            log.error(
-                "job %d failed (attempt %d, now %s%s): %s; the details are logged at DEBUG",
-                job.id,
-                job.attempts,
-                state.value if state else "no longer its own: cancelled, or queued again",
-                _not_retried(exc),
-                _raised_at(exc),
-            )
-            log.debug("job %d failed", job.id, exc_info=exc)
-            return job
-        with self.db.transaction() as conn:
-            if not self.jobs.holds(conn, job.id, self.name):
-                # Queued again while we ran it (our node restarted): another attempt owns it
-                # now, and recording ours too would leave one job with two sets of objects.
-                log.warning(
-                    "job %d was taken from %s while it ran; result dropped", job.id, self.name
-                )
-                return job
-            conn.execute(
-                "INSERT OR REPLACE INTO results (job_id, algorithm, path, created_at, device,"
-                " run_s) VALUES (?, ?, ?, ?, ?, ?)",
+        # Written once per job: a retry after a crash rewrites the files and only the
+        # committed attempt's objects (their SOP Instance UIDs) are ever delivered.
+        conn.executemany(
+            "INSERT INTO outputs (sop_instance_uid, job_id, kind, sop_class_uid, series_uid,"
+            " study_uid, path) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (sop_instance_uid)"
+            " DO UPDATE SET job_id = excluded.job_id, kind = excluded.kind,"
+            " sop_class_uid = excluded.sop_class_uid, series_uid = excluded.series_uid,"
+            " study_uid = excluded.study_uid, path = excluded.path",
+            [
                 (
+                    w.sop_instance_uid,
                     job.id,
-                    job.inference.algorithm,
-                    str(path.relative_to(self.data_dir)),
-                    time.time(),
+                    w.kind,
+                    w.sop_class_uid,
+                    w.series_uid,
+                    w.study_uid,
+                    str(w.path.relative_to(root)),
+                )
+                for w in attempt.written
+            ],
+        )
+        if attempt.written:  # with the results, in the same transaction: none is ever lost
+            jobs.schedule_deliveries(conn, job.id, job.inference)
+        jobs.mark_succeeded(conn, job.id)
+    return True
+
+
+def record_failure(
+    jobs: JobStore,
+    job: Job,
+    exc: BaseException,
+    *,
+    worker: str,
+    max_attempts: int,
+    token: str | None = None,
+) -> JobState | None:
+    """Record a failed attempt by errors.py's vocabulary, and log it: a Permanent failure (the
+    input's fault, or the node's setup's: weights that do not fit fit no better next time)
+    ends the job at once; anything else may be passing and is tried again up to
+    ``max_attempts``."""
+    final = isinstance(exc, Permanent)
+    state = jobs.fail(
+        job.id,
+        f"{type(exc).__name__}: {exc}",
+        worker=worker,
+        max_attempts=job.attempts if final else max_attempts,
+        token=token,
+    )
+    # Not the message or the traceback above DEBUG: they may quote the patient's data
+    # (pydicom's "Unable to convert '1923-04-17' to 'DA' object", say).
+    log.error(
+        "job %d failed (attempt %d, now %s%s): %s; the details are logged at DEBUG",
+        job.id,
+        job.attempts,
+        state.value if state else "no longer its own: cancelled, or queued again",
+        _not_retried(exc),
+        _raised_at(exc),
+    )
+    log.debug("job %d failed", job.id, exc_info=exc)
+    return state
+
+
+def remove_other_attempts(attempt: Path) -> None:
+    """Delete what earlier attempts of a job left beside the committed ``attempt`` folder."""
+    for other in attempt.parent.iterdir():
+        if other != attempt:
+            shutil.rmtree(other, ignore_errors=True)
+
+
+class WorkerRecord:
+    """A worker's row in the ``workers`` table: registered at start, the job in hand and its
+    phase recorded as they change, a heartbeat every few seconds from a thread of its own
+    (also in the middle of a long job: the node's readiness and the dashboard tell a busy
+    worker from a dead one by it), the stop recorded at the end."""
+
+    def __init__(self, db: Database, name: str, device: str, algorithms: object) -> None:
+        self.db = db
+        self.name = name
+        self.device = device
+        self.algorithms = algorithms
+        # The job in hand, what the worker does with it and since when, for its heartbeat:
+        # one tuple, replaced whole, so that the heartbeat thread never reads half of it.
+        self.doing: tuple[int | None, str | None, float | None] = (None, None, None)
+        # A plain flag, not a threading.Event: stop() may run in a signal handler, and an
+        # Event takes a lock that the interrupted main thread may hold inside Event.wait.
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    def register(self) -> None:
+        """Record the worker (a name used again starts a fresh row) and start beating."""
+        now = time.time()
+        with self.db.transaction() as conn:
+            conn.execute(
+                "INSERT INTO workers (name, pid, host, device, started_at, heartbeat_at,"
+                " algorithms, gpu_memory) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET pid = excluded.pid, host = excluded.host,"
+                " device = excluded.device, started_at = excluded.started_at,"
+                " heartbeat_at = excluded.heartbeat_at, stopped_at = NULL,"
+                " algorithms = excluded.algorithms, gpu_memory = excluded.gpu_memory,"
+                " job_id = NULL, job_phase = NULL, progress_at = NULL",
+                (
+                    self.name,
+                    os.getpid(),
+                    socket.gethostname(),
                     self.device,
-                    ran,
+                    now,
+                    now,
+                    json.dumps(self.algorithms),
+                    json.dumps(gpu_memory(self.device)),
                 ),
             )
-            # Written once per job: a retry after a crash rewrites the files and only the
-            # committed attempt's objects (their SOP Instance UIDs) are ever delivered.
-            conn.executemany(
-                "INSERT OR REPLACE INTO outputs (sop_instance_uid, job_id, kind, sop_class_uid,"
-                " series_uid, study_uid, path) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        w.sop_instance_uid,
-                        job.id,
-                        w.kind,
-                        w.sop_class_uid,
-                        w.series_uid,
-                        w.study_uid,
-                        str(w.path.relative_to(self.data_dir)),
-                    )
-                    for w in written
-                ],
-            )
-            if written:  # with the results, in the same transaction: none is ever lost
-                self.jobs.schedule_deliveries(conn, job.id, job.inference)
-            self.jobs.mark_succeeded(conn, job.id)
-        attempt = path.parent
-        for other in attempt.parent.iterdir():  # what earlier attempts of the job left
-            if other != attempt:
-                shutil.rmtree(other, ignore_errors=True)
-        return job
+        self._thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
+        self._thread.start()
 
-    def serve(self, poll_s: float = 0.2, *, parent_pid: int | None = None) -> None:
-        """Work until stopped, or until the process ``parent_pid`` (the node) is gone."""
-        log.info("%s ready on %s", self.name, self.device)
-        self._register()
-        beating = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
-        beating.start()
-        while not self._stopping:
-            if parent_pid is not None and os.getppid() != parent_pid:
-                # An orphan would go on claiming jobs beside the worker of a restarted node.
-                log.warning("%s: the node process is gone; stopping", self.name)
-                break
-            if self.work_once() is None:
-                time.sleep(poll_s)
-        self._stopping = True
-        beating.join()
-        with self.db.transaction() as conn:
-            conn.execute(
-                "UPDATE workers SET stopped_at = ? WHERE name = ?", (time.time(), self.name)
-            )
-        self.db.close()
-
-    def _progress(self, job_id: int | None, phase: str | None) -> None:
+    def progress(self, job_id: int | None, phase: str | None) -> None:
         """Record at once which job the worker is on and what it does with it (loading,
         running, writing): the heartbeat repeats it, so a beat says how far the job got, not
         only that the heartbeat thread lives. The supervisor measures the job's time limit
         from the job's claim and kills a worker that is over it, whatever it is doing."""
-        if (job_id, phase) == self._doing[:2]:
+        if (job_id, phase) == self.doing[:2]:
             return
-        self._doing = (job_id, phase, time.time())
+        self.doing = (job_id, phase, time.time())
         self._record(beat=False)
 
     def _record(self, *, beat: bool) -> None:
@@ -327,33 +386,13 @@ class Worker:
                 + (", heartbeat_at = ?, gpu_memory = ?" if beat else "")
                 + " WHERE name = ?",
                 (
-                    *self._doing,
+                    *self.doing,
                     *((time.time(), json.dumps(gpu_memory(self.device))) if beat else ()),
                     self.name,
                 ),
             )
 
-    def _register(self) -> None:
-        now = time.time()
-        with self.db.transaction() as conn:
-            conn.execute(
-                "INSERT OR REPLACE INTO workers (name, pid, host, device, started_at,"
-                " heartbeat_at, algorithms, gpu_memory) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    self.name,
-                    os.getpid(),
-                    socket.gethostname(),
-                    self.device,
-                    now,
-                    now,
-                    json.dumps(self._catalogue),
-                    json.dumps(gpu_memory(self.device)),
-                ),
-            )
-
     def _beat(self) -> None:
-        """Say we are alive every few seconds, also in the middle of a long job: the node's
-        readiness and the dashboard tell a busy worker from a dead one by it."""
         while not self._stopping:
             deadline = time.monotonic() + HEARTBEAT_S
             while not self._stopping and time.monotonic() < deadline:
@@ -363,9 +402,107 @@ class Worker:
             except Exception:  # a busy or failing database must not kill the worker
                 log.exception("heartbeat of %s not recorded", self.name)
 
+    def stop(self) -> None:
+        """Stop beating; safe to call from a signal handler."""
+        self._stopping = True
+
+    def stopped(self) -> None:
+        """Record the worker's stop, once its heartbeat thread has ended."""
+        self._stopping = True
+        if self._thread is not None:
+            self._thread.join()
+        with self.db.transaction() as conn:
+            conn.execute(
+                "UPDATE workers SET stopped_at = ? WHERE name = ?", (time.time(), self.name)
+            )
+
+
+class Worker:
+    """Claims inference jobs from the node's database and runs them, one at a time, until
+    stopped (the embedded worker: inputs and results in the node's data folder)."""
+
+    def __init__(self, config: NodeConfig, *, name: str | None = None) -> None:
+        self.config = config
+        self.data_dir = config.store.data_dir.resolve()
+        self.db = open_database(config)
+        self.jobs = job_store(self.db, priority_aging_s=config.worker.priority_aging_s)
+        self.name = name or f"worker-{socket.gethostname()}-{os.getpid()}"
+        self.runner = Runner(config)
+        self.device = self.runner.device
+        self.runnable = self.runner.runnable
+        self.record = WorkerRecord(self.db, self.name, self.device, self.runner.catalogue)
+        self._stopping = False
+
+    def run_job(self, job: Job) -> Attempt:
+        # Loaded before the inputs are read: a setup fault (weights that do not fit) is what
+        # the job's failure says, whatever the inputs.
+        self.runner.algorithm(job.inference.algorithm)
+        received_by = self.jobs.completed_at(job)
+        inputs = {
+            name: series_input(self.db, self.data_dir, uid, received_by)
+            for name, uid in job.inference.inputs.items()
+        }
+        return self.runner.run(
+            job,
+            inputs,
+            attempt_folder(self.data_dir, job),
+            lambda phase: self.record.progress(job.id, phase),
+        )
+
+    def work_once(self) -> Job | None:
+        if self.record.doing[0] is not None:  # the job before, whichever way it ended
+            self.record.progress(None, None)
+        job = self.jobs.claim(
+            self.name,
+            (JobKind.INFERENCE,),
+            algorithms=self.runnable,
+            concurrency=self.config.worker.concurrency,
+        )
+        if job is None:
+            return None
+        loaded = self.runner.loaded(job.inference.algorithm)
+        self.record.progress(job.id, "running" if loaded else "loading")
+        try:
+            attempt = self.run_job(job)
+        except Exception as exc:
+            record_failure(
+                self.jobs, job, exc, worker=self.name, max_attempts=self.config.worker.max_attempts
+            )
+            return job
+        committed = commit_attempt(
+            self.db,
+            self.jobs,
+            job,
+            attempt,
+            worker=self.name,
+            root=self.data_dir,
+            device=self.device,
+        )
+        if committed:
+            remove_other_attempts(attempt.path.parent)
+        else:
+            log.warning("job %d was taken from %s while it ran; result dropped", job.id, self.name)
+        return job
+
+    def serve(self, poll_s: float = 0.2, *, parent_pid: int | None = None) -> None:
+        """Work until stopped, or until the process ``parent_pid`` (the node) is gone."""
+        log.info("%s ready on %s", self.name, self.device)
+        self.record.register()
+        while not self._stopping:
+            if parent_pid is not None and os.getppid() != parent_pid:
+                # An orphan would go on claiming jobs beside the worker of a restarted node.
+                log.warning("%s: the node process is gone; stopping", self.name)
+                break
+            if self.work_once() is None:
+                time.sleep(poll_s)
+        self._stopping = True
+        self.record.stopped()
+        self.db.close()
+
     def stop(self, *_: object) -> None:
         """Stop after the job in hand; safe to call from a signal handler."""
         self._stopping = True
+        self.record.stop()
 
 
 # A UID in an error's text (PS3.5 9.1: a root 0, 1 or 2 and dotted numbers), logged hashed.
@@ -587,7 +724,7 @@ class WorkerSupervisor:
     def _mark_stopped(self, name: str) -> None:
         """Record that a dead worker stopped, as a worker that stops in order does itself: the
         API, the dashboard and ``/metrics`` then list only the workers that are there."""
-        db = SqliteDatabase(database_path(self.config.store.data_dir.resolve()))
+        db = open_database(self.config)
         try:
             with db.transaction() as conn:
                 conn.execute(
