@@ -11,6 +11,9 @@ Object keys (:mod:`dicom_node.objects`; hashed UIDs and job numbers only):
 - ``results/<job id>/attempt-<n>/...``: a worker's result files, under the same relative paths
   the embedded node records under its data folder (:func:`upload_tree`, :func:`materialize`).
 
+:func:`prestage_open_series` sends instances while their series is still open (the node's
+sweeper), so that staging at completion only hashes, lists and writes the manifest.
+
 Retention removes a study's inputs (:func:`purge_study`) and a job's manifest and results
 (:func:`purge_job`).
 """
@@ -45,6 +48,7 @@ __all__ = [
     "input_key",
     "manifest_key",
     "materialize",
+    "prestage_open_series",
     "purge_job",
     "purge_study",
     "stage_job",
@@ -166,6 +170,15 @@ def _parallel(function: Callable[[T], R], items: Sequence[T]) -> list[R]:
 # --- the node: staging a job -----------------------------------------------------------------
 
 
+def _upload_missing(objects: ObjectStore, study_uids: set[str], files: Mapping[str, Path]) -> int:
+    """Upload the files (by key) that the studies' input prefixes lack; how many. One listing
+    per study instead of a HEAD per instance."""
+    present = {k for uid in study_uids for k in objects.keys(f"{INPUTS}/{store_key(uid)}/")}
+    missing = sorted((key, path) for key, path in files.items() if key not in present)
+    _parallel(lambda kp: objects.put_file(*kp), missing)
+    return len(missing)
+
+
 def _study_of(db: Database, series_uid: str) -> str:
     with db.reading() as conn:
         row = conn.execute(
@@ -212,13 +225,9 @@ def stage_job(
     manifest = Manifest(job.id, series, inputs)
 
     # One listing per study instead of a HEAD per instance.
-    present = {
-        key
-        for study_uid in set(studies.values())
-        for key in objects.keys(f"{INPUTS}/{store_key(study_uid)}/")
-    }
-    missing = {f.key: data_dir / f.path for f in manifest.files if f.key not in present}
-    _parallel(lambda kv: objects.put_file(*kv), sorted(missing.items()))
+    uploaded = _upload_missing(
+        objects, set(studies.values()), {f.key: data_dir / f.path for f in manifest.files}
+    )
 
     # Last: a manifest that exists names inputs that all exist.
     key = manifest_key(job.id)
@@ -231,10 +240,45 @@ def stage_job(
         job.id,
         len(manifest.files),
         manifest.size / 1e6,
-        len(missing),
+        uploaded,
         time.perf_counter() - started,
     )
     return manifest
+
+
+def prestage_open_series(
+    db: Database, data_dir: Path, objects: ObjectStore, since: float, *, limit: int = 2000
+) -> float:
+    """Upload the instances of series still open (not yet complete) received after ``since``,
+    so that staging at completion finds them there and only hashes, lists and writes the
+    manifest: completion to dispatch stays short however large the series (issue 17). Every
+    open series is sent, routed or not: bandwidth spent for latency.
+
+    Returns the next call's ``since`` (the newest reception handled). Only an optimisation:
+    an instance it misses (one whose series completed meanwhile, one removed meanwhile) is
+    uploaded by :func:`stage_job`, which needs nothing from here.
+    """
+    with db.reading() as conn:
+        rows = conn.execute(
+            "SELECT i.study_uid, i.path, i.received_at FROM series s"
+            " JOIN instances i ON i.series_uid = s.series_uid"
+            " WHERE s.completed_at IS NULL AND s.last_received > ? AND i.received_at > ?"
+            " ORDER BY i.received_at LIMIT ?",
+            (since, since, limit),
+        ).fetchall()
+    if not rows:
+        return since
+
+    def key_of(row: Any) -> tuple[str, Path] | None:
+        path = data_dir / _relative(str(row["path"]))
+        try:
+            return input_key(str(row["study_uid"]), file_sha256(path)), path
+        except FileNotFoundError:
+            return None  # replaced or removed since the query: nothing to send
+
+    found = [kp for kp in _parallel(key_of, rows) if kp is not None]
+    _upload_missing(objects, {str(r["study_uid"]) for r in rows}, dict(found))
+    return float(rows[-1]["received_at"])
 
 
 # --- a worker: inputs in, results out --------------------------------------------------------

@@ -25,6 +25,7 @@ from dicom_node.staging import (
     fetch_inputs,
     manifest_key,
     materialize,
+    prestage_open_series,
     purge_job,
     purge_study,
     stage_job,
@@ -196,6 +197,27 @@ def test_staging_again_uploads_nothing_and_a_second_job_only_its_manifest(
     assert [f.key for f in second.files] == [f.key for f in first.files]
 
 
+def test_series_sent_while_open_leave_only_the_manifest_to_staging(
+    store: InstanceStore, corpus: Path, objects: Counting
+) -> None:
+    """Instances go up while their series is open; the completion's staging then writes only
+    the manifest. A second pass from the returned mark sends nothing."""
+    files = corpus_ct(corpus)
+    put_files(store, files[:20])
+    mark = prestage_open_series(store.db, store.data_dir, objects, 0.0)
+    assert len(objects.puts) == 20
+    put_files(store, files[20:])
+    mark = prestage_open_series(store.db, store.data_dir, objects, mark)
+    assert len(objects.puts) == 30
+    objects.puts.clear()
+    assert prestage_open_series(store.db, store.data_dir, objects, mark) == mark
+    assert objects.puts == []
+
+    job = completed_job(store, str(dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID))
+    stage_job(job, store.db, job_store(store.db), store.data_dir, objects)
+    assert objects.puts == [manifest_key(job.id)]
+
+
 def test_results_go_up_and_the_node_materializes_them(
     make_object_store: Callable[[str], ObjectStore], tmp_path: Path
 ) -> None:
@@ -263,29 +285,43 @@ def test_staging_time_of_a_300_slice_ct_to_s3(
 
     store = InstanceStore.open(tmp_path / "data", fsync=False)
     try:
-        series_uid = ""
-        for ds in ct_series(CtPhantomSpec(slices=300)):
-            series_uid = str(ds.SeriesInstanceUID)
-            store.put(encoded(ds), "1.2.840.10008.1.2.1", SENDER)
-        job = completed_job(store, series_uid)
+        series_uids = []
+        for spec in (CtPhantomSpec(slices=300), CtPhantomSpec(slices=300)):
+            for ds in ct_series(spec):
+                store.put(encoded(ds), "1.2.840.10008.1.2.1", SENDER)
+            series_uids.append(str(ds.SeriesInstanceUID))
         objects = object_store(
             ObjectsConfig(**seaweedfs.settings(f"s3://{seaweedfs.bucket()}/node"))
         )
+        jobs = job_store(store.db)
+        # The first series: nothing sent before its completion.
+        job = completed_job(store, series_uids[0])
         started = time.perf_counter()
-        manifest = stage_job(job, store.db, job_store(store.db), store.data_dir, objects)
+        manifest = stage_job(job, store.db, jobs, store.data_dir, objects)
         staged_s = time.perf_counter() - started
         started = time.perf_counter()
         inputs = fetch_inputs(job.id, objects, tmp_path / "scratch")
         fetched_s = time.perf_counter() - started
+        # The second: sent while open (as the node's sweeper does), then completed.
+        with store.db.transaction() as conn:  # the first one is complete: not sent again
+            conn.execute(
+                "UPDATE series SET completed_at = last_received WHERE series_uid = ?",
+                (series_uids[0],),
+            )
         started = time.perf_counter()
-        stage_job(job, store.db, job_store(store.db), store.data_dir, objects)
-        again_s = time.perf_counter() - started
+        prestage_open_series(store.db, store.data_dir, objects, 0.0, limit=1000)
+        prestaged_s = time.perf_counter() - started
+        job = completed_job(store, series_uids[1])
+        started = time.perf_counter()
+        stage_job(job, store.db, jobs, store.data_dir, objects)
+        at_completion_s = time.perf_counter() - started
     finally:
         store.close()
     assert len(manifest.files) == len(inputs["series"].paths) == 300
     with capsys.disabled():
         print(
             f"\nstaging a 300-slice CT ({manifest.size / 1e6:.0f} MB) to S3 on loopback:"
-            f" {staged_s:.2f} s; fetched by a worker in {fetched_s:.2f} s;"
-            f" staged again (all there) in {again_s:.2f} s"
+            f" {staged_s:.2f} s at completion; fetched by a worker in {fetched_s:.2f} s;"
+            f" sent while open in {prestaged_s:.2f} s, then staged at completion in"
+            f" {at_completion_s:.2f} s"
         )
