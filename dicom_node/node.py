@@ -41,11 +41,7 @@ class Node:
     def __init__(self, config: NodeConfig, *, config_source: str = "embedded defaults") -> None:
         self.config = config
         self.config_source = config_source
-        self.store = InstanceStore.open(
-            config.store.data_dir,
-            min_free_bytes=config.store.min_free_bytes,
-            fsync=config.store.fsync,
-        )
+        self.store = InstanceStore.for_node(config)
         self.registry, counters = node_registry(self.config)
         self.events = Events([counters])
         self.audit = (

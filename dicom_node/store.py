@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from enum import Enum
 from io import BytesIO
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
@@ -52,9 +53,13 @@ from dicom_node.database import (
     SqliteDatabase,
     database_errors,
     database_path,
+    open_database,
 )
 from dicom_node.errors import InvalidInstance, OutOfResources, RejectedInstance, SopMismatch
 from dicom_node.priority import RequestPriority
+
+if TYPE_CHECKING:
+    from dicom_node.config import NodeConfig
 
 log = logging.getLogger(__name__)
 
@@ -344,6 +349,17 @@ class InstanceStore:
             SqliteDatabase(database_path(data_dir)),
             min_free_bytes=min_free_bytes,
             fsync=fsync,
+        )
+
+    @classmethod
+    def for_node(cls, config: NodeConfig) -> InstanceStore:
+        """The node's store: its data folder, and its database (SQLite there, or the cluster's
+        PostgreSQL)."""
+        return cls(
+            config.store.data_dir.resolve(),
+            open_database(config),
+            min_free_bytes=config.store.min_free_bytes,
+            fsync=config.store.fsync,
         )
 
     def close(self) -> None:
