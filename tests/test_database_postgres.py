@@ -430,3 +430,47 @@ def test_cluster_migrate_command(
     assert main(["cluster", "migrate", "--from-sqlite", str(path)]) == 1
     assert "not empty (table jobs has rows)" in capsys.readouterr().err
     assert main(["cluster", "migrate", "--from-sqlite", str(tmp_path / "none")]) == 1
+
+
+def test_assembly_routing_and_purges_on_postgresql(
+    tmp_path: Path, postgres_url: str, corpus: Path
+) -> None:
+    """The index's writers beside the store run their same statements on PostgreSQL: a
+    released association completes its series and study (one completion job each), a routing
+    decision queues its inference job once however often it is recorded, a purge record is
+    replaced when the purge is recorded again."""
+    from dicom_node.assembly import Assembler
+    from dicom_node.config import AssemblyConfig
+    from dicom_node.jobs import JobKind, job_store
+    from dicom_node.retention import _record_purge
+    from dicom_node.route import Decision, Routed, record_decision
+
+    db = PostgresDatabase(postgres_url)
+    store = InstanceStore(tmp_path / "data", db)
+    try:
+        files = sorted(p for p in (corpus / "brain-mr-sag-anon").rglob("*") if p.is_file())[:2]
+        assembler = Assembler(db, AssemblyConfig())
+        assembler.association_opened(1)
+        for path in files:
+            assembler.instance_stored(1, _put(store, path))
+        completions = assembler.association_ended(1, released=True)
+        assert sorted(c.level.value for c in completions) == ["series", "study"]
+        assert {c.instances for c in completions} == {2}
+        series = next(c for c in completions if c.level.value == "series")
+        jobs = job_store(db)
+        decision = Decision(
+            "series", series.uid, series.generation, [Routed("example", {"series": series.uid})]
+        )
+        with db.transaction() as conn:
+            (job_id,) = record_decision(conn, jobs, decision)
+        with db.transaction() as conn:
+            assert record_decision(conn, jobs, decision) == []
+        job = jobs.get(job_id)
+        assert job is not None and job.kind == JobKind.INFERENCE
+        _record_purge(db, "study:1.2.3", 1.0, 2, 10)
+        _record_purge(db, "study:1.2.3", 2.0, 3, 20)
+        with db.reading() as conn:
+            rows = [tuple(r) for r in conn.execute("SELECT * FROM purges")]
+        assert rows == [("study:1.2.3", 2.0, 3, 20)]
+    finally:
+        store.close()
