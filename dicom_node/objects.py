@@ -240,11 +240,12 @@ def _remove_if_empty(folder: Path) -> bool:
 
 # --- S3 --------------------------------------------------------------------------------------
 
-# A call fails within seconds when the store is down: a refused or timed-out connection is
-# tried CONNECT_ATTEMPTS times with the standard mode's short backoff. READ_TIMEOUT_S bounds
-# a stalled answer (a frozen server) per socket read, not a whole transfer.
+# A call fails within seconds when the store is down (boto3's defaults: 60 s reads, up to
+# minutes of retries): a refused connection fails in under a second after ATTEMPTS tries with
+# the standard mode's short backoff; a frozen server (connections accepted, no answer) within
+# ATTEMPTS x READ_TIMEOUT_S. The read timeout bounds each socket read, not a whole transfer.
 CONNECT_TIMEOUT_S = 3.0
-READ_TIMEOUT_S = 15.0
+READ_TIMEOUT_S = 10.0
 ATTEMPTS = 3
 # Files above MULTIPART_BYTES go in parts of that size, several at once (boto3's transfer
 # manager); a DICOM slice (0.5 MB) is one PUT.

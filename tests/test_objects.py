@@ -5,6 +5,7 @@ the outage tests stop the real server (or unmount the folder, as far as a test c
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,7 @@ from dicom_node.objects import (
     object_store,
 )
 from tests.support.paths import corpus_ct
-from tests.support.seaweedfs import SeaweedServer
+from tests.support.seaweedfs import ACCESS_KEY, REGION, SECRET_KEY, SeaweedServer
 
 
 @pytest.fixture
@@ -147,6 +148,28 @@ def test_s3_outage_fails_within_seconds_and_recovers(tmp_path: Path) -> None:
         assert store.get_bytes("inputs/s/before") == b"before"
         store.put_bytes("inputs/s/after", b"after")
         assert store.keys("inputs/") == ["inputs/s/after", "inputs/s/before"]
+
+        # Frozen (SIGSTOP): connections are accepted and never answered; the read timeout,
+        # not a refused connection, ends the call (1 s here, so that the test is short).
+        impatient = S3ObjectStore(
+            "s3://outage/node",
+            endpoint_url=server.endpoint_url,
+            region=REGION,
+            access_key_id=ACCESS_KEY,
+            secret_access_key=SECRET_KEY,
+            read_timeout_s=1.0,
+            attempts=2,
+        )
+        assert server.proc is not None
+        os.killpg(server.proc.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(ObjectStoreUnavailable, match="timeout"):
+                impatient.get_bytes("inputs/s/before")
+            print(f"frozen store: failed after {time.monotonic() - started:.2f} s")
+        finally:
+            os.killpg(server.proc.pid, signal.SIGCONT)
+        assert impatient.get_bytes("inputs/s/before") == b"before"
     finally:
         server.kill()
 
