@@ -48,9 +48,11 @@ __all__ = [
     "input_key",
     "manifest_key",
     "materialize",
+    "materialize_all",
     "prestage_open_series",
     "purge_job",
     "purge_study",
+    "read_manifest",
     "stage_job",
     "upload_tree",
 ]
@@ -285,6 +287,7 @@ def prestage_open_series(
 
 
 def read_manifest(job_id: int, objects: ObjectStore) -> Manifest:
+    """A staged job's manifest (:class:`ObjectMissing` when it is not staged, or purged)."""
     manifest = Manifest.from_json(objects.get_bytes(manifest_key(job_id)))
     if manifest.job_id != job_id:
         raise ObjectCorrupt(f"{manifest_key(job_id)} is the manifest of job {manifest.job_id}")

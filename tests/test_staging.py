@@ -25,6 +25,7 @@ from dicom_node.staging import (
     fetch_inputs,
     manifest_key,
     materialize,
+    materialize_all,
     prestage_open_series,
     purge_job,
     purge_study,
@@ -234,6 +235,8 @@ def test_results_go_up_and_the_node_materializes_them(
     local = materialize("results/12/attempt-2/dicom/seg.dcm", data_dir, node_store)
     assert local == data_dir / "results/12/attempt-2/dicom/seg.dcm"
     assert local.read_bytes() == (attempt / "dicom" / "seg.dcm").read_bytes()
+    elsewhere = materialize_all(keys, tmp_path / "other-node", node_store)
+    assert [p.read_bytes() for p in elsewhere] == [(scratch / k).read_bytes() for k in keys]
     # A local copy is used as it is: the object is not read again.
     node_store.delete_prefix("results/12/")
     assert materialize("results/12/attempt-2/dicom/seg.dcm", data_dir, node_store) == local
