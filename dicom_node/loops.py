@@ -14,7 +14,6 @@ What each loop last did is kept in memory for the node's readiness (a loop backi
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from dicom_node.database import database_errors
 from dicom_node.errors import DicomNodeError
 from dicom_node.logs import raised_where
 from dicom_node.metrics import PREFIX
@@ -41,8 +41,9 @@ def reason(exc: BaseException) -> str:
     """What an operator may read of a loop's failure at ERROR: the message of the node's own
     errors, the database's and the operating system's (they name a lock, a file or a disk,
     never a patient), else the type and the line that raised it, since a library's message
-    may quote the data it choked on."""
-    if isinstance(exc, (sqlite3.Error, OSError, DicomNodeError)):
+    may quote the data it choked on. PostgreSQL's errors (cluster mode) count as SQLite's:
+    :func:`~dicom_node.database.database_errors` names psycopg's only once it is loaded."""
+    if isinstance(exc, (*database_errors(), OSError, DicomNodeError)):
         return f"{type(exc).__name__}: {exc}"
     return raised_where(exc)
 
