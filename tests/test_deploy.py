@@ -40,6 +40,9 @@ from dicom_node.cli import build_parser
 from dicom_node.config import ENV_CONFIG_FILE, HttpConfig, NodeConfig, ScpConfig, load_config
 from dicom_node.errors import ConfigError
 from tests.support.paths import ROOT
+from tests.support.postgres import postgres_server, postgres_url  # noqa: F401 (fixtures)
+from tests.support.rabbitmq import RabbitServer, rabbitmq  # noqa: F401 (fixture)
+from tests.support.seaweedfs import SeaweedServer
 
 DEPLOY = ROOT / "deploy"
 DOCKERFILES = {"cpu": DEPLOY / "Dockerfile", "cuda": DEPLOY / "Dockerfile.cuda"}
@@ -719,7 +722,7 @@ def test_cluster_compose_node_runs_in_cluster_mode_against_the_servers(
     assert all(source in cluster_compose["volumes"] for source, _ in data)
     assert seconds(node["stop_grace_period"]) > shutdown_budget_s()
     # The URLs name the compose services and the credentials each server is started with.
-    postgres, rabbitmq, seaweedfs = (services[s] for s in CLUSTER_SERVERS)
+    postgres, broker_service, seaweedfs = (services[s] for s in CLUSTER_SERVERS)
     database = urlsplit(cluster.database_url)
     assert database.scheme == "postgresql" and (database.hostname, database.port) == (
         "postgres",
@@ -732,7 +735,7 @@ def test_cluster_compose_node_runs_in_cluster_mode_against_the_servers(
     )
     assert database.path == f"/{pg_env['POSTGRES_DB']}"
     broker = urlsplit(cluster.broker_url)
-    mq_env = rabbitmq["environment"]
+    mq_env = broker_service["environment"]
     assert broker.scheme == "amqp" and (broker.hostname, broker.port) == ("rabbitmq", 5672)
     assert (broker.username, broker.password) == (
         mq_env["RABBITMQ_DEFAULT_USER"],
@@ -802,16 +805,16 @@ def test_cluster_compose_servers_are_durable_and_healthy_first(
     assert "/var/lib/postgresql/data" in [v.split(":")[1] for v in services["postgres"]["volumes"]]
     # RabbitMQ keeps its queues under a node name made from the host name: fixed, so that a new
     # container finds the durable queues and persistent messages of the old one.
-    rabbitmq = services["rabbitmq"]
-    assert rabbitmq["hostname"] and "/var/lib/rabbitmq" in [
-        v.split(":")[1] for v in rabbitmq["volumes"]
+    broker = services["rabbitmq"]
+    assert broker["hostname"] and "/var/lib/rabbitmq" in [
+        v.split(":")[1] for v in broker["volumes"]
     ]
     # A worker acknowledges a job's message when the job is done: RabbitMQ's consumer_timeout
     # must outlast the longest time limit a job can run under, or the broker closes the
     # worker's channel mid-job.
     (conf_target, conf_text) = next(
         (target, text)
-        for target, text in compose_configs(cluster_compose, rabbitmq).items()
+        for target, text in compose_configs(cluster_compose, broker).items()
         if target.startswith("/etc/rabbitmq/conf.d/")
     )
     assert conf_target.endswith(".conf")
@@ -1094,9 +1097,21 @@ def test_recipe_command_starts_a_node_that_passes_the_health_check(
     image's HEALTHCHECK command (also compose's) passes against it; SIGTERM stops it cleanly.
     Only what cannot be on this machine is overridden: ports (free ones), the data folder, and
     no inference worker (not what is tested here, and seconds of torch start-up)."""
+    serve_until_healthy(*recipe_command(recipe, tmp_path), tmp_path)
+
+
+def serve_until_healthy(
+    argv: list[str],
+    recipe_environ: dict[str, str],
+    tmp_path: Path,
+    when_healthy: Callable[[], None] = lambda: None,
+) -> None:
+    """Start `dicom-node` with a recipe's command line and environment, wait until the image's
+    HEALTHCHECK command passes, run ``when_healthy``, then SIGTERM: the exit status must be 0.
+    Only what cannot be on this machine is overridden: ports (free ones), the data folder, and
+    no embedded inference worker."""
     from dicom_node.testing import free_port
 
-    argv, recipe_environ = recipe_command(recipe, tmp_path)
     http_port = free_port()
     environ = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_NODE")}
     environ |= recipe_environ | {
@@ -1127,10 +1142,94 @@ def test_recipe_command_starts_a_node_that_passes_the_health_check(
 
     try:
         assert _wait_for(healthy, 30), log_path.read_text()
+        when_healthy()
     finally:
         node.send_signal(signal.SIGTERM)
         code = node.wait(60)
     assert code == 0, log_path.read_text()
+
+
+def cluster_recipe_command(recipe: str, workdir: Path) -> tuple[list[str], dict[str, str]]:
+    """What a cluster recipe's node runs after `dicom-node`, and its environment, with its
+    configuration file mapped to the repository's (or the rendered ConfigMap's) copy."""
+    if recipe == "compose":
+        compose = interpolate(yaml.safe_load(CLUSTER_COMPOSE.read_text()), CLUSTER_COMPOSE_ENVIRON)
+        service = compose["services"]["dicom-node"]
+        files = {}
+        for target, text in compose_configs(compose, service).items():
+            files[target] = workdir / Path(target).name
+            files[target].write_text(text)
+        argv = [str(files.get(a, a)) for a in service["command"]]
+        return argv, {k: str(v) for k, v in service["environment"].items()}
+    if recipe == "systemd":
+        argv = shlex.split(read_unit(UNIT)["Service"]["ExecStart"][-1])[1:]
+        installed = {"/etc/dicom-node/dicom-node.yaml": str(DEPLOY / "dicom-node.yaml")}
+        return [installed.get(a, a) for a in argv], env_file(CLUSTER_ENV)
+    if recipe == "chart":
+        values = VALUE_SETS["cluster"]
+        objects = manifests(helm_template(values))
+        node = deployment_specs(objects)["node"]
+        (container,) = node["spec"]["template"]["spec"]["containers"]
+        (configmap,) = by_kind(objects, "ConfigMap")
+        config_file = workdir / "dicom-node.yaml"
+        config_file.write_text(configmap["data"]["dicom-node.yaml"])
+        secrets_ = {
+            (s["metadata"]["name"], key): base64.b64decode(value).decode()
+            for s in by_kind(objects, "Secret")
+            for key, value in s["data"].items()
+        }
+        secret = values["cluster"]["existingSecret"]
+        secrets_ |= {(secret, key): value for key, value in CLUSTER_SECRET.items()}
+        argv = [
+            str(config_file) if a.endswith("/dicom-node.yaml") else a for a in container["args"]
+        ]
+        return argv, container_environ(container, secrets_)
+    raise ValueError(recipe)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("recipe", ["compose", "systemd", "chart"])
+def test_cluster_recipe_starts_a_node_in_cluster_mode(
+    recipe: str,
+    tmp_path: Path,
+    postgres_url: str,  # noqa: F811
+    rabbitmq: RabbitServer,  # noqa: F811
+    seaweedfs: SeaweedServer,
+) -> None:
+    """A cluster recipe's node command line, configuration and environment start a real
+    `dicom-node serve` in cluster mode against real servers: it creates its schema in
+    PostgreSQL and its bucket in SeaweedFS, passes the health check and stops cleanly. Only
+    the servers' addresses and credentials are this machine's (the recipe's own variables
+    carry them)."""
+    argv, environ = cluster_recipe_command(recipe, tmp_path)
+    objects = seaweedfs.settings("s3://unused")
+    # What the recipe must pass by environment (secrets), replaced by this machine's values.
+    secrets_ = {
+        "DATABASE_URL": postgres_url,
+        "BROKER_URL": rabbitmq.url,
+        "OBJECTS__ACCESS_KEY_ID": objects["access_key_id"],
+        "OBJECTS__SECRET_ACCESS_KEY": objects["secret_access_key"],
+    }
+    for key, value in secrets_.items():
+        name = f"DICOM_NODE__CLUSTER__{key}"
+        assert name in environ, f"the {recipe} recipe does not set {name}"
+        environ[name] = value
+    # Where the S3 server is: in the environment or the configuration file, here overridden.
+    environ["DICOM_NODE__CLUSTER__OBJECTS__ENDPOINT_URL"] = objects["endpoint_url"]
+    config = load_config(
+        argv[argv.index("--config") + 1], environ=environ | {"DICOM_NODE__WORKER__ENABLED": "0"}
+    )
+    bucket = urlsplit(str(config.cluster.objects.url)).netloc
+
+    def in_cluster_mode() -> None:
+        import psycopg
+
+        with psycopg.connect(postgres_url) as conn:
+            tables = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables").fetchall()}
+        assert {"jobs", "instances"} <= tables, tables
+        seaweedfs.client().head_bucket(Bucket=bucket)
+
+    serve_until_healthy(argv, environ, tmp_path, in_cluster_mode)
 
 
 # --- Helm ------------------------------------------------------------------------------------
