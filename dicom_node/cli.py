@@ -51,10 +51,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    config = _config(args)
+    name = args.name or f"worker-{socket.gethostname()}-{os.getpid()}"
+    if args.cluster:
+        from dicom_node.cluster_worker import cluster_worker_main
+        from dicom_node.logs import setup_logging
+
+        if not config.cluster.enabled:
+            raise ConfigError(
+                "cluster.database_url: not set (worker --cluster is for cluster mode)"
+            )
+        setup_logging(config.logging.level, process="[worker]")
+        return cluster_worker_main(config, name, args.processes)
+    if args.processes is not None:
+        print("dicom-node: --processes is for worker --cluster", file=sys.stderr)
+        return EXIT_USAGE
     from dicom_node.infer import worker_main
 
-    config = _config(args)
-    worker_main(config, args.name or f"worker-{socket.gethostname()}-{os.getpid()}")
+    worker_main(config, name)
     return 0
 
 
@@ -452,6 +466,24 @@ def cmd_cluster_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+@cluster_command(
+    "check",
+    "check PostgreSQL, RabbitMQ and the object store from this host (one line each)",
+)
+def cmd_cluster_check(args: argparse.Namespace) -> int:
+    from dicom_node.cluster_check import cluster_checks, limits_note
+    from dicom_node.cluster_worker import installed_algorithms
+
+    config = _cluster_config(args)
+    lines = cluster_checks(config, installed_algorithms())
+    for line in lines:
+        print(line)
+    note = limits_note(config)
+    if note is not None:
+        print(f"note: {note}")
+    return 0 if all(line.ok for line in lines) else EXIT_FAILED
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dicom-node", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"dicom-node {__version__}")
@@ -470,6 +502,18 @@ def build_parser() -> argparse.ArgumentParser:
         commands.add_parser("worker", help="run an inference worker on its own (no SCP)")
     )
     worker.add_argument("--name", help="worker name in the job store (default host-pid)")
+    worker.add_argument(
+        "--cluster",
+        action="store_true",
+        help="a cluster worker host: take jobs through RabbitMQ and PostgreSQL, inputs and"
+        " results through the object store (the cluster: section)",
+    )
+    worker.add_argument(
+        "--processes",
+        type=int,
+        metavar="N",
+        help="with --cluster: worker processes (default: one per GPU, as worker.processes says)",
+    )
     worker.set_defaults(func=cmd_worker)
 
     def scu(p: argparse.ArgumentParser, *, positional_peer: bool) -> None:

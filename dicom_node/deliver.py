@@ -27,6 +27,7 @@ import ssl
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dicom_node.config import (
     SENDER,
@@ -44,6 +45,7 @@ from dicom_node.errors import (
     DeliveryError,
     DestinationRefused,
     DestinationUnavailable,
+    ObjectMissing,
     SendAbandoned,
 )
 from dicom_node.events import DeliveryAttempted, Events, study_refs
@@ -51,6 +53,9 @@ from dicom_node.jobs import Delivery, job_store
 from dicom_node.loops import Loop
 from dicom_node.scu import send
 from dicom_node.store import fsync_dir
+
+if TYPE_CHECKING:
+    from dicom_node.objects import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -198,8 +203,12 @@ class Deliverer:
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         events: Events | None = None,
+        objects: ObjectStore | None = None,
     ) -> None:
         self.config = config
+        # Cluster mode: results are written on worker hosts and recorded at their object
+        # store keys (the same relative paths); each file is fetched here on first send.
+        self.objects = objects
         self.events = events or Events()
         self.db = db
         self.jobs = job_store(db)
@@ -218,7 +227,15 @@ class Deliverer:
                 "SELECT path FROM outputs WHERE job_id = ? ORDER BY kind, sop_instance_uid",
                 (job_id,),
             ).fetchall()
-        return [self.data_dir / r["path"] for r in rows]
+        relatives = [str(r["path"]) for r in rows]
+        if self.objects is None:
+            return [self.data_dir / relative for relative in relatives]
+        from dicom_node.staging import materialize_all
+
+        try:
+            return materialize_all(relatives, self.data_dir, self.objects)
+        except ObjectMissing:  # purged from the object store: as gone as a deleted file
+            return []
 
     def deliver_due(self) -> int:
         """Make one attempt at every due delivery; the number attempted.

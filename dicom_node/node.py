@@ -1,7 +1,8 @@
 """The running node: wires store, assembler, job store and SCP together, and stops them cleanly.
 
 Start-up order matters for durability: the store clears unacknowledged leftovers and the job
-store returns jobs a crash left ``running`` to ``queued`` before the SCP accepts anything.
+store returns jobs a crash left ``running`` to ``queued`` before the SCP accepts anything (in
+cluster mode it does not: remote workers go on with their jobs, and their leases decide).
 Shutdown runs in reverse: stop accepting, let in-flight C-STOREs finish, stop the quiet timer,
 then close the database.
 """
@@ -14,15 +15,17 @@ import signal
 import threading
 import time
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from dicom_node import __version__, api
+from dicom_node.algorithm import Algorithm
 from dicom_node.assembly import Assembler
 from dicom_node.audit import AuditTrail
 from dicom_node.config import NodeConfig, config_as_yaml
 from dicom_node.database import open_reader
 from dicom_node.deliver import Deliverer
 from dicom_node.events import Events, NodeStarted, NodeStopped
-from dicom_node.infer import WorkerSupervisor
+from dicom_node.infer import WorkerSupervisor, time_limits
 from dicom_node.jobs import job_store, job_store_reading
 from dicom_node.loops import Loop, LoopCollector, loops_check
 from dicom_node.metrics import node_registry
@@ -31,6 +34,9 @@ from dicom_node.route import Router
 from dicom_node.scp import StorageSCP
 from dicom_node.store import InstanceStore
 from dicom_node.web import Check, HttpService, store_check
+
+if TYPE_CHECKING:
+    from dicom_node.dispatch import Sweeper
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +61,28 @@ class Node:
         self.router = Router(self.store.data_dir, self.store.db, config.routing, events=self.events)
         self.assembler = Assembler(self.store.db, config.assembly, on_complete=self.router.wake)
         self.scp = StorageSCP(config.scp, self.store, self.assembler, self.events)
-        self.workers = WorkerSupervisor(config, self.jobs) if config.worker.enabled else None
-        self.deliverer = Deliverer(config, self.store.db, self.store.data_dir, events=self.events)
+        # Cluster mode: the workers are Celery workers on GPU hosts, not processes of ours;
+        # the sweeper stages and dispatches their jobs (dicom_node.dispatch).
+        self.sweeper = self._sweeper() if config.cluster.enabled else None
+        self.workers = (
+            WorkerSupervisor(config, self.jobs)
+            if config.worker.enabled and self.sweeper is None
+            else None
+        )
+        self.deliverer = Deliverer(
+            config,
+            self.store.db,
+            self.store.data_dir,
+            events=self.events,
+            objects=self.sweeper.objects if self.sweeper is not None else None,
+        )
         # In a loop of its own: a slow or failing purge must hold back no delivery.
         self.retention = Loop("retention", self.purge_expired, config.retention.check_every_s)
         self.loops = [
             self.router.loop,
             self.assembler.loop,
             *([self.workers.loop] if self.workers is not None else []),
+            *(self.sweeper.loops if self.sweeper is not None else []),
             self.deliverer.loop,
             self.retention,
         ]
@@ -73,6 +93,28 @@ class Node:
             else None
         )
         self._stopped = threading.Event()
+
+    def _sweeper(self) -> Sweeper:
+        """Cluster mode's dispatch: the object store (created when missing), the Celery app
+        that rings, and each algorithm's time limit as its jobs' hard limit."""
+        from dicom_node.dispatch import Sweeper, celery_app, time_limit_warning
+        from dicom_node.objects import object_store
+        from dicom_node.plugins import discover
+
+        limits = time_limits(self.config, discover())
+        warning = time_limit_warning(limits)
+        if warning is not None:
+            log.warning("%s", warning)
+        return Sweeper(
+            self.config,
+            self.store.db,
+            self.jobs,
+            self.store.data_dir,
+            object_store(self.config.cluster.objects, create=True),
+            celery_app(self.config.cluster, []),
+            limits,
+            Algorithm.time_limit_s,
+        )
 
     def purge_expired(self) -> None:
         """Delete what retention says has done its work (the retention loop's step)."""
@@ -114,9 +156,12 @@ class Node:
         }
 
     def start(self) -> tuple[str, int]:
-        requeued = self.jobs.requeue_interrupted()
-        if requeued:
-            log.warning("%d job(s) interrupted by the last stop were queued again", requeued)
+        if self.sweeper is None:
+            requeued = self.jobs.requeue_interrupted()
+            if requeued:
+                log.warning("%d job(s) interrupted by the last stop were queued again", requeued)
+        # In cluster mode a running job runs on another host, which goes on and commits:
+        # its lease, not this restart, decides whether it is taken back.
         log.info("data under %s", self.store.data_dir)
         self.events.emit(
             NodeStarted(
@@ -136,6 +181,8 @@ class Node:
         self.router.start()
         if self.workers is not None:
             self.workers.start()
+        for loop in self.sweeper.loops if self.sweeper is not None else []:
+            loop.start()
         self.deliverer.start()
         self.retention.start()
         self.assembler.start()
@@ -156,6 +203,8 @@ class Node:
         self.router.stop()
         if self.workers is not None:
             self.workers.stop()
+        for loop in self.sweeper.loops if self.sweeper is not None else []:
+            loop.stop()
         self.deliverer.stop()
         self.retention.stop()
         if self.http is not None:
