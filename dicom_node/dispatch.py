@@ -101,9 +101,10 @@ def celery_app(cluster: ClusterConfig, algorithms: Sequence[str]) -> Any:
         broker_connection_timeout=5,
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,  # a worker waits out a broker restart
-        # With acks_late, a task still running when the connection drops would be
-        # redelivered while it runs on; Celery cancels it instead (and the lease decides).
-        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # A job running when the broker connection drops (RabbitMQ restarted) runs on and
+        # commits: its lease, not its message, says it holds the job. The message comes back
+        # to the queue and is a duplicate doorbell, which claims nothing.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_send_task_events=False,
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,

@@ -585,15 +585,20 @@ def _terminate_with_parent() -> None:
 def visible_gpus(device: str) -> list[str]:
     """The GPUs the worker processes are spread over, as ``CUDA_VISIBLE_DEVICES`` names
     them: none on CPU or for one named device (``cuda:N``, which every process uses); for
-    ``auto`` and ``cuda`` each GPU this process sees. Without an NVIDIA driver
-    (``/proc/driver/nvidia/gpus``) there is none, and torch is not imported into ``serve``."""
+    ``auto`` and ``cuda`` each GPU this process sees: on Linux those of the NVIDIA driver
+    (``/proc/driver/nvidia/gpus``; none without it), elsewhere torch's count."""
     if device == "cpu" or device.startswith("cuda:"):
         return []
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         return [gpu.strip() for gpu in visible.split(",") if gpu.strip()]
-    if sys.platform.startswith("linux") and not Path("/proc/driver/nvidia/gpus").is_dir():
-        return []
+    driver = Path("/proc/driver/nvidia/gpus")
+    if sys.platform.startswith("linux"):
+        # One folder per GPU the driver sees: counted without torch, which must not
+        # initialise CUDA in a parent whose children are forked (the cluster worker's).
+        return (
+            [str(index) for index in range(len(list(driver.iterdir())))] if driver.is_dir() else []
+        )
     try:
         import torch
     except ImportError:
