@@ -1149,12 +1149,15 @@ def serve_until_healthy(
     assert code == 0, log_path.read_text()
 
 
-def cluster_recipe_command(recipe: str, workdir: Path) -> tuple[list[str], dict[str, str]]:
-    """What a cluster recipe's node runs after `dicom-node`, and its environment, with its
-    configuration file mapped to the repository's (or the rendered ConfigMap's) copy."""
+def cluster_recipe_command(
+    recipe: str, workdir: Path, component: str = "node"
+) -> tuple[list[str], dict[str, str]]:
+    """What a cluster recipe's node (or worker) runs after `dicom-node`, and its environment,
+    with its configuration file mapped to the repository's (or the rendered ConfigMap's)
+    copy."""
     if recipe == "compose":
         compose = interpolate(yaml.safe_load(CLUSTER_COMPOSE.read_text()), CLUSTER_COMPOSE_ENVIRON)
-        service = compose["services"]["dicom-node"]
+        service = compose["services"]["dicom-node" if component == "node" else "worker"]
         files = {}
         for target, text in compose_configs(compose, service).items():
             files[target] = workdir / Path(target).name
@@ -1162,14 +1165,17 @@ def cluster_recipe_command(recipe: str, workdir: Path) -> tuple[list[str], dict[
         argv = [str(files.get(a, a)) for a in service["command"]]
         return argv, {k: str(v) for k, v in service["environment"].items()}
     if recipe == "systemd":
-        argv = shlex.split(read_unit(UNIT)["Service"]["ExecStart"][-1])[1:]
+        service = read_unit(UNIT if component == "node" else WORKER_UNIT)["Service"]
+        argv = shlex.split(service["ExecStart"][-1])[1:]
         installed = {"/etc/dicom-node/dicom-node.yaml": str(DEPLOY / "dicom-node.yaml")}
-        return [installed.get(a, a) for a in argv], env_file(CLUSTER_ENV)
+        # The first GPU's instance.
+        environ = env_file(CLUSTER_ENV) | unit_environment(service, "0")
+        return [installed.get(a, a) for a in argv], environ
     if recipe == "chart":
         values = VALUE_SETS["cluster"]
         objects = manifests(helm_template(values))
-        node = deployment_specs(objects)["node"]
-        (container,) = node["spec"]["template"]["spec"]["containers"]
+        deployment = deployment_specs(objects)[component]
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
         (configmap,) = by_kind(objects, "ConfigMap")
         config_file = workdir / "dicom-node.yaml"
         config_file.write_text(configmap["data"]["dicom-node.yaml"])
@@ -1187,6 +1193,32 @@ def cluster_recipe_command(recipe: str, workdir: Path) -> tuple[list[str], dict[
     raise ValueError(recipe)
 
 
+def with_this_machines_servers(
+    recipe: str,
+    environ: dict[str, str],
+    database_url: str,
+    broker: RabbitServer,
+    store: SeaweedServer,
+) -> dict[str, str]:
+    """A recipe's environment with the servers of this machine: the secrets the recipe must
+    pass by environment replaced (each must be there), the S3 endpoint set over whatever
+    the environment or the configuration file says."""
+    objects = store.settings("s3://unused")
+    secrets_ = {
+        "DATABASE_URL": database_url,
+        "BROKER_URL": broker.url,
+        "OBJECTS__ACCESS_KEY_ID": objects["access_key_id"],
+        "OBJECTS__SECRET_ACCESS_KEY": objects["secret_access_key"],
+    }
+    out = dict(environ)
+    for key, value in secrets_.items():
+        name = f"DICOM_NODE__CLUSTER__{key}"
+        assert name in environ, f"the {recipe} recipe does not set {name}"
+        out[name] = value
+    out["DICOM_NODE__CLUSTER__OBJECTS__ENDPOINT_URL"] = objects["endpoint_url"]
+    return out
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("recipe", ["compose", "systemd", "chart"])
 def test_cluster_recipe_starts_a_node_in_cluster_mode(
@@ -1201,21 +1233,8 @@ def test_cluster_recipe_starts_a_node_in_cluster_mode(
     PostgreSQL and its bucket in SeaweedFS, passes the health check and stops cleanly. Only
     the servers' addresses and credentials are this machine's (the recipe's own variables
     carry them)."""
-    argv, environ = cluster_recipe_command(recipe, tmp_path)
-    objects = seaweedfs.settings("s3://unused")
-    # What the recipe must pass by environment (secrets), replaced by this machine's values.
-    secrets_ = {
-        "DATABASE_URL": postgres_url,
-        "BROKER_URL": rabbitmq.url,
-        "OBJECTS__ACCESS_KEY_ID": objects["access_key_id"],
-        "OBJECTS__SECRET_ACCESS_KEY": objects["secret_access_key"],
-    }
-    for key, value in secrets_.items():
-        name = f"DICOM_NODE__CLUSTER__{key}"
-        assert name in environ, f"the {recipe} recipe does not set {name}"
-        environ[name] = value
-    # Where the S3 server is: in the environment or the configuration file, here overridden.
-    environ["DICOM_NODE__CLUSTER__OBJECTS__ENDPOINT_URL"] = objects["endpoint_url"]
+    argv, recipe_environ = cluster_recipe_command(recipe, tmp_path)
+    environ = with_this_machines_servers(recipe, recipe_environ, postgres_url, rabbitmq, seaweedfs)
     config = load_config(
         argv[argv.index("--config") + 1], environ=environ | {"DICOM_NODE__WORKER__ENABLED": "0"}
     )
@@ -1230,6 +1249,57 @@ def test_cluster_recipe_starts_a_node_in_cluster_mode(
         seaweedfs.client().head_bucket(Bucket=bucket)
 
     serve_until_healthy(argv, environ, tmp_path, in_cluster_mode)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("recipe", ["compose", "systemd", "chart"])
+def test_cluster_recipe_starts_a_worker_that_consumes_every_algorithm_queue(
+    recipe: str,
+    tmp_path: Path,
+    postgres_url: str,  # noqa: F811
+    rabbitmq: RabbitServer,  # noqa: F811
+    seaweedfs: SeaweedServer,
+) -> None:
+    """A cluster recipe's worker command line, configuration and environment start a real
+    `dicom-node worker --cluster`: it consumes every installed algorithm's queue on a real
+    RabbitMQ, and SIGTERM (a warm shutdown) ends it with 0. Overridden besides the servers:
+    the CPU for the GPU, and scratch and HOME in this test's folder."""
+    from dicom_node.cluster_worker import installed_algorithms
+    from dicom_node.dispatch import queue_name
+
+    argv, recipe_environ = cluster_recipe_command(recipe, tmp_path, component="worker")
+    assert parse_command(argv).cluster
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_NODE")}
+    environ |= with_this_machines_servers(
+        recipe, recipe_environ, postgres_url, rabbitmq, seaweedfs
+    ) | {
+        "DICOM_NODE__WORKER__DEVICE": "cpu",
+        "DICOM_NODE__CLUSTER__SCRATCH_DIR": str(tmp_path / "scratch"),
+        "HOME": str(tmp_path),
+    }
+    expected = {queue_name(a) for a in installed_algorithms()}
+
+    def consumed() -> bool:
+        assert worker.poll() is None, log_path.read_text()
+        listing = rabbitmq.ctl("list_queues", "--quiet", "--no-table-headers", "name", "consumers")
+        counts = dict(line.split() for line in listing.splitlines() if line.strip())
+        return all(int(counts.get(q, 0)) >= 1 for q in expected)
+
+    log_path = tmp_path / "worker.log"
+    with log_path.open("w") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "dicom_node", *argv],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=environ,
+            cwd=tmp_path,
+        )
+    try:
+        assert _wait_for(consumed, 90), log_path.read_text()
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        code = worker.wait(60)
+    assert code == 0, log_path.read_text()
 
 
 # --- Helm ------------------------------------------------------------------------------------
