@@ -109,7 +109,13 @@ class ClusterWorker:
         self.runner = Runner(config)
         self.record = WorkerRecord(self.db, name, self.runner.device, self.runner.catalogue)
         self.record.register()
-        log.info("%s ready on %s", name, self.runner.device)
+        gpu = os.environ.get("CUDA_VISIBLE_DEVICES")
+        log.info(
+            "%s ready on %s%s",
+            name,
+            self.runner.device,
+            "" if gpu is None else f" (CUDA_VISIBLE_DEVICES={gpu})",
+        )
 
     def answer(self, job_id: int) -> Job | None:
         """A doorbell (``job_id``, only for the log: the claim takes the best job there is):

@@ -268,3 +268,29 @@ def test_cluster_check_says_one_line_per_server_and_fails_on_any(
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("ok") and lines[2].startswith("ok")
     assert lines[1].startswith("FAIL rabbitmq:")
+
+
+def test_a_host_runs_one_child_per_gpu_each_with_its_own_device(
+    make_node: Any, tmp_path: Path, cluster: dict[str, Any]
+) -> None:
+    """Two GPUs visible to the host: two Celery children, each given one as the embedded
+    supervisor gives its workers, registered under the host's name and their index."""
+    node: NodeProcess = make_node(worker={"device": "auto"}, cluster=cluster, env=plugin_env())
+    host = start_cluster_worker(
+        node.config_path,
+        "gpus",
+        tmp_path / "gpus",
+        processes=2,
+        env={"CUDA_VISIBLE_DEVICES": "3,5"},
+    )
+    try:
+        log = (tmp_path / "gpus.log").read_text()
+        assert "gpus-0 ready on cpu (CUDA_VISIBLE_DEVICES=3)" in log
+        assert "gpus-1 ready on cpu (CUDA_VISIBLE_DEVICES=5)" in log
+        rows = node.query("SELECT name FROM workers WHERE stopped_at IS NULL ORDER BY name")
+        assert [r["name"] for r in rows] == ["gpus-0", "gpus-1"]
+    finally:
+        assert stop_cluster_worker(host) == 0
+    stopped = node.query("SELECT COUNT(*) FROM workers WHERE stopped_at IS NOT NULL")
+    assert stopped[0][0] == 2
+    node.stop()

@@ -33,7 +33,7 @@ from tests.support.dicomfiles import dataset_bytes
 from tests.support.jobs import queue
 from tests.support.paths import corpus_ct
 from tests.support.postgres import postgres_server, postgres_url  # noqa: F401 (fixtures)
-from tests.support.rabbitmq import RabbitServer, rabbitmq  # noqa: F401 (fixture)
+from tests.support.rabbitmq import RabbitServer, rabbitmq, server_folder  # noqa: F401
 
 ALGORITHM = "example-threshold"
 WORKER = "test-worker"
@@ -57,12 +57,13 @@ def config_for(tmp_path: Path, database_url: str, broker_url: str, **cluster: An
 class Broker:
     """The test's view of the algorithm's queue: what waits there, taken off one by one."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, *, purge: bool = True) -> None:
         self.connection = app.connection_for_read()
         self.channel = self.connection.channel()
         self.queue = queues([ALGORITHM])[0](self.channel)
         self.queue.declare()
-        self.queue.purge()
+        if purge:
+            self.queue.purge()
 
     def take(self) -> list[Any]:
         """Every message waiting, unacknowledged (the test acks or rejects them)."""
@@ -252,6 +253,42 @@ def test_the_sweeper_stages_a_job_before_it_rings_it(
     assert job is not None and job.staged_at is not None and job.dispatched_at is not None
     assert sweeper.objects.exists(manifest_key(job_id))
     assert broker.waiting() == 1
+
+
+@pytest.mark.integration
+def test_the_sweeper_rings_again_after_the_broker_lost_its_data(
+    tmp_path: Path,
+    db: Database,
+    postgres_url: str,  # noqa: F811
+) -> None:
+    """RabbitMQ killed and started again without its data: the queue and the doorbell are
+    gone, no worker has declared the queue again; the sweeper declares it and rings again."""
+    server = RabbitServer(server_folder()).start()
+    try:
+        config = config_for(tmp_path, postgres_url, server.url)
+        jobs = job_store(db)
+        (job_id,) = queue(db, ALGORITHM)
+        jobs.mark_staged(job_id)
+        sweeper = sweeper_for(config, db)
+        sweeper.step()
+        server.wipe()
+        server.start()
+        time.sleep(config.cluster.redispatch_s + 0.2)
+        for _ in range(20):  # the first publish may meet the connection the restart broke
+            sweeper.loop.run_once()
+            if sweeper.loop.state.backing_off is None:
+                break
+            time.sleep(0.5)
+        assert sweeper.loop.state.backing_off is None
+        broker = Broker(celery_app(config.cluster, [ALGORITHM]), purge=False)
+        try:
+            (message,) = broker.take()
+            assert message.decode()[0] == [job_id]
+            message.ack()
+        finally:
+            broker.close()
+    finally:
+        server.close()
 
 
 @pytest.mark.unit
