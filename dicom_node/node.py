@@ -119,7 +119,12 @@ class Node:
     def purge_expired(self) -> None:
         """Delete what retention says has done its work (the retention loop's step)."""
         purge_expired(
-            self.store.db, self.store.data_dir, self.config.retention, time.time(), self.events
+            self.store.db,
+            self.store.data_dir,
+            self.config.retention,
+            time.time(),
+            self.events,
+            self.sweeper.objects if self.sweeper is not None else None,
         )
 
     def readiness_checks(self) -> dict[str, Check]:

@@ -4,6 +4,12 @@ Received instances are deleted ``retention.instances_hours`` after every route o
 delivered (or the study was routed nowhere); result files ``retention.results_hours`` after
 they were delivered. Nothing with a queued or running job or an undelivered (pending or dead)
 delivery is touched. The index keeps the records; the ``purges`` table says what went when.
+
+In cluster mode the object store holds copies too: a study's staged inputs and a job's manifest
+and results (:mod:`dicom_node.staging`). They go with the local files, under the same rules and
+first: a store that fails raises (a Transient :class:`~dicom_node.errors.ObjectStoreUnavailable`,
+so the retention loop backs off and tries again) before any local file is touched, and the purge
+is recorded only once both are gone.
 """
 
 from __future__ import annotations
@@ -12,11 +18,15 @@ import logging
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dicom_node.config import RetentionConfig
 from dicom_node.database import RESULTS_DIR, Database
 from dicom_node.events import DataDeleted, Events, StudyRef, study_refs
 from dicom_node.jobs import DeliveryProgress, JobStore, job_store
+
+if TYPE_CHECKING:
+    from dicom_node.objects import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +49,17 @@ def purge_expired(
     retention: RetentionConfig,
     now: float,
     events: Events | None = None,
+    objects: ObjectStore | None = None,
 ) -> int:
-    """Delete received instances and result files whose retention ran out; how many sets."""
+    """Delete received instances and result files whose retention ran out; how many sets.
+
+    ``objects``: cluster mode's object store, whose staged inputs and results of the same
+    study or job go first (see the module's docstring).
+    """
     events = events or Events()
+    if objects is not None:
+        # Cluster-only: staging imports nothing of the extra, but embedded mode needs none of it.
+        from dicom_node.staging import purge_job, purge_study
     jobs = job_store(db)
     purged = 0
     with db.reading() as conn:
@@ -64,9 +82,17 @@ def purge_expired(
             ]
         # The patient is named in the audit record, read before the files go.
         (ref,) = study_refs(paths[:1]) or (StudyRef(study["study_uid"], None, 0),)
+        # The store's copies first: should it fail, the local files (and the audit's record of
+        # them) are still all here when the loop tries again.
+        stored = purge_study(study["study_uid"], objects) if objects is not None else 0
         files, size = _delete(paths)
         _record_purge(db, f"study:{study['study_uid']}", now, files, size)
-        log.info("retention: deleted %d received file(s), %d bytes, of a study", files, size)
+        log.info(
+            "retention: deleted %d received file(s), %d bytes, and %d staged object(s) of a study",
+            files,
+            size,
+            stored,
+        )
         events.emit(
             DataDeleted(
                 "received instances",
@@ -90,10 +116,16 @@ def purge_expired(
         folder = data_dir / RESULTS_DIR / str(job["job_id"])
         paths = [p for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else []
         result_studies = study_refs(p for p in paths if p.suffix == ".dcm")
+        stored = purge_job(job["job_id"], objects) if objects is not None else 0
         files, size = _delete(paths)
         shutil.rmtree(folder, ignore_errors=True)
         _record_purge(db, f"job:{job['job_id']}", now, files, size)
-        log.info("retention: deleted job %d's %d result file(s)", job["job_id"], files)
+        log.info(
+            "retention: deleted job %d's %d result file(s) and %d object(s)",
+            job["job_id"],
+            files,
+            stored,
+        )
         events.emit(DataDeleted(f"results of job {job['job_id']}", result_studies, files, size))
         purged += 1
     return purged
