@@ -28,12 +28,12 @@ from dicom_node.events import Events, NodeStarted, NodeStopped
 from dicom_node.infer import WorkerSupervisor, time_limits
 from dicom_node.jobs import job_store, job_store_reading
 from dicom_node.loops import Loop, LoopCollector, loops_check
-from dicom_node.metrics import node_registry
+from dicom_node.metrics import WORKER_STALE_S, node_registry
 from dicom_node.retention import purge_expired
 from dicom_node.route import Router
 from dicom_node.scp import StorageSCP
 from dicom_node.store import InstanceStore
-from dicom_node.web import Check, HttpService, store_check
+from dicom_node.web import CachedProbe, Check, HttpService, cluster_checks, store_check
 
 if TYPE_CHECKING:
     from dicom_node.dispatch import Sweeper
@@ -141,6 +141,14 @@ class Node:
         def worker() -> str | None:
             with open_reader(self.config) as conn:
                 alive = {w["name"] for w in api.workers(conn) if w["alive"]}
+            if self.sweeper is not None:
+                # Cluster mode: the workers are other hosts' processes, known by their beats.
+                return (
+                    None
+                    if alive
+                    else "no cluster worker has beaten in the last"
+                    f" {WORKER_STALE_S:.0f} s (dicom-node worker --cluster on a GPU host)"
+                )
             if self.workers is None:
                 return None if alive else "no external inference worker has beaten recently"
             if self.workers.dead:
@@ -154,9 +162,15 @@ class Node:
 
         return {
             "store": store_check(self.store.data_dir, self.config.store.min_free_bytes),
-            "index": index,
+            "index": index if self.sweeper is None else CachedProbe("index", index),
+            **(
+                cluster_checks(self.config, self.sweeper.objects, self.sweeper.app)
+                if self.sweeper is not None
+                else {}
+            ),
             "scp": scp,
-            "worker": worker,
+            # In cluster mode both read PostgreSQL over the network: bounded like its probe.
+            "worker": worker if self.sweeper is None else CachedProbe("worker", worker),
             "loops": loops_check(self.loops),
         }
 

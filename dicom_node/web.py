@@ -3,7 +3,9 @@
 =============================  ======  =======================================================
 ``/healthz``                   open    the process answers (liveness)
 ``/readyz``                    open    200 when it can take studies: store writable, index
-                                       readable, SCP listening, an inference worker alive;
+                                       readable, SCP listening, an inference worker alive
+                                       (cluster mode: PostgreSQL, RabbitMQ and the object
+                                       store answer, a cluster worker beat recently);
                                        503 with the reason otherwise
 ``/metrics``                   token   Prometheus text format
 ``/api/...``                   token   JSON: studies, series, decisions, jobs, deliveries,
@@ -31,12 +33,13 @@ import os
 import re
 import shutil
 import threading
+import time
 from collections.abc import Callable, Mapping
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from prometheus_client import CollectorRegistry
@@ -44,10 +47,14 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from dicom_node import api
 from dicom_node.config import NodeConfig
-from dicom_node.database import Connection, Database, open_reader
+from dicom_node.database import SCHEMA_VERSION, Connection, Database, open_reader
 from dicom_node.events import Events
 from dicom_node.job_control import JobControl
 from dicom_node.jobs import job_store
+
+if TYPE_CHECKING:
+    from dicom_node.config import ObjectsConfig
+    from dicom_node.objects import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -312,3 +319,140 @@ def store_check(data_dir: Path, min_free_bytes: int) -> Check:
         return None
 
     return check
+
+
+# Cluster mode's servers, probed for /readyz: an answer is kept this long, so that probes from
+# a load balancer, Kubernetes and the dashboard together cost the servers one call per period.
+PROBE_CACHE_S = 5.0
+# How long /readyz waits for a probe; one that takes longer is "no answer" (it runs on in its
+# thread and is not started again until it ends), so a frozen server never hangs the probe.
+PROBE_WAIT_S = 2.0
+_READY_PREFIX = "readyz-probe/"  # listed, never written: the bucket or folder must answer
+
+
+class CachedProbe:
+    """A readiness check whose answer is reused for ``cache_s`` and waited for at most
+    ``wait_s``; it runs in a thread of its own so that a server that does not answer costs
+    the caller ``wait_s``, not the client library's own timeouts and retries."""
+
+    def __init__(
+        self,
+        name: str,
+        probe: Check,
+        *,
+        cache_s: float = PROBE_CACHE_S,
+        wait_s: float = PROBE_WAIT_S,
+    ) -> None:
+        if cache_s < 0 or wait_s <= 0:
+            raise ValueError(f"probe {name}: cache_s >= 0 and wait_s > 0")
+        self.name = name
+        self.probe = probe
+        self.cache_s = cache_s
+        self.wait_s = wait_s
+        self._lock = threading.Lock()
+        self._answer: tuple[float, str | None] | None = None  # (monotonic time, problem)
+        self._running: threading.Event | None = None  # set when the probe in flight ends
+
+    def _run(self, done: threading.Event) -> None:
+        try:
+            problem = self.probe()
+        except Exception as exc:  # the probe's failure is its answer, said in one line
+            first = (str(exc).strip().splitlines() or [""])[0]
+            problem = f"{type(exc).__name__}: {first}".rstrip(": ")
+        with self._lock:
+            self._answer = (time.monotonic(), problem)
+            self._running = None
+        done.set()
+
+    def __call__(self) -> str | None:
+        with self._lock:
+            if self._answer is not None and time.monotonic() - self._answer[0] < self.cache_s:
+                return self._answer[1]
+            done = self._running
+            if done is None:
+                done = self._running = threading.Event()
+                threading.Thread(
+                    target=self._run, args=(done,), name=f"probe-{self.name}", daemon=True
+                ).start()
+        if not done.wait(self.wait_s):
+            return f"no answer within {self.wait_s:g} s"
+        with self._lock:
+            assert self._answer is not None
+            return self._answer[1]
+
+
+def server_address(url: str | None) -> str | None:
+    """``host:port`` of a server URL, without user, password or path (what the dashboard and
+    the messages may show); None when not set."""
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    if parts.hostname is None:
+        return None
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return host if parts.port is None else f"{host}:{parts.port}"
+
+
+def database_check(config: NodeConfig) -> Check:
+    """PostgreSQL answers a read-only connection and holds the schema this version needs."""
+
+    def check() -> str | None:
+        with open_reader(config) as conn:
+            found = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
+        if found != SCHEMA_VERSION:
+            return f"schema version {found}, this dicom-node needs {SCHEMA_VERSION}"
+        return None
+
+    return check
+
+
+def broker_check(app: Any) -> Check:
+    """RabbitMQ accepts an AMQP connection of ``app`` (the node's Celery app, from
+    :func:`dicom_node.dispatch.celery_app`); it declares nothing: the sweeper declares."""
+
+    def check() -> str | None:
+        # One try and one quick retry (kombu's default waits 2 s between them), each within
+        # half the probe's wait, so that a refusal is said as such rather than as no answer.
+        with app.connection_for_write(connect_timeout=PROBE_WAIT_S / 2) as conn:
+            conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0)
+        return None
+
+    return check
+
+
+def objects_check(objects: ObjectStore) -> Check:
+    """The object store lists a prefix of its bucket or folder (one that holds nothing)."""
+
+    def check() -> str | None:
+        objects.keys(_READY_PREFIX)
+        return None
+
+    return check
+
+
+def objects_address(objects: ObjectsConfig) -> str | None:
+    """The object store as the dashboard may show it: its URL (a bucket and prefix, or a
+    folder) and the S3 endpoint's host:port, never the keys."""
+    endpoint = server_address(objects.endpoint_url)
+    return objects.url if endpoint is None else f"{objects.url} at {endpoint}"
+
+
+def cluster_checks(config: NodeConfig, objects: ObjectStore, app: Any) -> dict[str, Check]:
+    """Readiness of cluster mode's three servers, each its own check, cached and bounded
+    (:class:`CachedProbe`); a failing one says which server, where, and why."""
+    probes = {
+        "postgresql": (server_address(config.cluster.database_url), database_check(config)),
+        "rabbitmq": (server_address(config.cluster.broker_url), broker_check(app)),
+        "objects": (objects_address(config.cluster.objects), objects_check(objects)),
+    }
+
+    def said(name: str, where: str | None, probe: Check) -> Check:
+        def check() -> str | None:
+            problem = probe()
+            return None if problem is None else f"{name} at {where}: {problem}"
+
+        return check
+
+    return {
+        name: said(name, where, CachedProbe(name, probe)) for name, (where, probe) in probes.items()
+    }
