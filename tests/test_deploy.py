@@ -1471,6 +1471,9 @@ def test_chart_pods_run_valid_configurations_and_commands(
             assert args.cluster is (component == "worker")
             assert config.worker.device.startswith("cuda")
             assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+            # A cluster worker runs one process per GPU the pod was given, said outright.
+            if args.cluster:
+                assert args.processes == container["resources"]["limits"]["nvidia.com/gpu"]
         if component != "worker":
             data = next(m for m in container["volumeMounts"] if m["name"] == "data")
             assert Path(data["mountPath"]) == config.store.data_dir
