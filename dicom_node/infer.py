@@ -466,7 +466,12 @@ class Worker:
             attempt = self.run_job(job)
         except Exception as exc:
             record_failure(
-                self.jobs, job, exc, worker=self.name, max_attempts=self.config.worker.max_attempts
+                self.jobs,
+                job,
+                exc,
+                worker=self.name,
+                max_attempts=self.config.worker.max_attempts,
+                token=job.token,
             )
             return job
         committed = commit_attempt(
@@ -477,6 +482,7 @@ class Worker:
             worker=self.name,
             root=self.data_dir,
             device=self.device,
+            token=job.token,
         )
         if committed:
             remove_other_attempts(attempt.path.parent)
