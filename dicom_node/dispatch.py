@@ -53,6 +53,9 @@ RABBITMQ_DEFAULT_CONSUMER_TIMEOUT_S = 1800.0
 _PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1}
 
 
+SWEEP_BACKOFF_MAX_S = 10.0
+
+
 def queue_name(algorithm: str) -> str:
     """The queue of an algorithm's doorbells."""
     return f"{QUEUE_PREFIX}{algorithm}"
@@ -177,7 +180,11 @@ class Sweeper:
         self._unstageable: set[int] = set()
         self._prestaged_since = time.time()
         interval = config.cluster.sweep_interval_s
-        self.loop = Loop("sweeper", self.step, interval)
+        # Backing off at most SWEEP_BACKOFF_MAX_S: after a broker or database outage the
+        # sweeper's next try is when dispatch resumes, so a minute's cap would add a minute.
+        self.loop = Loop(
+            "sweeper", self.step, interval, backoff_max_s=max(interval, SWEEP_BACKOFF_MAX_S)
+        )
         self.prestage_loop = Loop("prestage", self.prestage, interval)
 
     @property
