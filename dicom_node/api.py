@@ -11,8 +11,9 @@ import json
 import time
 from dataclasses import asdict
 from typing import Any
+from urllib.parse import urlsplit
 
-from dicom_node.config import SENDER, NodeConfig
+from dicom_node.config import SENDER, NodeConfig, ObjectsConfig
 from dicom_node.database import Connection, Row
 from dicom_node.deliver import target_label
 from dicom_node.jobs import (
@@ -206,6 +207,9 @@ def _job(
         ("received", record.last_received),
         ("complete", record.completed_at),
         ("routed", record.routed_at),
+        # Cluster mode: its inputs reached the object store, then a worker's doorbell rang.
+        *([("staged", job.staged_at)] if job.staged_at is not None else []),
+        *([("dispatched", job.dispatched_at)] if job.dispatched_at is not None else []),
         ("started", job.started_at),
         ("inference", inferred_at),
         ("written", record.written_at),
@@ -233,6 +237,9 @@ def _job(
         "priority": job.priority,
         "attempts": job.attempts,
         "error": job.error,
+        "worker": job.worker,  # the attempt's (a cluster worker's name on its host)
+        "staged_at": job.staged_at,
+        "dispatched_at": job.dispatched_at,
         "device": record.device,
         "created_at": job.created_at,
         "finished_at": job.finished_at,
@@ -313,11 +320,17 @@ def destinations(conn: Connection, config: NodeConfig) -> list[dict[str, Any]]:
     return out
 
 
-def workers(conn: Connection) -> list[dict[str, Any]]:
-    """Inference workers seen, newest first, with whether their heartbeat is recent."""
+def workers(conn: Connection, limit: int = 20) -> list[dict[str, Any]]:
+    """Inference workers seen, those not stopped first, newest first, with whether their
+    heartbeat is recent; each with its host, device, job and phase (cluster workers run on
+    other hosts: the host names them)."""
     now = time.time()
     out = []
-    for row in conn.execute("SELECT * FROM workers ORDER BY started_at DESC LIMIT 20"):
+    for row in conn.execute(
+        "SELECT * FROM workers ORDER BY CASE WHEN stopped_at IS NULL THEN 0 ELSE 1 END,"
+        " started_at DESC LIMIT ?",
+        (limit,),
+    ):
         item = dict(row)
         item["algorithms"] = json.loads(row["algorithms"])
         item["gpu_memory"] = json.loads(row["gpu_memory"] or "null")
@@ -336,3 +349,45 @@ def algorithms(conn: Connection) -> dict[str, Any]:
                 "algorithms": worker["algorithms"],
             }
     return {"worker": None, "device": None, "algorithms": []}
+
+
+def server_address(url: str | None) -> str | None:
+    """``host:port`` of a server URL, without user, password or path (what the dashboard,
+    ``status`` and the readiness messages may show); None when not set."""
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    if parts.hostname is None:
+        return None
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return host if parts.port is None else f"{host}:{parts.port}"
+
+
+def objects_address(objects: ObjectsConfig) -> str | None:
+    """The object store as it may be shown: its URL (a bucket and prefix, or a folder) and
+    the S3 endpoint's host:port, never the keys."""
+    endpoint = server_address(objects.endpoint_url)
+    return objects.url if endpoint is None else f"{objects.url} at {endpoint}"
+
+
+def mode(config: NodeConfig) -> dict[str, Any]:
+    """Embedded (SQLite, local files, the node's own workers) or cluster, with the cluster's
+    servers by host:port (credentials are never shown)."""
+    cluster = config.cluster
+    if not cluster.enabled:
+        return {"mode": "embedded"}
+    return {
+        "mode": "cluster",
+        "postgresql": server_address(cluster.database_url),
+        "rabbitmq": server_address(cluster.broker_url),
+        "objects": objects_address(cluster.objects),
+    }
+
+
+def node(conn: Connection, config: NodeConfig) -> dict[str, Any]:
+    """The node's mode and, in cluster mode, its inference jobs between routing and a
+    worker (:class:`~dicom_node.jobs.DispatchTally`)."""
+    found = mode(config)
+    if config.cluster.enabled:
+        found["jobs"] = asdict(job_store_reading(conn).dispatch_tally())
+    return found

@@ -293,6 +293,16 @@ class Activity:
 
 
 @dataclass(frozen=True)
+class DispatchTally:
+    """Cluster mode's inference jobs between routing and a worker, for the metrics and the
+    dashboard: what the sweeper has yet to do, and what no worker has taken."""
+
+    unstaged: int  # queued, inputs not in the object store yet
+    staged_unclaimed: int  # queued and staged: rung (or about to be), not claimed by a worker
+    leases_expired: int  # running past their lease by the database clock, not yet taken back
+
+
+@dataclass(frozen=True)
 class DeliveryProgress:
     """How far one job's deliveries got: the last one sent, and how many are not sent."""
 
@@ -420,6 +430,11 @@ class JobStore(Protocol):
 
     def mark_dispatched(self, job_ids: Sequence[int]) -> None:
         """Record that the jobs' doorbells were rung (now, by the database clock)."""
+        ...
+
+    def dispatch_tally(self) -> DispatchTally:
+        """How many inference jobs are unstaged, staged but not claimed, and running past
+        their lease (by the database clock), in one statement."""
         ...
 
     def requeue_interrupted(self) -> int:
@@ -912,6 +927,20 @@ class SqliteJobStore:
                 (_json_list(job_ids),),
             )
 
+    def dispatch_tally(self) -> DispatchTally:
+        with self.db.reading() as conn:
+            row = conn.execute(
+                "SELECT COALESCE(SUM(CASE WHEN state = 'queued' AND staged_at IS NULL"
+                " THEN 1 ELSE 0 END), 0),"
+                " COALESCE(SUM(CASE WHEN state = 'queued' AND staged_at IS NOT NULL"
+                " THEN 1 ELSE 0 END), 0),"
+                f" COALESCE(SUM(CASE WHEN state = 'running' AND lease_until < {self._now}"
+                " THEN 1 ELSE 0 END), 0)"
+                " FROM jobs WHERE kind = ? AND state IN ('queued', 'running')",
+                (JobKind.INFERENCE.value,),
+            ).fetchone()
+        return DispatchTally(int(row[0]), int(row[1]), int(row[2]))
+
     # -- reading -----------------------------------------------------------------------------
 
     def get(self, job_id: int) -> Job | None:
@@ -1280,6 +1309,7 @@ __all__ = [
     "DeliveryProgress",
     "DeliveryState",
     "DestinationTally",
+    "DispatchTally",
     "InferencePayload",
     "InferenceRecord",
     "Job",

@@ -124,6 +124,26 @@ class IndexCollector(Collector):
             return
         with open_reader(self.config) as conn:
             yield from _index_metrics(conn)
+            if self.config.cluster.enabled:
+                yield _cluster_jobs(conn)
+
+
+def _cluster_jobs(conn: Connection) -> GaugeMetricFamily:
+    """Cluster mode's inference jobs between routing and a worker: a growing ``unstaged``
+    says the object store or the sweeper lags, ``staged_unclaimed`` that no worker takes
+    them (none up for the algorithm, or the broker lost the doorbells), ``lease_expired`` that
+    workers died and the sweeper has not taken their jobs back yet."""
+    tally = job_store_reading(conn).dispatch_tally()
+    jobs = GaugeMetricFamily(
+        f"{PREFIX}_cluster_jobs",
+        "Cluster mode: queued inference jobs not staged yet, staged but not claimed by a"
+        " worker, and running past their lease (database clock) not yet requeued.",
+        labels=["stage"],
+    )
+    jobs.add_metric(["unstaged"], tally.unstaged)
+    jobs.add_metric(["staged_unclaimed"], tally.staged_unclaimed)
+    jobs.add_metric(["lease_expired"], tally.leases_expired)
+    return jobs
 
 
 def _index_metrics(conn: Connection) -> Iterator[Metric]:

@@ -6,11 +6,13 @@ The report opens the database read-only (WAL lets it read while the SCP writes),
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import time
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dicom_node import api
 from dicom_node.database import Connection, has_database, open_reader
 from dicom_node.jobs import DeliveryState, JobKind, JobState, job_store_reading
 from dicom_node.priority import PRIORITIES
@@ -60,6 +62,11 @@ class StatusReport:
     deliveries: dict[str, int] = field(default_factory=dict)  # by state: pending, sent, dead
     # Queued inference jobs by their rule's class (stat, urgent, routine), before aging.
     queued_by_priority: dict[str, int] = field(default_factory=dict)
+    # Embedded or cluster, with the cluster's servers (api.mode) and, in cluster mode, its
+    # jobs between routing and a worker (api.node).
+    mode: dict[str, Any] = field(default_factory=lambda: {"mode": "embedded"})
+    # Workers not stopped (the node's own, or the cluster's on their hosts), as api.workers.
+    workers: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,17 +76,24 @@ def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, tz=timezone.utc).isoformat(timespec="seconds")
 
 
-def _empty(data_dir: Path) -> StatusReport:
-    return StatusReport(str(data_dir), 0, 0, 0, 0, 0, 0, [], [], {s.value: 0 for s in JobState}, [])
+def _empty(data_dir: Path, mode: dict[str, Any]) -> StatusReport:
+    return StatusReport(
+        str(data_dir), 0, 0, 0, 0, 0, 0, [], [], {s.value: 0 for s in JobState}, [], mode=mode
+    )
 
 
 def build_report(config: NodeConfig, *, recent: int = 20) -> StatusReport:
     """Summarise the node's store; an empty report when nothing was received yet."""
     data_dir = config.store.data_dir.resolve()
     if not has_database(config):
-        return _empty(data_dir)
+        return _empty(data_dir, api.mode(config))
     with open_reader(config) as conn:
-        return _report(conn, data_dir, recent)
+        report = _report(conn, data_dir, recent)
+        return replace(
+            report,
+            mode=api.node(conn, config),
+            workers=[w for w in api.workers(conn) if w["stopped_at"] is None],
+        )
 
 
 def _report(conn: Connection, data_dir: Path, recent: int) -> StatusReport:
@@ -169,9 +183,19 @@ def _report(conn: Connection, data_dir: Path, recent: int) -> StatusReport:
     )
 
 
+def _mode_line(mode: dict[str, Any]) -> str:
+    if mode["mode"] != "cluster":
+        return "mode: embedded"
+    return (
+        f"mode: cluster (PostgreSQL {mode['postgresql']}, RabbitMQ {mode['rabbitmq']},"
+        f" objects {mode['objects']})"
+    )
+
+
 def format_report(report: StatusReport) -> str:
     """The report as a person reads it in a terminal."""
     lines = [
+        _mode_line(report.mode),
         f"data: {report.data_dir}",
         f"received: {report.studies} studies ({report.studies_complete} complete), "
         f"{report.series} series ({report.series_complete} complete), "
@@ -206,11 +230,28 @@ def format_report(report: StatusReport) -> str:
         for d in report.study_routing:
             lines.append(f"  {d['study_uid']} (generation {d['generation']}): {d['routing']}")
     lines += ["", "jobs: " + ", ".join(f"{k} {v}" for k, v in report.jobs.items())]
+    if "jobs" in report.mode:
+        tally = report.mode["jobs"]
+        lines.append(
+            f"  cluster inference: {tally['unstaged']} unstaged,"
+            f" {tally['staged_unclaimed']} staged not claimed,"
+            f" {tally['leases_expired']} lease(s) expired not yet requeued"
+        )
     if any(report.queued_by_priority.values()):
         lines.append(
             "  queued inference by priority: "
             + ", ".join(f"{p} {n}" for p, n in report.queued_by_priority.items())
         )
+    if report.workers:
+        lines += ["", "workers (not stopped):"]
+        now = time.time()
+        for w in report.workers:
+            doing = f"job {w['job_id']} {w['job_phase'] or ''}".strip() if w["job_id"] else "idle"
+            lines.append(
+                f"  {w['name']:<20} {w['host']:<16} {w['device']:<8} {doing:<20}"
+                f" beat {now - w['heartbeat_at']:.0f} s ago"
+                + ("" if w["alive"] else " (no recent heartbeat: taken for dead)")
+            )
     if report.outputs:
         written = ", ".join(f"{n} {kind}" for kind, n in sorted(report.outputs.items()))
         kept = "" if report.deliveries else " (no destination: kept here)"

@@ -9,7 +9,8 @@
                                        503 with the reason otherwise
 ``/metrics``                   token   Prometheus text format
 ``/api/...``                   token   JSON: studies, series, decisions, jobs, deliveries,
-                                       destinations, algorithms, workers; POST retries,
+                                       destinations, algorithms, workers, node (the
+                                       mode and the cluster's servers); POST retries,
                                        cancels and requeues
 ``/``                          open    the dashboard (a static page; its data comes from /api)
 =============================  ======  =======================================================
@@ -53,7 +54,6 @@ from dicom_node.job_control import JobControl
 from dicom_node.jobs import job_store
 
 if TYPE_CHECKING:
-    from dicom_node.config import ObjectsConfig
     from dicom_node.objects import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,8 @@ class HttpService:
                 lambda m: self.read(lambda c: api.destinations(c, self.config)),
             ),
             (r"/api/algorithms", lambda m: self.read(api.algorithms)),
-            (r"/api/workers", lambda m: self.read(api.workers)),
+            (r"/api/workers", lambda m: self.read(lambda c: api.workers(c, limit))),
+            (r"/api/node", lambda m: self.read(lambda c: api.node(c, self.config))),
             (r"/api/readiness", lambda m: self.readiness_report()),
         ]
         for pattern, answer in routes:
@@ -381,18 +382,6 @@ class CachedProbe:
             return self._answer[1]
 
 
-def server_address(url: str | None) -> str | None:
-    """``host:port`` of a server URL, without user, password or path (what the dashboard and
-    the messages may show); None when not set."""
-    if url is None:
-        return None
-    parts = urlsplit(url)
-    if parts.hostname is None:
-        return None
-    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    return host if parts.port is None else f"{host}:{parts.port}"
-
-
 def database_check(config: NodeConfig) -> Check:
     """PostgreSQL answers a read-only connection and holds the schema this version needs."""
 
@@ -430,20 +419,13 @@ def objects_check(objects: ObjectStore) -> Check:
     return check
 
 
-def objects_address(objects: ObjectsConfig) -> str | None:
-    """The object store as the dashboard may show it: its URL (a bucket and prefix, or a
-    folder) and the S3 endpoint's host:port, never the keys."""
-    endpoint = server_address(objects.endpoint_url)
-    return objects.url if endpoint is None else f"{objects.url} at {endpoint}"
-
-
 def cluster_checks(config: NodeConfig, objects: ObjectStore, app: Any) -> dict[str, Check]:
     """Readiness of cluster mode's three servers, each its own check, cached and bounded
     (:class:`CachedProbe`); a failing one says which server, where, and why."""
     probes = {
-        "postgresql": (server_address(config.cluster.database_url), database_check(config)),
-        "rabbitmq": (server_address(config.cluster.broker_url), broker_check(app)),
-        "objects": (objects_address(config.cluster.objects), objects_check(objects)),
+        "postgresql": (api.server_address(config.cluster.database_url), database_check(config)),
+        "rabbitmq": (api.server_address(config.cluster.broker_url), broker_check(app)),
+        "objects": (api.objects_address(config.cluster.objects), objects_check(objects)),
     }
 
     def said(name: str, where: str | None, probe: Check) -> Check:

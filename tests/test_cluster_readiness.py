@@ -12,13 +12,14 @@ from typing import Any
 import psycopg
 import pytest
 
+from dicom_node.api import server_address
 from dicom_node.config import NodeConfig
 from dicom_node.database import SCHEMA_VERSION
 from dicom_node.dispatch import celery_app
 from dicom_node.objects import object_store
 from dicom_node.store import InstanceStore
 from dicom_node.testing import free_port
-from dicom_node.web import CachedProbe, cluster_checks, server_address
+from dicom_node.web import CachedProbe, cluster_checks
 from tests.support.cluster import cluster_settings
 from tests.support.postgres import postgres_server, postgres_url
 from tests.support.rabbitmq import RabbitServer, rabbitmq

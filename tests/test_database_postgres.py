@@ -390,11 +390,13 @@ def _same_reads(data_dir: Path, url: str) -> None:
                 "destinations": api.destinations(conn, config),
                 "workers": api.workers(conn),
                 "algorithms": api.algorithms(conn),
-                "status": build_report(config).as_dict(),
+                # The mode is what differs (tests/test_cluster_status.py checks it).
+                "status": {**build_report(config).as_dict(), "mode": None},
                 "metrics": sorted(  # a scrape's series have no order
                     (s.name, sorted(s.labels.items()), s.value)
                     for m in IndexCollector(config).collect()
                     if m.name != "dicom_node_disk_free_bytes"
+                    and not m.name.startswith("dicom_node_cluster_")  # cluster mode's own
                     for s in m.samples
                 ),
             }

@@ -1,10 +1,10 @@
 // Open the node's dashboard in Debian's Chromium and use it as an operator would: find the
 // study just sent, open its details, read the algorithms and destinations, press Retry on the
 // dead letter. Prints one JSON report line; screenshots go to OUT_DIR.
-// Usage: node check_dashboard.mjs URL STUDY_UID OUT_DIR CHROMIUM
+// Usage: node check_dashboard.mjs URL STUDY_UID OUT_DIR CHROMIUM [SCREENSHOT_NAME]
 import { chromium } from 'playwright-core';
 
-const [url, studyUid, outDir, chromiumPath] = process.argv.slice(2);
+const [url, studyUid, outDir, chromiumPath, shot = 'dashboard.png'] = process.argv.slice(2);
 const browser = await chromium.launch({
   executablePath: chromiumPath, // Debian's: never let a tool download a browser
   headless: true,
@@ -27,12 +27,15 @@ try {
   report.destinations = await page.locator('#destinations tbody tr').allTextContents();
   report.attention = await page.locator('#attention tr.dead-letter').allTextContents();
   report.ready = await page.locator('#ready').textContent();
+  report.mode = await page.locator('#mode').textContent();
+  report.workers = await page.locator('#workers tbody tr').allTextContents();
 
   await row.click();
   await page.waitForSelector('.detail .job .timeline', { timeout: 30000 });
   report.steps = await page.locator('.detail .job .timeline .step').allTextContents();
   report.decisions = await page.locator('.detail li').allTextContents();
-  await page.screenshot({ path: `${outDir}/dashboard.png`, fullPage: true });
+  report.jobs = await page.locator('.detail .job > div:first-child').allTextContents();
+  await page.screenshot({ path: `${outDir}/${shot}`, fullPage: true });
 
   await page.locator('#attention tr.dead-letter button.retry').first().click();
   await page.waitForFunction(() => document.getElementById('notice').textContent !== '', null,
