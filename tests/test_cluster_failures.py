@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -46,7 +47,6 @@ from tests.support.cluster import (
     cluster_settings,
     kill_cluster_worker,
     start_cluster_worker,
-    stop_cluster_worker,
     worker_log,
 )
 from tests.support.dicomfiles import storescu_acknowledged
@@ -58,10 +58,11 @@ from tests.support.seaweedfs import SeaweedServer
 pytestmark = pytest.mark.integration
 
 ALGORITHM = "example-threshold"
-QUIET = {"series_quiet_seconds": 1, "study_quiet_seconds": 1}
+QUIET = {"series_quiet_seconds": 0.5, "study_quiet_seconds": 0.5}
 # Deliveries retried at once: a failed first try must not wait the default 5 s.
 RETRIES = {"backoff_initial_s": 0.2, "backoff_max_s": 0.5, "poll_s": 0.05}
 INFERENCE = "SELECT {} FROM jobs WHERE kind = 'inference'"
+LONG_LEASE_S = 30.0  # see make_cluster
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,11 @@ class Cluster:
 
         wait_until(settled, timeout_s, f"{len(studies)} studies delivered", self.logs())
 
+    def taken_back(self, job_id: int) -> int:
+        """How often the node's sweeper took the job back because its lease ran out."""
+        lines = re.findall(r"whose lease ran out taken back: ([\d, ]+)", self.node.log())
+        return sum(str(job_id) in line.split(", ") for line in lines)
+
     def pool_children(self, name: str) -> list[int]:
         """The host's Celery prefork children (its parent is the Popen's process)."""
         pid = self.hosts[name].pid
@@ -208,16 +214,18 @@ class Cluster:
         return jobs
 
     def close(self) -> None:
-        for proc in self.hosts.values():
-            with_group_resumed(proc)
-            stop_cluster_worker(proc, timeout_s=10)
-
-
-def with_group_resumed(proc: subprocess.Popen[bytes]) -> None:
-    """SIGCONT a host's group (a test may have left it frozen) so that it can stop."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGCONT)
+        """Stop every host at once (a frozen one thawed first): SIGTERM, Celery's warm
+        shutdown; kill -9 of a group that did not end in time."""
+        alive = [proc for proc in self.hosts.values() if proc.poll() is None]
+        for proc in alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGCONT)
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in alive:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                kill_cluster_worker(proc)
 
 
 @pytest.fixture
@@ -228,11 +236,17 @@ def make_cluster(
     rabbitmq: RabbitServer,  # noqa: F811
     seaweedfs: SeaweedServer,
 ) -> Iterator[Callable[..., Cluster]]:
-    """``make_cluster(delay_s)``: a node in cluster mode (fresh database and bucket on the
-    session's servers; the example algorithm taking ``delay_s`` per run) and hosts a and b."""
+    """``make_cluster(delay_s, lease_s)``: a node in cluster mode (fresh database and bucket on
+    the session's servers; the example algorithm taking ``delay_s`` per run) and hosts a and b.
+
+    The tests that need no lease to run out take a long one: a cold Celery child's first job
+    can hold the GIL for seconds on a busy machine (highdicom parses its standard tables
+    once, in C), starving the thread that renews the lease; the job would then be taken back
+    and run again, correctly, but not as such a test asserts. The default 5 s is for the tests
+    that wait for a lease to run out."""
     made: list[Cluster] = []
 
-    def factory(delay_s: float, hosts: tuple[str, ...] = ("host-a", "host-b")) -> Cluster:
+    def factory(delay_s: float, lease_s: float = 5.0) -> Cluster:
         outbox = tmp_path / "outbox"
         node = make_node(
             assembly=QUIET,
@@ -244,12 +258,12 @@ def make_cluster(
             algorithms={ALGORITHM: {"delay_s": delay_s}},
             worker={"device": "cpu"},
             delivery=RETRIES,
-            cluster=cluster_settings(postgres_url, rabbitmq.url, seaweedfs),
+            cluster=cluster_settings(postgres_url, rabbitmq.url, seaweedfs, lease_s=lease_s),
             env=plugin_env(),
         )
         cluster = Cluster(node, tmp_path)
         made.append(cluster)
-        cluster.start_hosts(*hosts)
+        cluster.start_hosts("host-a", "host-b")
         return cluster
 
     yield factory
@@ -260,7 +274,7 @@ def make_cluster(
 def test_two_hosts_share_twelve_studies_each_delivered_exactly_once(
     make_cluster: Callable[..., Cluster], tmp_path: Path
 ) -> None:
-    cluster = make_cluster(delay_s=0.5)
+    cluster = make_cluster(delay_s=0.3, lease_s=LONG_LEASE_S)
     studies = phantom_studies(tmp_path / "studies", 12)
     cluster.send(studies)
     cluster.wait_delivered(studies)
@@ -280,7 +294,7 @@ def test_a_host_killed_mid_job_its_job_finished_by_the_other(
 ) -> None:
     """kill -9 of the host's process group (a power cut): nobody renews its lease, the
     sweeper takes the job back when it runs out and rings it, the other host claims it."""
-    cluster = make_cluster(delay_s=2.0)
+    cluster = make_cluster(delay_s=1.0)
     (study,) = phantom_studies(tmp_path / "studies", 1)
     cluster.send([study])
     (running,) = cluster.wait_running(1)
@@ -289,10 +303,13 @@ def test_a_host_killed_mid_job_its_job_finished_by_the_other(
     kill_cluster_worker(cluster.hosts[victim])
     cluster.wait_delivered([study])
     job = cluster.check_exactly_once([study])[study.uid]
-    assert (job["attempts"], job["worker"]) == (2, f"{survivor}-0")
+    assert job["worker"] == f"{survivor}-0"
+    # Taken back once for the kill (and once more for any stall of the survivor's cold child
+    # past its lease, see make_cluster): every attempt after the first is one taking back.
+    taken_back = cluster.taken_back(job["id"])
+    assert taken_back >= 1 and job["attempts"] == 1 + taken_back
     assert f"{ALGORITHM} ran in" not in cluster.host_log(victim)
-    assert cluster.host_log(survivor).count(f"job {job['id']}: {ALGORITHM} ran in") == 1
-    assert "lease ran out taken back" in cluster.node.log()
+    assert f"job {job['id']}: {ALGORITHM} ran in" in cluster.host_log(survivor)
     assert cluster.node.stop() == 0
 
 
@@ -302,7 +319,7 @@ def test_a_frozen_hosts_commit_is_refused_after_the_other_finished_its_job(
     """SIGSTOP of the host's group past its lease: the other host takes the job over and
     finishes it; thawed, the frozen host runs its attempt to the end and its commit is
     refused, so the job's outputs are the other attempt's."""
-    cluster = make_cluster(delay_s=2.0)
+    cluster = make_cluster(delay_s=1.0)
     (study,) = phantom_studies(tmp_path / "studies", 1)
     cluster.send([study])
     (running,) = cluster.wait_running(1)
@@ -316,11 +333,13 @@ def test_a_frozen_hosts_commit_is_refused_after_the_other_finished_its_job(
     refused = f"job {running['id']}: {frozen}-0's attempt 1 no longer holds it"
     wait_until(lambda: refused in cluster.host_log(frozen), 60, "the refusal", cluster.logs())
     job = cluster.check_exactly_once([study])[study.uid]
-    assert (job["attempts"], job["worker"]) == (2, f"{other}-0")
+    assert job["worker"] == f"{other}-0"
+    taken_back = cluster.taken_back(job["id"])
+    assert taken_back >= 1 and job["attempts"] == 1 + taken_back
     # The thawed attempt ran to its end (and uploaded under its own attempt's folder), but
     # nothing of it was recorded or delivered.
     assert cluster.host_log(frozen).count(f"job {job['id']}: {ALGORITHM} ran in") == 1
-    assert cluster.host_log(other).count(f"job {job['id']}: {ALGORITHM} ran in") == 1
+    assert f"job {job['id']}: {ALGORITHM} ran in" in cluster.host_log(other)
     assert "this attempt lost the job" in cluster.host_log(frozen)
     assert cluster.node.stop() == 0
 
@@ -331,7 +350,7 @@ def test_a_celery_child_killed_mid_job_its_job_runs_again_and_is_delivered_once(
     """SIGKILL of the prefork child running the job, its parent alive: Celery returns the
     message (reject_on_worker_lost) and starts a new child; the job is claimed again once
     the dead child's lease ran out, and delivered once."""
-    cluster = make_cluster(delay_s=2.0)
+    cluster = make_cluster(delay_s=1.0)
     (study,) = phantom_studies(tmp_path / "studies", 1)
     cluster.send([study])
     (running,) = cluster.wait_running(1)
@@ -340,12 +359,14 @@ def test_a_celery_child_killed_mid_job_its_job_runs_again_and_is_delivered_once(
     os.kill(child, signal.SIGKILL)
     cluster.wait_delivered([study])
     job = cluster.check_exactly_once([study])[study.uid]
-    assert job["attempts"] == 2
+    taken_back = cluster.taken_back(job["id"])
+    assert taken_back >= 1 and job["attempts"] == 1 + taken_back
     assert cluster.hosts[host].poll() is None, "the host's Celery parent died with its child"
     # The parent saw its child die and returned the message (it was not acknowledged).
     assert "WorkerLostError" in cluster.host_log(host)
+    # Every attempt but the killed one ran to its end (one, unless a stall lost a lease).
     ran = sum(cluster.host_log(name).count(f"{ALGORITHM} ran in") for name in cluster.hosts)
-    assert ran == 1  # the killed attempt never finished its run
+    assert ran == job["attempts"] - 1
     assert cluster.node.stop() == 0
 
 
@@ -356,7 +377,7 @@ def test_duplicate_doorbells_run_a_job_once_and_deliver_it_once(
 ) -> None:
     """The same job's doorbell rung by hand three times while it runs and three times after it
     succeeded, on top of the sweeper's: the hosts take every message and claim nothing more."""
-    cluster = make_cluster(delay_s=2.0)
+    cluster = make_cluster(delay_s=1.0, lease_s=LONG_LEASE_S)
     (study,) = phantom_studies(tmp_path / "studies", 1)
     cluster.send([study])
     (running,) = cluster.wait_running(1)
@@ -403,7 +424,7 @@ def test_a_node_killed_while_remote_jobs_run_delivers_them_after_its_restart(
     """SIGKILL of the node while both hosts run a job, started again at once: it does not take
     the running jobs back (their leases say their workers hold them), the workers go on and
     commit, and the restarted node delivers each result once."""
-    cluster = make_cluster(delay_s=4.0)
+    cluster = make_cluster(delay_s=3.0, lease_s=LONG_LEASE_S)
     studies = phantom_studies(tmp_path / "studies", 2)
     cluster.send(studies)
     running = cluster.wait_running(2)
