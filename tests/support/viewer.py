@@ -11,6 +11,7 @@ the OHIF build, with index.html for the app's routes and the compose demo's app-
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import threading
@@ -19,6 +20,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+import pytest
 
 from dicom_node.testing import Orthanc, free_port, missing_orthanc
 from tests.support.paths import ROOT
@@ -127,4 +130,51 @@ def run_check(
     )
     if done.returncode != 0:
         raise AssertionError(f"viewer check failed:\n{done.stdout}\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def browser_ready() -> None:
+    """The dashboard tests' browser: Debian's Chromium, node and playwright-core (skipped
+    without them, failed in CI)."""
+    lacking = [
+        name
+        for name, present in {
+            "chromium": CHROMIUM.exists(),
+            "node": shutil.which("node") is not None,
+            "playwright-core (make viewer-tools)": (
+                VIEWER_TOOLS / "node_modules" / "playwright-core"
+            ).exists(),
+        }.items()
+        if not present
+    ]
+    if lacking:
+        message = f"the dashboard test needs: {', '.join(lacking)}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def check_dashboard(
+    http_url: str, study_uid: str, out_dir: Path, screenshot: str = "dashboard.png"
+) -> dict:
+    """Use a node's dashboard as an operator would (tests/viewer/check_dashboard.mjs): its
+    JSON report; the screenshot goes to ``out_dir / screenshot``."""
+    out_dir.mkdir(exist_ok=True)
+    done = subprocess.run(
+        [
+            shutil.which("node") or "node",
+            str(VIEWER_TOOLS / "check_dashboard.mjs"),
+            http_url,
+            study_uid,
+            str(out_dir),
+            str(CHROMIUM),
+            screenshot,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=VIEWER_TOOLS,
+    )
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
     return json.loads(done.stdout.strip().splitlines()[-1])
