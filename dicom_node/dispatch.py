@@ -175,9 +175,6 @@ class Sweeper:
         self.app = app
         self.time_limits = dict(time_limits)
         self.default_limit_s = default_limit_s
-        # Jobs whose inputs cannot be staged however often we try (their series is gone):
-        # logged once, not retried each sweep.
-        self._unstageable: set[int] = set()
         self._prestaged_since = time.time()
         interval = config.cluster.sweep_interval_s
         # Backing off at most SWEEP_BACKOFF_MAX_S: after a broker or database outage the
@@ -209,19 +206,19 @@ class Sweeper:
 
     def stage_unstaged(self, limit: int = 100) -> bool:
         """Stage the queued jobs not staged yet; True when there may be more."""
-        pending = [j for j in self.jobs.unstaged(limit) if j.id not in self._unstageable]
+        pending = self.jobs.unstaged(limit)
         for job in pending:
             try:
                 stage_job(job, self.db, self.jobs, self.data_dir, self.objects)
             except Permanent as exc:
-                # Its inputs are gone (retention, a removed series): no try can stage it.
-                self._unstageable.add(job.id)
-                log.error(
-                    "job %d cannot be staged, and is not dispatched: %s: %s",
-                    job.id,
-                    type(exc).__name__,
-                    str(exc).replace(job.subject_uid, store_key(job.subject_uid)),
+                # Its inputs are gone (retention, a removed series): no try can stage it, and
+                # queued it would wait for ever, so it fails with the reason, as a job whose
+                # worker met the same would.
+                reason = f"{type(exc).__name__}: {exc}".replace(
+                    job.subject_uid, store_key(job.subject_uid)
                 )
+                self.jobs.fail_queued(job.id, f"cannot be staged: {reason}")
+                log.error("job %d cannot be staged, and failed: %s", job.id, reason)
         return len(pending) >= limit
 
     def ring_due(self, limit: int = 500) -> bool:

@@ -454,6 +454,12 @@ class JobStore(Protocol):
         (:meth:`holds`); its ``worker`` is kept, to say which worker was running it."""
         ...
 
+    def fail_queued(self, job_id: int, error: str) -> Job | None:
+        """Fail a queued job that no attempt can ever run (cluster mode: its inputs are gone
+        before it could be staged); the job as it was, None when it is not queued. A person's
+        :meth:`requeue` queues it again, to be staged again."""
+        ...
+
     def requeue(self, job_id: int, by: str) -> Job | None:
         """Queue a failed or cancelled job again, with all its attempts, for ``by``; the job
         as it was before, None when there is no such job or it is not failed or cancelled (a
@@ -861,6 +867,14 @@ class SqliteJobStore:
             " error = 'cancelled by ' || ? || CASE state WHEN 'running' THEN ' while it ran'"
             " ELSE '' END",
             (time.time(), by),
+        )
+
+    def fail_queued(self, job_id: int, error: str) -> Job | None:
+        return self._change(
+            job_id,
+            (JobState.QUEUED,),
+            "state = 'failed', finished_at = ?, error = ?",
+            (time.time(), error),
         )
 
     def requeue(self, job_id: int, by: str) -> Job | None:

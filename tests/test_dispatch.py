@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from pydicom import dcmread
+from pydicom.uid import generate_uid
 
 from dicom_node.config import NodeConfig
 from dicom_node.database import Database
@@ -253,6 +254,28 @@ def test_the_sweeper_stages_a_job_before_it_rings_it(
     assert job is not None and job.staged_at is not None and job.dispatched_at is not None
     assert sweeper.objects.exists(manifest_key(job_id))
     assert broker.waiting() == 1
+
+
+@pytest.mark.integration
+def test_a_job_whose_inputs_are_gone_fails_instead_of_waiting_unstaged(
+    config: NodeConfig, db: Database, broker: Broker
+) -> None:
+    series_uid = generate_uid()  # routed, then its instances removed before staging
+    jobs = job_store(db)
+    with db.transaction() as conn:
+        job_id = jobs.enqueue(
+            conn,
+            JobKind.INFERENCE,
+            series_uid,
+            1,
+            InferencePayload(ALGORITHM, {"series": series_uid}, "series"),
+        )
+    sweeper_for(config, db).step()
+    job = jobs.get(job_id)
+    assert job is not None and job.state is JobState.FAILED and job.staged_at is None
+    assert job.error is not None and job.error.startswith("cannot be staged: ")
+    assert series_uid not in job.error  # hashed, as in the log
+    assert broker.waiting() == 0  # nothing rung for it
 
 
 @pytest.mark.integration

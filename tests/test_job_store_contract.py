@@ -234,6 +234,26 @@ def test_only_staged_jobs_are_claimed_with_staged_only(db: Database) -> None:
     assert store.unstaged() == [store.get(older)]  # a running job is not staged again
 
 
+def test_a_queued_job_that_cannot_be_staged_fails_and_a_requeue_stages_it_again(
+    db: Database,
+) -> None:
+    store = job_store(db)
+    gone, other = queue(db, "a", "b")
+    before = store.get(gone)
+    assert store.fail_queued(gone, "cannot be staged: InputError: no instances") == before
+    failed = store.get(gone)
+    assert failed is not None and failed.state is JobState.FAILED
+    assert failed.error == "cannot be staged: InputError: no instances"
+    assert failed.finished_at is not None
+    assert [j.id for j in store.unstaged()] == [other]  # no longer waiting to be staged
+    assert store.fail_queued(gone, "again") is None  # only a queued job
+    running = store.claim("w", (JobKind.INFERENCE,))
+    assert running is not None and running.id == other
+    assert store.fail_queued(other, "running") is None  # its attempt ends it, not this
+    assert store.requeue(gone, "admin") is not None
+    assert [j.id for j in store.unstaged()] == [gone]
+
+
 def test_to_dispatch_rings_staged_queued_jobs_again_only_after_redispatch_s(db: Database) -> None:
     store = job_store(db)
     first, second, unstaged = queue(db, "a", "b", "c")
