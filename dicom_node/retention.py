@@ -84,7 +84,12 @@ def purge_expired(
         (ref,) = study_refs(paths[:1]) or (StudyRef(study["study_uid"], None, 0),)
         # The store's copies first: should it fail, the local files (and the audit's record of
         # them) are still all here when the loop tries again.
-        stored = purge_study(study["study_uid"], objects) if objects is not None else 0
+        stored = (
+            purge_study(study["study_uid"], objects)
+            + _purge_unfinished(jobs, study["study_uid"], objects)
+            if objects is not None
+            else 0
+        )
         files, size = _delete(paths)
         _record_purge(db, f"study:{study['study_uid']}", now, files, size)
         log.info(
@@ -129,6 +134,19 @@ def purge_expired(
         events.emit(DataDeleted(f"results of job {job['job_id']}", result_studies, files, size))
         purged += 1
     return purged
+
+
+def _purge_unfinished(jobs: JobStore, study_uid: str, objects: ObjectStore) -> int:
+    """The study's jobs that left no results (failed, cancelled): their manifests and any
+    attempt's uploads go with the study's inputs, since no results rule will ever reach them
+    (a job with results goes with them, by its own rule). How many objects."""
+    from dicom_node.staging import purge_job
+
+    return sum(
+        purge_job(record.job.id, objects)
+        for record in jobs.inference_records(study_uid=study_uid, limit=10_000)
+        if record.written_at is None
+    )
 
 
 def _study_done_at(

@@ -36,9 +36,10 @@ NOW_AND_LATER = RetentionConfig(instances_hours=0, results_hours=0)
 
 def _delivered_job(
     db: PostgresDatabase, store: InstanceStore, objects: ObjectStore, files: list[Path]
-) -> tuple[str, int]:
-    """A received, completed, routed study whose inference job was staged, ran on a "worker"
-    (its results uploaded) and was committed with one pending delivery: (study UID, job id)."""
+) -> tuple[str, int, int]:
+    """A received, completed, routed study with two inference jobs, both staged: one ran on
+    a "worker" (its results uploaded) and was committed with one pending delivery, the other
+    failed after uploading part of its results: (study UID, the job's id, the failed one's)."""
     assembler = Assembler(db, AssemblyConfig())
     assembler.association_opened(1)
     for path in files:
@@ -51,15 +52,29 @@ def _delivered_job(
         "series",
         series.uid,
         series.generation,
-        [Routed("example", {"series": series.uid}, destinations=("pacs",))],
+        [
+            Routed("example", {"series": series.uid}, destinations=("pacs",)),
+            Routed("other", {"series": series.uid}, destinations=("pacs",)),
+        ],
     )
     with db.transaction() as conn:
-        (job_id,) = record_decision(conn, jobs, decision)
-    (job,) = jobs.unstaged()
-    stage_job(job, db, jobs, store.data_dir, objects)
+        job_id, failing_id = record_decision(conn, jobs, decision)
+    for staged in jobs.unstaged():
+        stage_job(staged, db, jobs, store.data_dir, objects)
+    job = jobs.get(job_id)
+    assert job is not None
     while (claimed := jobs.claim("worker-host-1")) is not None:
         if claimed.kind != JobKind.INFERENCE:
             jobs.succeed(claimed.id)
+        elif claimed.id == failing_id:
+            # The other job's attempt uploaded a file, then failed: no results, ever.
+            partial = store.data_dir / RESULTS_DIR / str(failing_id) / "attempt-1"
+            partial.mkdir(parents=True)
+            (partial / "partial.dcm").write_bytes(b"half")
+            upload_tree(partial, objects, store.data_dir)
+            jobs.fail(
+                failing_id, "boom", worker="worker-host-1", max_attempts=1, token=claimed.token
+            )
     attempt = store.data_dir / RESULTS_DIR / str(job_id) / "attempt-1"
     attempt.mkdir(parents=True)
     (attempt / "result.json").write_text("{}")
@@ -73,7 +88,7 @@ def _delivered_job(
         jobs.schedule_deliveries(conn, job_id, job.inference)
     with db.reading() as conn:
         study_uid = conn.execute("SELECT study_uid FROM studies").fetchone()[0]
-    return study_uid, job_id
+    return study_uid, job_id, failing_id
 
 
 def test_retention_purges_the_object_store_with_the_local_files(
@@ -81,19 +96,27 @@ def test_retention_purges_the_object_store_with_the_local_files(
 ) -> None:
     """Nothing goes while the job's delivery is pending; a failing object store is a failed
     step the retention loop backs off from, with every local file and no purge record left;
-    once it answers, the study's inputs and the job's manifest and results go from both
-    places and both purges are recorded."""
+    once it answers, the study's inputs (and the failed job's manifest and upload, which no
+    results rule reaches) and the job's manifest and results go from both places and both
+    purges are recorded."""
     db = PostgresDatabase(postgres_url)
     store = InstanceStore(tmp_path / "data", db)
     bucket = seaweedfs.bucket()
     objects = object_store(ObjectsConfig(**seaweedfs.settings(f"s3://{bucket}/node")))
     try:
         files = sorted(p for p in (corpus / "brain-mr-sag-anon").rglob("*") if p.is_file())[:2]
-        study_uid, job_id = _delivered_job(db, store, objects, files)
+        study_uid, job_id, failed_id = _delivered_job(db, store, objects, files)
         staged = objects.keys("")
         assert {key.split("/")[0] for key in staged} == {"inputs", "jobs", "results"}
+        # Both jobs' manifests, the results of one and the failed attempt's upload of the other.
+        assert {key for key in staged if not key.startswith("inputs/")} == {
+            f"jobs/{job_id}/manifest.json",
+            f"jobs/{failed_id}/manifest.json",
+            f"results/{job_id}/attempt-1/result.json",
+            f"results/{failed_id}/attempt-1/partial.dcm",
+        }
         local = [
-            *sorted(p for p in store.data_dir.rglob("*.dcm")),
+            *sorted(p for p in (store.data_dir / "instances").rglob("*.dcm")),
             store.data_dir / RESULTS_DIR / str(job_id) / "attempt-1" / "result.json",
         ]
         assert all(p.is_file() for p in local)
