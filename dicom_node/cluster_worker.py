@@ -33,6 +33,7 @@ from typing import Any
 from dicom_node.config import NodeConfig
 from dicom_node.database import open_database
 from dicom_node.dispatch import TASK_NAME, celery_app, queue_name
+from dicom_node.errors import ObjectStoreError, ObjectStoreUnavailable
 from dicom_node.infer import (
     Runner,
     WorkerRecord,
@@ -44,7 +45,7 @@ from dicom_node.infer import (
 from dicom_node.jobs import Job, JobKind, JobState, job_store
 from dicom_node.objects import object_store
 from dicom_node.plugins import ENTRY_POINT_GROUP
-from dicom_node.staging import fetch_inputs, upload_tree
+from dicom_node.staging import fetch_inputs, manifest_key, upload_tree
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,13 @@ log = logging.getLogger(__name__)
 # the node's record of the ring) is answered again after this pause, this many times.
 DOORBELL_RETRIES = 40
 DOORBELL_RETRY_S = 0.05
+
+# How long an attempt whose object store stopped answering (a restart, a network cut) waits,
+# its lease renewed, for the store to answer again before it records its failure. A failed
+# job is rung again at once, so failures recorded at once would spend all of a job's attempts
+# within seconds of an outage that a later attempt would have outlived (seen in
+# tests/test_cluster_outages.py: a SeaweedFS restart during an upload cost five attempts).
+STORE_OUTAGE_WAIT_S = 60.0
 
 
 def installed_algorithms() -> list[str]:
@@ -167,7 +175,7 @@ class ClusterWorker:
     def _run(self, job: Job, scratch: Path) -> None:
         loaded = self.runner.loaded(job.inference.algorithm)
         self.record.progress(job.id, "running" if loaded else "loading")
-        with LeaseKeeper(self.jobs.renew_lease, job, self.config.cluster.lease_s):
+        with LeaseKeeper(self.jobs.renew_lease, job, self.config.cluster.lease_s) as lease:
             try:
                 # Loaded before the inputs are fetched, as the embedded worker does: a setup
                 # fault is what the failure says, whatever the inputs.
@@ -183,6 +191,8 @@ class ClusterWorker:
                 self.record.progress(job.id, "uploading")
                 upload_tree(attempt.path.parent, self.objects, scratch)
             except Exception as exc:
+                if isinstance(exc, ObjectStoreUnavailable):
+                    self._await_store(job, lease)
                 record_failure(
                     self.jobs,
                     job,
@@ -210,6 +220,31 @@ class ClusterWorker:
                 self.name,
                 job.attempts,
             )
+
+    def _await_store(self, job: Job, lease: LeaseKeeper) -> None:
+        """Wait until the object store answers again (at most :data:`STORE_OUTAGE_WAIT_S`,
+        and only while this attempt holds the job), so that the failure recorded next is
+        retried on a store that works."""
+        log.warning(
+            "job %d: the object store is unavailable; waiting up to %g s for it before"
+            " recording the failure",
+            job.id,
+            STORE_OUTAGE_WAIT_S,
+        )
+        deadline = time.monotonic() + STORE_OUTAGE_WAIT_S
+        pause = 0.2
+        while time.monotonic() < deadline and not lease.lost:
+            try:
+                # A read of an object stored before the outage, not a listing: a restarted
+                # SeaweedFS answers listings and new writes a moment before its volumes serve
+                # the old objects again.
+                self.objects.get_bytes(manifest_key(job.id))
+                return
+            except ObjectStoreUnavailable:
+                time.sleep(pause)
+                pause = min(pause * 2, 5.0)
+            except ObjectStoreError:  # it answers (a missing manifest is the next try's fault)
+                return
 
     def close(self) -> None:
         self.record.stopped()
