@@ -168,6 +168,11 @@ class Cluster:
         lines = re.findall(r"whose lease ran out taken back: ([\d, ]+)", self.node.log())
         return sum(str(job_id) in line.split(", ") for line in lines)
 
+    def doorbells(self, name: str) -> list[str]:
+        """The Celery task IDs of the messages the host took, in order (a message returned to
+        its queue keeps its ID; the sweeper's new ring is a new one)."""
+        return re.findall(r"Task \S+\[([0-9a-f-]+)\] received", self.host_log(name))
+
     def pool_children(self, name: str) -> list[int]:
         """The host's Celery prefork children (its parent is the Popen's process)."""
         pid = self.hosts[name].pid
@@ -355,6 +360,7 @@ def test_a_celery_child_killed_mid_job_its_job_runs_again_and_is_delivered_once(
     cluster.send([study])
     (running,) = cluster.wait_running(1)
     host = running["worker"].removesuffix("-0")
+    held = cluster.doorbells(host)[-1]  # the message the child is working on
     (child,) = cluster.pool_children(host)
     os.kill(child, signal.SIGKILL)
     cluster.wait_delivered([study])
@@ -362,8 +368,10 @@ def test_a_celery_child_killed_mid_job_its_job_runs_again_and_is_delivered_once(
     taken_back = cluster.taken_back(job["id"])
     assert taken_back >= 1 and job["attempts"] == 1 + taken_back
     assert cluster.hosts[host].poll() is None, "the host's Celery parent died with its child"
-    # The parent saw its child die and returned the message (it was not acknowledged).
+    # The parent saw its child die and returned the message, unacknowledged, to its queue:
+    # it was delivered a second time (and claimed nothing while the dead child's lease held).
     assert "WorkerLostError" in cluster.host_log(host)
+    assert sum(cluster.doorbells(name).count(held) for name in cluster.hosts) == 2
     # Every attempt but the killed one ran to its end (one, unless a stall lost a lease).
     ran = sum(cluster.host_log(name).count(f"{ALGORITHM} ran in") for name in cluster.hosts)
     assert ran == job["attempts"] - 1
