@@ -341,11 +341,12 @@ def test_a_frozen_hosts_commit_is_refused_after_the_other_finished_its_job(
     assert job["worker"] == f"{other}-0"
     taken_back = cluster.taken_back(job["id"])
     assert taken_back >= 1 and job["attempts"] == 1 + taken_back
-    # The thawed attempt ran to its end (and uploaded under its own attempt's folder), but
-    # nothing of it was recorded or delivered.
+    # The thawed attempt ran to its end and uploaded under its own attempt's folder, but
+    # nothing of it was recorded or delivered (the outputs are the last attempt's).
     assert cluster.host_log(frozen).count(f"job {job['id']}: {ALGORITHM} ran in") == 1
     assert f"job {job['id']}: {ALGORITHM} ran in" in cluster.host_log(other)
     assert "this attempt lost the job" in cluster.host_log(frozen)
+    assert cluster.objects.keys(f"results/{job['id']}/attempt-1/")
     assert cluster.node.stop() == 0
 
 
@@ -429,20 +430,32 @@ def queue_messages(rabbitmq: RabbitServer, queue: str) -> int:  # noqa: F811
 def test_a_node_killed_while_remote_jobs_run_delivers_them_after_its_restart(
     make_cluster: Callable[..., Cluster], tmp_path: Path
 ) -> None:
-    """SIGKILL of the node while both hosts run a job, started again at once: it does not take
-    the running jobs back (their leases say their workers hold them), the workers go on and
-    commit, and the restarted node delivers each result once."""
-    cluster = make_cluster(delay_s=3.0, lease_s=LONG_LEASE_S)
+    """SIGKILL of the node while both hosts run a job, started again: it does not take the
+    running jobs back (their leases say their workers hold them), the workers go on and
+    commit, and the restarted node delivers each result once.
+
+    The hosts are held (SIGSTOP, well within their lease) while the node is down and starting
+    again, so that the restart is sure to find their jobs still running."""
+    cluster = make_cluster(delay_s=2.0, lease_s=LONG_LEASE_S)
     studies = phantom_studies(tmp_path / "studies", 2)
     cluster.send(studies)
     running = cluster.wait_running(2)
     assert {job["worker"] for job in running} == {"host-a-0", "host-b-0"}
-    cluster.node.kill()
-    assert not cluster.outbox.exists() or not list(cluster.outbox.rglob("*.dcm"))
-    cluster.node.start()
-    # The restart found the jobs still running on their hosts and left them to them.
-    at_restart = cluster.jobs("id, state, attempts")
-    assert "running" in {job["state"] for job in at_restart}, [tuple(j) for j in at_restart]
+    hosts = list(cluster.hosts.values())
+    for proc in hosts:
+        os.killpg(proc.pid, signal.SIGSTOP)
+    try:
+        cluster.node.kill()
+        assert not cluster.outbox.exists() or not list(cluster.outbox.rglob("*.dcm"))
+        cluster.node.start()
+        at_restart = cluster.jobs("id, state, attempts, worker")
+    finally:
+        for proc in hosts:
+            os.killpg(proc.pid, signal.SIGCONT)
+    # The restarted node left the jobs to the hosts that run them.
+    assert [tuple(job) for job in at_restart] == [
+        (job["id"], "running", 1, job["worker"]) for job in running
+    ]
     cluster.wait_delivered(studies)
     jobs = cluster.check_exactly_once(studies)
     assert sorted((j["id"], j["attempts"], j["worker"]) for j in jobs.values()) == sorted(
