@@ -437,10 +437,11 @@ class JobStore(Protocol):
         their lease (by the database clock), in one statement."""
         ...
 
-    def requeue_interrupted(self) -> int:
-        """Return jobs left ``running`` by a crash to ``queued``; the count moved. Embedded
-        mode only: in cluster mode the running jobs' workers are elsewhere and go on, and
-        their leases decide (:meth:`requeue_expired`)."""
+    def requeue_interrupted(self, kinds: Sequence[JobKind] | None = None) -> int:
+        """Return jobs left ``running`` by a crash to ``queued`` (those of ``kinds`` only,
+        when given); the count moved. In cluster mode a node takes back only the kinds it
+        runs in its own process (routing): its inference jobs' workers are elsewhere and go
+        on, and their leases decide (:meth:`requeue_expired`)."""
         ...
 
     def requeue_worker(self, worker: str, error: str, *, max_attempts: int) -> int:
@@ -845,12 +846,14 @@ class SqliteJobStore:
             )
         return sorted(job_id for job_id, _ in ended)
 
-    def requeue_interrupted(self) -> int:
+    def requeue_interrupted(self, kinds: Sequence[JobKind] | None = None) -> int:
+        only = "" if kinds is None else f" AND kind IN ({', '.join('?' * len(kinds))})"
         with self.db.transaction() as conn:
             cursor = conn.execute(
                 f"UPDATE jobs SET state = 'queued', worker = NULL, {_NO_ATTEMPT},"
                 " error = 'interrupted: the node stopped while this job ran'"
-                " WHERE state = 'running'"
+                f" WHERE state = 'running'{only}",
+                tuple(kind.value for kind in kinds or ()),
             )
         return cursor.rowcount
 

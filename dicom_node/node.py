@@ -175,12 +175,13 @@ class Node:
         }
 
     def start(self) -> tuple[str, int]:
-        if self.sweeper is None:
-            requeued = self.jobs.requeue_interrupted()
-            if requeued:
-                log.warning("%d job(s) interrupted by the last stop were queued again", requeued)
-        # In cluster mode a running job runs on another host, which goes on and commits:
-        # its lease, not this restart, decides whether it is taken back.
+        # In cluster mode a running inference job runs on another host, which goes on and
+        # commits: its lease, not this restart, decides whether it is taken back. The routing
+        # jobs ran here, and nobody else finishes them (found by the cluster crash loop: a
+        # study's completion left running by a kill was never routed).
+        requeued = self.jobs.requeue_interrupted(None if self.sweeper is None else Router.KINDS)
+        if requeued:
+            log.warning("%d job(s) interrupted by the last stop were queued again", requeued)
         log.info("data under %s", self.store.data_dir)
         self.events.emit(
             NodeStarted(

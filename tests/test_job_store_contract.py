@@ -141,6 +141,31 @@ def test_a_lease_out_of_attempts_fails_the_job(db: Database) -> None:
     assert [store.get(i).state for i in (leaseless, long)] == [JobState.RUNNING] * 2  # type: ignore[union-attr]
 
 
+def test_a_cluster_node_takes_back_only_the_kinds_it_runs_itself(db: Database) -> None:
+    """A node restarted in cluster mode requeues its own routing jobs left running (they ran
+    in its process) and leaves the running inference jobs to their workers' leases."""
+    store = job_store(db)
+    (inference,) = queue(db, "a")
+    with db.transaction() as conn:
+        routing = store.enqueue(
+            conn,
+            JobKind.STUDY_COMPLETE,
+            "1.2.9",
+            1,
+            CompletionPayload("study", "1.2.9", 1, "quiet", 0.0),
+        )
+    assert store.claim("host-0", (JobKind.INFERENCE,), lease_s=3600) is not None
+    assert store.claim("router", (JobKind.STUDY_COMPLETE,)) is not None
+    kinds = (JobKind.SERIES_COMPLETE, JobKind.STUDY_COMPLETE)
+    assert store.requeue_interrupted(kinds) == 1
+    assert [store.get(i).state for i in (routing, inference)] == [  # type: ignore[union-attr]
+        JobState.QUEUED,
+        JobState.RUNNING,
+    ]
+    assert store.requeue_interrupted() == 1  # embedded mode: every kind
+    assert store.get(inference).state is JobState.QUEUED  # type: ignore[union-attr]
+
+
 def test_renewing_fails_once_the_attempt_lost_the_job(db: Database) -> None:
     store = job_store(db)
     cancelled, ended = queue(db, "a", "a")
