@@ -1,8 +1,9 @@
 """Every performance figure in one table: ingest against dcmtk storescp, completion latency,
 inference against the bare network, end-to-end latency to Orthanc against storescu, peak RSS
 while ingesting 1000 slices, SEG writing, a stat job's wait behind routine ones against first
-in, first out. Each peer is measured in the same run, on the same
-machine; the table names the machine.
+in, first out, and cluster mode against the embedded node (benchmarks/cluster.py; skipped,
+saying why, where PostgreSQL, RabbitMQ, SeaweedFS or the cluster extra are missing). Each
+peer is measured in the same run, on the same machine; the table names the machine.
 
     python -m benchmarks.run_all [--quick] [--device auto|cpu|cuda] [--out FILE]
 
@@ -26,7 +27,7 @@ from typing import Any
 
 import torch
 
-from benchmarks import deliver, inference, ingest, queue, write
+from benchmarks import cluster, deliver, inference, ingest, queue, write
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -171,6 +172,28 @@ def _write_rows(figures: dict, slices: int) -> list[Row]:
     return rows
 
 
+def _cluster_rows(figures: dict | None) -> list[Row]:
+    """Cluster mode's rows (benchmarks/cluster.py), the embedded node as the peer."""
+    if figures is None:
+        return []
+    return [
+        (area, f"cluster mode: {measure}", ours, f"{peer} (embedded)" if peer else "", ratio, "")
+        for area, measure, ours, peer, ratio in cluster.rows(json.loads(json.dumps(figures)))
+    ]
+
+
+def _cluster(quick: bool, device: str) -> dict | None:
+    missing = cluster.missing_servers()
+    if missing:
+        print(
+            f"   skipped: cluster mode needs {', '.join(missing)} (make system-deps, pip install"
+            " -e '.[cluster]')",
+            flush=True,
+        )
+        return None
+    return cluster.run(cluster.QUICK if quick else cluster.FULL, device)
+
+
 def table(rows: list[Row], header: str) -> str:
     lines = [
         header,
@@ -199,6 +222,7 @@ def main() -> None:
         "deliver": timed("end to end", lambda: deliver.run(1.0, repeats)),
         "write": timed("SEG writing", lambda: in_fresh_process(write.run, slices)),
         "queue": timed("queue", lambda: queue.run((1, 2), 2 if args.quick else 3, args.device)),
+        "cluster": timed("cluster mode", lambda: _cluster(args.quick, args.device)),
     }
     rows = [
         *_ingest_rows(figures["ingest"], figures["ingest_rss"], slices, rss_slices),
@@ -206,6 +230,7 @@ def main() -> None:
         *_inference_rows(figures["inference"]),
         *_write_rows(figures["write"], slices),
         *_queue_rows(figures["queue"], args.device),
+        *_cluster_rows(figures["cluster"]),
     ]
     header = (
         f"Benchmarks of {time.strftime('%Y-%m-%d', time.gmtime(started))} on {machine()}."
