@@ -96,6 +96,16 @@ def settled(node: NodeProcess, studies: list[Study]) -> bool:
     return open_studies == 0 and busy == 0 and undelivered == 0
 
 
+def unsettled(node: NodeProcess) -> str:
+    """What keeps the node from being :func:`settled`, for a failure's message."""
+    jobs = node.query(
+        "SELECT id, kind, state, attempts, worker, error FROM jobs"
+        " WHERE state IN ('queued', 'running')"
+    )
+    deliveries = node.query("SELECT id, job_id, state FROM deliveries WHERE state != 'sent'")
+    return f"jobs {[tuple(j) for j in jobs]}, deliveries {[tuple(d) for d in deliveries]}"
+
+
 def check_one_result_set(node: NodeProcess, outbox: Path, study: Study) -> None:
     """The study's one job, its one delivery, and exactly its objects at the destination
     (byte for byte the node's copies of what the job recorded)."""
