@@ -56,6 +56,10 @@ _PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5,
 SWEEP_BACKOFF_MAX_S = 10.0
 
 
+# How often the series still arriving are uploaded (at most: cluster.sweep_interval_s).
+PRESTAGE_INTERVAL_S = 0.25
+
+
 def queue_name(algorithm: str) -> str:
     """The queue of an algorithm's doorbells."""
     return f"{QUEUE_PREFIX}{algorithm}"
@@ -182,7 +186,9 @@ class Sweeper:
         self.loop = Loop(
             "sweeper", self.step, interval, backoff_max_s=max(interval, SWEEP_BACKOFF_MAX_S)
         )
-        self.prestage_loop = Loop("prestage", self.prestage, interval)
+        # More often than the sweep: what it has not uploaded when the series completes is
+        # uploaded by the staging, on the way from completion to the doorbell.
+        self.prestage_loop = Loop("prestage", self.prestage, min(interval, PRESTAGE_INTERVAL_S))
 
     @property
     def loops(self) -> list[Loop]:

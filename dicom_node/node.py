@@ -64,6 +64,8 @@ class Node:
         # Cluster mode: the workers are Celery workers on GPU hosts, not processes of ours;
         # the sweeper stages and dispatches their jobs (dicom_node.dispatch).
         self.sweeper = self._sweeper() if config.cluster.enabled else None
+        if self.sweeper is not None:
+            self.router.on_routed = self.sweeper.loop.wake
         self.workers = (
             WorkerSupervisor(config, self.jobs)
             if config.worker.enabled and self.sweeper is None

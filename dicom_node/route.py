@@ -515,6 +515,9 @@ class Router:
         # claim and the decision's transaction run under the loop: a locked or unreadable
         # database makes it back off and try again, never ends it.
         self.loop = Loop("router", self._step, 1.0)
+        # Called when a decision queued inference jobs (cluster mode: the sweeper stages and
+        # rings them at once instead of at its next interval).
+        self.on_routed: Callable[[], None] | None = None
 
     def decide(self, job: Job) -> Decision:
         installed = self.installed()
@@ -555,6 +558,8 @@ class Router:
             )
             log.exception("routing job %d failed (%s)", job.id, state and state.value)
             return None
+        if inference_jobs and self.on_routed is not None:
+            self.on_routed()
         if inference_jobs and self.events is not None:
             self.events.emit(self._routed_event(decision, inference_jobs))
         log.info(
