@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks.tables import markdown_table
 from dicom_node.config import DEFAULT_ROUTES, load_config
 from dicom_node.database import open_database
 from dicom_node.jobs import job_store
@@ -599,6 +600,7 @@ def run(sizes: Sizes, device: str = "auto") -> dict[str, Any]:
 
 
 Row = tuple[str, str, str, str, str]  # area, measure, cluster, embedded (peer), ratio
+COLUMNS = ("area", "measure", "cluster", "embedded, same run", "ratio")
 
 
 def _ratio(cluster: float, embedded: float) -> str:
@@ -719,14 +721,7 @@ def rows(figures: dict[str, Any]) -> list[Row]:
 
 
 def table(rows: list[Row], header: str) -> str:
-    lines = [
-        header,
-        "",
-        "| area | measure | cluster | embedded, same run | ratio |",
-        "|---|---|---|---|---|",
-    ]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+    return markdown_table(header, COLUMNS, rows)
 
 
 def main() -> None:

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from benchmarks import cluster, deliver, inference, ingest, queue, write
+from benchmarks.tables import markdown_table
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -65,6 +66,7 @@ def in_fresh_process(measure: Callable[..., Any], *args: Any) -> Any:
 
 
 Row = tuple[str, str, str, str, str, str]  # area, measure, node, peer, ratio, target
+COLUMNS = ("area", "measure", "dicom-node", "peer, same run", "ratio", "target")
 
 
 def _ingest_rows(figures: dict, rss: dict, slices: int, rss_slices: int) -> list[Row]:
@@ -194,17 +196,6 @@ def _cluster(quick: bool, device: str) -> dict | None:
     return cluster.run(cluster.QUICK if quick else cluster.FULL, device)
 
 
-def table(rows: list[Row], header: str) -> str:
-    lines = [
-        header,
-        "",
-        "| area | measure | dicom-node | peer, same run | ratio | target |",
-        "|---|---|---|---|---|---|",
-    ]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small cases: a harness check")
@@ -237,7 +228,7 @@ def main() -> None:
         f" Demo weights; {'quick harness check' if args.quick else 'full run'};"
         f" `python -m benchmarks.run_all` ({time.time() - started:.0f} s)."
     )
-    text = table(rows, header)
+    text = markdown_table(header, COLUMNS, rows)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
