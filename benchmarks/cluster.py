@@ -607,46 +607,55 @@ def _ratio(cluster: float, embedded: float) -> str:
     return f"{cluster / embedded:.2f}" if embedded else ""
 
 
+def _compared(area: str, measure: str, cluster: float, embedded: float, digits: int) -> Row:
+    """The row of a figure measured in both modes: each to ``digits`` decimals, and their
+    ratio."""
+    return (
+        area,
+        measure,
+        f"{cluster:.{digits}f}",
+        f"{embedded:.{digits}f}",
+        _ratio(cluster, embedded),
+    )
+
+
 def rows(figures: dict[str, Any]) -> list[Row]:
     """The table's rows from :func:`run`'s figures (also after a JSON round trip)."""
     sizes = figures["sizes"]
     out: list[Row] = []
     for count, row in figures["simulated"].items():
-        c, e = row["cluster"]["jobs_per_min"], row["embedded"]["jobs_per_min"]
         out.append(
-            (
+            _compared(
                 "throughput",
                 f"example plugin, {sizes['delay_s']:g} s a job, {sizes['studies']} studies,"
                 f" {count} host(s) / process(es): jobs/min",
-                f"{c:.1f}",
-                f"{e:.1f}",
-                _ratio(c, e),
+                row["cluster"]["jobs_per_min"],
+                row["embedded"]["jobs_per_min"],
+                1,
             )
         )
     for count, row in figures["real"].items():
-        c, e = row["cluster"]["jobs_per_min"], row["embedded"]["jobs_per_min"]
         out.append(
-            (
+            _compared(
                 "throughput",
                 f"lung-nodules-ct on {figures['device']}, {sizes['real_studies']} CTs of"
                 f" {sizes['real_slices']} slices, {count} host(s) / process(es): jobs/min",
-                f"{c:.2f}",
-                f"{e:.2f}",
-                _ratio(c, e),
+                row["cluster"]["jobs_per_min"],
+                row["embedded"]["jobs_per_min"],
+                2,
             )
         )
     one = figures["simulated"].get("1") or figures["simulated"].get(1)
     if one and "claim_p50_s" in one["cluster"]:
         for q in ("p50", "p95"):
-            c, e = one["cluster"][f"claim_{q}_s"], one["embedded"][f"claim_{q}_s"]
             out.append(
-                (
+                _compared(
                     "dispatch",
                     f"completion → claim, {q} of {sizes['latency']} studies one at a time,"
                     " one idle worker (s)",
-                    f"{c:.2f}",
-                    f"{e:.2f}",
-                    _ratio(c, e),
+                    one["cluster"][f"claim_{q}_s"],
+                    one["embedded"][f"claim_{q}_s"],
+                    2,
                 )
             )
     s = figures["staging"]
@@ -674,16 +683,16 @@ def rows(figures: dict[str, Any]) -> list[Row]:
     e2e = figures["end_to_end"]
     c, e = e2e["cluster"], e2e["embedded"]
     out.append(
-        (
+        _compared(
             "end to end",
             f"chest CT, {sizes['e2e_slices']} slices: acknowledged → results stored in Orthanc"
             f" (s); cluster: claim {c['claim_s']:.2f} (staged {c['staged_s']:.2f}),"
             f" job {c['job_s']:.2f}, delivery {c['deliver_s']:.2f};"
             f" embedded: claim {e['claim_s']:.2f},"
             f" job {e['job_s']:.2f}, delivery {e['deliver_s']:.2f}",
-            f"{c['total_s']:.2f}",
-            f"{e['total_s']:.2f}",
-            _ratio(c["total_s"], e["total_s"]),
+            c["total_s"],
+            e["total_s"],
+            2,
         )
     )
     memory: dict[str, dict[str, dict[str, float]]] = {}  # component -> mode -> figures
