@@ -26,12 +26,11 @@ from dicom_node.dispatch import (
     ring,
     time_limit_warning,
 )
-from dicom_node.jobs import CompletionPayload, InferencePayload, JobKind, JobState, job_store
+from dicom_node.jobs import InferencePayload, JobKind, JobState, job_store
 from dicom_node.objects import FolderObjectStore
 from dicom_node.staging import manifest_key
 from dicom_node.store import InstanceStore, Sender
-from tests.support.dicomfiles import dataset_bytes
-from tests.support.jobs import queue
+from tests.support.jobs import completed_job, put_files, queue
 from tests.support.paths import corpus_ct
 from tests.support.postgres import postgres_server, postgres_url  # noqa: F401 (fixtures)
 from tests.support.rabbitmq import RabbitServer, rabbitmq, server_folder  # noqa: F401
@@ -100,6 +99,14 @@ def broker(config: NodeConfig) -> Iterator[Broker]:
     found.close()
 
 
+def staged_job(db: Database) -> int:
+    """One queued job of ``ALGORITHM`` with its inputs marked staged, so that it is due to
+    ring; its ID."""
+    (job_id,) = queue(db, ALGORITHM)
+    job_store(db).mark_staged(job_id)
+    return job_id
+
+
 def sweeper_for(config: NodeConfig, db: Database) -> Sweeper:
     return Sweeper(
         config,
@@ -120,8 +127,7 @@ def test_a_doorbell_leads_to_one_claim_and_its_duplicate_to_none(
     config: NodeConfig, db: Database, broker: Broker
 ) -> None:
     jobs = job_store(db)
-    (job_id,) = queue(db, ALGORITHM)
-    jobs.mark_staged(job_id)
+    job_id = staged_job(db)
     job = jobs.get(job_id)
     assert job is not None
     app = celery_app(config.cluster, [])
@@ -181,8 +187,7 @@ def test_the_sweeper_rings_a_job_once_and_again_when_its_message_was_lost(
     config: NodeConfig, db: Database, broker: Broker
 ) -> None:
     jobs = job_store(db)
-    (job_id,) = queue(db, ALGORITHM)
-    jobs.mark_staged(job_id)
+    job_id = staged_job(db)
     sweeper = sweeper_for(config, db)
     sweeper.step()
     sweeper.step()  # rung a moment ago: not again
@@ -202,8 +207,7 @@ def test_the_sweeper_takes_back_a_job_whose_lease_ran_out_and_rings_it(
     config: NodeConfig, db: Database, broker: Broker
 ) -> None:
     jobs = job_store(db)
-    (job_id,) = queue(db, ALGORITHM)
-    jobs.mark_staged(job_id)
+    job_id = staged_job(db)
     sweeper = sweeper_for(config, db)
     sweeper.step()
     assert broker.waiting() == 1
@@ -227,26 +231,10 @@ def test_the_sweeper_stages_a_job_before_it_rings_it(
 ) -> None:
     store = InstanceStore(config.store.data_dir, db, fsync=False)
     files = corpus_ct(corpus)
-    for path in files:
-        syntax, data = dataset_bytes(path)
-        store.put(data, syntax, Sender("SCU", "127.0.0.1"))
+    put_files(store, files, Sender("SCU", "127.0.0.1"))
     series_uid = str(dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
     jobs = job_store(db)
-    with db.transaction() as conn:  # the series' completion and its job, as routing records
-        jobs.enqueue(
-            conn,
-            JobKind.SERIES_COMPLETE,
-            series_uid,
-            1,
-            CompletionPayload("series", series_uid, 0, "quiet", 0.0),
-        )
-        job_id = jobs.enqueue(
-            conn,
-            JobKind.INFERENCE,
-            series_uid,
-            1,
-            InferencePayload(ALGORITHM, {"series": series_uid}, "series"),
-        )
+    job_id = completed_job(store, series_uid, ALGORITHM).id
     sweeper = sweeper_for(config, db)
     assert jobs.claim(WORKER, (JobKind.INFERENCE,), staged_only=True) is None  # not staged
     sweeper.step()
@@ -289,9 +277,7 @@ def test_the_sweeper_rings_again_after_the_broker_lost_its_data(
     server = RabbitServer(server_folder()).start()
     try:
         config = config_for(tmp_path, postgres_url, server.url)
-        jobs = job_store(db)
-        (job_id,) = queue(db, ALGORITHM)
-        jobs.mark_staged(job_id)
+        job_id = staged_job(db)
         sweeper = sweeper_for(config, db)
         sweeper.step()
         server.wipe()

@@ -18,7 +18,7 @@ from pydicom.uid import generate_uid
 
 from dicom_node.errors import ObjectCorrupt, ObjectMissing
 from dicom_node.infer import series_input
-from dicom_node.jobs import CompletionPayload, InferencePayload, Job, JobKind, job_store
+from dicom_node.jobs import Job, job_store
 from dicom_node.objects import ObjectStore
 from dicom_node.phantoms import CtPhantomSpec, ct_series
 from dicom_node.staging import (
@@ -33,12 +33,13 @@ from dicom_node.staging import (
     upload_tree,
 )
 from dicom_node.store import InstanceStore, Sender, store_key
-from tests.support.dicomfiles import dataset_bytes
 from tests.support.encoding import encoded
+from tests.support.jobs import completed_job, put_files
 from tests.support.paths import corpus_ct
 from tests.support.seaweedfs import SeaweedServer
 
 SENDER = Sender("MODALITY", "127.0.0.1")
+ALGORITHM = "lung-nodules-ct"  # the algorithm the jobs are routed to
 
 
 @dataclass
@@ -84,44 +85,14 @@ def objects(make_object_store: Callable[[str], ObjectStore]) -> Counting:
     return Counting(make_object_store("node"))
 
 
-def put_files(store: InstanceStore, files: list[Path]) -> None:
-    for path in files:
-        syntax, data = dataset_bytes(path)
-        store.put(data, syntax, SENDER)
-
-
-def completed_job(store: InstanceStore, series_uid: str, algorithm: str = "lung-nodules-ct") -> Job:
-    """The series' completion and an inference job routed from it, as assembly and route
-    record them (one transaction)."""
-    jobs = job_store(store.db)
-    with store.db.transaction() as conn:
-        jobs.enqueue(
-            conn,
-            JobKind.SERIES_COMPLETE,
-            series_uid,
-            1,
-            CompletionPayload("series", series_uid, 0, "quiet", 0.0),
-        )
-        job_id = jobs.enqueue(
-            conn,
-            JobKind.INFERENCE,
-            series_uid,
-            1,
-            InferencePayload(algorithm, {"series": series_uid}, "series"),
-        )
-    job = jobs.get(job_id)
-    assert job is not None
-    return job
-
-
 @pytest.fixture
 def corpus_series(corpus: Path, store: InstanceStore) -> tuple[list[Path], Job]:
     """The corpus's 30-slice CT stored, completed and routed; then one more slice of it
     received after the completion (a resend), which the job must not see."""
     files = corpus_ct(corpus)
-    put_files(store, files)
+    put_files(store, files, SENDER)
     series_uid = str(dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
-    job = completed_job(store, series_uid)
+    job = completed_job(store, series_uid, ALGORITHM)
     time.sleep(0.01)  # received strictly after the completion
     late = dcmread(files[0])
     late.SOPInstanceUID = generate_uid()
@@ -204,17 +175,19 @@ def test_series_sent_while_open_leave_only_the_manifest_to_staging(
     """Instances go up while their series is open; the completion's staging then writes only
     the manifest. A second pass from the returned mark sends nothing."""
     files = corpus_ct(corpus)
-    put_files(store, files[:20])
+    put_files(store, files[:20], SENDER)
     mark = prestage_open_series(store.db, store.data_dir, objects, 0.0)
     assert len(objects.puts) == 20
-    put_files(store, files[20:])
+    put_files(store, files[20:], SENDER)
     mark = prestage_open_series(store.db, store.data_dir, objects, mark)
     assert len(objects.puts) == 30
     objects.puts.clear()
     assert prestage_open_series(store.db, store.data_dir, objects, mark) == mark
     assert objects.puts == []
 
-    job = completed_job(store, str(dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID))
+    job = completed_job(
+        store, str(dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID), ALGORITHM
+    )
     stage_job(job, store.db, job_store(store.db), store.data_dir, objects)
     assert objects.puts == [manifest_key(job.id)]
 
@@ -257,7 +230,7 @@ def test_purges_remove_exactly_their_prefixes(
     phantom = list(ct_series(CtPhantomSpec(slices=3, rows=32, columns=32)))
     for ds in phantom:
         store.put(encoded(ds), "1.2.840.10008.1.2.1", SENDER)
-    other = completed_job(store, str(phantom[0].SeriesInstanceUID))
+    other = completed_job(store, str(phantom[0].SeriesInstanceUID), ALGORITHM)
     stage_job(other, store.db, jobs, store.data_dir, objects)
     for job_id in (job.id, job.id * 10, other.id):
         objects.put_bytes(f"results/{job_id}/attempt-1/result.json", b"{}")
@@ -298,7 +271,7 @@ def test_staging_time_of_a_300_slice_ct_to_s3(
         )
         jobs = job_store(store.db)
         # The first series: nothing sent before its completion.
-        job = completed_job(store, series_uids[0])
+        job = completed_job(store, series_uids[0], ALGORITHM)
         started = time.perf_counter()
         manifest = stage_job(job, store.db, jobs, store.data_dir, objects)
         staged_s = time.perf_counter() - started
@@ -314,7 +287,7 @@ def test_staging_time_of_a_300_slice_ct_to_s3(
         started = time.perf_counter()
         prestage_open_series(store.db, store.data_dir, objects, 0.0, limit=1000)
         prestaged_s = time.perf_counter() - started
-        job = completed_job(store, series_uids[1])
+        job = completed_job(store, series_uids[1], ALGORITHM)
         started = time.perf_counter()
         stage_job(job, store.db, jobs, store.data_dir, objects)
         at_completion_s = time.perf_counter() - started

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from dicom_node.database import Database, SqliteDatabase
-from dicom_node.jobs import InferencePayload, JobKind, job_store
+from dicom_node.jobs import CompletionPayload, InferencePayload, Job, JobKind, job_store
+from dicom_node.store import InstanceStore, Sender
+from tests.support.dicomfiles import dataset_bytes
 
 OpenDatabase = Callable[[], Database]
 
@@ -64,6 +66,37 @@ def queue(db: Database, *algorithms: str) -> list[int]:
             )
             for n, name in enumerate(algorithms)
         ]
+
+
+def put_files(store: InstanceStore, files: list[Path], sender: Sender) -> None:
+    """Store each file through the real InstanceStore, as a C-STORE from ``sender`` does."""
+    for path in files:
+        syntax, data = dataset_bytes(path)
+        store.put(data, syntax, sender)
+
+
+def completed_job(store: InstanceStore, series_uid: str, algorithm: str) -> Job:
+    """The series' completion and an inference job routed from it, as assembly and route
+    record them (one transaction)."""
+    jobs = job_store(store.db)
+    with store.db.transaction() as conn:
+        jobs.enqueue(
+            conn,
+            JobKind.SERIES_COMPLETE,
+            series_uid,
+            1,
+            CompletionPayload("series", series_uid, 0, "quiet", 0.0),
+        )
+        job_id = jobs.enqueue(
+            conn,
+            JobKind.INFERENCE,
+            series_uid,
+            1,
+            InferencePayload(algorithm, {"series": series_uid}, "series"),
+        )
+    job = jobs.get(job_id)
+    assert job is not None
+    return job
 
 
 def add_open_series(db: Database, received_at: float) -> None:
