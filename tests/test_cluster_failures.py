@@ -163,6 +163,19 @@ class Cluster:
 
         wait_until(settled, timeout_s, f"{len(studies)} studies delivered", self.logs())
 
+    def send_one_and_wait_running(self, folder: Path) -> tuple[Study, Any, str]:
+        """One small study sent; its job once a host runs it, and that host's name."""
+        (study,) = phantom_studies(folder, 1)
+        self.send([study])
+        (running,) = self.wait_running(1)
+        return study, running, running["worker"].removesuffix("-0")
+
+    def check_every_retry_a_take_back(self, job: Any) -> None:
+        """The job was taken back at least once, and every attempt after the first is one
+        taking back (the job's failures are the leases that ran out, nothing else)."""
+        taken_back = self.taken_back(job["id"])
+        assert taken_back >= 1 and job["attempts"] == 1 + taken_back
+
     def taken_back(self, job_id: int) -> int:
         """How often the node's sweeper took the job back because its lease ran out."""
         lines = re.findall(r"whose lease ran out taken back: ([\d, ]+)", self.node.log())
@@ -300,10 +313,7 @@ def test_a_host_killed_mid_job_its_job_finished_by_the_other(
     """kill -9 of the host's process group (a power cut): nobody renews its lease, the
     sweeper takes the job back when it runs out and rings it, the other host claims it."""
     cluster = make_cluster(delay_s=1.0)
-    (study,) = phantom_studies(tmp_path / "studies", 1)
-    cluster.send([study])
-    (running,) = cluster.wait_running(1)
-    victim = running["worker"].removesuffix("-0")
+    study, _, victim = cluster.send_one_and_wait_running(tmp_path / "studies")
     survivor = next(name for name in cluster.hosts if name != victim)
     kill_cluster_worker(cluster.hosts[victim])
     cluster.wait_delivered([study])
@@ -311,8 +321,7 @@ def test_a_host_killed_mid_job_its_job_finished_by_the_other(
     assert job["worker"] == f"{survivor}-0"
     # Taken back once for the kill (and once more for any stall of the survivor's cold child
     # past its lease, see make_cluster): every attempt after the first is one taking back.
-    taken_back = cluster.taken_back(job["id"])
-    assert taken_back >= 1 and job["attempts"] == 1 + taken_back
+    cluster.check_every_retry_a_take_back(job)
     assert f"{ALGORITHM} ran in" not in cluster.host_log(victim)
     assert f"job {job['id']}: {ALGORITHM} ran in" in cluster.host_log(survivor)
     assert cluster.node.stop() == 0
@@ -325,10 +334,7 @@ def test_a_frozen_hosts_commit_is_refused_after_the_other_finished_its_job(
     finishes it; thawed, the frozen host runs its attempt to the end and its commit is
     refused, so the job's outputs are the other attempt's."""
     cluster = make_cluster(delay_s=1.0)
-    (study,) = phantom_studies(tmp_path / "studies", 1)
-    cluster.send([study])
-    (running,) = cluster.wait_running(1)
-    frozen = running["worker"].removesuffix("-0")
+    study, running, frozen = cluster.send_one_and_wait_running(tmp_path / "studies")
     other = next(name for name in cluster.hosts if name != frozen)
     os.killpg(cluster.hosts[frozen].pid, signal.SIGSTOP)
     try:
@@ -339,8 +345,7 @@ def test_a_frozen_hosts_commit_is_refused_after_the_other_finished_its_job(
     wait_until(lambda: refused in cluster.host_log(frozen), 60, "the refusal", cluster.logs())
     job = cluster.check_exactly_once([study])[study.uid]
     assert job["worker"] == f"{other}-0"
-    taken_back = cluster.taken_back(job["id"])
-    assert taken_back >= 1 and job["attempts"] == 1 + taken_back
+    cluster.check_every_retry_a_take_back(job)
     # The thawed attempt ran to its end and uploaded under its own attempt's folder, but
     # nothing of it was recorded or delivered (the outputs are the last attempt's).
     assert cluster.host_log(frozen).count(f"job {job['id']}: {ALGORITHM} ran in") == 1
@@ -357,17 +362,13 @@ def test_a_celery_child_killed_mid_job_its_job_runs_again_and_is_delivered_once(
     message (reject_on_worker_lost) and starts a new child; the job is claimed again once
     the dead child's lease ran out, and delivered once."""
     cluster = make_cluster(delay_s=1.0)
-    (study,) = phantom_studies(tmp_path / "studies", 1)
-    cluster.send([study])
-    (running,) = cluster.wait_running(1)
-    host = running["worker"].removesuffix("-0")
+    study, _, host = cluster.send_one_and_wait_running(tmp_path / "studies")
     held = cluster.doorbells(host)[-1]  # the message the child is working on
     (child,) = cluster.pool_children(host)
     os.kill(child, signal.SIGKILL)
     cluster.wait_delivered([study])
     job = cluster.check_exactly_once([study])[study.uid]
-    taken_back = cluster.taken_back(job["id"])
-    assert taken_back >= 1 and job["attempts"] == 1 + taken_back
+    cluster.check_every_retry_a_take_back(job)
     assert cluster.hosts[host].poll() is None, "the host's Celery parent died with its child"
     # The parent saw its child die and returned the message, unacknowledged, to its queue:
     # it was delivered a second time (and claimed nothing while the dead child's lease held).
@@ -387,9 +388,7 @@ def test_duplicate_doorbells_run_a_job_once_and_deliver_it_once(
     """The same job's doorbell rung by hand three times while it runs and three times after it
     succeeded, on top of the sweeper's: the hosts take every message and claim nothing more."""
     cluster = make_cluster(delay_s=1.0, lease_s=LONG_LEASE_S)
-    (study,) = phantom_studies(tmp_path / "studies", 1)
-    cluster.send([study])
-    (running,) = cluster.wait_running(1)
+    study, running, _ = cluster.send_one_and_wait_running(tmp_path / "studies")
     db = open_database(cluster.config)
     app = celery_app(cluster.config.cluster, [ALGORITHM])
     try:
