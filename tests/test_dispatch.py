@@ -122,6 +122,14 @@ def sweeper_for(config: NodeConfig, db: Database) -> Sweeper:
     )
 
 
+def rung_job(config: NodeConfig, db: Database) -> tuple[int, Sweeper]:
+    """A :func:`staged_job` rung by a new sweeper's first step; its ID and the sweeper."""
+    job_id = staged_job(db)
+    sweeper = sweeper_for(config, db)
+    sweeper.step()
+    return job_id, sweeper
+
+
 @pytest.mark.integration
 def test_a_doorbell_leads_to_one_claim_and_its_duplicate_to_none(
     config: NodeConfig, db: Database, broker: Broker
@@ -187,9 +195,7 @@ def test_the_sweeper_rings_a_job_once_and_again_when_its_message_was_lost(
     config: NodeConfig, db: Database, broker: Broker
 ) -> None:
     jobs = job_store(db)
-    job_id = staged_job(db)
-    sweeper = sweeper_for(config, db)
-    sweeper.step()
+    job_id, sweeper = rung_job(config, db)
     sweeper.step()  # rung a moment ago: not again
     assert broker.waiting() == 1  # taken off: the message is lost
     job = jobs.get(job_id)
@@ -207,9 +213,7 @@ def test_the_sweeper_takes_back_a_job_whose_lease_ran_out_and_rings_it(
     config: NodeConfig, db: Database, broker: Broker
 ) -> None:
     jobs = job_store(db)
-    job_id = staged_job(db)
-    sweeper = sweeper_for(config, db)
-    sweeper.step()
+    job_id, sweeper = rung_job(config, db)
     assert broker.waiting() == 1
     held = jobs.claim(WORKER, (JobKind.INFERENCE,), lease_s=0.3, staged_only=True)
     assert held is not None and held.id == job_id
@@ -277,9 +281,7 @@ def test_the_sweeper_rings_again_after_the_broker_lost_its_data(
     server = RabbitServer(server_folder()).start()
     try:
         config = config_for(tmp_path, postgres_url, server.url)
-        job_id = staged_job(db)
-        sweeper = sweeper_for(config, db)
-        sweeper.step()
+        job_id, sweeper = rung_job(config, db)
         server.wipe()
         server.start()
         time.sleep(config.cluster.redispatch_s + 0.2)
