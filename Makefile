@@ -62,7 +62,7 @@ test: system-deps viewer-tools $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -m "unit and not slow"
-	$(BIN)/python -m pytest -m "not (unit and not slow)"
+	$(BIN)/python -m pytest -m "not (unit and not slow)" -n 2 --dist loadfile
 
 ## The unit layer alone (no node process, socket, external program or browser; no slow test):
 ## about a minute. Markers: pyproject.toml [tool.pytest.ini_options], tests/conftest.py.

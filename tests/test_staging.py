@@ -1,7 +1,8 @@
 """Staging (dicom_node/staging.py) on both object stores: a real series stored through the real
 InstanceStore (SQLite: staging uses only the Database and JobStore protocols), staged as its
 completion saw it, fetched into another folder byte-identical, a corrupted object detected,
-nothing uploaded twice, purges exact. The last test measures staging a 300-slice CT to S3."""
+nothing uploaded twice, purges exact. (The time of staging a 300-slice CT is
+measured by benchmarks/cluster.py, with the node's own prestage.)"""
 
 from __future__ import annotations
 
@@ -36,7 +37,6 @@ from dicom_node.store import InstanceStore, Sender, store_key
 from tests.support.encoding import encoded
 from tests.support.jobs import completed_job, put_files
 from tests.support.paths import corpus_ct
-from tests.support.seaweedfs import SeaweedServer
 
 SENDER = Sender("MODALITY", "127.0.0.1")
 ALGORITHM = "lung-nodules-ct"  # the algorithm the jobs are routed to
@@ -247,57 +247,3 @@ def test_purges_remove_exactly_their_prefixes(
     }
     assert len(objects.keys("inputs/")) == 3
     assert purge_study(study_uid, objects) == 0 and purge_job(job.id, objects) == 0
-
-
-@pytest.mark.integration
-@pytest.mark.slow
-def test_staging_time_of_a_300_slice_ct_to_s3(
-    seaweedfs: SeaweedServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """The issue's figure: a 300-slice 512 x 512 CT (the node's own phantom, ~158 MB) staged
-    to S3 on loopback, and fetched back by a worker. Printed, not asserted."""
-    from dicom_node.config import ObjectsConfig
-    from dicom_node.objects import object_store
-
-    store = InstanceStore.open(tmp_path / "data", fsync=False)
-    try:
-        series_uids = []
-        for spec in (CtPhantomSpec(slices=300), CtPhantomSpec(slices=300)):
-            for ds in ct_series(spec):
-                store.put(encoded(ds), "1.2.840.10008.1.2.1", SENDER)
-            series_uids.append(str(ds.SeriesInstanceUID))
-        objects = object_store(
-            ObjectsConfig(**seaweedfs.settings(f"s3://{seaweedfs.bucket()}/node"))
-        )
-        jobs = job_store(store.db)
-        # The first series: nothing sent before its completion.
-        job = completed_job(store, series_uids[0], ALGORITHM)
-        started = time.perf_counter()
-        manifest = stage_job(job, store.db, jobs, store.data_dir, objects)
-        staged_s = time.perf_counter() - started
-        started = time.perf_counter()
-        inputs = fetch_inputs(job.id, objects, tmp_path / "scratch")
-        fetched_s = time.perf_counter() - started
-        # The second: sent while open (as the node's sweeper does), then completed.
-        with store.db.transaction() as conn:  # the first one is complete: not sent again
-            conn.execute(
-                "UPDATE series SET completed_at = last_received WHERE series_uid = ?",
-                (series_uids[0],),
-            )
-        started = time.perf_counter()
-        prestage_open_series(store.db, store.data_dir, objects, 0.0, limit=1000)
-        prestaged_s = time.perf_counter() - started
-        job = completed_job(store, series_uids[1], ALGORITHM)
-        started = time.perf_counter()
-        stage_job(job, store.db, jobs, store.data_dir, objects)
-        at_completion_s = time.perf_counter() - started
-    finally:
-        store.close()
-    assert len(manifest.files) == len(inputs["series"].paths) == 300
-    with capsys.disabled():
-        print(
-            f"\nstaging a 300-slice CT ({manifest.size / 1e6:.0f} MB) to S3 on loopback:"
-            f" {staged_s:.2f} s at completion; fetched by a worker in {fetched_s:.2f} s;"
-            f" sent while open in {prestaged_s:.2f} s, then staged at completion in"
-            f" {at_completion_s:.2f} s"
-        )
