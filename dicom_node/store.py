@@ -34,11 +34,12 @@ import threading
 import time
 import uuid
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from io import BytesIO
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
@@ -161,7 +162,7 @@ def _parse_sequences(ds: Dataset) -> None:
                 _parse_sequences(item)
 
 
-def _skip_pixel_data(fp: BytesIO, transfer_syntax: UID) -> None:
+def _skip_pixel_data(fp: BinaryIO, transfer_syntax: UID) -> None:
     """Move ``fp`` from the start of Pixel Data to the element after it, reading only the
     element's header and, when encapsulated (undefined length), its item headers (PS3.5 A.4).
     """
@@ -218,15 +219,32 @@ def read_header(encoded: bytes, transfer_syntax: UID) -> InstanceHeader:
     too deep for it, an item that does not end) is refused here, as the README promises, not
     acknowledged and then found unreadable when its series is routed.
     """
+    return _parse_header(BytesIO(encoded), len(encoded), transfer_syntax)
+
+
+def read_header_at(path: Path, offset: int, transfer_syntax: UID) -> InstanceHeader:
+    """:func:`read_header` of the data set that starts at ``offset`` in the file ``path`` and
+    runs to its end. Only the bytes before Pixel Data, and any after it, are read."""
+    with path.open("rb") as f:
+        f.seek(offset)
+        if transfer_syntax == DeflatedExplicitVRLittleEndian:
+            return read_header(f.read(), transfer_syntax)
+        return _parse_header(f, os.fstat(f.fileno()).st_size, transfer_syntax)
+
+
+def _parse_header(fp: BinaryIO, end: int, transfer_syntax: UID) -> InstanceHeader:
+    """The header of the data set from ``fp``'s position to ``end``; see :func:`read_header`."""
     try:
         if transfer_syntax == DeflatedExplicitVRLittleEndian:
-            encoded = zlib.decompressobj(-zlib.MAX_WBITS).decompress(encoded)
-        _check_vr_encoding(encoded, transfer_syntax)
-        fp = BytesIO(encoded)
+            inflated = zlib.decompressobj(-zlib.MAX_WBITS).decompress(fp.read())
+            fp, end = BytesIO(inflated), len(inflated)
+        start = fp.tell()
+        _check_vr_encoding(fp.read(6), transfer_syntax)
+        fp.seek(start)
         implicit, little = transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian
         ds = read_dataset(fp, implicit, little, stop_when=_stop_at_pixel_data)
         _parse_sequences(ds)
-        if fp.tell() < len(encoded):  # Pixel Data, and perhaps elements after it
+        if fp.tell() < end:  # Pixel Data, and perhaps elements after it
             _skip_pixel_data(fp, transfer_syntax)
             _parse_sequences(read_dataset(fp, implicit, little))
         return InstanceHeader.from_dataset(ds)
@@ -323,6 +341,195 @@ class Sender:
     peer_host: str
 
 
+@dataclass(frozen=True)
+class _Arrival:
+    """An instance renamed into ``instances/`` whose index row is still to be committed."""
+
+    header: InstanceHeader
+    transfer_syntax: UID
+    relative: Path
+    sender: Sender
+    received_at: float
+    size: int
+    request_priority: RequestPriority
+
+
+class GroupCommit:
+    """Index rows of concurrent associations committed in one transaction.
+
+    The first caller to arrive commits every row waiting at that moment and the rows that came
+    while it committed wait for the next commit (leader and followers, as PostgreSQL's and
+    SQLite's own group commit): one sender pays one commit per instance with no hand-over
+    between threads; several senders share each commit's fsync.
+
+    Before the rows are committed the folders their files were renamed into are fsync'd, once
+    per folder per batch. That order is kept on purpose: committing a row while its rename
+    may still be lost would let a crash leave a row naming a file that is not there, for an
+    instance the sender was never told was stored and may never send again; the node would
+    then route a series with a hole. The folder fsync costs about a fifth of a millisecond
+    here (docs/performance.md), too little to trade that guarantee for a start-up scan.
+    """
+
+    def __init__(
+        self, commit: Callable[[list[_Arrival]], list[tuple[bool, bool]]], *, fsync: bool
+    ) -> None:
+        self._commit = commit
+        self._fsync = fsync
+        self._lock = threading.Condition()
+        self._waiting: list[_Pending] = []
+        self._committing = False
+
+    def commit(self, arrival: _Arrival, folder: Path) -> tuple[bool, bool]:
+        """Return once ``arrival``'s folder is fsync'd and its row committed: whether its
+        study and series were reopened. Raises the database's error when the commit failed."""
+        pending = _Pending(arrival, folder)
+        with self._lock:
+            self._waiting.append(pending)
+            while not pending.done and self._committing:
+                self._lock.wait()
+            if pending.done:
+                return pending.outcome()
+            batch, self._waiting = self._waiting, []
+            self._committing = True
+        try:
+            self._run(batch)
+        finally:
+            with self._lock:
+                self._committing = False
+                self._lock.notify_all()
+        return pending.outcome()
+
+    def _run(self, batch: list[_Pending]) -> None:
+        try:
+            if self._fsync:
+                for folder in {p.folder for p in batch}:
+                    fsync_dir(folder)
+            results = self._commit([p.arrival for p in batch])
+        except BaseException as exc:  # every waiter learns of it, then the leader raises it
+            for p in batch:
+                p.error, p.done = exc, True
+            return
+        for p, result in zip(batch, results, strict=True):
+            p.result, p.done = result, True
+
+
+@dataclass
+class _Pending:
+    arrival: _Arrival
+    folder: Path
+    done: bool = False
+    result: tuple[bool, bool] = (False, False)
+    error: BaseException | None = None
+
+    def outcome(self) -> tuple[bool, bool]:
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class IncomingInstance:
+    """An instance whose data set arrives in fragments: PS3.8 9.3.5 lets a C-STORE's data set
+    come in any number of P-DATA-TF PDUs of any number of PDVs. Each fragment goes straight
+    to a file under ``tmp/`` behind the file meta, which is encoded from the request's UIDs
+    before the data set arrives. Made by :meth:`InstanceStore.incoming`.
+
+    :meth:`finish` parses the header from the file, checks it against the request and makes
+    the instance durable and indexed; :meth:`discard` removes what was written (a peer that
+    went away mid-instance leaves nothing in ``tmp/``). Not shared between threads.
+    """
+
+    def __init__(
+        self,
+        store: InstanceStore,
+        transfer_syntax: UID,
+        sender: Sender,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        request_priority: RequestPriority,
+    ) -> None:
+        self.store = store
+        self.transfer_syntax = transfer_syntax
+        self.sender = sender
+        self.sop_class_uid = sop_class_uid
+        self.sop_instance_uid = sop_instance_uid
+        self.request_priority = request_priority
+        # Unique per instance and thread: two associations may carry the same instance at once.
+        self.path = store.tmp_dir / f"{store_key(sop_instance_uid)}.{threading.get_ident()}.part"
+        meta = encode_file_meta(
+            sop_class_uid, sop_instance_uid, transfer_syntax, sender.calling_aet
+        )
+        self.offset = len(meta)
+        self.size = 0
+        self.fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            _write_all(self.fd, meta)
+        except BaseException:
+            self.discard()
+            raise
+
+    def write(self, fragment: bytes | memoryview) -> None:
+        """Append the next fragment of the data set."""
+        if self.fd is None:
+            raise ValueError("the incoming instance was finished or discarded")
+        _write_all(self.fd, fragment)
+        self.size += len(fragment)
+
+    def finish(self, header: InstanceHeader | None = None) -> StoredInstance:
+        """Store the instance (see :class:`InstanceStore`); ``header`` when already parsed.
+        Raises :class:`RejectedInstance` or ``OSError``; the caller then discards it."""
+        if header is None:
+            header = read_header_at(self.path, self.offset, self.transfer_syntax)
+        stored = self.store._check_stored(self, header)
+        self.discard()
+        return stored
+
+    def sync(self) -> None:
+        """fdatasync the file: its data and size reach the disk."""
+        if self.fd is None:
+            raise ValueError("the incoming instance was finished or discarded")
+        os.fdatasync(self.fd)
+
+    def renamed(self) -> None:
+        """The file was moved into ``instances/``: nothing is left to discard."""
+        self.path = Path()
+
+    def discard(self) -> None:
+        """Close and remove the file under ``tmp/``, if it is still there."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        if self.path != Path():
+            self.path.unlink(missing_ok=True)
+            self.path = Path()
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _same_dataset(stored: Path, incoming: Path, size: int) -> bool:
+    """Whether the data set of the stored file and of the incoming one (of ``size`` bytes) are
+    byte-identical."""
+    try:
+        offset = _dataset_offset(stored)
+        if stored.stat().st_size - offset != size:
+            return False
+        with stored.open("rb") as a, incoming.open("rb") as b:
+            a.seek(offset)
+            b.seek(_dataset_offset(incoming))
+            while True:
+                left, right = a.read(1 << 20), b.read(1 << 20)
+                if left != right:
+                    return False
+                if not left:
+                    return True
+    except (OSError, ValueError):
+        # Unreadable stored copy: treat as different so the new copy replaces it.
+        return False
+
+
 class InstanceStore:
     """Part-10 files under ``data_dir/instances`` and their rows in the index."""
 
@@ -337,6 +544,7 @@ class InstanceStore:
         self.fsync = fsync
         self._known_dirs: set[Path] = set()
         self._dirs_lock = threading.Lock()
+        self._committer = GroupCommit(self._commit_arrivals, fsync=fsync)
         for directory in (self.instances_dir, self.tmp_dir):
             directory.mkdir(parents=True, exist_ok=True)
         self._remove_leftovers()
@@ -410,36 +618,84 @@ class InstanceStore:
                 f" store.min_free_bytes={self.min_free_bytes // 2**20} MiB"
             )
 
-    def _write_file(self, final: Path, file_meta: bytes, dataset: bytes) -> None:
-        # Unique per instance and thread: two associations may carry the same instance at once.
-        tmp_name = self.tmp_dir / f"{final.stem}.{threading.get_ident()}.part"
-        fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(file_meta)
-                f.write(dataset)
-                f.flush()
-                if self.fsync:
-                    os.fdatasync(f.fileno())  # data and size; the rename is made durable below
-            self._ensure_dir(final.parent)
-            os.replace(tmp_name, final)
-            if self.fsync:
-                fsync_dir(final.parent)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
+    def incoming(
+        self,
+        transfer_syntax: str,
+        sender: Sender,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        *,
+        request_priority: RequestPriority = "MEDIUM",
+    ) -> IncomingInstance:
+        """Begin storing an instance whose data set arrives in fragments (the C-STORE request's
+        Affected SOP Class and Instance UIDs, PS3.7 9.1.1.1, name it before it arrives).
 
-    def _same_content(self, stored: Path, dataset: bytes) -> bool:
+        The file is written under ``tmp/`` as fragments come; :meth:`IncomingInstance.finish`
+        then gives the guarantees of :meth:`put`. Raises :class:`RejectedInstance` when the
+        UIDs are not UIDs or the disk is below its watermark, and ``OSError`` when ``tmp/``
+        cannot be written.
+        """
+        sop_class_uid = validate_uid(sop_class_uid, "AffectedSOPClassUID")
+        sop_instance_uid = validate_uid(sop_instance_uid, "AffectedSOPInstanceUID")
+        self._check_space(0)
+        return IncomingInstance(
+            self, UID(transfer_syntax), sender, sop_class_uid, sop_instance_uid, request_priority
+        )
+
+    def _check_stored(self, incoming: IncomingInstance, header: InstanceHeader) -> StoredInstance:
+        """Make an incoming instance durable and indexed: its file fsync'd, renamed into
+        ``instances/``, the folder fsync'd, then its row committed (group commit)."""
+        if header.sop_class_uid != incoming.sop_class_uid:
+            raise SopMismatch("SOPClassUID differs from the C-STORE request's Affected SOP Class")
+        if header.sop_instance_uid != incoming.sop_instance_uid:
+            raise SopMismatch(
+                "SOPInstanceUID differs from the C-STORE request's Affected SOP Instance"
+            )
+        self._check_space(incoming.size)
+        relative = self.relative_path(header)
+        final = self.data_dir / relative
         try:
-            offset = _dataset_offset(stored)
-            if stored.stat().st_size - offset != len(dataset):
-                return False
-            with stored.open("rb") as f:
-                f.seek(offset)
-                return f.read() == dataset
-        except (OSError, ValueError):
-            # Unreadable stored copy: treat as different so the new copy replaces it.
-            return False
+            with self.db.reading() as conn:
+                existing = conn.execute(
+                    "SELECT path FROM instances WHERE sop_instance_uid = ?",
+                    (header.sop_instance_uid,),
+                ).fetchone()
+        except database_errors() as exc:
+            raise _index_unavailable(exc) from exc
+        if existing is not None:
+            stored_path = self.data_dir / existing["path"]
+            if _same_dataset(stored_path, incoming.path, incoming.size):
+                incoming.discard()
+                return StoredInstance(header, stored_path, StoreResult.DUPLICATE, False, False)
+        if self.fsync:
+            incoming.sync()  # data and size; the rename is made durable below
+        self._ensure_dir(final.parent)
+        os.replace(incoming.path, final)
+        incoming.renamed()
+        arrival = _Arrival(
+            header,
+            incoming.transfer_syntax,
+            relative,
+            incoming.sender,
+            time.time(),
+            incoming.size,
+            incoming.request_priority,
+        )
+        try:
+            study_reopened, series_reopened = self._committer.commit(arrival, final.parent)
+        except database_errors() as exc:
+            # No Success without the index commit: the file goes too (unless an earlier copy's
+            # row still points at it), and the sender is told to try again later.
+            if existing is None or existing["path"] != relative.as_posix():
+                final.unlink(missing_ok=True)
+            raise _index_unavailable(exc) from exc
+        result = StoreResult.STORED
+        if existing is not None:
+            result = StoreResult.REPLACED
+            if existing["path"] != relative.as_posix():
+                # The replacing copy moved to another series: the old file has no row any more.
+                (self.data_dir / existing["path"]).unlink(missing_ok=True)
+        return StoredInstance(header, final, result, series_reopened, study_reopened)
 
     def put(
         self,
@@ -458,108 +714,70 @@ class InstanceStore:
         Raises a :class:`RejectedInstance` subclass, leaving nothing behind, when the instance
         cannot be stored.
         """
-        ts = UID(transfer_syntax)
-        header = read_header(dataset, ts)
-        if expected_sop_class_uid and header.sop_class_uid != expected_sop_class_uid:
-            raise SopMismatch("SOPClassUID differs from the C-STORE request's Affected SOP Class")
-        if expected_sop_instance_uid and header.sop_instance_uid != expected_sop_instance_uid:
-            raise SopMismatch(
-                "SOPInstanceUID differs from the C-STORE request's Affected SOP Instance"
-            )
-        self._check_space(len(dataset))
-
-        relative = self.relative_path(header)
-        final = self.data_dir / relative
-        try:
-            with self.db.reading() as conn:
-                existing = conn.execute(
-                    "SELECT path FROM instances WHERE sop_instance_uid = ?",
-                    (header.sop_instance_uid,),
-                ).fetchone()
-        except database_errors() as exc:
-            raise _index_unavailable(exc) from exc
-        if existing is not None:
-            stored_path = self.data_dir / existing["path"]
-            if self._same_content(stored_path, dataset):
-                return StoredInstance(header, stored_path, StoreResult.DUPLICATE, False, False)
-
-        self._write_file(
-            final,
-            encode_file_meta(header.sop_class_uid, header.sop_instance_uid, ts, sender.calling_aet),
-            dataset,
+        header = read_header(dataset, UID(transfer_syntax))
+        incoming = self.incoming(
+            transfer_syntax,
+            sender,
+            expected_sop_class_uid or header.sop_class_uid,
+            expected_sop_instance_uid or header.sop_instance_uid,
+            request_priority=request_priority,
         )
-        now = time.time()
         try:
-            study_reopened, series_reopened = self._index(
-                header, ts, relative, sender, now, len(dataset), request_priority
-            )
-        except database_errors() as exc:
-            # No Success without the index commit: the file goes too (unless an earlier copy's
-            # row still points at it), and the sender is told to try again later.
-            if existing is None or existing["path"] != relative.as_posix():
-                final.unlink(missing_ok=True)
-            raise _index_unavailable(exc) from exc
-        result = StoreResult.STORED
-        if existing is not None:
-            result = StoreResult.REPLACED
-            if existing["path"] != relative.as_posix():
-                # The replacing copy moved to another series: the old file has no row any more.
-                (self.data_dir / existing["path"]).unlink(missing_ok=True)
-        return StoredInstance(header, final, result, series_reopened, study_reopened)
+            incoming.write(dataset)
+            return incoming.finish(header)
+        finally:
+            incoming.discard()
 
-    def _index(
-        self,
-        header: InstanceHeader,
-        ts: UID,
-        relative: Path,
-        sender: Sender,
-        now: float,
-        size: int,
-        request_priority: RequestPriority,
-    ) -> tuple[bool, bool]:
-        """Record the instance, its series and study in one transaction; whether the study and
-        the series were reopened."""
+    def _commit_arrivals(self, arrivals: list[_Arrival]) -> list[tuple[bool, bool]]:
+        """Record arrivals in one transaction; for each, whether its study and series were
+        reopened."""
         with self.db.transaction() as conn:
-            study_reopened = _record_arrival(
-                conn,
-                "studies",
-                "study_uid",
-                {"study_uid": header.study_uid, "study_key": store_key(header.study_uid)},
-                now,
-            )
-            series_reopened = _record_arrival(
-                conn,
-                "series",
-                "series_uid",
-                {
-                    "series_uid": header.series_uid,
-                    "series_key": store_key(header.series_uid),
-                    "study_uid": header.study_uid,
-                    "modality": header.modality,
-                    "series_number": header.series_number,
-                    "description": header.series_description,
-                },
-                now,
-            )
-            conn.execute(
-                f"INSERT INTO instances ({', '.join(_INSTANCE_COLUMNS)})"
-                f" VALUES ({', '.join('?' * len(_INSTANCE_COLUMNS))})"
-                " ON CONFLICT (sop_instance_uid) DO UPDATE SET "
-                + ", ".join(f"{c} = excluded.{c}" for c in _INSTANCE_COLUMNS[1:]),
-                (
-                    header.sop_instance_uid,
-                    header.series_uid,
-                    header.study_uid,
-                    header.sop_class_uid,
-                    str(ts),
-                    relative.as_posix(),
-                    size,
-                    sender.calling_aet,
-                    sender.peer_host,
-                    now,
-                    request_priority,
-                ),
-            )
+            return [self._index(conn, arrival) for arrival in arrivals]
+
+    def _index(self, conn: Connection, arrival: _Arrival) -> tuple[bool, bool]:
+        """Record the instance, its series and study; whether the study and the series were
+        reopened."""
+        header = arrival.header
+        study_reopened = _record_arrival(
+            conn,
+            "studies",
+            "study_uid",
+            {"study_uid": header.study_uid, "study_key": store_key(header.study_uid)},
+            arrival.received_at,
+        )
+        series_reopened = _record_arrival(
+            conn,
+            "series",
+            "series_uid",
+            {
+                "series_uid": header.series_uid,
+                "series_key": store_key(header.series_uid),
+                "study_uid": header.study_uid,
+                "modality": header.modality,
+                "series_number": header.series_number,
+                "description": header.series_description,
+            },
+            arrival.received_at,
+        )
+        conn.execute(
+            f"INSERT INTO instances ({', '.join(_INSTANCE_COLUMNS)})"
+            f" VALUES ({', '.join('?' * len(_INSTANCE_COLUMNS))})"
+            " ON CONFLICT (sop_instance_uid) DO UPDATE SET "
+            + ", ".join(f"{c} = excluded.{c}" for c in _INSTANCE_COLUMNS[1:]),
+            (
+                header.sop_instance_uid,
+                header.series_uid,
+                header.study_uid,
+                header.sop_class_uid,
+                str(arrival.transfer_syntax),
+                arrival.relative.as_posix(),
+                arrival.size,
+                arrival.sender.calling_aet,
+                arrival.sender.peer_host,
+                arrival.received_at,
+                arrival.request_priority,
+            ),
+        )
         return study_reopened, series_reopened
 
 
