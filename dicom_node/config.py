@@ -123,6 +123,13 @@ class ScpConfig(_Section):
     require_called_aet: bool = Field(
         default=True, description="Reject associations not addressed to ae_title."
     )
+    fast_path: bool = Field(
+        default=True,
+        description=(
+            "Serve C-STORE and C-ECHO by reading the accepted association's socket directly"
+            " (pynetdicom still negotiates); false leaves every association to pynetdicom."
+        ),
+    )
     allowed_calling_aets: list[AllowedPeer] | None = Field(
         default=None,
         description="Peers that may associate ('AE' or 'AE@host'); null allows every peer.",

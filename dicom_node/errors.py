@@ -47,7 +47,9 @@ __all__ = [
     "ObjectStoreRefused",
     "ObjectStoreUnavailable",
     "OutOfResources",
+    "PeerGone",
     "Permanent",
+    "ProtocolError",
     "QaUnusable",
     "RejectedInstance",
     "SendAbandoned",
@@ -234,3 +236,24 @@ class ObjectCorrupt(ObjectStoreError, Transient):
 class QaUnusable(DicomNodeError):
     """The configuration or command line does not let qa test the node; the message says
     what to change."""
+
+
+# --- the receive fast path ------------------------------------------------------------------
+
+
+class ProtocolError(DicomNodeError, ValueError):
+    """A peer broke PS3.7 or PS3.8 on an association the fast path serves; the association
+    is aborted with ``reason`` (an A-ABORT reason of PS3.8 Table 9-26)."""
+
+    def __init__(self, message: str, reason: int = 0x06) -> None:  # invalid-PDU-parameter
+        super().__init__(message)
+        self.reason = reason
+
+
+class PeerGone(DicomNodeError, ConnectionError):
+    """The peer of an association the fast path serves closed the connection, aborted, or
+    was silent past ``scp.network_timeout_s`` (``timed_out``)."""
+
+    def __init__(self, message: str, *, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out

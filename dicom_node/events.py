@@ -49,6 +49,7 @@ class InstanceReceived:
 
     stored: bool
     size: int
+    fast_path: bool = False  # answered by dicom_node.receive, not by pynetdicom
 
 
 @dataclass(frozen=True)

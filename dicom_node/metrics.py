@@ -63,6 +63,11 @@ class LiveCounters:
             ["result"],
             registry=registry,
         )
+        self.fast_path = Counter(
+            f"{PREFIX}_instances_received_fast_path",
+            "C-STORE requests the fast path answered (the others pynetdicom answered).",
+            registry=registry,
+        )
         self.bytes = Counter(
             f"{PREFIX}_received_bytes", "Bytes of data sets received by C-STORE.", registry=registry
         )
@@ -97,6 +102,8 @@ class LiveCounters:
                 self.associations.labels("rejected").inc()
             case InstanceReceived():
                 self.instances.labels("stored" if event.stored else "refused").inc()
+                if event.fast_path:
+                    self.fast_path.inc()
                 self.bytes.inc(event.size)
             case DeliveryAttempted():
                 self.attempts.labels(event.destination).inc()

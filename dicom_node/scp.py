@@ -10,6 +10,7 @@ after it is durable.
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -62,7 +63,15 @@ from dicom_node.events import (
     StudyRef,
 )
 from dicom_node.priority import request_priority
-from dicom_node.store import InstanceStore, Sender, StoreResult, store_key
+from dicom_node.receive import Command, Context, Ending, FastAssociation, Sink
+from dicom_node.store import (
+    IncomingInstance,
+    InstanceStore,
+    Sender,
+    StoredInstance,
+    StoreResult,
+    store_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +250,8 @@ class StorageSCP:
         # log gives them (#1, #2, ... since start) so that its lines about one can be told.
         self._open: dict[int, int] = {}
         self._numbered = 0
+        # Associations the fast path serves, to abort them when the node stops.
+        self._fast: dict[int, FastAssociation] = {}
         self._received_lock = threading.Lock()
         self.ae = self._build_ae()
         self._server: AcceptorServer | None = None
@@ -272,6 +283,7 @@ class StorageSCP:
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ESTABLISHED, self._on_established),
+            (evt.EVT_ASYNC_OPS, self._on_async_ops),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_RELEASED, self._on_released),
@@ -290,6 +302,7 @@ class StorageSCP:
             ssl_context=context,
             on_association_end=self._on_finished,
             on_tls_failure=self._on_tls_failure,
+            fast_path=self._serve_fast if self.config.fast_path else None,
         )
         self._server = server
         host, port = server.server_address[:2]
@@ -313,7 +326,13 @@ class StorageSCP:
             assoc.join(max(0.0, deadline - time.monotonic()))
             if assoc.is_alive():
                 log.warning("aborting an association still open after %.0f s", grace_s)
-                assoc.abort()
+                with self._received_lock:
+                    session = self._fast.get(id(assoc))
+                if session is not None:
+                    session.abort()
+                    assoc.join(5.0)
+                else:
+                    assoc.abort()
         self._server = None
 
     @property
@@ -390,6 +409,11 @@ class StorageSCP:
     def _on_echo(self, event: Event) -> int:
         return STATUS_SUCCESS
 
+    def _on_async_ops(self, event: Event) -> tuple[int, int]:
+        """One operation at a time each way (PS3.7 D.3.3.3): answered explicitly, so that a
+        peer asking for more knows it got one."""
+        return 1, 1
+
     def _on_store(self, event: Event) -> int:
         request = event.request
         assert isinstance(request, C_STORE)  # what EVT_C_STORE carries
@@ -405,17 +429,37 @@ class StorageSCP:
                 request_priority=request_priority(request.Priority),
             )
         except (RejectedInstance, OSError) as exc:
-            status = refusal_status(exc)
-            # Which instance as a hash of the request's UID (as named on disk), never the UID.
-            log.error(
-                "C-STORE refused with 0x%04X, nothing stored: %s (instance %s, %s)",
-                status,
-                exc,
-                store_key(str(request.AffectedSOPInstanceUID))[:12],
-                self._association(event.assoc),
+            return self._refused(
+                event.assoc, exc, str(request.AffectedSOPInstanceUID), len(encoded)
             )
-            self.events.emit(InstanceReceived(stored=False, size=len(encoded)))
-            return status
+        return self._accepted(event.assoc, stored, len(encoded))
+
+    def _refused(
+        self,
+        assoc: Association,
+        exc: Exception,
+        sop_instance_uid: str,
+        size: int,
+        *,
+        fast_path: bool = False,
+    ) -> int:
+        """Account for a C-STORE that stored nothing; its failure status."""
+        status = refusal_status(exc)
+        # Which instance as a hash of the request's UID (as named on disk), never the UID.
+        log.error(
+            "C-STORE refused with 0x%04X, nothing stored: %s (instance %s, %s)",
+            status,
+            exc,
+            store_key(sop_instance_uid)[:12],
+            self._association(assoc),
+        )
+        self.events.emit(InstanceReceived(stored=False, size=size, fast_path=fast_path))
+        return status
+
+    def _accepted(
+        self, assoc: Association, stored: StoredInstance, size: int, *, fast_path: bool = False
+    ) -> int:
+        """Account for a stored instance (or a repeat of one); Success."""
         if stored.result is not StoreResult.STORED:
             log.info(
                 "repeated SOP instance %s (%s)",
@@ -423,23 +467,54 @@ class StorageSCP:
                 stored.result.value,
             )
         log.debug("stored %s at %s", stored.header.sop_instance_uid, stored.path)
-        self.assembler.instance_stored(id(event.assoc), stored)
-        self.events.emit(InstanceReceived(stored=True, size=len(encoded)))
+        self.assembler.instance_stored(id(assoc), stored)
+        self.events.emit(InstanceReceived(stored=True, size=size, fast_path=fast_path))
         with self._received_lock:
-            studies = self._received.setdefault(id(event.assoc), {})
+            studies = self._received.setdefault(id(assoc), {})
             patient_id, instances = studies.get(
                 stored.header.study_uid, (stored.header.patient_id, 0)
             )
             studies[stored.header.study_uid] = (patient_id, instances + 1)
         return STATUS_SUCCESS
 
+    def _serve_fast(self, assoc: Association, connection: socket.socket, max_pdu: int) -> None:
+        """Serve an accepted association's P-DATA on :mod:`dicom_node.receive`'s fast path."""
+        sender = _peer(assoc)
+        session = FastAssociation(
+            connection,
+            (
+                Context(cx.context_id, str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+                for cx in assoc.accepted_contexts
+                if cx.context_id is not None and cx.transfer_syntax
+            ),
+            _AssociationService(self, assoc, sender),
+            peer_max_pdu=assoc.requestor.maximum_length or 0,
+            max_pdu=max_pdu,
+            network_timeout_s=self.config.network_timeout_s,
+            name=self._association(assoc),
+        )
+        with self._received_lock:
+            self._fast[id(assoc)] = session
+        try:
+            ending = session.run()
+        finally:
+            with self._received_lock:
+                self._fast.pop(id(assoc), None)
+        if ending is Ending.RELEASED:
+            self._ended(assoc, released=True)
+        else:
+            self._aborted(assoc)
+
     def _on_released(self, event: Event) -> None:
         self._ended(event.assoc, released=True)
 
     def _on_aborted(self, event: Event) -> None:
-        number = self._open.get(id(event.assoc), 0)
-        log.warning("association from %s aborted (#%d)", _peer(event.assoc).calling_aet, number)
-        self._ended(event.assoc, released=False)
+        self._aborted(event.assoc)
+
+    def _aborted(self, assoc: Association) -> None:
+        number = self._open.get(id(assoc), 0)
+        log.warning("association from %s aborted (#%d)", _peer(assoc).calling_aet, number)
+        self._ended(assoc, released=False)
 
     def _on_finished(self, assoc: Association) -> None:
         """Every association's last word, after its thread ended, however it ended."""
@@ -475,3 +550,83 @@ class StorageSCP:
                     released,
                 )
             )
+
+
+class _AssociationService:
+    """The fast path's requests on one association, served by its :class:`StorageSCP`."""
+
+    def __init__(self, scp: StorageSCP, assoc: Association, sender: Sender) -> None:
+        self.scp = scp
+        self.assoc = assoc
+        self.sender = sender
+
+    def store(self, context: Context, command: Command) -> Sink:
+        try:
+            priority = request_priority(command.priority)
+        except ValueError as exc:
+            return _StoreSink(self, command, None, InvalidInstance(str(exc)))
+        try:
+            incoming = self.scp.store.incoming(
+                context.transfer_syntax,
+                self.sender,
+                command.affected_sop_class,
+                command.affected_sop_instance,
+                request_priority=priority,
+            )
+        except (RejectedInstance, OSError) as exc:
+            return _StoreSink(self, command, None, exc)
+        return _StoreSink(self, command, incoming, None)
+
+    def echo(self) -> int:
+        return STATUS_SUCCESS
+
+
+class _StoreSink:
+    """A C-STORE's data set on its way to the store; a refused one is read and dropped."""
+
+    def __init__(
+        self,
+        service: _AssociationService,
+        command: Command,
+        incoming: IncomingInstance | None,
+        refusal: Exception | None,
+    ) -> None:
+        self.service = service
+        self.command = command
+        self.incoming = incoming
+        self.refusal = refusal
+        self.size = 0
+
+    def write(self, fragment: memoryview) -> None:
+        self.size += len(fragment)
+        if self.incoming is None:
+            return
+        try:
+            self.incoming.write(fragment)
+        except OSError as exc:  # the disk filled: the rest is read and dropped
+            self.refusal = exc
+            self.discard()
+
+    def close(self) -> int:
+        scp, assoc = self.service.scp, self.service.assoc
+        if self.incoming is not None:
+            try:
+                stored = self.incoming.finish()
+            except (RejectedInstance, OSError) as exc:
+                self.refusal = exc
+            finally:
+                self.discard()
+        if self.refusal is not None:
+            return scp._refused(
+                assoc,
+                self.refusal,
+                self.command.affected_sop_instance,
+                self.size,
+                fast_path=True,
+            )
+        return scp._accepted(assoc, stored, self.size, fast_path=True)
+
+    def discard(self) -> None:
+        if self.incoming is not None:
+            self.incoming.discard()
+            self.incoming = None

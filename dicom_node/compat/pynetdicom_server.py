@@ -17,6 +17,13 @@ What upstream does (pynetdicom 3.0, ``pynetdicom.transport`` and ``pynetdicom.ae
   not record the server in ``AE._servers`` as ``start_server`` does, but the server's
   ``shutdown()`` removes itself from that list (``ValueError`` when it is not there).
 
+- pynetdicom has no way to serve an accepted association's P-DATA with another reader. The
+  node's fast path (:mod:`dicom_node.receive`) needs one, so the hand-over uses pynetdicom's
+  internals: the socket's ``ready`` (the DUL reads only when it says so), the association's
+  ``_reactor_checkpoint`` and ``_is_paused`` (the pause its own ``send_c_*`` methods use), the
+  DUL's ``_kill_thread`` and the association's ``_kill``. A test per behaviour holds them
+  (``tests/test_receive_fast.py``, ``tests/test_association_policy.py``).
+
 Upstream issues: none found for any of these (searched pynetdicom's tracker for the PDU length,
 the TLS handshake in the accept loop, socket timeouts of accepted connections, associations
 ending without an event, and ``make_server``/``shutdown``). Related, about the requestor side:
@@ -25,7 +32,9 @@ https://github.com/pydicom/pynetdicom/pull/565 (a socket timeout on connect, not
 
 Remove when pynetdicom bounds the PDU it reads, handshakes and times out accepted connections
 off the accept loop, reports every association's end, and lets ``make_server`` servers shut
-down: then :func:`start_acceptor` becomes ``AE.start_server(block=False)`` with the handlers.
+down: then :func:`start_acceptor` becomes ``AE.start_server(block=False)`` with the handlers;
+the hand-over stays until pynetdicom lets an application take an accepted association's
+socket.
 Only :mod:`dicom_node.scp` uses this module.
 """
 
@@ -35,6 +44,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from typing import cast
 
@@ -52,19 +62,38 @@ PDU_ALLOWANCE = 1 << 20
 
 class _BoundedSocket(AssociationSocket):
     """An association's socket that does not read a PDU longer than ``limit``: to pynetdicom
-    the transport closed."""
+    the transport closed. With ``hand_over``, pynetdicom stops reading it once it sent the
+    A-ASSOCIATE-AC, so that the connection can be served by another reader."""
 
     limit: int
+    hand_over: bool
+    accepted: threading.Event
 
     @classmethod
-    def bound(cls, sock: AssociationSocket, limit: int) -> None:
+    def bound(cls, sock: AssociationSocket, limit: int, *, hand_over: bool) -> _BoundedSocket:
         """Give the socket pynetdicom made the bound. Made anew, it would announce the
         connection to the protocol machine a second time."""
         sock.__class__ = cls
-        cast(_BoundedSocket, sock).limit = limit
+        bounded = cast(_BoundedSocket, sock)
+        bounded.limit = limit
+        bounded.hand_over = hand_over
+        bounded.accepted = threading.Event()
+        return bounded
+
+    @property
+    def ready(self) -> bool:
+        if self.accepted.is_set():
+            return False  # handed over: the DUL must not read P-DATA meant for the fast path
+        return bool(super().ready)
+
+    def send(self, bytestream: bytes) -> None:
+        super().send(bytestream)
+        if self.hand_over and bytestream[:1] == b"\x02":  # A-ASSOCIATE-AC (PS3.8 9.3.3)
+            self.accepted.set()
 
     def recv(self, nr_bytes: int) -> bytearray:
-        if nr_bytes > self.limit:
+        limit = self.limit or nr_bytes
+        if nr_bytes > limit:
             log.warning(
                 "%s announced a PDU of %d bytes, more than the %d this node reads"
                 " (scp.max_pdu_size); connection closed",
@@ -76,21 +105,68 @@ class _BoundedSocket(AssociationSocket):
         return super().recv(nr_bytes)
 
 
+def _take_from_pynetdicom(assoc: Association, sock: _BoundedSocket) -> socket.socket | None:
+    """The connection of an association pynetdicom accepted, once pynetdicom let go of it; None
+    when it was not accepted (rejected, aborted, or its peer went away during negotiation).
+
+    pynetdicom's two threads are stopped the way its own ``send_c_*`` methods pause the
+    association's reactor (``_reactor_checkpoint``, ``_is_paused``); the association thread
+    stays paused and alive until :func:`_give_back` so that ``AE.active_associations``, and
+    with it ``scp.max_associations``, still counts the association.
+    """
+    while not sock.accepted.wait(0.05):
+        if not assoc.is_alive():
+            return None
+    assoc._reactor_checkpoint.clear()
+    while not assoc._is_paused:  # EVT_ESTABLISHED's handlers have run
+        if not assoc.is_alive():
+            return None
+        time.sleep(0.0001)
+    if not assoc.is_established:
+        assoc._reactor_checkpoint.set()
+        return None
+    assoc.dul._kill_thread = True
+    assoc.dul.join()
+    return cast(socket.socket, sock.socket)
+
+
+def _give_back(assoc: Association, sock: _BoundedSocket) -> None:
+    """End pynetdicom's association thread without a word to the peer: the fast path already
+    released or aborted it, and the socket server closes the connection."""
+    sock.socket = None
+    assoc.is_established = False
+    assoc._kill = True
+    assoc._reactor_checkpoint.set()
+    assoc.join()
+
+
 class _RequestHandler(RequestHandler):
     """pynetdicom's handler, but the connection's thread stays until its association ends, so
     that the server learns of every end. PDUs are read through :class:`_BoundedSocket` unless
-    the AE's maximum PDU size is 0 (unlimited)."""
+    the AE's maximum PDU size is 0 (unlimited). With a server's ``fast_path``, the connection
+    is served by it once the association is accepted."""
 
     server: AcceptorServer
 
     def handle(self) -> None:
         assoc = self._create_association()
+        limit = 0
         if self.ae.maximum_pdu_size:
             # The variable field of a P-DATA-TF we receive is at most our maximum (PS3.8 D.1).
             limit = max(self.ae.maximum_pdu_size, PDU_ALLOWANCE)
-            _BoundedSocket.bound(cast(AssociationSocket, assoc.dul.socket), limit)
+        fast_path = self.server.fast_path
+        sock = _BoundedSocket.bound(
+            cast(AssociationSocket, assoc.dul.socket), limit, hand_over=fast_path is not None
+        )
         evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
         assoc.start()
+        if fast_path is not None:
+            connection = _take_from_pynetdicom(assoc, sock)
+            if connection is not None:
+                try:
+                    fast_path(assoc, connection, limit)
+                finally:
+                    _give_back(assoc, sock)
         assoc.join()
         if self.server.on_association_end is not None:
             self.server.on_association_end(assoc)
@@ -109,6 +185,9 @@ class AcceptorServer(ThreadedAssociationServer):
     # (StorageSCP.stop gives in-flight associations their grace period itself).
     daemon_threads = True
     on_association_end: Callable[[Association], None] | None = None
+    # Serves an accepted association's connection until it ends: (association, connection,
+    # the longest PDU to read or 0); None leaves every association to pynetdicom.
+    fast_path: Callable[[Association, socket.socket, int], None] | None = None
     # (peer host, why): a client that failed TLS never reaches pynetdicom's events.
     on_tls_failure: Callable[[str, str], None] | None = None
 
@@ -152,11 +231,14 @@ def start_acceptor(
     ssl_context: ssl.SSLContext | None,
     on_association_end: Callable[[Association], None],
     on_tls_failure: Callable[[str, str], None],
+    fast_path: Callable[[Association, socket.socket, int], None] | None = None,
 ) -> AcceptorServer:
     """What ``AE.start_server(address, block=False, ...)`` does, with :class:`AcceptorServer`:
     listen on ``address`` in a background thread. ``on_association_end`` is called with every
     association once its thread ended, however it ended; ``on_tls_failure`` with (peer host,
-    why) for a client whose TLS handshake failed. ``server.shutdown()`` stops it."""
+    why) for a client whose TLS handshake failed; ``fast_path``, when given, serves each
+    accepted association's connection (see :class:`_RequestHandler`). ``server.shutdown()``
+    stops it."""
     server = ae.make_server(
         address,
         evt_handlers=evt_handlers,
@@ -168,6 +250,7 @@ def start_acceptor(
     assert isinstance(server, AcceptorServer)
     server.on_association_end = on_association_end
     server.on_tls_failure = on_tls_failure
+    server.fast_path = fast_path
     ae._servers.append(server)  # where the server's shutdown() removes it from
     threading.Thread(target=server.serve_forever, name="dicom-acceptor", daemon=True).start()
     return server
