@@ -5,10 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from tests.support.tls import tls_echo, tls_scp
+from dicom_node.phantoms import CtPhantomSpec, write_ct_series
+from tests.support.http import metrics
+from tests.support.tls import client_context, tls_echo, tls_scp
 
 pytestmark = pytest.mark.integration
 
@@ -25,6 +28,26 @@ def test_tls_with_client_certificates(make_node, pki: Path) -> None:
     assert not assoc.is_established
     # The node keeps serving after refusing both.
     assert tls_echo(node, pki / "ca.crt", pki / "client.crt", pki / "client.key")
+
+
+def test_instances_stored_over_tls_take_the_fast_path(make_node, pki: Path, tmp_path: Path) -> None:
+    """The fast path reads the TLS socket pynetdicom handed over: stored byte for byte."""
+    node = make_node(scp={"tls": tls_scp(pki)}, worker={"enabled": False})
+    files = write_ct_series(tmp_path / "ct", CtPhantomSpec(slices=4, rows=256, columns=256))
+    ae = AE(ae_title="TLSCLIENT")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    ae.acse_timeout = ae.network_timeout = ae.connection_timeout = 10
+    context = client_context(pki / "ca.crt", pki / "client.crt", pki / "client.key")
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE", tls_args=(context, None))
+    assert assoc.is_established
+    try:
+        # A path is sent as the file holds it (pynetdicom streams it, no re-encoding).
+        assert [int(assoc.send_c_store(path).Status) for path in files] == [0] * len(files)
+    finally:
+        assoc.release()
+    node.assert_kept(files, byte_identical=True)
+    fast = metrics(node.http_url)[("dicom_node_instances_received_fast_path_total", ())]
+    assert fast == len(files)
 
 
 def test_results_are_delivered_over_tls(make_node, pki: Path, tmp_path: Path) -> None:

@@ -79,13 +79,19 @@ def tls_scp(pki: Path) -> dict:
     }
 
 
-def tls_echo(node: NodeProcess, ca: Path, cert: Path | None, key: Path | None) -> bool:
-    """C-ECHO over TLS, trusting ``ca`` for the node, showing ``cert`` (None: no certificate).
-    Bounded in time: a client that waits forever for a handshake would hang the test."""
+def client_context(ca: Path, cert: Path | None, key: Path | None) -> ssl.SSLContext:
+    """A client's TLS context trusting ``ca`` for the node, showing ``cert`` (None: none)."""
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
     context.check_hostname = False
     if cert is not None:
         context.load_cert_chain(str(cert), str(key))
+    return context
+
+
+def tls_echo(node: NodeProcess, ca: Path, cert: Path | None, key: Path | None) -> bool:
+    """C-ECHO over TLS, trusting ``ca`` for the node, showing ``cert`` (None: no certificate).
+    Bounded in time: a client that waits forever for a handshake would hang the test."""
+    context = client_context(ca, cert, key)
     ae = AE(ae_title="TLSCLIENT")
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.network_timeout = ae.connection_timeout = 10
