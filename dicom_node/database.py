@@ -239,6 +239,12 @@ class Database(Protocol):
         """A connection for reads outside a transaction."""
         ...
 
+    def reading_beside(self) -> AbstractContextManager[Connection]:
+        """A connection for a read that need not wait for another thread's transaction: it
+        sees the last commit. The store's hot path reads through it so that concurrent
+        associations reach the group commit while another's commit is on its way to disk."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -374,6 +380,12 @@ class SqliteDatabase:
     def __init__(self, path: Path) -> None:
         self._conn = connect(path)
         self._lock = threading.RLock()
+        self._path = path
+        # One read-only connection per thread for reading_beside (WAL lets them read while
+        # the writer commits); all of them, to close them.
+        self._beside = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
 
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
@@ -392,9 +404,22 @@ class SqliteDatabase:
         with self._lock:
             yield self._conn
 
+    @contextmanager
+    def reading_beside(self) -> Iterator[Connection]:
+        conn = getattr(self._beside, "conn", None)
+        if conn is None:
+            conn = self._beside.conn = connect(self._path, readonly=True)
+            with self._readers_lock:
+                self._readers.append(conn)
+        yield conn
+
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+        with self._readers_lock:
+            for reader in self._readers:
+                reader.close()
+            self._readers.clear()
 
 
 class _OverConnection:
@@ -414,6 +439,9 @@ class _OverConnection:
     def reading(self) -> Iterator[Connection]:
         with self._lock:
             yield self._conn
+
+    def reading_beside(self) -> AbstractContextManager[Connection]:
+        return self.reading()
 
     def close(self) -> None:
         """The caller closes the connection it opened."""

@@ -22,7 +22,7 @@ import functools
 import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -267,6 +267,10 @@ class PostgresDatabase:
         new connection (reads only: every write goes through :meth:`transaction`)."""
         with self._lock:
             yield PgConnection(self._live(), reconnect=self._live)
+
+    def reading_beside(self) -> AbstractContextManager[Connection]:
+        """One connection per process: the same as :meth:`reading`."""
+        return self.reading()
 
     def close(self) -> None:
         with self._lock:

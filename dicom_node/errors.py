@@ -41,6 +41,7 @@ __all__ = [
     "InputError",
     "InputFault",
     "InvalidInstance",
+    "IrregularDataSet",
     "ObjectCorrupt",
     "ObjectMissing",
     "ObjectStoreError",
@@ -112,6 +113,11 @@ class RejectedInstance(DicomNodeError):
 
 class InvalidInstance(RejectedInstance):
     """Missing or invalid identifying attributes, or an unreadable data set."""
+
+
+class IrregularDataSet(DicomNodeError, ValueError):
+    """A data set the header scan (:mod:`dicom_node.header_scan`) does not handle: pydicom
+    parses it instead, and decides whether it is refused. Never leaves the store."""
 
 
 class SopMismatch(RejectedInstance):
