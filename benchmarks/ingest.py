@@ -1,8 +1,14 @@
-"""Ingest benchmark: dcmtk storescu into `dicom-node serve` versus into dcmtk storescp.
+"""Ingest benchmark: dcmtk storescu into `dicom-node serve` versus dcmtk storescp and Orthanc.
 
 Same machine, same sender, same files, same run; the receivers alternate round by round so
-that disk-cache and CPU-frequency drift hit both alike. Prints instances/s for both, their
-ratio, and the node's peak RSS. Nothing is asserted: the figures go to the README.
+that disk-cache and CPU-frequency drift hit all alike. The node runs twice: on its fast path
+(the default) and with ``scp.fast_path: false`` (pynetdicom serves every request), which is
+the "before" of the fast path. Prints instances/s for each, the node's ratios to storescp and
+to Orthanc, and every receiver's peak RSS. Nothing is asserted: the figures go to the README.
+
+storescp writes each file without fsync; Orthanc fsyncs its storage area (SyncStorageArea,
+on by default) and commits its SQLite index; the node fsyncs every file, its folder and its
+index row before each Success.
 
     python -m benchmarks.ingest [--slices 300] [--rounds 3] [--parallel 4]
 """
@@ -29,7 +35,7 @@ from pathlib import Path
 import yaml
 
 from dicom_node.phantoms import CtPhantomSpec, write_ct_series
-from dicom_node.testing import dcmtk_env, dcmtk_tool, free_port
+from dicom_node.testing import Orthanc, dcmtk_env, dcmtk_tool, free_port
 
 PDU = 131072  # 128 KB, as the issue asks
 ENV = dcmtk_env()
@@ -78,12 +84,29 @@ def start_storescp(workdir: Path, port: int) -> subprocess.Popen:
     )
 
 
-def start_node(workdir: Path, port: int) -> subprocess.Popen:
+def start_orthanc(workdir: Path, port: int) -> subprocess.Popen:
+    orthanc = Orthanc(
+        workdir / "orthanc",
+        dicom_port=port,
+        aet="DICOMNODE",
+        # Orthanc's default is 16 KB; the same PDU as the others keeps the comparison fair.
+        extra={"MaximumPduLength": PDU, "Plugins": []},
+    ).start()
+    assert orthanc.proc is not None
+    return orthanc.proc
+
+
+def start_node(workdir: Path, port: int, *, fast_path: bool = True) -> subprocess.Popen:
     config = workdir / "node.yaml"
     config.write_text(
         yaml.safe_dump(
             {
-                "scp": {"host": "127.0.0.1", "port": port, "max_pdu_size": PDU},
+                "scp": {
+                    "host": "127.0.0.1",
+                    "port": port,
+                    "max_pdu_size": PDU,
+                    "fast_path": fast_path,
+                },
                 "store": {"data_dir": str(workdir / "node-data"), "min_free_bytes": 0},
                 "http": {"port": 0},
                 # Ingest alone: the phantom CT would otherwise be routed and its inference
@@ -100,7 +123,18 @@ def start_node(workdir: Path, port: int) -> subprocess.Popen:
     )
 
 
-RECEIVERS = [Receiver("dcmtk storescp", start_storescp), Receiver("dicom-node", start_node)]
+NODE, NODE_PYNETDICOM, STORESCP, ORTHANC = (
+    "dicom-node",
+    "dicom-node (pynetdicom path)",
+    "dcmtk storescp",
+    "Orthanc",
+)
+RECEIVERS = [
+    Receiver(STORESCP, start_storescp),
+    Receiver(ORTHANC, start_orthanc),
+    Receiver(NODE, start_node),
+    Receiver(NODE_PYNETDICOM, lambda workdir, port: start_node(workdir, port, fast_path=False)),
+]
 
 
 def send(port: int, files: list[Path]) -> None:
@@ -149,8 +183,12 @@ def measure(receiver: Receiver, studies: list[list[Path]], scratch: Path) -> tup
         return elapsed, peak_rss_mib(proc.pid)
 
 
-def run(slices: int = 300, rounds: int = 3, parallel: int = 4) -> dict[str, dict]:
-    """Ingest figures for one sender and for ``parallel`` senders at once, per receiver."""
+def run(
+    slices: int = 300, rounds: int = 3, parallel: int = 4, receivers: list[str] | None = None
+) -> dict[str, dict]:
+    """Ingest figures for one sender and for ``parallel`` senders at once, per receiver (all,
+    or those named in ``receivers``; the ratios need all)."""
+    chosen = [r for r in RECEIVERS if receivers is None or r.name in receivers]
     scratch = Path(tempfile.mkdtemp(prefix="dicom-node-bench-"))
     try:
         studies = [
@@ -162,23 +200,29 @@ def run(slices: int = 300, rounds: int = 3, parallel: int = 4) -> dict[str, dict
         if parallel > 1:
             batches.append((f"{parallel} senders", studies))
         for label, batch in batches:
-            times: dict[str, list[float]] = {r.name: [] for r in RECEIVERS}
-            rss: list[float] = []
+            times: dict[str, list[float]] = {r.name: [] for r in chosen}
+            rss: dict[str, list[float]] = {r.name: [] for r in chosen}
             for _ in range(rounds):
-                for receiver in RECEIVERS:  # alternate receivers every round
+                for receiver in chosen:  # alternate receivers every round
                     elapsed, peak = measure(receiver, batch, scratch)
                     times[receiver.name].append(elapsed)
-                    if receiver.name == "dicom-node":
-                        rss.append(peak)
+                    rss[receiver.name].append(peak)
             instances = slices * len(batch)
             rates = {name: instances / statistics.median(t) for name, t in times.items()}
             results[label] = {
                 "instances": instances,
                 "median_s": {name: round(statistics.median(t), 3) for name, t in times.items()},
                 "instances_per_s": {name: round(r, 1) for name, r in rates.items()},
-                "ratio_node_vs_storescp": round(rates["dicom-node"] / rates["dcmtk storescp"], 3),
-                "node_peak_rss_mib": round(max(rss), 1),
+                "peak_rss_mib": {name: round(max(r), 1) for name, r in rss.items()},
             }
+            if receivers is None:
+                results[label] |= {
+                    "ratio_node_vs_storescp": round(rates[NODE] / rates[STORESCP], 3),
+                    "ratio_node_vs_orthanc": round(rates[NODE] / rates[ORTHANC], 3),
+                    "ratio_pynetdicom_path_vs_storescp": round(
+                        rates[NODE_PYNETDICOM] / rates[STORESCP], 3
+                    ),
+                }
         return results
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -195,14 +239,20 @@ def main() -> None:
     print(
         f"ingest of {args.slices}-slice 512x512 CT via storescu (PDU {PDU // 1024} KB), "
         f"median of {args.rounds} alternating rounds, on {platform.node()} "
-        f"({os.cpu_count()} cores); the node fsyncs every instance, storescp does not"
+        f"({os.cpu_count()} cores); the node and Orthanc fsync every instance, storescp does not"
     )
-    print(f"{'senders':<12}{'storescp inst/s':>18}{'node inst/s':>14}{'ratio':>8}{'node RSS':>11}")
+    names = [r.name for r in RECEIVERS]
     for label, r in results.items():
-        ips = r["instances_per_s"]
+        print(f"\n{label}, {r['instances']} instances")
+        print(f"{'receiver':<30}{'inst/s':>9}{'peak RSS':>12}")
+        for name in names:
+            print(
+                f"{name:<30}{r['instances_per_s'][name]:>9.1f}{r['peak_rss_mib'][name]:>8.0f} MiB"
+            )
         print(
-            f"{label:<12}{ips['dcmtk storescp']:>18.1f}{ips['dicom-node']:>14.1f}"
-            f"{r['ratio_node_vs_storescp']:>8.2f}{r['node_peak_rss_mib']:>9.0f} MiB"
+            f"node / storescp {r['ratio_node_vs_storescp']:.2f}, node / Orthanc"
+            f" {r['ratio_node_vs_orthanc']:.2f}, pynetdicom path / storescp"
+            f" {r['ratio_pynetdicom_path_vs_storescp']:.2f}"
         )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

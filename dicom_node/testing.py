@@ -95,7 +95,10 @@ class Orthanc:
         path = self.workdir / "orthanc.json"
         path.write_text(json.dumps(config))
         log = (self.workdir / "orthanc.log").open("w")
-        self.proc = subprocess.Popen([str(ORTHANC), str(path)], stdout=log, stderr=log)
+        # Orthanc receives through dcmtk, which reads the same switch as dcmtk's tools.
+        self.proc = subprocess.Popen(
+            [str(ORTHANC), str(path)], stdout=log, stderr=log, env=dcmtk_env()
+        )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
