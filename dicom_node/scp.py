@@ -316,10 +316,15 @@ class StorageSCP:
         return host, port
 
     def stop(self, grace_s: float = 30.0) -> None:
-        """Stop accepting, let in-flight associations finish for up to ``grace_s``, then abort."""
+        """Stop accepting, let in-flight associations finish for up to ``grace_s``, then abort.
+        A connection whose association was never accepted holds nothing: it is not waited
+        for (a peer that connected and said nothing would otherwise hold the stop for
+        ``scp.acse_timeout_s``)."""
         if self._server is None:
             return
-        active = list(self._server.active_associations)
+        with self._received_lock:
+            established = set(self._open)
+        active = [a for a in self._server.active_associations if id(a) in established]
         self._server.shutdown()
         deadline = time.monotonic() + grace_s
         for assoc in active:

@@ -418,3 +418,12 @@ def test_mutated_p_data(node: NodeProcess) -> None:
         release(sock)
     wait_until(lambda: not list((node.data_dir / "tmp").iterdir()), 15, "tmp/ emptied", log)
     assert_index_consistent(node)
+
+
+@pytest.mark.integration
+def test_a_connection_that_never_associates_does_not_hold_the_stop(make_node) -> None:
+    """Stopping waits for accepted associations only: before, a peer that connected and said
+    nothing held the stop for the grace period (30 s) waiting out its ACSE timeout."""
+    node = make_node(scp={"acse_timeout_s": 120}, worker={"enabled": False})
+    with connect(node):
+        assert node.stop(timeout_s=20) == 0
