@@ -248,7 +248,10 @@ class Node:
         previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             self.start()
-            wake.wait()
+            # Timed: a signal the kernel delivers to another thread only sets CPython's flag,
+            # and a main thread blocked without a timeout would never run the handler.
+            while not wake.wait(0.5):
+                pass
         finally:
             self.stop()
             for s, handler in previous.items():
