@@ -33,8 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pynetdicom import AE
 
-from dicom_node.phantoms import CtPhantomSpec, write_ct_series
+from dicom_node.phantoms import CtPhantomSpec, ct_series, write_ct_series
 from dicom_node.testing import Orthanc, dcmtk_env, dcmtk_tool, free_port
 
 PDU = 131072  # 128 KB, as the issue asks
@@ -173,14 +175,48 @@ def running(receiver: Receiver, scratch: Path):
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def measure(receiver: Receiver, studies: list[list[Path]], scratch: Path) -> tuple[float, float]:
-    """Seconds to send every study (one storescu per study, all at once); peak RSS in MiB."""
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds a process has used (its threads included, not children)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+@dataclass
+class Measured:
+    seconds: float
+    peak_rss_mib: float
+    user_s: float  # the receiver's CPU while receiving
+    system_s: float
+
+
+def measure(receiver: Receiver, studies: list[list[Path]], scratch: Path) -> Measured:
+    """Send every study (one storescu per study, all at once) to a fresh receiver."""
     with running(receiver, scratch) as (port, proc):
+        user, system = cpu_seconds(proc.pid)
         started = time.perf_counter()
         with ThreadPoolExecutor(len(studies)) as pool:
             list(pool.map(lambda files: send(port, files), studies))
         elapsed = time.perf_counter() - started
-        return elapsed, peak_rss_mib(proc.pid)
+        user_after, system_after = cpu_seconds(proc.pid)
+        return Measured(elapsed, peak_rss_mib(proc.pid), user_after - user, system_after - system)
+
+
+def associations_per_s(receiver: Receiver, scratch: Path, count: int = 40) -> float:
+    """Associations a second, each one small C-STORE between associate and release (a sender
+    that opens an association per instance, as some modalities and routers do). The same
+    pynetdicom requestor for every receiver."""
+    slices = [ds for ds in ct_series(CtPhantomSpec(slices=count, rows=64, columns=64))]
+    ae = AE(ae_title="BENCH")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    with running(receiver, scratch) as (port, _):
+        started = time.perf_counter()
+        for ds in slices:
+            assoc = ae.associate("127.0.0.1", port, ae_title="DICOMNODE")
+            if not assoc.is_established or int(assoc.send_c_store(ds).Status) != 0:
+                raise RuntimeError(f"{receiver.name} did not store over a new association")
+            assoc.release()
+        return count / (time.perf_counter() - started)
 
 
 def run(
@@ -200,20 +236,32 @@ def run(
         if parallel > 1:
             batches.append((f"{parallel} senders", studies))
         for label, batch in batches:
-            times: dict[str, list[float]] = {r.name: [] for r in chosen}
-            rss: dict[str, list[float]] = {r.name: [] for r in chosen}
+            runs: dict[str, list[Measured]] = {r.name: [] for r in chosen}
             for _ in range(rounds):
                 for receiver in chosen:  # alternate receivers every round
-                    elapsed, peak = measure(receiver, batch, scratch)
-                    times[receiver.name].append(elapsed)
-                    rss[receiver.name].append(peak)
+                    runs[receiver.name].append(measure(receiver, batch, scratch))
             instances = slices * len(batch)
-            rates = {name: instances / statistics.median(t) for name, t in times.items()}
+            median = {name: statistics.median(m.seconds for m in ms) for name, ms in runs.items()}
+            rates = {name: instances / t for name, t in median.items()}
+
+            def per_instance_ms(ms: list[Measured], cpu: str, n: int = instances) -> float:
+                return round(statistics.median(getattr(m, cpu) for m in ms) / n * 1e3, 2)
+
             results[label] = {
                 "instances": instances,
-                "median_s": {name: round(statistics.median(t), 3) for name, t in times.items()},
+                "median_s": {name: round(t, 3) for name, t in median.items()},
                 "instances_per_s": {name: round(r, 1) for name, r in rates.items()},
-                "peak_rss_mib": {name: round(max(r), 1) for name, r in rss.items()},
+                "peak_rss_mib": {
+                    name: round(max(m.peak_rss_mib for m in ms), 1) for name, ms in runs.items()
+                },
+                # The receiver's CPU per instance, user and system: the profile in two numbers.
+                "cpu_ms_per_instance": {
+                    name: {
+                        "user": per_instance_ms(ms, "user_s"),
+                        "system": per_instance_ms(ms, "system_s"),
+                    }
+                    for name, ms in runs.items()
+                },
             }
             if receivers is None:
                 results[label] |= {
@@ -223,6 +271,13 @@ def run(
                         rates[NODE_PYNETDICOM] / rates[STORESCP], 3
                     ),
                 }
+        rates_by_name: dict[str, list[float]] = {r.name: [] for r in chosen}
+        for _ in range(rounds):
+            for receiver in chosen:
+                rates_by_name[receiver.name].append(associations_per_s(receiver, scratch))
+        results["associations"] = {
+            name: round(statistics.median(r), 1) for name, r in rates_by_name.items()
+        }
         return results
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -242,20 +297,27 @@ def main() -> None:
         f"({os.cpu_count()} cores); the node and Orthanc fsync every instance, storescp does not"
     )
     names = [r.name for r in RECEIVERS]
+    associations = results.pop("associations")
     for label, r in results.items():
         print(f"\n{label}, {r['instances']} instances")
-        print(f"{'receiver':<30}{'inst/s':>9}{'peak RSS':>12}")
+        print(f"{'receiver':<30}{'inst/s':>9}{'peak RSS':>12}{'CPU/instance user+sys':>26}")
         for name in names:
+            cpu = r["cpu_ms_per_instance"][name]
             print(
-                f"{name:<30}{r['instances_per_s'][name]:>9.1f}{r['peak_rss_mib'][name]:>8.0f} MiB"
+                f"{name:<30}{r['instances_per_s'][name]:>9.1f}"
+                f"{r['peak_rss_mib'][name]:>8.0f} MiB"
+                f"{cpu['user']:>14.2f} + {cpu['system']:.2f} ms"
             )
         print(
             f"node / storescp {r['ratio_node_vs_storescp']:.2f}, node / Orthanc"
             f" {r['ratio_node_vs_orthanc']:.2f}, pynetdicom path / storescp"
             f" {r['ratio_pynetdicom_path_vs_storescp']:.2f}"
         )
+    print("\nassociations/s, each associate + one 64x64 C-STORE + release (pynetdicom sender)")
+    for name in names:
+        print(f"{name:<30}{associations[name]:>9.1f}")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        args.json.write_text(json.dumps(results | {"associations": associations}, indent=2))
 
 
 if __name__ == "__main__":

@@ -71,7 +71,8 @@ COLUMNS = ("area", "measure", "dicom-node", "peer, same run", "ratio", "target")
 
 def _ingest_rows(figures: dict, rss: dict, slices: int, rss_slices: int) -> list[Row]:
     rows: list[Row] = []
-    for label, r in figures.items():
+    batches = {label: r for label, r in figures.items() if label != "associations"}
+    for label, r in batches.items():
         ips = r["instances_per_s"]
         measure = f"{label}, {slices}-slice CT 512², instances/s"
         rows += [
@@ -100,6 +101,18 @@ def _ingest_rows(figures: dict, rss: dict, slices: int, rss_slices: int) -> list
                 "",
             ),
         ]
+    per_s = figures["associations"]
+    for peer in (ingest.STORESCP, ingest.ORTHANC):
+        rows.append(
+            (
+                "ingest",
+                "associations/s, each associate + one C-STORE + release",
+                f"{per_s[ingest.NODE]:.0f}",
+                f"{per_s[peer]:.0f} ({peer})",
+                f"{per_s[ingest.NODE] / per_s[peer]:.2f}",
+                "",
+            )
+        )
     rows.append(
         (
             "memory",
