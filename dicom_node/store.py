@@ -505,6 +505,7 @@ class IncomingInstance:
         )
         self.offset = len(meta)
         self.size = 0
+        self._writeback_from = 0  # where the writeback not yet started begins
         self.fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             _write_all(self.fd, meta)
@@ -517,9 +518,13 @@ class IncomingInstance:
         if self.fd is None:
             raise ValueError("the incoming instance was finished or discarded")
         _write_all(self.fd, fragment)
-        if self.store.fsync:
-            _start_writeback(self.fd, self.offset + self.size, len(fragment))
         self.size += len(fragment)
+        unsynced = self.offset + self.size - self._writeback_from
+        if self.store.fsync and unsynced >= WRITEBACK_STEP:
+            # Every few fragments, not each: each call gives up the GIL, which concurrent
+            # associations then contend for.
+            _start_writeback(self.fd, self._writeback_from, unsynced)
+            self._writeback_from += unsynced
 
     def finish(self, header: InstanceHeader | None = None) -> StoredInstance:
         """Store the instance (see :class:`InstanceStore`); ``header`` when already parsed.
@@ -563,6 +568,7 @@ def _libc_sync_file_range() -> Callable[[int, int, int, int], int] | None:
 
 _SYNC_FILE_RANGE = _libc_sync_file_range()
 SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback, do not wait
+WRITEBACK_STEP = 1 << 18
 
 
 def _start_writeback(fd: int, offset: int, length: int) -> None:
