@@ -243,6 +243,14 @@ def release(sock: socket.socket) -> None:
     assert (read_pdu(sock) or (None,))[0] == RELEASE_RP
 
 
+def store_and_release(sock: socket.socket, rng: random.Random) -> None:
+    """C-STORE a new small slice, cut at random, on an association; Success; release it."""
+    for data in fragmented(rng, small_slice()):
+        sock.sendall(data)
+    assert status_of(read_pdu(sock)) == 0
+    release(sock)
+
+
 @pytest.mark.integration
 def test_a_data_set_cut_anywhere_is_stored_byte_for_byte(node: NodeProcess) -> None:
     rng = random.Random(SEED)
@@ -331,11 +339,7 @@ def test_the_asynchronous_operations_window_is_answered_with_one(node: NodeProce
         reply = read_pdu(sock)
         assert reply is not None and reply[0] == ASSOCIATE_AC
         assert item(0x53, struct.pack(">HH", 1, 1)) in reply[1]
-        ds = small_slice()
-        for data in fragmented(random.Random(SEED), ds):
-            sock.sendall(data)
-        assert status_of(read_pdu(sock)) == 0
-        release(sock)
+        store_and_release(sock, random.Random(SEED))
 
 
 @pytest.mark.integration
@@ -349,11 +353,7 @@ def test_other_requests_are_unrecognized_and_the_association_goes_on(node: NodeP
         assert status_of(reply) == STATUS_UNRECOGNIZED_OPERATION
         assert reply is not None
         assert int.from_bytes(decode_command(reply[1][6:])[0x0100], "little") == 0x8020
-        ds = small_slice()
-        for data in fragmented(random.Random(SEED), ds):
-            sock.sendall(data)
-        assert status_of(read_pdu(sock)) == 0
-        release(sock)
+        store_and_release(sock, random.Random(SEED))
 
 
 @pytest.mark.integration
@@ -410,12 +410,8 @@ def test_mutated_p_data(node: NodeProcess) -> None:
         assert node.proc is not None and node.proc.poll() is None, f"case {case} {kind}"
     log = node.log()
     assert "Traceback" not in log, log[-3000:]
-    ds = small_slice()
     with associate(node) as sock:
-        for data in fragmented(rng, ds):
-            sock.sendall(data)
-        assert status_of(read_pdu(sock)) == 0
-        release(sock)
+        store_and_release(sock, rng)
     wait_until(lambda: not list((node.data_dir / "tmp").iterdir()), 15, "tmp/ emptied", log)
     assert_index_consistent(node)
 
