@@ -53,7 +53,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from dicom_node.assembly import Assembler
 from dicom_node.compat.pynetdicom_server import AcceptorServer, start_acceptor
 from dicom_node.config import ScpConfig, TlsConfig
-from dicom_node.errors import InvalidInstance, RejectedInstance, SopMismatch
+from dicom_node.errors import InvalidInstance, OutOfResources, RejectedInstance, SopMismatch
 from dicom_node.events import (
     AssociationAccepted,
     AssociationRejected,
@@ -619,6 +619,10 @@ class _StoreSink:
                 stored = self.incoming.finish()
             except (RejectedInstance, OSError) as exc:
                 self.refusal = exc
+            except Exception as exc:  # a bug: the sender still gets an answer it can retry
+                log.debug("storing failed unexpectedly", exc_info=True)
+                # Named by its type only: its message may quote the data set.
+                self.refusal = OutOfResources(f"storing failed ({type(exc).__name__})")
             finally:
                 self.discard()
         if self.refusal is not None:
