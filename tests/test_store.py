@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from io import BytesIO
 from pathlib import Path
 
@@ -134,3 +135,52 @@ def test_leftover_partial_files_are_removed_at_start(store, slices) -> None:
     (store.tmp_dir / "interrupted.part").write_bytes(b"half an instance")
     reopened = InstanceStore(store.data_dir, store.db)
     assert list(reopened.tmp_dir.iterdir()) == []
+
+
+def test_concurrent_puts_share_commits_and_each_gets_its_own_outcome(
+    store: InstanceStore,
+) -> None:
+    """Eight threads storing at once: every row committed, some commits carry several rows
+    (group commit), and each put learns whether it reopened its series on its own."""
+    import threading
+
+    batches: list[int] = []
+    commit = store._commit_arrivals
+
+    def counted(arrivals):  # the store's own commit, its batch sizes recorded
+        batches.append(len(arrivals))
+        return commit(arrivals)
+
+    store._committer._commit = counted
+    datasets = list(ct_series(CtPhantomSpec(slices=40, rows=16, columns=16)))
+    start = threading.Barrier(8)
+    results = []
+
+    def put_share(share: list) -> None:
+        start.wait()
+        for ds in share:
+            results.append(store.put(encoded(ds), ExplicitVRLittleEndian, SENDER))
+
+    threads = [threading.Thread(target=put_share, args=(datasets[i::8],)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [r.result for r in results] == [StoreResult.STORED] * 40
+    assert sum(batches) == 40 and max(batches) > 1, batches
+    with store.db.reading() as conn:
+        assert conn.execute("SELECT COUNT(*) FROM instances").fetchone()[0] == 40
+    assert not any(r.series_reopened for r in results)
+
+
+def test_a_failed_group_commit_fails_every_put_in_it_and_keeps_no_file(
+    store: InstanceStore, slices
+) -> None:
+    def failing(arrivals):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    store._committer._commit = failing
+    with pytest.raises(OutOfResources, match="index database failed"):
+        store.put(encoded(slices[0]), ExplicitVRLittleEndian, SENDER)
+    assert not list((store.data_dir / "instances").rglob("*.dcm"))
+    assert not list(store.tmp_dir.iterdir())
