@@ -57,9 +57,9 @@ _U32 = struct.Struct("<I")
 
 
 @cache
-def _is_sequence_tag(tag: int) -> bool:
-    """Whether an implicit-VR element of defined length is a sequence (as pydicom decides:
-    by its dictionary VR; an unknown private tag is not)."""
+def is_sequence_tag(tag: int) -> bool:
+    """Whether an implicit-VR element is a sequence, as pydicom decides: by its dictionary
+    VR; an unknown private tag is read as UN, never as items."""
     try:
         return bool(dictionary_VR(tag) == "SQ")
     except KeyError:
@@ -104,7 +104,7 @@ class _Scan:
                 if tag == PIXEL_DATA:
                     pos = self.pixel_data(pos, length, end)
                     continue
-            if vr == b"SQ" or (vr is None and (length == UNDEFINED or _is_sequence_tag(tag))):
+            if vr == b"SQ" or (vr is None and (length == UNDEFINED or is_sequence_tag(tag))):
                 pos = self.sequence(pos, length, end, depth + 1)
                 continue
             if length == UNDEFINED or pos + length > end:

@@ -43,7 +43,6 @@ from io import BytesIO
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, cast
 
-from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset, read_preamble
 from pydicom.tag import BaseTag, Tag
@@ -59,7 +58,7 @@ from dicom_node.database import (
     open_database,
 )
 from dicom_node.errors import InvalidInstance, OutOfResources, RejectedInstance, SopMismatch
-from dicom_node.header_scan import as_dataset, plain_text, scan
+from dicom_node.header_scan import PIXEL_DATA, as_dataset, is_sequence_tag, plain_text, scan
 from dicom_node.priority import RequestPriority
 
 if TYPE_CHECKING:
@@ -75,7 +74,7 @@ IMPLEMENTATION_VERSION_NAME = f"DICOMNODE_{__version__}"[:16]
 
 # PS3.5 9.1: components of digits without leading zeros, separated by dots, at most 64 characters.
 _UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
-_PIXEL_DATA = Tag(0x7FE0, 0x0010)
+_PIXEL_DATA = Tag(PIXEL_DATA)
 
 
 def validate_uid(value: object, keyword: str) -> str:
@@ -161,11 +160,8 @@ def _stop_at_pixel_data(tag: BaseTag, vr: str | None, length: int) -> bool:
 def _is_sequence(ds: Dataset, tag: BaseTag) -> bool:
     vr = ds.get_item(tag).VR
     if vr is None:  # implicit VR, not yet converted: the data dictionary's VR is pydicom's
-        try:
-            vr = dictionary_VR(tag)
-        except KeyError:
-            return False  # an unknown private tag is read as UN, never as items
-    return vr == "SQ"
+        return is_sequence_tag(int(tag))
+    return bool(vr == "SQ")
 
 
 def _parse_sequences(ds: Dataset) -> None:
@@ -741,7 +737,7 @@ class InstanceStore:
         if existing is not None:
             stored_path = self.data_dir / existing["path"]
             if _same_dataset(stored_path, incoming.path, incoming.size):
-                incoming.discard()
+                # finish() discards the incoming copy.
                 return StoredInstance(header, stored_path, StoreResult.DUPLICATE, False, False)
         if self.fsync:
             incoming.sync()  # data and size; the rename is made durable below
