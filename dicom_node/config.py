@@ -369,8 +369,62 @@ class FolderDestination(_Section):
     path: Path = Field(description="Results go to <path>/<study>/<series>/<sop>.dcm.")
 
 
+class NotifyRule(_Section):
+    """Which results a notification destination (webhook, hl7, fhir) is told of, and at what
+    priority. Every condition given must hold; a result left out closes its delivery as sent
+    without a message (logged at INFO)."""
+
+    only_positive: bool = Field(
+        default=False,
+        description="Only results with a positive finding (a finding located, or a "
+        "classification at or over its threshold); negative results are not notified.",
+    )
+    algorithms: list[str] | None = Field(
+        default=None, description="Only results of these algorithms; null: of every one."
+    )
+    priorities: list[Priority] | None = Field(
+        default=None,
+        description="Only results of jobs of these priority classes (their routing rule's "
+        "priority: stat, urgent, routine); null: of every class.",
+    )
+    positive_priority: Priority | None = Field(
+        default=None,
+        description="A positive result is notified at least at this priority (HL7 OBR-5 S/A/R,"
+        " the webhook's 'priority'); null: the job's own class.",
+    )
+
+    @field_validator("algorithms", "priorities")
+    @classmethod
+    def _not_empty(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not value:
+            raise ValueError("an empty list would notify nothing: leave the key out instead")
+        return value
+
+
+_URL = r"^https?://\S+$"
+
+
+class WebhookDestination(_Section):
+    """An HTTP endpoint told of each result by a POST of a JSON document (the schema is
+    dicom_node/schemas/webhook.schema.json), signed with HMAC-SHA256 (RFC 2104)."""
+
+    type: Literal["webhook"] = Field(default="webhook", description="A JSON webhook.")
+    url: str = Field(pattern=_URL, description="e.g. https://ris.example/hooks/ai")
+    secret: str = Field(
+        min_length=16,
+        repr=False,
+        description="HMAC-SHA256 key (16+ characters) the receiver verifies "
+        "X-Dicom-Node-Signature with; set it by DICOM_NODE__DESTINATIONS__<NAME>__SECRET.",
+    )
+    verify: bool | Path = Field(default=True, description="TLS verification, or a CA bundle.")
+    notify: NotifyRule = NotifyRule()
+
+
+NotifyDestination = WebhookDestination
+
 Destination = Annotated[
-    DicomDestination | DicomwebDestination | FolderDestination, Field(discriminator="type")
+    DicomDestination | DicomwebDestination | FolderDestination | WebhookDestination,
+    Field(discriminator="type"),
 ]
 
 

@@ -13,6 +13,13 @@ Every attempt sends the stored files, the same SOP Instance UIDs, never regenera
 PACS that got an object twice (it acknowledged, then the link dropped before we recorded it)
 holds it once.
 
+Notification destinations (``webhook``) go through the same states: each
+attempt reads the job's delivered objects into a report (:mod:`dicom_node.notify`) and sends it
+with the protocol's module, under a key that is the same on every attempt (the webhook's
+idempotency key, the HL7 message control ID, the FHIR identifiers), so a receiver told twice
+knows it. A destination's ``notify`` rule may leave a result out: its delivery is then closed
+as sent with no message.
+
 Retention (:mod:`dicom_node.retention`), which waits for the deliveries this module records,
 runs in a loop of its own, so that a slow purge never holds deliveries back.
 """
@@ -37,6 +44,8 @@ from dicom_node.config import (
     DicomwebDestination,
     FolderDestination,
     NodeConfig,
+    NotifyDestination,
+    WebhookDestination,
 )
 from dicom_node.database import Database
 from dicom_node.errors import (
@@ -51,6 +60,7 @@ from dicom_node.errors import (
 from dicom_node.events import DeliveryAttempted, Events, study_refs
 from dicom_node.jobs import Delivery, job_store
 from dicom_node.loops import Loop
+from dicom_node.notify import ResultObject, build_report, selected
 from dicom_node.scu import send
 from dicom_node.store import fsync_dir
 
@@ -59,7 +69,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Target = DicomDestination | DicomwebDestination | FolderDestination
+Target = DicomDestination | DicomwebDestination | FolderDestination | WebhookDestination
 
 
 def backoff_s(attempts: int, config: DeliveryConfig, rng: random.Random) -> float:
@@ -73,7 +83,7 @@ def target_label(target: Target) -> str:
     """Where a target is, for a person and the audit trail: AE@host:port, a URL, a folder."""
     if isinstance(target, DicomDestination):
         return f"{target.ae_title}@{target.host}:{target.port}"
-    if isinstance(target, DicomwebDestination):
+    if isinstance(target, (DicomwebDestination, WebhookDestination)):
         return target.url
     return str(target.path)
 
@@ -298,12 +308,70 @@ class Deliverer:
             ((delivery, _),) = group
             if isinstance(target, DicomwebDestination):
                 send_dicomweb(target, files[delivery.id], timeout_s)
-            else:
+            elif isinstance(target, FolderDestination):
                 send_to_folder(target, files[delivery.id])
+            elif not self._notify(delivery, target, files[delivery.id]):
+                return
             self._sent(delivery, files[delivery.id], where)
         except DeliveryError as exc:
             for delivery, _ in group:
                 self._failed(delivery, exc, where)
+
+    def _objects(self, job_id: int, files: list[Path]) -> list[ResultObject]:
+        """The job's result objects, beside the files :meth:`files` gave (in its order)."""
+        with self.db.reading() as conn:
+            rows = conn.execute(
+                "SELECT kind, sop_class_uid, sop_instance_uid, series_uid FROM outputs"
+                " WHERE job_id = ? ORDER BY kind, sop_instance_uid",
+                (job_id,),
+            ).fetchall()
+        return [
+            ResultObject(r["kind"], r["sop_class_uid"], r["sop_instance_uid"], r["series_uid"], p)
+            for r, p in zip(rows, files, strict=True)
+        ]
+
+    def _source(self, series_uids: list[str]) -> Path | None:
+        """An instance of the job's input as it was received, for the patient's identity."""
+        with self.db.reading() as conn:
+            for uid in series_uids:
+                row = conn.execute(
+                    "SELECT path FROM instances WHERE series_uid = ? ORDER BY path LIMIT 1",
+                    (uid,),
+                ).fetchone()
+                path = self.data_dir / str(row["path"]) if row is not None else None
+                if path is not None and path.is_file():
+                    return path
+        return None
+
+    def _notify(self, delivery: Delivery, target: NotifyDestination, files: list[Path]) -> bool:
+        """Tell a notification destination of the job's results; False when its rule leaves
+        them out (the delivery is closed as sent, with no message and no attempt audited)."""
+        job = self.jobs.get(delivery.job_id)
+        if job is None:
+            raise DestinationRefused(f"job {delivery.job_id} is not in the job store")
+        payload = job.inference
+        report = build_report(
+            job_id=job.id,
+            destination=delivery.destination,
+            job_algorithm=payload.algorithm,
+            job_priority=job.priority,
+            objects=self._objects(job.id, files),
+            source=self._source(list(payload.inputs.values())),
+            node_ae_title=self.config.scp.ae_title,
+            rule=target.notify,
+        )
+        if not selected(target.notify, report.algorithm, job.priority, report.positive):
+            self.jobs.delivery_sent(delivery.id, self.clock())
+            log.info(
+                "job %d: not notified to %s (its notify rule leaves the result out)",
+                delivery.job_id,
+                delivery.label,
+            )
+            return False
+        from dicom_node.notify_webhook import send_webhook
+
+        send_webhook(target, report, self.config.delivery.timeout_s)
+        return True
 
     def _sent(self, delivery: Delivery, files: list[Path], where: str) -> None:
         count = len(files)

@@ -1,0 +1,167 @@
+"""Notification receivers on 127.0.0.1 and real result objects to notify of.
+
+Each receiver is a real server of its protocol that a test can take down and bring back on the
+same port (an outage), tell how to answer, and ask what it got, counted by the sender's key so
+that a resend shows.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from dicom_node.algorithm import AlgorithmResult, Classification, Concept, SeriesInput, Weights
+from dicom_node.config import ResultsConfig
+from dicom_node.notify import ResultObject
+from dicom_node.notify_webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
+from dicom_node.phantoms import CxrPhantomSpec, cxr_dataset
+from dicom_node.testing import free_port
+from dicom_node.write import Provenance, write_all
+
+PNEUMONIA = Concept("SCT", "233604007", "Pneumonia")
+
+
+def cxr_results(
+    folder: Path, *, probability: float, demo: bool = True
+) -> tuple[list[ResultObject], Path]:
+    """A chest radiograph (as received) and the SR the node's writers make of a pneumonia
+    classification at ``probability`` (threshold 0.5); the result objects and the source."""
+    source = folder / "cxr.dcm"
+    folder.mkdir(parents=True, exist_ok=True)
+    ds = cxr_dataset(CxrPhantomSpec(rows=64, columns=80))
+    ds.AccessionNumber = "ACC-0042"
+    ds.PatientName = "Doe^Jane"
+    ds.PatientID = "PAT-7"
+    ds.save_as(source, enforce_file_format=True)
+    weights = Weights(folder / "w.pt", "0" * 64, demo) if demo else Weights.none()
+    result = AlgorithmResult(
+        algorithm="pneumonia-cxr",
+        version="1.0",
+        demo=demo,
+        classifications=[Classification("pneumonia", probability, 0.5, PNEUMONIA)],
+    )
+    provenance = Provenance("pneumonia-cxr", "1.0", weights)
+    written = write_all(
+        result, {"series": SeriesInput("s", (source,))}, provenance, folder / "out", ResultsConfig()
+    )
+    objects = [
+        ResultObject(w.kind, w.sop_class_uid, w.sop_instance_uid, w.series_uid, w.path)
+        for w in written
+    ]
+    return objects, source
+
+
+@dataclass
+class _Got:
+    bodies: list[bytes] = field(default_factory=list)
+    keys: Counter[str] = field(default_factory=Counter)
+    bad_signatures: int = 0
+
+
+class WebhookReceiver:
+    """An HTTP server that checks each POST's HMAC signature and answers ``status``."""
+
+    def __init__(self, secret: str, port: int | None = None) -> None:
+        self.secret = secret
+        self.port = port or free_port()
+        self.status = 200
+        self.got = _Got()
+        self.lock = threading.Lock()
+        self.server: ThreadingHTTPServer | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    def documents(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return [json.loads(b) for b in self.got.bodies]
+
+    def start(self) -> WebhookReceiver:
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                signed = verify(
+                    receiver.secret,
+                    self.headers.get(TIMESTAMP_HEADER, ""),
+                    body,
+                    self.headers.get(SIGNATURE_HEADER, ""),
+                )
+                with receiver.lock:
+                    status = receiver.status if signed else 401
+                    if not signed:
+                        receiver.got.bad_signatures += 1
+                    elif 200 <= status < 300:
+                        receiver.got.bodies.append(body)
+                        receiver.got.keys[self.headers.get("Idempotency-Key", "")] += 1
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+
+QUICK_RETRIES = {"backoff_initial_s": 0.3, "backoff_max_s": 1.0, "poll_s": 0.1, "max_attempts": 50}
+EXAMPLE_RULE = {"algorithm": "example-threshold", "series": {"modality": ["CT"]}}
+
+
+def notify_node(make_node: Any, destination: dict[str, Any], **delivery: Any) -> Any:
+    """A node running the example plugin (a positive finding on any CT phantom) whose results
+    go to the one notification destination ``hook``."""
+    from tests.support.node import plugin_env
+
+    return make_node(
+        assembly={"series_quiet_seconds": 1, "study_quiet_seconds": 1},
+        destinations={"hook": destination},
+        routing={"rules": [EXAMPLE_RULE], "destinations": ["hook"]},
+        delivery={**QUICK_RETRIES, **delivery},
+        env=plugin_env(),
+    )
+
+
+def send_ct(node: Any, folder: Path) -> list[Path]:
+    """A small phantom chest CT C-STOREd to ``node``; its files."""
+    from dicom_node.phantoms import write_ct_series
+    from dicom_node.scu import send
+    from tests.support.cases import PHANTOMS
+
+    ct = write_ct_series(folder, PHANTOMS["axial"])
+    assert len(send(ct, "127.0.0.1", node.port).sent) == len(ct)
+    return ct
+
+
+def delivery_row(node: Any) -> Any:
+    rows = node.query("SELECT * FROM deliveries")
+    return rows[0] if rows else None
+
+
+def delivery_attempts(trail: Path, target: str) -> list[dict[str, Any]]:
+    """The audit trail's DICOM Instances Transferred messages towards ``target`` (sent 'R')."""
+    from tests.support.audit import event_id, read_trail
+
+    return [
+        m
+        for m in read_trail(trail)
+        if event_id(m) == "DICOM Instances Transferred"
+        and m["EventIdentification"]["EventActionCode"] == "R"
+        and any(p.get("UserID") == target for p in m["ActiveParticipant"])
+    ]
