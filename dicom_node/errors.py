@@ -56,6 +56,7 @@ __all__ = [
     "SendAbandoned",
     "SetupFault",
     "SopMismatch",
+    "StowRequestError",
     "TooSmallForText",
     "Transient",
     "UnsendableFile",
@@ -263,3 +264,15 @@ class PeerGone(DicomNodeError, ConnectionError):
     def __init__(self, message: str, *, timed_out: bool = False) -> None:
         super().__init__(message)
         self.timed_out = timed_out
+
+
+# --- DICOMweb ---------------------------------------------------------------------------------
+
+
+class StowRequestError(DicomNodeError, ValueError):
+    """A STOW-RS request that cannot be read as a whole (PS3.18 10.5.3): ``status`` is the
+    HTTP status it is answered with (400 bad syntax, 415 a media type not accepted)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status

@@ -33,6 +33,7 @@ from dicom_node.retention import purge_expired
 from dicom_node.route import Router
 from dicom_node.scp import StorageSCP
 from dicom_node.store import InstanceStore
+from dicom_node.stow import StowService
 from dicom_node.web import CachedProbe, Check, HttpService, cluster_checks, store_check
 
 if TYPE_CHECKING:
@@ -90,7 +91,16 @@ class Node:
         ]
         self.registry.register(LoopCollector(self.loops))
         self.http = (
-            HttpService(config, self.store.db, self.registry, self.readiness_checks(), self.events)
+            HttpService(
+                config,
+                self.store.db,
+                self.registry,
+                self.readiness_checks(),
+                self.events,
+                stow=StowService(self.store, self.assembler, self.events, config.scp.ae_title)
+                if config.dicomweb.enabled
+                else None,
+            )
             if config.http.enabled
             else None
         )

@@ -33,6 +33,7 @@ import logging
 import os
 import re
 import shutil
+import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -49,9 +50,13 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from dicom_node import api
 from dicom_node.config import NodeConfig
 from dicom_node.database import SCHEMA_VERSION, Connection, Database, open_reader
+from dicom_node.errors import StowRequestError
 from dicom_node.events import Events
 from dicom_node.job_control import JobControl
 from dicom_node.jobs import job_store
+from dicom_node.scp import server_ssl_context
+from dicom_node.store import Sender
+from dicom_node.stow import StowService, chunked_reader, length_reader
 
 if TYPE_CHECKING:
     from dicom_node.objects import ObjectStore
@@ -74,8 +79,10 @@ class HttpService:
         registry: CollectorRegistry,
         checks: Mapping[str, Check],
         events: Events | None = None,
+        stow: StowService | None = None,
     ) -> None:
         self.config = config
+        self.stow = stow
         self.db = db
         self.jobs = job_store(db)
         self.registry = registry
@@ -84,6 +91,7 @@ class HttpService:
         self.control = JobControl(self.jobs, db, self.data_dir, events or Events())
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self.address = (config.http.host, config.http.port)
         self.dashboard = resources.files("dicom_node").joinpath("dashboard.html").read_bytes()
 
     def start(self) -> tuple[str, int]:
@@ -92,13 +100,19 @@ class HttpService:
         class Handler(_Handler):
             node = service
 
-        self._server = ThreadingHTTPServer((self.config.http.host, self.config.http.port), Handler)
-        self._server.daemon_threads = True
+        tls = self.config.http.tls
+        self._server = _Server(
+            (self.config.http.host, self.config.http.port),
+            Handler,
+            server_ssl_context(tls) if tls.enabled else None,
+        )
         self._thread = threading.Thread(target=self._server.serve_forever, name="http", daemon=True)
         self._thread.start()
         host, port = self._server.server_address[:2]
+        self.address = (str(host), int(port))
         log.info(
-            "HTTP on http://%s:%d/ (dashboard, /metrics, /api)%s",
+            "HTTP on %s://%s:%d/ (dashboard, /metrics, /api, /dicom-web)%s",
+            "https" if self.config.http.tls.enabled else "http",
             host,
             port,
             "" if self.config.http.token is None else " with bearer token",
@@ -188,6 +202,35 @@ class HttpService:
         raise LookupError(path)
 
 
+class _Server(ThreadingHTTPServer):
+    """The threading HTTP server, with TLS negotiated in each request's own thread: a client
+    slow to finish its handshake holds up no one else's request."""
+
+    daemon_threads = True
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[BaseHTTPRequestHandler],
+        context: ssl.SSLContext | None,
+    ) -> None:
+        self.context = context
+        super().__init__(address, handler)
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        if self.context is not None:
+            request.settimeout(_HANDSHAKE_TIMEOUT_S)
+            try:
+                request = self.context.wrap_socket(request, server_side=True)
+            except (ssl.SSLError, OSError) as exc:
+                log.warning("TLS handshake with %s failed: %s", client_address[0], exc)
+                return
+        super().finish_request(request, client_address)
+
+
+_HANDSHAKE_TIMEOUT_S = 10.0
+
+
 def _int(value: str | None, default: int) -> int:
     if value is None:
         return default
@@ -219,9 +262,15 @@ class _Handler(BaseHTTPRequestHandler):
     def _json(self, status: int, data: Any) -> None:
         self._send(status, json.dumps(data).encode(), "application/json")
 
+    def _client_certificate(self) -> dict[str, Any] | None:
+        """The client's certificate when TLS verified it against http.tls.ca_file."""
+        if isinstance(self.connection, ssl.SSLSocket):
+            return self.connection.getpeercert() or None
+        return None
+
     def _authorised(self) -> bool:
         token = self.node.config.http.token
-        if token is None:
+        if token is None or self._client_certificate() is not None:
             return True
         given = self.headers.get("Authorization", "")
         if given.startswith("Bearer ") and hmac.compare_digest(
@@ -278,6 +327,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         path = unquote(urlsplit(self.path).path).rstrip("/")
+        stow = re.fullmatch(rf"/dicom-web/studies(?:/({_UID}))?", path)
+        if stow is not None and self.node.stow is not None:
+            self.close_connection = True  # what is left of a refused body is not read
+            if self._authorised():
+                self._store(self.node.stow, stow[1])
+            return
         length = int(self.headers.get("Content-Length") or 0)
         if length:
             self.rfile.read(min(length, 1 << 16))
@@ -297,6 +352,61 @@ class _Handler(BaseHTTPRequestHandler):
             return
         log.info("HTTP POST %s from %s: %d %s", path, self.address_string(), status, result)
         self._json(status, result)
+
+    def _base_url(self) -> str:
+        """/dicom-web as this client addresses it (the Host header it sent)."""
+        scheme = "https" if isinstance(self.connection, ssl.SSLSocket) else "http"
+        host = self.headers.get("Host") or "{}:{}".format(*self.node.address)
+        return f"{scheme}://{host}/dicom-web"
+
+    def _store(self, stow: StowService, study_uid: str | None) -> None:
+        """A STOW-RS request (PS3.18 10.5), read as it arrives."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            read = chunked_reader(self.rfile.read, self.rfile.readline)
+        elif self.headers.get("Content-Length", "").strip().isdigit():
+            read = length_reader(self.rfile.read, int(self.headers["Content-Length"]))
+        else:
+            self._json(HTTPStatus.LENGTH_REQUIRED, {"error": "send Content-Length or chunks"})
+            return
+        if self.headers.get("Expect", "").lower() == "100-continue":
+            # RFC 9110 10.1.1: the client waits for this before it sends the body.
+            self.send_response_only(HTTPStatus.CONTINUE)
+            self.end_headers()
+        self.connection.settimeout(self.node.config.dicomweb.network_timeout_s)
+        client = self.client_address[0]
+        sender = Sender(self.node.config.dicomweb.sender_aet, client)
+        try:
+            response = stow.store_request(
+                read,
+                self.headers.get("Content-Type", ""),
+                sender,
+                study_uid=study_uid,
+                base_url=self._base_url(),
+            )
+        except StowRequestError as exc:
+            log.warning("STOW-RS request from %s refused (%d): %s", client, exc.status, exc)
+            self._json(exc.status, {"error": str(exc)})
+            return
+        except (TimeoutError, ConnectionError) as exc:
+            log.warning("STOW-RS request from %s broke off: %s", client, exc)
+            return
+        log.info(
+            "STOW-RS request from %s%s: %d instance(s) stored, %d refused (%d)",
+            client,
+            _subject(self._client_certificate()),
+            response.stored,
+            response.failed,
+            response.status,
+        )
+        self._send(response.status, json.dumps(response.body).encode(), "application/dicom+json")
+
+
+def _subject(certificate: dict[str, Any] | None) -> str:
+    """The common name of a verified client certificate, for the log."""
+    if certificate is None:
+        return ""
+    names = [v for rdn in certificate.get("subject", ()) for k, v in rdn if k == "commonName"]
+    return f" ({', '.join(names)})" if names else ""
 
 
 def store_check(data_dir: Path, min_free_bytes: int) -> Check:
