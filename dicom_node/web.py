@@ -47,7 +47,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from dicom_node import api
+from dicom_node import api, dicomweb
 from dicom_node.config import NodeConfig
 from dicom_node.database import SCHEMA_VERSION, Connection, Database, open_reader
 from dicom_node.errors import StowRequestError
@@ -259,6 +259,29 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
+    def _send_stream(self, answer: dicomweb.Answer) -> None:
+        """Send an answer whose body may come in pieces (a study's instances: 160 MB for a
+        300-slice CT), written as they are made; the closed connection ends such a body."""
+        if isinstance(answer.body, bytes):
+            self._send(answer.status, answer.body, answer.content_type)
+            return
+        self.close_connection = True
+        self.send_response(answer.status)
+        self.send_header("Content-Type", answer.content_type)
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command == "HEAD":
+            return
+        try:
+            for piece in answer.body:
+                self.wfile.write(piece)
+        except (BrokenPipeError, ConnectionResetError):
+            log.debug("HTTP GET %s: the client left", self.path)
+        except Exception:  # the status is sent: the cut-off body (no closing boundary) says it
+            log.exception("HTTP GET %s failed while streaming", self.path)
+
     def _json(self, status: int, data: Any) -> None:
         self._send(status, json.dumps(data).encode(), "application/json")
 
@@ -305,6 +328,13 @@ class _Handler(BaseHTTPRequestHandler):
                 if self._authorised():
                     self._send(
                         HTTPStatus.OK, generate_latest(self.node.registry), CONTENT_TYPE_LATEST
+                    )
+            elif path.startswith("/dicom-web/"):
+                if self._authorised():
+                    accept = self.headers.get("Accept")
+                    base = self._base_url()
+                    self._send_stream(
+                        dicomweb.answer(self.node.config, path, url.query, accept, base)
                     )
             elif path.startswith("/api/"):
                 if self._authorised():
