@@ -98,7 +98,9 @@ def start_orthanc(workdir: Path, port: int) -> subprocess.Popen:
     return orthanc.proc
 
 
-def start_node(workdir: Path, port: int, *, fast_path: bool = True) -> subprocess.Popen:
+def start_node(
+    workdir: Path, port: int, *, fast_path: bool = True, http_port: int = 0
+) -> subprocess.Popen:
     config = workdir / "node.yaml"
     config.write_text(
         yaml.safe_dump(
@@ -110,7 +112,7 @@ def start_node(workdir: Path, port: int, *, fast_path: bool = True) -> subproces
                     "fast_path": fast_path,
                 },
                 "store": {"data_dir": str(workdir / "node-data"), "min_free_bytes": 0},
-                "http": {"port": 0},
+                "http": {"port": http_port},
                 # Ingest alone: the phantom CT would otherwise be routed and its inference
                 # would share the CPU with the later senders (tests/test_load.py does that).
                 "worker": {"enabled": False},
