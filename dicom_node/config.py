@@ -75,8 +75,7 @@ class AllowedPeer(_Section):
 
 
 class TlsConfig(_Section):
-    """TLS for a listener: the SCP (PS3.15 B.1, the Basic TLS Secure Transport Connection
-    Profile) or the HTTP service (HTTPS, for DICOMweb and the API)."""
+    """TLS for the SCP (PS3.15 B.1, the Basic TLS Secure Transport Connection Profile)."""
 
     enabled: bool = Field(default=False, description="Listen with TLS instead of plain TCP.")
     cert_file: Path | None = Field(default=None, description="Our certificate (PEM).")
@@ -421,10 +420,50 @@ class WebhookDestination(_Section):
     notify: NotifyRule = NotifyRule()
 
 
-NotifyDestination = WebhookDestination
+class Hl7Destination(_Section):
+    """An HL7 v2.5.1 receiver (a RIS, an interface engine) told of each result by an ORU^R01
+    message over MLLP (HL7 v2.5.1 chapter 7; MLLP release 1)."""
+
+    type: Literal["hl7"] = Field(default="hl7", description="HL7 v2.5.1 ORU^R01 over MLLP.")
+    host: str = Field(description="The MLLP listener's address.")
+    port: int = Field(ge=1, le=65535, description="Its port.")
+    receiving_application: str = Field(
+        min_length=1, max_length=227, description="MSH-5 Receiving Application, e.g. RIS."
+    )
+    receiving_facility: str = Field(
+        default="", max_length=227, description="MSH-6 Receiving Facility."
+    )
+    sending_facility: str = Field(default="", max_length=227, description="MSH-4.")
+    processing_id: Literal["P", "T", "D"] = Field(
+        default="P", description="MSH-11: P production, T training, D debugging."
+    )
+    ack_timeout_s: float = Field(
+        default=30.0, gt=0, description="No ACK within this long: the attempt failed (retried)."
+    )
+    max_application_errors: int = Field(
+        default=3,
+        ge=1,
+        description="An AE (application error) ACK is retried; after this many in a row the "
+        "delivery is a dead letter. An AR (reject) is one at once.",
+    )
+    notify: NotifyRule = NotifyRule()
+
+    @field_validator("receiving_application", "receiving_facility", "sending_facility")
+    @classmethod
+    def _no_delimiters(cls, value: str) -> str:
+        if any(c in value for c in "|^~\\&\r\n"):
+            raise ValueError("may not contain the HL7 delimiters | ^ ~ \\ & or line breaks")
+        return value
+
+
+NotifyDestination = WebhookDestination | Hl7Destination
 
 Destination = Annotated[
-    DicomDestination | DicomwebDestination | FolderDestination | WebhookDestination,
+    DicomDestination
+    | DicomwebDestination
+    | FolderDestination
+    | WebhookDestination
+    | Hl7Destination,
     Field(discriminator="type"),
 ]
 
@@ -597,39 +636,14 @@ class HttpConfig(_Section):
         " /healthz and /readyz stay open for probes.",
     )
 
-    tls: TlsConfig = Field(
-        default_factory=TlsConfig,
-        description="HTTPS instead of HTTP; with ca_file, a client certificate it verifies"
-        " authorises a request as the token does (mutual TLS).",
-    )
-
     @model_validator(mode="after")
     def _token_beyond_loopback(self) -> HttpConfig:
-        mutual_tls = self.tls.enabled and self.tls.require_client_cert
-        if self.enabled and self.host not in _LOOPBACK and self.token is None and not mutual_tls:
+        if self.enabled and self.host not in _LOOPBACK and self.token is None:
             raise ValueError(
-                f"http.token: required when http.host is {self.host!r} (beyond loopback)"
-                " unless http.tls requires client certificates; set DICOM_NODE__HTTP__TOKEN"
+                f"http.token: required when http.host is {self.host!r} (beyond loopback);"
+                " set DICOM_NODE__HTTP__TOKEN"
             )
         return self
-
-
-class DicomwebConfig(_Section):
-    """DICOMweb on the HTTP service (PS3.18): STOW-RS in, QIDO-RS and WADO-RS out, under
-    /dicom-web; authorised as /api is (http.token, or a client certificate)."""
-
-    enabled: bool = Field(default=True, description="Serve /dicom-web on the HTTP service.")
-    sender_aet: AeTitle = Field(
-        default="DICOMWEB",
-        description="The calling AE title recorded for instances stored by STOW-RS: routing"
-        " rules' calling_aet, the index and the audit trail name the sender by it.",
-    )
-    network_timeout_s: float = Field(
-        default=60.0,
-        gt=0,
-        description="A STOW-RS client silent this long in the middle of its request is"
-        " dropped; what it sent completely is kept.",
-    )
 
 
 class AuditConfig(_Section):
@@ -781,7 +795,6 @@ class NodeConfig(_Section):
     delivery: DeliveryConfig = DeliveryConfig()
     retention: RetentionConfig = RetentionConfig()
     http: HttpConfig = HttpConfig()
-    dicomweb: DicomwebConfig = DicomwebConfig()
     audit: AuditConfig = AuditConfig()
     logging: LoggingConfig = LoggingConfig()
     cluster: ClusterConfig = ClusterConfig()

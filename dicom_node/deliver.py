@@ -13,10 +13,10 @@ Every attempt sends the stored files, the same SOP Instance UIDs, never regenera
 PACS that got an object twice (it acknowledged, then the link dropped before we recorded it)
 holds it once.
 
-Notification destinations (``webhook``) go through the same states: each
+Notification destinations (``webhook``, ``hl7``) go through the same states: each
 attempt reads the job's delivered objects into a report (:mod:`dicom_node.notify`) and sends it
 with the protocol's module, under a key that is the same on every attempt (the webhook's
-idempotency key, the HL7 message control ID, the FHIR identifiers), so a receiver told twice
+idempotency key, the HL7 message control ID), so a receiver told twice
 knows it. A destination's ``notify`` rule may leave a result out: its delivery is then closed
 as sent with no message.
 
@@ -43,6 +43,7 @@ from dicom_node.config import (
     DicomDestination,
     DicomwebDestination,
     FolderDestination,
+    Hl7Destination,
     NodeConfig,
     NotifyDestination,
     WebhookDestination,
@@ -69,7 +70,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Target = DicomDestination | DicomwebDestination | FolderDestination | WebhookDestination
+Target = (
+    DicomDestination | DicomwebDestination | FolderDestination | WebhookDestination | Hl7Destination
+)
 
 
 def backoff_s(attempts: int, config: DeliveryConfig, rng: random.Random) -> float:
@@ -85,6 +88,8 @@ def target_label(target: Target) -> str:
         return f"{target.ae_title}@{target.host}:{target.port}"
     if isinstance(target, (DicomwebDestination, WebhookDestination)):
         return target.url
+    if isinstance(target, Hl7Destination):
+        return f"{target.receiving_application}@{target.host}:{target.port}"
     return str(target.path)
 
 
@@ -368,9 +373,15 @@ class Deliverer:
                 delivery.label,
             )
             return False
-        from dicom_node.notify_webhook import send_webhook
+        timeout_s = self.config.delivery.timeout_s
+        if isinstance(target, WebhookDestination):
+            from dicom_node.notify_webhook import send_webhook
 
-        send_webhook(target, report, self.config.delivery.timeout_s)
+            send_webhook(target, report, timeout_s)
+        else:
+            from dicom_node.notify_hl7 import send_hl7
+
+            send_hl7(target, report, attempt=delivery.attempts + 1)
         return True
 
     def _sent(self, delivery: Delivery, files: list[Path], where: str) -> None:

@@ -156,6 +156,7 @@ class Report:
     objects: tuple[ResultObject, ...]
     node_ae_title: str
     key: str = field(default="")  # idempotency_key(objects, destination)
+    made_at: str = ""  # when the result was made (DICOM DT, the SR's Content Date and Time)
 
     @property
     def positive(self) -> bool:
@@ -342,4 +343,12 @@ def build_report(
         objects=tuple(objects),
         node_ae_title=node_ae_title,
         key=idempotency_key(objects, destination),
+        made_at=_made_at(ds),
     )
+
+
+def _made_at(ds: Dataset) -> str:
+    """YYYYMMDDHHMMSS of the object's Content Date and Time (PS3.3 C.7.6.1), or ''."""
+    date = str(ds.get("ContentDate") or "")
+    time = str(ds.get("ContentTime") or "").split(".")[0]
+    return f"{date}{time}"[:14] if len(date) == 8 else ""
