@@ -75,7 +75,8 @@ class AllowedPeer(_Section):
 
 
 class TlsConfig(_Section):
-    """TLS for the SCP (PS3.15 B.1, the Basic TLS Secure Transport Connection Profile)."""
+    """TLS for a listener: the SCP (PS3.15 B.1, the Basic TLS Secure Transport Connection
+    Profile) or the HTTP service (HTTPS, for DICOMweb and the API)."""
 
     enabled: bool = Field(default=False, description="Listen with TLS instead of plain TCP.")
     cert_file: Path | None = Field(default=None, description="Our certificate (PEM).")
@@ -636,14 +637,39 @@ class HttpConfig(_Section):
         " /healthz and /readyz stay open for probes.",
     )
 
+    tls: TlsConfig = Field(
+        default_factory=TlsConfig,
+        description="HTTPS instead of HTTP; with ca_file, a client certificate it verifies"
+        " authorises a request as the token does (mutual TLS).",
+    )
+
     @model_validator(mode="after")
     def _token_beyond_loopback(self) -> HttpConfig:
-        if self.enabled and self.host not in _LOOPBACK and self.token is None:
+        mutual_tls = self.tls.enabled and self.tls.require_client_cert
+        if self.enabled and self.host not in _LOOPBACK and self.token is None and not mutual_tls:
             raise ValueError(
-                f"http.token: required when http.host is {self.host!r} (beyond loopback);"
-                " set DICOM_NODE__HTTP__TOKEN"
+                f"http.token: required when http.host is {self.host!r} (beyond loopback)"
+                " unless http.tls requires client certificates; set DICOM_NODE__HTTP__TOKEN"
             )
         return self
+
+
+class DicomwebConfig(_Section):
+    """DICOMweb on the HTTP service (PS3.18): STOW-RS in, QIDO-RS and WADO-RS out, under
+    /dicom-web; authorised as /api is (http.token, or a client certificate)."""
+
+    enabled: bool = Field(default=True, description="Serve /dicom-web on the HTTP service.")
+    sender_aet: AeTitle = Field(
+        default="DICOMWEB",
+        description="The calling AE title recorded for instances stored by STOW-RS: routing"
+        " rules' calling_aet, the index and the audit trail name the sender by it.",
+    )
+    network_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="A STOW-RS client silent this long in the middle of its request is"
+        " dropped; what it sent completely is kept.",
+    )
 
 
 class AuditConfig(_Section):
@@ -795,6 +821,7 @@ class NodeConfig(_Section):
     delivery: DeliveryConfig = DeliveryConfig()
     retention: RetentionConfig = RetentionConfig()
     http: HttpConfig = HttpConfig()
+    dicomweb: DicomwebConfig = DicomwebConfig()
     audit: AuditConfig = AuditConfig()
     logging: LoggingConfig = LoggingConfig()
     cluster: ClusterConfig = ClusterConfig()
