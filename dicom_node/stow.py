@@ -356,7 +356,8 @@ class StowService:
                 HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
                 'send multipart/related; type="application/dicom" (PS3.18 10.5.1.1)',
             )
-        part_type = params.get("type", "application/dicom").lower()
+        # A type may carry parameters of its own (a transfer-syntax) inside its quotes.
+        part_type = params.get("type", "application/dicom").split(";")[0].strip().lower()
         if part_type != "application/dicom":
             raise StowRequestError(
                 HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
