@@ -285,12 +285,18 @@ def run(
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def arguments(doc: str | None) -> argparse.ArgumentParser:
+    """The options every ingest benchmark takes: the series' length, the rounds, a JSON file."""
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--parallel", type=int, default=4)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    return parser
+
+
+def main() -> None:
+    parser = arguments(__doc__)
+    parser.add_argument("--parallel", type=int, default=4)
     args = parser.parse_args()
     results = run(args.slices, args.rounds, args.parallel)
     print(

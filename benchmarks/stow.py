@@ -15,7 +15,6 @@ Both the node and Orthanc fsync every instance before they answer.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -28,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.ingest import peak_rss_mib, send, start_node, wait_listening
+from benchmarks.ingest import arguments, peak_rss_mib, send, start_node, wait_listening
 from dicom_node.phantoms import CtPhantomSpec, write_ct_series
 from dicom_node.testing import Orthanc, free_port
 
@@ -158,11 +157,7 @@ def run(slices: int = 300, rounds: int = 3) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--slices", type=int, default=300)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args()
+    args = arguments(__doc__).parse_args()
     r = run(args.slices, args.rounds)
     print(
         f"STOW-RS ingest of a {args.slices}-slice 512x512 CT ({r['megabytes']} MB), median of"
