@@ -1,11 +1,12 @@
-"""A real viewer for tests: Orthanc (from dicom_node.testing, with its DICOMweb plugin) behind a
-small static + proxy server that serves OHIF's prebuilt app, driven by playwright-core in
-Debian's Chromium.
+"""A real viewer for tests: a DICOMweb origin (Orthanc from dicom_node.testing with its DICOMweb
+plugin, or a node's own /dicom-web) behind a small static + proxy server that serves OHIF's
+prebuilt app, driven by playwright-core in Debian's Chromium.
 
 OHIF's index needs a fallback route and its BulkDataURIs must resolve to the page's own origin,
-so the app and Orthanc's DICOMweb are served from one origin here: /dicom-web/ is passed to
-Orthanc with the Host header kept (Orthanc builds its BulkDataURIs from it), everything else is
-the OHIF build, with index.html for the app's routes and the compose demo's app-config.js.
+so the app and the origin's DICOMweb are served from one origin here: /dicom-web/ is passed on
+with the Host header kept (Orthanc and the node build their BulkDataURIs from it), everything
+else is the OHIF build, with index.html for the app's routes and the compose demo's
+app-config.js.
 """
 
 from __future__ import annotations
@@ -46,9 +47,10 @@ def missing() -> list[str]:
 
 
 class _Handler(SimpleHTTPRequestHandler):
-    """OHIF's files, its routes falling back to index.html, /dicom-web/ proxied to Orthanc."""
+    """OHIF's files, its routes falling back to index.html, /dicom-web/ proxied to the origin."""
 
     upstream = ""
+    token: str | None = None
 
     def log_message(self, *args: object) -> None:  # quiet: the test reports what matters
         pass
@@ -71,6 +73,8 @@ class _Handler(SimpleHTTPRequestHandler):
 
     def _proxy(self) -> None:
         headers = {k: v for k, v in self.headers.items() if k.lower() in ("accept", "host")}
+        if self.token:  # as a deployment's reverse proxy would add it for its users
+            headers["Authorization"] = f"Bearer {self.token}"
         request = urllib.request.Request(self.upstream + self.path, headers=headers)
         try:
             response = urllib.request.urlopen(request, timeout=60)
@@ -88,15 +92,20 @@ class _Handler(SimpleHTTPRequestHandler):
 
 @dataclass
 class ViewerServer:
-    """OHIF and Orthanc's DICOMweb on one origin, in a thread."""
+    """OHIF and a DICOMweb origin on one origin, in a thread: Orthanc's, or (``upstream``)
+    any other's root, such as a node's HTTP service, with its bearer ``token``."""
 
-    orthanc: Orthanc
+    orthanc: Orthanc | None = None
     port: int = 0
     server: ThreadingHTTPServer | None = None
     thread: threading.Thread | None = field(default=None, repr=False)
+    upstream: str = ""
+    token: str | None = None
 
     def start(self) -> ViewerServer:
-        handler = type("Handler", (_Handler,), {"upstream": self.orthanc.url})
+        upstream = self.orthanc.url if self.orthanc is not None else self.upstream
+        assert upstream, "an Orthanc or an upstream URL"
+        handler = type("Handler", (_Handler,), {"upstream": upstream, "token": self.token})
         self.port = free_port()
         self.server = ThreadingHTTPServer(
             ("127.0.0.1", self.port), partial(handler, directory=str(OHIF_DIST))
