@@ -457,14 +457,33 @@ class Hl7Destination(_Section):
         return value
 
 
-NotifyDestination = WebhookDestination | Hl7Destination
+class FhirDestination(_Section):
+    """A FHIR R4 server told of each result by a DiagnosticReport with one Observation per
+    finding, each written by a conditional update on its identifier (FHIR R4 http.html#cond-update),
+    so that a resend replaces rather than duplicates."""
+
+    type: Literal["fhir"] = Field(default="fhir", description="A FHIR R4 server.")
+    url: str = Field(pattern=_URL, description="The service base URL, e.g. https://ehr/fhir")
+    token: str | None = Field(default=None, repr=False, description="Bearer token.")
+    verify: bool | Path = Field(default=True, description="TLS verification, or a CA bundle.")
+    identifier_system: str = Field(
+        default="urn:dicom-node:job",
+        min_length=1,
+        description="The system of the identifiers the node gives its reports and "
+        "observations (their value: job, destination and finding).",
+    )
+    notify: NotifyRule = NotifyRule()
+
+
+NotifyDestination = WebhookDestination | Hl7Destination | FhirDestination
 
 Destination = Annotated[
     DicomDestination
     | DicomwebDestination
     | FolderDestination
     | WebhookDestination
-    | Hl7Destination,
+    | Hl7Destination
+    | FhirDestination,
     Field(discriminator="type"),
 ]
 

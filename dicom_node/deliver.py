@@ -13,10 +13,10 @@ Every attempt sends the stored files, the same SOP Instance UIDs, never regenera
 PACS that got an object twice (it acknowledged, then the link dropped before we recorded it)
 holds it once.
 
-Notification destinations (``webhook``, ``hl7``) go through the same states: each
+Notification destinations (``webhook``, ``hl7``, ``fhir``) go through the same states: each
 attempt reads the job's delivered objects into a report (:mod:`dicom_node.notify`) and sends it
 with the protocol's module, under a key that is the same on every attempt (the webhook's
-idempotency key, the HL7 message control ID), so a receiver told twice
+idempotency key, the HL7 message control ID, the FHIR identifiers), so a receiver told twice
 knows it. A destination's ``notify`` rule may leave a result out: its delivery is then closed
 as sent with no message.
 
@@ -42,6 +42,7 @@ from dicom_node.config import (
     DeliveryConfig,
     DicomDestination,
     DicomwebDestination,
+    FhirDestination,
     FolderDestination,
     Hl7Destination,
     NodeConfig,
@@ -71,7 +72,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Target = (
-    DicomDestination | DicomwebDestination | FolderDestination | WebhookDestination | Hl7Destination
+    DicomDestination
+    | DicomwebDestination
+    | FolderDestination
+    | WebhookDestination
+    | Hl7Destination
+    | FhirDestination
 )
 
 
@@ -86,7 +92,7 @@ def target_label(target: Target) -> str:
     """Where a target is, for a person and the audit trail: AE@host:port, a URL, a folder."""
     if isinstance(target, DicomDestination):
         return f"{target.ae_title}@{target.host}:{target.port}"
-    if isinstance(target, (DicomwebDestination, WebhookDestination)):
+    if isinstance(target, (DicomwebDestination, WebhookDestination, FhirDestination)):
         return target.url
     if isinstance(target, Hl7Destination):
         return f"{target.receiving_application}@{target.host}:{target.port}"
@@ -378,10 +384,14 @@ class Deliverer:
             from dicom_node.notify_webhook import send_webhook
 
             send_webhook(target, report, timeout_s)
-        else:
+        elif isinstance(target, Hl7Destination):
             from dicom_node.notify_hl7 import send_hl7
 
             send_hl7(target, report, attempt=delivery.attempts + 1)
+        else:
+            from dicom_node.notify_fhir import send_fhir
+
+            send_fhir(target, report, timeout_s)
         return True
 
     def _sent(self, delivery: Delivery, files: list[Path], where: str) -> None:
