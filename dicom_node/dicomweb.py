@@ -34,7 +34,7 @@ import secrets
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -64,7 +64,6 @@ from dicom_node.store import store_key
 log = logging.getLogger(__name__)
 
 PREFIX = "/dicom-web"
-_UID = r"[0-9.]{1,64}"
 _VALID_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 
 DICOM_JSON = "application/dicom+json"
@@ -150,7 +149,6 @@ class Answer:
     status: int
     content_type: str
     body: bytes | Iterable[bytes]
-    headers: Mapping[str, str] = field(default_factory=dict)
 
 
 def _error(status: HTTPStatus, reason: str) -> Answer:
@@ -226,7 +224,7 @@ def _route(server: _Server, path: str, params: dict[str, list[str]], accept: str
 
 
 def _checked_uid(text: str) -> str:
-    if not re.fullmatch(_UID, text) or not _VALID_UID.fullmatch(text):
+    if len(text) > 64 or not _VALID_UID.fullmatch(text):  # PS3.5 9.1
         raise ValueError(f"not a UID: {text[:80]!r}")
     return text
 
@@ -259,27 +257,22 @@ class Entry:
 def catalogue(conn: Connection, data_dir: Path, scope: Mapping[str, str]) -> list[Entry]:
     """The instances in ``scope`` (keys study, series, sop) whose files are still there, in the
     order they arrived, results after what they were made from."""
-    where = []
-    args: list[str] = []
-    for key, column in (
-        ("study", "study_uid"),
-        ("series", "series_uid"),
-        ("sop", "sop_instance_uid"),
-    ):
-        if key in scope:
-            where.append(f"{column} = ?")
-            args.append(scope[key])
-    clause = (" WHERE " + " AND ".join(where)) if where else ""
+    columns = {"study": "study_uid", "series": "series_uid", "sop": "sop_instance_uid"}
+    keys = [key for key in columns if key in scope]
+
+    def where(alias: str) -> str:
+        tests = [f"{alias}.{columns[key]} = ?" for key in keys]
+        return (" WHERE " + " AND ".join(tests)) if tests else ""
+
+    args = [scope[key] for key in keys]
     rows = conn.execute(
-        "SELECT sop_instance_uid, series_uid, study_uid, sop_class_uid, path, 1 AS received,"
-        f" received_at AS t FROM instances{clause}"
+        "SELECT i.sop_instance_uid, i.series_uid, i.study_uid, i.sop_class_uid, i.path,"
+        f" 1 AS received, i.received_at AS t FROM instances i{where('i')}"
         " UNION ALL"
         " SELECT o.sop_instance_uid, o.series_uid, o.study_uid, o.sop_class_uid, o.path,"
-        " 0 AS received, j.created_at AS t FROM outputs o JOIN jobs j ON j.id = o.job_id"
-        + clause.replace("study_uid", "o.study_uid")
-        .replace("series_uid", "o.series_uid")
-        .replace("sop_instance_uid", "o.sop_instance_uid")
-        + " ORDER BY received DESC, t, sop_instance_uid",
+        f" 0 AS received, j.created_at AS t FROM outputs o JOIN jobs j ON j.id = o.job_id"
+        f"{where('o')}"
+        " ORDER BY received DESC, t, sop_instance_uid",
         (*args, *args),
     ).fetchall()
     found = []
@@ -367,7 +360,7 @@ class Key:
                 and (not high or _time_text(v)[: len(high)] <= high)
                 for v in values
             )
-        wanted = [w for w in re.split(r"[\\,]", query)] if self.vr in ("UI", "CS") else [query]
+        wanted = re.split(r"[\\,]", query) if self.vr in ("UI", "CS") else [query]
         fold = self.vr == "PN"
         for want in wanted:
             want = want.strip()
@@ -611,7 +604,7 @@ class _Server:
         plans = []
         for entry in entries:
             ds = header(entry.path)
-            syntax = _choose_syntax(stored_syntax(ds), wanted.syntaxes, has_pixels(ds))
+            syntax = choose_syntax(stored_syntax(ds), wanted.syntaxes, has_pixels(ds))
             if isinstance(syntax, Unacceptable):
                 return _not_acceptable(syntax)
             plans.append((entry, syntax))
@@ -662,10 +655,9 @@ class _Server:
                     "vr": _pixel_vr(ds),
                     "BulkDataURI": f"{instance_url}/bulkdata/{_PIXEL_DATA:08X}",
                 }
-            # PS3.18 10.4.1.1.2 / Table 10.4.1-... : the syntax the frames are stored in, which
-            # a client asking transfer-syntax=* gets (what OHIF's loaders read).
+            # Available Transfer Syntax UID: the syntax the frames are stored in, what a client
+            # asking transfer-syntax=* gets (cornerstone's WADO-RS loader reads it).
             data["00083002"] = {"vr": "UI", "Value": [str(stored_syntax(ds))]}
-            data["00020010"] = {"vr": "UI", "Value": [str(stored_syntax(ds))]}
             out.append(dict(sorted(data.items())))
         return _json_answer(out)
 
@@ -686,7 +678,7 @@ class _Server:
         self, entry: Entry, ds: Dataset, numbers: list[int], accept: str | None
     ) -> Answer:
         stored = stored_syntax(ds)
-        choice = _frame_choice(accept, stored, decodable(stored))
+        choice = frame_choice(accept, stored, decodable(stored))
         if isinstance(choice, Unacceptable):
             return _not_acceptable(choice)
         if choice.single and len(numbers) != 1:
@@ -791,7 +783,13 @@ def _to_json(ds: Dataset, instance_url: str | None, prefix: str = "") -> dict[st
         ):
             out[tag] = {"vr": element.VR, "BulkDataURI": f"{instance_url}/bulkdata/{prefix}{tag}"}
         else:
-            out[tag] = element.to_json_dict(None, BULK_THRESHOLD)
+            try:
+                out[tag] = element.to_json_dict(None, BULK_THRESHOLD)
+            except (ValueError, TypeError, OverflowError) as exc:
+                # A value pydicom cannot convert (an invalid DS or IS as some modalities write
+                # them) goes out empty rather than failing the whole response.
+                log.debug("DICOM JSON: %s of an instance left empty: %s", tag, exc)
+                out[tag] = {"vr": element.VR}
     return out
 
 
@@ -911,7 +909,7 @@ def _part10_syntaxes(accept: str | None, *, single: bool) -> _Part10Wanted | Una
     return _Part10Wanted(tuple(syntaxes), bare)
 
 
-def _choose_syntax(stored: UID, wanted: Sequence[str], pixels: bool) -> UID | Unacceptable:
+def choose_syntax(stored: UID, wanted: Sequence[str], pixels: bool) -> UID | Unacceptable:
     """The first acceptable syntax we can give: as stored, or re-encoded to a native one
     (decompressed by pydicom when the stored one is compressed and a decoder is here)."""
     for syntax in wanted:
@@ -932,13 +930,13 @@ def _choose_syntax(stored: UID, wanted: Sequence[str], pixels: bool) -> UID | Un
 
 
 @dataclass(frozen=True)
-class _FrameChoice:
+class FrameChoice:
     encoded: bool  # the stored compressed bit stream, as is
     single: bool  # a bare body, not multipart
     media_type: str
 
 
-def _frame_choice(accept: str | None, stored: UID, can_decode: bool) -> _FrameChoice | Unacceptable:
+def frame_choice(accept: str | None, stored: UID, can_decode: bool) -> FrameChoice | Unacceptable:
     compressed = stored.is_encapsulated
     stored_media = FRAME_MEDIA_TYPES.get(str(stored))
     ranges = parse_accept(accept) or [MediaRange("multipart/related", {"type": OCTETS}, 1.0)]
@@ -957,14 +955,14 @@ def _frame_choice(accept: str | None, stored: UID, can_decode: bool) -> _FrameCh
             by_type = media in (stored_media, "image/*") and syntax in (None, "*", str(stored))
             by_syntax = media in (OCTETS, "*/*") and syntax in ("*", str(stored))
             if by_type or by_syntax:
-                return _FrameChoice(True, single, stored_media)
+                return FrameChoice(True, single, stored_media)
         native = syntax in (None, "*", str(DEFAULT_SYNTAX)) or (
             not compressed and syntax == str(stored)
         )
         if media in (OCTETS, "*/*", "application/*") and native and (not compressed or can_decode):
-            return _FrameChoice(False, single, OCTETS)
+            return FrameChoice(False, single, OCTETS)
         if compressed and stored_media is not None and media == "*/*":
-            return _FrameChoice(True, single, stored_media)
+            return FrameChoice(True, single, stored_media)
     reason = f"the frames are stored as {stored} ({stored.name})"
     if compressed:
         reason += f", offered as {stored_media or OCTETS} as stored"
