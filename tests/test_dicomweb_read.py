@@ -21,6 +21,7 @@ from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian
 from dicom_node.dicomweb import FRAME_MEDIA_TYPES, decodable
 from dicom_node.phantoms import write_ct_series
 from dicom_node.scu import send
+from dicom_node.testing import Orthanc, missing_orthanc
 from tests.support.cases import PHANTOMS
 from tests.support.dicomweb import CORPUS_FILES, client, corpus_copies, get, parts
 from tests.support.node import NodeProcess, wait_until
@@ -397,3 +398,43 @@ def test_a_file_removed_by_retention_is_neither_listed_nor_served(served, tmp_pa
         )
     finally:
         path.write_bytes(kept.read_bytes())
+
+
+def test_orthanc_pulls_a_study_with_its_results_from_the_node(served, tmp_path) -> None:
+    """A PACS as the client: Orthanc's DICOMweb plugin searches the node (QIDO-RS) and
+    retrieves the study (WADO-RS) into its own store, the node's SEG and SR included."""
+    lacking = missing_orthanc()
+    if lacking:
+        pytest.skip(f"needs {', '.join(lacking)}")
+    server = {
+        "Url": f"{served.node.http_url}/dicom-web/",
+        "HttpHeaders": {"Authorization": f"Bearer {TOKEN}"},
+    }
+    dicomweb = {"Enable": True, "Root": "/dicom-web/", "Servers": {"node": server}}
+    orthanc = Orthanc(tmp_path / "orthanc", extra={"DicomWeb": dicomweb}).start()
+    try:
+        found = orthanc.post(
+            "/dicom-web/servers/node/qido",
+            {"Uri": "/studies", "Arguments": {"StudyInstanceUID": served.ct_study}},
+        )
+        # Orthanc answers its own simplified form: one "Value" string per attribute.
+        assert [s["0020000D"]["Value"] for s in found] == [served.ct_study]
+        orthanc.post(
+            "/dicom-web/servers/node/retrieve", {"Resources": [{"Study": served.ct_study}]}
+        )
+        held = {
+            orthanc.get(f"/instances/{i}/tags?simplify")["SOPInstanceUID"]
+            for i in orthanc.get("/instances")
+        }
+    finally:
+        orthanc.stop()
+    expected = {
+        r[0]
+        for r in served.node.query(
+            "SELECT sop_instance_uid FROM instances WHERE study_uid = ?"
+            " UNION ALL SELECT sop_instance_uid FROM outputs WHERE study_uid = ?",
+            (served.ct_study, served.ct_study),
+        )
+    }
+    assert held == expected
+    assert served.output("SEG")[1] in held and served.output("SR")[1] in held
