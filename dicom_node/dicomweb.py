@@ -276,9 +276,13 @@ def catalogue(conn: Connection, data_dir: Path, scope: Mapping[str, str]) -> lis
         (*args, *args),
     ).fetchall()
     found = []
+    seen: set[str] = set()
     for row in rows:
         path = data_dir / row[4]
-        if path.is_file():  # retention may have removed it: not served, not counted
+        # Retention may have removed the file: not served, not counted. A result the node was
+        # sent back (a PACS forwarding everything) is one instance, served as received.
+        if row[0] not in seen and path.is_file():
+            seen.add(row[0])
             found.append(Entry(row[0], row[1], row[2], row[3], path, bool(row[5])))
     return found
 

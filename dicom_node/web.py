@@ -280,7 +280,8 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             log.debug("HTTP GET %s: the client left", self.path)
         except Exception:  # the status is sent: the cut-off body (no closing boundary) says it
-            log.exception("HTTP GET %s failed while streaming", self.path)
+            log.debug("HTTP GET %s failed while streaming", self.path)  # UIDs: DEBUG only
+            log.exception("HTTP GET of a streamed body failed")
 
     def _json(self, status: int, data: Any) -> None:
         self._send(status, json.dumps(data).encode(), "application/json")
