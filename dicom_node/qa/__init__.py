@@ -37,6 +37,7 @@ from pydantic import TypeAdapter, ValidationError
 from dicom_node.config import SENDER, AeTitle, NodeConfig
 from dicom_node.errors import QaUnusable
 from dicom_node.plugins import discover
+from dicom_node.qa.notify import notification_checks
 from dicom_node.qa.peer import QA_AE_TITLE, ResultReceiver, address_towards, node_address
 from dicom_node.qa.phantom import Phantom, self_tests
 from dicom_node.qa.planner import Plan, config_problems, plan, select_algorithms
@@ -192,4 +193,6 @@ def _exercise(
             options.timeout_s,
             config,
         )
+    routed = {p.algorithm: (study[p.algorithm], plans[p.algorithm].destinations) for p in waiting}
+    checks += notification_checks(config, routed, host, deadline)
     return checks
