@@ -30,6 +30,7 @@ tried again.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterable
 
 import hl7
@@ -110,7 +111,7 @@ def message(target: Hl7Destination, report: Report) -> hl7.Message:
                 _e(target.sending_facility),
                 _e(target.receiving_application),
                 _e(target.receiving_facility),
-                report.made_at,
+                report.made_at or time.strftime("%Y%m%d%H%M%S", time.gmtime()),
                 "",
                 "ORU^R01^ORU_R01",
                 control_id(report),
