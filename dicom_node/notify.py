@@ -27,6 +27,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 
 from dicom_node.algorithm import DEMO_WARNING
 from dicom_node.config import NotifyRule
@@ -262,7 +263,7 @@ def read_identity(source: Path | None, fallback: Dataset) -> StudyIdentity:
     if source is not None:
         try:
             ds = dcmread(source, stop_before_pixels=True)
-        except (OSError, ValueError, EOFError):
+        except (OSError, ValueError, EOFError, InvalidDicomError):
             ds = fallback
 
     def text(keyword: str) -> str:
@@ -327,9 +328,13 @@ def build_report(
         raise DestinationRefused(f"job {job_id} has no result objects to notify of")
     try:
         ds = dcmread(first.path)
-    except (OSError, ValueError, EOFError) as exc:
-        raise DestinationRefused(f"job {job_id}'s {first.kind} cannot be read: {exc}") from exc
-    name, version, demo, findings = read_findings(ds) if srs else ("", "", False, ())
+        name, version, demo, findings = read_findings(ds) if srs else ("", "", False, ())
+    except (OSError, EOFError, InvalidDicomError, AttributeError, KeyError, ValueError) as exc:
+        # Our own writers made it: a file that does not read is damaged, and reads no
+        # better on the next attempt.
+        raise DestinationRefused(
+            f"job {job_id}'s {first.kind} cannot be read: {type(exc).__name__}: {exc}"
+        ) from exc
     positive = any(f.positive for f in findings)
     return Report(
         job_id=job_id,

@@ -283,3 +283,20 @@ def test_a_rule_that_leaves_the_result_out_sends_nothing(make_node, tmp_path) ->
         assert "its notify rule leaves the result out" in node.log()
     finally:
         receiver.stop()
+
+
+@pytest.mark.unit
+def test_a_damaged_result_is_refused_not_retried(tmp_path) -> None:
+    objects, source = cxr_results(tmp_path, probability=0.9)
+    objects[0].path.write_bytes(b"not DICOM at all")
+    with pytest.raises(DestinationRefused, match="cannot be read"):
+        build_report(
+            job_id=3,
+            destination="hook",
+            job_algorithm="pneumonia-cxr",
+            job_priority="routine",
+            objects=objects,
+            source=source,
+            node_ae_title="DICOMNODE",
+            rule=NotifyRule(),
+        )
