@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.config import FhirDestination
-from dicom_node.errors import DeliveryError, DestinationUnavailable
+from dicom_node.errors import DeliveryError, DestinationRefused, DestinationUnavailable
 from dicom_node.notify import Code, Finding, Report
 
 __all__ = ["diagnostic_report", "observations", "resources", "send_fhir", "system_of"]
@@ -271,5 +271,13 @@ def send_fhir(target: FhirDestination, report: Report, timeout_s: float) -> None
     if target.token:
         session.headers["Authorization"] = f"Bearer {target.token}"
     session.verify = str(target.verify) if isinstance(target.verify, Path) else target.verify
-    ids = [_put(session, target, o, timeout_s) for o in observations(target, report)]
+    from pydantic import ValidationError
+
+    try:
+        built = observations(target, report)
+        diagnostic_report(target, report, [str(n) for n in range(1, len(built) + 1)])
+    except ValidationError as exc:
+        # A value FHIR cannot carry (a code with two spaces running): the same every attempt.
+        raise DestinationRefused(f"FHIR resources for {target.url}: {exc}") from exc
+    ids = [_put(session, target, o, timeout_s) for o in built]
     _put(session, target, diagnostic_report(target, report, ids), timeout_s)

@@ -125,3 +125,20 @@ def test_an_outage_then_exactly_once_through_a_node(make_node, tmp_path) -> None
         assert outcomes[-1] == 0 and outcomes.count(0) == 1 and set(outcomes[:-1]) == {4}
     finally:
         receiver.stop()
+
+
+@pytest.mark.integration
+def test_a_value_fhir_cannot_carry_is_refused_before_sending(tmp_path) -> None:
+    from dataclasses import replace
+
+    from dicom_node.notify import Code
+
+    receiver = FhirReceiver().start()
+    try:
+        report = cxr_report(tmp_path, 0.9)
+        odd = replace(report.findings[0], finding=Code("99X", "two  spaces", "Odd"))
+        with pytest.raises(DestinationRefused, match="FHIR resources"):
+            send_fhir(FhirDestination(url=receiver.url), replace(report, findings=(odd,)), 5)
+        assert receiver.puts == {}
+    finally:
+        receiver.stop()
