@@ -12,8 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydicom import dcmread
+from pydicom.uid import JPEGLSLossless
 
 from dicom_node.phantoms import write_ct_series
+from dicom_node.scu import send
 from tests.support.cases import PHANTOMS
 from tests.support.node import NodeProcess, wait_until
 from tests.support.viewer import VIEWER_TOOLS, ViewerServer, missing, run_check
@@ -35,10 +37,19 @@ def viewer_ready() -> None:
         pytest.skip(message)
 
 
-def test_ohif_shows_the_node_seg_and_sr_read_from_the_node(tmp_path, viewer_ready) -> None:
+@pytest.mark.parametrize("syntax", [None, JPEGLSLossless], ids=["native", "jpeg-ls"])
+def test_ohif_shows_the_node_seg_and_sr_read_from_the_node(tmp_path, viewer_ready, syntax) -> None:
+    """Native: the frames go as application/octet-stream. JPEG-LS: the CT is sent compressed
+    and OHIF asks transfer-syntax=*, so it gets each frame's own image/jls bit stream."""
     import cv2
 
+    artefacts = ARTEFACTS / ("native" if syntax is None else "jpeg-ls")
     ct = write_ct_series(tmp_path / "ct", CT)
+    if syntax is not None:
+        for path in ct:
+            ds = dcmread(path)
+            ds.compress(syntax)
+            ds.save_as(path, enforce_file_format=True)
     study_uid = str(dcmread(ct[0], stop_before_pixels=True).StudyInstanceUID)
     (tmp_path / "node").mkdir()
     node = NodeProcess(
@@ -50,22 +61,24 @@ def test_ohif_shows_the_node_seg_and_sr_read_from_the_node(tmp_path, viewer_read
     ).start()
     server = None
     try:
-        assert node.storescu(files=ct).returncode == 0, node.log()
+        assert send(ct, "127.0.0.1", node.port).ok, node.log()
         wait_until(
             lambda: {r[0] for r in node.query("SELECT kind FROM outputs")} >= {"SEG", "SR"},
             timeout_s=300,
             what="the lung-nodule detector's SEG and SR",
             log=node.log(),
         )
+        stored = {r[0] for r in node.query("SELECT transfer_syntax FROM instances")}
+        assert stored == {str(syntax or "1.2.840.10008.1.2.1")}  # kept as sent, compressed
         seg = dcmread(node.outputs()["SEG"])
         server = ViewerServer(upstream=node.http_url, token=TOKEN).start()
-        ARTEFACTS.mkdir(parents=True, exist_ok=True)
+        artefacts.mkdir(parents=True, exist_ok=True)
         (nodule,) = CT.nodules
         report = run_check(
             VIEWER_TOOLS / "check_ohif.mjs",
             server.url,
             study_uid,
-            ARTEFACTS,
+            artefacts,
             list(nodule.center_lps_mm),
         )
     finally:
@@ -78,7 +91,7 @@ def test_ohif_shows_the_node_seg_and_sr_read_from_the_node(tmp_path, viewer_read
     assert shown["segments"] == [str(s.SegmentLabel) for s in seg.SegmentSequence]
     view = report["view"]
     assert view["distanceToPlane"] < nodule.diameter_mm / 2
-    picture = cv2.imread(str(ARTEFACTS / "ohif-seg.png"))[..., ::-1].astype(int)
+    picture = cv2.imread(str(artefacts / "ohif-seg.png"))[..., ::-1].astype(int)
     x, y = round(view["x"]), round(view["y"])
     patch = picture[y - 2 : y + 3, x - 2 : x + 3].reshape(-1, 3).mean(axis=0)
     assert patch[0] > patch[2] + 40, f"no nodule colour at the nodule ({patch})"
