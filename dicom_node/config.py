@@ -263,6 +263,12 @@ class RouteRule(_Section):
         description="The class of its jobs in the queue: stat before urgent before routine, "
         "then the oldest (worker.priority_aging_s).",
     )
+    fetch_missing: list[str] | None = Field(
+        default=None,
+        description="For a rule with roles: names under retrieve.sources to ask, in this "
+        "order, for the series of a study whose roles no received series fits (a FLAIR not "
+        "forwarded); the study is decided again with what came. Null: never ask.",
+    )
 
     @model_validator(mode="after")
     def _one_kind(self) -> RouteRule:
@@ -270,6 +276,11 @@ class RouteRule(_Section):
             raise ValueError("give exactly one of 'series' or 'roles'")
         if self.roles is not None and not self.roles:
             raise ValueError("'roles' needs at least one role")
+        if self.fetch_missing is not None:
+            if self.roles is None:
+                raise ValueError("'fetch_missing' is for a rule with 'roles' (a study's series)")
+            if not self.fetch_missing or len(set(self.fetch_missing)) != len(self.fetch_missing):
+                raise ValueError("'fetch_missing' names one or more sources, each once")
         return self
 
 
@@ -494,6 +505,79 @@ class Peer(_Section):
     host: str = Field(description="Address of the AE's SCP.")
     port: int = Field(ge=1, le=65535, description="Port of the AE's SCP.")
     tls: ClientTlsConfig | None = None
+
+
+RetrieveMethod = Literal["c-move", "c-get", "dicomweb"]
+
+
+class RetrieveSource(_Section):
+    """A PACS the node may ask for the series a study lacks: a Query/Retrieve SCP (C-FIND,
+    then C-MOVE or C-GET, PS3.4 C) or a DICOMweb origin (QIDO-RS, then WADO-RS, PS3.18 10.6
+    and 10.4). What it sends is stored like a C-STORE and marked as retrieved."""
+
+    method: RetrieveMethod = Field(
+        default="c-get",
+        description="c-move (the PACS sends the series to move_destination by C-STORE), "
+        "c-get (on the same association) or dicomweb (QIDO-RS, then WADO-RS).",
+    )
+    ae_title: AeTitle | None = Field(
+        default=None, description="c-move, c-get: the PACS's Q/R SCP AE title (the called AE)."
+    )
+    host: str | None = Field(default=None, description="c-move, c-get: its address.")
+    port: int | None = Field(default=None, ge=1, le=65535, description="c-move, c-get: its port.")
+    move_destination: AeTitle | None = Field(
+        default=None,
+        description="c-move: the AE title the PACS sends to, which it must know as this node's "
+        "SCP (host and port); default scp.ae_title.",
+    )
+    url: str | None = Field(
+        default=None,
+        pattern=r"^https?://",
+        description="dicomweb: the base URL of its studies resource, e.g. http://pacs/dicom-web",
+    )
+    token: str | None = Field(
+        default=None, repr=False, description="dicomweb: a bearer token, if it needs one."
+    )
+    verify: bool | Path = Field(
+        default=True, description="dicomweb: TLS verification, or a CA bundle."
+    )
+    max_concurrent: int = Field(
+        default=2, ge=1, le=64, description="Retrievals from this source at once, at most."
+    )
+    timeout_s: float = Field(
+        default=120.0, gt=0, description="Network timeout of each request or DIMSE message."
+    )
+
+    @model_validator(mode="after")
+    def _complete_for_method(self) -> RetrieveSource:
+        if self.method == "dicomweb":
+            if self.url is None:
+                raise ValueError("method dicomweb needs url")
+        else:
+            missing = [k for k in ("ae_title", "host", "port") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"method {self.method} needs {', '.join(missing)}")
+        return self
+
+
+class RetrieveConfig(_Section):
+    """Asking PACSs for what a study lacks (routing.rules[].fetch_missing): durable retrieval
+    jobs, retried with exponential backoff, one at a time per study."""
+
+    sources: dict[str, RetrieveSource] = Field(
+        default_factory=dict, description="Named PACSs that rules may ask (fetch_missing)."
+    )
+    calling_ae_title: AeTitle | None = Field(
+        default=None, description="Our AE title when asking; default scp.ae_title."
+    )
+    max_attempts: int = Field(
+        default=5, ge=1, description="Tries of a retrieval before it is given up (failed)."
+    )
+    backoff_initial_s: float = Field(default=10.0, gt=0, description="Wait after a 1st failure.")
+    backoff_max_s: float = Field(default=600.0, gt=0, description="Longest wait between tries.")
+    poll_s: float = Field(
+        default=1.0, gt=0, description="How often queued retrievals are looked for."
+    )
 
 
 class DeliveryConfig(_Section):
@@ -838,6 +922,7 @@ class NodeConfig(_Section):
         default_factory=dict, description="Known AEs by title, for the 'sender' destination."
     )
     delivery: DeliveryConfig = DeliveryConfig()
+    retrieve: RetrieveConfig = RetrieveConfig()
     retention: RetentionConfig = RetentionConfig()
     http: HttpConfig = HttpConfig()
     dicomweb: DicomwebConfig = DicomwebConfig()
@@ -859,6 +944,17 @@ class NodeConfig(_Section):
         for where, name in named:
             if name not in known:
                 raise ValueError(f"{where}: no destination named {name!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _retrieve_sources_exist(self) -> NodeConfig:
+        for i, rule in enumerate(self.routing.rules):
+            for name in rule.fetch_missing or []:
+                if name not in self.retrieve.sources:
+                    raise ValueError(
+                        f"routing.rules.{i}.fetch_missing: no source named {name!r} under"
+                        " retrieve.sources"
+                    )
         return self
 
 

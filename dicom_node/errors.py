@@ -53,9 +53,12 @@ __all__ = [
     "ProtocolError",
     "QaUnusable",
     "RejectedInstance",
+    "RetrievalFailed",
     "SendAbandoned",
     "SetupFault",
     "SopMismatch",
+    "SourceRefused",
+    "SourceUnavailable",
     "StowRequestError",
     "TooSmallForText",
     "Transient",
@@ -276,3 +279,21 @@ class StowRequestError(DicomNodeError, ValueError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+# --- retrieve ---------------------------------------------------------------------------------
+
+
+class RetrievalFailed(DicomNodeError):
+    """A retrieval attempt (C-FIND then C-MOVE or C-GET, or QIDO-RS then WADO-RS) did not
+    bring what it asked for: a :class:`SourceUnavailable` is tried again with backoff up to
+    ``retrieve.max_attempts``, a :class:`SourceRefused` is not."""
+
+
+class SourceUnavailable(RetrievalFailed, Transient):
+    """The source did not answer, aborted, or failed some sub-operations this time."""
+
+
+class SourceRefused(RetrievalFailed, Permanent):
+    """The source refuses for good (it does not know the move destination, PS3.4 C.4.2.1.4
+    status A801; a QIDO-RS/WADO-RS client error): a person fixes its configuration."""

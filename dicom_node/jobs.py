@@ -28,6 +28,7 @@ import json
 import math
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -50,6 +51,7 @@ class JobKind(str, Enum):
     SERIES_COMPLETE = "series-complete"
     STUDY_COMPLETE = "study-complete"
     INFERENCE = "inference"  # one routed algorithm on its inputs
+    RETRIEVE = "retrieve"  # series a study lacks, asked of a PACS (dicom_node.retrieve)
 
 
 class DeliveryState(str, Enum):
@@ -158,7 +160,60 @@ class InferencePayload:
         ]
 
 
-JobPayload = CompletionPayload | InferencePayload
+@dataclass(frozen=True)
+class RetrievalPayload:
+    """What a retrieval job carries: the source (a name under ``retrieve.sources``) to ask for
+    the series of its study (the job's subject) that the index lacks, for which rule's roles,
+    and of which modalities (empty: any)."""
+
+    source: str
+    algorithm: str  # the rule's, whose roles no received series fits
+    roles: tuple[str, ...]
+    modalities: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.source or not self.roles:
+            raise ValueError("a retrieval names its source and the roles it is for")
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "source": self.source,
+                "algorithm": self.algorithm,
+                "roles": list(self.roles),
+                "modalities": list(self.modalities),
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> RetrievalPayload:
+        data = _object(text)
+        return cls(
+            str(data["source"]),
+            str(data["algorithm"]),
+            tuple(map(str, data.get("roles") or ())),
+            tuple(map(str, data.get("modalities") or ())),
+        )
+
+
+def retrieved_host(job_id: int) -> str:
+    """What the index records as ``peer_host`` of an instance a retrieval job fetched (its
+    ``calling_aet`` is the source's AE title): retrieved instances are told from pushed ones,
+    and by job, by this mark."""
+    return f"{RETRIEVED_MARK}{job_id}"
+
+
+RETRIEVED_MARK = "retrieved:"
+
+JobPayload = CompletionPayload | InferencePayload | RetrievalPayload
+
+# The payload type of each job kind: what enqueue accepts and a stored payload is read as.
+_PAYLOADS: dict[JobKind, type[JobPayload]] = {
+    JobKind.SERIES_COMPLETE: CompletionPayload,
+    JobKind.STUDY_COMPLETE: CompletionPayload,
+    JobKind.INFERENCE: InferencePayload,
+    JobKind.RETRIEVE: RetrievalPayload,
+}
 
 
 def _object(text: str) -> dict[str, Any]:
@@ -170,11 +225,11 @@ def _object(text: str) -> dict[str, Any]:
 
 def payload_from_json(kind: str, text: str) -> JobPayload:
     """A stored payload read back as its kind's type."""
-    if kind == JobKind.INFERENCE.value:
-        return InferencePayload.from_json(text)
-    if kind in (JobKind.SERIES_COMPLETE.value, JobKind.STUDY_COMPLETE.value):
-        return CompletionPayload.from_json(text)
-    raise ValueError(f"unknown job kind {kind!r}")
+    try:
+        payload_type = _PAYLOADS[JobKind(kind)]
+    except ValueError:
+        raise ValueError(f"unknown job kind {kind!r}") from None
+    return payload_type.from_json(text)
 
 
 @dataclass(frozen=True)
@@ -357,6 +412,21 @@ class JobStore(Protocol):
         renews the lease; then :meth:`requeue_expired` takes it back. Without, it holds the job
         until it ends it, or its worker is declared dead (:meth:`requeue_worker`).
         """
+        ...
+
+    def claim_retrieval(
+        self,
+        worker: str,
+        *,
+        concurrency: Mapping[str, int],
+        retry_after: Callable[[int], float],
+    ) -> Job | None:
+        """Atomically move the best queued retrieval job (claim's order) to ``running`` for
+        ``worker``, with a fresh token: only one whose last failed attempt was at least
+        ``retry_after(attempts)`` seconds ago (its backoff), whose source runs fewer
+        retrievals than its ``concurrency`` limit (1 when unnamed), and whose study no other
+        retrieval is running for, so that a study is never fetched twice at once. Counted in
+        the claim's transaction: two claims cannot both take the last place."""
         ...
 
     def held_by(self, worker: str) -> list[Job]:
@@ -690,7 +760,7 @@ class SqliteJobStore:
         an event is never recorded without its job, nor a job without its event.
         """
         kind = JobKind(kind)
-        expected = InferencePayload if kind is JobKind.INFERENCE else CompletionPayload
+        expected = _PAYLOADS[kind]
         if not isinstance(payload, expected):
             raise TypeError(f"a {kind.value} job carries a {expected.__name__}")
         row = conn.execute(
@@ -727,6 +797,13 @@ class SqliteJobStore:
             params.extend(JobKind(k).value for k in kinds)
         if staged_only:
             where += " AND staged_at IS NOT NULL"
+        # A study's completion waits while a retrieval of the study is open: what it fetches
+        # is part of the study, and its decision must see it (dicom_node.retrieve).
+        where += (
+            f" AND NOT (q.kind = '{JobKind.STUDY_COMPLETE.value}' AND EXISTS (SELECT 1"
+            f" FROM jobs r WHERE r.kind = '{JobKind.RETRIEVE.value}'"
+            " AND r.subject_uid = q.subject_uid AND r.state IN ('queued', 'running')))"
+        )
         where_more, more = _claim_filter(algorithms, concurrency)
         where, params = where + where_more, [*params, *more]
         lease = "NULL" if lease_s is None else f"{self._now} + ?"
@@ -764,6 +841,53 @@ class SqliteJobStore:
     def _serialize_claim(self, conn: Connection, *, limited: bool) -> None:
         """Make a claim wait for the claims before it where the database does not already
         (SQLite: every write transaction waits for the one before)."""
+
+    def claim_retrieval(
+        self,
+        worker: str,
+        *,
+        concurrency: Mapping[str, int],
+        retry_after: Callable[[int], float],
+    ) -> Job | None:
+        # Few retrievals are ever open at once: they are read and chosen here, in the
+        # transaction that takes the chosen one (serialized like a limited claim).
+        with self.db.transaction() as conn:
+            self._serialize_claim(conn, limited=True)
+            now = self.clock()
+            rows = conn.execute(
+                "SELECT id, subject_uid, state, attempts, finished_at,"
+                " json_extract(payload, '$.source') AS source FROM jobs"
+                " WHERE kind = ? AND state IN ('queued', 'running')"
+                f" ORDER BY {self._order}",
+                (JobKind.RETRIEVE.value, *(now,) * self._order_times),
+            ).fetchall()
+            running = [r for r in rows if r["state"] == JobState.RUNNING.value]
+            busy_studies = {r["subject_uid"] for r in running}
+            by_source = Counter(str(r["source"]) for r in running)
+            chosen = next(
+                (
+                    r
+                    for r in rows
+                    if r["state"] == JobState.QUEUED.value
+                    and r["subject_uid"] not in busy_studies
+                    and by_source[str(r["source"])] < concurrency.get(str(r["source"]), 1)
+                    and (
+                        r["finished_at"] is None
+                        or r["attempts"] == 0
+                        or now >= r["finished_at"] + retry_after(int(r["attempts"]))
+                    )
+                ),
+                None,
+            )
+            if chosen is None:
+                return None
+            row = conn.execute(
+                "UPDATE jobs SET state = 'running', attempts = attempts + 1, worker = ?,"
+                " attempt_token = ?, started_at = ? WHERE id = ? AND state = 'queued'"
+                " RETURNING *",
+                (worker, uuid.uuid4().hex, self.clock(), chosen["id"]),
+            ).fetchone()
+        return None if row is None else Job.from_row(row)
 
     def held_by(self, worker: str) -> list[Job]:
         with self.db.reading() as conn:
@@ -1320,6 +1444,7 @@ def job_store_reading(conn: Connection) -> JobStore:
 
 
 __all__ = [
+    "RETRIEVED_MARK",
     "Activity",
     "CompletionPayload",
     "Delivery",
@@ -1335,8 +1460,10 @@ __all__ = [
     "JobState",
     "JobStore",
     "PostgresJobStore",
+    "RetrievalPayload",
     "SqliteJobStore",
     "job_store",
     "job_store_reading",
     "payload_from_json",
+    "retrieved_host",
 ]

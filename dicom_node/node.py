@@ -26,10 +26,11 @@ from dicom_node.database import open_reader
 from dicom_node.deliver import Deliverer
 from dicom_node.events import Events, NodeStarted, NodeStopped
 from dicom_node.infer import WorkerSupervisor, time_limits
-from dicom_node.jobs import job_store, job_store_reading
+from dicom_node.jobs import JobKind, job_store, job_store_reading
 from dicom_node.loops import Loop, LoopCollector, loops_check
 from dicom_node.metrics import WORKER_STALE_S, node_registry
 from dicom_node.retention import purge_expired
+from dicom_node.retrieve import Retriever
 from dicom_node.route import Router
 from dicom_node.scp import StorageSCP
 from dicom_node.store import InstanceStore
@@ -79,6 +80,8 @@ class Node:
             events=self.events,
             objects=self.sweeper.objects if self.sweeper is not None else None,
         )
+        # Fetching what a study lacks (routing.rules[].fetch_missing), when a source is named.
+        self.retriever = Retriever(config, self.store) if config.retrieve.sources else None
         # In a loop of its own: a slow or failing purge must hold back no delivery.
         self.retention = Loop("retention", self.purge_expired, config.retention.check_every_s)
         self.loops = [
@@ -87,6 +90,7 @@ class Node:
             *([self.workers.loop] if self.workers is not None else []),
             *(self.sweeper.loops if self.sweeper is not None else []),
             self.deliverer.loop,
+            *([self.retriever.loop] if self.retriever is not None else []),
             self.retention,
         ]
         self.registry.register(LoopCollector(self.loops))
@@ -191,7 +195,9 @@ class Node:
         # commits: its lease, not this restart, decides whether it is taken back. The routing
         # jobs ran here, and nobody else finishes them (found by the cluster crash loop: a
         # study's completion left running by a kill was never routed).
-        requeued = self.jobs.requeue_interrupted(None if self.sweeper is None else Router.KINDS)
+        requeued = self.jobs.requeue_interrupted(
+            None if self.sweeper is None else (*Router.KINDS, JobKind.RETRIEVE)
+        )
         if requeued:
             log.warning("%d job(s) interrupted by the last stop were queued again", requeued)
         log.info("data under %s", self.store.data_dir)
@@ -216,6 +222,8 @@ class Node:
         for loop in self.sweeper.loops if self.sweeper is not None else []:
             loop.start()
         self.deliverer.start()
+        if self.retriever is not None:
+            self.retriever.start()
         self.retention.start()
         self.assembler.start()
         try:
@@ -238,6 +246,8 @@ class Node:
         for loop in self.sweeper.loops if self.sweeper is not None else []:
             loop.stop()
         self.deliverer.stop()
+        if self.retriever is not None:
+            self.retriever.stop()
         self.retention.stop()
         if self.http is not None:
             self.http.stop()

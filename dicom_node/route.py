@@ -41,7 +41,16 @@ from dicom_node.config import RouteRule, RoutingConfig, SeriesMatch
 from dicom_node.database import Connection, Database
 from dicom_node.events import Events, JobsRouted, RoutedJob, study_refs
 from dicom_node.facts import SeriesFacts, read_series_facts, series_paths, study_series
-from dicom_node.jobs import InferencePayload, Job, JobKind, JobStore, job_store
+from dicom_node.jobs import (
+    InferencePayload,
+    Job,
+    JobKind,
+    JobState,
+    JobStore,
+    RetrievalPayload,
+    job_store,
+    retrieved_host,
+)
 from dicom_node.loops import Loop
 from dicom_node.mr_sequence import WEIGHTINGS, classify, describes, never_a_role
 from dicom_node.plugins import discover
@@ -92,6 +101,45 @@ class Candidate:
 
 
 @dataclass(frozen=True)
+class Retrieval:
+    """One retrieval job of a study for a rule (``fetch_missing``) as a decision saw it: what
+    it asked which source for, how far it got, and what came (the series and instances the
+    index marks as fetched by it)."""
+
+    job_id: int
+    source: str
+    algorithm: str  # of the rule that asked
+    roles: tuple[str, ...]  # asked for
+    state: str  # the job's: queued, running, succeeded, failed, cancelled
+    came_series: tuple[str, ...] = ()  # series UIDs
+    came_instances: int = 0
+    error: str | None = None  # of its last failed attempt
+
+    @property
+    def open(self) -> bool:
+        return self.state in (JobState.QUEUED.value, JobState.RUNNING.value)
+
+    def describe(self) -> str:
+        came = (
+            f"{len(self.came_series)} series ({self.came_instances} instances) came"
+            if self.came_series
+            else "nothing came"
+        )
+        return f"job {self.job_id} from {self.source} {self.state}: {came}" + (
+            f" ({self.error})" if self.error and self.state != JobState.SUCCEEDED.value else ""
+        )
+
+
+@dataclass(frozen=True)
+class Asked:
+    """What a rule with ``fetch_missing`` asked for, of whom, and what each retrieval did."""
+
+    roles: tuple[str, ...]
+    sources: tuple[str, ...]
+    retrievals: tuple[Retrieval, ...] = ()
+
+
+@dataclass(frozen=True)
 class Routed:
     algorithm: str
     inputs: dict[str, str]  # input name (a role, or "series") -> series UID
@@ -99,6 +147,7 @@ class Routed:
     senders: tuple[str, ...] = ()  # calling AEs the inputs came from, for "sender"
     candidates: tuple[Candidate, ...] = ()  # role rules: every series of the study, and why
     priority: Priority = DEFAULT_PRIORITY  # the rule's: its job's class in the queue
+    asked: Asked | None = None  # fetch_missing: what was asked for the study, and what came
 
 
 @dataclass(frozen=True)
@@ -106,6 +155,17 @@ class NotRouted:
     algorithm: str  # "*" when the guard excluded the series from every algorithm
     reason: str
     candidates: tuple[Candidate, ...] = ()  # role rules: every series of the study, and why
+    asked: Asked | None = None  # fetch_missing: what was asked for, and what came so far
+
+
+@dataclass(frozen=True)
+class RetrievalRequest:
+    """A retrieval a decision queues (one job per source, asked in the rule's order)."""
+
+    algorithm: str
+    roles: tuple[str, ...]
+    modalities: tuple[str, ...]  # of the series to fetch; empty: any
+    sources: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -115,6 +175,7 @@ class Decision:
     generation: int
     routed: list[Routed] = field(default_factory=list)
     not_routed: list[NotRouted] = field(default_factory=list)
+    retrievals: list[RetrievalRequest] = field(default_factory=list)  # to queue with it
 
     def summary(self) -> str:
         """One line for a person: what it was routed to, or why not (series by number only:
@@ -412,6 +473,63 @@ def assign_roles(roles: dict[str, SeriesMatch], candidates: list[SeriesFacts]) -
     )
 
 
+def _modalities(rule: RouteRule, roles: Sequence[str]) -> tuple[str, ...]:
+    """The modalities a series fetched for ``roles`` may have; empty when a role takes any."""
+    assert rule.roles is not None
+    allowed: set[str] = set()
+    for role in roles:
+        modality = rule.roles[role].modality
+        if modality is None:
+            return ()
+        allowed.update(m.upper() for m in modality)
+    return tuple(sorted(allowed))
+
+
+def _missing(
+    decision: Decision,
+    rule: RouteRule,
+    matched: RoleMatch,
+    retrievals: Sequence[Retrieval],
+) -> NotRouted:
+    """Why a rule lacking roles is not routed, and for a rule that may fetch what is missing,
+    what was asked for: a retrieval queued now (with the decision), one still open (the study
+    is decided again when it ends), or what the ones that ran brought (never asked again for
+    the same roles)."""
+    reason = f"missing role(s) {', '.join(matched.missing)}"
+    if rule.fetch_missing is None:
+        return NotRouted(rule.algorithm, reason, matched.candidates)
+    sources = tuple(rule.fetch_missing)
+    asked_before = [r for r in retrievals if set(matched.missing) <= set(r.roles)]
+    if not asked_before:
+        roles = tuple(matched.missing)
+        decision.retrievals.append(
+            RetrievalRequest(rule.algorithm, roles, _modalities(rule, roles), sources)
+        )
+        return NotRouted(
+            rule.algorithm,
+            f"{reason}: asked {', '.join(sources)} for them (retrieval queued)",
+            matched.candidates,
+            Asked(roles, sources),
+        )
+    asked = Asked(asked_before[0].roles, sources, tuple(asked_before))
+    open_jobs = [r for r in asked_before if r.open]
+    if open_jobs:
+        jobs = ", ".join(str(r.job_id) for r in open_jobs)
+        return NotRouted(
+            rule.algorithm,
+            f"{reason}: retrieval job(s) {jobs} still open; decided again when they end",
+            matched.candidates,
+            asked,
+        )
+    return NotRouted(
+        rule.algorithm,
+        f"{reason} after retrieval ({'; '.join(r.describe() for r in asked_before)});"
+        " not asked again",
+        matched.candidates,
+        asked,
+    )
+
+
 def decide_study(
     study_uid: str,
     series: list[SeriesFacts],
@@ -419,22 +537,20 @@ def decide_study(
     installed: frozenset[str],
     generation: int,
     default_destinations: Sequence[str] = (),
+    retrievals: Sequence[Retrieval] = (),
 ) -> Decision:
-    """The decision for a completed study: the rules with roles."""
+    """The decision for a completed study: the rules with roles. ``retrievals`` are the
+    study's retrieval jobs (:func:`study_retrievals`): a rule lacking roles that it may fetch
+    asks for them once."""
     decision = Decision("study", study_uid, generation)
     usable = [f for f in series if never_routed(f) is None]
     for rule in rules:
         if rule.roles is None:
             continue
         matched = assign_roles(rule.roles, usable)
+        mine = [r for r in retrievals if r.algorithm == rule.algorithm]
         if matched.missing:
-            decision.not_routed.append(
-                NotRouted(
-                    rule.algorithm,
-                    f"missing role(s) {', '.join(matched.missing)}",
-                    matched.candidates,
-                )
-            )
+            decision.not_routed.append(_missing(decision, rule, matched, mine))
         elif rule.algorithm not in installed:
             decision.not_routed.append(
                 NotRouted(
@@ -454,9 +570,65 @@ def decide_study(
                     tuple(sorted(senders)),
                     matched.candidates,
                     rule.priority,
+                    Asked(mine[0].roles, tuple(rule.fetch_missing or ()), tuple(mine))
+                    if mine
+                    else None,
                 )
             )
     return decision
+
+
+def note_retrievals(
+    conn: Connection, study_uid: str, generation: int, retrievals: Sequence[Retrieval]
+) -> None:
+    """Add to the decision that asked for ``retrievals`` (the study's completion
+    ``generation``) how they stand now, in the caller's transaction: a retrieval that brought
+    nothing completes the study no more, and its decision is then where its end is read."""
+    row = conn.execute(
+        "SELECT not_routed FROM routing_decisions WHERE level = 'study' AND subject_uid = ?"
+        " AND generation = ?",
+        (study_uid, generation),
+    ).fetchone()
+    if row is None:
+        return
+    entries = json.loads(row["not_routed"])
+    for entry in entries:
+        if entry.get("asked") is not None:
+            entry["asked"]["retrievals"] = [
+                asdict(r) for r in retrievals if r.algorithm == entry["algorithm"]
+            ]
+    conn.execute(
+        "UPDATE routing_decisions SET not_routed = ? WHERE level = 'study' AND subject_uid = ?"
+        " AND generation = ?",
+        (json.dumps(entries), study_uid, generation),
+    )
+
+
+def study_retrievals(conn: Connection, jobs: Sequence[Job]) -> list[Retrieval]:
+    """The retrieval jobs of a study as a decision records them, with what came: the series
+    and instances the index marks as fetched by each (:func:`~dicom_node.jobs.retrieved_host`).
+    """
+    out = []
+    for job in sorted(jobs, key=lambda j: j.id):
+        assert isinstance(job.payload, RetrievalPayload)
+        rows = conn.execute(
+            "SELECT series_uid, COUNT(*) AS n FROM instances WHERE study_uid = ?"
+            " AND peer_host = ? GROUP BY series_uid ORDER BY MIN(received_at)",
+            (job.subject_uid, retrieved_host(job.id)),
+        ).fetchall()
+        out.append(
+            Retrieval(
+                job.id,
+                job.payload.source,
+                job.payload.algorithm,
+                job.payload.roles,
+                job.state.value,
+                tuple(r["series_uid"] for r in rows),
+                sum(int(r["n"]) for r in rows),
+                job.error,
+            )
+        )
+    return out
 
 
 def record_decision(conn: Connection, jobs: JobStore, decision: Decision) -> list[int]:
@@ -476,7 +648,16 @@ def record_decision(conn: Connection, jobs: JobStore, decision: Decision) -> lis
         ),
     )
     if cursor.rowcount == 0:
-        return []  # decided before (a replayed job): its inference jobs exist already
+        return []  # decided before (a replayed job): its inference and retrieval jobs exist
+    for request in decision.retrievals:
+        for source in request.sources:
+            jobs.enqueue(
+                conn,
+                JobKind.RETRIEVE,
+                decision.subject_uid,
+                decision.generation,
+                RetrievalPayload(source, request.algorithm, request.roles, request.modalities),
+            )
     return [
         jobs.enqueue(
             conn,
@@ -530,6 +711,9 @@ class Router:
             read_series_facts(self.data_dir, self.db, uid)
             for uid in study_series(self.db, job.subject_uid)
         ]
+        asked = self.jobs.recent(JobKind.RETRIEVE, subject_uids=[job.subject_uid])
+        with self.db.reading() as conn:
+            retrievals = study_retrievals(conn, asked)
         return decide_study(
             job.subject_uid,
             series,
@@ -537,6 +721,7 @@ class Router:
             installed,
             job.generation,
             self.config.destinations,
+            retrievals,
         )
 
     def route_next(self) -> Decision | None:
