@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import json
+import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +25,17 @@ from dicom_node.phantoms import write_ct_series
 from dicom_node.scu import send
 from dicom_node.testing import Orthanc, missing_orthanc
 from tests.support.cases import PHANTOMS
-from tests.support.dicomweb import CORPUS_FILES, client, corpus_copies, get, parts
+from tests.support.dicomweb import (
+    CORPUS_FILES,
+    client,
+    corpus_copies,
+    get,
+    parts,
+    split_multipart,
+)
 from tests.support.node import NodeProcess, wait_until
 from tests.support.paths import CORPUS
+from tests.support.tls import client_context
 
 pytestmark = pytest.mark.integration
 
@@ -438,3 +448,42 @@ def test_orthanc_pulls_a_study_with_its_results_from_the_node(served, tmp_path) 
     }
     assert held == expected
     assert served.output("SEG")[1] in held and served.output("SR")[1] in held
+
+
+def test_over_mutual_tls_a_certificate_authorises_and_uris_are_https(tmp_path, pki) -> None:
+    """HTTPS with a client certificate (http.tls): reads are authorised by it as by the token,
+    the URIs the node writes are https on the address the client used, and a streamed study
+    comes whole over TLS."""
+    tls = {
+        "enabled": True,
+        "cert_file": str(pki / "node.crt"),
+        "key_file": str(pki / "node.key"),
+        "ca_file": str(pki / "ca.crt"),
+        "require_client_cert": True,
+    }
+    ct = write_ct_series(tmp_path / "ct", replace(CT, slices=4, rows=64, columns=64))
+    (tmp_path / "node").mkdir()
+    node = NodeProcess(tmp_path / "node", {"http": {"token": TOKEN, "tls": tls}}).start()
+    context = client_context(pki / "ca.crt", pki / "client.crt", pki / "client.key")
+
+    def fetch(url: str, accept: str | None = None) -> tuple[str, bytes]:
+        headers = {} if accept is None else {"Accept": accept}
+        request = urllib.request.Request(url, headers=headers)
+        with urllib.request.urlopen(request, context=context, timeout=30) as response:
+            assert response.status == 200
+            return response.headers["Content-Type"], response.read()
+
+    try:
+        assert send(ct, "127.0.0.1", node.port).ok
+        header = dcmread(ct[0], stop_before_pixels=True)
+        base = f"https://127.0.0.1:{node.http_port}/dicom-web"
+        study = f"{base}/studies/{header.StudyInstanceUID}"
+        (found,) = json.loads(fetch(f"{base}/studies")[1])
+        assert found["00081190"]["Value"] == [study]
+        metadata = json.loads(fetch(f"{study}/metadata")[1])
+        uri = metadata[0]["7FE00010"]["BulkDataURI"]
+        assert uri.startswith(f"{study}/series/")
+        assert fetch(uri, "*/*")[1] == bytes(dcmread(ct[0]).PixelData)
+        assert len(split_multipart(*fetch(study))) == len(ct)
+    finally:
+        node.stop()

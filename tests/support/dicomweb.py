@@ -37,9 +37,14 @@ def get(
 
 def parts(response: requests.Response) -> list[tuple[str, bytes]]:
     """The parts of a multipart/related response: each one's Content-Type and bytes."""
-    head = f"Content-Type: {response.headers['Content-Type']}\r\n\r\n".encode()
-    message = BytesParser(policy=HTTP).parsebytes(head + response.content)
-    assert message.is_multipart(), response.headers["Content-Type"]
+    return split_multipart(response.headers["Content-Type"], response.content)
+
+
+def split_multipart(content_type: str, body: bytes) -> list[tuple[str, bytes]]:
+    """The parts of a multipart/related body of ``content_type``."""
+    head = f"Content-Type: {content_type}\r\n\r\n".encode()
+    message = BytesParser(policy=HTTP).parsebytes(head + body)
+    assert message.is_multipart(), content_type
     found = []
     for part in message.iter_parts():
         payload = part.get_payload(decode=True)
