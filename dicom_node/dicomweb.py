@@ -176,14 +176,14 @@ def answer(config: NodeConfig, path: str, query: str, accept: str | None, base: 
     that a RetrieveURL or BulkDataURI resolves on the page's own origin behind a proxy)."""
     try:
         params = parse_qs(query, keep_blank_values=True)
-        return _route(_Server(config, base), path, params, accept)
+        return _route(_Origin(config, base), path, params, accept)
     except LookupError as exc:  # raised with the reason as its only argument
         return _error(HTTPStatus.NOT_FOUND, str(exc.args[0]) if exc.args else "not found")
     except ValueError as exc:
         return _error(HTTPStatus.BAD_REQUEST, str(exc))
 
 
-def _route(server: _Server, path: str, params: dict[str, list[str]], accept: str | None) -> Answer:
+def _route(server: _Origin, path: str, params: dict[str, list[str]], accept: str | None) -> Answer:
     rest = path[len(PREFIX) :].strip("/")
     parts = rest.split("/") if rest else []
     if not parts:
@@ -458,7 +458,7 @@ def _element(tag: int, values: Sequence[Any] | Any) -> DataElement:
     return DataElement(tag, dictionary_VR(tag), values)
 
 
-class _Server:
+class _Origin:
     """One request's view of the node."""
 
     def __init__(self, config: NodeConfig, base: str) -> None:
@@ -628,15 +628,12 @@ class _Server:
                 )
             if wanted.single:
                 return Answer(HTTPStatus.OK, PART10, body)
-            plans_parts: Iterable[tuple[str, Iterable[bytes]]] = [
+            parts: Iterable[tuple[str, Iterable[bytes]]] = [
                 (PART10 + f"; transfer-syntax={syntax}", [body])
             ]
         else:
-            plans_parts = (
-                (PART10 + f"; transfer-syntax={s}", _part10(e.path, s)) for e, s in plans
-            )
+            parts = ((PART10 + f"; transfer-syntax={s}", _part10(e.path, s)) for e, s in plans)
         boundary = _boundary()
-        parts = plans_parts
         return Answer(
             HTTPStatus.OK,
             f'multipart/related; type="{PART10}"; boundary={boundary}',
