@@ -12,11 +12,15 @@
                                        destinations, algorithms, workers, node (the
                                        mode and the cluster's servers); POST retries,
                                        cancels and requeues
+``/dicom-web/...``              token   DICOMweb (PS3.18): STOW-RS in (:mod:`dicom_node.stow`),
+                                       QIDO-RS and WADO-RS over what the node holds
+                                       (:mod:`dicom_node.dicomweb`)
 ``/``                          open    the dashboard (a static page; its data comes from /api)
 =============================  ======  =======================================================
 
 "token": when ``http.token`` is set, the request must carry ``Authorization: Bearer <token>``
-(it is required when the service listens beyond loopback). POSTs must also be sent as
+(it is required when the service listens beyond loopback) or, over HTTPS (``http.tls``), a
+client certificate that verifies against ``http.tls.ca_file``. POSTs must also be sent as
 ``application/json``, which a browser does not do cross-origin without a CORS preflight that
 this service never grants — so another web page cannot make a reader's browser retry things.
 
