@@ -15,6 +15,7 @@ from dicom_node.config import NodeConfig, NotifyRule, WebhookDestination
 from dicom_node.errors import DestinationRefused, DestinationUnavailable
 from dicom_node.notify import build_report, notified_priority, selected
 from dicom_node.notify_webhook import body_of, document, schema, send_webhook, sign, verify
+from tests.support.http import request
 from tests.support.node import wait_until
 from tests.support.notify import (
     WebhookReceiver,
@@ -219,6 +220,9 @@ def test_an_outage_then_exactly_once_through_a_node(make_node, tmp_path) -> None
         assert {r["kind"] for r in doc["results"]} == {"SEG", "SR"}
         outputs = {r["sop_instance_uid"] for r in node.query("SELECT * FROM outputs")}
         assert {r["sop_instance_uid"] for r in doc["results"]} == outputs
+        for result in doc["results"]:  # what the document says is where the node serves it
+            status, body = request(node.http_url + result["wado_rs_path"])
+            assert status == 200 and result["sop_instance_uid"].encode() in body
         assert node.stop() == 0
         audited = delivery_attempts(node.data_dir / "audit" / "audit.jsonl", receiver.url)
         outcomes = [m["EventIdentification"]["EventOutcomeIndicator"] for m in audited]
