@@ -22,6 +22,7 @@ readable by the node's user only. It is rotated by size; nothing is ever rewritt
 
 from __future__ import annotations
 
+import base64
 import io
 import ipaddress
 import json
@@ -43,6 +44,7 @@ from dicom_node.events import (
     AssociationRejected,
     DataDeleted,
     DeliveryAttempted,
+    DicomwebRead,
     Event,
     JobChanged,
     JobsRouted,
@@ -66,6 +68,7 @@ INSTANCES_TRANSFERRED: Code = codes.DCM.DICOMInstancesTransferred
 INSTANCES_ACCESSED: Code = codes.DCM.DICOMInstancesAccessed
 STUDY_DELETED: Code = codes.DCM.DICOMStudyDeleted
 PROCEDURE_RECORD: Code = codes.DCM.ProcedureRecord
+QUERY: Code = codes.DCM.Query
 SECURITY_ALERT: Code = codes.DCM.SecurityAlert
 APPLICATION_START: Code = codes.DCM.ApplicationStart
 APPLICATION_STOP: Code = codes.DCM.ApplicationStop
@@ -378,6 +381,42 @@ class AuditTrail:
                             + (f" ({event.algorithm})" if event.algorithm else "")
                             + f" {event.action} (it was {event.was})"
                         ),
+                    )
+                ]
+            case DicomwebRead():
+                client = participant(
+                    event.client, requestor=True, role=DESTINATION_ROLE, host=event.client_host
+                )
+                outcome = SUCCESS if event.status < 400 else MINOR_FAILURE
+                if event.search:
+                    # PS3.15 A.5.3.10 Query: the query itself is the participant object.
+                    query = {
+                        "ParticipantObjectID": event.resource,
+                        "ParticipantObjectTypeCode": 2,  # system object
+                        "ParticipantObjectTypeCodeRole": 24,  # query
+                        "ParticipantObjectIDTypeCode": _code(URI),
+                        "ParticipantObjectQuery": base64.b64encode(
+                            event.resource.encode()
+                        ).decode(),
+                    }
+                    return [
+                        self.message(
+                            QUERY,
+                            "E",
+                            outcome,
+                            [client, self._us(requestor=False, role=SOURCE_ROLE)],
+                            [query],
+                            description=f"QIDO-RS ({event.status})",
+                        )
+                    ]
+                return [
+                    self.message(
+                        INSTANCES_TRANSFERRED,
+                        "R",
+                        outcome,
+                        [client, self._us(requestor=False, role=SOURCE_ROLE)],
+                        study_objects(event.studies),
+                        description=f"WADO-RS {event.resource} ({event.status})",
                     )
                 ]
             case DataDeleted():

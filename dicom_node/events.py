@@ -130,6 +130,18 @@ class NodeStopped:
     ae_title: str
 
 
+@dataclass(frozen=True)
+class DicomwebRead:
+    """A DICOMweb client searched (QIDO-RS) or retrieved (WADO-RS) what the node holds."""
+
+    client_host: str
+    client: str  # who: a client certificate's name, or what authorised the request
+    search: bool  # QIDO-RS; else WADO-RS
+    resource: str  # the path and query asked for
+    studies: tuple[StudyRef, ...]  # the study a retrieval was of, when its path names one
+    status: int  # the HTTP status answered
+
+
 Event = (
     AssociationAccepted
     | AssociationRejected
@@ -139,6 +151,7 @@ Event = (
     | JobsRouted
     | DataDeleted
     | JobChanged
+    | DicomwebRead
     | NodeStarted
     | NodeStopped
 )

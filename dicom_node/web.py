@@ -55,7 +55,7 @@ from dicom_node import api, dicomweb
 from dicom_node.config import NodeConfig
 from dicom_node.database import SCHEMA_VERSION, Connection, Database, open_reader
 from dicom_node.errors import StowRequestError
-from dicom_node.events import Events
+from dicom_node.events import DicomwebRead, Events, StudyRef
 from dicom_node.job_control import JobControl
 from dicom_node.jobs import job_store
 from dicom_node.scp import server_ssl_context
@@ -92,7 +92,8 @@ class HttpService:
         self.registry = registry
         self.checks = checks
         self.data_dir = config.store.data_dir.resolve()
-        self.control = JobControl(self.jobs, db, self.data_dir, events or Events())
+        self.events = events or Events()
+        self.control = JobControl(self.jobs, db, self.data_dir, self.events)
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.address = (config.http.host, config.http.port)
@@ -338,9 +339,9 @@ class _Handler(BaseHTTPRequestHandler):
                 if self._authorised():
                     accept = self.headers.get("Accept")
                     base = self._base_url()
-                    self._send_stream(
-                        dicomweb.answer(self.node.config, path, url.query, accept, base)
-                    )
+                    answer = dicomweb.answer(self.node.config, path, url.query, accept, base)
+                    self._send_stream(answer)
+                    self._audit_read(path, answer.status)
             elif path.startswith("/api/"):
                 if self._authorised():
                     data = self.node.get_api(path, params)
@@ -387,6 +388,32 @@ class _Handler(BaseHTTPRequestHandler):
             return
         log.info("HTTP POST %s from %s: %d %s", path, self.address_string(), status, result)
         self._json(status, result)
+
+    def _who(self) -> str:
+        """Who the client is, as far as the request says: its certificate, or how it got in."""
+        names = _common_names(self._client_certificate())
+        if names:
+            return ", ".join(names)
+        return "bearer token" if self.node.config.http.token else "unauthenticated (loopback)"
+
+    def _audit_read(self, path: str, status: int) -> None:
+        """Searches and retrievals of instances and metadata are audited (PS3.15 A.5.3);
+        frames and bulk data are not: a viewer asks for them by the hundred after the
+        metadata retrieval that is."""
+        search = _SEARCH.fullmatch(path) is not None
+        if not search and _PIECES.search(path):
+            return
+        study = _STUDY.match(path)
+        self.node.events.emit(
+            DicomwebRead(
+                self.client_address[0],
+                self._who(),
+                search=search,
+                resource=self.path,
+                studies=(StudyRef(study[1], None, 0),) if study else (),
+                status=status,
+            )
+        )
 
     def _base_url(self) -> str:
         """/dicom-web as this client addresses it (the Host header it sent)."""
@@ -436,12 +463,24 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(response.status, json.dumps(response.body).encode(), "application/dicom+json")
 
 
-def _subject(certificate: dict[str, Any] | None) -> str:
-    """The common name of a verified client certificate, for the log."""
+def _common_names(certificate: dict[str, Any] | None) -> list[str]:
+    """The common names of a verified client certificate's subject."""
     if certificate is None:
-        return ""
-    names = [v for rdn in certificate.get("subject", ()) for k, v in rdn if k == "commonName"]
+        return []
+    return [v for rdn in certificate.get("subject", ()) for k, v in rdn if k == "commonName"]
+
+
+def _subject(certificate: dict[str, Any] | None) -> str:
+    """A verified client certificate's name, for the log."""
+    names = _common_names(certificate)
     return f" ({', '.join(names)})" if names else ""
+
+
+_SEARCH = re.compile(
+    rf"/dicom-web(?:/studies/{_UID}(?:/series/{_UID})?)?/(?:studies|series|instances)"
+)
+_PIECES = re.compile(r"/(?:frames|bulkdata)/")
+_STUDY = re.compile(rf"/dicom-web/studies/({_UID})")
 
 
 def store_check(data_dir: Path, min_free_bytes: int) -> Check:

@@ -7,6 +7,7 @@ what the server computes."""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import urllib.request
@@ -24,6 +25,7 @@ from dicom_node.dicomweb import FRAME_MEDIA_TYPES, decodable
 from dicom_node.phantoms import write_ct_series
 from dicom_node.scu import send
 from dicom_node.testing import Orthanc, missing_orthanc
+from tests.support.audit import event_id, objects, read_trail
 from tests.support.cases import PHANTOMS
 from tests.support.dicomweb import (
     CORPUS_FILES,
@@ -349,6 +351,41 @@ def test_corpus_files_come_back_pixel_for_pixel(served, name: str) -> None:
 
 
 # -- refusals ----------------------------------------------------------------------------------
+
+
+def test_searches_and_retrievals_are_audited_frames_are_not(served) -> None:
+    """PS3.15 A.5.3: a QIDO-RS search is a Query, a WADO-RS retrieval of instances or metadata
+    Instances Transferred with the study; the client is the requestor. Frames are not audited
+    one by one (a viewer asks for hundreds after the metadata it was audited for)."""
+    trail_path = served.node.data_dir / "audit" / "audit.jsonl"
+    seen = len(read_trail(trail_path))
+    study = served.ct_study
+    assert get(served.node, f"/studies?StudyInstanceUID={study}", token=TOKEN).status_code == 200
+    assert get(served.node, f"/studies/{study}/metadata", token=TOKEN).status_code == 200
+    sop = str(dcmread(served.ct[0], stop_before_pixels=True).SOPInstanceUID)
+    series = str(dcmread(served.ct[0], stop_before_pixels=True).SeriesInstanceUID)
+    frame = f"/studies/{study}/series/{series}/instances/{sop}/frames/1"
+    assert get(served.node, frame, token=TOKEN).status_code == 200
+    assert get(served.node, "/studies/1.2.3.4.5/metadata", token=TOKEN).status_code == 404
+    new = read_trail(trail_path)[seen:]
+    assert [(event_id(m), m["EventIdentification"]["EventOutcomeIndicator"]) for m in new] == [
+        ("Query", 0),
+        ("DICOM Instances Transferred", 0),
+        ("DICOM Instances Transferred", 4),
+    ]
+    query, retrieval = new[0], new[1]
+    assert (
+        base64.b64decode(
+            query["ParticipantObjectIdentification"][0]["ParticipantObjectQuery"]
+        ).decode()
+        == f"/dicom-web/studies?StudyInstanceUID={study}"
+    )
+    assert objects(retrieval)["Study Instance UID"] == study
+    (requestor,) = [p for p in retrieval["ActiveParticipant"] if p["UserIsRequestor"]]
+    assert (requestor["UserID"], requestor["NetworkAccessPointID"]) == (
+        "bearer token",
+        "127.0.0.1",
+    )
 
 
 def test_the_token_is_required(served) -> None:
