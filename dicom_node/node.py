@@ -81,7 +81,9 @@ class Node:
             objects=self.sweeper.objects if self.sweeper is not None else None,
         )
         # Fetching what a study lacks (routing.rules[].fetch_missing), when a source is named.
-        self.retriever = Retriever(config, self.store) if config.retrieve.sources else None
+        self.retriever = (
+            Retriever(config, self.store, events=self.events) if config.retrieve.sources else None
+        )
         # In a loop of its own: a slow or failing purge must hold back no delivery.
         self.retention = Loop("retention", self.purge_expired, config.retention.check_every_s)
         self.loops = [

@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 import requests
@@ -75,6 +76,7 @@ from dicom_node.errors import (
     SourceRefused,
     SourceUnavailable,
 )
+from dicom_node.events import Events, StudiesReceived, study_refs
 from dicom_node.facts import study_series
 from dicom_node.jobs import Job, JobKind, JobState, RetrievalPayload, job_store, retrieved_host
 from dicom_node.loops import Loop, reason
@@ -156,6 +158,7 @@ class _Dimse:
         self.store = store
         self.sender = sender
         self.stored = 0
+        self.paths: list[Path] = []  # what it stored (C-GET), for the audit trail
         self._assoc: Association | None = None
 
     @property
@@ -255,7 +258,7 @@ class _Dimse:
         """A C-GET sub-operation's C-STORE: stored as a C-STORE is, answered after."""
         request = cast(C_STORE, event.request)
         try:
-            self.store.put(
+            stored = self.store.put(
                 event.encoded_dataset(include_meta=False),
                 str(event.context.transfer_syntax),
                 self.sender,
@@ -269,6 +272,7 @@ class _Dimse:
             log.warning("a retrieved instance was not stored: %s", reason(exc))
             return refusal_status(exc)
         self.stored += 1
+        self.paths.append(stored.path)
         return _SUCCESS
 
 
@@ -318,6 +322,7 @@ class _Dicomweb:
         self.store = store
         self.sender = sender
         self.stored = 0
+        self.paths: list[Path] = []  # what it stored, for the audit trail
 
     @contextmanager
     def session(self) -> Iterator[None]:
@@ -360,8 +365,9 @@ class _Dicomweb:
             series.series_uid,
             media_types=(("application/dicom", ExplicitVRLittleEndian),),
         ):
-            self.store.put(_encoded(ds), ExplicitVRLittleEndian, self.sender)
+            stored = self.store.put(_encoded(ds), ExplicitVRLittleEndian, self.sender)
             self.stored += 1
+            self.paths.append(stored.path)
 
 
 def _encoded(ds: Dataset) -> bytes:
@@ -382,9 +388,11 @@ class Retriever:
         config: NodeConfig,
         store: InstanceStore,
         *,
+        events: Events | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
+        self.events = events
         self.settings = config.retrieve
         self.store = store
         self.db: Database = store.db
@@ -470,7 +478,6 @@ class Retriever:
         source = self.settings.sources.get(payload.source)
         if source is None:
             raise SourceRefused(f"no source named {payload.source!r} under retrieve.sources")
-        study_uid = job.subject_uid
         mark = retrieved_host(job.id)
         sender = Sender(source.ae_title or payload.source[:16], mark)
         started = self.clock()
@@ -486,25 +493,49 @@ class Retriever:
                 self.store,
                 sender,
             )
-        with client.session():
-            remote = client.find(study_uid)
-            wanted = wanted_series(
-                remote, set(study_series(self.db, study_uid)), payload.modalities
-            )
-            log.info(
-                "retrieval job %d: study %s, %s lists %d series, %d to fetch by %s",
-                job.id,
-                store_key(study_uid)[:12],
-                payload.source,
-                len(remote),
-                len(wanted),
-                source.method,
-            )
-            for series in wanted:
-                client.fetch(study_uid, series)
-                if source.method == "c-move":
-                    client.stored += self._mark_moved(study_uid, series.series_uid, mark, started)
+        try:
+            with client.session():
+                self._fetch(job, payload, client, source.method, started)
+        finally:
+            # C-MOVE's arrivals are audited by the SCP that received them.
+            if client.paths and self.events is not None:
+                self.events.emit(
+                    StudiesReceived(
+                        sender.calling_aet,
+                        source.url or f"{source.host}:{source.port}",
+                        self.settings.calling_ae_title or self.config.scp.ae_title,
+                        study_refs(client.paths),
+                        True,
+                    )
+                )
         return client.stored
+
+    def _fetch(
+        self,
+        job: Job,
+        payload: RetrievalPayload,
+        client: _Dimse | _Dicomweb,
+        method: str,
+        started: float,
+    ) -> None:
+        """Inside the client's session: find the study's series, fetch those missing."""
+        study_uid = job.subject_uid
+        mark = retrieved_host(job.id)
+        remote = client.find(study_uid)
+        wanted = wanted_series(remote, set(study_series(self.db, study_uid)), payload.modalities)
+        log.info(
+            "retrieval job %d: study %s, %s lists %d series, %d to fetch by %s",
+            job.id,
+            store_key(study_uid)[:12],
+            payload.source,
+            len(remote),
+            len(wanted),
+            method,
+        )
+        for series in wanted:
+            client.fetch(study_uid, series)
+            if method == "c-move":
+                client.stored += self._mark_moved(study_uid, series.series_uid, mark, started)
 
     def _mark_moved(self, study_uid: str, series_uid: str, mark: str, since: float) -> int:
         """Mark as retrieved what a C-MOVE brought through the SCP: the series' instances

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from dicom_node.testing import missing_orthanc
+from tests.support.audit import event_id, objects, read_trail
 from tests.support.cases import mr_series
 from tests.support.node import wait_until
 from tests.support.retrieve import ROLES, brain_pacs, decisions, retrieving_node, wait_routed
@@ -86,6 +87,18 @@ def test_the_missing_flair_is_fetched_marked_and_the_study_routed(
     assert marks[(pacs.series["FLAIR"], mark)] == len(pacs.files["FLAIR"])
     assert sum(n for (series, host), n in marks.items() if host == mark) == len(pacs.files["FLAIR"])
     assert {series for series, _ in marks} == set(pacs.series.values())
+
+    # Audited as instances transferred from Orthanc (C-MOVE: by the SCP that received them),
+    # named by its AE title, or for DICOMweb by the source's name.
+    source = "pacs" if method == "dicomweb" else "ORTHANC"
+    transferred = [
+        m
+        for m in read_trail(node.data_dir / "audit" / "audit.jsonl")
+        if event_id(m) == "DICOM Instances Transferred"
+        and objects(m).get("Study Instance UID") == pacs.study_uid
+        and any(p.get("UserID") == source for p in m["ActiveParticipant"])
+    ]
+    assert transferred, "the retrieval is in the audit trail"
 
     # Routed once: one inference job, queued (no worker here).
     jobs = node.query(
