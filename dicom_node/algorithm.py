@@ -21,8 +21,9 @@ import hashlib
 import importlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from enum import Enum
 from functools import cached_property
 from pathlib import Path
 from types import ModuleType
@@ -44,6 +45,7 @@ __all__ = [
     "ANATOMICAL_STRUCTURE",
     "DEMO_WARNING",
     "MORPHOLOGICALLY_ABNORMAL_STRUCTURE",
+    "PRIOR_INPUT",
     "SERIES_INPUT",
     "VOXEL_DTYPE",
     "Algorithm",
@@ -54,10 +56,14 @@ __all__ = [
     "Classification",
     "Concept",
     "Finding",
+    "FindingChange",
+    "FollowUp",
     "HeatMap",
     "InputError",
     "InputSpec",
     "LabelMask",
+    "LesionStatus",
+    "PriorSpec",
     "QaCase",
     "QaLesion",
     "QaPhantom",
@@ -71,15 +77,57 @@ SERIES_INPUT = "series"  # the input name of an algorithm that takes one series
 DEMO_WARNING = "DEMO MODEL - NOT FOR CLINICAL USE"
 
 
+PRIOR_INPUT = "prior"  # the input name of a prior study's series, by default
+
+
+@dataclass(frozen=True)
+class PriorSpec:
+    """An earlier study of the same patient that an algorithm wants beside its input, for
+    follow-up: the node looks for it when it routes the current one, among the studies it
+    holds (received, or retrieved from a PACS), and hands it over as the input ``role`` when
+    it finds one, or leaves the input out and records why.
+
+    A prior qualifies when it has the same PatientID (and Issuer of Patient ID when both give
+    one), an earlier StudyDate/StudyTime, at most ``max_age_days`` before the current study,
+    and a series that the routing rule would have chosen for the algorithm's input (the same
+    modality, body part and kind of series); of several, the most recent study is taken.
+    """
+
+    role: str = PRIOR_INPUT
+    max_age_days: int = 3 * 365
+
+    def __post_init__(self) -> None:
+        if not self.role:
+            raise ValueError("a prior needs an input name")
+        if self.max_age_days < 1:
+            raise ValueError("max_age_days must be at least 1")
+
+
 @dataclass(frozen=True)
 class InputSpec:
-    """What an algorithm takes: one series, or a study with one series per named role."""
+    """What an algorithm takes: one series, or a study with one series per named role; and,
+    with ``prior``, optionally the matching series of the patient's prior study."""
 
     roles: tuple[str, ...] = (SERIES_INPUT,)
+    prior: PriorSpec | None = None
 
     def __post_init__(self) -> None:
         if not self.roles or len(set(self.roles)) != len(self.roles):
             raise ValueError("roles must be distinct and at least one")
+        if self.prior is not None and self.prior.role in self.roles:
+            raise ValueError(f"the prior's input name {self.prior.role!r} is also a role")
+
+    def mismatch(self, names: Collection[str]) -> str | None:
+        """Why a job's input names do not fit this spec (every role, the prior's optionally),
+        or None when they do."""
+        optional = {self.prior.role} if self.prior is not None else set()
+        missing = set(self.roles) - set(names)
+        unknown = set(names) - set(self.roles) - optional
+        if missing or unknown:
+            return f"inputs {sorted(names)} do not fit the roles {list(self.roles)}" + (
+                f" and the optional prior {self.prior.role!r}" if self.prior else ""
+            )
+        return None
 
 
 @dataclass(frozen=True)
@@ -229,6 +277,63 @@ class Classification:
         return self.probability >= self.threshold
 
 
+class LesionStatus(str, Enum):
+    """What became of a lesion between a prior study and the current one."""
+
+    NEW = "new"  # in the current study only
+    RESOLVED = "resolved"  # in the prior study only
+    INCREASED = "increased"  # its volume grew by more than the stable margin
+    DECREASED = "decreased"  # its volume shrank by more than the stable margin
+    STABLE = "stable"
+
+
+@dataclass(frozen=True)
+class FindingChange:
+    """One lesion compared with the prior study.
+
+    ``finding`` is its index in :attr:`AlgorithmResult.findings` (None when it is resolved:
+    only the prior has it). Prior values are measured on the prior study, its centre in the
+    prior's own patient coordinates; ``volume_change_percent`` is 100 (V2 - V1) / V1 and
+    ``doubling_time_days`` Δt ln 2 / ln(V2/V1), negative for a shrinking lesion.
+    """
+
+    status: LesionStatus
+    finding: int | None
+    volume_mm3: float | None = None
+    prior_center_lps_mm: tuple[float, float, float] | None = None
+    prior_diameter_mm: float | None = None
+    prior_volume_mm3: float | None = None
+    volume_change_percent: float | None = None
+    doubling_time_days: float | None = None
+    distance_mm: float | None = None  # between its centre and the prior's, after registration
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "status", LesionStatus(self.status))
+        resolved = self.status is LesionStatus.RESOLVED
+        if resolved != (self.finding is None):
+            raise ValueError("a resolved lesion has no current finding, any other has one")
+        if self.status is not LesionStatus.NEW and self.prior_diameter_mm is None:
+            raise ValueError(f"a {self.status} lesion needs its prior measurements")
+
+
+@dataclass(frozen=True)
+class FollowUp:
+    """The comparison of a result with the prior study given as input ``prior``: each
+    lesion's change, the days between the two studies, and the rigid transform (4 x 4, prior
+    patient coordinates to current) the two scans were registered with."""
+
+    prior: str
+    interval_days: float
+    changes: tuple[FindingChange, ...]
+    registration: tuple[float, ...] = ()  # row-major 4 x 4, when registered
+
+    def __post_init__(self) -> None:
+        if self.interval_days <= 0:
+            raise ValueError("the prior must be earlier than the current study")
+        if self.registration and len(self.registration) != 16:
+            raise ValueError("a registration is a 4 x 4 matrix, 16 values")
+
+
 @dataclass(frozen=True)
 class HeatMap:
     """Where a classification looked, in the pixel grid of one input, values in [0, 1]."""
@@ -294,6 +399,8 @@ class AlgorithmResult:
     # What the algorithm looks for: a type with no finding is reported as absent, because a
     # silent nothing cannot be told from a failure.
     looked_for: list[Concept] = field(default_factory=list)
+    # With a prior study as input: what became of each finding since (and of the prior's).
+    followup: FollowUp | None = None
 
     def __post_init__(self) -> None:
         names = [m.name for m in self.masks]
@@ -302,6 +409,10 @@ class AlgorithmResult:
         for finding in self.findings:
             if finding.mask is not None and finding.mask not in names:
                 raise ValueError(f"finding {finding.label!r} names an unknown mask")
+        if self.followup is not None:
+            compared = [c.finding for c in self.followup.changes if c.finding is not None]
+            if sorted(compared) != list(range(len(self.findings))):
+                raise ValueError("a follow-up compares each finding exactly once")
 
     def save(self, folder: Path) -> Path:
         """Write ``result.json`` and one ``.npy`` per array into ``folder``; returns the JSON."""
@@ -354,6 +465,16 @@ class AlgorithmResult:
             ],
             "measurements": self.measurements,
         }
+        if self.followup is not None:
+            document["followup"] = {
+                "prior": self.followup.prior,
+                "interval_days": self.followup.interval_days,
+                "registration": list(self.followup.registration),
+                "changes": [
+                    {k: v for k, v in asdict(c).items() if v is not None}
+                    for c in self.followup.changes
+                ],
+            }
         path = folder / "result.json"
         path.write_text(json.dumps(document, indent=2))
         return path
@@ -484,6 +605,13 @@ class Algorithm(ABC):
             raise ConfigError(
                 describe_error(exc, ("algorithms", cls.name), unknown="unknown setting")
             ) from None
+
+    @classmethod
+    def prior_input(cls, settings: Any) -> PriorSpec | None:
+        """The prior study this algorithm wants with ``settings`` (as :meth:`checked_settings`
+        returns them): ``inputs.prior`` as declared; an algorithm whose settings choose the
+        prior's maximum age overrides this."""
+        return cls.inputs.prior
 
     @abstractmethod
     def weights(self) -> Weights:

@@ -183,11 +183,9 @@ class Runner:
         payload = job.inference
         algorithm = self.algorithm(payload.algorithm)
         progress("running")
-        if set(inputs) != set(algorithm.inputs.roles):
-            raise ValueError(
-                f"job inputs {sorted(inputs)} do not match {algorithm.name}'s "
-                f"{list(algorithm.inputs.roles)}"
-            )
+        wrong = algorithm.inputs.mismatch(inputs)
+        if wrong is not None:
+            raise ValueError(f"job of {algorithm.name}: {wrong}")
         started = time.perf_counter()
         provenance = self._provenance[payload.algorithm]
         result = made_by(algorithm.run(inputs), provenance)

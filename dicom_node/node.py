@@ -60,7 +60,13 @@ class Node:
         if self.audit is not None:
             self.events.sinks.append(self.audit)
         self.jobs = job_store(self.store.db)
-        self.router = Router(self.store.data_dir, self.store.db, config.routing, events=self.events)
+        self.router = Router(
+            self.store.data_dir,
+            self.store.db,
+            config.routing,
+            events=self.events,
+            algorithm_settings=config.algorithms,
+        )
         self.assembler = Assembler(self.store.db, config.assembly, on_complete=self.router.wake)
         self.scp = StorageSCP(config.scp, self.store, self.assembler, self.events)
         # Cluster mode: the workers are Celery workers on GPU hosts, not processes of ours;

@@ -43,6 +43,25 @@ AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
 
 @dataclass(frozen=True)
+class Pose:
+    """Where the patient lies in the scanner, relative to where the phantom is drawn: turned by
+    ``rotation_deg`` about the long (S) axis through the origin, then moved by ``shift_mm``
+    (LPS). A second scan of one patient is another pose of the same body."""
+
+    shift_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    rotation_deg: float = 0.0
+
+    def matrix(self) -> np.ndarray:
+        """4 x 4: body coordinates (LPS mm) -> scanner coordinates."""
+        angle = np.radians(self.rotation_deg)
+        cos, sin = np.cos(angle), np.sin(angle)
+        matrix = np.eye(4)
+        matrix[:2, :2] = [[cos, -sin], [sin, cos]]
+        matrix[:3, 3] = self.shift_mm
+        return matrix
+
+
+@dataclass(frozen=True)
 class CtPhantomSpec:
     """A chest CT: body, two lungs, optionally nodules and noise.
 
@@ -74,10 +93,23 @@ class CtPhantomSpec:
     study_uid: str | None = None
     series_uid: str | None = None
     anatomy: ChestAnatomy | None = None
+    # The patient's pose in the scanner (a follow-up scan's); nodule centres are in the body's
+    # coordinates, where they lie with no pose (:meth:`posed` says where the scanner sees them).
+    pose: Pose | None = None
+    acquired: datetime | None = None  # StudyDate/Time; None: now
 
     def __post_init__(self) -> None:
         if self.anatomy is not None and self.orientation != AXIAL:
             raise ValueError("a phantom with chest anatomy is drawn on axial slices only")
+        if self.pose is not None and (self.anatomy is not None or self.orientation != AXIAL):
+            raise ValueError("a posed phantom is the axial one without chest anatomy")
+
+    def posed(self, point: tuple[float, float, float]) -> tuple[float, float, float]:
+        """Where the scanner sees a point of the body (LPS mm)."""
+        if self.pose is None:
+            return point
+        x, y, z = (float(v) for v in (self.pose.matrix() @ [*point, 1.0])[:3])
+        return x, y, z
 
     def affine(self) -> np.ndarray:
         """(slice, row, column) indices, slices in acquisition order, -> patient LPS mm."""
@@ -112,7 +144,9 @@ class CtPhantomSpec:
         inside ``nodule``."""
         r, c = np.ogrid[: self.rows, : self.columns]
         affine = self.affine()
-        offset = affine[:3, 3] + affine[:3, 0] * index - np.asarray(nodule.center_lps_mm)
+        offset = (
+            affine[:3, 3] + affine[:3, 0] * index - np.asarray(self.posed(nodule.center_lps_mm))
+        )
         distance = sum(
             (offset[axis] + affine[axis, 1] * r + affine[axis, 2] * c) ** 2 for axis in range(3)
         )
@@ -157,8 +191,20 @@ def _base_dataset(
 
 
 def _axial_slice(spec: CtPhantomSpec) -> np.ndarray:
-    """The body and lungs of one slice in HU."""
+    """The body and lungs of one slice in HU (turned and moved by the spec's pose)."""
+    y: np.ndarray
+    x: np.ndarray
     y, x = np.ogrid[: spec.rows, : spec.columns]
+    if spec.pose is not None:
+        # Each pixel of the scan at the body's pixel it shows: the pose undone, in pixels.
+        row_mm, column_mm = spec.pixel_spacing_mm
+        origin = spec.affine()[:3, 3]
+        scanner_x = origin[0] + x * column_mm + 0 * y
+        scanner_y = origin[1] + y * row_mm + 0 * x
+        undo = np.linalg.inv(spec.pose.matrix())
+        body_x = undo[0, 0] * scanner_x + undo[0, 1] * scanner_y + undo[0, 3]
+        body_y = undo[1, 0] * scanner_x + undo[1, 1] * scanner_y + undo[1, 3]
+        x, y = (body_x - origin[0]) / column_mm, (body_y - origin[1]) / row_mm
     cy, cx = spec.rows / 2, spec.columns / 2
     hu = np.full((spec.rows, spec.columns), -1000, dtype=np.int16)
     body = ((x - cx) / (0.42 * spec.columns)) ** 2 + ((y - cy) / (0.3 * spec.rows)) ** 2 <= 1
@@ -218,7 +264,7 @@ def ct_series(spec: CtPhantomSpec = CtPhantomSpec()) -> Iterator[Dataset]:
 
     Slices go from inferior to superior (or the reverse with ``reversed_order``).
     """
-    now = datetime.now()
+    now = spec.acquired or datetime.now()
     study_uid = spec.study_uid or generate_uid()
     series_uid = spec.series_uid or generate_uid()
     frame_of_reference = generate_uid()

@@ -16,10 +16,11 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from pydicom.uid import (
     ComputedRadiographyImageStorage,
@@ -36,9 +37,10 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
 )
 
-from dicom_node.algorithm import SERIES_INPUT
+from dicom_node.algorithm import SERIES_INPUT, PriorSpec
 from dicom_node.config import RouteRule, RoutingConfig, SeriesMatch
 from dicom_node.database import Connection, Database
+from dicom_node.errors import ConfigError
 from dicom_node.events import Events, JobsRouted, RoutedJob, study_refs
 from dicom_node.facts import SeriesFacts, read_series_facts, series_paths, study_series
 from dicom_node.jobs import (
@@ -55,6 +57,7 @@ from dicom_node.loops import Loop
 from dicom_node.mr_sequence import WEIGHTINGS, classify, describes, never_a_role
 from dicom_node.plugins import discover
 from dicom_node.priority import DEFAULT_PRIORITY, Priority
+from dicom_node.priors import FOUND, PriorFound, find_prior, study_of_series
 from dicom_node.store import store_key
 
 log = logging.getLogger(__name__)
@@ -148,6 +151,7 @@ class Routed:
     candidates: tuple[Candidate, ...] = ()  # role rules: every series of the study, and why
     priority: Priority = DEFAULT_PRIORITY  # the rule's: its job's class in the queue
     asked: Asked | None = None  # fetch_missing: what was asked for the study, and what came
+    prior: str = ""  # an algorithm that wants a prior: the one found, or why none
 
 
 @dataclass(frozen=True)
@@ -182,6 +186,7 @@ class Decision:
         the line is logged)."""
         parts = [
             f"routed to {r.algorithm}{_roles_by_number(r)}"
+            + (f" ({r.prior})" if r.prior.startswith(FOUND) else "")
             + ("" if r.priority == DEFAULT_PRIORITY else f" as {r.priority}")
             for r in self.routed
         ]
@@ -686,6 +691,7 @@ class Router:
         *,
         installed: Callable[[], frozenset[str]] = installed_algorithms,
         events: Events | None = None,
+        algorithm_settings: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.events = events
@@ -693,12 +699,62 @@ class Router:
         self.jobs = job_store(db)
         self.config = config
         self.installed = installed
+        # The algorithms' sections of the configuration: what prior each wants (its age).
+        self.algorithm_settings = dict(algorithm_settings or {})
         # claim and the decision's transaction run under the loop: a locked or unreadable
         # database makes it back off and try again, never ends it.
         self.loop = Loop("router", self._step, 1.0)
         # Called when a decision queued inference jobs (cluster mode: the sweeper stages and
         # rings them at once instead of at its next interval).
         self.on_routed: Callable[[], None] | None = None
+
+    def prior_wanted(self, algorithm: str) -> PriorSpec | None:
+        """The prior study ``algorithm`` declares it wants, with its configured settings."""
+        registration = discover().get(algorithm)
+        cls = registration.algorithm if registration is not None else None
+        if cls is None or cls.inputs.prior is None:
+            return None
+        try:
+            return cls.prior_input(cls.checked_settings(self.algorithm_settings.get(algorithm)))
+        except ConfigError:
+            # `config check` refuses these settings; the worker will fail the job saying so.
+            return cls.inputs.prior
+
+    def with_priors(self, decision: Decision) -> Decision:
+        """``decision`` with the prior series of each routed algorithm that wants one among
+        its inputs (:func:`dicom_node.priors.find_prior`), and what was found or why not."""
+        for index, routed in enumerate(decision.routed):
+            spec = self.prior_wanted(routed.algorithm)
+            if spec is None:
+                continue
+            found = self._prior_for(decision, routed, spec)
+            inputs = dict(routed.inputs)
+            if found.series_uid is not None:
+                inputs[spec.role] = found.series_uid
+            decision.routed[index] = replace(routed, inputs=inputs, prior=found.reason)
+        return decision
+
+    def _prior_for(self, decision: Decision, routed: Routed, spec: PriorSpec) -> PriorFound:
+        """The prior of a routed algorithm: a series of an earlier study that its rule would
+        have chosen for its (first) input."""
+        first = next(iter(routed.inputs.values()))
+        study = (
+            decision.subject_uid if decision.level == "study" else study_of_series(self.db, first)
+        )
+        match = _input_match(self.config.rules, routed.algorithm, decision.level)
+        if study is None or match is None:
+            return PriorFound(None, "no prior: no rule input to look for")
+        return find_prior(
+            self.data_dir,
+            self.db,
+            study,
+            spec,
+            lambda facts: (
+                never_routed(facts) is None
+                and never_a_role(facts) is None
+                and mismatch(match, facts) is None
+            ),
+        )
 
     def decide(self, job: Job) -> Decision:
         installed = self.installed()
@@ -730,7 +786,7 @@ class Router:
         if job is None:
             return None
         try:
-            decision = self.decide(job)
+            decision = self.with_priors(self.decide(job))
             with self.db.transaction() as conn:
                 inference_jobs = record_decision(conn, self.jobs, decision)
                 self.jobs.mark_succeeded(conn, job.id)
@@ -785,3 +841,16 @@ class Router:
 
     def stop(self) -> None:
         self.loop.stop()
+
+
+def _input_match(rules: Sequence[RouteRule], algorithm: str, level: str) -> SeriesMatch | None:
+    """What a rule routing ``algorithm`` at ``level`` asks of its input series: a series rule's
+    match, a role rule's first role's (the series its masks are drawn on)."""
+    for rule in rules:
+        if rule.algorithm != algorithm:
+            continue
+        if level == "series" and rule.series is not None:
+            return rule.series
+        if level == "study" and rule.roles is not None:
+            return next(iter(rule.roles.values()))
+    return None

@@ -195,7 +195,12 @@ def test_a_plugin_package_is_routed_to_without_touching_the_node(make_node, corp
 BUILT_IN = ("lung-nodules-ct", "brain-tumour-mr", "pneumonia-cxr")
 # What each built-in accepts today, every key given a value other than its default.
 VALID_SETTINGS = {
-    "lung-nodules-ct": {"bundle": "/models/lung", "report_threshold": 0.3, "enclosed_only": True},
+    "lung-nodules-ct": {
+        "bundle": "/models/lung",
+        "report_threshold": 0.3,
+        "enclosed_only": True,
+        "prior_max_age_days": 400,
+    },
     "brain-tumour-mr": {"bundle": "/models/brats"},
     "pneumonia-cxr": {"weights": "/models/xrv.pt", "variant": "all", "allow_pickle": True},
 }

@@ -1,14 +1,19 @@
 """Lung nodule detection on chest CT: nodule centres, sizes, scores and outlines.
 
 Settings (``algorithms: {lung-nodules-ct: {...}}``) are :class:`Settings`: ``bundle``,
-``report_threshold``, ``enclosed_only``; any other key is refused.
+``report_threshold``, ``enclosed_only``, ``prior_max_age_days``; any other key is refused.
+
+Follow-up: when the node hands over the patient's prior chest CT as the input ``prior``, the
+nodules are found on it too, the two scans are registered rigidly and each nodule is matched
+to its prior (:mod:`dicom_node.followup`); the result's ``followup`` says what became of each.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from pydantic import Field, StrictBool
@@ -21,14 +26,20 @@ from dicom_node.algorithm import (
     BundleSettings,
     Concept,
     Finding,
+    FollowUp,
     InputSpec,
     LabelMask,
+    PriorSpec,
     QaCase,
     QaLesion,
     QaPhantom,
     SeriesInput,
 )
 from dicom_node.phantoms import CtPhantomSpec, Nodule, write_ct_series
+
+if TYPE_CHECKING:
+    from dicom_node.followup import Lesion
+    from dicom_node_algorithms.lung_nodules_ct.model import FoundNodule
 
 DEMO_WEIGHTS = Path(__file__).with_name("demo_weights.pt")
 LABEL = "Nodule"
@@ -84,6 +95,13 @@ class Settings(BundleSettings):
         "them the nodules that touch the pleura or a vessel, which a trained model must be "
         "allowed to report.",
     )
+    prior_max_age_days: int = Field(
+        3 * 365,
+        ge=1,
+        description="Follow-up: the oldest prior chest CT of the patient (in days before the "
+        "current study) that the node hands over for comparison; the most recent qualifying "
+        "prior on the node is taken.",
+    )
 
 
 class LungNodulesCt(BundleAlgorithm):
@@ -91,7 +109,7 @@ class LungNodulesCt(BundleAlgorithm):
     version = "1.0.0"
     demo_weights = DEMO_WEIGHTS
     model_module = "dicom_node_algorithms.lung_nodules_ct.model"
-    inputs = InputSpec()
+    inputs = InputSpec(prior=PriorSpec())
     qa_case = QaCase("CT", frozenset({"SEG", "SR"}), qa_phantom)
     settings_model: ClassVar[type[AlgorithmSettings] | None] = Settings
     settings: Settings
@@ -106,7 +124,12 @@ class LungNodulesCt(BundleAlgorithm):
             return bool(self.loaded.demo)
         return self.settings.enclosed_only
 
-    def run(self, inputs: Mapping[str, SeriesInput]) -> AlgorithmResult:
+    @classmethod
+    def prior_input(cls, settings: Any) -> PriorSpec | None:
+        assert cls.inputs.prior is not None
+        return replace(cls.inputs.prior, max_age_days=settings.prior_max_age_days)
+
+    def _find(self, series: SeriesInput) -> list[FoundNodule]:
         from dicom_node_algorithms.lung_nodules_ct.model import (
             detect,
             lps_affine,
@@ -114,16 +137,19 @@ class LungNodulesCt(BundleAlgorithm):
             preprocess,
         )
 
-        volume = inputs["series"].volume()
+        volume = series.volume()
         image = preprocess(volume, self.loaded.parameters)
         threshold = self.report_threshold
-        found = nodules(
+        return nodules(
             detect(self.loaded, image, min_score=threshold),
             lps_affine(image),
             volume,
             threshold=threshold,
             enclosed_only=self.enclosed_only,
         )
+
+    def run(self, inputs: Mapping[str, SeriesInput]) -> AlgorithmResult:
+        found = self._find(inputs[SERIES_INPUT])
         result = AlgorithmResult(looked_for=[NODULE])
         for number, nodule in enumerate(found, 1):
             name = f"{LABEL} {number}"
@@ -140,4 +166,41 @@ class LungNodulesCt(BundleAlgorithm):
                 )
             )
         result.measurements["nodule count"] = float(len(found))
+        prior = self.inputs.prior
+        if prior is not None and prior.role in inputs:
+            result.followup = self._follow_up(inputs[SERIES_INPUT], found, inputs[prior.role])
         return result
+
+    def _follow_up(
+        self, current: SeriesInput, found: list[FoundNodule], prior: SeriesInput
+    ) -> FollowUp:
+        """The nodules of the prior study, found as on the current one, matched to the current
+        ones after registering the two scans."""
+        from dicom_node import followup
+
+        assert self.inputs.prior is not None
+        days = followup.interval_days(prior.datasets()[0], current.datasets()[0])
+        before = self._find(prior)
+        transform = followup.register_rigid(current.volume(), prior.volume())
+        changes = followup.compare(
+            [_lesion(n, current) for n in found],
+            [_lesion(n, prior) for n in before],
+            transform,
+            days,
+        )
+        return FollowUp(
+            self.inputs.prior.role,
+            days,
+            tuple(changes),
+            tuple(float(v) for v in transform.matrix.ravel()),
+        )
+
+
+def _lesion(nodule: FoundNodule, series: SeriesInput) -> Lesion:
+    """A found nodule as follow-up compares it: the diameter the SR reports (the box's longest
+    edge) and the volume of its outline."""
+    from dicom_node.followup import Lesion
+
+    x, y, z = (round(float(v), 2) for v in nodule.center_lps_mm)
+    volume = float(nodule.mask.sum()) * float(series.volume().voxel_volume)
+    return Lesion((x, y, z), round(float(max(nodule.size_mm)), 2), volume)

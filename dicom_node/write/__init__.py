@@ -70,7 +70,9 @@ def write_all(
     objects: list[tuple[str, Dataset]] = []
     seg = None
     if result.masks:
-        further = [name for name in inputs if name != primary]
+        # A prior study compared with is not a source of the masks: they are drawn on this one.
+        prior = result.followup.prior if result.followup is not None else None
+        further = [name for name in inputs if name not in (primary, prior)]
         seg = segmentation(
             result,
             inputs,

@@ -11,7 +11,14 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from dicom_node.algorithm import AlgorithmResult, Concept, SeriesInput
+from dicom_node.algorithm import (
+    AlgorithmResult,
+    Concept,
+    FindingChange,
+    FollowUp,
+    LesionStatus,
+    SeriesInput,
+)
 from dicom_node.copied import copyable
 from dicom_node.errors import WriteError
 from dicom_node.write.provenance import MANUFACTURER, Provenance
@@ -20,6 +27,18 @@ from dicom_node.write.source import character_set, code, spatially_ordered
 FINDING = Concept("SCT", "404684003", "Clinical finding")  # when an algorithm names none
 MILLILITER = Code("mL", "UCUM", "milliliter")  # not among pydicom's UCUM codes
 IMAGING_PROCEDURE: Code = codes.SCT.ImagingProcedure
+# Follow-up (see _follow_up): the Chest CAD SR's Qualitative Difference (PS3.16 TID 4108) with
+# values of CID 6134 Chest Qualitative Temporal Difference Type, and New finding (CID 6002).
+QUALITATIVE_DIFFERENCE: Code = codes.DCM.QualitativeDifference
+DIFFERENCE = {
+    LesionStatus.NEW: codes.SCT.NewFinding,
+    LesionStatus.INCREASED: codes.SCT.IncreaseInSize,
+    LesionStatus.DECREASED: codes.SCT.DecreaseInSize,
+    LesionStatus.STABLE: codes.SCT.NoSignificantChangesInTheFinding,
+}
+# No DICOM, SNOMED CT or LOINC concept names the volume doubling time; a private code, as
+# PS3.16 8.1 allows (its meaning says what it is).
+VOLUME_DOUBLING_TIME = Code("VDT", "99DCMNODE", "Volume doubling time")
 # The measurement groups a TID 1500 report holds (TID 1410, 1411 and 1501).
 MeasurementGroup = (
     hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
@@ -135,6 +154,17 @@ def measurement_report(
     outlined = {f.mask for f in result.findings if f.mask}
     groups: list[MeasurementGroup] = []
 
+    def tracking_uid(mask: str | None) -> str:
+        # One lesion, one tracking UID: its SEG segment's, shared by its planar and volumetric
+        # groups (PS3.16 TID 1410/1411) and its follow-up; OHIF merges groups by that UID into
+        # one measurement and cannot show a volumetric group that has no 2D region beside it.
+        number = segment_numbers.get(mask) if mask and segmentation is not None else None
+        if number and segmentation is not None:
+            return str(segmentation.SegmentSequence[number - 1].TrackingUID)
+        return str(hd.UID())
+
+    finding_uids = [tracking_uid(f.mask) for f in result.findings]
+
     def lesion(
         identifier: str,
         mask: str | None,
@@ -143,16 +173,9 @@ def measurement_report(
         region: hd.sr.ImageRegion | None,
         measurements: list[hd.sr.Measurement],
         volume_unit: Code,
+        uid: str | None = None,
     ) -> None:
-        # One lesion, one tracking UID: its SEG segment's, shared by its planar and volumetric
-        # groups (PS3.16 TID 1410/1411); OHIF merges groups by that UID into one measurement
-        # and cannot show a volumetric group that has no 2D region beside it.
         number = segment_numbers.get(mask) if mask and segmentation is not None else None
-        uid = (
-            segmentation.SegmentSequence[number - 1].TrackingUID
-            if number and segmentation is not None
-            else None
-        )
         if region is not None:
             groups.append(
                 hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
@@ -195,6 +218,7 @@ def measurement_report(
                 hd.sr.Measurement(codes.DCM.Probability, finding.score, codes.UCUM.NoUnits),
             ],
             codes.UCUM.CubicMillimeter,
+            finding_uids[number - 1],
         )
     for mask in result.masks if segmentation is not None else []:
         if mask.name in outlined:
@@ -214,6 +238,11 @@ def measurement_report(
             outline,
             [hd.sr.Measurement(codes.SCT.Area, round(area, 2), codes.UCUM.SquareMillimeter)],
             MILLILITER,
+            tracking_uid(mask.name),
+        )
+    if result.followup is not None:
+        groups += _follow_up(
+            result, result.followup, inputs[result.followup.prior], finding_uids, algorithm_id
         )
     # A classification is made on one image (a radiograph); referenced when there is one.
     image = (
@@ -264,7 +293,11 @@ def measurement_report(
         title=codes.DCM.ImagingMeasurementReport,
     )
     evidence = [*datasets, *([segmentation] if segmentation is not None else [])]
-    return hd.sr.Comprehensive3DSR(
+    if result.followup is not None:
+        # Of another study: highdicom lists it as Pertinent Other Evidence (PS3.3 C.17.2.3),
+        # the document's reference to the prior its comparisons were made with.
+        evidence += copyable(inputs[result.followup.prior].datasets())
+    sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report,
         series_instance_uid=hd.UID(),
@@ -276,6 +309,22 @@ def measurement_report(
         series_description=provenance.series_description("SR", datasets[0]),
         specific_character_set=character_set(evidence[0]),
     )
+    if any(c.doubling_time_days is not None for c in (result.followup or _NO_FOLLOW_UP).changes):
+        sr.CodingSchemeIdentificationSequence = [_private_coding_scheme()]
+    return sr
+
+
+_NO_FOLLOW_UP = FollowUp("", 1.0, ())
+
+
+def _private_coding_scheme() -> Dataset:
+    """The Coding Scheme Identification item of our private codes (PS3.3 C.12.1.1.2.1,
+    PS3.16 8.1: a private scheme designator starts with 99 and is described here)."""
+    item = Dataset()
+    item.CodingSchemeDesignator = VOLUME_DOUBLING_TIME.scheme_designator
+    item.CodingSchemeName = "dicom-node local codes"
+    item.CodingSchemeResponsibleOrganization = "dicom-node project"
+    return item
 
 
 def _volumetric(
@@ -310,3 +359,114 @@ def _volumetric(
         algorithm_id=algorithm_id,
         measurements=[hd.sr.Measurement(codes.SCT.Volume, round(value, 4), unit)],
     )
+
+
+def _follow_up(
+    result: AlgorithmResult,
+    followup: FollowUp,
+    prior: SeriesInput,
+    finding_uids: list[str],
+    algorithm_id: hd.sr.AlgorithmIdentification,
+) -> list[MeasurementGroup]:
+    """One TID 1501 group per lesion compared with the prior study.
+
+    A current finding's group carries the finding's own tracking identifier and UID (so a
+    viewer or a reader of the SR sees one lesion), and a lesion of the prior that is gone
+    (resolved) gets a group of its own. In it:
+
+    - Qualitative Difference (DCM 111049, the Chest CAD SR's temporal comparison, TID 4108)
+      with a value of CID 6134 (Increase in size, Decrease in size, No significant changes in
+      the finding) or New finding (SCT 129721008, CID 6002); a resolved lesion says instead
+      that the finding is Absent now, as a group of a type found nowhere does;
+    - the prior's Diameter and Volume, each referencing the prior's image through the lesion's
+      centre (TID 300 INFERRED FROM that image: the prior study is what was measured);
+    - Volume with the derivation Fractional Change (DCM 125314), in %: 100 (V2 - V1) / V1;
+    - the volume doubling time, Δt ln 2 / ln(V2/V1), in days (UCUM d), for a lesion that grew
+      or shrank (negative: its halving time), Δt from the two studies' dates.
+    """
+    volume, datasets = spatially_ordered(prior)
+    groups: list[MeasurementGroup] = []
+    resolved = 0
+    for change in followup.changes:
+        if change.finding is not None:
+            finding = result.findings[change.finding]
+            identifier = f"{finding.label} {change.finding + 1}"
+            uid = finding_uids[change.finding]
+            finding_type, site = finding.finding_type or FINDING, finding.site
+        else:
+            resolved += 1
+            kind = next((f for f in result.looked_for), FINDING)
+            identifier = f"Resolved {kind.meaning.lower()} {resolved}"
+            uid = str(hd.UID())
+            finding_type, site = kind, _site(result)
+        measurements = _prior_measurements(change, volume, datasets)
+        if change.status is LesionStatus.RESOLVED:
+            evaluation = hd.sr.QualitativeEvaluation(code(finding_type), codes.SCT.Absent)
+        else:
+            evaluation = hd.sr.QualitativeEvaluation(
+                QUALITATIVE_DIFFERENCE, DIFFERENCE[change.status]
+            )
+        groups.append(
+            hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=_tracking(identifier, uid),
+                finding_type=code(finding_type),
+                finding_sites=[hd.sr.FindingSite(code(site))] if site else None,
+                algorithm_id=algorithm_id,
+                measurements=measurements or None,
+                qualitative_evaluations=[evaluation],
+            )
+        )
+    return groups
+
+
+def _site(result: AlgorithmResult) -> Concept | None:
+    """Where a resolved lesion was: where the algorithm's findings are (one site for all)."""
+    sites = {f.site for f in result.findings if f.site is not None}
+    return sites.pop() if len(sites) == 1 else None
+
+
+def _prior_measurements(
+    change: FindingChange, volume: hd.Volume, datasets: list[Dataset]
+) -> list[hd.sr.Measurement]:
+    """The prior's diameter and volume, measured on its image through the lesion's centre,
+    then the change and the doubling time."""
+    if change.prior_center_lps_mm is None:
+        return []  # a new lesion: nothing was there to measure
+    frame = volume.map_reference_to_indices(np.array([change.prior_center_lps_mm], float))[0][0]
+    image = datasets[int(np.clip(np.rint(frame), 0, len(datasets) - 1))]
+    on_prior = [hd.sr.SourceImageForMeasurement(image.SOPClassUID, image.SOPInstanceUID)]
+    measurements = []
+    if change.prior_diameter_mm is not None:
+        measurements.append(
+            hd.sr.Measurement(
+                codes.SCT.Diameter,
+                round(change.prior_diameter_mm, 2),
+                codes.UCUM.Millimeter,
+                referenced_images=on_prior,
+            )
+        )
+    if change.prior_volume_mm3 is not None:
+        measurements.append(
+            hd.sr.Measurement(
+                codes.SCT.Volume,
+                round(change.prior_volume_mm3, 2),
+                codes.UCUM.CubicMillimeter,
+                referenced_images=on_prior,
+            )
+        )
+    if change.volume_change_percent is not None:
+        measurements.append(
+            hd.sr.Measurement(
+                codes.SCT.Volume,
+                round(change.volume_change_percent, 1),
+                codes.UCUM.Percent,
+                derivation=codes.DCM.FractionalChange,
+            )
+        )
+    if change.doubling_time_days is not None:
+        measurements.append(
+            hd.sr.Measurement(
+                VOLUME_DOUBLING_TIME, round(change.doubling_time_days, 1), codes.UCUM.Day
+            )
+        )
+    return measurements
