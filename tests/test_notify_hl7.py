@@ -187,3 +187,21 @@ def test_a_reject_is_a_dead_letter_that_the_api_replays(make_node, tmp_path) -> 
         assert list(receiver.control_ids.values()) == [1]
     finally:
         receiver.stop()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("probability", "demo"), [(0.9, True), (0.1, False)])
+def test_the_oru_is_valid_v251_by_hl7apy(tmp_path, probability, demo) -> None:
+    """hl7apy's HL7 v2.5.1 structures (chapter 7 ORU_R01: segment order, groups, datatypes)
+    take the message python-hl7 built, strictly."""
+    from hl7apy.consts import VALIDATION_LEVEL
+    from hl7apy.parser import parse_message
+
+    er7 = str(message(target(2575), cxr_report(tmp_path, probability, demo=demo)))
+    parsed = parse_message(er7, validation_level=VALIDATION_LEVEL.STRICT, find_groups=True)
+    assert parsed.name == "ORU_R01" and parsed.validate()
+    result = parsed.oru_r01_patient_result
+    assert [c.name for c in result.children] == ["ORU_R01_PATIENT", "ORU_R01_ORDER_OBSERVATION"]
+    order = [c.name for c in result.oru_r01_order_observation.children]
+    assert order[:3] == ["ORC", "OBR", "NTE"] if demo else order[:2] == ["ORC", "OBR"]
+    assert "ORU_R01_TIMING_QTY" in order and order[-1] == "ORU_R01_OBSERVATION"
