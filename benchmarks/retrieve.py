@@ -79,7 +79,6 @@ def one_round(scratch: Path, port: int, orthanc: Orthanc, study_uid: str, method
     # Only the SCP (C-MOVE's destination) and the store: the job is run here, not by the
     # retriever's loop, so that its poll is not in the figure.
     node.scp.start()
-    assert node.retriever is not None
     try:
         with node.store.db.transaction() as conn:
             node.jobs.enqueue(

@@ -849,6 +849,14 @@ class SqliteJobStore:
         concurrency: Mapping[str, int],
         retry_after: Callable[[int], float],
     ) -> Job | None:
+        # Polled by every node: a read first, so that an idle one takes no write lock.
+        with self.db.reading() as conn:
+            waiting = conn.execute(
+                "SELECT 1 FROM jobs WHERE state = 'queued' AND kind = ? LIMIT 1",
+                (JobKind.RETRIEVE.value,),
+            ).fetchone()
+        if waiting is None:
+            return None
         # Few retrievals are ever open at once: they are read and chosen here, in the
         # transaction that takes the chosen one (serialized like a limited claim).
         with self.db.transaction() as conn:

@@ -86,10 +86,10 @@ class Node:
             events=self.events,
             objects=self.sweeper.objects if self.sweeper is not None else None,
         )
-        # Fetching what a study lacks (routing.rules[].fetch_missing), when a source is named.
-        self.retriever = (
-            Retriever(config, self.store, events=self.events) if config.retrieve.sources else None
-        )
+        # Fetching what a study lacks (routing.rules[].fetch_missing). Also without sources: a
+        # retrieval queued before its source left the configuration then fails at once, and
+        # the study's completions it holds are routed.
+        self.retriever = Retriever(config, self.store, events=self.events)
         # In a loop of its own: a slow or failing purge must hold back no delivery.
         self.retention = Loop("retention", self.purge_expired, config.retention.check_every_s)
         self.loops = [
@@ -98,7 +98,7 @@ class Node:
             *([self.workers.loop] if self.workers is not None else []),
             *(self.sweeper.loops if self.sweeper is not None else []),
             self.deliverer.loop,
-            *([self.retriever.loop] if self.retriever is not None else []),
+            self.retriever.loop,
             self.retention,
         ]
         self.registry.register(LoopCollector(self.loops))
@@ -230,8 +230,7 @@ class Node:
         for loop in self.sweeper.loops if self.sweeper is not None else []:
             loop.start()
         self.deliverer.start()
-        if self.retriever is not None:
-            self.retriever.start()
+        self.retriever.start()
         self.retention.start()
         self.assembler.start()
         try:
@@ -254,8 +253,7 @@ class Node:
         for loop in self.sweeper.loops if self.sweeper is not None else []:
             loop.stop()
         self.deliverer.stop()
-        if self.retriever is not None:
-            self.retriever.stop()
+        self.retriever.stop()
         self.retention.stop()
         if self.http is not None:
             self.http.stop()

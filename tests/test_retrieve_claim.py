@@ -4,8 +4,11 @@ and a study's completion waiting while a retrieval of the study is open."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from dicom_node.config import NodeConfig
 from dicom_node.database import Database
 from dicom_node.jobs import (
     CompletionPayload,
@@ -14,6 +17,8 @@ from dicom_node.jobs import (
     RetrievalPayload,
     job_store,
 )
+from dicom_node.retrieve import Retriever
+from dicom_node.store import InstanceStore
 from tests.support.jobs import OpenDatabase, backend
 from tests.support.postgres import postgres_server, postgres_url
 
@@ -127,3 +132,32 @@ def test_a_study_completion_waits_while_a_retrieval_of_it_is_open(db: Database) 
     store.succeed(job_id)
     taken = store.claim("router", kinds)
     assert taken is not None and taken.id == held
+
+
+def test_a_retrieval_whose_source_left_the_configuration_fails_at_once(tmp_path: Path) -> None:
+    """No source of that name any more: refused for good, not retried, and the study's
+    completion it held is routed."""
+    store = InstanceStore.open(tmp_path / "data")
+    try:
+        retriever = Retriever(NodeConfig(), store)
+        job_id = retrieval(store.db, "1.2.3", "gone")
+        with store.db.transaction() as conn:
+            held = retriever.jobs.enqueue(
+                conn,
+                JobKind.STUDY_COMPLETE,
+                "1.2.3",
+                2,
+                CompletionPayload("study", "1.2.3", 24, "association released", 0.0),
+            )
+        job = retriever.jobs.claim_retrieval(
+            WORKER, concurrency=retriever.limits, retry_after=retriever.backoff_s
+        )
+        assert job is not None and job.id == job_id
+        retriever.run(job)
+        ended = retriever.jobs.get(job_id)
+        assert ended is not None and ended.state is JobState.FAILED and ended.attempts == 1
+        assert "no source named 'gone'" in (ended.error or "")
+        routed = retriever.jobs.claim("router", (JobKind.STUDY_COMPLETE,))
+        assert routed is not None and routed.id == held
+    finally:
+        store.close()
