@@ -13,7 +13,11 @@ Tracking UID, PS3.16 TID 1410/1411, and are one finding) and one per TID 1501 gr
 is **positive** when its qualitative evaluation says Present (SCT 52101004), negative when it
 says Absent (SCT 272519000); a located finding with no evaluation is positive unless it is an
 anatomical structure (SCT 91723000, a region measured rather than an abnormality found) or
-every size measured of it is 0. The identity of the study (patient ID and name, accession
+every size measured of it is 0. A lung nodule follow-up's group (TID 1501 with a Qualitative
+Difference, TID 4108) shares its lesion's Tracking UID: its change (new, increase in size, ...)
+joins the finding, and the prior's measurements are marked ``prior`` (their images are the SR's
+Pertinent Other Evidence), a volume change ``Fractional Change``; a resolved lesion is a
+negative finding of its own. The identity of the study (patient ID and name, accession
 number) is read from an instance of the job's input as it was received, not from the results
 (which hold a cleaned copy, :mod:`dicom_node.copied`).
 """
@@ -62,6 +66,8 @@ _ALGORITHM_PARAMETERS = ("DCM", "111002")
 _PRESENT = ("SCT", "52101004")
 _ABSENT = ("SCT", "272519000")
 _ANATOMICAL_STRUCTURE = ("SCT", "91723000")
+_QUALITATIVE_DIFFERENCE = ("DCM", "111049")  # a follow-up's change (PS3.16 TID 4108)
+_DERIVATION = ("DCM", "121401")
 _SIZES = {("SCT", "81827009"), ("SCT", "42798000"), ("SCT", "118565006")}  # diameter, area, vol.
 
 
@@ -93,6 +99,14 @@ class Measurement:
     concept: Code
     value: float
     unit: Code
+    # "prior": measured on the prior study of a follow-up (its image is among the SR's
+    # Pertinent Other Evidence); else the derivation's meaning (e.g. "Fractional Change").
+    qualifier: str | None = None
+
+    @property
+    def name(self) -> str:
+        """What was measured, for a reader: "Diameter", "Diameter (prior)"."""
+        return self.concept.meaning + (f" ({self.qualifier})" if self.qualifier else "")
 
 
 @dataclass(frozen=True)
@@ -104,6 +118,7 @@ class Finding:
     positive: bool
     site: Code | None = None
     measurements: tuple[Measurement, ...] = ()
+    change: Code | None = None  # since the prior study: new, increase in size, ...
 
 
 @dataclass(frozen=True)
@@ -205,6 +220,7 @@ class _Lesion:
     finding: Code | None = None
     site: Code | None = None
     evaluation: bool | None = None  # Present / Absent, when a group states one
+    change: Code | None = None
     measurements: list[Measurement] = field(default_factory=list)
 
 
@@ -216,6 +232,12 @@ def read_findings(sr: Dataset) -> tuple[str, str, bool, tuple[Finding, ...]]:
     names = _texts(content, _ALGORITHM_NAME)
     versions = _texts(content, _ALGORITHM_VERSION)
     demo = "weights DEMO" in _texts(content, _ALGORITHM_PARAMETERS)
+    prior_images = {
+        str(instance.ReferencedSOPInstanceUID)
+        for study in sr.get("PertinentOtherEvidenceSequence") or []
+        for series in study.get("ReferencedSeriesSequence") or []
+        for instance in series.get("ReferencedSOPSequence") or []
+    }
     lesions: dict[str, _Lesion] = {}
     for group in _groups(content):
         items = list(group.get("ContentSequence") or [])
@@ -230,6 +252,8 @@ def read_findings(sr: Dataset) -> tuple[str, str, bool, tuple[Finding, ...]]:
                     lesion.finding = value
                 elif concept == _FINDING_SITE:
                     lesion.site = value
+                elif concept == _QUALITATIVE_DIFFERENCE:
+                    lesion.change = value
                 elif value.key in (_PRESENT, _ABSENT):
                     present = value.key == _PRESENT
                     lesion.evaluation = present or bool(lesion.evaluation)
@@ -240,6 +264,7 @@ def read_findings(sr: Dataset) -> tuple[str, str, bool, tuple[Finding, ...]]:
                         Code.of(item.ConceptNameCodeSequence[0]),
                         float(measured.NumericValue),
                         Code.of(measured.MeasurementUnitsCodeSequence[0]),
+                        _qualifier(item, prior_images),
                     )
                 )
     findings = []
@@ -251,9 +276,28 @@ def read_findings(sr: Dataset) -> tuple[str, str, bool, tuple[Finding, ...]]:
             sizes = [m.value for m in lesion.measurements if m.concept.key in _SIZES]
             positive = what.key != _ANATOMICAL_STRUCTURE and (not sizes or any(sizes))
         findings.append(
-            Finding(lesion.label, what, positive, lesion.site, tuple(lesion.measurements))
+            Finding(
+                lesion.label,
+                what,
+                positive,
+                lesion.site,
+                tuple(lesion.measurements),
+                lesion.change,
+            )
         )
     return (names[0] if names else "", versions[0] if versions else "", demo, tuple(findings))
+
+
+def _qualifier(num: Dataset, prior_images: set[str]) -> str | None:
+    """ "prior" for a NUM inferred from an image of the prior study, else its derivation."""
+    for child in num.get("ContentSequence") or []:
+        if child.get("ValueType") == "IMAGE":
+            for ref in child.get("ReferencedSOPSequence") or []:
+                if str(ref.ReferencedSOPInstanceUID) in prior_images:
+                    return "prior"
+        if _concept(child) == _DERIVATION and "ConceptCodeSequence" in child:
+            return str(child.ConceptCodeSequence[0].CodeMeaning)
+    return None
 
 
 def read_identity(source: Path | None, fallback: Dataset) -> StudyIdentity:

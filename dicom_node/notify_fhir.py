@@ -124,10 +124,18 @@ def _observation(
         data["effectiveDateTime"] = effective
     if finding.site is not None:
         data["bodySite"] = _concept(finding.site)
-    if finding.measurements:
-        data["component"] = [
+    components: list[dict[str, Any]] = []
+    if finding.change is not None:
+        components.append(
             {
-                "code": _concept(m.concept),
+                "code": _concept(Code("DCM", "111049", "Qualitative Difference")),
+                "valueCodeableConcept": _concept(finding.change),
+            }
+        )
+    if finding.measurements:
+        components += [
+            {
+                "code": {**_concept(m.concept), "text": m.name},
                 "valueQuantity": {
                     "value": m.value,
                     "unit": m.unit.meaning,
@@ -137,6 +145,8 @@ def _observation(
             }
             for m in finding.measurements
         ]
+    if components:
+        data["component"] = components
     if report.demo_warning:
         data["note"] = [{"text": report.demo_warning}]
     validated: dict[str, Any] = Observation.model_validate(data).model_dump(mode="json")

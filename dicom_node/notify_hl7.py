@@ -70,9 +70,9 @@ def _xpn(dicom_name: str) -> str:
 
 def _text(finding: Finding) -> str:
     said = "present" if finding.positive else "absent"
-    measured = "; ".join(
-        f"{m.concept.meaning} {m.value:g} {m.unit.value}" for m in finding.measurements
-    )
+    if finding.change is not None:
+        said += f", {finding.change.meaning.lower()}"
+    measured = "; ".join(f"{m.name} {m.value:g} {m.unit.value}" for m in finding.measurements)
     site = f" in {finding.site.meaning}" if finding.site else ""
     return f"{finding.finding.meaning}{site} ({finding.label}): {said}" + (
         f"; {measured}" if measured else ""
@@ -85,7 +85,8 @@ def _observations(report: Report) -> Iterable[list[str]]:
         flag = "A" if finding.positive else "N"
         yield ["ST", _ce(finding.finding), str(number), _e(_text(finding)), "", "", flag]
         for m in finding.measurements:
-            yield ["NM", _ce(m.concept), str(number), f"{m.value:g}", _ce(m.unit), "", ""]
+            what = Code(m.concept.scheme, m.concept.value, m.name)
+            yield ["NM", _ce(what), str(number), f"{m.value:g}", _ce(m.unit), "", ""]
     study = Code("DCM", "110180", "Study Instance UID")
     yield ["ST", _ce(study), "", report.study.study_uid, "", "", ""]
     for obj in report.objects:

@@ -90,8 +90,14 @@ def document(report: Report) -> dict[str, Any]:
                 "finding": _code(f.finding),
                 "site": _code(f.site),
                 "positive": f.positive,
+                "change": _code(f.change),
                 "measurements": [
-                    {"concept": _code(m.concept), "value": m.value, "unit": _code(m.unit)}
+                    {
+                        "concept": _code(m.concept),
+                        "value": m.value,
+                        "unit": _code(m.unit),
+                        "qualifier": m.qualifier,
+                    }
                     for m in f.measurements
                 ],
             }

@@ -165,3 +165,52 @@ def delivery_attempts(trail: Path, target: str) -> list[dict[str, Any]]:
         and m["EventIdentification"]["EventActionCode"] == "R"
         and any(p.get("UserID") == target for p in m["ActiveParticipant"])
     ]
+
+
+NODULE = Concept("SCT", "27925004", "Nodule")
+
+
+def ct_followup_results(folder: Path) -> tuple[list[ResultObject], Path]:
+    """A chest CT, its prior, and the SR the node's writers make of a follow-up: one nodule
+    grown since the prior, one resolved; the result objects and a current instance."""
+    import numpy as np
+
+    from dicom_node.algorithm import Finding, FindingChange, FollowUp, LesionStatus
+    from dicom_node.phantoms import write_ct_series
+    from tests.support.cases import PHANTOMS
+
+    current = write_ct_series(folder / "current", PHANTOMS["axial"])
+    prior = write_ct_series(folder / "prior", PHANTOMS["axial"])
+    volume = SeriesInput("c", tuple(current)).volume()
+    middle = volume.affine @ np.array([*(np.array(volume.shape) / 2.0), 1.0])
+    center = (float(middle[0]), float(middle[1]), float(middle[2]))
+    grown = FindingChange(
+        LesionStatus.INCREASED,
+        0,
+        volume_mm3=300.0,
+        prior_center_lps_mm=center,
+        prior_diameter_mm=6.0,
+        prior_volume_mm3=110.0,
+        volume_change_percent=172.7,
+        doubling_time_days=69.1,
+    )
+    gone = FindingChange(
+        LesionStatus.RESOLVED,
+        None,
+        prior_center_lps_mm=center,
+        prior_diameter_mm=5.0,
+        prior_volume_mm3=65.0,
+    )
+    result = AlgorithmResult(
+        findings=[Finding("Nodule", center, (8.0, 8.0, 8.0), 0.9, finding_type=NODULE)],
+        looked_for=[NODULE],
+        followup=FollowUp("prior", 100.0, (grown, gone)),
+    )
+    inputs = {"series": SeriesInput("c", tuple(current)), "prior": SeriesInput("p", tuple(prior))}
+    provenance = Provenance("lung-nodules-ct", "1.0", Weights.none())
+    written = write_all(result, inputs, provenance, folder / "out", ResultsConfig())
+    objects = [
+        ResultObject(w.kind, w.sop_class_uid, w.sop_instance_uid, w.series_uid, w.path)
+        for w in written
+    ]
+    return objects, current[0]
