@@ -566,7 +566,10 @@ def decide_study(
             )
         else:
             chosen = set(matched.assigned.values())
-            senders = {aet for f in usable if f.series_uid in chosen for aet in f.calling_aets}
+            # 'sender' means who sent the study, not the PACS a missing series was fetched
+            # from (unless everything was fetched).
+            pushed = chosen - {uid for r in mine for uid in r.came_series} or chosen
+            senders = {aet for f in usable if f.series_uid in pushed for aet in f.calling_aets}
             decision.routed.append(
                 Routed(
                     rule.algorithm,

@@ -60,6 +60,7 @@ def test_the_missing_flair_is_fetched_marked_and_the_study_routed(
 
     (brain,) = [r for r in routed["routed"] if r["algorithm"] == "brain-tumour-mr"]
     assert brain["inputs"] == pacs.series, "all four roles, FLAIR the series fetched"
+    assert brain["senders"] == ["STORESCU"], "results go back to who sent, not to the PACS"
     (job,) = retrieval_jobs(node, pacs.study_uid)
     assert job["state"] == "succeeded" and job["attempts"] == 1, job["error"]
     # What came, recorded by the decision that routed it.
