@@ -112,9 +112,10 @@ def _coarse(volume: hd.Volume, spacing_mm: float) -> Any:
     image = sitk.Clamp(sitk.Cast(image, sitk.sitkFloat32), sitk.sitkFloat32, *_CLAMP_HU)
     spacing = np.asarray(image.GetSpacing(), float)
     size = np.asarray(image.GetSize(), float)
-    # Smoothed to the coarse grid's resolution first, so the resampling does not alias.
-    sigma = [max(0.0, (spacing_mm**2 - s**2) / 4.0) ** 0.5 for s in spacing]
-    image = sitk.SmoothingRecursiveGaussian(image, sigma) if max(sigma) > 0 else image
+    # Averaged over whole voxels first (fast, and no aliasing of noise and fine vessels), then
+    # interpolated to the exact grid.
+    factors = [max(1, int(spacing_mm // s)) for s in spacing]
+    image = sitk.BinShrink(image, factors) if max(factors) > 1 else image
     new_size = [max(4, round(n * s / spacing_mm)) for n, s in zip(size, spacing, strict=True)]
     return sitk.Resample(
         image,
@@ -155,13 +156,15 @@ def register_rigid(
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     method.SetMetricSamplingStrategy(method.RANDOM)
-    method.SetMetricSamplingPercentage(0.5, seed)
+    method.SetMetricSamplingPercentage(0.2, seed)
     method.SetInterpolator(sitk.sitkLinear)
     method.SetOptimizerAsRegularStepGradientDescent(
         learningRate=2.0, minStep=1e-3, numberOfIterations=300, relaxationFactor=0.6
     )
     method.SetOptimizerScalesFromPhysicalShift()
-    method.SetShrinkFactorsPerLevel([2, 1])
+    # Coarse to fine: a whole chest is aligned well enough to match nodules at 12 and 6 mm
+    # (seconds instead of tens of them); a small field of view needs the 3 mm grid itself.
+    method.SetShrinkFactorsPerLevel([4, 2] if min(fixed.GetSize()) >= 32 else [2, 1])
     method.SetSmoothingSigmasPerLevel([1.0, 0.0])
     method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
     method.SetInitialTransform(initial, inPlace=False)

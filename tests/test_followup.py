@@ -301,3 +301,18 @@ def test_without_a_prior_the_result_is_as_before(lung, pair, tmp_path) -> None:
     assert "PertinentOtherEvidenceSequence" not in sr
     assert "CodingSchemeIdentificationSequence" not in sr
     assert "Qualitative Difference" not in str(sr.ContentSequence)
+
+
+@pytest.mark.unit
+@pytest.mark.slow
+def test_a_prior_that_cannot_be_compared_leaves_the_current_read_as_it_is(
+    lung, pair, caplog
+) -> None:
+    """A prior with a slice missing is not one regular volume: the current study is still
+    read and reported, without a follow-up, and the log says why."""
+    gappy = SeriesInput(
+        "1.2.3.9", tuple(sorted(pair["prior"].paths))[:10] + tuple(sorted(pair["prior"].paths))[11:]
+    )
+    result = lung.run({"series": pair["series"], "prior": gappy})
+    assert result.followup is None and len(result.findings) == 4
+    assert "follow-up left out: InputError" in caplog.text

@@ -10,6 +10,7 @@ to its prior (:mod:`dicom_node.followup`); the result's ``followup`` says what b
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -40,6 +41,8 @@ from dicom_node.phantoms import CtPhantomSpec, Nodule, write_ct_series
 if TYPE_CHECKING:
     from dicom_node.followup import Lesion
     from dicom_node_algorithms.lung_nodules_ct.model import FoundNodule
+
+log = logging.getLogger(__name__)
 
 DEMO_WEIGHTS = Path(__file__).with_name("demo_weights.pt")
 LABEL = "Nodule"
@@ -168,7 +171,13 @@ class LungNodulesCt(BundleAlgorithm):
         result.measurements["nodule count"] = float(len(found))
         prior = self.inputs.prior
         if prior is not None and prior.role in inputs:
-            result.followup = self._follow_up(inputs[SERIES_INPUT], found, inputs[prior.role])
+            try:
+                result.followup = self._follow_up(inputs[SERIES_INPUT], found, inputs[prior.role])
+            except (ValueError, RuntimeError) as exc:
+                # A prior that cannot be compared (not one regular volume, no date, a
+                # registration that does not converge) must not cost the current study its
+                # read: the result is reported as without a prior, and the log says why.
+                log.warning("follow-up left out: %s: %s", type(exc).__name__, exc)
         return result
 
     def _follow_up(
