@@ -316,3 +316,33 @@ def test_a_prior_that_cannot_be_compared_leaves_the_current_read_as_it_is(
     result = lung.run({"series": pair["series"], "prior": gappy})
     assert result.followup is None and len(result.findings) == 4
     assert "follow-up left out: InputError" in caplog.text
+
+
+@pytest.mark.unit
+def test_registration_recovers_a_move_along_the_body_too_on_a_real_chest(corpus: Path) -> None:
+    """The phantom's chest is the same on every slice, so only a real one shows a move along
+    the long axis: the corpus CT (30 slices of 8 mm) as the prior of itself, the patient then
+    turned 6 degrees about the long axis and (8, -10, 6) mm off."""
+    from scipy import ndimage
+
+    from tests.support.paths import corpus_ct
+
+    current = SeriesInput("1", tuple(corpus_ct(corpus))).volume()
+    angle = math.radians(6.0)
+    truth = np.eye(4)  # prior patient coordinates -> current ones
+    truth[:2, :2] = [[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]]
+    middle = (np.asarray(current.spatial_shape) - 1) / 2
+    centre = (current.affine @ np.append(middle, 1.0))[:3]
+    truth[:3, 3] = centre - truth[:3, :3] @ centre + [8.0, -10.0, 6.0]
+    # Each prior voxel shows the body point that lies, now, where ``truth`` takes it.
+    to_current = current.inverse_affine @ truth @ current.affine
+    pixels = ndimage.affine_transform(
+        current.array, to_current[:3, :3], to_current[:3, 3], order=1, cval=-1024.0
+    )
+    prior = hd.Volume(
+        pixels.astype(np.float32), current.affine, "PATIENT", current.frame_of_reference_uid
+    )
+    found = register_rigid(current, prior)
+    for offset in ([0, 0, 0], [60, 40, 20], [-60, -40, -20], [80, -30, 0]):
+        point = tuple(centre + offset)
+        assert math.dist(found.apply(point), Rigid(truth).apply(point)) < 1.5, offset
