@@ -773,6 +773,13 @@ class DicomwebConfig(_Section):
         description="A STOW-RS client silent this long in the middle of its request is"
         " dropped; what it sent completely is kept.",
     )
+    complete_on_request_end: bool = Field(
+        default=True,
+        description="A STOW-RS request completes its series and studies when it ends, as an"
+        " association's release does. Set false for clients that post one instance per"
+        " request: each request would complete and route its series again (about 25 ms each);"
+        " the quiet time then completes them.",
+    )
 
 
 class AuditConfig(_Section):

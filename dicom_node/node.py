@@ -109,7 +109,13 @@ class Node:
                 self.registry,
                 self.readiness_checks(),
                 self.events,
-                stow=StowService(self.store, self.assembler, self.events, config.scp.ae_title)
+                stow=StowService(
+                    self.store,
+                    self.assembler,
+                    self.events,
+                    config.scp.ae_title,
+                    complete_on_request_end=config.dicomweb.complete_on_request_end,
+                )
                 if config.dicomweb.enabled
                 else None,
             )

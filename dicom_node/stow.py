@@ -329,9 +329,16 @@ class StowService:
     """Stores STOW-RS requests through the same store, assembler and events as the SCP."""
 
     def __init__(
-        self, store: InstanceStore, assembler: Assembler, events: Events, called_aet: str
+        self,
+        store: InstanceStore,
+        assembler: Assembler,
+        events: Events,
+        called_aet: str,
+        *,
+        complete_on_request_end: bool = True,
     ) -> None:
         self.store = store
+        self.complete_on_request_end = complete_on_request_end
         self.assembler = assembler
         self.events = events
         self.called_aet = called_aet
@@ -379,7 +386,11 @@ class StowService:
                 outcomes.append(self._store_part(part, sender, study_uid, id(unit)))
             completed = True
         finally:
-            self.assembler.association_ended(id(unit), released=completed)
+            # Ended as released, the request completes what only it carried; ended as aborted
+            # (broken off, or completion left to the quiet time by configuration), nothing.
+            self.assembler.association_ended(
+                id(unit), released=completed and self.complete_on_request_end
+            )
             self._report(outcomes, sender, released=completed)
         return _response(outcomes, base_url)
 

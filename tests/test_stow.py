@@ -221,6 +221,26 @@ def test_dicomweb_client_stores_a_series_kept_byte_for_byte_and_completed_at_onc
 
 
 @pytest.mark.integration
+def test_completion_can_be_left_to_the_quiet_time_for_clients_posting_each_instance(
+    tmp_path: Path,
+) -> None:
+    node = node_with(
+        tmp_path,
+        assembly={"series_quiet_seconds": 2, "study_quiet_seconds": 2},
+        dicomweb={"complete_on_request_end": False},
+    )
+    try:
+        files = series(tmp_path / "ct", 4)
+        for path in files:
+            assert post(node, multipart([path.read_bytes()])).status_code == 200
+        wait_until(lambda: "by quiet timer" in node.log(), 20, "completion", node.log())
+        assert "by association released" not in node.log()
+        assert node.query("SELECT completions FROM series")[0][0] == 1
+    finally:
+        node.stop()
+
+
+@pytest.mark.integration
 def test_per_instance_failures_are_listed_and_the_rest_stored(tmp_path: Path) -> None:
     node = node_with(tmp_path)
     try:
