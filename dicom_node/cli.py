@@ -247,10 +247,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     roles = algorithm.inputs.roles
     given = dict(item.split("=", 1) for item in args.input) if args.input else {}
     by_role = roles != ("series",)
-    if (given and set(given) != set(roles)) or not (given or args.paths):
+    # An algorithm that follows lesions up also takes its prior: --input prior=FOLDER.
+    if (given and algorithm.inputs.mismatch(given) is not None) or not (given or args.paths):
+        prior = algorithm.inputs.prior
         print(
             f"{args.algorithm} takes {', '.join(roles)}: give a study folder, or"
-            " --input ROLE=FOLDER for each",
+            " --input ROLE=FOLDER for each"
+            + (f" (and optionally --input {prior.role}=FOLDER)" if prior else ""),
             file=sys.stderr,
         )
         return EXIT_USAGE
@@ -582,7 +585,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--input",
         action="append",
         metavar="ROLE=PATH",
-        help="for study algorithms: the folder of each role, instead of matching them",
+        help="for study algorithms: the folder of each role, instead of matching them; for"
+        " one that follows lesions up (lung-nodules-ct), also prior=FOLDER: the prior study",
     )
     run.add_argument("--out", required=True, help="folder for case-NNN/result.json")
     run.set_defaults(func=cmd_run)

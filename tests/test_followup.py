@@ -346,3 +346,26 @@ def test_registration_recovers_a_move_along_the_body_too_on_a_real_chest(corpus:
     for offset in ([0, 0, 0], [60, 40, 20], [-60, -40, -20], [80, -30, 0]):
         point = tuple(centre + offset)
         assert math.dist(found.apply(point), Rigid(truth).apply(point)) < 1.5, offset
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_offline_run_takes_the_prior_too(tmp_path: Path) -> None:
+    """`dicom-node run --algorithm lung-nodules-ct --input series=NOW --input prior=THEN`."""
+    import json
+    import subprocess
+    import sys
+
+    write_ct_series(tmp_path / "now", current_spec())
+    write_ct_series(tmp_path / "then", prior_spec())
+    command = [sys.executable, "-m", "dicom_node", "run", "--algorithm", "lung-nodules-ct"]
+    command += ["--input", f"series={tmp_path / 'now'}", "--input", f"prior={tmp_path / 'then'}"]
+    command += ["--out", str(tmp_path / "out")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "out" / "case-001" / "result.json").read_text())
+    statuses = sorted(c["status"] for c in result["followup"]["changes"])
+    assert statuses == ["decreased", "increased", "new", "resolved", "stable"]
+    wrong = [*command[:6], "--input", f"before={tmp_path / 'then'}", "--out", str(tmp_path)]
+    refused = subprocess.run(wrong, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert refused.returncode != 0 and "optionally --input prior=FOLDER" in refused.stderr
