@@ -99,7 +99,12 @@ def start_orthanc(workdir: Path, port: int) -> subprocess.Popen:
 
 
 def start_node(
-    workdir: Path, port: int, *, fast_path: bool = True, http_port: int = 0
+    workdir: Path,
+    port: int,
+    *,
+    fast_path: bool = True,
+    http_port: int = 0,
+    dicomweb: dict | None = None,
 ) -> subprocess.Popen:
     config = workdir / "node.yaml"
     config.write_text(
@@ -117,6 +122,7 @@ def start_node(
                 # would share the CPU with the later senders (tests/test_load.py does that).
                 "worker": {"enabled": False},
                 "logging": {"level": "WARNING"},
+                "dicomweb": dicomweb or {},
             }
         )
     )
