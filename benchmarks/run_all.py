@@ -1,4 +1,5 @@
-"""Every performance figure in one table: ingest against dcmtk storescp, completion latency,
+"""Every performance figure in one table: ingest against dcmtk storescp (and over STOW-RS
+against C-STORE and Orthanc), completion latency,
 inference against the bare network, end-to-end latency to Orthanc against storescu, peak RSS
 while ingesting 1000 slices, SEG writing, a stat job's wait behind routine ones against first
 in, first out, and cluster mode against the embedded node (benchmarks/cluster.py; skipped,
@@ -27,7 +28,7 @@ from typing import Any
 
 import torch
 
-from benchmarks import cluster, deliver, inference, ingest, queue, write
+from benchmarks import cluster, deliver, inference, ingest, queue, stow, write
 from benchmarks.tables import markdown_table
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -124,6 +125,38 @@ def _ingest_rows(figures: dict, rss: dict, slices: int, rss_slices: int) -> list
         )
     )
     return rows
+
+
+def _stow_rows(r: dict, slices: int) -> list[Row]:
+    ips = r["instances_per_s"]
+    measure = f"{slices}-slice CT 512² over STOW-RS, instances/s"
+    return [
+        (
+            "ingest",
+            f"{measure}, one request",
+            f"{ips[stow.NODE_STOW]:.0f}",
+            f"{ips[stow.NODE_CSTORE]:.0f} (the node by C-STORE)",
+            f"{r['ratio_stow_vs_cstore']:.2f}",
+            "",
+        ),
+        (
+            "ingest",
+            f"{measure}, one request",
+            f"{ips[stow.NODE_STOW]:.0f}",
+            f"{ips[stow.ORTHANC_STOW]:.0f} (Orthanc STOW-RS)",
+            f"{r['ratio_stow_vs_orthanc_stow']:.2f}",
+            "",
+        ),
+        (
+            "ingest",
+            f"{measure}, a request per instance (completion on request end / by quiet time)",
+            f"{ips[stow.NODE_STOW_EACH]:.0f} / {ips[stow.NODE_STOW_EACH_QUIET]:.0f}",
+            f"{ips[stow.ORTHANC_STOW_EACH]:.0f} (Orthanc STOW-RS)",
+            f"{r['ratio_stow_each_vs_orthanc_stow_each']:.2f}"
+            f" / {r['ratio_stow_each_quiet_vs_orthanc_stow_each']:.2f}",
+            "",
+        ),
+    ]
 
 
 def _inference_rows(figures: dict) -> list[Row]:
@@ -240,6 +273,7 @@ def main() -> None:
             f"ingest of {rss_slices} slices",
             lambda: ingest.run(rss_slices, 1, 1, [ingest.NODE])["1 sender"],
         ),
+        "stow": timed("STOW-RS ingest", lambda: stow.run(slices, rounds)),
         "inference": timed("inference", lambda: inference.run(None, repeats, args.device)),
         "deliver": timed("end to end", lambda: deliver.run(1.0, repeats)),
         "write": timed("SEG writing", lambda: in_fresh_process(write.run, slices)),
@@ -248,6 +282,7 @@ def main() -> None:
     }
     rows = [
         *_ingest_rows(figures["ingest"], figures["ingest_rss"], slices, rss_slices),
+        *_stow_rows(figures["stow"], slices),
         *_deliver_rows(figures["deliver"]),
         *_inference_rows(figures["inference"]),
         *_write_rows(figures["write"], slices),
