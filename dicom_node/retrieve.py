@@ -428,6 +428,18 @@ class Retriever:
         """One attempt of a claimed job: retrieved and succeeded, or failed (queued again
         while attempts remain)."""
         try:
+            self._attempt(job)
+        except Exception as exc:
+            # Its end could not be recorded (the database failed): the job stays running,
+            # holding its study, until the node's next start queues it again.
+            log.error("retrieval job %d: its end was not recorded: %s", job.id, reason(exc))
+        finally:
+            with self._lock:
+                self._running.discard(job.id)
+            self.loop.wake()  # the study's next retrieval, or the source's, may go now
+
+    def _attempt(self, job: Job) -> None:
+        try:
             stored = self.retrieve(job)
         except Exception as exc:
             permanent = isinstance(exc, Permanent)
@@ -455,10 +467,6 @@ class Retriever:
             if held:
                 log.info("retrieval job %d succeeded: %d instance(s) came", job.id, stored)
                 self._note(job)
-        finally:
-            with self._lock:
-                self._running.discard(job.id)
-            self.loop.wake()  # the study's next retrieval, or the source's, may go now
 
     def _note(self, job: Job) -> None:
         """Add how the study's retrievals ended to the decision that asked for them."""
