@@ -65,6 +65,21 @@ def series_input(
     return SeriesInput(series_uid, tuple(data_dir / r["path"] for r in rows))
 
 
+def prior_input(db: Database, data_dir: Path, series_uid: str) -> SeriesInput | None:
+    """A prior study's series as a job takes it (the optional input of an algorithm that
+    follows lesions up): all its instances, whenever they came, since a prior retrieved from a
+    PACS arrives after the completion that asked for it; None when it is no longer there
+    (retention removed it since routing), so that the current study is still read."""
+    try:
+        series = series_input(db, data_dir, series_uid)
+    except InputError:
+        series = None
+    if series is None or not all(path.exists() for path in series.paths):
+        log.warning("prior series %s is gone: run without it", store_key(series_uid)[:12])
+        return None
+    return series
+
+
 HEARTBEAT_S = 5.0  # how often a worker says it is alive (workers.heartbeat_at)
 
 
@@ -434,12 +449,17 @@ class Worker:
     def run_job(self, job: Job) -> Attempt:
         # Loaded before the inputs are read: a setup fault (weights that do not fit) is what
         # the job's failure says, whatever the inputs.
-        self.runner.algorithm(job.inference.algorithm)
+        prior = self.runner.algorithm(job.inference.algorithm).inputs.prior
         received_by = self.jobs.completed_at(job)
         inputs = {
             name: series_input(self.db, self.data_dir, uid, received_by)
             for name, uid in job.inference.inputs.items()
+            if prior is None or name != prior.role
         }
+        if prior is not None and prior.role in job.inference.inputs:
+            found = prior_input(self.db, self.data_dir, job.inference.inputs[prior.role])
+            if found is not None:
+                inputs[prior.role] = found
         return self.runner.run(
             job,
             inputs,

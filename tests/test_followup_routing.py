@@ -178,3 +178,27 @@ def test_node_follows_up_a_chest_ct_with_the_prior_it_holds(make_node, tmp_path)
         "SELECT summary FROM routing_decisions WHERE level = 'series' ORDER BY id DESC LIMIT 1"
     )[0][0]
     assert "(prior: series 1 of a study 120 days earlier)" in decision
+
+
+@pytest.mark.unit
+def test_the_worker_takes_a_prior_that_came_later_and_runs_without_one_that_went(
+    tmp_path: Path,
+) -> None:
+    """A prior retrieved from a PACS arrives after the completion that asked for it, so it is
+    not held to that completion's instances as the job's own inputs are; one that retention
+    removed since routing is left out rather than failing the job."""
+    from dicom_node.errors import InputError
+    from dicom_node.infer import prior_input, series_input
+
+    prior = chest("P1", NOW - timedelta(days=90))
+    route_all(tmp_path, [prior])
+    store = InstanceStore.open(tmp_path / "store", fsync=False)
+    uid = prior[0].SeriesInstanceUID
+    before_it_came = time.time() - 3600
+    with pytest.raises(InputError):
+        series_input(store.db, store.data_dir, uid, before_it_came)
+    found = prior_input(store.db, store.data_dir, uid)
+    assert found is not None and len(found.paths) == 20
+    found.paths[0].unlink()
+    assert prior_input(store.db, store.data_dir, uid) is None
+    assert prior_input(store.db, store.data_dir, "1.2.3.4.5") is None
