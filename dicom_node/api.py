@@ -305,9 +305,12 @@ def destinations(conn: Connection, config: NodeConfig) -> list[dict[str, Any]]:
             if c.sent
             else "unused"
         )
+        known_type = config.destinations[name].type if name in config.destinations else None
         out.append(
             {
                 "destination": f"{name} ({peer})" if peer else name,
+                # dicom, dicomweb, folder, or a notification: hl7, fhir, webhook.
+                "type": "dicom" if name == SENDER else known_type,
                 "target": where,
                 "health": health,
                 "pending": c.pending if c else 0,

@@ -35,6 +35,7 @@ try {
   report.steps = await page.locator('.detail .job .timeline .step').allTextContents();
   report.decisions = await page.locator('.detail li').allTextContents();
   report.jobs = await page.locator('.detail .job > div:first-child').allTextContents();
+  report.deliveries = await page.locator('.detail .job tbody tr').allTextContents();
   await page.screenshot({ path: `${outDir}/${shot}`, fullPage: true });
 
   await page.locator('#attention tr.dead-letter button.retry').first().click();
