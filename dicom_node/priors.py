@@ -59,7 +59,9 @@ class PriorFound:
     study_uid: str | None = None
 
 
-def _identity(path: Path) -> StudyIdentity | None:
+def study_identity(path: Path) -> StudyIdentity | None:
+    """Whose study a stored instance belongs to and when it was made; None when its header
+    cannot be read."""
     try:
         ds = dcmread(path, stop_before_pixels=True, specific_tags=_IDENTITY_TAGS)
     except Exception:  # an unreadable header is a study we cannot compare with, not a failure
@@ -69,6 +71,9 @@ def _identity(path: Path) -> StudyIdentity | None:
         str(ds.get("IssuerOfPatientID") or "").strip(),
         study_datetime(ds),
     )
+
+
+_identity = study_identity  # the name it had first
 
 
 def _studies(data_dir: Path, db: Database) -> dict[str, Path]:
@@ -115,7 +120,7 @@ def find_prior(
     studies = _studies(data_dir, db)
     if study_uid not in studies:
         return PriorFound(None, "no prior: the study has no stored instance")
-    current = _identity(studies[study_uid])
+    current = study_identity(studies[study_uid])
     if current is None or not current.patient_id:
         return PriorFound(None, "no prior: the study has no PatientID")
     if current.made is None:
@@ -124,7 +129,7 @@ def find_prior(
     for uid, path in studies.items():
         if uid == study_uid:
             continue
-        other = _identity(path)
+        other = study_identity(path)
         if other is not None and other.same_patient(current) and other.made is not None:
             earlier.append((other.made, uid))
     earlier = sorted(((made, uid) for made, uid in earlier if made < current.made), reverse=True)
