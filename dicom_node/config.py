@@ -265,9 +265,10 @@ class RouteRule(_Section):
     )
     fetch_missing: list[str] | None = Field(
         default=None,
-        description="For a rule with roles: names under retrieve.sources to ask, in this "
-        "order, for the series of a study whose roles no received series fits (a FLAIR not "
-        "forwarded); the study is decided again with what came. Null: never ask.",
+        description="Names under retrieve.sources to ask, in this order, for the series of a "
+        "study whose roles no received series fits (a FLAIR not forwarded), and for an "
+        "algorithm that wants a prior study not on the node, for the patient's most recent "
+        "earlier study within the prior's age; decided again with what came. Null: never ask.",
     )
 
     @model_validator(mode="after")
@@ -276,11 +277,9 @@ class RouteRule(_Section):
             raise ValueError("give exactly one of 'series' or 'roles'")
         if self.roles is not None and not self.roles:
             raise ValueError("'roles' needs at least one role")
-        if self.fetch_missing is not None:
-            if self.roles is None:
-                raise ValueError("'fetch_missing' is for a rule with 'roles' (a study's series)")
-            if not self.fetch_missing or len(set(self.fetch_missing)) != len(self.fetch_missing):
-                raise ValueError("'fetch_missing' names one or more sources, each once")
+        fetch = self.fetch_missing
+        if fetch is not None and (not fetch or len(set(fetch)) != len(fetch)):
+            raise ValueError("'fetch_missing' names one or more sources, each once")
         return self
 
 

@@ -170,10 +170,19 @@ class RetrievalPayload:
     algorithm: str  # the rule's, whose roles no received series fits
     roles: tuple[str, ...]
     modalities: tuple[str, ...] = ()
+    # A prior instead (its algorithm wants one): the patient's most recent other study made
+    # within ``dates`` (a DICOM date range, PS3.4 C.2.2.2.5.1).
+    patient_id: str = ""
+    issuer: str = ""
+    dates: str = ""
 
     def __post_init__(self) -> None:
         if not self.source or not self.roles:
             raise ValueError("a retrieval names its source and the roles it is for")
+
+    @property
+    def prior(self) -> bool:
+        return bool(self.patient_id)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -182,6 +191,11 @@ class RetrievalPayload:
                 "algorithm": self.algorithm,
                 "roles": list(self.roles),
                 "modalities": list(self.modalities),
+                **(
+                    {"patient_id": self.patient_id, "issuer": self.issuer, "dates": self.dates}
+                    if self.prior
+                    else {}
+                ),
             }
         )
 
@@ -193,6 +207,9 @@ class RetrievalPayload:
             str(data["algorithm"]),
             tuple(map(str, data.get("roles") or ())),
             tuple(map(str, data.get("modalities") or ())),
+            str(data.get("patient_id") or ""),
+            str(data.get("issuer") or ""),
+            str(data.get("dates") or ""),
         )
 
 
@@ -797,12 +814,15 @@ class SqliteJobStore:
             params.extend(JobKind(k).value for k in kinds)
         if staged_only:
             where += " AND staged_at IS NOT NULL"
-        # A study's completion waits while a retrieval of the study is open: what it fetches
-        # is part of the study, and its decision must see it (dicom_node.retrieve).
+        # A study's completions (its own, its series') wait while a retrieval for the study
+        # is open: what it fetches (a missing series, a prior) is for the decision to see
+        # (dicom_node.retrieve).
         where += (
-            f" AND NOT (q.kind = '{JobKind.STUDY_COMPLETE.value}' AND EXISTS (SELECT 1"
+            f" AND NOT (q.kind IN ('{JobKind.STUDY_COMPLETE.value}',"
+            f" '{JobKind.SERIES_COMPLETE.value}') AND EXISTS (SELECT 1"
             f" FROM jobs r WHERE r.kind = '{JobKind.RETRIEVE.value}'"
-            " AND r.subject_uid = q.subject_uid AND r.state IN ('queued', 'running')))"
+            " AND r.state IN ('queued', 'running') AND r.subject_uid IN (q.subject_uid,"
+            " (SELECT s.study_uid FROM series s WHERE s.series_uid = q.subject_uid))))"
         )
         where_more, more = _claim_filter(algorithms, concurrency)
         where, params = where + where_more, [*params, *more]

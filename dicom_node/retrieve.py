@@ -32,6 +32,7 @@ asked.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -110,6 +111,15 @@ _GET_TRANSFER_SYNTAXES = (
 
 
 @dataclass(frozen=True)
+class RemoteStudy:
+    """A study of the patient as the source lists it (a prior's candidates)."""
+
+    study_uid: str
+    date: str  # DA
+    time: str  # TM
+
+
+@dataclass(frozen=True)
 class RemoteSeries:
     """A series of the study as the source lists it."""
 
@@ -124,6 +134,14 @@ def _int(value: object) -> int | None:
         return int(str(value))
     except (TypeError, ValueError):
         return None
+
+
+def latest_other(studies: list[RemoteStudy], current: str) -> str | None:
+    """The most recent of ``studies`` other than ``current`` (by StudyDate, StudyTime)."""
+    others = [s for s in studies if s.study_uid != current]
+    if not others:
+        return None
+    return max(others, key=lambda s: (s.date, s.time)).study_uid
 
 
 def wanted_series(
@@ -197,6 +215,33 @@ class _Dimse:
             self._assoc = None
             if assoc.is_established:
                 assoc.release()
+
+    def find_studies(self, payload: RetrievalPayload) -> list[RemoteStudy]:
+        """The patient's studies made within the payload's dates (C-FIND, STUDY level)."""
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.PatientID = payload.patient_id
+        if payload.issuer:
+            query.IssuerOfPatientID = payload.issuer
+        query.StudyDate = payload.dates
+        query.StudyTime = ""
+        query.StudyInstanceUID = ""
+        found = []
+        for status, identifier in self.assoc.send_c_find(
+            query, StudyRootQueryRetrieveInformationModelFind
+        ):
+            code = _status(status, "C-FIND")
+            if code in _PENDING and identifier is not None:
+                found.append(
+                    RemoteStudy(
+                        str(identifier.get("StudyInstanceUID", "")),
+                        str(identifier.get("StudyDate", "") or ""),
+                        str(identifier.get("StudyTime", "") or ""),
+                    )
+                )
+            elif code != _SUCCESS:
+                raise SourceUnavailable(f"C-FIND answered failure status 0x{code:04X}")
+        return [s for s in found if s.study_uid]
 
     def find(self, study_uid: str) -> list[RemoteSeries]:
         query = Dataset()
@@ -337,24 +382,36 @@ class _Dicomweb:
         except requests.RequestException as exc:
             raise SourceUnavailable(f"{self.url}: {type(exc).__name__}") from exc
 
+    def find_studies(self, payload: RetrievalPayload) -> list[RemoteStudy]:
+        """The patient's studies made within the payload's dates (QIDO-RS, PS3.18 10.6)."""
+        filters = {"PatientID": payload.patient_id, "StudyDate": payload.dates}
+        if payload.issuer:
+            filters["IssuerOfPatientID"] = payload.issuer
+        found = self.client.search_for_studies(search_filters=filters)
+        return [
+            RemoteStudy(
+                str(_json_value(a, "0020000D") or ""),
+                str(_json_value(a, "00080020") or ""),
+                str(_json_value(a, "00080030") or ""),
+            )
+            for a in found
+            if _json_value(a, "0020000D")
+        ]
+
     def find(self, study_uid: str) -> list[RemoteSeries]:
         found = self.client.search_for_series(
             study_instance_uid=study_uid, fields=["NumberOfSeriesRelatedInstances"]
         )
 
-        def value(attributes: dict[str, Any], tag: str) -> object:
-            values = attributes.get(tag, {}).get("Value") or [None]
-            return values[0]
-
         return [
             RemoteSeries(
-                str(value(a, "0020000E") or ""),
-                str(value(a, "00080060") or ""),
-                _int(value(a, "00200011")),
-                _int(value(a, "00201209")),
+                str(_json_value(a, "0020000E") or ""),
+                str(_json_value(a, "00080060") or ""),
+                _int(_json_value(a, "00200011")),
+                _int(_json_value(a, "00201209")),
             )
             for a in found
-            if value(a, "0020000E")
+            if _json_value(a, "0020000E")
         ]
 
     def fetch(self, study_uid: str, series: RemoteSeries) -> None:
@@ -368,6 +425,12 @@ class _Dicomweb:
             stored = self.store.put(_encoded(ds), ExplicitVRLittleEndian, self.sender)
             self.stored += 1
             self.paths.append(stored.path)
+
+
+def _json_value(attributes: dict[str, Any], tag: str) -> object:
+    """An attribute's first value in the DICOM JSON model (PS3.18 F.2)."""
+    values = attributes.get(tag, {}).get("Value") or [None]
+    return values[0]
 
 
 def _encoded(ds: Dataset) -> bytes:
@@ -526,8 +589,15 @@ class Retriever:
         method: str,
         started: float,
     ) -> None:
-        """Inside the client's session: find the study's series, fetch those missing."""
-        study_uid = job.subject_uid
+        """Inside the client's session: find the study's series, fetch those missing (for a
+        prior: of the patient's most recent other study within the dates)."""
+        study_uid: str | None = job.subject_uid
+        if payload.prior:
+            study_uid = latest_other(client.find_studies(payload), job.subject_uid)
+            if study_uid is None:
+                log.info("retrieval job %d: %s lists no prior study", job.id, payload.source)
+                return
+        assert study_uid is not None
         mark = retrieved_host(job.id)
         remote = client.find(study_uid)
         wanted = wanted_series(remote, set(study_series(self.db, study_uid)), payload.modalities)
@@ -544,6 +614,25 @@ class Retriever:
             client.fetch(study_uid, series)
             if method == "c-move":
                 client.stored += self._mark_moved(study_uid, series.series_uid, mark, started)
+        self._await_completion([s.series_uid for s in wanted])
+
+    def _await_completion(self, series_uids: list[str]) -> None:
+        """Wait until the fetched series are complete (the association's release or the quiet
+        timer), up to the quiet time and a margin: the job's end lets the study's decision
+        go, and a prior is looked for among complete series only."""
+        if not series_uids:
+            return
+        deadline = time.monotonic() + self.config.assembly.series_quiet_seconds + 30.0
+        while time.monotonic() < deadline:
+            with self.db.reading() as conn:
+                row = conn.execute(
+                    "SELECT COUNT(*) FROM series WHERE completed_at IS NULL"
+                    " AND series_uid IN (SELECT value FROM json_each(?))",
+                    (json.dumps(series_uids),),
+                ).fetchone()
+            if not row[0]:
+                return
+            time.sleep(0.2)
 
     def _mark_moved(self, study_uid: str, series_uid: str, mark: str, since: float) -> int:
         """Mark as retrieved what a C-MOVE brought through the SCP: the series' instances

@@ -18,6 +18,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from dicom_node.errors import ConfigError
 from dicom_node.events import Events, JobsRouted, RoutedJob, study_refs
 from dicom_node.facts import SeriesFacts, read_series_facts, series_paths, study_series
 from dicom_node.jobs import (
+    RETRIEVED_MARK,
     InferencePayload,
     Job,
     JobKind,
@@ -58,6 +60,7 @@ from dicom_node.mr_sequence import WEIGHTINGS, classify, describes, never_a_role
 from dicom_node.plugins import discover
 from dicom_node.priority import DEFAULT_PRIORITY, Priority
 from dicom_node.priors import FOUND, PriorFound, find_prior, study_of_series
+from dicom_node.priors import _identity as study_identity
 from dicom_node.store import store_key
 
 log = logging.getLogger(__name__)
@@ -619,10 +622,12 @@ def study_retrievals(conn: Connection, jobs: Sequence[Job]) -> list[Retrieval]:
     out = []
     for job in sorted(jobs, key=lambda j: j.id):
         assert isinstance(job.payload, RetrievalPayload)
+        # A prior is another study's: looked for by the mark alone.
+        study = "" if job.payload.prior else " AND study_uid = ?"
         rows = conn.execute(
-            "SELECT series_uid, COUNT(*) AS n FROM instances WHERE study_uid = ?"
-            " AND peer_host = ? GROUP BY series_uid ORDER BY MIN(received_at)",
-            (job.subject_uid, retrieved_host(job.id)),
+            "SELECT series_uid, COUNT(*) AS n FROM instances WHERE peer_host = ?"
+            f"{study} GROUP BY series_uid ORDER BY MIN(received_at)",
+            (retrieved_host(job.id), *(() if job.payload.prior else (job.subject_uid,))),
         ).fetchall()
         out.append(
             Retrieval(
@@ -707,6 +712,7 @@ class Router:
         # claim and the decision's transaction run under the loop: a locked or unreadable
         # database makes it back off and try again, never ends it.
         self.loop = Loop("router", self._step, 1.0)
+        self.deferred = 0  # completions put back to wait for a prior (_wait_for_priors)
         # Called when a decision queued inference jobs (cluster mode: the sweeper stages and
         # rings them at once instead of at its next interval).
         self.on_routed: Callable[[], None] | None = None
@@ -760,6 +766,14 @@ class Router:
         )
 
     def decide(self, job: Job) -> Decision:
+        level = "series" if job.kind == JobKind.SERIES_COMPLETE.value else "study"
+        if self._a_fetched_prior(level, job.subject_uid):
+            return Decision(
+                level,
+                job.subject_uid,
+                job.generation,
+                not_routed=[NotRouted("*", "a prior fetched for a later study: not new work")],
+            )
         installed = self.installed()
         if job.kind == JobKind.SERIES_COMPLETE.value:
             facts = read_series_facts(self.data_dir, self.db, job.subject_uid)
@@ -790,6 +804,9 @@ class Router:
             return None
         try:
             decision = self.with_priors(self.decide(job))
+            if self._wait_for_priors(job, decision):
+                self.deferred += 1
+                return None
             with self.db.transaction() as conn:
                 inference_jobs = record_decision(conn, self.jobs, decision)
                 self.jobs.mark_succeeded(conn, job.id)
@@ -817,9 +834,99 @@ class Router:
         return decision
 
     def _step(self) -> bool:
-        # Routed one: there may be more waiting. Else wait; completions wake us at once, and
-        # the interval is a safety net.
-        return self.route_next() is not None
+        # Routed one (or put one back to wait for a prior): there may be more waiting. Else
+        # wait; completions wake us at once, and the interval is a safety net.
+        deferred = self.deferred
+        return self.route_next() is not None or self.deferred != deferred
+
+    def _a_fetched_prior(self, level: str, uid: str) -> bool:
+        """Whether a series or study came whole from a PACS as another study's prior (its
+        instances all marked retrieved, and no retrieval was for its own study): it is there
+        for that study's algorithm to compare with, not to be analysed and sent again."""
+        study = uid if level == "study" else study_of_series(self.db, uid)
+        if study is None:
+            return False
+        with self.db.reading() as conn:
+            row = conn.execute(
+                "SELECT COUNT(*) AS n, SUM(CASE WHEN peer_host LIKE ? THEN 1 ELSE 0 END)"
+                " AS fetched FROM instances WHERE study_uid = ?",
+                (RETRIEVED_MARK + "%", study),
+            ).fetchone()
+        if not row["n"] or row["fetched"] != row["n"]:
+            return False
+        return not self.jobs.recent(JobKind.RETRIEVE, subject_uids=[study], limit=1)
+
+    def _wait_for_priors(self, job: Job, decision: Decision) -> bool:
+        """Whether the completion waits for a prior to be fetched: an algorithm it routes
+        wants a prior that is not on the node, its rule may fetch (``fetch_missing``), and no
+        prior was asked for the study before. Then one retrieval job per source is queued
+        for the patient's most recent other study within the prior's age, and the completion
+        goes back to the queue undecided; the job store holds it there while the retrieval
+        is open, and it is decided, once, with what came."""
+        study = (
+            decision.subject_uid
+            if decision.level == "study"
+            else study_of_series(self.db, decision.subject_uid)
+        )
+        if study is None:
+            return False
+        asked = {
+            j.payload.algorithm
+            for j in self.jobs.recent(JobKind.RETRIEVE, subject_uids=[study])
+            if isinstance(j.payload, RetrievalPayload) and j.payload.prior
+        }
+        payloads: list[RetrievalPayload] = []
+        for routed in decision.routed:
+            spec = self.prior_wanted(routed.algorithm)
+            rule = next(
+                (
+                    r
+                    for r in self.config.rules
+                    if r.algorithm == routed.algorithm
+                    and r.fetch_missing
+                    and (r.series is not None) == (decision.level == "series")
+                ),
+                None,
+            )
+            if spec is None or spec.role in routed.inputs or routed.algorithm in asked:
+                continue
+            paths = series_paths(self.data_dir, self.db, list(routed.inputs.values())[:1])
+            identity = study_identity(paths[0]) if paths and rule is not None else None
+            if rule is None or identity is None or not identity.patient_id:
+                continue
+            if identity.made is None:
+                continue
+            since = identity.made - timedelta(days=spec.max_age_days)
+            match = _input_match(self.config.rules, routed.algorithm, decision.level)
+            payloads += [
+                RetrievalPayload(
+                    source,
+                    routed.algorithm,
+                    (spec.role,),
+                    tuple(sorted(m.upper() for m in (match.modality or ()))) if match else (),
+                    identity.patient_id,
+                    identity.issuer,
+                    f"{since:%Y%m%d}-{identity.made:%Y%m%d}",
+                )
+                for source in rule.fetch_missing or ()
+            ]
+        if not payloads:
+            return False
+        with self.db.transaction() as conn:
+            ids = [
+                self.jobs.enqueue(conn, JobKind.RETRIEVE, study, job.generation, p)
+                for p in payloads
+            ]
+        waiting = f"waiting for prior retrieval job(s) {', '.join(map(str, ids))}"
+        self.jobs.fail(job.id, waiting, worker=self.WORKER, max_attempts=self.MAX_ATTEMPTS)
+        log.info(
+            "%s %s generation %d: %s",
+            decision.level,
+            store_key(decision.subject_uid)[:12],
+            decision.generation,
+            waiting,
+        )
+        return True
 
     def _routed_event(self, decision: Decision, job_ids: list[int]) -> JobsRouted:
         """What the audit trail records of a decision that queued jobs: the studies of their
