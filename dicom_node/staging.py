@@ -198,15 +198,21 @@ def stage_job(
     staged; what is already there (a resent instance, the job staged before) is not sent again.
 
     The inputs are those its completion saw (received by :meth:`JobStore.completed_at`), as
-    the embedded worker reads them (:func:`dicom_node.infer.series_input`).
+    the embedded worker reads them (:func:`dicom_node.infer.series_input`); an input of
+    another study (a prior, :func:`dicom_node.infer.prior_input`) is taken whole, since a
+    prior retrieved from a PACS arrives after the completion that asked for it.
     """
     started = time.perf_counter()
     payload = job.inference
     received_by = jobs.completed_at(job)
     data_dir = data_dir.resolve()
     series = dict(payload.inputs)
-    local = {name: series_input(db, data_dir, uid, received_by) for name, uid in series.items()}
     studies = {name: _study_of(db, uid) for name, uid in series.items()}
+    own = job.subject_uid if payload.level == "study" else _study_of(db, job.subject_uid)
+    local = {
+        name: series_input(db, data_dir, uid, received_by if studies[name] == own else None)
+        for name, uid in series.items()
+    }
 
     def describe(item: tuple[str, Path]) -> StagedFile:
         name, path = item

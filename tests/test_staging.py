@@ -19,7 +19,7 @@ from pydicom.uid import generate_uid
 
 from dicom_node.errors import ObjectCorrupt, ObjectMissing
 from dicom_node.infer import series_input
-from dicom_node.jobs import Job, job_store
+from dicom_node.jobs import InferencePayload, Job, JobKind, job_store
 from dicom_node.objects import ObjectStore
 from dicom_node.phantoms import CtPhantomSpec, ct_series
 from dicom_node.staging import (
@@ -136,6 +136,34 @@ def test_staged_inputs_come_back_byte_identical_in_the_workers_order(
         a.read_bytes() == b.read_bytes() for a, b in zip(fetched, expected.paths, strict=True)
     )
     assert len(inputs["series"].datasets()) == 30  # an algorithm can read them
+
+
+def test_a_prior_retrieved_after_the_completion_is_staged_whole(
+    store: InstanceStore, corpus_series, objects: Counting, tmp_path: Path
+) -> None:
+    """An input of another study (a prior a follow-up algorithm takes) arrives, when fetched
+    from a PACS, after the completion that asked for it: it is staged whole, as the embedded
+    worker reads it (infer.prior_input), while the job's own series keeps its completion's
+    view."""
+    files, job = corpus_series
+    prior = list(ct_series(CtPhantomSpec(slices=3, rows=16, columns=16)))
+    for ds in prior:
+        store.put(
+            encoded(ds, ds.file_meta.TransferSyntaxUID), ds.file_meta.TransferSyntaxUID, SENDER
+        )
+    jobs = job_store(store.db)
+    payload = InferencePayload(
+        ALGORITHM, {"series": job.subject_uid, "prior": str(prior[0].SeriesInstanceUID)}, "series"
+    )
+    with store.db.transaction() as conn:
+        job_id = jobs.enqueue(conn, JobKind.INFERENCE, job.subject_uid, 1, payload)
+    following = jobs.get(job_id)
+    assert following is not None
+    manifest = stage_job(following, store.db, jobs, store.data_dir, objects)
+    assert len(manifest.inputs["series"]) == len(files) == 30  # not the late slice
+    assert len(manifest.inputs["prior"]) == 3
+    inputs = fetch_inputs(job_id, objects, tmp_path / "scratch")
+    assert len(inputs["prior"].datasets()) == 3
 
 
 def test_a_corrupted_object_is_detected(
