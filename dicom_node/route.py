@@ -59,8 +59,7 @@ from dicom_node.loops import Loop
 from dicom_node.mr_sequence import WEIGHTINGS, classify, describes, never_a_role
 from dicom_node.plugins import discover
 from dicom_node.priority import DEFAULT_PRIORITY, Priority
-from dicom_node.priors import FOUND, PriorFound, find_prior, study_of_series
-from dicom_node.priors import _identity as study_identity
+from dicom_node.priors import FOUND, PriorFound, find_prior, study_identity, study_of_series
 from dicom_node.store import store_key
 
 log = logging.getLogger(__name__)
