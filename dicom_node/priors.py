@@ -73,9 +73,6 @@ def study_identity(path: Path) -> StudyIdentity | None:
     )
 
 
-_identity = study_identity  # the name it had first
-
-
 def _studies(data_dir: Path, db: Database) -> dict[str, Path]:
     """One stored instance of every study on the node."""
     with db.reading() as conn:
