@@ -17,6 +17,7 @@ from dicom_node.config import SENDER, NodeConfig, ObjectsConfig
 from dicom_node.database import Connection, Row
 from dicom_node.deliver import target_label
 from dicom_node.jobs import (
+    RETRIEVED_MARK,
     Delivery,
     DeliveryState,
     InferenceRecord,
@@ -92,9 +93,12 @@ def study(conn: Connection, study_uid: str) -> dict[str, Any] | None:
         for r in conn.execute(
             "SELECT s.series_uid, s.modality, s.series_number, s.description,"
             " s.first_received, s.last_received, s.completed_at, s.completions,"
-            " (SELECT COUNT(*) FROM instances i WHERE i.series_uid = s.series_uid) AS instances"
+            " (SELECT COUNT(*) FROM instances i WHERE i.series_uid = s.series_uid) AS instances,"
+            # Fetched from a PACS (dicom_node.retrieve): the instances carry its mark.
+            " (SELECT MIN(i.calling_aet) FROM instances i WHERE i.series_uid = s.series_uid"
+            " AND i.peer_host LIKE ?) AS fetched_from"
             " FROM series s WHERE s.study_uid = ? ORDER BY s.series_number, s.first_received",
-            (study_uid,),
+            (f"{RETRIEVED_MARK}%", study_uid),
         )
     ]
     subjects = [study_uid] + [s["series_uid"] for s in series]

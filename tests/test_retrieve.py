@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import requests
 
 from dicom_node.testing import missing_orthanc
 from tests.support.audit import event_id, objects, read_trail
@@ -77,6 +78,15 @@ def test_the_missing_flair_is_fetched_marked_and_the_study_routed(
     assert asked["asked"]["roles"] == ["FLAIR"]
     assert asked["asked"]["retrievals"][0]["came_series"] == [pacs.series["FLAIR"]]
 
+    # The study as the dashboard shows it: the series fetched, and from whom (its AE title,
+    # or for DICOMweb the source's name).
+    source = "pacs" if method == "dicomweb" else "ORTHANC"
+    shown = requests.get(f"{node.http_url}/api/studies/{pacs.study_uid}", timeout=30).json()
+    fetched = {s["series_uid"]: s["fetched_from"] for s in shown["series"]}
+    assert fetched == {
+        uid: (source if role == "FLAIR" else None) for role, uid in pacs.series.items()
+    }
+
     # Only the missing series was fetched, and every instance of it is marked as retrieved.
     rows = node.query(
         "SELECT series_uid, peer_host, COUNT(*) AS n FROM instances WHERE study_uid = ?"
@@ -90,8 +100,7 @@ def test_the_missing_flair_is_fetched_marked_and_the_study_routed(
     assert {series for series, _ in marks} == set(pacs.series.values())
 
     # Audited as instances transferred from Orthanc (C-MOVE: by the SCP that received them),
-    # named by its AE title, or for DICOMweb by the source's name.
-    source = "pacs" if method == "dicomweb" else "ORTHANC"
+    # named as above.
     transferred = [
         m
         for m in read_trail(node.data_dir / "audit" / "audit.jsonl")
