@@ -49,6 +49,7 @@ from pynetdicom import sop_class
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node.errors import ConformanceDocError
+from dicom_node.retrieve import QUERY_RETRIEVE_SOP_CLASSES
 from dicom_node.route import ROUTABLE_SOP_CLASSES
 from dicom_node.scp import (
     LOSSLESS_COMPRESSED,
@@ -163,6 +164,11 @@ def overview_table() -> str:
     rows += [
         "| Every other storage SOP class of [Table 4.2-2](#table-4-2-2) "
         "| No (the node); Yes (the `dicom-node send` utility) | Yes |",
+        "| **Query/Retrieve** | | |",
+        *(
+            f"| {sop_class_name(uid)} | Yes (fetching what is missing, § 4.2.4) | No |"
+            for uid in QUERY_RETRIEVE_SOP_CLASSES
+        ),
         "| **Verification** | | |",
         f"| {sop_class_name(Verification)} "
         "| No (the node); Yes (the `dicom-node echo` utility) | Yes |",

@@ -86,6 +86,13 @@ from dicom_node.scp import refusal_status
 from dicom_node.scu import _ae
 from dicom_node.store import InstanceStore, Sender, store_key
 
+# The Query/Retrieve SOP classes a retrieval uses as SCU (PS3.4 C.6.2.1): FIND, then MOVE or GET.
+QUERY_RETRIEVE_SOP_CLASSES = (
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelGet,
+)
+
 log = logging.getLogger(__name__)
 
 # Query/Retrieve statuses (PS3.4 C.4.1.1.4, C.4.2.1.5, C.4.3.1.5).
