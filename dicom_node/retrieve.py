@@ -71,7 +71,6 @@ from dicom_node.config import NodeConfig, RetrieveSource
 from dicom_node.database import Database
 from dicom_node.errors import (
     AssociationFailed,
-    AssociationRejected,
     Permanent,
     RejectedInstance,
     SourceRefused,
@@ -83,7 +82,7 @@ from dicom_node.jobs import Job, JobKind, JobState, RetrievalPayload, job_store,
 from dicom_node.loops import Loop, reason
 from dicom_node.route import ROUTABLE_SOP_CLASSES, note_retrievals, study_retrievals
 from dicom_node.scp import refusal_status
-from dicom_node.scu import _ae
+from dicom_node.scu import _ae, raise_unestablished
 from dicom_node.store import InstanceStore, Sender, store_key
 
 # The Query/Retrieve SOP classes a retrieval uses as SCU (PS3.4 C.6.2.1): FIND, then MOVE or GET.
@@ -212,7 +211,7 @@ class _Dimse:
             )
             if not assoc.is_established:
                 assoc.release()
-                _associate_failed(assoc, f"{self.called} at {self.host}:{self.port}")
+                raise_unestablished(assoc, f"{self.called} at {self.host}:{self.port}")
         except (AssociationFailed, OSError) as exc:
             raise SourceUnavailable(str(exc)) from exc
         self._assoc = assoc
@@ -233,21 +232,14 @@ class _Dimse:
         query.StudyDate = payload.dates
         query.StudyTime = ""
         query.StudyInstanceUID = ""
-        found = []
-        for status, identifier in self.assoc.send_c_find(
-            query, StudyRootQueryRetrieveInformationModelFind
-        ):
-            code = _status(status, "C-FIND")
-            if code in _PENDING and identifier is not None:
-                found.append(
-                    RemoteStudy(
-                        str(identifier.get("StudyInstanceUID", "")),
-                        str(identifier.get("StudyDate", "") or ""),
-                        str(identifier.get("StudyTime", "") or ""),
-                    )
-                )
-            elif code != _SUCCESS:
-                raise SourceUnavailable(f"C-FIND answered failure status 0x{code:04X}")
+        found = [
+            RemoteStudy(
+                str(identifier.get("StudyInstanceUID", "")),
+                str(identifier.get("StudyDate", "") or ""),
+                str(identifier.get("StudyTime", "") or ""),
+            )
+            for identifier in self._c_find(query)
+        ]
         return [s for s in found if s.study_uid]
 
     def find(self, study_uid: str) -> list[RemoteSeries]:
@@ -258,23 +250,27 @@ class _Dimse:
         query.Modality = ""
         query.SeriesNumber = ""
         query.NumberOfSeriesRelatedInstances = ""
-        found = []
+        found = [
+            RemoteSeries(
+                str(identifier.get("SeriesInstanceUID", "")),
+                str(identifier.get("Modality", "") or ""),
+                _int(identifier.get("SeriesNumber")),
+                _int(identifier.get("NumberOfSeriesRelatedInstances")),
+            )
+            for identifier in self._c_find(query)
+        ]
+        return [s for s in found if s.series_uid]
+
+    def _c_find(self, query: Dataset) -> Iterator[Dataset]:
+        """The pending responses' identifiers of a Study Root C-FIND (PS3.4 C.4.1.1.4)."""
         for status, identifier in self.assoc.send_c_find(
             query, StudyRootQueryRetrieveInformationModelFind
         ):
             code = _status(status, "C-FIND")
             if code in _PENDING and identifier is not None:
-                found.append(
-                    RemoteSeries(
-                        str(identifier.get("SeriesInstanceUID", "")),
-                        str(identifier.get("Modality", "") or ""),
-                        _int(identifier.get("SeriesNumber")),
-                        _int(identifier.get("NumberOfSeriesRelatedInstances")),
-                    )
-                )
+                yield identifier
             elif code != _SUCCESS:
                 raise SourceUnavailable(f"C-FIND answered failure status 0x{code:04X}")
-        return [s for s in found if s.series_uid]
 
     def fetch(self, study_uid: str, series: RemoteSeries) -> None:
         query = Dataset()
@@ -326,17 +322,6 @@ class _Dimse:
         self.stored += 1
         self.paths.append(stored.path)
         return _SUCCESS
-
-
-def _associate_failed(assoc: Association, peer: str) -> None:
-    if assoc.is_rejected and assoc.acceptor.primitive is not None:
-        answer = assoc.acceptor.primitive
-        raise AssociationRejected(
-            f"{peer} rejected the association ({answer.result_str}, {answer.source_str}:"
-            f" {answer.reason_str})",
-            permanent=answer.result == 0x01,
-        )
-    raise AssociationFailed(f"association with {peer} failed (refused, aborted or no answer)")
 
 
 def _status(status: Dataset, what: str) -> int:

@@ -13,6 +13,7 @@ import ssl
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
@@ -154,7 +155,14 @@ def _associate(
     ae: AE, host: str, port: int, called_aet: str, tls: tuple[ssl.SSLContext, str] | None = None
 ) -> Association:
     assoc = ae.associate(host, port, ae_title=called_aet, tls_args=tls)
-    peer = f"{called_aet} at {host}:{port}"
+    if not assoc.is_established:
+        raise_unestablished(assoc, f"{called_aet} at {host}:{port}")
+    return assoc
+
+
+def raise_unestablished(assoc: Association, peer: str) -> NoReturn:
+    """Why an association was not established: rejected (permanent when the peer says so,
+    PS3.8 7.1.1.9) or failed (refused, aborted, no answer)."""
     if assoc.is_rejected and assoc.acceptor.primitive is not None:
         answer = assoc.acceptor.primitive
         raise AssociationRejected(
@@ -162,9 +170,7 @@ def _associate(
             f" {answer.reason_str})",
             permanent=answer.result == 0x01,
         )
-    if not assoc.is_established:
-        raise AssociationFailed(f"association with {peer} failed (refused, aborted or no answer)")
-    return assoc
+    raise AssociationFailed(f"association with {peer} failed (refused, aborted or no answer)")
 
 
 def echo(
