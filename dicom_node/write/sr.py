@@ -435,25 +435,14 @@ def _prior_measurements(
     frame = volume.map_reference_to_indices(np.array([change.prior_center_lps_mm], float))[0][0]
     image = datasets[int(np.clip(np.rint(frame), 0, len(datasets) - 1))]
     on_prior = [hd.sr.SourceImageForMeasurement(image.SOPClassUID, image.SOPInstanceUID)]
-    measurements = []
-    if change.prior_diameter_mm is not None:
-        measurements.append(
-            hd.sr.Measurement(
-                codes.SCT.Diameter,
-                round(change.prior_diameter_mm, 2),
-                codes.UCUM.Millimeter,
-                referenced_images=on_prior,
-            )
+    measurements = [
+        hd.sr.Measurement(name, round(value, 2), unit, referenced_images=on_prior)
+        for name, value, unit in (
+            (codes.SCT.Diameter, change.prior_diameter_mm, codes.UCUM.Millimeter),
+            (codes.SCT.Volume, change.prior_volume_mm3, codes.UCUM.CubicMillimeter),
         )
-    if change.prior_volume_mm3 is not None:
-        measurements.append(
-            hd.sr.Measurement(
-                codes.SCT.Volume,
-                round(change.prior_volume_mm3, 2),
-                codes.UCUM.CubicMillimeter,
-                referenced_images=on_prior,
-            )
-        )
+        if value is not None
+    ]
     if change.volume_change_percent is not None:
         measurements.append(
             hd.sr.Measurement(
