@@ -4,29 +4,24 @@ that a resend never duplicates; through a node, an outage delivers once after it
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 
-from dicom_node.config import FhirDestination, NotifyRule
+from dicom_node.config import FhirDestination
 from dicom_node.errors import DestinationRefused, DestinationUnavailable
-from dicom_node.notify import build_report
 from dicom_node.notify_fhir import DICOM_UID, resources, send_fhir
 from tests.support.fhir import FhirReceiver, r4_errors
 from tests.support.node import wait_until
-from tests.support.notify import cxr_results, delivery_attempts, delivery_row, notify_node, send_ct
+from tests.support.notify import (
+    cxr_report_for,
+    delivery_attempts,
+    delivery_row,
+    notify_node,
+    send_ct,
+)
 
-
-def cxr_report(folder, probability: float, *, demo: bool = True):
-    objects, source = cxr_results(folder, probability=probability, demo=demo)
-    return build_report(
-        job_id=9,
-        destination="ehr",
-        job_algorithm="pneumonia-cxr",
-        job_priority="routine",
-        objects=objects,
-        source=source,
-        node_ae_title="DICOMNODE",
-        rule=NotifyRule(),
-    )
+cxr_report = partial(cxr_report_for, job_id=9, destination="ehr")
 
 
 @pytest.mark.unit

@@ -8,13 +8,12 @@ import hl7
 import jsonschema
 import pytest
 
-from dicom_node.config import FhirDestination, Hl7Destination, NotifyRule
-from dicom_node.notify import build_report
+from dicom_node.config import FhirDestination, Hl7Destination
 from dicom_node.notify_fhir import resources
 from dicom_node.notify_hl7 import message
 from dicom_node.notify_webhook import document, schema
 from tests.support.fhir import r4_errors
-from tests.support.notify import ct_followup_results
+from tests.support.notify import ct_followup_results, report_of
 
 INCREASE = {"scheme": "SCT", "value": "15454001", "meaning": "Increase in size"}
 
@@ -22,16 +21,7 @@ INCREASE = {"scheme": "SCT", "value": "15454001", "meaning": "Increase in size"}
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     objects, source = ct_followup_results(tmp_path_factory.mktemp("followup"))
-    return build_report(
-        job_id=4,
-        destination="x",
-        job_algorithm="lung-nodules-ct",
-        job_priority="routine",
-        objects=objects,
-        source=source,
-        node_ae_title="DICOMNODE",
-        rule=NotifyRule(),
-    )
+    return report_of(objects, source, job_id=4, destination="x", algorithm="lung-nodules-ct")
 
 
 @pytest.mark.unit

@@ -5,18 +5,18 @@ and through a node: an outage delivers exactly once after it, a dead letter is r
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import hl7
 import pytest
 
 from dicom_node.config import Hl7Destination, NotifyRule
 from dicom_node.errors import DestinationRefused, DestinationUnavailable
-from dicom_node.notify import build_report
 from dicom_node.notify_hl7 import control_id, message, send_hl7
 from tests.support.mllp import MllpReceiver
 from tests.support.node import wait_until
 from tests.support.notify import (
-    cxr_results,
+    cxr_report_for,
     delivery_attempts,
     delivery_row,
     notify_node,
@@ -29,18 +29,7 @@ def target(port: int, **extra) -> Hl7Destination:
     return Hl7Destination(host="127.0.0.1", port=port, **settings)
 
 
-def cxr_report(folder, probability: float, *, demo: bool = True, rule=None):
-    objects, source = cxr_results(folder, probability=probability, demo=demo)
-    return build_report(
-        job_id=5,
-        destination="ris",
-        job_algorithm="pneumonia-cxr",
-        job_priority="routine",
-        objects=objects,
-        source=source,
-        node_ae_title="DICOMNODE",
-        rule=rule or NotifyRule(),
-    )
+cxr_report = partial(cxr_report_for, job_id=5, destination="ris")
 
 
 @pytest.mark.unit

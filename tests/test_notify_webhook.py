@@ -7,22 +7,25 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from functools import partial
 
 import jsonschema
 import pytest
 
 from dicom_node.config import NodeConfig, NotifyRule, WebhookDestination
 from dicom_node.errors import DestinationRefused, DestinationUnavailable
-from dicom_node.notify import build_report, notified_priority, selected
+from dicom_node.notify import notified_priority, selected
 from dicom_node.notify_webhook import body_of, document, schema, send_webhook, sign, verify
 from tests.support.http import request
 from tests.support.node import wait_until
 from tests.support.notify import (
     WebhookReceiver,
+    cxr_report_for,
     cxr_results,
     delivery_attempts,
     delivery_row,
     notify_node,
+    report_of,
     send_ct,
 )
 
@@ -33,18 +36,7 @@ def validate(doc: dict) -> None:
     jsonschema.validate(doc, schema(), cls=jsonschema.Draft202012Validator)
 
 
-def cxr_report(tmp_path, probability: float, *, demo: bool = True, rule=None):
-    objects, source = cxr_results(tmp_path, probability=probability, demo=demo)
-    return build_report(
-        job_id=3,
-        destination="hook",
-        job_algorithm="pneumonia-cxr",
-        job_priority="routine",
-        objects=objects,
-        source=source,
-        node_ae_title="DICOMNODE",
-        rule=rule or NotifyRule(),
-    )
+cxr_report = partial(cxr_report_for, job_id=3, destination="hook")
 
 
 @pytest.mark.unit
@@ -92,17 +84,7 @@ def test_signature_binds_body_and_time(tmp_path) -> None:
 def test_the_body_and_key_are_the_same_on_every_attempt(tmp_path) -> None:
     objects, source = cxr_results(tmp_path, probability=0.8)
     made = [
-        build_report(
-            job_id=3,
-            destination=name,
-            job_algorithm="pneumonia-cxr",
-            job_priority="routine",
-            objects=objects,
-            source=source,
-            node_ae_title="DICOMNODE",
-            rule=NotifyRule(),
-        )
-        for name in ("hook", "hook", "other")
+        report_of(objects, source, job_id=3, destination=name) for name in ("hook", "hook", "other")
     ]
     assert body_of(made[0]) == body_of(made[1])
     assert made[0].key == made[1].key != made[2].key
@@ -294,13 +276,4 @@ def test_a_damaged_result_is_refused_not_retried(tmp_path) -> None:
     objects, source = cxr_results(tmp_path, probability=0.9)
     objects[0].path.write_bytes(b"not DICOM at all")
     with pytest.raises(DestinationRefused, match="cannot be read"):
-        build_report(
-            job_id=3,
-            destination="hook",
-            job_algorithm="pneumonia-cxr",
-            job_priority="routine",
-            objects=objects,
-            source=source,
-            node_ae_title="DICOMNODE",
-            rule=NotifyRule(),
-        )
+        report_of(objects, source, job_id=3, destination="hook")

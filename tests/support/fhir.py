@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import gzip
 import json
-import threading
 from collections import Counter
 from functools import cache
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import jsonschema
 
-from dicom_node.testing import free_port
+from tests.support.http import HttpReceiver, QuietHandler
 
 SCHEMA = Path(__file__).with_name("fhir.schema.json.gz")
 
@@ -48,15 +46,13 @@ def r4_errors(resource: dict[str, Any]) -> list[str]:
     return [f"{list(e.path)}: {e.message}" for e in _validator(kind).iter_errors(resource)]
 
 
-class FhirReceiver:
+class FhirReceiver(HttpReceiver):
     def __init__(self, port: int | None = None) -> None:
-        self.port = port or free_port()
+        super().__init__(port)
         self.status: int | None = None  # set: answer every request with it
         self.store: dict[str, dict[str, dict[str, Any]]] = {}  # type -> id -> resource
         self.puts: Counter[tuple[str, str]] = Counter()  # (type, identifier) -> PUTs taken
         self.invalid: list[str] = []
-        self.lock = threading.Lock()
-        self.server: ThreadingHTTPServer | None = None
 
     @property
     def url(self) -> str:
@@ -97,7 +93,7 @@ class FhirReceiver:
     def start(self) -> FhirReceiver:
         receiver = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def _answer(self, status: int, body: Any) -> None:
                 data = b"" if body is None else json.dumps(body).encode()
                 self.send_response(status)
@@ -123,16 +119,5 @@ class FhirReceiver:
                 entries = [{"resource": r} for r in receiver.all(kind)]
                 self._answer(200, {"resourceType": "Bundle", "type": "searchset", "entry": entries})
 
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.serve(Handler)
         return self
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
-            self.server = None

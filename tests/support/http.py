@@ -1,13 +1,17 @@
 """Talking to a node's HTTP service: a request with or without a token, JSON, Prometheus
-metrics."""
+metrics; and the base of the little HTTP servers that stand in for a node's destinations."""
 
 from __future__ import annotations
 
 import json
+import threading
 import urllib.error
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client.parser import text_string_to_metric_families
+
+from dicom_node.testing import free_port
 
 
 def request(
@@ -39,3 +43,32 @@ def metrics(url: str, **kwargs) -> dict[tuple[str, tuple], float]:
         for family in text_string_to_metric_families(body.decode())
         for sample in family.samples
     }
+
+
+class QuietHandler(BaseHTTPRequestHandler):
+    """A request handler that keeps the test output free of access lines."""
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class HttpReceiver:
+    """An HTTP server on 127.0.0.1 (``port``, a free one by default), each request on its own
+    thread; a subclass's ``start`` passes its handler to :meth:`serve`. ``lock`` guards what
+    the handler records."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.lock = threading.Lock()
+        self.server: ThreadingHTTPServer | None = None
+
+    def serve(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None

@@ -8,20 +8,18 @@ that a resend shows.
 from __future__ import annotations
 
 import json
-import threading
 from collections import Counter
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 from dicom_node.algorithm import AlgorithmResult, Classification, Concept, SeriesInput, Weights
-from dicom_node.config import ResultsConfig
-from dicom_node.notify import ResultObject
+from dicom_node.config import NotifyRule, ResultsConfig
+from dicom_node.notify import Report, ResultObject, build_report
 from dicom_node.notify_webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 from dicom_node.phantoms import CxrPhantomSpec, cxr_dataset
-from dicom_node.testing import free_port
 from dicom_node.write import Provenance, write_all
+from tests.support.http import HttpReceiver, QuietHandler
 
 PNEUMONIA = Concept("SCT", "233604007", "Pneumonia")
 
@@ -56,6 +54,42 @@ def cxr_results(
     return objects, source
 
 
+def report_of(
+    objects: list[ResultObject],
+    source: Path,
+    *,
+    job_id: int,
+    destination: str,
+    algorithm: str = "pneumonia-cxr",
+    rule: NotifyRule | None = None,
+) -> Report:
+    """The report the delivery loop makes of a routine job's results for ``destination``."""
+    return build_report(
+        job_id=job_id,
+        destination=destination,
+        job_algorithm=algorithm,
+        job_priority="routine",
+        objects=objects,
+        source=source,
+        node_ae_title="DICOMNODE",
+        rule=rule or NotifyRule(),
+    )
+
+
+def cxr_report_for(
+    folder: Path,
+    probability: float,
+    *,
+    job_id: int,
+    destination: str,
+    demo: bool = True,
+    rule: NotifyRule | None = None,
+) -> Report:
+    """The report of :func:`cxr_results` (made in ``folder``) for ``destination``."""
+    objects, source = cxr_results(folder, probability=probability, demo=demo)
+    return report_of(objects, source, job_id=job_id, destination=destination, rule=rule)
+
+
 @dataclass
 class _Got:
     bodies: list[bytes] = field(default_factory=list)
@@ -63,16 +97,14 @@ class _Got:
     bad_signatures: int = 0
 
 
-class WebhookReceiver:
+class WebhookReceiver(HttpReceiver):
     """An HTTP server that checks each POST's HMAC signature and answers ``status``."""
 
     def __init__(self, secret: str, port: int | None = None) -> None:
+        super().__init__(port)
         self.secret = secret
-        self.port = port or free_port()
         self.status = 200
         self.got = _Got()
-        self.lock = threading.Lock()
-        self.server: ThreadingHTTPServer | None = None
 
     @property
     def url(self) -> str:
@@ -85,7 +117,7 @@ class WebhookReceiver:
     def start(self) -> WebhookReceiver:
         receiver = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 signed = verify(
@@ -105,19 +137,8 @@ class WebhookReceiver:
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.serve(Handler)
         return self
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
-            self.server = None
 
 
 QUICK_RETRIES = {"backoff_initial_s": 0.3, "backoff_max_s": 1.0, "poll_s": 0.1, "max_attempts": 50}
