@@ -37,7 +37,7 @@ from tests.support.dicomweb import (
 )
 from tests.support.node import NodeProcess, wait_until
 from tests.support.paths import CORPUS
-from tests.support.tls import client_context
+from tests.support.tls import client_context, tls_scp
 
 pytestmark = pytest.mark.integration
 
@@ -491,13 +491,7 @@ def test_over_mutual_tls_a_certificate_authorises_and_uris_are_https(tmp_path, p
     """HTTPS with a client certificate (http.tls): reads are authorised by it as by the token,
     the URIs the node writes are https on the address the client used, and a streamed study
     comes whole over TLS."""
-    tls = {
-        "enabled": True,
-        "cert_file": str(pki / "node.crt"),
-        "key_file": str(pki / "node.key"),
-        "ca_file": str(pki / "ca.crt"),
-        "require_client_cert": True,
-    }
+    tls = tls_scp(pki)
     ct = write_ct_series(tmp_path / "ct", replace(CT, slices=4, rows=64, columns=64))
     (tmp_path / "node").mkdir()
     node = NodeProcess(tmp_path / "node", {"http": {"token": TOKEN, "tls": tls}}).start()

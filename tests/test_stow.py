@@ -31,7 +31,7 @@ from tests.support.audit import event_id, read_trail
 from tests.support.dicomfiles import corpus_instances
 from tests.support.node import NodeProcess, wait_until
 from tests.support.paths import CORPUS
-from tests.support.tls import client_context
+from tests.support.tls import client_context, tls_scp
 
 FAST = {"series_quiet_seconds": 30, "study_quiet_seconds": 30}  # completion by request end
 TOKEN = "a-stow-token-of-some-length"
@@ -344,13 +344,7 @@ def test_a_token_is_required_when_set_and_the_transfer_is_audited(tmp_path: Path
 
 @pytest.mark.integration
 def test_mutual_tls_authorises_a_client_by_its_certificate(tmp_path: Path, pki: Path) -> None:
-    tls = {
-        "enabled": True,
-        "cert_file": str(pki / "node.crt"),
-        "key_file": str(pki / "node.key"),
-        "ca_file": str(pki / "ca.crt"),
-        "require_client_cert": True,
-    }
+    tls = tls_scp(pki)
     node = node_with(tmp_path, http={"token": TOKEN, "tls": tls})
     try:
         files = series(tmp_path / "ct", 2)

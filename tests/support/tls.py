@@ -69,7 +69,8 @@ def make_pki(d: Path) -> Path:
 
 
 def tls_scp(pki: Path) -> dict:
-    """The node's TLS settings: its certificate, client certificates required from our CA."""
+    """The node's TLS settings (``scp.tls`` or ``http.tls``): its certificate, client
+    certificates required from our CA."""
     return {
         "enabled": True,
         "cert_file": str(pki / "node.crt"),
