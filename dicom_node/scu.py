@@ -234,34 +234,47 @@ def send(
         assoc: Association | None = None
         try:
             for number, f in enumerate(batch):
-                if assoc is None or not assoc.is_established:
-                    # First file, or the peer aborted the association: go on in a new one.
-                    try:
-                        assoc = _associate(ae, host, port, called_aet, tls)
-                    except AssociationFailed as exc:
-                        for rest in batch[number:]:
-                            report.add("failed", rest.path, f"not sent: {exc}")
-                        raise SendAbandoned(str(exc), report) from exc
-                _store_one(assoc, f, report)
+                for last_try in (False, True):
+                    if assoc is None or not assoc.is_established:
+                        # First file, or the association was aborted: go on in a new one.
+                        try:
+                            assoc = _associate(ae, host, port, called_aet, tls)
+                        except AssociationFailed as exc:
+                            for rest in batch[number:]:
+                                report.add("failed", rest.path, f"not sent: {exc}")
+                            raise SendAbandoned(str(exc), report) from exc
+                    if _store_one(assoc, f, report, last_try=last_try):
+                        break
         finally:
             if assoc is not None and assoc.is_established:
                 assoc.release()
     return report
 
 
-def _store_one(assoc: Association, f: DicomFile, report: SendReport) -> None:
+def _store_one(assoc: Association, f: DicomFile, report: SendReport, *, last_try: bool) -> bool:
+    """C-STORE one file and report its outcome; False, reporting nothing, when no response
+    came and this was not the last try.
+
+    A C-STORE with no response is tried once more on a new association (pynetdicom aborts
+    the one it timed out on): a repeated instance is a duplicate to any SCP (PS3.4 B.2.3), and
+    pynetdicom's requestor can lose a response that comes back very fast to its reactor
+    thread, which drops it as an "unexpected" message while send_c_store waits for it until
+    the DIMSE timeout (https://github.com/pydicom/pynetdicom/issues/875)."""
     try:
         # Streamed, the C-STORE request names what the file meta names.
         payload = f.path if f.from_meta else dcmread(f.path)
         status = assoc.send_c_store(payload)
     except ValueError as exc:  # no accepted presentation context for this file
         report.add("failed", f.path, str(exc))
-        return
+        return True
     except Exception as exc:  # pydicom's or pynetdicom's text may quote the file's values
         log.debug("C-STORE of %s failed", f.path, exc_info=True)
         report.add("failed", f.path, f"not sent ({type(exc).__name__})")
-        return
+        return True
     code = int(status.Status) if "Status" in status else None
+    if code is None and not last_try:
+        log.warning("no C-STORE response for %s: sending it again", f.path.name)
+        return False
     if code is None:
         report.add("failed", f.path, "no response (timeout or abort)")
     elif code == 0x0000:
@@ -271,3 +284,4 @@ def _store_one(assoc: Association, f: DicomFile, report: SendReport) -> None:
         report.add("sent", f.path)
     else:
         report.add("failed", f.path, f"status 0x{code:04X}")
+    return True

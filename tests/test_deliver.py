@@ -18,6 +18,7 @@ from dicom_node.deliver import backoff_s
 from dicom_node.errors import ConfigError
 from dicom_node.phantoms import (
     BrainPhantomSpec,
+    CtPhantomSpec,
     CxrPhantomSpec,
     cxr_dataset,
     write_brain_study,
@@ -348,3 +349,42 @@ def test_folder_destination_and_retention(make_node, tmp_path) -> None:
     )
     purges = {r["subject"].split(":")[0]: r["files"] for r in node.query("SELECT * FROM purges")}
     assert purges == {"study": len(ct), "job": purges["job"]} and purges["job"] >= 2
+
+
+@pytest.mark.integration
+def test_a_c_store_left_without_response_is_sent_again_on_a_new_association(tmp_path) -> None:
+    """A C-STORE whose response never comes (a peer that stalls, or pynetdicom's requestor
+    losing a fast response to its reactor thread, pynetdicom issue 875) is tried once more on
+    a new association; the peer then has every instance, the first one twice."""
+    import threading
+
+    from pynetdicom import AE, evt
+    from pynetdicom.presentation import AllStoragePresentationContexts
+
+    from dicom_node.scu import send
+
+    files = write_ct_series(tmp_path / "ct", CtPhantomSpec(slices=3, rows=16, columns=16))
+    got: list[str] = []
+    stall = threading.Event()
+
+    def on_store(event) -> int:
+        uid = str(event.request.AffectedSOPInstanceUID)
+        got.append(uid)
+        if len(got) == 1:
+            stall.wait(10)  # past the sender's DIMSE timeout: it gives up on this response
+        return 0x0000
+
+    scp = AE(ae_title="STALLING")
+    scp.supported_contexts = AllStoragePresentationContexts
+    port = free_port()
+    server = scp.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    try:
+        report = send(files, "127.0.0.1", port, called_aet="STALLING", timeout_s=2)
+    finally:
+        stall.set()
+        server.shutdown()
+    assert sorted(report.sent) == sorted(files) and not report.failed
+    first = str(dcmread(files[0], stop_before_pixels=True).SOPInstanceUID)
+    assert got.count(first) == 2 and len(got) == 4
