@@ -158,6 +158,14 @@ class _Scan:
             pos += item_length
 
 
+def explicit_element(data: bytes | memoryview, pos: int) -> tuple[int, int, int]:
+    """The explicit VR little endian element header at ``pos`` (PS3.5 7.1.2): its tag, value
+    length and value offset. Raises :class:`IrregularDataSet` for an unknown VR or a header
+    that does not fit in ``data``."""
+    tag, _, length, offset = _Scan(data, implicit=False).element(pos, len(data))
+    return tag, length, offset
+
+
 def scan(data: bytes | memoryview, *, implicit: bool) -> dict[int, bytes] | None:
     """The raw values of the wanted attributes of a little-endian data set (no file meta), by
     tag, or None when the data set is not one the scan handles."""

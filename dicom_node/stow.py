@@ -19,7 +19,6 @@ the body breaks off.
 from __future__ import annotations
 
 import logging
-import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from email.message import Message
@@ -28,8 +27,15 @@ from http import HTTPStatus
 from typing import Any
 
 from dicom_node.assembly import Assembler
-from dicom_node.errors import InvalidInstance, RejectedInstance, SopMismatch, StowRequestError
+from dicom_node.errors import (
+    InvalidInstance,
+    IrregularDataSet,
+    RejectedInstance,
+    SopMismatch,
+    StowRequestError,
+)
 from dicom_node.events import Events, InstanceReceived, StudiesReceived, StudyRef
+from dicom_node.header_scan import explicit_element
 from dicom_node.scp import (
     STATUS_CANNOT_UNDERSTAND,
     accepted_transfer_syntaxes,
@@ -58,8 +64,6 @@ MAX_FILE_META = 64 * 1024
 READ_SIZE = 256 * 1024
 # RFC 2046 5.1.1 allows 70 characters; Orthanc's DICOMweb client sends 73: read liberally.
 MAX_BOUNDARY = 256
-
-_VR_WITH_LONG_LENGTH = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"}
 
 ReadFn = Callable[[int], bytes]
 
@@ -259,18 +263,15 @@ def parse_file_meta(prefix: bytes) -> FileMeta | None:
     while True:
         if len(prefix) < at + 8:
             return None if len(prefix) < MAX_FILE_META else _too_long()
-        group, element = struct.unpack_from("<HH", prefix, at)
-        if group != 0x0002:
+        if prefix[at : at + 2] != b"\x02\x00":  # the first element of the data set
             break
-        vr = prefix[at + 4 : at + 6]
-        if vr in _VR_WITH_LONG_LENGTH:
+        try:
+            tag, length, start = explicit_element(prefix, at)
+        except IrregularDataSet:
             if len(prefix) < at + 12:
-                return None
-            (length,) = struct.unpack_from("<I", prefix, at + 8)
-            start = at + 12
-        else:
-            (length,) = struct.unpack_from("<H", prefix, at + 6)
-            start = at + 8
+                return None  # a header with a 32-bit length, not all here yet
+            raise InvalidInstance("the file meta is not explicit VR little endian") from None
+        element = tag & 0xFFFF
         if start + length > MAX_FILE_META:
             return _too_long()
         if len(prefix) < start + length:
