@@ -82,7 +82,7 @@ from dicom_node.jobs import Job, JobKind, JobState, RetrievalPayload, job_store,
 from dicom_node.loops import Loop, reason
 from dicom_node.route import ROUTABLE_SOP_CLASSES, note_retrievals, study_retrievals
 from dicom_node.scp import refusal_status
-from dicom_node.scu import _ae, raise_unestablished
+from dicom_node.scu import raise_unestablished, requestor_ae
 from dicom_node.store import InstanceStore, Sender, store_key
 
 # The Query/Retrieve SOP classes a retrieval uses as SCU (PS3.4 C.6.2.1): FIND, then MOVE or GET.
@@ -192,7 +192,7 @@ class _Dimse:
 
     @contextmanager
     def session(self) -> Iterator[None]:
-        ae = _ae(self.calling_aet, timeout_s=self.source.timeout_s)
+        ae = requestor_ae(self.calling_aet, timeout_s=self.source.timeout_s)
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
         roles: list[Any] = []
         handlers: list[Any] = []

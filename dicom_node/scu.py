@@ -145,7 +145,8 @@ def _batches(files: list[DicomFile]) -> Iterator[list[DicomFile]]:
         yield batch
 
 
-def _ae(calling_aet: str, *, timeout_s: float) -> AE:
+def requestor_ae(calling_aet: str, *, timeout_s: float) -> AE:
+    """An AE that requests associations as ``calling_aet``, every timeout at ``timeout_s``."""
     ae = AE(ae_title=calling_aet)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
     return ae
@@ -182,7 +183,7 @@ def echo(
     timeout_s: float = 30.0,
 ) -> int:
     """C-ECHO (PS3.7 9.1.5); returns the peer's status."""
-    ae = _ae(calling_aet, timeout_s=timeout_s)
+    ae = requestor_ae(calling_aet, timeout_s=timeout_s)
     ae.add_requested_context(Verification)
     assoc = _associate(ae, host, port, called_aet)
     try:
@@ -227,7 +228,7 @@ def send(
         except Exception as exc:  # a broken file: pydicom's text may quote its values
             log.debug("%s cannot be read", path, exc_info=True)
             report.add("failed", path, f"cannot be read as DICOM ({type(exc).__name__})")
-    ae = _ae(calling_aet, timeout_s=timeout_s)
+    ae = requestor_ae(calling_aet, timeout_s=timeout_s)
     for batch in _batches(files):
         contexts = sorted({f.context for f in batch})
         ae.requested_contexts = [build_context(c, [ts]) for c, ts in contexts]
