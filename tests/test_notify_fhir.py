@@ -19,6 +19,7 @@ from tests.support.notify import (
     delivery_row,
     notify_node,
     send_ct,
+    wait_for_delivery,
 )
 
 cxr_report = partial(cxr_report_for, job_id=9, destination="ehr")
@@ -104,7 +105,7 @@ def test_an_outage_then_exactly_once_through_a_node(make_node, tmp_path) -> None
     )
     receiver.start()
     try:
-        wait_until(lambda: delivery_row(node)["state"] == "sent", 60, "sent", node.log())
+        wait_for_delivery(node, "sent", 60, "sent")
         assert receiver.invalid == []
         (diagnostic,) = receiver.all("DiagnosticReport")
         observations = receiver.all("Observation")

@@ -21,6 +21,7 @@ from tests.support.notify import (
     delivery_row,
     notify_node,
     send_ct,
+    wait_for_delivery,
 )
 
 
@@ -133,7 +134,7 @@ def test_an_outage_then_exactly_once_through_a_node(make_node, tmp_path) -> None
     )
     receiver.start()
     try:
-        wait_until(lambda: delivery_row(node)["state"] == "sent", 60, "sent", node.log())
+        wait_for_delivery(node, "sent", 60, "sent")
         time.sleep(1.0)
         assert list(receiver.control_ids.values()) == [1]
         (msg,) = receiver.accepted
@@ -167,12 +168,12 @@ def test_a_reject_is_a_dead_letter_that_the_api_replays(make_node, tmp_path) -> 
         }
         node = notify_node(make_node, destination)
         send_ct(node, tmp_path / "ct")
-        wait_until(lambda: (r := delivery_row(node)) and r["state"] == "dead", 120, "dead")
+        wait_for_delivery(node, "dead", 120, "dead")
         assert delivery_row(node)["attempts"] == 1
         receiver.ack_code = "AA"
         status, _ = request(node.http_url + "/api/deliveries/retry-dead", method="POST")
         assert status == 200
-        wait_until(lambda: delivery_row(node)["state"] == "sent", 60, "sent after replay")
+        wait_for_delivery(node, "sent", 60, "sent after replay")
         assert list(receiver.control_ids.values()) == [1]
     finally:
         receiver.stop()

@@ -4,8 +4,6 @@ delivers exactly once after it, a refusal is one dead letter that a replay deliv
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from functools import partial
 
@@ -27,6 +25,7 @@ from tests.support.notify import (
     notify_node,
     report_of,
     send_ct,
+    wait_for_delivery,
 )
 
 SECRET = "s3cret-s3cret-s3cret"
@@ -193,7 +192,7 @@ def test_an_outage_then_exactly_once_through_a_node(make_node, tmp_path) -> None
     assert delivery_row(node)["state"] == "pending"
     receiver.start()
     try:
-        wait_until(lambda: delivery_row(node)["state"] == "sent", 60, "sent", node.log())
+        wait_for_delivery(node, "sent", 60, "sent")
         time.sleep(1.0)  # nothing more comes
         (doc,) = receiver.documents()
         validate(doc)
@@ -222,27 +221,12 @@ def test_a_refusal_is_a_dead_letter_that_a_replay_delivers(make_node, tmp_path) 
     try:
         node = notify_node(make_node, {"type": "webhook", "url": receiver.url, "secret": SECRET})
         send_ct(node, tmp_path / "ct")
-        wait_until(lambda: (r := delivery_row(node)) and r["state"] == "dead", 120, "dead")
-        row = delivery_row(node)
+        row = wait_for_delivery(node, "dead", 120, "dead")
         assert row["attempts"] == 1 and "HTTP 422" in row["last_error"]
         receiver.status = 200
-        replay = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "dicom_node",
-                "jobs",
-                "retry",
-                str(row["job_id"]),
-                "--config",
-                str(node.config_path),
-            ],
-            capture_output=True,
-            text=True,
-            env=node.env,
-        )
+        replay = node.cli("jobs", "retry", str(row["job_id"]))
         assert replay.returncode == 0, replay.stderr
-        wait_until(lambda: delivery_row(node)["state"] == "sent", 60, "sent after replay")
+        wait_for_delivery(node, "sent", 60, "sent after replay")
         assert list(receiver.got.keys.values()) == [1]
         validate(receiver.documents()[0])
     finally:
@@ -264,7 +248,7 @@ def test_a_rule_that_leaves_the_result_out_sends_nothing(make_node, tmp_path) ->
             },
         )
         send_ct(node, tmp_path / "ct")
-        wait_until(lambda: (r := delivery_row(node)) and r["state"] == "sent", 120, "closed")
+        wait_for_delivery(node, "sent", 120, "closed")
         assert receiver.documents() == []
         assert "its notify rule leaves the result out" in node.log()
     finally:

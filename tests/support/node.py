@@ -40,6 +40,16 @@ def plugin_env() -> dict[str, str]:
 class NodeProcess(ServeProcess):
     """A `dicom-node serve` subprocess with its own data folder and port."""
 
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """`dicom-node <args>` against this node's configuration (a replay, a listing): its
+        exit status and what it printed, for the test to judge."""
+        return subprocess.run(
+            [sys.executable, "-m", "dicom_node", *args, "--config", str(self.config_path)],
+            capture_output=True,
+            text=True,
+            env=self.env,
+        )
+
     def assert_kept(self, acknowledged: Iterable[Path], *, byte_identical: bool) -> None:
         """Nothing acknowledged is lost: each file sent is indexed, on disk, and holds the
         data set as sent (byte for byte, or element for element)."""

@@ -20,6 +20,7 @@ from dicom_node.notify_webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 from dicom_node.phantoms import CxrPhantomSpec, cxr_dataset
 from dicom_node.write import Provenance, write_all
 from tests.support.http import HttpReceiver, QuietHandler
+from tests.support.node import wait_until
 
 PNEUMONIA = Concept("SCT", "233604007", "Pneumonia")
 
@@ -173,6 +174,16 @@ def send_ct(node: Any, folder: Path) -> list[Path]:
 def delivery_row(node: Any) -> Any:
     rows = node.query("SELECT * FROM deliveries")
     return rows[0] if rows else None
+
+
+def wait_for_delivery(node: Any, state: str, timeout_s: float, what: str) -> Any:
+    """Poll the node's one delivery until it is in ``state``; its row."""
+    return wait_until(
+        lambda: (row := delivery_row(node)) is not None and row["state"] == state and row,
+        timeout_s,
+        what,
+        node.log(),
+    )
 
 
 def delivery_attempts(trail: Path, target: str) -> list[dict[str, Any]]:
