@@ -170,6 +170,17 @@ def _not_acceptable(refusal: Unacceptable) -> Answer:
     return _error(HTTPStatus.NOT_ACCEPTABLE, refusal.reason)
 
 
+def _undecodable(entry: Entry, exc: Exception, failure: str, pronoun: str) -> Answer:
+    """A 406 for pixel data pydicom could not decode or re-encode: the stored syntax is still
+    offered, and the reason says how to ask for it."""
+    log.warning("WADO-RS: %s (instance %s): %s", failure, store_key(entry.sop), exc)
+    return _not_acceptable(
+        Unacceptable(
+            f"{failure} ({type(exc).__name__}); transfer-syntax=* gives {pronoun} as stored"
+        )
+    )
+
+
 def answer(config: NodeConfig, path: str, query: str, accept: str | None, base: str) -> Answer:
     """Answer ``GET path?query`` (``path`` unquoted, under ``/dicom-web``) with the Accept
     header ``accept``; ``base`` is /dicom-web as the client addresses it (its Host header, so
@@ -621,12 +632,8 @@ class _Origin:
             try:
                 body = b"".join(_part10(entry.path, syntax))
             except Exception as exc:  # pydicom's decoders raise what their libraries raise
-                log.warning("WADO-RS: %s could not be re-encoded: %s", store_key(entry.sop), exc)
-                return _not_acceptable(
-                    Unacceptable(
-                        f"the instance could not be converted to {syntax} ({type(exc).__name__});"
-                        " transfer-syntax=* gives it as stored"
-                    )
+                return _undecodable(
+                    entry, exc, f"the instance could not be converted to {syntax}", "it"
                 )
             if wanted.single:
                 return Answer(HTTPStatus.OK, PART10, body)
@@ -691,13 +698,7 @@ class _Origin:
         try:
             frames = _frames(entry.path, numbers, keep_encoded=choice.encoded)
         except Exception as exc:  # pydicom's decoders raise what their libraries raise
-            log.warning("WADO-RS: frames of %s not decoded: %s", store_key(entry.sop), exc)
-            return _not_acceptable(
-                Unacceptable(
-                    f"the frames could not be decoded ({type(exc).__name__});"
-                    " transfer-syntax=* gives them as stored"
-                )
-            )
+            return _undecodable(entry, exc, "the frames could not be decoded", "them")
         if choice.encoded:
             media = f"{FRAME_MEDIA_TYPES.get(str(stored), OCTETS)}; transfer-syntax={stored}"
         else:
