@@ -726,9 +726,7 @@ class _Origin:
                 return _octets(value, accept)
             count = int(ds.get("NumberOfFrames") or 1)
             return self._pixel_parts(entry, ds, list(range(1, count + 1)), accept)
-        ds = dcmread(entry.path, stop_before_pixels=True)
-        value = _walk(ds, path)
-        return _octets(value, accept)
+        return _octets(_walk(header(entry.path), path), accept)
 
 
 def _replace_keys(query: Query, keys: tuple[Key, ...]) -> Query:
