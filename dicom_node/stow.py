@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from email.message import Message
 from email.parser import BytesHeaderParser
 from http import HTTPStatus
@@ -321,9 +321,15 @@ class StowResponse:
 
     status: HTTPStatus
     body: dict[str, Any]
-    stored: int = 0
-    failed: int = 0
-    outcomes: list[Outcome] = field(default_factory=list)
+    outcomes: list[Outcome]
+
+    @property
+    def stored(self) -> int:
+        return sum(o.failure is None for o in self.outcomes)
+
+    @property
+    def failed(self) -> int:
+        return len(self.outcomes) - self.stored
 
 
 class StowService:
@@ -398,7 +404,6 @@ class StowService:
     def _store_part(self, part: Part, sender: Sender, study_uid: str | None, unit: int) -> Outcome:
         declared = part.headers.get_content_type() if part.headers.get("Content-Type") else None
         if declared not in (None, "application/dicom"):
-            part.drain()
             return Outcome("", "", failure=STATUS_CANNOT_UNDERSTAND, why=f"a {declared} part")
         prefix = b""
         meta = None
@@ -410,15 +415,12 @@ class StowService:
                 prefix += data
                 meta = parse_file_meta(prefix)
         except InvalidInstance as exc:
-            part.drain()
             return self._failed(Outcome("", ""), exc)
         outcome = Outcome(meta.sop_class_uid, meta.sop_instance_uid)
         if meta.sop_class_uid not in self._sop_classes:
-            part.drain()
             outcome.failure, outcome.why = STATUS_SOP_CLASS_NOT_SUPPORTED, "SOP class not accepted"
             return self._logged(outcome, 0)
         if meta.transfer_syntax not in self._transfer_syntaxes:
-            part.drain()
             outcome.failure = STATUS_TRANSFER_SYNTAX_NOT_SUPPORTED
             outcome.why = "transfer syntax not accepted"
             return self._logged(outcome, 0)
@@ -427,7 +429,6 @@ class StowService:
                 meta.transfer_syntax, sender, meta.sop_class_uid, meta.sop_instance_uid
             )
         except (RejectedInstance, OSError) as exc:
-            part.drain()
             return self._failed(outcome, exc)
         try:
             incoming.write(prefix[meta.dataset_offset :])
@@ -435,7 +436,6 @@ class StowService:
                 incoming.write(data)
             stored = self._finish(incoming, study_uid)
         except (RejectedInstance, OSError) as exc:
-            part.drain()
             return self._failed(outcome, exc, incoming.size)
         finally:
             incoming.discard()
@@ -495,6 +495,8 @@ class StowService:
 def _response(outcomes: list[Outcome], base_url: str) -> StowResponse:
     """PS3.18 10.5.3: 200 when every instance was stored, 202 when some were, 409 when none;
     the body lists both (Table 10.5.3-3)."""
+    if not outcomes:
+        raise StowRequestError(HTTPStatus.BAD_REQUEST, "the request holds no body part")
     stored = [o for o in outcomes if o.failure is None]
     failed = [o for o in outcomes if o.failure is not None]
     body: dict[str, Any] = {}
@@ -521,10 +523,8 @@ def _response(outcomes: list[Outcome], base_url: str) -> StowResponse:
                 for o in stored
             ],
         }
-    if not outcomes:
-        raise StowRequestError(HTTPStatus.BAD_REQUEST, "the request holds no body part")
     status = HTTPStatus.OK if not failed else HTTPStatus.ACCEPTED if stored else HTTPStatus.CONFLICT
-    return StowResponse(status, body, len(stored), len(failed), outcomes)
+    return StowResponse(status, body, outcomes)
 
 
 def _instance_url(base_url: str, o: Outcome) -> str:
