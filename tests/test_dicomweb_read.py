@@ -34,18 +34,17 @@ from tests.support.dicomweb import (
     get,
     parts,
     split_multipart,
+    wait_for_seg_and_sr,
 )
-from tests.support.node import NodeProcess, wait_until
+from tests.support.node import NodeProcess
 from tests.support.paths import CORPUS
 from tests.support.tls import client_context, tls_scp
 
 pytestmark = pytest.mark.integration
 
 TOKEN = "dicomweb-read-token"
-CT = PHANTOMS["axial"]
-CORPUS_NAMES = [
-    f"{path.parent.name}/{path.name}" for path in CORPUS_FILES
-]  # the demo lung-nodule weights find its nodule
+CT = PHANTOMS["axial"]  # the demo lung-nodule weights find its nodule
+CORPUS_NAMES = [f"{path.parent.name}/{path.name}" for path in CORPUS_FILES]
 
 
 class Served:
@@ -88,12 +87,7 @@ def served(tmp_path_factory: pytest.TempPathFactory):
         assert node.storescu(files=ct).returncode == 0, node.log()
         if corpus:
             send(list(corpus.values()), "127.0.0.1", node.port)  # each file its own context
-        wait_until(
-            lambda: {r[0] for r in node.query("SELECT kind FROM outputs")} >= {"SEG", "SR"},
-            timeout_s=300,
-            what="the lung-nodule detector's SEG and SR",
-            log=node.log(),
-        )
+        wait_for_seg_and_sr(node)
         yield Served(node, ct, corpus)
     finally:
         node.stop()

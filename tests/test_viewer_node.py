@@ -17,7 +17,8 @@ from pydicom.uid import JPEGLSLossless
 from dicom_node.phantoms import write_ct_series
 from dicom_node.scu import send
 from tests.support.cases import PHANTOMS
-from tests.support.node import NodeProcess, wait_until
+from tests.support.dicomweb import wait_for_seg_and_sr
+from tests.support.node import NodeProcess
 from tests.support.viewer import VIEWER_TOOLS, ViewerServer, missing, run_check
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -62,12 +63,7 @@ def test_ohif_shows_the_node_seg_and_sr_read_from_the_node(tmp_path, viewer_read
     server = None
     try:
         assert send(ct, "127.0.0.1", node.port).ok, node.log()
-        wait_until(
-            lambda: {r[0] for r in node.query("SELECT kind FROM outputs")} >= {"SEG", "SR"},
-            timeout_s=300,
-            what="the lung-nodule detector's SEG and SR",
-            log=node.log(),
-        )
+        wait_for_seg_and_sr(node)
         stored = {r[0] for r in node.query("SELECT transfer_syntax FROM instances")}
         assert stored == {str(syntax or "1.2.840.10008.1.2.1")}  # kept as sent, compressed
         seg = dcmread(node.outputs()["SEG"])

@@ -14,8 +14,18 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from tests.support.node import NodeProcess
+from tests.support.node import NodeProcess, wait_until
 from tests.support.paths import CORPUS
+
+
+def wait_for_seg_and_sr(node: NodeProcess) -> None:
+    """Wait until the node has written the lung-nodule detector's SEG and SR of a CT it received."""
+    wait_until(
+        lambda: {r[0] for r in node.query("SELECT kind FROM outputs")} >= {"SEG", "SR"},
+        timeout_s=300,
+        what="the lung-nodule detector's SEG and SR",
+        log=node.log(),
+    )
 
 
 def client(node: NodeProcess, token: str | None) -> DICOMwebClient:
