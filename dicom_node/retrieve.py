@@ -142,6 +142,16 @@ def _int(value: object) -> int | None:
         return None
 
 
+def _identifier(level: str, **keys: str) -> Dataset:
+    """A Study Root query identifier at ``level`` (PS3.4 C.4.1.2.1): ``keys`` are matching
+    keys where they hold a value, return keys where they are empty."""
+    query = Dataset()
+    query.QueryRetrieveLevel = level
+    for keyword, value in keys.items():
+        setattr(query, keyword, value)
+    return query
+
+
 def latest_other(studies: list[RemoteStudy], current: str) -> str | None:
     """The most recent of ``studies`` other than ``current`` (by StudyDate, StudyTime)."""
     others = [s for s in studies if s.study_uid != current]
@@ -224,14 +234,15 @@ class _Dimse:
 
     def find_studies(self, payload: RetrievalPayload) -> list[RemoteStudy]:
         """The patient's studies made within the payload's dates (C-FIND, STUDY level)."""
-        query = Dataset()
-        query.QueryRetrieveLevel = "STUDY"
-        query.PatientID = payload.patient_id
+        query = _identifier(
+            "STUDY",
+            PatientID=payload.patient_id,
+            StudyDate=payload.dates,
+            StudyTime="",
+            StudyInstanceUID="",
+        )
         if payload.issuer:
             query.IssuerOfPatientID = payload.issuer
-        query.StudyDate = payload.dates
-        query.StudyTime = ""
-        query.StudyInstanceUID = ""
         found = [
             RemoteStudy(
                 str(identifier.get("StudyInstanceUID", "")),
@@ -243,13 +254,14 @@ class _Dimse:
         return [s for s in found if s.study_uid]
 
     def find(self, study_uid: str) -> list[RemoteSeries]:
-        query = Dataset()
-        query.QueryRetrieveLevel = "SERIES"
-        query.StudyInstanceUID = study_uid
-        query.SeriesInstanceUID = ""
-        query.Modality = ""
-        query.SeriesNumber = ""
-        query.NumberOfSeriesRelatedInstances = ""
+        query = _identifier(
+            "SERIES",
+            StudyInstanceUID=study_uid,
+            SeriesInstanceUID="",
+            Modality="",
+            SeriesNumber="",
+            NumberOfSeriesRelatedInstances="",
+        )
         found = [
             RemoteSeries(
                 str(identifier.get("SeriesInstanceUID", "")),
@@ -273,10 +285,9 @@ class _Dimse:
                 raise SourceUnavailable(f"C-FIND answered failure status 0x{code:04X}")
 
     def fetch(self, study_uid: str, series: RemoteSeries) -> None:
-        query = Dataset()
-        query.QueryRetrieveLevel = "SERIES"
-        query.StudyInstanceUID = study_uid
-        query.SeriesInstanceUID = series.series_uid
+        query = _identifier(
+            "SERIES", StudyInstanceUID=study_uid, SeriesInstanceUID=series.series_uid
+        )
         if self.source.method == "c-get":
             responses = self.assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet)
             what = "C-GET"
