@@ -96,6 +96,7 @@ def _completed_series(db: Database, study_uid: str) -> list[str]:
 
 
 def study_of_series(db: Database, series_uid: str) -> str | None:
+    """The study a series belongs to; None when the index does not know the series."""
     with db.reading() as conn:
         row = conn.execute(
             "SELECT study_uid FROM series WHERE series_uid = ?", (series_uid,)

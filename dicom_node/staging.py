@@ -36,6 +36,7 @@ from dicom_node.errors import InputError, ObjectCorrupt
 from dicom_node.infer import series_input
 from dicom_node.jobs import Job, JobStore
 from dicom_node.objects import ObjectStore, check_key
+from dicom_node.priors import study_of_series
 from dicom_node.store import store_key
 
 log = logging.getLogger(__name__)
@@ -182,13 +183,10 @@ def _upload_missing(objects: ObjectStore, study_uids: set[str], files: Mapping[s
 
 
 def _study_of(db: Database, series_uid: str) -> str:
-    with db.reading() as conn:
-        row = conn.execute(
-            "SELECT study_uid FROM series WHERE series_uid = ?", (series_uid,)
-        ).fetchone()
-    if row is None:
+    study = study_of_series(db, series_uid)
+    if study is None:
         raise InputError(f"series {store_key(series_uid)} is not in the index")
-    return str(row["study_uid"])
+    return study
 
 
 def stage_job(
