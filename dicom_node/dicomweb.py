@@ -1037,7 +1037,7 @@ def _reencoded(path: Path, syntax: UID) -> bytes:
         and "PixelData" in ds
         and (stored.is_encapsulated or stored == ExplicitVRBigEndian)
     ):
-        ds.PixelData = pixel_array(ds, raw=True).astype(_little_endian_dtype(ds)).tobytes()
+        ds.PixelData = _little_endian_pixels(ds)
         if (
             stored.is_encapsulated
             and str(ds.get("PhotometricInterpretation", "")).startswith("YBR")
@@ -1067,12 +1067,17 @@ def _little_endian_dtype(ds: Dataset) -> np.dtype[Any]:
     return np.dtype(f"<{'i' if signed else 'u'}{max(1, bits // 8)}")
 
 
+def _little_endian_pixels(ds: Dataset) -> bytes:
+    """All of ``ds``'s pixels decoded, as native little-endian bytes (PS3.5 8.1.1, A.1)."""
+    return pixel_array(ds, raw=True).astype(_little_endian_dtype(ds)).tobytes()
+
+
 def _native_value(path: Path) -> bytes:
     """The Pixel Data value as little-endian native bytes (PS3.5 8.1.1)."""
     ds = dcmread(path)
     stored = stored_syntax(ds)
     if stored == ExplicitVRBigEndian and int(ds.BitsAllocated) > 8:
-        return pixel_array(ds, raw=True).astype(_little_endian_dtype(ds)).tobytes()
+        return _little_endian_pixels(ds)
     return bytes(ds.PixelData)
 
 
