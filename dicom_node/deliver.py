@@ -132,6 +132,11 @@ def _client_tls(tls: ClientTlsConfig | None, host: str) -> tuple[ssl.SSLContext,
     return context, tls.server_hostname or host
 
 
+def requests_verify(verify: bool | Path) -> bool | str:
+    """A destination's ``verify`` setting as requests takes it: a flag, or a CA bundle's path."""
+    return str(verify) if isinstance(verify, Path) else verify
+
+
 def send_dicom(
     target: DicomDestination, files: Sequence[Path], calling_aet: str, timeout_s: float
 ) -> dict[Path, str | None]:
@@ -167,7 +172,7 @@ def send_dicomweb(target: DicomwebDestination, files: Sequence[Path], timeout_s:
         session.auth = (target.username, target.password or "")
     if target.token:
         session.headers["Authorization"] = f"Bearer {target.token}"
-    session.verify = str(target.verify) if isinstance(target.verify, Path) else target.verify
+    session.verify = requests_verify(target.verify)
     client = DICOMwebClient(target.url, session=session, timeout=timeout_s)
     try:
         response = client.store_instances([dcmread(path) for path in files])

@@ -30,7 +30,6 @@ Answers: 200 or 201 is done; 408, 429, 5xx, a timeout or a connection error is t
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from dicom_node.config import FhirDestination
@@ -274,13 +273,15 @@ def send_fhir(target: FhirDestination, report: Report, timeout_s: float) -> None
     """Write the Observations, then the DiagnosticReport that refers to them."""
     import requests
 
+    from dicom_node.deliver import requests_verify
+
     session = requests.Session()
     session.headers.update(
         {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
     )
     if target.token:
         session.headers["Authorization"] = f"Bearer {target.token}"
-    session.verify = str(target.verify) if isinstance(target.verify, Path) else target.verify
+    session.verify = requests_verify(target.verify)
     from pydantic import ValidationError
 
     try:

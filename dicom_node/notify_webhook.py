@@ -27,7 +27,6 @@ import json
 import time
 from functools import cache
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 from dicom_node.config import WebhookDestination
@@ -149,6 +148,8 @@ def send_webhook(target: WebhookDestination, report: Report, timeout_s: float) -
     """POST ``report`` to the webhook; raises :class:`DeliveryError` unless a 2xx came back."""
     import requests
 
+    from dicom_node.deliver import requests_verify
+
     body = body_of(report)
     timestamp = str(int(time.time()))
     headers = {
@@ -158,14 +159,13 @@ def send_webhook(target: WebhookDestination, report: Report, timeout_s: float) -
         SIGNATURE_HEADER: sign(target.secret, timestamp, body),
         "User-Agent": "dicom-node",
     }
-    verify_tls = str(target.verify) if isinstance(target.verify, Path) else target.verify
     try:
         response = requests.post(
             target.url,
             data=body,
             headers=headers,
             timeout=timeout_s,
-            verify=verify_tls,
+            verify=requests_verify(target.verify),
             allow_redirects=False,  # a redirected POST becomes a GET: a misconfigured URL
         )
     except requests.RequestException as exc:
