@@ -268,20 +268,7 @@ def test_a_pacs_that_refuses_us_gives_one_dead_letter(make_node, tmp_path) -> No
             check=True,
         ).stdout
         assert "dead" in jobs and "rejected the association" in jobs
-        retry = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "dicom_node",
-                "jobs",
-                "retry",
-                str(row["job_id"]),
-                "--config",
-                str(node.config_path),
-            ],
-            capture_output=True,
-            text=True,
-        )
+        retry = node.cli("jobs", "retry", str(row["job_id"]))
         assert retry.returncode == 0 and "1 delivery queued again" in retry.stdout
         assert node.wait_for("SELECT attempts FROM deliveries", 1, timeout_s=30) == 1
         assert node.wait_for(dead, 1, timeout_s=30) == 1
