@@ -137,6 +137,13 @@ def requests_verify(verify: bool | Path) -> bool | str:
     return str(verify) if isinstance(verify, Path) else verify
 
 
+def http_status_error(what: str, status: int) -> DeliveryError:
+    """A notification's HTTP answer other than success: retried after a timeout (408), a rate
+    limit (429) or a server error (5xx); any other answer would be the same on a retry."""
+    retried = status in (408, 429) or status >= 500
+    return DeliveryError.of(f"{what}: HTTP {status}", permanent=not retried)
+
+
 def send_dicom(
     target: DicomDestination, files: Sequence[Path], calling_aet: str, timeout_s: float
 ) -> dict[Path, str | None]:

@@ -33,7 +33,7 @@ from __future__ import annotations
 from typing import Any
 
 from dicom_node.config import FhirDestination
-from dicom_node.errors import DeliveryError, DestinationRefused, DestinationUnavailable
+from dicom_node.errors import DestinationRefused, DestinationUnavailable
 from dicom_node.notify import Code, Finding, Report
 
 __all__ = ["diagnostic_report", "observations", "resources", "send_fhir", "system_of"]
@@ -234,6 +234,8 @@ def _put(session: Any, target: FhirDestination, resource: dict[str, Any], timeou
     """Conditionally update ``resource`` by its first identifier; the id the server keeps."""
     import requests
 
+    from dicom_node.deliver import http_status_error
+
     kind = resource["resourceType"]
     identifier = resource["identifier"][0]
     url = f"{target.url.rstrip('/')}/{kind}"
@@ -251,10 +253,7 @@ def _put(session: Any, target: FhirDestination, resource: dict[str, Any], timeou
         ) from exc
     status = response.status_code
     if status not in (200, 201):
-        retried = status in (408, 429) or status >= 500
-        raise DeliveryError.of(
-            f"FHIR PUT {kind} to {target.url}: HTTP {status}", permanent=not retried
-        )
+        raise http_status_error(f"FHIR PUT {kind} to {target.url}", status)
     try:
         body = response.json() if response.content else {}
     except ValueError:

@@ -30,7 +30,7 @@ from importlib import resources
 from typing import Any
 
 from dicom_node.config import WebhookDestination
-from dicom_node.errors import DeliveryError, DestinationUnavailable
+from dicom_node.errors import DestinationUnavailable
 from dicom_node.notify import Code, Report
 
 __all__ = [
@@ -148,7 +148,7 @@ def send_webhook(target: WebhookDestination, report: Report, timeout_s: float) -
     """POST ``report`` to the webhook; raises :class:`DeliveryError` unless a 2xx came back."""
     import requests
 
-    from dicom_node.deliver import requests_verify
+    from dicom_node.deliver import http_status_error, requests_verify
 
     body = body_of(report)
     timestamp = str(int(time.time()))
@@ -173,5 +173,4 @@ def send_webhook(target: WebhookDestination, report: Report, timeout_s: float) -
     status = response.status_code
     if 200 <= status < 300:
         return
-    retried = status in (408, 429) or status >= 500
-    raise DeliveryError.of(f"webhook {target.url}: HTTP {status}", permanent=not retried)
+    raise http_status_error(f"webhook {target.url}", status)
