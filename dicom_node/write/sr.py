@@ -173,7 +173,7 @@ def measurement_report(
         region: hd.sr.ImageRegion | None,
         measurements: list[hd.sr.Measurement],
         volume_unit: Code,
-        uid: str | None = None,
+        uid: str,
     ) -> None:
         number = segment_numbers.get(mask) if mask and segmentation is not None else None
         if region is not None:
