@@ -877,6 +877,8 @@ class Router:
         payloads: list[RetrievalPayload] = []
         for routed in decision.routed:
             spec = self.prior_wanted(routed.algorithm)
+            if spec is None or spec.role in routed.inputs or routed.algorithm in asked:
+                continue
             rule = next(
                 (
                     r
@@ -887,13 +889,11 @@ class Router:
                 ),
                 None,
             )
-            if spec is None or spec.role in routed.inputs or routed.algorithm in asked:
+            if rule is None:
                 continue
             paths = series_paths(self.data_dir, self.db, list(routed.inputs.values())[:1])
-            identity = study_identity(paths[0]) if paths and rule is not None else None
-            if rule is None or identity is None or not identity.patient_id:
-                continue
-            if identity.made is None:
+            identity = study_identity(paths[0]) if paths else None
+            if identity is None or not identity.patient_id or identity.made is None:
                 continue
             since = identity.made - timedelta(days=spec.max_age_days)
             match = _input_match(self.config.rules, routed.algorithm, decision.level)
