@@ -36,7 +36,7 @@ from tests.support.dicomweb import (
     split_multipart,
     wait_for_seg_and_sr,
 )
-from tests.support.node import NodeProcess
+from tests.support.node import NodeProcess, wait_until
 from tests.support.paths import CORPUS
 from tests.support.tls import client_context, tls_scp
 
@@ -361,6 +361,12 @@ def test_searches_and_retrievals_are_audited_frames_are_not(served) -> None:
     frame = f"/studies/{study}/series/{series}/instances/{sop}/frames/1"
     assert get(served.node, frame, token=TOKEN).status_code == 200
     assert get(served.node, "/studies/1.2.3.4.5/metadata", token=TOKEN).status_code == 404
+    # The server audits a request after its response is sent: the last may not be written yet.
+    wait_until(
+        lambda: len(read_trail(trail_path)) >= seen + 3,
+        timeout_s=10,
+        what="the audit messages of the three audited requests",
+    )
     new = read_trail(trail_path)[seen:]
     assert [(event_id(m), m["EventIdentification"]["EventOutcomeIndicator"]) for m in new] == [
         ("Query", 0),
